@@ -1,0 +1,63 @@
+"""Multi-head attention with a key/value cache for incremental decoding.
+
+The number of heads is derived from the projection widths (`q_proj.out_features // head_dim`), so tensor
+parallelism can swap the projections for column/row-parallel ones holding a slice of the heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MultiheadAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, cross: bool = False):
+        super().__init__()
+        self.head_dim = d_model // n_heads
+        self.cross = cross
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, h*dh) -> (B, h, L, dh)
+        b, length, _ = x.shape
+        return x.view(b, length, -1, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        cache: dict | None = None,
+    ) -> torch.Tensor:
+        """query (B, Lq, d); memory: the encoder output for cross-attention (else self-attention).
+
+        key_mask (B, Lk) is True where a key may be attended (False on padding). `cache` (a dict owned by the
+        caller, one per layer) holds projected keys/values: self-attention appends the new step's, cross-attention
+        computes the encoder's once.
+        """
+        q = self._heads(self.q_proj(query))
+        if self.cross:
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]
+            else:
+                k, v = self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
+                if cache is not None:
+                    cache["k"], cache["v"] = k, v
+        else:
+            k, v = self._heads(self.k_proj(query)), self._heads(self.v_proj(query))
+            if cache is not None:
+                if "k" in cache:
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+                causal = False  # one new query attends to every cached key
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal and mask is None
+        )
+        b, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, length, -1))
