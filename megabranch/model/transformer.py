@@ -5,6 +5,7 @@ Model code knows nothing of process groups; parallelism is applied from outside 
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -49,7 +50,6 @@ class Decoder(nn.Module):
             self.output_weight = None  # uses embed.table.weight
         else:
             self.output_weight = nn.Parameter(torch.empty(vocab_size, cfg.d_model))
-            nn.init.normal_(self.output_weight, std=cfg.d_model**-0.5)
 
     def forward(self, prev_tokens, memory, memory_mask, cache: list | None = None, offset: int = 0):
         """-> logits (B, T, V). With `cache` (a list of per-layer dicts), only the new tokens are run."""
@@ -64,7 +64,7 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None, seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         tgt_vocab_size = tgt_vocab_size or vocab_size
@@ -78,38 +78,62 @@ class Transformer(nn.Module):
         )
         self.encoder = Encoder(cfg, src_embed, coeff("encoder"))
         self.decoder = Decoder(cfg, tgt_embed, coeff("decoder"), tgt_vocab_size)
-        self.reset_parameters()
+        self.reset_parameters(seed)
 
     def forward(self, src_tokens, prev_output_tokens):
         memory, mask = self.encoder(src_tokens)
         return self.decoder(prev_output_tokens, memory, mask)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """fairseq's init; with DeepNorm init, v/out/fc1/fc2 weights are scaled by the stack's beta."""
-        cfg = self.cfg
-        use_beta = cfg.deepnorm_init if cfg.deepnorm_init is not None else cfg.residual in ("deepnorm", "branchnorm")
-        consts = deepnorm_constants(cfg.encoder_layers, cfg.decoder_layers)
-        for stack_name, stack in (("encoder", self.encoder), ("decoder", self.decoder)):
-            beta = consts[stack_name][1] if use_beta else 1.0
-            for name, p in stack.layers.named_parameters():
-                if name.endswith("bias"):
-                    nn.init.zeros_(p)
-                elif ".norm." in name:
-                    nn.init.ones_(p)
-                elif name.endswith(("q_proj.weight", "k_proj.weight")):
-                    nn.init.xavier_uniform_(p, gain=1 / math.sqrt(2))
-                elif name.endswith("v_proj.weight"):
-                    nn.init.xavier_uniform_(p, gain=beta / math.sqrt(2))
-                else:  # out_proj, fc1, fc2
-                    nn.init.xavier_uniform_(p, gain=beta)
-        for emb in {id(m): m for m in (self.encoder.embed.table, self.decoder.embed.table)}.values():
-            nn.init.normal_(emb.weight, std=cfg.d_model**-0.5)
-            emb.weight[PAD].zero_()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialise every parameter from (seed, its name) alone; see `initial_value`."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        for name, p in self.named_parameters():
+            p.copy_(initial_value(name, tuple(p.shape), self.cfg, seed))
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None) -> Transformer:
-    return Transformer(cfg, vocab_size, tgt_vocab_size)
+def _name_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def initial_value(name: str, shape: tuple, cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """The initial value of the full (unsharded) parameter `name` of the single-process model.
+
+    A pure function of (seed, name, shape, cfg): any parallel layout can materialise just its own layers or
+    shards and still hold exactly the weights of the single-process model. fairseq's init: xavier_uniform
+    (q/k/v with gain 1/sqrt(2)), zero biases, unit LayerNorm, N(0, d^-1/2) embeddings with a zero pad row;
+    with DeepNorm init (default for deepnorm and branchnorm) v/out/fc1/fc2 are scaled by the stack's beta.
+    """
+    g = torch.Generator().manual_seed(_name_seed(seed, name))
+    t = torch.empty(shape)
+    if "embed.table" in name or name.endswith("output_weight"):
+        t.normal_(0.0, cfg.d_model**-0.5, generator=g)
+        if "embed.table" in name:
+            t[PAD] = 0.0
+        return t
+    if name.endswith("bias"):
+        return t.zero_()
+    if "norm." in name:
+        return t.fill_(1.0)
+    use_beta = cfg.deepnorm_init if cfg.deepnorm_init is not None else cfg.residual in ("deepnorm", "branchnorm")
+    stack = "encoder" if name.startswith("encoder.") else "decoder"
+    beta = deepnorm_constants(cfg.encoder_layers, cfg.decoder_layers)[stack][1] if use_beta else 1.0
+    if name.endswith(("q_proj.weight", "k_proj.weight")):
+        gain = 1 / math.sqrt(2)
+    elif name.endswith("v_proj.weight"):
+        gain = beta / math.sqrt(2)
+    else:  # out_proj, fc1, fc2
+        gain = beta
+    fan_out, fan_in = shape
+    bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+    return t.uniform_(-bound, bound, generator=g)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None, seed: int | None = None) -> Transformer:
+    """seed=None draws the init seed from torch's RNG, so torch.manual_seed still makes runs reproducible."""
+    return Transformer(cfg, vocab_size, tgt_vocab_size, seed)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,43 @@
+"""Model construction: layout-independent init, parameter sharing, loss."""
+
+import math
+
+import torch
+
+from megabranch.model import build_model, label_smoothed_nll_loss
+from megabranch.model.transformer import initial_value
+from tests.conftest import tiny_model_cfg
+
+
+def test_init_is_a_function_of_seed_and_name_only():
+    cfg = tiny_model_cfg(residual="deepnorm")
+    a, b = build_model(cfg, 50, seed=7), build_model(cfg, 50, seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    deeper = build_model(tiny_model_cfg(residual="deepnorm", decoder_layers=3), 50, seed=7)
+    # a parameter's value does not depend on which other parameters exist (but DeepNorm's beta does depend on depth)
+    name = "encoder.layers.1.self_attn.block.q_proj.weight"
+    assert torch.equal(a.state_dict()[name], deeper.state_dict()[name])
+    for pname, p in a.named_parameters():
+        assert torch.equal(p, initial_value(pname, tuple(p.shape), cfg, 7)), pname
+    assert not torch.equal(build_model(cfg, 50, seed=8).state_dict()[name], a.state_dict()[name])
+
+
+def test_shared_embeddings_and_pad_row():
+    model = build_model(tiny_model_cfg(), 50, seed=1)
+    assert model.encoder.embed.table is model.decoder.embed.table
+    assert model.decoder.output_weight is None
+    assert torch.count_nonzero(model.encoder.embed.table.weight[0]) == 0
+    sep = build_model(tiny_model_cfg(share_all_embeddings=False, share_decoder_input_output_embed=False), 50, 60, seed=1)
+    assert sep.encoder.embed.table is not sep.decoder.embed.table and sep.decoder.output_weight.shape == (60, 32)
+
+
+def test_label_smoothed_loss_hand_computed():
+    logits = torch.tensor([[[2.0, 0.0, 1.0, 0.5]], [[0.0, 0.0, 0.0, 0.0]]])
+    target = torch.tensor([[2], [0]])  # the second token is padding (id 0) and must not count
+    eps = 0.1
+    loss, nll = label_smoothed_nll_loss(logits, target, eps, ignore_index=0)
+    lp = torch.log_softmax(logits[0, 0].double(), -1)
+    eps_i = eps / 3
+    expect = (1 - eps - eps_i) * -lp[2] + eps_i * -lp.sum()
+    assert math.isclose(nll.item(), -lp[2].item(), rel_tol=1e-6)
+    assert math.isclose(loss.item(), expect.item(), rel_tol=1e-6)
