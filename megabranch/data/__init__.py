@@ -1,0 +1,22 @@
+"""Data layer: SentencePiece tokenizer, memory-mapped binarized datasets, pair collation, token batching."""
+
+from megabranch.data.batching import EpochBatchIterator, EpochIterator, make_batches
+from megabranch.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
+from megabranch.data.pair_dataset import LanguagePairDataset
+from megabranch.data.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, train_sentencepiece
+
+__all__ = [
+    "BOS", "EOS", "PAD", "UNK",
+    "EpochBatchIterator", "EpochIterator", "IndexedDataset", "IndexedDatasetBuilder",
+    "LanguagePairDataset", "Tokenizer", "best_dtype", "load_split", "make_batches",
+    "train_sentencepiece",
+]
+
+
+def __getattr__(name):
+    # Lazy so `python -m megabranch.data.preprocess` does not import the module twice.
+    if name == "load_split":
+        from megabranch.data.preprocess import load_split
+
+        return load_split
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,10 +46,7 @@ class Decoder(nn.Module):
         self.coeffs = coeffs
         self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.fused_kernels) for _ in range(cfg.decoder_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps) if cfg.residual == "pre_ln" else None
-        if cfg.share_decoder_input_output_embed:
-            self.output_weight = None  # uses embed.table.weight
-        else:
-            self.output_weight = nn.Parameter(torch.empty(vocab_size, cfg.d_model))
+        self.output = OutputProjection(cfg.d_model, vocab_size, embed if cfg.share_decoder_input_output_embed else None)
 
     def forward(self, prev_tokens, memory, memory_mask, cache: list | None = None, offset: int = 0):
         """-> logits (B, T, V). With `cache` (a list of per-layer dicts), only the new tokens are run."""
@@ -59,8 +56,20 @@ class Decoder(nn.Module):
             x = layer(x, r, s, memory, memory_mask, cache=None if cache is None else cache[i])
         if self.final_norm is not None:
             x = self.final_norm(x)
-        weight = self.embed.table.weight if self.output_weight is None else self.output_weight
-        return nn.functional.linear(x, weight)
+        return self.output(x)
+
+
+class OutputProjection(nn.Module):
+    """hidden -> vocabulary logits, with the embedding table's weight when tied (fairseq's default for MT)."""
+
+    def __init__(self, d_model: int, vocab_size: int, tied_to: nn.Embedding | None = None):
+        super().__init__()
+        # a list, so the tied table is not registered twice (it belongs to the embedding)
+        self._tied = [tied_to] if tied_to is not None else None
+        self.weight = None if tied_to is not None else nn.Parameter(torch.empty(vocab_size, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self._tied[0].weight if self._tied else self.weight)
 
 
 class Transformer(nn.Module):
@@ -108,7 +117,7 @@ def initial_value(name: str, shape: tuple, cfg: ModelConfig, seed: int) -> torch
     """
     g = torch.Generator().manual_seed(_name_seed(seed, name))
     t = torch.empty(shape)
-    if "embed.table" in name or name.endswith("output_weight"):
+    if "embed.table" in name or name.endswith("output.weight"):
         t.normal_(0.0, cfg.d_model**-0.5, generator=g)
         if "embed.table" in name:
             t[PAD] = 0.0
