@@ -1,0 +1,302 @@
+"""megabranch-preprocess: train/apply SentencePiece and binarize parallel text into a destdir.
+
+Input: PREFIX.LANG (or PREFIX.LANG.gz) per split and language, one sentence per line, the two
+languages line-aligned. Output (in --destdir): spm.model (or spm.SRC.model + spm.TGT.model),
+dict.txt (or dict.LANG.txt), {split}.{src}-{tgt}.{lang}.bin/.idx and meta.json (written last,
+so its presence means the directory is complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from megabranch.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
+from megabranch.data.pair_dataset import LanguagePairDataset
+from megabranch.data.tokenizer import UNK, Tokenizer, iter_lines, train_sentencepiece
+from megabranch.errors import UserError, cli_main
+
+SPLITS = ("train", "valid", "test")
+META = "meta.json"
+FORMAT_VERSION = 1
+_CHUNK = 10_000  # lines encoded per sentencepiece batch call
+SKIP_REASONS = ("bad_utf8", "empty", "too_long")
+
+
+def _log(msg: str) -> None:
+    print(f"megabranch-preprocess: {msg}", file=sys.stderr, flush=True)
+
+
+def input_path(prefix: str, lang: str) -> Path:
+    """PREFIX.LANG, else PREFIX.LANG.gz; UserError naming both when neither exists."""
+    plain = Path(f"{prefix}.{lang}")
+    if plain.is_file():
+        return plain
+    gz = Path(f"{prefix}.{lang}.gz")
+    if gz.is_file():
+        return gz
+    raise UserError(f"{plain}: input file not found (nor {gz.name})")
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for _ in iter_lines(path))
+
+
+def _parse_args(argv):
+    p = argparse.ArgumentParser(prog="megabranch-preprocess", description=__doc__.splitlines()[0])
+    p.add_argument("--source-lang", "-s", required=True)
+    p.add_argument("--target-lang", "-t", required=True)
+    for split in SPLITS:
+        p.add_argument(f"--{split}pref", metavar="PREFIX", help=f"{split} files: PREFIX.LANG[.gz]")
+    p.add_argument("--destdir", default="data-bin")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--joint", action=argparse.BooleanOptionalAction, default=None,
+                   help="one sentencepiece model for both languages (default) or one per language")
+    p.add_argument("--spm-model", help="apply this existing model to both sides instead of training")
+    p.add_argument("--src-spm-model", help="existing model for the source side (with --tgt-spm-model)")
+    p.add_argument("--tgt-spm-model", help="existing model for the target side (with --src-spm-model)")
+    p.add_argument("--max-len", type=int, default=256, help="skip pairs with a side longer than this (tokens)")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--character-coverage", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1, help="seed for sentencepiece's training-line sample")
+    p.add_argument("--input-sentence-size", type=int, default=2_000_000,
+                   help="max lines sentencepiece trains on (seeded sample)")
+    p.add_argument("--workers", type=int, default=1, help="ignored (accepted for fairseq compatibility)")
+    return p.parse_args(argv)
+
+
+def _resolve_models(args, langs: tuple[str, str]) -> tuple[bool, dict[str, Path] | None]:
+    """Decide joint/per-language and which existing models to copy in (None = train)."""
+    per_lang = args.src_spm_model or args.tgt_spm_model
+    if args.spm_model and per_lang:
+        raise UserError("--spm-model: give either --spm-model or --src-spm-model/--tgt-spm-model, not both")
+    if per_lang and not (args.src_spm_model and args.tgt_spm_model):
+        raise UserError("--src-spm-model/--tgt-spm-model: give both (or --spm-model for one shared model)")
+    if args.spm_model and args.joint is False:
+        raise UserError("--spm-model applies one model to both sides; use --src-spm-model/--tgt-spm-model with --no-joint")
+    if per_lang and args.joint:
+        raise UserError("--joint contradicts --src-spm-model/--tgt-spm-model; use --spm-model for a joint model")
+    joint = not per_lang and args.joint is not False
+    given = {}
+    if args.spm_model:
+        given = {lang: Path(args.spm_model) for lang in langs}
+    elif per_lang:
+        given = dict(zip(langs, (Path(args.src_spm_model), Path(args.tgt_spm_model))))
+    for p in given.values():
+        if not p.is_file():
+            raise UserError(f"{p}: sentencepiece model not found")
+    return joint, given or None
+
+
+def _spm_name(joint: bool, lang: str) -> str:
+    return "spm.model" if joint else f"spm.{lang}.model"
+
+
+def _binarize(split, src_path, tgt_path, toks, langs, max_len, out_prefix, counts):
+    """Encode and write one split; returns its stats dict. `counts` (lang -> array) is updated."""
+    src_tok, tgt_tok = toks
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    tokens, unks = [0, 0], [0, 0]
+    builders = [IndexedDatasetBuilder(f"{out_prefix}.{lang}", best_dtype(tok.vocab_size))
+                for lang, tok in zip(langs, toks)]
+    total = 0
+    try:
+        pairs = zip(iter_lines(src_path), iter_lines(tgt_path))
+        while chunk := list(islice(pairs, _CHUNK)):
+            total += len(chunk)
+            texts = []
+            for raw_s, raw_t in chunk:
+                try:
+                    s, t = raw_s.decode("utf-8"), raw_t.decode("utf-8")
+                except UnicodeDecodeError:
+                    skipped["bad_utf8"] += 1
+                    continue
+                if not s.strip() or not t.strip():
+                    skipped["empty"] += 1
+                    continue
+                texts.append((s, t))
+            enc_s = src_tok.encode_batch([s for s, _ in texts])
+            enc_t = tgt_tok.encode_batch([t for _, t in texts])
+            kept_ids: tuple[list, list] = ([], [])
+            for ids_s, ids_t in zip(enc_s, enc_t):
+                if len(ids_s) > max_len or len(ids_t) > max_len:
+                    skipped["too_long"] += 1
+                    continue
+                for side, ids in enumerate((ids_s, ids_t)):
+                    builders[side].add_item(np.asarray(ids, dtype=np.int64))
+                    kept_ids[side].extend(ids)
+            for side, ids in enumerate(kept_ids):  # one bincount per chunk, not per line
+                arr = np.asarray(ids, dtype=np.int64)
+                tokens[side] += arr.size
+                unks[side] += int(np.count_nonzero(arr == UNK))
+                if counts is not None and arr.size:
+                    c = counts[langs[side]]
+                    c += np.bincount(arr, minlength=len(c))
+    except BaseException:
+        for b in builders:
+            b.discard()
+        raise
+    for b in builders:
+        b.finalize()
+    kept = len(builders[0])
+    stats = {
+        "files": {langs[0]: src_path.name, langs[1]: tgt_path.name},
+        "lines": total,
+        "kept": kept,
+        "skipped": skipped,
+        "tokens": dict(zip(langs, tokens)),
+        "unk": dict(zip(langs, unks)),
+        "unk_pct": {lang: round(100.0 * u / max(n, 1), 4) for lang, u, n in zip(langs, unks, tokens)},
+    }
+    skip_txt = ", ".join(f"{k} {v}" for k, v in skipped.items())
+    tok_txt = ", ".join(f"{lang} {n} ({stats['unk_pct'][lang]:.2f}% unk)" for lang, n in zip(langs, tokens))
+    _log(f"{split}: kept {kept}/{total} pairs (skipped: {skip_txt}); tokens: {tok_txt}")
+    if kept == 0:
+        raise UserError(f"{src_path}: every pair of the {split} split was skipped ({skip_txt}); "
+                        f"check the files or raise --max-len")
+    return stats
+
+
+def _write_dict(path: Path, tok: Tokenizer, counts: np.ndarray) -> None:
+    """fairseq-style `piece count` lines for ids 4..V-1 in id order (specials 0-3 implicit),
+    so line i describes id i + 4."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(4, tok.vocab_size):
+            f.write(f"{tok.id_to_piece(i)} {int(counts[i])}\n")
+
+
+@cli_main
+def main(argv=None):
+    args = _parse_args(argv)
+    src, tgt = langs = (args.source_lang, args.target_lang)
+    if src == tgt:
+        raise UserError(f"--source-lang and --target-lang are both {src!r}; they must differ")
+    if args.max_len < 1:
+        raise UserError(f"--max-len {args.max_len}: must be >= 1")
+    dest = Path(args.destdir)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"--destdir {dest}: exists and is not a directory")
+    joint, given = _resolve_models(args, langs)
+
+    # Validate every input before any slow work: existence and equal line counts.
+    splits = {}
+    for split in SPLITS:
+        prefix = getattr(args, f"{split}pref")
+        if prefix:
+            paths = (input_path(prefix, src), input_path(prefix, tgt))
+            n = [_count_lines(p) for p in paths]
+            if n[0] != n[1]:
+                raise UserError(f"{paths[0]} has {n[0]} lines but {paths[1]} has {n[1]}; parallel files must be line-aligned")
+            splits[split] = paths
+    if not splits:
+        raise UserError("no input: give at least one of --trainpref, --validpref, --testpref")
+    if given is None and "train" not in splits:
+        raise UserError("--trainpref is required to train sentencepiece (or pass --spm-model)")
+
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / META).unlink(missing_ok=True)  # an interrupted rerun must not look complete
+
+    models: dict[str, Path] = {}
+    for lang in langs:
+        out = dest / _spm_name(joint, lang)
+        if joint and lang == tgt:
+            models[lang] = models[src]
+        elif given is not None:
+            if not (out.exists() and os.path.samefile(given[lang], out)):
+                shutil.copyfile(given[lang], out)  # destdir stays self-contained
+            models[lang] = out
+        else:
+            files = list(splits["train"]) if joint else [splits["train"][langs.index(lang)]]
+            _log(f"training sentencepiece ({args.model_type}, vocab {args.vocab_size}) on "
+                 + ", ".join(str(p) for p in files))
+            models[lang] = train_sentencepiece(files, out.with_suffix(""), args.vocab_size, args.model_type,
+                                               args.character_coverage, args.seed, args.input_sentence_size)
+    toks = {lang: Tokenizer(models[lang]) for lang in langs}
+    if joint:
+        toks[tgt] = toks[src]
+
+    counts = None
+    stats = {}
+    for split, (src_path, tgt_path) in splits.items():
+        _log(f"{split}: binarizing {src_path} + {tgt_path}")
+        if split == "train":
+            counts = {lang: np.zeros(toks[lang].vocab_size, dtype=np.int64) for lang in langs}
+            if joint:
+                counts[tgt] = counts[src]  # one shared table for the shared vocabulary
+        stats[split] = _binarize(split, src_path, tgt_path, (toks[src], toks[tgt]), langs, args.max_len,
+                                 dest / f"{split}.{src}-{tgt}", counts if split == "train" else None)
+
+    dicts = None
+    if counts is not None:
+        dicts = {lang: "dict.txt" if joint else f"dict.{lang}.txt" for lang in langs}
+        for lang in (src,) if joint else langs:
+            _write_dict(dest / dicts[lang], toks[lang], counts[lang])
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source_lang": src,
+        "target_lang": tgt,
+        "joint": joint,
+        "vocab_size": {lang: toks[lang].vocab_size for lang in langs},
+        "spm": {lang: models[lang].name for lang in langs},
+        "spm_sha256": {lang: toks[lang].sha256 for lang in langs},
+        "dict": dicts,
+        "model_type": None if given else args.model_type,
+        "max_len": args.max_len,
+        "splits": stats,
+    }
+    tmp = dest / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, dest / META)
+    _log(f"wrote {dest}")
+    return 0
+
+
+def load_split(destdir: str | os.PathLike, split: str):
+    """Open a preprocessed split: returns (LanguagePairDataset, (src_tokenizer, tgt_tokenizer), meta).
+
+    With a joint vocabulary both tokenizers are the same object. Refuses (UserError) when
+    anything is missing or a sentencepiece model no longer matches the hash in meta.json.
+    """
+    dest = Path(destdir)
+    meta_path = dest / META
+    hint = f"run megabranch-preprocess --destdir {dest}"
+    if not meta_path.is_file():
+        raise UserError(f"{meta_path}: not found; {hint} first")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        src, tgt = meta["source_lang"], meta["target_lang"]
+        splits, spm_files, hashes = meta["splits"], meta["spm"], meta["spm_sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path}: unreadable or incomplete ({e!s}); {hint} again") from None
+    if split not in splits:
+        have = ", ".join(splits) or "none"
+        raise UserError(f"{meta_path}: no '{split}' split (have: {have}); {hint} with --{split}pref")
+    toks, by_path = {}, {}
+    for lang in (src, tgt):
+        path = dest / spm_files[lang]
+        if path not in by_path:  # joint: one Tokenizer object for both sides
+            by_path[path] = Tokenizer(path)
+        if by_path[path].sha256 != hashes[lang]:
+            raise UserError(f"{path}: sha256 differs from meta.json (model replaced after binarizing); {hint} again")
+        toks[lang] = by_path[path]
+    prefix = dest / f"{split}.{src}-{tgt}"
+    sides = [IndexedDataset(f"{prefix}.{lang}") for lang in (src, tgt)]
+    kept = splits[split].get("kept")
+    for lang, ds in zip((src, tgt), sides):
+        if kept is not None and len(ds) != kept:
+            raise UserError(f"{prefix}.{lang}.idx: {len(ds)} items but meta.json says {kept}; {hint} again")
+    tok_s, tok_t = toks[src], toks[tgt]
+    dataset = LanguagePairDataset(sides[0], sides[1], pad=tok_s.pad, bos=tok_t.bos, eos=tok_t.eos)
+    return dataset, (tok_s, tok_t), meta
+
+
+if __name__ == "__main__":
+    main()

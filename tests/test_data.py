@@ -1,0 +1,316 @@
+"""Data layer: tokenizer, indexed dataset, collation, batching, resumable iteration, preprocess CLI."""
+
+import gzip
+import hashlib
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from megabranch.data import (
+    BOS, EOS, PAD, UNK, EpochBatchIterator, IndexedDataset, IndexedDatasetBuilder,
+    LanguagePairDataset, Tokenizer, best_dtype, make_batches, train_sentencepiece,
+)
+from megabranch.data.preprocess import load_split, main as preprocess_main
+from megabranch.errors import UserError
+
+WORDS = ("in the beginning god created heaven and earth light darkness water spirit moved "
+         "upon face deep said let there be was good day night evening morning first second").split()
+
+
+def sentences(n, seed, lo=3, hi=14):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spm")
+    corpus = write_lines(d / "corpus.txt", sentences(300, 0))
+    return train_sentencepiece([corpus], d / "m", vocab_size=80), corpus
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def test_spm_round_trip_and_specials(spm_model, tmp_path):
+    model, corpus = spm_model
+    tok = Tokenizer(model)
+    assert (tok.pad, tok.unk, tok.bos, tok.eos) == (PAD, UNK, BOS, EOS) == (0, 1, 2, 3)
+    assert tok.vocab_size == 80
+    assert tok.sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
+    for s in sentences(20, 1):
+        ids = tok.encode(s)
+        assert ids and min(ids) > EOS and tok.decode(ids) == s
+        # decode stops at eos and drops pad/bos, whatever the container
+        assert tok.decode([BOS] + ids + [EOS] + ids + [PAD]) == s
+        assert tok.decode(torch.tensor(ids + [EOS, PAD, PAD])) == s
+    # deterministic: same data and arguments -> byte-identical model (no path embedded)
+    again = train_sentencepiece([corpus], tmp_path / "other" / "x", vocab_size=80)
+    assert Tokenizer(again).sha256 == tok.sha256
+
+
+def test_spm_errors(spm_model, tmp_path):
+    _, corpus = spm_model
+    with pytest.raises(UserError, match=r"vocab_size 5000 is too large.*at most \d+"):
+        train_sentencepiece([corpus], tmp_path / "big", vocab_size=5000)
+    with pytest.raises(UserError, match="nope.txt"):
+        train_sentencepiece([tmp_path / "nope.txt"], tmp_path / "m", vocab_size=50)
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="junk.model"):
+        Tokenizer(tmp_path / "junk.model")
+
+
+# ---------------------------------------------------------------- indexed dataset
+
+def build(prefix, items, dtype):
+    with IndexedDatasetBuilder(prefix, dtype) as b:
+        for it in items:
+            b.add_item(it)
+    return IndexedDataset(prefix)
+
+
+@pytest.mark.parametrize("vocab, itemsize", [(8000, 2), (70000, 4)])
+def test_indexed_round_trip(tmp_path, vocab, itemsize):
+    rng = np.random.default_rng(0)
+    items = [rng.integers(0, vocab, size=rng.integers(0, 30)) for _ in range(50)] + [[]]
+    dtype = best_dtype(vocab)
+    assert dtype.itemsize == itemsize
+    ds = build(tmp_path / "d", items, dtype)
+    assert len(ds) == 51 and ds.sizes.tolist() == [len(x) for x in items]
+    for i, it in enumerate(items):
+        assert ds[i].dtype == np.int64 and ds[i].tolist() == list(it)
+    assert (tmp_path / "d.bin").stat().st_size == sum(map(len, items)) * itemsize
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_indexed_corrupt_files(tmp_path):
+    build(tmp_path / "d", [[5, 6, 7], [8, 9]], np.uint16)
+    raw_bin, raw_idx = (tmp_path / "d.bin").read_bytes(), (tmp_path / "d.idx").read_bytes()
+    (tmp_path / "d.bin").write_bytes(raw_bin[:-2])
+    with pytest.raises(UserError, match=r"d\.bin.*truncated"):
+        IndexedDataset(tmp_path / "d")
+    (tmp_path / "d.bin").write_bytes(raw_bin)
+    (tmp_path / "d.idx").write_bytes(raw_idx[:-8])
+    with pytest.raises(UserError, match=r"d\.idx"):
+        IndexedDataset(tmp_path / "d")
+    (tmp_path / "d.idx").write_bytes(b"garbage" * 10)
+    with pytest.raises(UserError, match=r"d\.idx"):
+        IndexedDataset(tmp_path / "d")
+    with pytest.raises(UserError, match="megabranch-preprocess"):
+        IndexedDataset(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- pairs and collation
+
+def pair_dataset(tmp_path, n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    src = build(tmp_path / "s", [rng.integers(4, 100, size=rng.integers(1, 40)) for _ in range(n)], np.uint16)
+    tgt = build(tmp_path / "t", [rng.integers(4, 100, size=rng.integers(1, 40)) for _ in range(n)], np.uint16)
+    return LanguagePairDataset(src, tgt)
+
+
+def test_collate_shapes_and_shift(tmp_path):
+    ds = pair_dataset(tmp_path)
+    idx = [3, 17, 42, 5]
+    b = ds.collate(idx)
+    B = len(idx)
+    S = max(len(ds.src[i]) for i in idx) + 1
+    T = max(len(ds.tgt[i]) for i in idx) + 1
+    assert b["src_tokens"].shape == (B, S) and b["target"].shape == b["prev_output_tokens"].shape == (B, T)
+    assert all(t.dtype == torch.long for k, t in b.items() if isinstance(t, torch.Tensor))
+    assert b["id"].tolist() == idx
+    assert batches_equal(b, ds.collater([ds[i] for i in idx]))
+    assert ds.target_tokens(5).tolist() == ds[5]["target"][:-1].tolist() == ds.tgt[5].tolist()
+    assert ds.source_tokens(5).tolist() == ds[5]["source"][:-1].tolist()
+    assert b["src_lengths"].tolist() == [len(ds.src[i]) + 1 for i in idx]
+    nonpad = b["target"] != PAD
+    assert b["ntokens"] == int(nonpad.sum())
+    assert (b["prev_output_tokens"][:, 0] == BOS).all()
+    shift_ok = b["prev_output_tokens"][:, 1:] == b["target"][:, :-1]
+    assert shift_ok[nonpad[:, 1:]].all()
+    assert ((b["prev_output_tokens"] != PAD) == nonpad).all()  # same lengths, right padded
+    for row, i in enumerate(idx):
+        n = len(ds.tgt[i])
+        assert b["target"][row, :n].tolist() == ds.tgt[i].tolist() and b["target"][row, n] == EOS
+        m = len(ds.src[i])
+        assert b["src_tokens"][row, : m + 1].tolist() == ds.src[i].tolist() + [EOS]
+        assert (b["src_tokens"][row, m + 1 :] == PAD).all()
+
+
+# ---------------------------------------------------------------- batching
+
+def test_make_batches_budget_and_coverage():
+    rng = np.random.default_rng(0)
+    src, tgt = rng.integers(1, 60, 1000), rng.integers(1, 60, 1000)
+    for kw in ({}, {"max_sentences": 7}, {"required_multiple": 8}, {"shuffle": False}):
+        batches = make_batches(src, tgt, max_tokens=400, seed=3, epoch=1, **kw)
+        allidx = np.concatenate(batches)
+        assert sorted(allidx.tolist()) == list(range(1000))
+        for b in batches:
+            assert len(b) * max(src[b].max(), tgt[b].max()) <= 400
+            if "max_sentences" in kw:
+                assert len(b) <= 7
+        if "required_multiple" in kw:  # only batches too long for 8 rows (and the tail) escape
+            assert sum(len(b) >= 8 and len(b) % 8 != 0 for b in batches) <= 1
+            assert sum(len(b) % 8 == 0 for b in batches) > len(batches) // 2
+
+
+def test_make_batches_determinism_and_errors():
+    rng = np.random.default_rng(1)
+    src, tgt = rng.integers(1, 30, 500), rng.integers(1, 30, 500)
+    a = make_batches(src, tgt, 200, seed=1, epoch=1)
+    b = make_batches(src, tgt, 200, seed=1, epoch=1)
+    c = make_batches(src, tgt, 200, seed=1, epoch=2)
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    assert [x.tolist() for x in a] != [x.tolist() for x in c]
+    v1 = make_batches(src, tgt, 200, seed=1, epoch=1, shuffle=False)
+    v2 = make_batches(src, tgt, 200, seed=9, epoch=5, shuffle=False)
+    assert [x.tolist() for x in v1] == [x.tolist() for x in v2]
+    with pytest.raises(UserError, match="raise max_tokens"):
+        make_batches([5, 300], [5, 5], 256)
+
+
+def batches_equal(x, y):
+    return x.keys() == y.keys() and all(
+        torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x)
+
+
+def test_epoch_iterator_resume_mid_epoch(tmp_path):
+    ds = pair_dataset(tmp_path)
+    ref = EpochBatchIterator(ds, max_tokens=300, seed=7)
+    epoch1 = list(ref.next_epoch_itr())
+    itr = ref.next_epoch_itr()
+    epoch2 = list(itr)
+    assert len(epoch1) == len(ref) > 5 and ref.epoch == 2 and ref.end_of_epoch()
+    assert [b["id"].tolist() for b in epoch1] != [b["id"].tolist() for b in epoch2]
+
+    run = EpochBatchIterator(ds, max_tokens=300, seed=7)
+    list(run.next_epoch_itr())
+    it = run.next_epoch_itr()
+    for _ in range(3):
+        next(it)
+    state = run.state_dict()
+    assert state == {"epoch": 2, "iterations_in_epoch": 3}
+
+    resumed = EpochBatchIterator(ds, max_tokens=300, seed=7)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state and not resumed.end_of_epoch()
+    rest = list(resumed.next_epoch_itr())
+    assert len(rest) == len(epoch2) - 3
+    assert all(batches_equal(a, b) for a, b in zip(rest, epoch2[3:]))
+    # resuming from an epoch-end checkpoint starts the next epoch, as the reference run would
+    after = EpochBatchIterator(ds, max_tokens=300, seed=7)
+    after.load_state_dict({"epoch": 1, "iterations_in_epoch": len(epoch1)})
+    assert after.end_of_epoch()
+    first = next(after.next_epoch_itr())
+    assert after.epoch == 2 and batches_equal(first, epoch2[0])
+    with pytest.raises(UserError, match="changed"):
+        after.load_state_dict({"epoch": 2, "iterations_in_epoch": 10_000})
+
+
+def test_sharding_disjoint_equal(tmp_path):
+    ds = pair_dataset(tmp_path, n=300)
+    full = EpochBatchIterator(ds, max_tokens=200, seed=2).batches_for_epoch(1)
+    shards = [EpochBatchIterator(ds, max_tokens=200, seed=2, num_shards=3, shard_id=r) for r in range(3)]
+    ids = [[b["id"].tolist() for b in s.next_epoch_itr()] for s in shards]
+    assert len({len(x) for x in ids}) == 1 and len(ids[0]) == len(full) // 3
+    flat = [sorted(sum(x, [])) for x in ids]
+    seen = sum(flat, [])
+    assert len(seen) == len(set(seen))  # disjoint
+    kept = full[: len(full) // 3 * 3]
+    assert sorted(seen) == sorted(np.concatenate(kept).tolist())
+
+
+# ---------------------------------------------------------------- preprocess CLI
+
+def make_corpus(d, n_train=300):
+    """train with one empty, one over-long and one invalid UTF-8 line; valid gzipped."""
+    src, tgt = sentences(n_train, 10), sentences(n_train, 11)
+    src[5] = "   "
+    src[9] = " ".join(["heaven"] * 300)
+    enc_s = [s.encode() for s in src]
+    enc_s[20] = b"in the \xff\xfe beginning"
+    (d / "train.kjv").write_bytes(b"\n".join(enc_s) + b"\n")
+    write_lines(d / "train.web", tgt)
+    with gzip.open(d / "valid.kjv.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(sentences(40, 12)) + "\n")
+    write_lines(d / "valid.web", sentences(40, 13))
+    return src, tgt
+
+
+def test_preprocess_end_to_end(tmp_path, capsys):
+    src, tgt = make_corpus(tmp_path)
+    dest = tmp_path / "bin"
+    rc = preprocess_main(["--source-lang", "kjv", "--target-lang", "web", "--trainpref", str(tmp_path / "train"),
+                          "--validpref", str(tmp_path / "valid"), "--destdir", str(dest),
+                          "--vocab-size", "60", "--max-len", "64"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "train: kept 297/300" in err and "valid: kept 40/40" in err
+    meta = json.loads((dest / "meta.json").read_text())
+    tr = meta["splits"]["train"]
+    assert tr["kept"] == 297 and tr["skipped"] == {"bad_utf8": 1, "empty": 1, "too_long": 1}
+    assert meta["joint"] and meta["spm"] == {"kjv": "spm.model", "web": "spm.model"}
+    assert meta["vocab_size"] == {"kjv": 60, "web": 60}
+    assert meta["spm_sha256"]["kjv"] == hashlib.sha256((dest / "spm.model").read_bytes()).hexdigest()
+    dict_lines = (dest / "dict.txt").read_text().splitlines()
+    assert len(dict_lines) == 60 - 4
+    assert sum(int(x.split()[1]) for x in dict_lines) == tr["tokens"]["kjv"] + tr["tokens"]["web"] - tr["unk"]["kjv"] - tr["unk"]["web"]
+    for f in ("train.kjv-web.kjv.bin", "train.kjv-web.web.idx", "valid.kjv-web.web.bin"):
+        assert (dest / f).is_file()
+
+    ds, (tok_s, tok_t), meta2 = load_split(dest, "train")
+    assert meta2 == meta and tok_s is tok_t and len(ds) == 297
+    kept_src = [s for i, s in enumerate(src) if i not in (5, 9, 20)]
+    kept_tgt = [t for i, t in enumerate(tgt) if i not in (5, 9, 20)]
+    item = ds[0]
+    assert tok_s.decode(item["source"]) == kept_src[0] and tok_t.decode(item["target"]) == kept_tgt[0]
+    assert tok_t.decode(ds[296]["target"]) == kept_tgt[296]
+    with pytest.raises(UserError, match="no 'test' split"):
+        load_split(dest, "test")
+    with pytest.raises(UserError, match="megabranch-preprocess"):
+        load_split(tmp_path / "nowhere", "train")
+
+    # apply the existing model per language (--no-joint layout) to the valid split only
+    dest2 = tmp_path / "bin2"
+    preprocess_main(["-s", "kjv", "-t", "web", "--validpref", str(tmp_path / "valid"), "--destdir", str(dest2),
+                     "--src-spm-model", str(dest / "spm.model"), "--tgt-spm-model", str(dest / "spm.model")])
+    m2 = json.loads((dest2 / "meta.json").read_text())
+    assert not m2["joint"] and m2["spm"]["web"] == "spm.web.model" and m2["spm_sha256"] == meta["spm_sha256"]
+    ds2, _, _ = load_split(dest2, "valid")
+    ds1, _, _ = load_split(dest, "valid")
+    assert batches_equal(ds1.collate(range(40)), ds2.collate(range(40)))
+
+
+def test_preprocess_no_joint_trains_two_models(tmp_path):
+    make_corpus(tmp_path)
+    dest = tmp_path / "bin"
+    preprocess_main(["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--destdir", str(dest),
+                     "--vocab-size", "50", "--no-joint", "--model-type", "unigram"])
+    meta = json.loads((dest / "meta.json").read_text())
+    assert meta["spm"] == {"kjv": "spm.kjv.model", "web": "spm.web.model"}
+    assert (dest / "dict.kjv.txt").is_file() and (dest / "dict.web.txt").is_file()
+    _, (tok_s, tok_t), _ = load_split(dest, "train")
+    assert tok_s is not tok_t and tok_s.sha256 != tok_t.sha256
+
+
+def test_preprocess_user_errors(tmp_path, capsys):
+    write_lines(tmp_path / "train.kjv", sentences(10, 0))
+    write_lines(tmp_path / "train.web", sentences(9, 1))
+    args = ["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--destdir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        preprocess_main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("megabranch-preprocess: error:")
+    assert "train.kjv has 10 lines" in err and "train.web has 9" in err
+    with pytest.raises(SystemExit) as e:
+        preprocess_main(["-s", "kjv", "-t", "xx", "--trainpref", str(tmp_path / "train"), "--destdir", str(tmp_path / "o")])
+    assert e.value.code == 2 and "train.xx: input file not found" in capsys.readouterr().err
