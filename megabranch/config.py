@@ -47,8 +47,12 @@ class ParallelConfig:
     pp: int = 1
     vpp: int = 1
     schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
-    layout: str = ""  # explicit per-stage layout override, e.g. "E3,E3D1,D3"
+    layout: str = ""  # explicit chunk layout in pipeline order, e.g. "E0-3|E4-5,D0|D1-3|D4-5" (see partition.py)
+    balance: str = "time"  # what the automatic split balances: time | memory
     recompute: int = 0  # 0: off; k: checkpoint activations every k layers
+    zero: bool = False  # ZeRO-1: shard the Adam state over the data-parallel replicas
+    bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
+    overlap: bool = True  # launch each bucket's all-reduce as soon as its gradients are ready
 
 
 @dataclass
@@ -130,6 +134,9 @@ class Config:
         for name in ("tp", "pp", "vpp"):
             _check(getattr(p, name) >= 1, f"parallel.{name}", getattr(p, name), ">= 1")
         _check(p.schedule in ("gpipe", "1f1b", "interleaved"), "parallel.schedule", p.schedule, "gpipe, 1f1b or interleaved")
+        _check(p.balance in ("time", "memory"), "parallel.balance", p.balance, "time or memory")
+        _check(p.recompute >= 0, "parallel.recompute", p.recompute, ">= 0")
+        _check(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "> 0")
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:

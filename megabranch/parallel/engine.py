@@ -1,0 +1,261 @@
+"""`ParallelTrainer`: train.Trainer's interface over a tensor x pipeline x data-parallel grid.
+
+One optimizer step, top to bottom (every rank runs the same code):
+  1. the global step t is broadcast from global rank 0 (its owner) to every stage and replica, BEFORE any
+     micro-batch; every chunk's ResidualCoefficients is set from it, so every forward and backward of every
+     micro-batch of the step, on every stage, uses alpha_t (a chunk that lagged would use alpha_{t-1}:
+     tests/test_engine.py checks for exactly that);
+  2. the step's target tokens are summed over the data-parallel replicas; each micro-batch's loss is divided
+     by that global count, so summing gradients over replicas gives the single-process gradient;
+  3. the pipeline schedule runs this replica's micro-batches (pipeline.PipelineExecutor); the data-parallel
+     all-reduce of gradients is armed for the last micro-batch (overlapped with its backward);
+  4. tied embedding tables held by several pipeline stages get their gradients summed over the embedding group;
+  5. the global gradient norm (tp x pp, each element once) is measured and clipped; global rank 0 decides
+     whether the step is skipped (non-finite norm) and broadcasts that decision; the optimizer steps (AdamW, or
+     ZeRO-1 ShardedAdamW with parallel.zero) with the inverse-sqrt learning rate of step t; t += 1.
+
+Statistics (loss, nll_loss per target token) are the sums over all micro-batches and replicas divided by the
+global token count, identical on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..errors import UserError
+from ..residual import current_alpha, set_step
+from .grid import Grid, build_grid, rank_of
+from .partition import Layout, plan_layout
+from .pipeline import MicroBatch, PipelineExecutor, build_stage, check_schedule, named_parameters_canonical
+
+
+def _world_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def draw_init_seed(seed: int) -> int:
+    """The model's init seed for a config seed: the first draw after torch.manual_seed(seed). train.run passes it
+    to build_model and to ParallelTrainer alike, so every layout starts from the same weights."""
+    torch.manual_seed(seed)
+    return int(torch.randint(0, 2**62, ()))
+
+
+class ParallelTrainer:
+    """Owns this rank's pipeline chunks (`.model`), its optimizer shard and the step counter (`.step`, the
+    broadcast copy of global rank 0's)."""
+
+    def __init__(self, cfg: Config, vocab_size: int, tgt_vocab_size: int | None = None,
+                 device: torch.device | str = "cpu", grid: Grid | None = None, init_seed: int | None = None):
+        p, o = cfg.parallel, cfg.optim
+        self.cfg, self.device = cfg, torch.device(device)
+        if o.precision == "fp16":
+            raise UserError("optim.precision=fp16 is not supported by the parallel engine; use bf16 or fp32")
+        self.amp_dtype = torch.bfloat16 if o.precision == "bf16" else None
+        self.grid = grid if grid is not None else build_grid(p.tp, p.pp, p.vpp)
+        g = self.grid
+        check_schedule(p.schedule, g.pp, g.vpp, o.update_freq)
+        vocab, tgt_vocab = vocab_size, tgt_vocab_size or vocab_size
+        self.layout: Layout = plan_layout(cfg.model, g.pp, g.vpp, vocab, tgt_vocab, g.tp, layout=p.layout,
+                                          by=p.balance, recompute=p.recompute)
+        if init_seed is None:
+            init_seed = draw_init_seed(cfg.seed)
+        self.model = build_stage(cfg.model, self.layout, g, vocab, tgt_vocab, seed=init_seed, device=self.device,
+                                 recompute=p.recompute, label_smoothing=o.label_smoothing)
+        from .tensor_parallel import model_parallel_seed
+
+        model_parallel_seed(cfg.seed, g)  # dropout streams: same on a tp group, distinct per stage / replica
+        self.params = list(named_parameters_canonical(self.model, cfg.model).values())
+        self._setup_embedding_groups()
+        from .data_parallel import GradReducer
+
+        bucket_mb = p.bucket_mb
+        overlap = p.overlap
+        # a table used by two local chunks gets two backward contributions per micro-batch; it is reduced after
+        # the schedule (with the embedding group), never from a backward hook
+        users: dict = {}
+        for ch in self.model:
+            used = {id(x) for x in ch.parameters()}
+            out = getattr(ch.decoder, "output", None)
+            if out is not None and out._tied:
+                used.add(id(out._tied[0].weight))
+            for i in used:
+                users[i] = users.get(i, 0) + 1
+        self.shared = [q for q in self.params if users.get(id(q), 0) > 1 or id(q) in self._emb_ids]
+        shared_ids = {id(q) for q in self.shared}
+        # one reducer per chunk, armed right before that chunk's last backward (chunks finish at different times)
+        self.reducers = [
+            GradReducer([q for q in ch.parameters() if id(q) not in shared_ids], g.dp_group, bucket_mb, overlap)
+            for ch in self.model
+        ]
+        self.shared_reducer = GradReducer(self.shared, g.dp_group, bucket_mb, overlap=False)
+        if p.zero:
+            from .zero import ShardedAdamW
+
+            self.optimizer = ShardedAdamW(self.params, g.dp_group, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
+                                          weight_decay=o.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
+                                               weight_decay=o.weight_decay)
+        self.executor = PipelineExecutor(self.model, self.layout, g, p.schedule, cfg.model.d_model)
+        self.executor.on_last_backward = lambda v: self.reducers[v].arm()
+        self.step = 0
+        self.step_offset = 0  # tests only: a stage that lags by this many steps (must be caught)
+
+    # --- groups ----------------------------------------------------------------------------------------
+    def _setup_embedding_groups(self) -> None:
+        """For each tied table held by more than one pipeline stage: a process group per (tp, dp) pipeline over
+        the stages that hold a copy. Every rank creates every group, in the same order."""
+        g, lay, mc = self.grid, self.layout, self.cfg.model
+        holders = {"encoder": set(lay.ranks_holding("src_embed")), "decoder": set(lay.ranks_holding("tgt_embed"))}
+        if mc.share_decoder_input_output_embed:
+            holders["decoder"] |= set(lay.ranks_holding("output"))
+        if mc.share_all_embeddings:
+            holders = {"encoder": holders["encoder"] | holders["decoder"]}
+        names = {"encoder": "encoder.embed.table.weight", "decoder": "decoder.embed.table.weight"}
+        mine = named_parameters_canonical(self.model, mc)
+        self.embedding_groups: list = []  # (parameter, group)
+        self._emb_ids: set = set()
+        for key in sorted(holders):
+            stages = sorted(holders[key])
+            if len(stages) < 2:
+                continue
+            for t in range(g.tp):
+                for d in range(g.dp):
+                    ranks = [rank_of(t, d, s, g.tp, g.dp) for s in stages]
+                    group = dist.new_group(ranks)
+                    if g.rank in ranks:
+                        param = mine[names[key]]
+                        self.embedding_groups.append((param, group))
+                        self._emb_ids.add(id(param))
+
+    # --- one step --------------------------------------------------------------------------------------
+    def _broadcast(self, values: list[float], dtype=torch.float64) -> list:
+        t = torch.tensor(values, dtype=dtype, device=self.device)  # on the device: NCCL needs it there
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(t, src=0)
+        return t.tolist()
+
+    def _sum(self, values: list[float], group="world") -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if group == "world":
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(t)
+        elif group is not None:
+            dist.all_reduce(t, group=group)
+        return t.tolist()
+
+    def _autocast(self):
+        import contextlib
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _microbatches(self, batches: list[dict]) -> list[MicroBatch]:
+        return [MicroBatch.from_batch(i, b, self.device) for i, b in enumerate(batches)]
+
+    def _local_loss_share(self, loss_sum: float, nll_sum: float) -> list[float]:
+        """This rank's contribution to the world sums: only the tp-rank-0 copy of a last stage counts."""
+        if self.grid.is_last_stage and self.grid.tp_rank == 0:
+            return [loss_sum, nll_sum]
+        return [0.0, 0.0]
+
+    def sync_step(self) -> int:
+        """Broadcast the step from its owner (global rank 0) and point every local stack at it."""
+        (step,) = self._broadcast([float(self.step)])
+        self.step = int(step)
+        for ch in self.model:
+            set_step(ch, self.step - self.step_offset)
+        return self.step
+
+    def train_step(self, batches: list[dict]) -> dict:
+        from .clip import clip_grad_norm_
+        from ..train import inverse_sqrt_lr
+
+        o = self.cfg.optim
+        self.model.train()
+        step = self.sync_step()
+        alpha = current_alpha(self.model)
+        lr = inverse_sqrt_lr(step, o)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        local_tokens = sum(int(b["ntokens"]) for b in batches)
+        (ntokens,) = self._sum([float(local_tokens)], self.grid.dp_group)
+        ntokens = int(ntokens)
+        with self._autocast():
+            loss_sum, nll_sum = self.executor.run(self._microbatches(batches), 1.0 / ntokens)
+        for reducer in self.reducers:
+            reducer.finish()
+        for param, group in self.embedding_groups:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=group)
+        self.shared_reducer.finish()
+        max_norm = o.clip_norm if o.clip_norm > 0 else float("inf")
+        gnorm = clip_grad_norm_(self.params, max_norm, self.grid)
+        (skip,) = self._broadcast([0.0 if math.isfinite(gnorm) else 1.0])  # the owner's decision
+        skipped = bool(skip)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss_sum, nll_sum = self._sum(self._local_loss_share(loss_sum, nll_sum))
+        return {
+            "loss": loss_sum / ntokens,
+            "nll_loss": nll_sum / ntokens,
+            "lr": lr,
+            "alpha": alpha,
+            "gnorm": gnorm,
+            "ntokens": ntokens,
+            "skipped": int(skipped),
+        }
+
+    @torch.no_grad()
+    def valid_loss(self, batches) -> dict:
+        """Collective: every rank passes its data-parallel shard of the validation batches."""
+        self.model.eval()
+        batches = list(batches)
+        self.sync_step()
+        (ntokens,) = self._sum([float(sum(int(b["ntokens"]) for b in batches))], self.grid.dp_group)
+        with self._autocast():
+            loss_sum, nll_sum = self.executor.run(self._microbatches(batches), 1.0, forward_only=True)
+        loss_sum, nll_sum = self._sum(self._local_loss_share(loss_sum, nll_sum))
+        return {"loss": loss_sum / max(ntokens, 1), "nll_loss": nll_sum / max(ntokens, 1)}
+
+    # --- checkpoints (one shard per rank) --------------------------------------------------------------
+    def _describe(self) -> dict:
+        g = self.grid
+        return {"tp": g.tp, "pp": g.pp, "dp": g.dp, "vpp": g.vpp, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank,
+                "dp_rank": g.dp_rank, "layout": str(self.layout)}
+
+    def state_dict(self) -> dict:
+        """This rank's shard: its parameters by single-process name (tensor-parallel slices), its optimizer
+        state, the step and where it sits in the grid."""
+        params = named_parameters_canonical(self.model, self.cfg.model)
+        return {
+            "model": {k: v.detach().clone() for k, v in params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": {},
+            "step": self.step,
+            "parallel": self._describe(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        mine, theirs = self._describe(), state.get("parallel")
+        if theirs != mine:
+            raise UserError(f"checkpoint shard was written by the grid position {theirs}, this rank is {mine}; "
+                            "resume with the same parallel settings (layout conversion comes with sharded "
+                            "checkpoints)")
+        params = named_parameters_canonical(self.model, self.cfg.model)
+        if set(params) != set(state["model"]):
+            raise UserError("checkpoint shard holds different parameters than this rank's stages")
+        for k, p in params.items():
+            p.copy_(state["model"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.sync_step()
