@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create or refresh .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA_BIN := data-bin/kjv_web
+# A new directory per demo run, so an earlier run's checkpoints are never overwritten.
+DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: demo test venv preprocess
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+$(DATA_BIN)/meta.json: $(STAMP)
+	$(VENV)/bin/megabranch-preprocess --source-lang kjv --target-lang web \
+	  --trainpref data/kjv_web/train --validpref data/kjv_web/valid --testpref data/kjv_web/test \
+	  --destdir $(DATA_BIN) --vocab-size 8000
+
+preprocess: $(DATA_BIN)/meta.json
+
+# Trains a tiny deep BranchNorm model for a few minutes on the CPU, then scores the held-out test split.
+demo: $(DATA_BIN)/meta.json
+	$(VENV)/bin/megabranch-train --config configs/demo.yaml --set log.save_dir=$(DEMO_DIR)
+	$(VENV)/bin/megabranch-generate --checkpoint $(DEMO_DIR)/checkpoint_best.pt --split test --beam 4 --copy-baseline
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+

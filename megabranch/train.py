@@ -1,0 +1,296 @@
+"""`megabranch-train`: the training loop.
+
+One optimizer step, top to bottom (Trainer.train_step):
+  1. alpha: every stack's coefficient buffer is set from the global step t (megabranch.residual.set_step);
+  2. forward/backward of `update_freq` batches, each loss divided by the step's total target tokens;
+  3. gradient norm (clipped when optim.clip_norm > 0); a non-finite norm skips the update;
+  4. AdamW update with the inverse-sqrt learning rate of step t; t += 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+
+import torch
+
+from . import checkpoint
+from .config import Config, load_config
+from .errors import UserError, cli_main
+from .metrics import MetricsLogger
+from .model import build_model, count_parameters, label_smoothed_nll_loss
+from .residual import current_alpha, set_step
+
+
+def inverse_sqrt_lr(step: int, cfg) -> float:
+    """fairseq's inverse_sqrt: linear warmup from warmup_init_lr to lr, then lr * sqrt(warmup / step)."""
+    warmup = cfg.warmup_updates
+    if warmup > 0 and step < warmup:
+        return cfg.warmup_init_lr + (cfg.lr - cfg.warmup_init_lr) * step / warmup
+    return cfg.lr * math.sqrt(max(warmup, 1) / max(step, 1))
+
+
+class Trainer:
+    """Owns the model, the optimizer and the global step; knows nothing about where batches come from."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device):
+        self.cfg, self.model, self.device = cfg, model.to(device), device
+        o = cfg.optim
+        params = list({id(p): p for p in model.parameters()}.values())
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay)
+        self.step = 0
+        if o.precision == "fp16" and device.type != "cuda":
+            raise UserError("optim.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        self.scaler = torch.amp.GradScaler("cuda") if o.precision == "fp16" else None
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(o.precision)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _loss(self, batch):
+        with self.autocast():
+            logits = self.model(batch["src_tokens"].to(self.device), batch["prev_output_tokens"].to(self.device))
+        return label_smoothed_nll_loss(logits, batch["target"].to(self.device), self.cfg.optim.label_smoothing)
+
+    def train_step(self, batches: list[dict]) -> dict:
+        o = self.cfg.optim
+        self.model.train()
+        set_step(self.model, self.step)
+        alpha = current_alpha(self.model)
+        lr = inverse_sqrt_lr(self.step, o)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ntokens = sum(int(b["ntokens"]) for b in batches)
+        loss_sum = nll_sum = 0.0
+        for batch in batches:
+            loss, nll = self._loss(batch)
+            scaled = loss / ntokens
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += float(loss.detach())
+            nll_sum += float(nll.detach())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = o.clip_norm if o.clip_norm > 0 else float("inf")
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], max_norm))
+        skipped = not math.isfinite(gnorm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips by itself on inf/nan
+            self.scaler.update()
+        elif not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {
+            "loss": loss_sum / ntokens,
+            "nll_loss": nll_sum / ntokens,
+            "lr": lr,
+            "alpha": alpha,
+            "gnorm": gnorm,
+            "ntokens": ntokens,
+            "skipped": int(skipped),
+        }
+
+    @torch.no_grad()
+    def valid_loss(self, batches) -> dict:
+        self.model.eval()
+        loss_sum = nll_sum = 0.0
+        ntokens = 0
+        for batch in batches:
+            loss, nll = self._loss(batch)
+            loss_sum, nll_sum, ntokens = loss_sum + float(loss), nll_sum + float(nll), ntokens + int(batch["ntokens"])
+        return {"loss": loss_sum / max(ntokens, 1), "nll_loss": nll_sum / max(ntokens, 1)}
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        set_step(self.model, self.step)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_model_matches(cfg: Config, saved: dict, path: str) -> None:
+    ours, theirs = cfg.to_dict()["model"], saved["model"]
+    for key in sorted(set(ours) | set(theirs)):
+        if key in ("dropout", "attention_dropout", "activation_dropout", "fused_kernels"):
+            continue  # regularisation and kernel choice may change across a resume
+        if ours.get(key) != theirs.get(key):
+            raise UserError(f"--resume: model.{key}={ours.get(key)!r} but {path} was trained with {theirs.get(key)!r}")
+
+
+def run(cfg: Config, resume: str | None = None, device: str | None = None) -> dict:
+    """Train according to `cfg`; returns the final validation stats. The programmatic entry point."""
+    from .data import EpochBatchIterator, load_split
+    from .generate import bleu, meta_vocab_hash, translate
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    save_dir = cfg.log.save_dir
+    # tp * pp > 1 or a torchrun launch: the parallel engine; every rank saves its own shard under rank<N>/
+    parallel = cfg.parallel.tp * cfg.parallel.pp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = _init_parallel() if parallel else 0
+    ckpt_dir = os.path.join(save_dir, f"rank{rank:05d}") if parallel else save_dir
+    last = os.path.join(ckpt_dir, "checkpoint_last.pt")
+    if resume is None and os.path.exists(last):
+        raise UserError(f"{save_dir} already holds checkpoints; pass --resume to continue it or set log.save_dir elsewhere")
+    if parallel and resume not in (None, "", "last"):  # a file name in save_dir: this rank's shard of it
+        resume = os.path.join(os.path.dirname(resume), f"rank{rank:05d}", os.path.basename(resume))
+    state = checkpoint.load(last if resume in ("", "last") else resume) if resume is not None else None
+
+    train_set, tok, meta = load_split(cfg.data.data_dir, "train")
+    valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
+    src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
+    vocab_hash = meta_vocab_hash(meta)
+    if state is not None:
+        if state.get("vocab_sha256") != vocab_hash:
+            raise UserError(f"--resume: the vocabulary of {cfg.data.data_dir} differs from the checkpoint's; use the data it was trained on")
+        _check_model_matches(cfg, state["config"], resume or last)
+
+    from .parallel.engine import ParallelTrainer, draw_init_seed
+
+    # the init seed comes from cfg.seed alone, so every layout (tp, pp, dp) builds the same weights
+    init_seed = draw_init_seed(cfg.seed)
+    if parallel:
+        trainer = ParallelTrainer(cfg, src_tok.vocab_size, tgt_tok.vocab_size, dev, init_seed=init_seed)
+        model, shards, shard_id = trainer.model, trainer.grid.dp, trainer.grid.dp_rank
+    else:
+        model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, seed=init_seed)
+        trainer, shards, shard_id = Trainer(cfg, model, dev), 1, 0
+    itr = EpochBatchIterator(train_set, cfg.data.max_tokens, seed=cfg.seed, max_sentences=cfg.data.max_sentences or None,
+                             shuffle=cfg.data.shuffle, num_shards=shards, shard_id=shard_id)
+    best = float("inf")
+    if state is not None:
+        trainer.load_state_dict(state)
+        itr.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        best = state.get("best_valid_loss", best)
+
+    o, lg = cfg.optim, cfg.log
+    logger = MetricsLogger(save_dir, o.max_updates, lg.tensorboard, lg.progress) if rank == 0 else _SilentLogger()
+    if state is None and rank == 0:
+        where = f"{trainer.grid.describe()}, stages {trainer.layout}" if parallel else f"{count_parameters(model) / 1e6:.2f}M parameters"
+        print(f"model: {cfg.model.residual} {cfg.model.encoder_layers}L-{cfg.model.decoder_layers}L d={cfg.model.d_model}, "
+              f"{where}, {len(train_set)} training pairs, device {dev}", file=sys.stderr)
+    valid_batches = list(EpochBatchIterator(valid_set, cfg.data.max_tokens, seed=cfg.seed, shuffle=False).next_epoch_itr())
+    valid_batches = valid_batches[shard_id::shards]
+    batches = itr.next_epoch_itr()
+    interval: dict = {}
+    t0 = time.time()
+    valid_stats: dict = {}
+    while trainer.step < o.max_updates:
+        group = []
+        while len(group) < o.update_freq:
+            try:
+                group.append(next(batches))
+            except StopIteration:
+                batches = itr.next_epoch_itr()
+        stats = trainer.train_step(group)
+        for k in ("loss", "nll_loss", "gnorm"):
+            interval.setdefault(k, []).append(stats[k])
+        interval["ntokens"] = interval.get("ntokens", 0) + stats["ntokens"]
+        interval["skipped"] = interval.get("skipped", 0) + stats["skipped"]
+        logger.progress(trainer.step, stats["loss"], stats["alpha"])
+        step = trainer.step
+        if step % lg.log_interval == 0 or step == o.max_updates:
+            elapsed = time.time() - t0
+            logger.log({
+                "step": step, "epoch": itr.epoch,
+                "loss": _mean(interval["loss"]), "nll_loss": _mean(interval["nll_loss"]),
+                "lr": stats["lr"], "alpha": stats["alpha"], "gnorm": _mean(interval["gnorm"]),
+                "gnorm_max": max(interval["gnorm"]), "skipped": interval["skipped"],
+                "tokens_per_s": round(interval["ntokens"] / max(elapsed, 1e-9), 1),
+            })
+            interval, t0 = {}, time.time()
+        if step % lg.valid_interval == 0 or step == o.max_updates:
+            valid_stats = trainer.valid_loss(valid_batches)
+            if lg.bleu_sentences > 0 and not parallel:  # decoding needs the whole model on one process
+                hyps = translate(trainer.model, valid_set, tgt_tok, lg.bleu_beam, 0.6, limit=lg.bleu_sentences, device=dev)
+                refs = [tgt_tok.decode(valid_set.target_tokens(i)) for i in range(len(hyps))]
+                valid_stats["bleu"] = round(bleu(hyps, refs)[0].score, 2)
+            logger.log({"step": step, **valid_stats}, tag="valid")
+            is_best = valid_stats["loss"] < best
+            best = min(best, valid_stats["loss"])
+            checkpoint.save(
+                {**trainer.state_dict(), "data": itr.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
+                 "vocab_sha256": vocab_hash, "vocab_size": src_tok.vocab_size, "tgt_vocab_size": tgt_tok.vocab_size,
+                 "best_valid_loss": best},
+                ckpt_dir, step, is_best, lg.keep_last,
+            )
+            t0 = time.time()  # validation and saving are not training throughput
+    logger.close()
+    return valid_stats
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _init_parallel() -> int:
+    from .parallel.grid import init_distributed
+
+    if "RANK" not in os.environ:  # tp * pp > 1 asked for without a launcher
+        raise UserError("parallel.tp * parallel.pp > 1 needs several processes: launch with torchrun --nproc_per_node N")
+    init_distributed()
+    return torch.distributed.get_rank()
+
+
+class _SilentLogger:
+    """What ranks other than global rank 0 log: nothing."""
+
+    def log(self, record: dict, tag: str = "train") -> None:
+        pass
+
+    def progress(self, step: int, loss: float, alpha: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@cli_main
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="megabranch-train", description="Train a deep encoder-decoder Transformer.")
+    ap.add_argument("--config", help="YAML or JSON config (see configs/)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. model.encoder_layers=12")
+    ap.add_argument("--resume", nargs="?", const="last", help="continue from <save_dir>/checkpoint_last.pt or the given file")
+    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    run(cfg, resume=args.resume, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
