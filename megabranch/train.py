@@ -99,6 +99,7 @@ class Trainer:
     @torch.no_grad()
     def valid_loss(self, batches) -> dict:
         self.model.eval()
+        set_step(self.model, self.step)  # the alpha the next update would use, as the parallel engine does
         loss_sum = nll_sum = 0.0
         ntokens = 0
         for batch in batches:
