@@ -21,7 +21,6 @@ from megabranch.parallel.partition import (
     plan_layout,
 )
 from megabranch.parallel.pipeline import check_schedule, schedule_actions, simulate
-from megabranch.residual import set_step
 from tests.conftest import tiny_model_cfg
 from tests.dist_utils import run_workers
 
@@ -328,7 +327,7 @@ def _two_stage_body(rank, world, refs, lag_refs):
             assert 0 < st["freed_early_bytes"] <= st["freed_bytes"] < st["sent_bytes"], st
         # validation (forward only, shapes varying) equals the single-process model's at the same weights
         single = _single_trainer(cfg, refs[kind][1])
-        set_step(single.model, tr.step)  # the engine evaluates at alpha of its step count, as Trainer after a resume
+        single.step = tr.step  # both evaluate at the alpha of the step the next update would take
         batches = synthetic_batches(99, 3)
         got, want = tr.valid_loss(batches), single.valid_loss(batches)
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got, want)
