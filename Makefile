@@ -27,7 +27,7 @@ preprocess: $(DATA_BIN)/meta.json
 # Trains a tiny deep BranchNorm model for a few minutes on the CPU, then scores the held-out test split.
 demo: $(DATA_BIN)/meta.json
 	$(VENV)/bin/megabranch-train --config configs/demo.yaml --set log.save_dir=$(DEMO_DIR)
-	$(VENV)/bin/megabranch-generate --checkpoint $(DEMO_DIR)/checkpoint_best.pt --split test --beam 4 --copy-baseline
+	$(VENV)/bin/megabranch-generate --checkpoint $(DEMO_DIR)/best --split test --beam 4 --copy-baseline
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -38,6 +38,7 @@ setup(
             "megabranch-preprocess=megabranch.data.preprocess:main",
             "megabranch-train=megabranch.train:main",
             "megabranch-generate=megabranch.generate:main",
+            "megabranch-convert=megabranch.convert:main",
         ]
     },
 )

@@ -17,6 +17,10 @@ def cli_main(fn):
             return fn(argv)
         except UserError as e:
             prog = fn.__module__.rsplit(".", 1)[-1]
+            if prog == "__main__":  # python -m megabranch.train: name it after the file
+                import os
+
+                prog = os.path.splitext(os.path.basename(sys.argv[0]))[0]
             print(f"megabranch-{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:

@@ -141,7 +141,9 @@ def main(argv=None):
     from .model import build_model
 
     ap = argparse.ArgumentParser(prog="megabranch-generate", description="Translate a split and score it with sacreBLEU.")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint file (e.g. runs/demo/checkpoint_best.pt)")
+    ap.add_argument("--checkpoint", required=True,
+                    help="a save directory (its best checkpoint, else latest), a step_<N> directory of any parallel "
+                         "layout, or a latest/best pointer file, e.g. runs/demo")
     ap.add_argument("--data-dir", help="binarized data directory (default: the one the model was trained on)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--beam", type=int, default=4)
@@ -154,7 +156,7 @@ def main(argv=None):
     if args.beam < 1:
         raise UserError(f"--beam={args.beam} is invalid: must be >= 1")
 
-    state = checkpoint.load(args.checkpoint)
+    state = checkpoint.load_checkpoint(args.checkpoint, prefer="best")  # shards of any layout, consolidated
     cfg = Config.from_dict(state["config"], where=args.checkpoint)
     data_dir = args.data_dir or cfg.data.data_dir
     dataset, tok, meta = load_split(data_dir, args.split)
@@ -162,7 +164,11 @@ def main(argv=None):
     if state.get("vocab_sha256") and state["vocab_sha256"] != meta_vocab_hash(meta):
         raise UserError(f"vocabulary of {data_dir} differs from the one {args.checkpoint} was trained with")
     model = build_model(cfg.model, state["vocab_size"], state.get("tgt_vocab_size"))
-    model.load_state_dict(state["model"])
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if k != "decoder.embed.table.weight" or not cfg.model.share_all_embeddings]
+    if missing or unexpected:
+        raise UserError(f"{state['step_dir']} does not match its own config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
     from .residual import set_step
 
     set_step(model, state["step"])

@@ -115,6 +115,26 @@ class Trainer:
             "step": self.step,
         }
 
+    def named_params(self) -> dict:
+        """Parameters by single-process name, each object once (a shared table under its first name)."""
+        return dict(self.model.named_parameters())
+
+    def position(self) -> dict:
+        """Where this trainer sits in a process grid, as megabranch.checkpoint.load_for_rank reads it."""
+        return dict(checkpoint.single_layout(), tp_rank=0, pp_rank=0, dp_rank=0)
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore from megabranch.checkpoint.load_for_rank's result."""
+        params = self.named_params()
+        for k, p in params.items():
+            p.copy_(state["model"][k])
+        checkpoint.load_optimizer(self.optimizer, list(params), state)
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        set_step(self.model, self.step)
+
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -125,7 +145,9 @@ class Trainer:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
+    from .parallel.tensor_parallel import get_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -133,6 +155,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("tracker"):
+        from .parallel.tensor_parallel import get_rng_tracker
+
+        get_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -153,25 +179,30 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None) -> di
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     save_dir = cfg.log.save_dir
-    # tp * pp > 1 or a torchrun launch: the parallel engine; every rank saves its own shard under rank<N>/
+    # tp * pp > 1 or a torchrun launch: the parallel engine; checkpoints are step_<N>/ directories with one shard
+    # per (tp, pp) position (megabranch.checkpoint), whatever the engine
     parallel = cfg.parallel.tp * cfg.parallel.pp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = _init_parallel() if parallel else 0
-    ckpt_dir = os.path.join(save_dir, f"rank{rank:05d}") if parallel else save_dir
-    last = os.path.join(ckpt_dir, "checkpoint_last.pt")
-    if resume is None and os.path.exists(last):
+    if resume is None and checkpoint.has_checkpoints(save_dir):
         raise UserError(f"{save_dir} already holds checkpoints; pass --resume to continue it or set log.save_dir elsewhere")
-    if parallel and resume not in (None, "", "last"):  # a file name in save_dir: this rank's shard of it
-        resume = os.path.join(os.path.dirname(resume), f"rank{rank:05d}", os.path.basename(resume))
-    state = checkpoint.load(last if resume in ("", "last") else resume) if resume is not None else None
+    step_dir = meta_in = None
+    if resume is not None:  # "last": <save_dir>/latest; else a step directory, a save directory or a pointer file
+        step_dir = checkpoint.resolve(save_dir if resume in ("", "last") else resume, "latest")
+        meta_in = checkpoint.read_meta(step_dir)
 
     train_set, tok, meta = load_split(cfg.data.data_dir, "train")
     valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
     src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
     vocab_hash = meta_vocab_hash(meta)
-    if state is not None:
-        if state.get("vocab_sha256") != vocab_hash:
-            raise UserError(f"--resume: the vocabulary of {cfg.data.data_dir} differs from the checkpoint's; use the data it was trained on")
-        _check_model_matches(cfg, state["config"], resume or last)
+    if meta_in is not None:
+        if meta_in.get("vocab_sha256") is None:  # imported (torchscale, DeepSpeed): only the sizes are known
+            if meta_in.get("vocab_size") != src_tok.vocab_size:
+                raise UserError(f"--resume: {step_dir} has a vocabulary of {meta_in.get('vocab_size')} entries, "
+                                f"{cfg.data.data_dir} one of {src_tok.vocab_size}")
+        elif meta_in.get("vocab_sha256") != vocab_hash:
+            raise UserError(f"--resume: the vocabulary of {cfg.data.data_dir} differs from the one {step_dir} was "
+                            "trained with; use the data it was trained on")
+        _check_model_matches(cfg, meta_in["config"], step_dir)
 
     from .parallel.engine import ParallelTrainer, draw_init_seed
 
@@ -186,11 +217,21 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None) -> di
     itr = EpochBatchIterator(train_set, cfg.data.max_tokens, seed=cfg.seed, max_sentences=cfg.data.max_sentences or None,
                              shuffle=cfg.data.shuffle, num_shards=shards, shard_id=shard_id)
     best = float("inf")
-    if state is not None:
-        trainer.load_state_dict(state)
-        itr.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        best = state.get("best_valid_loss", best)
+    state = None
+    if meta_in is not None:
+        state = checkpoint.load_for_rank(step_dir, meta_in, trainer.position(), trainer.named_params())
+        trainer.load_checkpoint_state(state)
+        if state["data"] is not None:
+            itr.load_state_dict(state["data"])
+        if state["rng"] is not None:
+            set_rng_state(state["rng"])
+        if meta_in.get("best_valid_loss") is not None:
+            best = float(meta_in["best_valid_loss"])
+        if rank == 0 and state["optimizer"] is None and state["zero"] is None:
+            print(f"{step_dir} holds no optimizer state (averaged, imported or converted without it): "
+                  "Adam starts fresh", file=sys.stderr)
+        if rank == 0 and state["resharded"]:
+            print(f"resumed from {step_dir} (layout {meta_in['layout']}), resharded for this layout", file=sys.stderr)
 
     o, lg = cfg.optim, cfg.log
     logger = MetricsLogger(save_dir, o.max_updates, lg.tensorboard, lg.progress) if rank == 0 else _SilentLogger()
@@ -237,12 +278,16 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None) -> di
             logger.log({"step": step, **valid_stats}, tag="valid")
             is_best = valid_stats["loss"] < best
             best = min(best, valid_stats["loss"])
-            checkpoint.save(
-                {**trainer.state_dict(), "data": itr.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
-                 "vocab_sha256": vocab_hash, "vocab_size": src_tok.vocab_size, "tgt_vocab_size": tgt_tok.vocab_size,
-                 "best_valid_loss": best},
-                ckpt_dir, step, is_best, lg.keep_last,
-            )
+            pos = trainer.position()
+            meta_out = {
+                "layout": {k: pos[k] for k in ("tp", "pp", "vpp", "dp", "layout", "zero")},
+                "config": cfg.to_dict(), "vocab_sha256": vocab_hash, "vocab_size": src_tok.vocab_size,
+                "tgt_vocab_size": tgt_tok.vocab_size, "valid_loss": valid_stats["loss"],
+                "best_valid_loss": best if math.isfinite(best) else None,
+                "alpha": {"value": current_alpha(trainer.model), "schedule": cfg.model.alpha_schedule,
+                          "warmup_steps": cfg.model.alpha_warmup_steps, "step": step},
+            }
+            checkpoint.save_step(save_dir, step, _checkpoint_files(trainer, itr), meta_out, is_best, lg.keep_last)
             t0 = time.time()  # validation and saving are not training throughput
     logger.close()
     return valid_stats
@@ -250,6 +295,29 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None) -> di
 
 def _mean(xs):
     return sum(xs) / len(xs)
+
+
+def _checkpoint_files(trainer, itr) -> dict:
+    """This rank's files of a step directory: data-parallel rank 0 of a (tp, pp) position writes the shard
+    (parameters, optimizer, step, alpha, its RNG / data position); the other replicas their RNG, data position
+    and ZeRO-1 optimizer slice."""
+    pos = trainer.position()
+    zero = checkpoint.is_zero(trainer.optimizer)
+    mine = {"rng": rng_state(), "data": itr.state_dict(), "zero": trainer.optimizer.state_dict() if zero else None}
+    t, p, d = pos["tp_rank"], pos["pp_rank"], pos["dp_rank"]
+    if d > 0:
+        return {checkpoint.shard_name(t, p, d): {"rank": mine, "step": trainer.step}}
+    params = trainer.named_params()
+    scaler = getattr(trainer, "scaler", None)
+    return {checkpoint.shard_name(t, p): {
+        "model": {k: v.detach().clone() for k, v in params.items()},
+        "split": checkpoint.split_info(params),
+        "optimizer": checkpoint.optimizer_to_canonical(trainer.optimizer, list(params)),
+        "scaler": scaler.state_dict() if scaler else {},
+        "step": trainer.step,
+        "alpha": current_alpha(trainer.model),
+        "rank": mine,
+    }}
 
 
 def _init_parallel() -> int:

@@ -244,6 +244,26 @@ class ParallelTrainer:
             "parallel": self._describe(),
         }
 
+    def named_params(self) -> dict:
+        """This rank's parameters by single-process name (tensor-parallel slices)."""
+        return named_parameters_canonical(self.model, self.cfg.model)
+
+    def position(self) -> dict:
+        """Where this rank sits, as megabranch.checkpoint.load_for_rank reads it."""
+        return dict(self._describe(), zero=bool(self.cfg.parallel.zero))
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore from megabranch.checkpoint.load_for_rank's result (already cut for this rank's layout)."""
+        from .. import checkpoint
+
+        params = self.named_params()
+        for k, p in params.items():
+            p.copy_(state["model"][k])
+        checkpoint.load_optimizer(self.optimizer, list(params), state)
+        self.step = int(state["step"])
+        self.sync_step()
+
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         mine, theirs = self._describe(), state.get("parallel")

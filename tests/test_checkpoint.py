@@ -1,0 +1,246 @@
+"""Sharded checkpoints: layout round trips (2,2) -> (1,1) -> (4,1) -> (1,4) -> (2,2) with identical weights and
+identical continued training, resharding on load, ZeRO-1 shards, atomic publication and keep-last-K, and refusal
+of corrupt shards and of pickles that carry code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from megabranch import checkpoint
+from megabranch.errors import UserError
+from tests.dist_utils import run_workers
+from tests.test_pipeline import VOCAB, make_cfg, parallel_losses, synthetic_batches
+
+SAVED_AT, MORE = 3, 3  # train 3 steps, save, train 3 more
+
+
+class _Position:
+    """Stands in for the data iterator: what a shard records as the data position."""
+
+    def state_dict(self):
+        return {"epoch": 1, "iterations_in_epoch": SAVED_AT}
+
+
+def _cfg(tp=1, pp=1, vpp=1, layout="", zero=False):
+    kw = dict(tp=tp, pp=pp, vpp=vpp, layout=layout, zero=zero)
+    if pp > 1 and vpp == 1:
+        kw["schedule"] = "1f1b"
+    return make_cfg(2, 2, m=2, **kw)
+
+
+def _meta(cfg, tr) -> dict:
+    pos = tr.position()
+    return {"layout": {k: pos[k] for k in ("tp", "pp", "vpp", "dp", "layout", "zero")}, "config": cfg.to_dict(),
+            "vocab_size": VOCAB, "tgt_vocab_size": VOCAB, "vocab_sha256": "test"}
+
+
+def _save(tr, cfg, save_dir: str, keep_last: int = 0) -> str:
+    from megabranch.train import _checkpoint_files
+
+    return checkpoint.save_step(save_dir, tr.step, _checkpoint_files(tr, _Position()), _meta(cfg, tr),
+                                keep_last=keep_last)
+
+
+def _parallel_from(step_dir: str, cfg):
+    from megabranch.parallel.engine import ParallelTrainer
+
+    tr = ParallelTrainer(cfg, VOCAB, init_seed=99)  # other initial weights: the checkpoint must overwrite them all
+    meta = checkpoint.read_meta(step_dir)
+    state = checkpoint.load_for_rank(step_dir, meta, tr.position(), tr.named_params())
+    tr.load_checkpoint_state(state)
+    return tr, state
+
+
+def _single_losses(step_dir: str, steps: int, dp: int = 1) -> list[float]:
+    from megabranch.model import build_model
+    from megabranch.train import Trainer
+
+    meta = checkpoint.read_meta(step_dir)
+    cfg = _cfg()
+    tr = Trainer(cfg, build_model(cfg.model, VOCAB, seed=5), torch.device("cpu"))
+    tr.load_checkpoint_state(checkpoint.load_for_rank(step_dir, meta, tr.position(), tr.named_params()))
+    assert tr.step == int(meta["step"])
+    m = cfg.optim.update_freq
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [tr.train_step(synthetic_batches(s, m * dp))["loss"] for s in range(tr.step, tr.step + steps)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _close(got, want, what, rel=1e-5):
+    assert len(got) == len(want), what
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert abs(a - b) <= rel * abs(b), f"{what}: step {i} loss {a} vs {b}"
+
+
+CHAIN = [(1, 1, ""), (4, 1, ""), (1, 4, "E0|E1|D0|D1"), (2, 2, "E0-1|D0-1")]
+
+
+def _round_trip_body(rank, world, root):
+    import torch.distributed as dist
+
+    from megabranch.convert import main as convert_main
+    from megabranch.parallel.engine import ParallelTrainer
+
+    cfg = _cfg(2, 2, layout="E0-1|D0-1")
+    tr = ParallelTrainer(cfg, VOCAB)
+    parallel_losses(tr, SAVED_AT)
+    first = _save(tr, cfg, os.path.join(root, "run"))
+    ref = parallel_losses(tr, SAVED_AT + MORE, SAVED_AT)  # the uninterrupted continuation
+
+    # rank 0 converts along the chain with megabranch-convert (each hop checks its own outputs)
+    dirs, src = [], first
+    for i, (tp, pp, layout) in enumerate(CHAIN):
+        out = os.path.join(root, f"hop{i}-tp{tp}-pp{pp}")
+        if rank == 0:
+            args = [src, out, "--tp", str(tp), "--pp", str(pp)] + (["--layout", layout] if layout else [])
+            assert convert_main(args) == 0
+        dirs.append(out)
+        src = out
+    dist.barrier()
+
+    if rank == 0:  # identical weights and optimizer state after every hop
+        model0, opt0 = checkpoint.consolidate(first)
+        for d in dirs:
+            model, opt = checkpoint.consolidate(d)
+            assert set(model) == set(model0) and all(torch.equal(model[k], model0[k]) for k in model0), d
+            assert all(torch.equal(opt[k][n], opt0[k][n]) for k in ("exp_avg", "exp_avg_sq") for n in opt0[k]), d
+        # (1, 1): the single-process trainer continues like the (2, 2) run (other arithmetic order: 1e-5)
+        _close(_single_losses(dirs[0], MORE), ref, "(1,1) continued")
+
+    # every multi-process layout of the chain continues training identically
+    for (tp, pp, layout), d in zip(CHAIN[1:], dirs[1:]):
+        tr2, state = _parallel_from(d, _cfg(tp, pp, layout=layout))
+        assert tr2.step == SAVED_AT and not state["resharded"]
+        got = parallel_losses(tr2, SAVED_AT + MORE, SAVED_AT)
+        if (tp, pp) == (2, 2):
+            assert got == ref, "back at (2,2): bit for bit"
+        else:
+            _close(got, ref, f"({tp},{pp}) continued")
+
+    # resharding on load: the (2, 2) checkpoint read straight into a (1, 4) grid
+    tr3, state = _parallel_from(first, _cfg(1, 4, layout="E0|E1|D0|D1"))
+    assert state["resharded"]
+    _close(parallel_losses(tr3, SAVED_AT + MORE, SAVED_AT), ref, "(2,2) resharded on load into (1,4)")
+
+    # ZeRO-1 over dp=2 (pp=2): per-replica optimizer shards; same layout resumes bit for bit, and the shards
+    # unflatten by name for the single-process trainer
+    cfgz = _cfg(1, 2, layout="E0-1|D0-1", zero=True)
+    trz = ParallelTrainer(cfgz, VOCAB)
+    parallel_losses(trz, SAVED_AT)
+    zdir = _save(trz, cfgz, os.path.join(root, "zero"))
+    refz = parallel_losses(trz, SAVED_AT + MORE, SAVED_AT)
+    if rank == 0:
+        names = sorted(checkpoint.read_meta(zdir)["files"])
+        assert names == ["shard_tp0_pp0.pt", "shard_tp0_pp0_dp1.pt", "shard_tp0_pp1.pt", "shard_tp0_pp1_dp1.pt"], names
+    trz2, state = _parallel_from(zdir, cfgz)
+    assert not state["resharded"] and state["zero"] is not None
+    assert parallel_losses(trz2, SAVED_AT + MORE, SAVED_AT) == refz
+    if rank == 0:
+        _close(_single_losses(zdir, MORE, dp=2), refz, "ZeRO-1 (dp 2, pp 2) -> single process")
+
+
+def test_layout_round_trip_identical_outputs_and_training(tmp_path):
+    run_workers(_round_trip_body, 4, str(tmp_path))
+
+
+# --- single-process: publication, pruning, refusal -----------------------------------------------------------
+
+
+def _tiny_single(tmp_path, steps=(2, 4, 6), keep_last=0):
+    from megabranch.model import build_model
+    from megabranch.train import Trainer
+
+    cfg = _cfg()
+    tr = Trainer(cfg, build_model(cfg.model, VOCAB, seed=1), torch.device("cpu"))
+    save_dir = str(tmp_path / "run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices; and no OpenMP spin-waiting on a shared CPU
+    try:
+        for s in range(max(steps)):
+            tr.train_step(synthetic_batches(s, 2))
+            if tr.step in steps:
+                _save(tr, cfg, save_dir, keep_last=keep_last)
+    finally:
+        torch.set_num_threads(threads)
+    return save_dir
+
+
+def test_publication_pointers_and_keep_last(tmp_path):
+    save_dir = _tiny_single(tmp_path, steps=(2, 4, 6), keep_last=2)
+    assert sorted(os.listdir(save_dir)) == ["latest", "step_4", "step_6"]
+    assert open(os.path.join(save_dir, "latest")).read().strip() == "step_6"
+    meta = checkpoint.verify(os.path.join(save_dir, "step_6"))
+    assert meta["step"] == 6 and meta["layout"]["layout"] == "single" and list(meta["files"]) == ["shard_tp0_pp0.pt"]
+    assert meta["versions"]["torch"] == torch.__version__
+    # best is never pruned, whatever its age
+    with open(os.path.join(save_dir, "best"), "w") as fh:
+        fh.write("step_4\n")
+    os.makedirs(os.path.join(save_dir, "step_8"))
+    shutil.copy(os.path.join(save_dir, "step_6", "meta.json"), os.path.join(save_dir, "step_8"))
+    checkpoint.prune(save_dir, 1)
+    assert sorted(d for d in os.listdir(save_dir) if d.startswith("step_")) == ["step_4", "step_6", "step_8"]
+    # a stale temporary directory (a killed save) is cleaned by the next save and never resolved
+    os.makedirs(os.path.join(save_dir, "step_10.tmp-123"))
+    assert checkpoint.resolve(save_dir) == os.path.join(save_dir, "step_6")
+    assert checkpoint.resolve(save_dir, prefer="best") == os.path.join(save_dir, "step_4")
+
+
+def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
+    save_dir = _tiny_single(tmp_path, steps=(2,))
+    step_dir = os.path.join(save_dir, "step_2")
+    shard = os.path.join(step_dir, "shard_tp0_pp0.pt")
+    good = open(shard, "rb").read()
+
+    with open(shard, "wb") as fh:  # truncated
+        fh.write(good[: len(good) // 2])
+    with pytest.raises(UserError, match="shard_tp0_pp0.pt is corrupt") as e:
+        checkpoint.load_checkpoint(save_dir)
+    assert "\n" not in str(e.value)
+
+    # a pickle that runs code on load, with meta.json's checksum updated to match: weights_only refuses it
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": Evil()}, shard)
+    meta_path = os.path.join(step_dir, "meta.json")
+    meta = json.load(open(meta_path))
+    meta["files"]["shard_tp0_pp0.pt"] = checkpoint.sha256_file(shard)
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(UserError, match="carrying code") as e:
+        checkpoint.load_checkpoint(save_dir)
+    assert "shard_tp0_pp0.pt" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+    os.remove(shard)
+    with pytest.raises(UserError, match="shard missing"):
+        checkpoint.load_checkpoint(step_dir)
+    os.remove(meta_path)
+    with pytest.raises(UserError, match="meta.json missing"):
+        checkpoint.read_meta(step_dir)
+    with open(os.path.join(save_dir, "latest"), "w") as fh:
+        fh.write("step_2\n")
+    with pytest.raises(UserError, match="missing or incomplete"):
+        checkpoint.resolve(save_dir)
+
+
+def test_saving_a_step_again_replaces_it_without_a_dangling_pointer(tmp_path):
+    save_dir = str(tmp_path / "run")
+    meta = {"layout": checkpoint.single_layout(), "config": {}, "vocab_size": VOCAB}
+    checkpoint.save_step(save_dir, 6, {"shard_tp0_pp0.pt": {"x": torch.zeros(2)}}, meta, is_best=True)
+    # a run resumed from an older step reaches step 6 again: same name, new content
+    checkpoint.save_step(save_dir, 6, {"shard_tp0_pp0.pt": {"x": torch.ones(2)}}, meta, is_best=False)
+    assert sorted(os.listdir(save_dir)) == ["best", "latest", "step_6"]
+    for prefer in ("latest", "best"):
+        step_dir = checkpoint.resolve(save_dir, prefer)
+        assert torch.equal(checkpoint.load_file(step_dir, "shard_tp0_pp0.pt")["x"], torch.ones(2))

@@ -1,0 +1,255 @@
+"""The trainer end to end on a tiny preprocessed corpus: a run killed with SIGKILL at a random moment and resumed
+logs the uninterrupted run's losses bit for bit (single process and 2-process pipeline), no checkpoint is lost
+or corrupted, and bad input (unknown key, depth 0, missing data, corrupt checkpoint, another vocabulary, a
+save directory that already holds checkpoints) is a one-line error with exit code 2 that leaves existing
+checkpoints untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megabranch import checkpoint
+from tests.test_data import sentences, write_lines
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+CONFIG = """\
+seed: 3
+model: {residual: branchnorm, encoder_layers: 2, decoder_layers: 2, d_model: 32, n_heads: 4, ffn_dim: 64,
+        dropout: 0.1, max_positions: 128, alpha_warmup_steps: 12}
+optim: {max_updates: MAXUP, warmup_updates: 4, lr: 0.001, clip_norm: 1.0}
+data: {data_dir: DATA, max_tokens: 200}
+log: {log_interval: 1, valid_interval: 4, bleu_sentences: 0, keep_last: 2, tensorboard: false, progress: none}
+"""
+
+
+def _preprocess(d, vocab: int, seed: int = 0):
+    from megabranch.data.preprocess import main as preprocess_main
+
+    d.mkdir(parents=True, exist_ok=True)
+    write_lines(d / "train.src", sentences(160, 1 + seed))
+    write_lines(d / "train.tgt", sentences(160, 2 + seed))
+    write_lines(d / "valid.src", sentences(16, 3 + seed))
+    write_lines(d / "valid.tgt", sentences(16, 4 + seed))
+    preprocess_main(["-s", "src", "-t", "tgt", "--trainpref", str(d / "train"), "--validpref", str(d / "valid"),
+                     "--destdir", str(d / "bin"), "--vocab-size", str(vocab)])
+    return str(d / "bin")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _preprocess(tmp_path_factory.mktemp("tiny"), 64)
+
+
+def _config(tmp_path, data_dir, max_updates=40, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(CONFIG.replace("MAXUP", str(max_updates)).replace("DATA", data_dir))
+    return str(path)
+
+
+def _train_cmd(cfg, save_dir, *extra):
+    return [sys.executable, "-m", "megabranch.train", "--config", cfg, "--set", f"log.save_dir={save_dir}", *extra]
+
+
+def _records(save_dir, tag="train") -> dict:
+    """step -> the last record logged for it (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    with open(os.path.join(save_dir, "log.jsonl")) as fh:
+        for line in fh:
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut by SIGKILL
+                continue
+            if r["tag"] == tag:
+                out[r["step"]] = {k: r[k] for k in r if k not in ("wall", "tokens_per_s", "tag")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    cfg = _config(tmp, data)
+    save_dir = str(tmp / "run")
+    subprocess.run(_train_cmd(cfg, save_dir), env=ENV, cwd=ROOT, check=True, capture_output=True)
+    return cfg, save_dir
+
+
+def test_kill_9_at_a_random_moment_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
+    cfg, ref_dir = uninterrupted
+    save_dir = str(tmp_path / "run")
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    # a random step after the first checkpoint (4), far enough from the end (40) that a busy machine still kills
+    # the run before it finishes
+    target, delay = rng.randint(5, 30), rng.uniform(0.0, 0.05)
+    proc = subprocess.Popen(_train_cmd(cfg, save_dir), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    log = os.path.join(save_dir, "log.jsonl")
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(log) and os.path.exists(os.path.join(save_dir, "latest")) and len(_records(save_dir)) >= target:
+            break
+        time.sleep(0.005)
+    time.sleep(delay)  # then somewhere inside a step, a validation or a save
+    was_running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert was_running, f"random seed {seed}: the run ended before the kill at step {target}"
+    killed_at = max(_records(save_dir), default=0)
+    # nothing lost or corrupt: latest names a complete step directory, every published one verifies
+    latest = checkpoint.resolve(save_dir)
+    published = checkpoint.step_dirs(save_dir)
+    assert published and all(checkpoint.verify(p) for _, p in published)
+    # latest is rewritten last: it names the newest directory, or the one before when the kill fell between the
+    # rename of a finished save and the pointer update (that newer one is then simply saved again)
+    names = [os.path.basename(p) for _, p in published]
+    assert os.path.basename(latest) in names[-2:], (names, latest)
+
+    subprocess.run(_train_cmd(cfg, save_dir, "--resume"), env=ENV, cwd=ROOT, check=True, capture_output=True)
+    got, want = _records(save_dir), _records(ref_dir)
+    assert sorted(got) == sorted(want) == list(range(1, 41))
+    bad = [s for s in want if got[s] != want[s]]
+    assert not bad, (f"random seed {seed}, killed after step {killed_at}, resumed from {latest}: steps {bad[:3]} "
+                     f"differ, e.g. {got[bad[0]]} vs {want[bad[0]]}")
+    assert _records(save_dir, "valid") == _records(ref_dir, "valid")
+    # the alpha of the step after the resume is the uninterrupted run's (alpha warmup 12 steps: still moving)
+    resumed = int(os.path.basename(latest).split("_")[1])
+    if resumed < 12:
+        assert got[resumed + 1]["alpha"] == want[resumed + 1]["alpha"] < 1.0
+
+
+# --- two processes, pipeline-parallel -----------------------------------------------------------------------
+
+
+def _two_rank_body(rank, world, data_dir, root):
+    from megabranch.config import load_config
+    from megabranch.train import run
+
+    def cfg(save_dir, max_updates, **parallel):
+        sets = [f"data.data_dir={data_dir}", f"log.save_dir={save_dir}", f"optim.max_updates={max_updates}",
+                "log.tensorboard=false", "log.progress=none", "log.log_interval=1", "log.valid_interval=4",
+                "log.bleu_sentences=0", "model.encoder_layers=2", "model.decoder_layers=2", "model.d_model=32",
+                "model.n_heads=4", "model.ffn_dim=64", "model.max_positions=128", "model.alpha_warmup_steps=12",
+                "data.max_tokens=200", "optim.warmup_updates=4", "optim.lr=0.001", "seed=3"]
+        sets += [f"parallel.{k}={v}" for k, v in parallel.items()]
+        return load_config(None, sets)
+
+    pp = dict(pp=2, layout="E0-1|D0-1")
+    a, b, c = (os.path.join(root, x) for x in ("a", "b", "c"))
+    run(cfg(a, 8, **pp))
+    run(cfg(b, 4, **pp))
+    run(cfg(b, 8, **pp), resume="last")
+    if rank == 0:
+        got, want = _records(b), _records(a)
+        assert sorted(got) == list(range(1, 9)) and got == want, (got, want)
+        assert sorted(os.listdir(os.path.join(b, "step_8"))) == ["meta.json", "shard_tp0_pp0.pt", "shard_tp0_pp1.pt"]
+    # the pipeline checkpoint resumed by a tensor-parallel run: resharded on load, continues from step 4
+    run(cfg(c, 6, tp=2), resume=os.path.join(b, "step_4"))
+    if rank == 0:
+        got = _records(c)
+        assert sorted(got) == [5, 6] and all(r["loss"] == r["loss"] for r in got.values())
+
+
+def test_two_process_pipeline_save_resume_bit_for_bit(data, tmp_path):
+    from tests.dist_utils import run_workers
+
+    run_workers(_two_rank_body, 2, data, str(tmp_path))
+
+
+# --- one-line errors ----------------------------------------------------------------------------------------
+
+
+def _fails(capsys, argv, needle):
+    from megabranch.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("megabranch-train: error:") and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def _digest(save_dir) -> dict:
+    out = {}
+    for dirpath, _, files in os.walk(save_dir):
+        for f in files:
+            if f != "log.jsonl":
+                p = os.path.join(dirpath, f)
+                out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def test_bad_input_is_a_one_line_error(data, tmp_path, capsys):
+    cfg = _config(tmp_path, data)
+    save = f"log.save_dir={tmp_path / 'x'}"
+    _fails(capsys, ["--config", cfg, "--set", "model.bogus=1"], "unknown config key model.bogus")
+    _fails(capsys, ["--config", cfg, "--set", "model.encoder_layers=0"], "model.encoder_layers=0")
+    _fails(capsys, ["--config", cfg, "--set", save, "--set", f"data.data_dir={tmp_path / 'nowhere'}"], "nowhere")
+    _fails(capsys, ["--config", str(tmp_path / "missing.yaml")], "missing.yaml")
+
+
+def test_checkpoint_errors_never_touch_existing_checkpoints(uninterrupted, tmp_path, capsys):
+    cfg, ref_dir = uninterrupted
+    save_dir = str(tmp_path / "run")
+    shutil.copytree(ref_dir, save_dir)
+    before = _digest(save_dir)
+    # a save directory with checkpoints and no --resume: refused, nothing overwritten
+    _fails(capsys, ["--config", cfg, "--set", f"log.save_dir={save_dir}"], "already holds checkpoints")
+    # another vocabulary
+    other = _preprocess(tmp_path / "other", 48, seed=7)
+    capsys.readouterr()
+    _fails(capsys, ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--set", f"data.data_dir={other}",
+                    "--resume"], "vocabulary")
+    # another model
+    _fails(capsys, ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--set", "model.ffn_dim=32", "--resume"],
+           "model.ffn_dim=32")
+    assert _digest(save_dir) == before
+    # a corrupt (truncated) shard: one line naming the file, for train and generate alike
+    step_dir = checkpoint.resolve(save_dir)
+    shard = os.path.join(step_dir, "shard_tp0_pp0.pt")
+    blob = open(shard, "rb").read()
+    open(shard, "wb").write(blob[:-100])
+    _fails(capsys, ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--resume"], "shard_tp0_pp0.pt is corrupt")
+    from megabranch.generate import main as generate_main
+
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--checkpoint", save_dir, "--split", "valid"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "shard_tp0_pp0.pt is corrupt" in err
+
+
+def test_generate_reads_a_save_directory(uninterrupted, capsys):
+    _, ref_dir = uninterrupted
+    from megabranch.generate import main as generate_main
+
+    assert generate_main(["--checkpoint", ref_dir, "--split", "valid", "--beam", "2", "--limit", "4"]) == 0
+    assert "BLEU =" in capsys.readouterr().out
+
+
+def test_fine_tune_from_an_averaged_checkpoint(uninterrupted, tmp_path, capsys):
+    """An averaged checkpoint has weights but no optimizer state: --resume continues its step count with a fresh
+    Adam (and says so)."""
+    from megabranch.config import load_config
+    from megabranch.convert import main as convert_main
+    from megabranch.train import run
+
+    cfg_path, ref_dir = uninterrupted
+    avg = str(tmp_path / "avg")
+    assert convert_main(["average", ref_dir, "--last", "2", "--out", avg]) == 0
+    save_dir = str(tmp_path / "ft")
+    run(load_config(cfg_path, [f"log.save_dir={save_dir}", "optim.max_updates=42"]), resume=avg)
+    assert "Adam starts fresh" in capsys.readouterr().err
+    assert sorted(_records(save_dir)) == [41, 42]
