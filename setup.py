@@ -30,7 +30,7 @@ setup(
     packages=find_packages(include=["megabranch", "megabranch.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "sentencepiece", "sacrebleu>=2.0", "tensorboard", "PyYAML"],
-    extras_require={"deepspeed": ["deepspeed>=0.14"], "plot": ["matplotlib"], "test": ["pytest"]},
+    extras_require={"deepspeed": ["deepspeed==0.19.8"], "plot": ["matplotlib"], "test": ["pytest"]},
     ext_modules=_EXT_MODULES,
     cmdclass=_CMDCLASS,
     entry_points={

@@ -241,18 +241,12 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None) -> di
               f"{where}, {len(train_set)} training pairs, device {dev}", file=sys.stderr)
     valid_batches = list(EpochBatchIterator(valid_set, cfg.data.max_tokens, seed=cfg.seed, shuffle=False).next_epoch_itr())
     valid_batches = valid_batches[shard_id::shards]
-    batches = itr.next_epoch_itr()
+    groups = itr.update_groups(o.update_freq)
     interval: dict = {}
     t0 = time.time()
     valid_stats: dict = {}
     while trainer.step < o.max_updates:
-        group = []
-        while len(group) < o.update_freq:
-            try:
-                group.append(next(batches))
-            except StopIteration:
-                batches = itr.next_epoch_itr()
-        stats = trainer.train_step(group)
+        stats = trainer.train_step(next(groups))
         for k in ("loss", "nll_loss", "gnorm"):
             interval.setdefault(k, []).append(stats[k])
         interval["ntokens"] = interval.get("ntokens", 0) + stats["ntokens"]
@@ -347,15 +341,41 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="megabranch-train", description="Train a deep encoder-decoder Transformer.")
     ap.add_argument("--config", help="YAML or JSON config (see configs/)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. model.encoder_layers=12")
-    ap.add_argument("--resume", nargs="?", const="last", help="continue from <save_dir>/checkpoint_last.pt or the given file")
+    ap.add_argument("--resume", nargs="?", const="last",
+                    help="continue from <save_dir>/latest, or the given step_<N> directory (any parallel layout)")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    ap.add_argument("--backend", choices=("native", "deepspeed"), default="native",
+                    help="native (megabranch's engines) or deepspeed (a DeepSpeed PipelineModule; needs --deepspeed_config)")
+    ap.add_argument("--deepspeed_config", "--deepspeed-config", help="DeepSpeed JSON config (see launch/configs/)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the stage layout, parameters per stage, memory plan and effective batch, then exit")
+    ap.add_argument("--world-size", type=int, help="--dry-run: processes (default $WORLD_SIZE, else tp * pp)")
+    ap.add_argument("--vocab", type=int, help="--dry-run: vocabulary size when data.data_dir has no meta.json")
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    if args.backend == "deepspeed" and not args.deepspeed_config:
+        raise UserError("--backend deepspeed needs --deepspeed_config ds.json (examples in launch/configs/)")
+    if args.dry_run:
+        from .parallel.memory import dry_run
+
+        ds = None
+        if args.backend == "deepspeed":
+            from .backends.deepspeed import load_ds_config
+
+            ds = load_ds_config(args.deepspeed_config, cfg)
+        dry_run(cfg, args.world_size, args.backend, ds, args.vocab)
+        return 0
+    if args.backend == "deepspeed":
+        from .backends.deepspeed import run as run_deepspeed
+
+        run_deepspeed(cfg, args.deepspeed_config, resume=args.resume)
         return 0
     run(cfg, resume=args.resume, device=args.device)
     return 0

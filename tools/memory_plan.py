@@ -28,80 +28,18 @@ import argparse
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megabranch.config import load_config  # noqa: E402
 from megabranch.errors import UserError, cli_main  # noqa: E402
-from megabranch.parallel.grid import Grid  # noqa: E402
-from megabranch.parallel.partition import CostModel, imbalance, plan_layout  # noqa: E402
-from megabranch.parallel.pipeline import build_stage, check_schedule, schedule_actions  # noqa: E402
+from megabranch.parallel.memory import MB, fmt_mb as _fmt, peak_in_flight, plan, print_table  # noqa: E402,F401
+from megabranch.parallel.partition import imbalance  # noqa: E402
 
 DEFAULT_EXAMPLE = [
     "model.encoder_layers=500", "model.decoder_layers=500", "model.d_model=512", "model.n_heads=8",
     "model.ffn_dim=2048", "parallel.pp=64", "parallel.tp=8", "parallel.recompute=1",
 ]
-MB = 2**20
-
-
-def peak_in_flight(kind: str, pp: int, vpp: int, m: int, rank: int, act: list[float]) -> float:
-    """Most activation bytes rank `rank` holds at once under the schedule (act[v]: one micro-batch of chunk v)."""
-    held, peak = 0.0, 0.0
-    for op, v, _ in schedule_actions(kind, pp, vpp, m, rank):
-        held += act[v] if op == "F" else -act[v]
-        peak = max(peak, held)
-    return peak
-
-
-def plan(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, balance: str, dp: int, zero: bool, m: int):
-    p, mc = cfg.parallel, cfg.model
-    tp, pp, vpp = p.tp, p.pp, p.vpp
-    act_size = 2 if cfg.optim.precision in ("bf16", "fp16") else 4
-    cm = CostModel(mc, vocab, tp=tp, tokens=tokens, src_len=src_len, tgt_len=tgt_len, act_size=act_size,
-                   recompute=p.recompute, state_bytes_per_param=4 + 4 + 8 / (dp if zero else 1))
-    layout = plan_layout(mc, pp, vpp, vocab, tp=tp, layout=p.layout, cost_model=cm, by=balance, max_imbalance=1e9)
-    kind = p.schedule if not (vpp > 1 and p.schedule == "1f1b") else "interleaved"
-    check_schedule(kind, pp, vpp, m)
-    rows = []
-    for r in range(pp):
-        grid = Grid(tp=tp, pp=pp, dp=dp, vpp=vpp, pp_rank=r, tp_rank=0)
-        stage = build_stage(mc, layout, grid, vocab, device="meta", recompute=p.recompute)
-        params = sum(q.numel() for q in {id(q): q for q in stage.parameters()}.values())
-        chunks = layout.chunks_of_rank(r)
-        act = [cm.chunk_activation_bytes(c) for c in chunks]
-        act_full = [cm.chunk_activation_bytes(c, recompute=0) for c in chunks]
-        weights = grads = 4.0 * params
-        optim = 8.0 * params / (dp if zero else 1)
-        static = weights + grads + optim
-        rows.append(SimpleNamespace(
-            rank=r, layers="|".join(c.describe() for c in chunks), params=params, weights=weights, grads=grads,
-            optim=optim, act=sum(act), act_full=sum(act_full), total=static + sum(act),
-            peak=static + peak_in_flight(kind, pp, vpp, m, r, act),
-            time=sum(cm.chunk_costs(layout)[c.index].time for c in chunks),
-        ))
-    return layout, rows, kind
-
-
-def _fmt(b: float) -> str:
-    return f"{b / MB:,.1f}"
-
-
-def print_table(rows, out=None) -> None:
-    out = out or sys.stdout
-    head = ["stage", "layers", "params (M)", "weights MB", "grads MB", "optim MB", "act/mb MB", "act/mb no-rc MB",
-            "total MB", "peak MB"]
-    body = [[str(r.rank), r.layers if len(r.layers) <= 28 else r.layers[:25] + "...", f"{r.params / 1e6:,.2f}",
-             _fmt(r.weights), _fmt(r.grads), _fmt(r.optim), _fmt(r.act), _fmt(r.act_full), _fmt(r.total),
-             _fmt(r.peak)] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-
-    def line(cells):
-        return "| " + " | ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-    print(line(head), file=out)
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
-    for b in body:
-        print(line(b), file=out)
 
 
 @cli_main

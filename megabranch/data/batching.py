@@ -146,6 +146,19 @@ class EpochBatchIterator:
         self._itr = EpochIterator(self.dataset, self.batches_for_epoch(self.epoch), start)
         return self._itr
 
+    def update_groups(self, update_freq: int):
+        """Endless lists of `update_freq` batches (one optimizer update each), crossing epoch boundaries.
+        Batches are drawn only when a group is asked for, so state_dict() between groups is exact."""
+        batches = self.next_epoch_itr()
+        while True:
+            group = []
+            while len(group) < update_freq:
+                try:
+                    group.append(next(batches))
+                except StopIteration:
+                    batches = self.next_epoch_itr()
+            yield group
+
     @property
     def iterations_in_epoch(self) -> int:
         return self._itr.count if self._itr is not None else self._offset

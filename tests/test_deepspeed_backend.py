@@ -1,0 +1,231 @@
+"""The DeepSpeed pipeline backend (2 stages, gloo, CPU) against the native pipeline engine (pp=2) and the
+single-process Trainer: 10 steps of per-step losses (relative 1e-5, float32, dropout off, AdamW with the same
+inverse-sqrt schedule, weight decay and clipping), the BranchNorm alpha of every step, and the parameters after the
+last step. Plus the checkpoint round trip: export_deepspeed -> import_deepspeed is the identity, and a DeepSpeed
+engine loading the exported folder (load_module_only) reproduces the single-process loss.
+
+Skips only when `import deepspeed` fails (requirements-dev.txt pins it; `make test` installs it). DeepSpeed's CPU
+communication op (deepspeed_shm_comm) is JIT-built once (about 40 s) into .cache/torch_extensions."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# one ninja for every build of the op (the venv's pinned one): ninja 1.11 and 1.13 hash build commands differently,
+# so a system ninja in some processes and the venv's in others would rebuild the cached op every time
+_BIN = os.path.dirname(sys.executable)
+if os.path.exists(os.path.join(_BIN, "ninja")) and not os.environ.get("PATH", "").startswith(_BIN + os.pathsep):
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+try:
+    import deepspeed  # noqa: F401
+except Exception as e:  # noqa: BLE001 - any import failure means: no DeepSpeed here
+    pytest.skip(f"deepspeed is not importable ({type(e).__name__}: {e}); pip install -r requirements-dev.txt",
+                allow_module_level=True)
+
+from tests.dist_utils import run_workers  # noqa: E402
+from tests.test_pipeline import VOCAB, make_cfg, reference_run, synthetic_batches  # noqa: E402
+
+STEPS = 10
+
+
+def _ds_trainer(cfg, **kw):
+    from megabranch.backends.deepspeed import DeepSpeedTrainer, init_distributed
+
+    init_distributed()
+    return DeepSpeedTrainer(cfg, VOCAB, **kw)
+
+
+def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
+    from megabranch.backends.deepspeed import canonical_state
+    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.parallel.pipeline import named_parameters_canonical
+    from megabranch.residual import alpha_at
+
+    cfg = make_cfg(2, 2, m=2, pp=2, layout="E0-1|D0-1")
+    native = ParallelTrainer(cfg, VOCAB)
+    nat = [native.train_step(synthetic_batches(s, 2)) for s in range(STEPS)]
+    ds = _ds_trainer(cfg)
+    # the same stage split as the native engine: E0-1 | D0-1 (embeddings and output ride along)
+    assert ds.parts == [0, 3, 7], ds.parts
+    got = [ds.train_step(synthetic_batches(s, 2)) for s in range(STEPS)]
+    assert ds.step == STEPS
+    for s, (a, b, ref) in enumerate(zip(got, nat, ref_losses)):
+        want_alpha = alpha_at(s, 10, "linear")  # alpha_t = t / T, T = 10: a new value every step
+        assert a["alpha"] == b["alpha"] and abs(a["alpha"] - want_alpha) < 1e-7, (s, a["alpha"], b["alpha"])
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), f"step {s}: deepspeed {a['loss']} native {b['loss']}"
+        assert abs(a["loss"] - ref) <= 1e-5 * abs(ref), f"step {s}: deepspeed {a['loss']} single-process {ref}"
+        assert abs(a["nll_loss"] - b["nll_loss"]) <= 1e-5 * abs(b["nll_loss"])
+        assert a["lr"] == b["lr"]
+    # the alpha buffers every layer of this stage holds now: the last step's
+    for m in ds.module.modules():
+        if hasattr(m, "coeffs"):
+            assert float(m.coeffs.s) == nat[-1]["alpha"]
+    assert got[-1]["loss"] < got[0]["loss"]
+    # parameters after the last step (relative L2; key biases have a zero gradient and only rounding noise)
+    mine = canonical_state(ds.module)
+    theirs = {k: v.detach() for k, v in named_parameters_canonical(native.model, cfg.model).items()}
+    assert set(mine) == set(theirs), sorted(set(mine) ^ set(theirs))
+    diff2 = norm2 = 0.0
+    for k, v in theirs.items():
+        if not k.endswith("k_proj.bias"):
+            diff2 += float((mine[k] - v).double().square().sum())
+            norm2 += float(v.double().square().sum())
+    assert math.sqrt(diff2 / norm2) < 1e-5, math.sqrt(diff2 / norm2)
+    # clipping was active (otherwise the comparison would not cover DeepSpeed's clipping over the stages)
+    assert max(b["gnorm"] for b in nat) > cfg.optim.clip_norm
+
+    # DeepSpeed's own checkpoint: import_deepspeed reads it back as this stage's weights, by canonical name
+    import torch.distributed as dist
+
+    from megabranch.backends.deepspeed import import_deepspeed
+
+    ds.engine.save_checkpoint(os.path.join(tmp, "ds_real"), tag="step10")
+    dist.barrier()
+    real = sorted(f for f in os.listdir(os.path.join(tmp, "ds_real", "step10")) if f.startswith("layer_"))
+    exported = sorted(f for f in os.listdir(os.path.join(tmp, "exported", "megabranch")) if f.startswith("layer_"))
+    assert real == exported == [f"layer_{i:02d}-model_states.pt" for i in range(7)], (real, exported)
+    full = import_deepspeed(os.path.join(tmp, "ds_real"), cfg)
+    for k, v in mine.items():
+        assert torch.equal(full[k], v), k
+    # a folder exported from a single-process state dict loads into the running engine (module only) and gives
+    # the single-process loss of the exported weights
+    path, _ = ds.engine.load_checkpoint(os.path.join(tmp, "exported"), load_module_only=True)
+    assert path is not None
+    loaded = canonical_state(ds.module)
+    ref_state = torch.load(os.path.join(tmp, "exported_state.pt"))
+    for k, v in loaded.items():
+        assert torch.equal(v, ref_state[k]), k
+    got = ds.valid_loss(synthetic_batches(99, 2))["loss"]
+    assert abs(got - exported_loss) <= 1e-5 * abs(exported_loss), (got, exported_loss)
+
+    # other stage boundaries: after D0 (memory and y cross), DeepSpeed's own partition by parameters; and
+    # DeepSpeed's activation checkpointing of every layer
+    from megabranch.backends.deepspeed import load_ds_config
+
+    for layout, partition, parts, recompute in (("E0-1,D0|D1", None, [0, 5, 7], 0), ("", "parameters", None, 0),
+                                                ("E0-1|D0-1", None, [0, 3, 7], 1)):
+        other = make_cfg(2, 2, m=2, pp=2, layout=layout or "E0-1|D0-1")
+        ds_config = load_ds_config(None, other)
+        ds_config["pipeline"]["activation_checkpoint_interval"] = recompute
+        tr = _ds_trainer(other, partition=partition, ds_config=ds_config)
+        assert parts is None or tr.parts == parts, tr.parts
+        for s in range(3):
+            loss = tr.train_step(synthetic_batches(s, 2))["loss"]
+            assert abs(loss - ref_losses[s]) <= 1e-5 * abs(ref_losses[s]), (layout, partition, tr.parts, s, loss)
+
+
+def _single_process_loss(model, batches, step: int) -> float:
+    from megabranch.model import label_smoothed_nll_loss
+    from megabranch.residual import set_step
+
+    set_step(model, step)
+    model.eval()
+    with torch.no_grad():
+        total = sum(float(label_smoothed_nll_loss(model(b["src_tokens"], b["prev_output_tokens"]), b["target"], 0.1)[0])
+                    for b in batches)
+    return total / sum(b["ntokens"] for b in batches)
+
+
+def test_deepspeed_pipeline_matches_native_engine_and_single_process(tmp_path):
+    """One pair of processes for everything that needs DeepSpeed running (its start-up is the cost)."""
+    from megabranch.backends.deepspeed import export_deepspeed
+    from megabranch.model import build_model
+
+    cfg = make_cfg(2, 2, m=2, pp=2, layout="E0-1|D0-1")
+    ref_losses, _ = reference_run(cfg, STEPS)
+    other = build_model(cfg.model, VOCAB, seed=4321)  # weights the engine has never seen
+    torch.save(other.state_dict(), tmp_path / "exported_state.pt")
+    export_deepspeed(other.state_dict(), cfg, str(tmp_path / "exported"))
+    loss = _single_process_loss(other, synthetic_batches(99, 2), STEPS)  # the engine is at step 10: alpha = 1
+    run_workers(_equivalence_body, 2, ref_losses, str(tmp_path), loss)
+
+
+@pytest.mark.parametrize("variant", ["shared", "tgt-shared", "untied-pre_ln"])
+def test_export_import_round_trip(tmp_path, variant):
+    """export -> import gives back build_model's state dict exactly (every key, in order), for each tying."""
+    from megabranch.backends.deepspeed import export_deepspeed, import_deepspeed, layer_plan
+    from megabranch.model import build_model
+    from tests.conftest import tiny_model_cfg
+
+    kw = {"shared": {}, "tgt-shared": dict(share_all_embeddings=False),
+          "untied-pre_ln": dict(share_all_embeddings=False, share_decoder_input_output_embed=False, residual="pre_ln")}
+    mc = tiny_model_cfg(encoder_layers=3, decoder_layers=2, d_model=16, n_heads=2, ffn_dim=32, **kw[variant])
+    vocab, tgt_vocab = 30, (30 if variant == "shared" else 24)
+    sd = build_model(mc, vocab, tgt_vocab, seed=5).state_dict()
+    files = export_deepspeed(sd, mc, str(tmp_path))
+    n_layers = len(layer_plan(mc, vocab, tgt_vocab))
+    assert n_layers == 3 + 2 + 3
+    names = sorted(os.listdir(tmp_path / "megabranch"))
+    assert names == sorted([f"layer_{i:02d}-model_states.pt" for i in range(n_layers)] + ["mp_rank_00_model_states.pt"])
+    assert (tmp_path / "latest").read_text() == "megabranch" and len(files) == n_layers + 2
+    back = import_deepspeed(str(tmp_path), mc)
+    assert list(back) == list(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+    if variant == "untied-pre_ln":  # the final norms ride in the last layer of each stack
+        last_enc = torch.load(tmp_path / "megabranch" / "layer_03-model_states.pt")
+        assert torch.equal(last_enc["final_norm.weight"], sd["encoder.final_norm.weight"])
+
+
+def test_import_refuses_a_mismatched_config(tmp_path):
+    from megabranch.backends.deepspeed import export_deepspeed, import_deepspeed
+    from megabranch.errors import UserError
+    from megabranch.model import build_model
+    from tests.conftest import tiny_model_cfg
+
+    mc = tiny_model_cfg(d_model=16, n_heads=2, ffn_dim=32)
+    export_deepspeed(build_model(mc, 30, seed=1).state_dict(), mc, str(tmp_path))
+    with pytest.raises(UserError, match="does not match|not found"):
+        import_deepspeed(str(tmp_path), tiny_model_cfg(d_model=16, n_heads=2, ffn_dim=32, encoder_layers=3))
+    with pytest.raises(UserError, match="does not match"):
+        import_deepspeed(str(tmp_path), tiny_model_cfg(d_model=16, n_heads=2, ffn_dim=32, residual="pre_ln"))
+
+
+def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tmp_path):
+    """launch/deepspeed_launcher.sh for real: the deepspeed launcher, 2 CPU processes, megabranch-train --backend
+    deepspeed for 3 steps; its DeepSpeed checkpoint reads back through import_deepspeed."""
+    import json
+    import subprocess
+
+    from megabranch.backends.deepspeed import import_deepspeed
+    from megabranch.config import load_config
+    from tests.test_launch import _tiny_corpus
+
+    data = _tiny_corpus(tmp_path)
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(
+        "model: {encoder_layers: 2, decoder_layers: 2, d_model: 16, n_heads: 2, ffn_dim: 32, dropout: 0.0,"
+        " alpha_warmup_steps: 4, max_positions: 64}\n"
+        "parallel: {pp: 2, layout: 'E0-1|D0-1'}\n"
+        "optim: {max_updates: 3, update_freq: 4, warmup_updates: 2}\n"
+        f"data: {{data_dir: '{data}', max_tokens: 200}}\n"
+        f"log: {{save_dir: '{tmp_path / 'run'}', log_interval: 1, valid_interval: 3, bleu_sentences: 0,"
+        " tensorboard: false, progress: none}\n")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, NUM_GPUS="2", OMP_NUM_THREADS="1",
+               DS_CONFIG=os.path.join(ROOT, "launch", "configs", "ds_fp32.json"), MASTER_PORT=str(_free_port()))
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed_launcher.sh"), "--config", str(cfg_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "deepspeed layer parts: [0, 3, 7]" in r.stdout
+    with open(tmp_path / "run" / "log.jsonl") as fh:
+        records = [json.loads(line) for line in fh]
+    train = [x for x in records if x["tag"] == "train"]
+    assert [x["step"] for x in train] == [1, 2, 3] and [x["alpha"] for x in train] == [0.0, 0.25, 0.5]
+    (valid,) = [x for x in records if x["tag"] == "valid"]
+    assert 0 < valid["loss"] < 10
+    state = import_deepspeed(str(tmp_path / "run"), load_config(str(cfg_path)))
+    assert state["encoder.embed.table.weight"].shape == (40, 16)
+
+
+def _free_port() -> int:
+    from tests.dist_utils import free_port
+
+    return free_port()

@@ -1,0 +1,222 @@
+"""launch/: every script parses (bash -n), prints the resolved layout and the command it would run (DRY_RUN=1),
+and refuses a layout that does not fit its machines (one line, exit 2); every YAML config loads and passes
+`megabranch-train --dry-run` (with each DeepSpeed JSON config too); the dry run's numbers against the model itself;
+and the single-node torchrun script trains a tiny model for 2 steps on 2 CPU processes for real."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from megabranch.config import load_config
+from megabranch.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch")))
+YAMLS = sorted(glob.glob(os.path.join(LAUNCH, "configs", "*.yaml")))
+DS_JSONS = sorted(glob.glob(os.path.join(LAUNCH, "configs", "ds_*.json")))
+# the world size docs/launch.md suggests for each depth
+SUGGESTED = {6: 8, 18: 8, 50: 8, 100: 8, 250: 16, 500: 32}
+
+
+def _env(**kw) -> dict:
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    env.update({k: str(v) for k, v in kw.items()})
+    return env
+
+
+def _bash(script: str, args: list[str], timeout: int = 120, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, env=_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_script_parses():
+    assert {os.path.basename(s) for s in SCRIPTS} >= {"torchrun_single.sh", "torchrun_multi.sh", "slurm.sbatch",
+                                                      "deepspeed_launcher.sh", "common.sh", "torchrun_check.sh",
+                                                      "prepare_wmt17_en_de.sh", "prepare_wmt14_en_fr.sh"}
+    for script in SCRIPTS:
+        r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+        assert r.returncode == 0, f"{script}: {r.stderr}"
+
+
+def _depth(path: str) -> int:
+    return int(os.path.basename(path).split("_")[1].split("L")[0])
+
+
+def test_configs_are_the_papers_settings():
+    assert sorted(_depth(p) for p in YAMLS) == [6, 18, 50, 100, 250, 500]
+    for path in YAMLS:
+        cfg = load_config(path)
+        m, o = cfg.model, cfg.optim
+        n = _depth(path)
+        assert (m.encoder_layers, m.decoder_layers, m.d_model, m.ffn_dim, m.n_heads) == (n, n, 512, 2048, 8)
+        assert m.residual == "branchnorm" and m.alpha_warmup_steps == 4000
+        assert (o.lr, o.warmup_updates, cfg.data.max_tokens * o.update_freq) == (5e-4, 4000, 16384)
+    for path in DS_JSONS:
+        with open(path) as fh:
+            ds = json.load(fh)
+        assert ds["gradient_accumulation_steps"] == 4  # = optim.update_freq of the YAML configs
+    kinds = {os.path.basename(p) for p in DS_JSONS}
+    assert {"ds_bf16.json", "ds_fp16.json", "ds_bf16_zero1.json", "ds_fp32.json"} <= kinds
+    with open(os.path.join(LAUNCH, "configs", "ds_fp16.json")) as fh:
+        assert json.load(fh)["fp16"]["loss_scale"] == 0  # 0: dynamic loss scaling
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
+def test_every_config_passes_dry_run(path, capsys):
+    from megabranch.train import main
+
+    n = _depth(path)
+    assert main(["--config", path, "--dry-run", "--world-size", str(SUGGESTED[n])]) == 0
+    out = capsys.readouterr().out
+    assert f"{n}L-{n}L d=512" in out and "stage layout:" in out and "peak MB" in out
+    assert "effective batch: max_tokens 4096 x update_freq 4 x dp" in out
+    # docs/launch.md's table row for this config holds the parameters the dry run computes
+    params = int(next(x for x in out.splitlines() if x.startswith("parameters: ")).split()[1].replace(",", ""))
+    with open(os.path.join(ROOT, "docs", "launch.md")) as fh:
+        row = next(x for x in fh if x.startswith(f"| `{os.path.basename(path)}`"))
+    assert f"| {params / 1e6:,.1f}M |" in row, (row, params)
+    assert f"pp {load_config(path).parallel.pp} x dp {SUGGESTED[n] // load_config(path).parallel.pp}" in row
+
+
+@pytest.mark.parametrize("ds", DS_JSONS, ids=os.path.basename)
+def test_every_deepspeed_config_passes_dry_run(ds, capsys):
+    from megabranch.train import main
+
+    path = os.path.join(LAUNCH, "configs", "base_50L-50L.yaml")  # pp=2
+    assert main(["--config", path, "--dry-run", "--world-size", "8", "--backend", "deepspeed",
+                 "--deepspeed_config", ds]) == 0
+    out = capsys.readouterr().out
+    # the cost-model split E0-49,D0-9 | D10-49 as LayerSpec indices: 1 + 50 + 1 + 10 = 62; 50 + 50 + 3 = 103
+    assert "stage layout: E0-49,D0-9|D10-49" in out and "deepspeed layer parts: [0, 62, 103]" in out
+
+
+def test_dry_run_numbers_against_the_model(capsys):
+    from megabranch.model import build_model, count_parameters
+    from megabranch.parallel.memory import dry_run
+    from tests.conftest import tiny_model_cfg
+
+    cfg = load_config(None, ["parallel.pp=2", "parallel.layout=E0-2|D0-2", "data.max_tokens=300",
+                             "optim.update_freq=3", "data.data_dir=/nonexistent"])
+    cfg.model = tiny_model_cfg(encoder_layers=3, decoder_layers=3)
+    info = dry_run(cfg, world_size=6, vocab=48)
+    assert info["parameters"] == count_parameters(build_model(cfg.model, 48, seed=1))
+    # stage 1 holds a copy of the tied table for the target embedding / output projection
+    assert sum(info["stage_parameters"]) == info["parameters"] + 48 * 32
+    assert (info["dp"], info["effective_tokens"], info["layout"]) == (3, 300 * 3 * 3, "E0-2|D0-2")
+    with pytest.raises(UserError, match="world size 5 does not fit"):
+        dry_run(cfg, world_size=5, vocab=48)
+    with pytest.raises(UserError, match="tp=1"):
+        cfg.parallel.tp = 2
+        dry_run(cfg, world_size=4, vocab=48, backend="deepspeed")
+
+
+TINY_PP2 = ("model: {encoder_layers: 2, decoder_layers: 2, d_model: 16, n_heads: 2, ffn_dim: 32, dropout: 0.0,"
+            " alpha_warmup_steps: 4, max_positions: 64}\nparallel: {pp: 2, layout: 'E0-1|D0-1'}\n"
+            "optim: {update_freq: 4}\n")
+
+
+def test_scripts_print_the_layout_and_command(tmp_path):
+    cfg = str(tmp_path / "tiny.yaml")  # pp=2, update_freq 4 (= the DeepSpeed configs' gradient_accumulation_steps)
+    (tmp_path / "tiny.yaml").write_text(TINY_PP2 + "data: {data_dir: /nonexistent}\n")
+    r = _bash("torchrun_single.sh", ["--config", cfg], GPUS=8, DRY_RUN=1)
+    assert r.returncode == 0, r.stderr
+    assert "world size 8 = tp 1 x pp 2 x dp 4" in r.stdout and "--standalone --nproc_per_node 8" in r.stdout
+    r = _bash("torchrun_multi.sh", ["--config", cfg], MASTER_ADDR="node0", MASTER_PORT=29500, NNODES=2, NODE_RANK=1,
+              GPUS_PER_NODE=4, DRY_RUN=1)
+    assert r.returncode == 0, r.stderr
+    assert "world size 8" in r.stdout and "--nnodes 2 --node_rank 1 --nproc_per_node 4" in r.stdout
+    r = _bash("deepspeed_launcher.sh", ["--config", cfg], HOSTFILE=os.path.join(LAUNCH, "hostfile.example"),
+              DS_CONFIG=os.path.join(LAUNCH, "configs", "ds_bf16_zero1.json"), DRY_RUN=1)
+    assert r.returncode == 0, r.stderr
+    assert "world size 16 = tp 1 x pp 2 x dp 8" in r.stdout and "deepspeed layer parts" in r.stdout
+    assert "--hostfile" in r.stdout and "--module megabranch.train --backend deepspeed" in r.stdout
+    # SLURM: a fake allocation of 2 nodes x 4 GPUs (scontrol stubbed); srun is only printed
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "scontrol").write_text("#!/bin/sh\necho gpu-node-7\necho gpu-node-8\n")
+    (stub / "scontrol").chmod(0o755)
+    slurm = dict(SLURM_JOB_NODELIST="gpu-node-[7-8]", SLURM_JOB_NUM_NODES=2, SLURM_GPUS_ON_NODE=4, SLURM_JOB_ID=42,
+                 SLURM_SUBMIT_DIR=ROOT, PATH=f"{stub}:{os.environ['PATH']}")
+    r = _bash("slurm.sbatch", ["--config", cfg], DRY_RUN=1, **slurm)
+    assert r.returncode == 0, r.stderr
+    assert "world size 8" in r.stdout and "srun" in r.stdout and "gpu-node-7:20042" in r.stderr
+
+
+def test_scripts_refuse_a_layout_that_does_not_fit(tmp_path):
+    cfg = os.path.join(LAUNCH, "configs", "base_50L-50L.yaml")  # pp=2: an odd process count cannot hold it
+    r = _bash("torchrun_single.sh", ["--config", cfg], GPUS=3)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("torchrun_single.sh: error: the parallel layout does not fit 3 processes: world size 3")
+    assert "Traceback" not in r.stderr
+    r = _bash("torchrun_multi.sh", ["--config", cfg], MASTER_ADDR="n0", MASTER_PORT=1, NNODES=3, NODE_RANK=0,
+              GPUS_PER_NODE=1)
+    assert r.returncode == 2 and "does not fit 3 processes" in r.stderr
+    r = _bash("torchrun_multi.sh", ["--config", cfg], MASTER_PORT=1, NNODES=3, NODE_RANK=0)
+    assert r.returncode == 2 and "MASTER_ADDR is not set" in r.stderr
+
+
+def _tiny_corpus(d) -> str:
+    from megabranch.data.preprocess import main as preprocess
+
+    words = "in the beginning god created heaven and earth light was good day night evening morning".split()
+    rng = random.Random(0)
+    for split, n in (("train", 200), ("valid", 20)):
+        for lang in ("src", "tgt"):
+            lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+            (d / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+    dest = d / "bin"
+    assert preprocess(["--source-lang", "src", "--target-lang", "tgt", "--trainpref", str(d / "train"),
+                       "--validpref", str(d / "valid"), "--destdir", str(dest), "--vocab-size", "40"]) == 0
+    return str(dest)
+
+
+def test_torchrun_single_node_script_trains_two_steps(tmp_path):
+    data = _tiny_corpus(tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "model: {encoder_layers: 2, decoder_layers: 2, d_model: 16, n_heads: 2, ffn_dim: 32, dropout: 0.0,"
+        " alpha_warmup_steps: 4, max_positions: 64}\n"
+        "parallel: {pp: 2, layout: 'E0-1|D0-1'}\n"
+        "optim: {max_updates: 2, update_freq: 2, warmup_updates: 2}\n"
+        f"data: {{data_dir: '{data}', max_tokens: 200}}\n"
+        f"log: {{save_dir: '{tmp_path / 'run'}', log_interval: 1, valid_interval: 2, bleu_sentences: 0,"
+        " tensorboard: false, progress: none}\n")
+    r = _bash("torchrun_single.sh", ["--config", str(cfg), "--device", "cpu"], timeout=300, GPUS=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "stage layout: E0-1|D0-1" in r.stdout and "world size 2 = tp 1 x pp 2 x dp 1" in r.stdout
+    with open(tmp_path / "run" / "log.jsonl") as fh:
+        records = [json.loads(line) for line in fh]
+    train = [x for x in records if "lr" in x]
+    assert [x["step"] for x in train] == [1, 2]
+    assert [x["alpha"] for x in train] == [0.0, 0.25]  # alpha_t = t / T for t = 0, 1 with T = 4
+    assert all(x["loss"] > 0 for x in train)
+
+
+@pytest.mark.parametrize("script,pair", [("prepare_wmt17_en_de.sh", ("en", "de")), ("prepare_wmt14_en_fr.sh", ("en", "fr"))])
+def test_preprocessing_recipes_run_on_tiny_text(tmp_path, script, pair):
+    words = "the house is small and the garden is green today we see it".split()
+    rng = random.Random(1)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split, n in (("train", 120), ("valid", 10)):
+        for lang in pair:
+            lines = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 8))) for _ in range(n)]
+            (raw / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+    dest = tmp_path / "bin"
+    r = _bash(script, [], RAW=raw, DEST=dest, VOCAB=30)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((dest / "meta.json").read_text())
+    assert meta["joint"] and meta["vocab_size"] == {pair[0]: 30, pair[1]: 30}
+    assert meta["splits"]["train"]["kept"] == 120 and "test" not in meta["splits"]
+    r = _bash(script, [], RAW=tmp_path / "missing")
+    assert r.returncode == 2 and "not found" in r.stderr.strip().splitlines()[-1]
