@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Training-step throughput and peak memory: megabranch (eager / fused kernels) vs a fairseq-style reference.
+
+    python tools/bench_train.py --d-model 64 --layers 6 --tokens 1024
+    python tools/bench_train.py --d-model 256 --layers 6 --tokens 4096 --steps 3
+
+The same Post-LN encoder-decoder (d, heads, ffn = 4d, layers, shared 8k vocabulary, dropout 0.1; hence the same
+FLOPs) trained one full step at a time (forward, label-smoothed loss, backward, gradient norm, AdamW):
+
+* megabranch-eager: megabranch.train.Trainer.train_step on build_model(model.residual=post_ln);
+* megabranch-fused: the same with model.fused_kernels=true (megabranch.ops.residual_layernorm);
+* reference: tools/reference_transformer.py, written as fairseq writes `transformer`, with the same step.
+
+Timing is round-robin (each round times every implementation for --steps steps, in turn) so a noisy shared
+machine slows all of them alike; the per-step time is the median over rounds. Peak memory is measured in a fresh
+child process per implementation: after one step (which allocates gradients and the AdamW state) the kernel's
+peak-RSS mark is reset, then the peak RSS over the next steps and its growth over the RSS before them (the
+step's working set: activations, gradients' temporaries, autograd buffers). Prints a Markdown table and the ratios.
+A benchmark, not a test: tests run it at toy size only to check that it works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import torch  # noqa: E402
+
+IMPLS = ("megabranch-eager", "megabranch-fused", "reference")
+
+
+def make_batch(tokens: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    bsz = max(1, tokens // seq_len)
+    src = torch.randint(4, vocab, (bsz, seq_len), generator=g)
+    tgt = torch.randint(4, vocab, (bsz, seq_len), generator=g)
+    prev = torch.cat([torch.full((bsz, 1), 2), tgt[:, :-1]], 1)
+    return {"src_tokens": src, "prev_output_tokens": prev, "target": tgt, "ntokens": int(tgt.numel())}
+
+
+def build_step(impl: str, args):
+    """-> (step function running one training step, parameter count)."""
+    if impl.startswith("megabranch"):
+        from megabranch.config import load_config
+        from megabranch.model import build_model, count_parameters
+        from megabranch.train import Trainer
+
+        cfg = load_config(None, [
+            "model.residual=post_ln", f"model.d_model={args.d_model}", f"model.n_heads={args.heads}",
+            f"model.ffn_dim={4 * args.d_model}", f"model.encoder_layers={args.layers}", f"model.decoder_layers={args.layers}",
+            f"model.fused_kernels={'true' if impl.endswith('fused') else 'false'}", "optim.warmup_updates=100",
+            "optim.lr=0.0005",
+        ])
+        model = build_model(cfg.model, args.vocab, seed=1)
+        trainer = Trainer(cfg, model, torch.device("cpu"))
+        return (lambda batch: trainer.train_step([batch])), count_parameters(model)
+
+    from reference_transformer import ReferenceTransformer, label_smoothed_loss
+
+    torch.manual_seed(1)
+    model = ReferenceTransformer(args.vocab, args.d_model, args.heads, 4 * args.d_model, args.layers, args.layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=1e-4)
+
+    def step(batch):
+        model.train()
+        loss = label_smoothed_loss(model(batch["src_tokens"], batch["prev_output_tokens"]), batch["target"], 0.1)
+        (loss / batch["ntokens"]).backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # fairseq always measures it
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": float(loss.detach()) / batch["ntokens"], "gnorm": float(gnorm)}
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_child(impl: str, args) -> dict:
+    """Run in a fresh process: RSS after building, peak RSS over a few steps."""
+    import gc
+
+    torch.set_num_threads(args.threads)
+    batch = make_batch(args.tokens, args.seq_len, args.vocab)
+    step, _ = build_step(impl, args)
+    step(batch)  # the first step allocates the optimizer state
+    gc.collect()
+    base = _rss_mb()
+    reset = _reset_peak()
+    for _ in range(max(2, min(args.steps, 3))):
+        step(batch)
+    peak = _peak_mb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"rss_base_mb": round(base, 1), "rss_peak_mb": round(peak, 1), "step_growth_mb": round(peak - base, 1)}
+
+
+def measure_memory(impl: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", impl, *_shared_argv(args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _shared_argv(args) -> list[str]:
+    return ["--d-model", str(args.d_model), "--heads", str(args.heads), "--layers", str(args.layers),
+            "--tokens", str(args.tokens), "--seq-len", str(args.seq_len), "--vocab", str(args.vocab),
+            "--steps", str(args.steps), "--threads", str(args.threads)]
+
+
+def run_bench(args) -> dict:
+    torch.set_num_threads(args.threads)
+    impls = [i for i in args.impls.split(",") if i]
+    for i in impls:
+        if i not in IMPLS:
+            raise SystemExit(f"bench_train: error: unknown implementation {i!r} (valid: {', '.join(IMPLS)})")
+    batch = make_batch(args.tokens, args.seq_len, args.vocab)
+    steps, params, times = {}, {}, {i: [] for i in impls}
+    for i in impls:
+        steps[i], params[i] = build_step(i, args)
+        for _ in range(args.warmup):
+            steps[i](batch)
+    extra = {}
+    if "megabranch-fused" in impls:
+        from megabranch.ops import backend, fallback_reason
+
+        extra["fused_backend"] = backend(torch.device("cpu"))
+        extra["fused_fallback_reason"] = fallback_reason(torch.device("cpu"))
+    for _ in range(args.rounds):
+        for i in impls:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                steps[i](batch)
+            times[i].append((time.perf_counter() - t0) / args.steps)
+    rows = {}
+    for i in impls:
+        med = statistics.median(times[i])
+        rows[i] = {"params": params[i], "s_per_step": med, "tokens_per_s": batch["ntokens"] / med,
+                   "all_s_per_step": [round(t, 4) for t in times[i]]}
+        if args.memory:
+            rows[i].update(measure_memory(i, args))
+    return {"rows": rows, "ntokens": batch["ntokens"], "batch_shape": list(batch["src_tokens"].shape), **extra}
+
+
+def format_result(res: dict, args) -> str:
+    rows = res["rows"]
+    lines = [
+        f"d_model={args.d_model}, heads={args.heads}, ffn={4 * args.d_model}, {args.layers}L-{args.layers}L, vocab {args.vocab}, "
+        f"batch {res['batch_shape'][0]}x{res['batch_shape'][1]} ({res['ntokens']} target tokens), threads {args.threads}, "
+        f"{args.rounds} rounds x {args.steps} steps; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {datetime.date.today()}",
+    ]
+    if "fused_backend" in res:
+        lines[0] += f"; fused backend: {res['fused_backend']}"
+    lines += ["", "| implementation | params | s/step (median) | tokens/s | peak RSS (MB) | step growth (MB) |",
+              "|---|---|---|---|---|---|"]
+    for i, r in rows.items():
+        lines.append(f"| {i} | {r['params'] / 1e6:.2f}M | {r['s_per_step']:.4f} | {r['tokens_per_s']:.0f} | "
+                     f"{r.get('rss_peak_mb', '-')} | {r.get('step_growth_mb', '-')} |")
+    if "reference" in rows:
+        ref = rows["reference"]["tokens_per_s"]
+        ratios = [f"{i} / reference = {r['tokens_per_s'] / ref:.3f}" for i, r in rows.items() if i != "reference"]
+        if ratios:
+            lines += ["", "throughput ratios: " + "; ".join(ratios)]
+    if "megabranch-eager" in rows and "megabranch-fused" in rows:
+        lines.append(f"fused / eager = {rows['megabranch-fused']['tokens_per_s'] / rows['megabranch-eager']['tokens_per_s']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="bench_train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=6, help="encoder = decoder layers")
+    ap.add_argument("--tokens", type=int, default=1024, help="target tokens per batch")
+    ap.add_argument("--seq-len", type=int, default=32, help="source = target length (no padding)")
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the child-process memory runs")
+    ap.add_argument("--json", help="also write the raw result here")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args)))
+        return {}
+    res = run_bench(args)
+    print(format_result(res, args))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
