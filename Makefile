@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 DATA_BIN := data-bin/kjv_web
 # A new directory per demo run, so an earlier run's checkpoints are never overwritten.
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
@@ -11,11 +12,16 @@ DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt setup.py
+$(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
+
+# The test suite also runs the DeepSpeed backend on the CPU; the demo does not need it.
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(DEV_STAMP)
 
 $(DATA_BIN)/meta.json: $(STAMP)
 	$(VENV)/bin/megabranch-preprocess --source-lang kjv --target-lang web \
@@ -30,6 +36,6 @@ demo: $(DATA_BIN)/meta.json
 	$(VENV)/bin/megabranch-generate --checkpoint $(DEMO_DIR)/best --split test --beam 4 --copy-baseline
 
 # DeepSpeed's CPU communication op is JIT-built once (about 40 s) into .cache/ and reused by later runs.
-test: $(STAMP)
+test: $(DEV_STAMP)
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(PY) -m pytest -q tests
 
