@@ -172,18 +172,32 @@ def test_python_float_scales_and_partial_grads(cpu_ext):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("via", ["op", "function"])  # the custom op (torch.compile) and the eager fast path
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["no-dropout", "dropout-fixed-seed"])
 @pytest.mark.parametrize("shape", [(3, 7), (2, 2, 33), (1, 1)])
-def test_gradcheck_float64(cpu_ext, shape, p):
+def test_gradcheck_float64(cpu_ext, shape, p, via):
     x, f, w, b, _ = _inputs(shape, torch.float64, seed=7)
     r = torch.tensor(1.3, dtype=torch.float64)
     s = torch.tensor(0.6, dtype=torch.float64)
     seed = torch.tensor(987654321, dtype=torch.int64) if p > 0 else None
 
     def fn(x, f, w, b):
-        return R._residual_layernorm_with_seed(x, f, w, b, r, s, seed, 1e-5, p)
+        return R._residual_layernorm_with_seed(x, f, w, b, r, s, seed, 1e-5, p, via=via)
 
     assert torch.autograd.gradcheck(fn, (x, f, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_eager_path_and_custom_op_agree_bitwise(cpu_ext):
+    """Eager calls go through an autograd.Function (less dispatch overhead), torch.compile through the custom
+    op; both must be the same computation."""
+    outs = {}
+    for via in ("op", "function"):
+        x, f, w, b, dy = _inputs((37, 65), seed=3)
+        seed = torch.tensor(2024, dtype=torch.int64)
+        y = R._residual_layernorm_with_seed(x, f, w, b, torch.tensor(0.9), torch.tensor(0.4), seed, 1e-5, 0.2, via=via)
+        y.backward(dy)
+        outs[via] = [y.detach(), x.grad, f.grad, w.grad, b.grad]
+    assert all(torch.equal(a, b) for a, b in zip(outs["op"], outs["function"]))
 
 
 def test_opcheck(cpu_ext):
