@@ -249,6 +249,38 @@ def test_bench_train_one_tiny_iteration(capsys):
     # same sizes: the reference has the parameters megabranch has (megabranch has no output bias either)
     assert res["rows"]["reference"]["params"] == res["rows"]["megabranch-eager"]["params"]
     assert "megabranch-eager / reference" in capsys.readouterr().out
+    res = bench_train.main(["--d-model", "16", "--heads", "2", "--layers", "1", "--tokens", "32", "--seq-len", "8",
+                            "--vocab", "64", "--steps", "1", "--rounds", "1", "--warmup", "0", "--no-memory",
+                            "--impls", "reference", "--peak-tflops", "0.5"])
+    r = res["rows"]["reference"]
+    assert r["mfu"] == pytest.approx(res["flops_per_step"] / r["s_per_step"] / 0.5e12)
+
+
+@pytest.mark.parametrize("impl", ["megabranch", "reference"])
+def test_bench_train_flop_count_equals_torch_flop_counter(impl):
+    """train_flops (used for MFU) counts what torch's FlopCounterMode counts for one forward + backward of either
+    model; the math attention backend makes attention visible to the counter as plain matrix products."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_train
+    from reference_transformer import ReferenceTransformer
+
+    d, ffn, vocab, layers, bsz, seq = 32, 96, 300, 2, 3, 7
+    if impl == "megabranch":
+        from megabranch.config import load_config
+        from megabranch.model import build_model
+
+        cfg = load_config(None, ["model.residual=post_ln", f"model.d_model={d}", "model.n_heads=4",
+                                 f"model.ffn_dim={ffn}", f"model.encoder_layers={layers}", f"model.decoder_layers={layers}"])
+        model = build_model(cfg.model, vocab, seed=1)
+    else:
+        model = ReferenceTransformer(vocab, d, 4, ffn, layers, layers)
+    src, prev = torch.randint(4, vocab, (bsz, seq)), torch.randint(4, vocab, (bsz, seq))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(src, prev).float().sum().backward()
+    assert counter.get_total_flops() == bench_train.train_flops(bsz, seq, seq, d, ffn, vocab, layers, layers)
 
 
 # ---------------------------------------------------------------- analyze CLI (models built in-process)

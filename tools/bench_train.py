@@ -3,6 +3,7 @@
 
     python tools/bench_train.py --d-model 64 --layers 6 --tokens 1024
     python tools/bench_train.py --d-model 256 --layers 6 --tokens 4096 --steps 3
+    python tools/bench_train.py --device cuda --precision bf16 --d-model 512 --layers 6 --tokens 16384   # + MFU
 
 The same Post-LN encoder-decoder (d, heads, ffn = 4d, layers, shared 8k vocabulary, dropout 0.1; hence the same
 FLOPs) trained one full step at a time (forward, label-smoothed loss, backward, gradient norm, AdamW):
@@ -15,7 +16,11 @@ Timing is round-robin (each round times every implementation for --steps steps, 
 machine slows all of them alike; the per-step time is the median over rounds. Peak memory is measured in a fresh
 child process per implementation: after one step (which allocates gradients and the AdamW state) the kernel's
 peak-RSS mark is reset, then the peak RSS over the next steps and its growth over the RSS before them (the
-step's working set: activations, gradients' temporaries, autograd buffers). Prints a Markdown table and the ratios.
+step's working set: activations, gradients' temporaries, autograd buffers; on CUDA the allocator's peak).
+Model FLOPs per step are counted analytically (`train_flops`: every matrix product of forward and backward,
+attention included, as torch's FlopCounterMode counts them); achieved TFLOP/s is printed always, and model FLOPs
+utilisation (MFU) against --peak-tflops, which defaults to the dense peak of known GPUs for the precision.
+Prints a Markdown table and the ratios.
 A benchmark, not a test: tests run it at toy size only to check that it works.
 """
 
@@ -51,8 +56,36 @@ def make_batch(tokens: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
     return {"src_tokens": src, "prev_output_tokens": prev, "target": tgt, "ntokens": int(tgt.numel())}
 
 
+# Dense peak TFLOP/s by (device-name fragment, precision): the vendors' datasheet numbers without sparsity.
+PEAK_TFLOPS = {("H100", "bf16"): 989.4, ("H200", "bf16"): 989.4, ("A100", "bf16"): 312.0,
+               ("H100", "fp32"): 66.9, ("H200", "fp32"): 66.9, ("A100", "fp32"): 19.5}
+
+
+def train_flops(bsz: int, src_len: int, tgt_len: int, d: int, ffn: int, vocab: int, enc_layers: int,
+                dec_layers: int) -> int:
+    """FLOPs of one training step (forward + backward = 3x forward) of the encoder-decoder: all matrix products
+    (projections, FFN, attention scores and values over the full length, the output projection); 2 per
+    multiply-add. Embeddings, LayerNorm, softmax and the optimizer are not counted (MFU convention)."""
+    B, S, T = bsz, src_len, tgt_len
+    enc = 2 * B * S * (4 * d * d + 2 * d * ffn) + 4 * B * S * S * d
+    dec = (2 * B * T * 4 * d * d + 4 * B * T * T * d  # self-attention
+           + 2 * B * T * 2 * d * d + 2 * B * S * 2 * d * d + 4 * B * T * S * d  # cross-attention
+           + 2 * B * T * 2 * d * ffn)  # FFN
+    return 3 * (enc_layers * enc + dec_layers * dec + 2 * B * T * d * vocab)
+
+
+def peak_tflops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if args.device != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for (frag, prec), v in PEAK_TFLOPS.items() if frag in name and prec == args.precision), None)
+
+
 def build_step(impl: str, args):
     """-> (step function running one training step, parameter count)."""
+    device = torch.device(args.device)
     if impl.startswith("megabranch"):
         from megabranch.config import load_config
         from megabranch.model import build_model, count_parameters
@@ -62,21 +95,26 @@ def build_step(impl: str, args):
             "model.residual=post_ln", f"model.d_model={args.d_model}", f"model.n_heads={args.heads}",
             f"model.ffn_dim={4 * args.d_model}", f"model.encoder_layers={args.layers}", f"model.decoder_layers={args.layers}",
             f"model.fused_kernels={'true' if impl.endswith('fused') else 'false'}", "optim.warmup_updates=100",
-            "optim.lr=0.0005",
+            "optim.lr=0.0005", f"optim.precision={args.precision}",
         ])
         model = build_model(cfg.model, args.vocab, seed=1)
-        trainer = Trainer(cfg, model, torch.device("cpu"))
+        trainer = Trainer(cfg, model, device)
         return (lambda batch: trainer.train_step([batch])), count_parameters(model)
 
     from reference_transformer import ReferenceTransformer, label_smoothed_loss
 
     torch.manual_seed(1)
     model = ReferenceTransformer(args.vocab, args.d_model, args.heads, 4 * args.d_model, args.layers, args.layers)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=1e-4)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step(batch):
         model.train()
-        loss = label_smoothed_loss(model(batch["src_tokens"], batch["prev_output_tokens"]), batch["target"], 0.1)
+        src, prev, tgt = (batch[k].to(device) for k in ("src_tokens", "prev_output_tokens", "target"))
+        with amp:
+            logits = model(src, prev)
+        loss = label_smoothed_loss(logits, tgt, 0.1)
         (loss / batch["ntokens"]).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # fairseq always measures it
         opt.step()
@@ -118,6 +156,14 @@ def memory_child(impl: str, args) -> dict:
     step, _ = build_step(impl, args)
     step(batch)  # the first step allocates the optimizer state
     gc.collect()
+    if args.device == "cuda":  # the caching allocator's own accounting
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(max(2, min(args.steps, 3))):
+            step(batch)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return {"rss_base_mb": round(base, 1), "rss_peak_mb": round(peak, 1), "step_growth_mb": round(peak - base, 1)}
     base = _rss_mb()
     reset = _reset_peak()
     for _ in range(max(2, min(args.steps, 3))):
@@ -137,7 +183,8 @@ def measure_memory(impl: str, args) -> dict:
 def _shared_argv(args) -> list[str]:
     return ["--d-model", str(args.d_model), "--heads", str(args.heads), "--layers", str(args.layers),
             "--tokens", str(args.tokens), "--seq-len", str(args.seq_len), "--vocab", str(args.vocab),
-            "--steps", str(args.steps), "--threads", str(args.threads)]
+            "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device,
+            "--precision", args.precision]
 
 
 def run_bench(args) -> dict:
@@ -156,22 +203,32 @@ def run_bench(args) -> dict:
     if "megabranch-fused" in impls:
         from megabranch.ops import backend, fallback_reason
 
-        extra["fused_backend"] = backend(torch.device("cpu"))
-        extra["fused_fallback_reason"] = fallback_reason(torch.device("cpu"))
+        extra["fused_backend"] = backend(torch.device(args.device))
+        extra["fused_fallback_reason"] = fallback_reason(torch.device(args.device))
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for _ in range(args.rounds):
         for i in impls:
+            sync()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 steps[i](batch)
+            sync()
             times[i].append((time.perf_counter() - t0) / args.steps)
+    bsz, seq = batch["src_tokens"].shape
+    flops = train_flops(bsz, seq, seq, args.d_model, 4 * args.d_model, args.vocab, args.layers, args.layers)
+    peak = peak_tflops(args)
     rows = {}
     for i in impls:
         med = statistics.median(times[i])
+        tflops = flops / med / 1e12
         rows[i] = {"params": params[i], "s_per_step": med, "tokens_per_s": batch["ntokens"] / med,
+                   "tflops": tflops, "mfu": tflops / peak if peak else None,
                    "all_s_per_step": [round(t, 4) for t in times[i]]}
         if args.memory:
             rows[i].update(measure_memory(i, args))
-    return {"rows": rows, "ntokens": batch["ntokens"], "batch_shape": list(batch["src_tokens"].shape), **extra}
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    return {"rows": rows, "ntokens": batch["ntokens"], "batch_shape": list(batch["src_tokens"].shape),
+            "flops_per_step": flops, "peak_tflops": peak, "device": device, **extra}
 
 
 def format_result(res: dict, args) -> str:
@@ -179,16 +236,19 @@ def format_result(res: dict, args) -> str:
     lines = [
         f"d_model={args.d_model}, heads={args.heads}, ffn={4 * args.d_model}, {args.layers}L-{args.layers}L, vocab {args.vocab}, "
         f"batch {res['batch_shape'][0]}x{res['batch_shape'][1]} ({res['ntokens']} target tokens), threads {args.threads}, "
-        f"{args.rounds} rounds x {args.steps} steps; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {datetime.date.today()}",
+        f"{args.rounds} rounds x {args.steps} steps, {args.precision}; torch {torch.__version__}, {res['device']}, "
+        f"{datetime.date.today()}; {res['flops_per_step'] / 1e9:.2f} GFLOP per step"
+        + (f", peak {res['peak_tflops']} TFLOP/s" if res["peak_tflops"] else ""),
     ]
     if "fused_backend" in res:
         lines[0] += f"; fused backend: {res['fused_backend']}"
-    lines += ["", "| implementation | params | s/step (median) | tokens/s | peak RSS (MB) | step growth (MB) |",
-              "|---|---|---|---|---|---|"]
+    mem = "peak CUDA memory (MB)" if args.device == "cuda" else "peak RSS (MB)"
+    lines += ["", f"| implementation | params | s/step (median) | tokens/s | TFLOP/s | MFU | {mem} | step growth (MB) |",
+              "|---|---|---|---|---|---|---|---|"]
     for i, r in rows.items():
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         lines.append(f"| {i} | {r['params'] / 1e6:.2f}M | {r['s_per_step']:.4f} | {r['tokens_per_s']:.0f} | "
-                     f"{r.get('rss_peak_mb', '-')} | {r.get('step_growth_mb', '-')} |")
+                     f"{r['tflops']:.3f} | {mfu} | {r.get('rss_peak_mb', '-')} | {r.get('step_growth_mb', '-')} |")
     if "reference" in rows:
         ref = rows["reference"]["tokens_per_s"]
         ratios = [f"{i} / reference = {r['tokens_per_s'] / ref:.3f}" for i, r in rows.items() if i != "reference"]
@@ -211,11 +271,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: autocast for all implementations (megabranch: optim.precision=bf16)")
+    ap.add_argument("--peak-tflops", type=float,
+                    help="the device's dense peak for --precision, for MFU (default: known GPUs, else no MFU)")
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the child-process memory runs")
     ap.add_argument("--json", help="also write the raw result here")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_train: error: --device cuda, but this torch sees no CUDA device")
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args)))
         return {}

@@ -33,7 +33,7 @@ class FairseqStyleMHA(nn.Module):
         # fairseq's fast path: torch's fused multi-head attention with separate projection weights
         out, _ = F.multi_head_attention_forward(
             query, key, value, self.d, self.heads,
-            in_proj_weight=torch.empty([0]), in_proj_bias=torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)),
+            in_proj_weight=torch.empty([0], device=query.device), in_proj_bias=torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)),
             bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=self.dropout,
             out_proj_weight=self.out_proj.weight, out_proj_bias=self.out_proj.bias, training=self.training,
             key_padding_mask=key_padding_mask, need_weights=False, attn_mask=attn_mask,
@@ -119,7 +119,7 @@ class ReferenceTransformer(nn.Module):
         enc = x
         y = self._embed(prev_output_tokens)
         t = prev_output_tokens.shape[1]
-        causal = torch.triu(torch.full((t, t), float("-inf")), 1)  # fairseq's buffered_future_mask
+        causal = torch.triu(torch.full((t, t), float("-inf"), device=y.device), 1)  # fairseq's buffered_future_mask
         for layer in self.decoder_layers:
             y = layer(y, enc, src_pad, causal)
         return F.linear(y.transpose(0, 1), self.embed_tokens.weight)  # (B, T, V)
