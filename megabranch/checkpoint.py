@@ -393,6 +393,14 @@ def load_optimizer(optimizer, names: list[str], state: dict) -> bool:
     return True
 
 
+@torch.no_grad()
+def restore(params: dict, optimizer, state: dict) -> None:
+    """Copy load_for_rank's parameters into a trainer's `params` (name -> parameter) and restore its optimizer."""
+    for k, p in params.items():
+        p.copy_(state["model"][k])
+    load_optimizer(optimizer, list(params), state)
+
+
 # --- shards: merge and cut ------------------------------------------------------------------------------
 
 

@@ -126,10 +126,7 @@ class Trainer:
     @torch.no_grad()
     def load_checkpoint_state(self, state: dict) -> None:
         """Restore from megabranch.checkpoint.load_for_rank's result."""
-        params = self.named_params()
-        for k, p in params.items():
-            p.copy_(state["model"][k])
-        checkpoint.load_optimizer(self.optimizer, list(params), state)
+        checkpoint.restore(self.named_params(), self.optimizer, state)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

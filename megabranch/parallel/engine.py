@@ -257,10 +257,7 @@ class ParallelTrainer:
         """Restore from megabranch.checkpoint.load_for_rank's result (already cut for this rank's layout)."""
         from .. import checkpoint
 
-        params = self.named_params()
-        for k, p in params.items():
-            p.copy_(state["model"][k])
-        checkpoint.load_optimizer(self.optimizer, list(params), state)
+        checkpoint.restore(self.named_params(), self.optimizer, state)
         self.step = int(state["step"])
         self.sync_step()
 
