@@ -96,6 +96,7 @@ def overrides(spec: RunSpec, args) -> list[str]:
         f"optim.clip_norm={args.clip_norm}",
         f"data.data_dir={args.data}", f"data.max_tokens={args.max_tokens}",
         *spec.extra,
+        *getattr(args, "set", []),  # the user's own overrides last, e.g. model.deepnorm_init=false
     ]
 
 
@@ -449,6 +450,8 @@ def add_arguments(ap) -> None:
     a("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP spin-wait collapse on a shared CPU)")
     a("--report-only", action="store_true", help="only rebuild the table and plots from the finished runs")
     a("--dry-run", action="store_true", help="print the plan and exit")
+    a("--set", action="append", default=[], metavar="KEY=VALUE",
+      help="a megabranch-train config override applied to every run (repeatable), e.g. model.deepnorm_init=false")
 
 
 def parse_lists(args) -> None:
