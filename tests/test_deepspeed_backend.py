@@ -64,6 +64,7 @@ def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
         assert abs(a["loss"] - ref) <= 1e-5 * abs(ref), f"step {s}: deepspeed {a['loss']} single-process {ref}"
         assert abs(a["nll_loss"] - b["nll_loss"]) <= 1e-5 * abs(b["nll_loss"])
         assert a["lr"] == b["lr"]
+        assert abs(a["gnorm"] - b["gnorm"]) <= 1e-5 * b["gnorm"], f"step {s}: deepspeed gnorm {a['gnorm']} native {b['gnorm']}"
     # the alpha buffers every layer of this stage holds now: the last step's
     for m in ds.module.modules():
         if hasattr(m, "coeffs"):
@@ -219,6 +220,7 @@ def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tmp_path):
         records = [json.loads(line) for line in fh]
     train = [x for x in records if x["tag"] == "train"]
     assert [x["step"] for x in train] == [1, 2, 3] and [x["alpha"] for x in train] == [0.0, 0.25, 0.5]
+    assert all(0 < x["gnorm"] <= x["gnorm_max"] and math.isfinite(x["gnorm"]) for x in train)  # fp32 too
     (valid,) = [x for x in records if x["tag"] == "valid"]
     assert 0 < valid["loss"] < 10
     state = import_deepspeed(str(tmp_path / "run"), load_config(str(cfg_path)))

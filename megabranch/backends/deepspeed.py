@@ -507,6 +507,26 @@ def load_ds_config(path: str | None, cfg: Config) -> dict:
     return ds
 
 
+def _keep_fp32_grad_norm(engine) -> None:
+    """DeepSpeed reports the global gradient norm only from its fp16 / bf16 / ZeRO optimizers; on the plain fp32
+    path it computes the norm in clip_fp32_gradients and drops it (and skips the call when clipping is off).
+    Keep it, as the native engines log it: clip with an infinite threshold when clipping is off (a no-op that
+    still measures) and record what DeepSpeed's clip_grad_norm_ returns."""
+    if engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization():
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    if engine.gradient_clipping() <= 0.0:
+        engine._config.gradient_clipping = float("inf")
+
+    def clip_and_keep():
+        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                               mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_and_keep
+
+
 class DeepSpeedTrainer:
     """train.Trainer's interface (train_step(batches) -> stats, .step) over a DeepSpeed PipelineEngine."""
 
@@ -533,6 +553,7 @@ class DeepSpeedTrainer:
                                           weight_decay=o.weight_decay)
         self.own_lr = "scheduler" not in ds
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds)
+        _keep_fp32_grad_norm(self.engine)
         self.dp = self.engine.grid.get_data_parallel_world_size()
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
         self.dp_group = self.engine.grid.get_data_parallel_group()
@@ -660,16 +681,17 @@ def run(cfg: Config, ds_config_path: str | None, resume: str | None = None) -> d
         stats = tr.train_step(next(groups))
         for k in ("loss", "nll_loss"):
             interval.setdefault(k, []).append(stats[k])
+        if math.isfinite(stats["gnorm"]):  # not an overflowed fp16 step
+            interval.setdefault("gnorm", []).append(stats["gnorm"])
         interval["ntokens"] = interval.get("ntokens", 0) + stats["ntokens"]
         logger.progress(tr.step, stats["loss"], stats["alpha"])
         step = tr.step
         if step % lg.log_interval == 0 or step == o.max_updates:
             record = {"step": step, "epoch": itr.epoch, "loss": _mean(interval["loss"]),
                       "nll_loss": _mean(interval["nll_loss"]), "lr": stats["lr"], "alpha": stats["alpha"],
-                      "gnorm": stats["gnorm"],
                       "tokens_per_s": round(interval["ntokens"] / max(time.time() - t0, 1e-9), 1)}
-            if not math.isfinite(record["gnorm"]):  # DeepSpeed reports the norm only for its fp16/bf16/ZeRO paths
-                del record["gnorm"]
+            if interval.get("gnorm"):
+                record.update(gnorm=_mean(interval["gnorm"]), gnorm_max=max(interval["gnorm"]))
             logger.log(record)
             interval, t0 = {}, time.time()
         if step % lg.valid_interval == 0 or step == o.max_updates:
