@@ -192,7 +192,9 @@ def test_import_refuses_a_mismatched_config(tmp_path):
 
 def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tmp_path):
     """launch/deepspeed_launcher.sh for real: the deepspeed launcher, 2 CPU processes, megabranch-train --backend
-    deepspeed for 3 steps; its DeepSpeed checkpoint reads back through import_deepspeed."""
+    deepspeed for 4 steps; its DeepSpeed checkpoint reads back through import_deepspeed, and a second launch with
+    --resume global_step2 repeats steps 3 and 4 with the same losses (weights, Adam state, step and data order
+    from the checkpoint)."""
     import json
     import subprocess
 
@@ -206,25 +208,38 @@ def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tmp_path):
         "model: {encoder_layers: 2, decoder_layers: 2, d_model: 16, n_heads: 2, ffn_dim: 32, dropout: 0.0,"
         " alpha_warmup_steps: 4, max_positions: 64}\n"
         "parallel: {pp: 2, layout: 'E0-1|D0-1'}\n"
-        "optim: {max_updates: 3, update_freq: 4, warmup_updates: 2}\n"
+        "optim: {max_updates: 4, update_freq: 4, warmup_updates: 2}\n"
         f"data: {{data_dir: '{data}', max_tokens: 200}}\n"
-        f"log: {{save_dir: '{tmp_path / 'run'}', log_interval: 1, valid_interval: 3, bleu_sentences: 0,"
+        f"log: {{save_dir: '{tmp_path / 'run'}', log_interval: 1, valid_interval: 2, bleu_sentences: 0,"
         " tensorboard: false, progress: none}\n")
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, NUM_GPUS="2", OMP_NUM_THREADS="1",
                DS_CONFIG=os.path.join(ROOT, "launch", "configs", "ds_fp32.json"), MASTER_PORT=str(_free_port()))
-    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed_launcher.sh"), "--config", str(cfg_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    def launch(*extra):
+        r = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed_launcher.sh"), "--config", str(cfg_path),
+                            *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r
+
+    r = launch()
     assert "deepspeed layer parts: [0, 3, 7]" in r.stdout
     with open(tmp_path / "run" / "log.jsonl") as fh:
         records = [json.loads(line) for line in fh]
     train = [x for x in records if x["tag"] == "train"]
-    assert [x["step"] for x in train] == [1, 2, 3] and [x["alpha"] for x in train] == [0.0, 0.25, 0.5]
+    assert [x["step"] for x in train] == [1, 2, 3, 4] and [x["alpha"] for x in train] == [0.0, 0.25, 0.5, 0.75]
     assert all(0 < x["gnorm"] <= x["gnorm_max"] and math.isfinite(x["gnorm"]) for x in train)  # fp32 too
-    (valid,) = [x for x in records if x["tag"] == "valid"]
-    assert 0 < valid["loss"] < 10
+    valid = [x for x in records if x["tag"] == "valid"]
+    assert [x["step"] for x in valid] == [2, 4] and all(0 < x["loss"] < 10 for x in valid)
     state = import_deepspeed(str(tmp_path / "run"), load_config(str(cfg_path)))
     assert state["encoder.embed.table.weight"].shape == (40, 16)
+
+    launch("--resume", "global_step2")
+    with open(tmp_path / "run" / "log.jsonl") as fh:
+        resumed = [json.loads(line) for line in fh][len(records):]
+    again = [x for x in resumed if x["tag"] == "train"]
+    assert [x["step"] for x in again] == [3, 4]
+    for a, b in zip(again, train[2:]):
+        assert (a["loss"], a["alpha"], a["lr"]) == (b["loss"], b["alpha"], b["lr"]), (a, b)
 
 
 def _free_port() -> int:
