@@ -422,6 +422,11 @@ def average_command(args) -> None:
     print(f"averaged {', '.join(clean['averaged'])} -> {out}")
 
 
+def _refuse_existing(out: str) -> None:
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise UserError(f"{out} already exists; choose a new destination (nothing is overwritten)")
+
+
 @cli_main
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -431,7 +436,9 @@ def main(argv=None):
         ap.add_argument("save_dir")
         ap.add_argument("--last", type=int, required=True, help="how many of the newest step_<N> directories")
         ap.add_argument("--out", required=True, help="the step directory to write (a (1, 1) layout, no optimizer)")
-        average_command(ap.parse_args(argv[1:]))
+        args = ap.parse_args(argv[1:])
+        _refuse_existing(args.out)
+        average_command(args)
         return 0
     ap = argparse.ArgumentParser(prog="megabranch-convert", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
@@ -452,8 +459,7 @@ def main(argv=None):
     for k in ("tp", "pp", "vpp"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k} {getattr(args, k)}: must be >= 1")
-    if os.path.exists(args.out) and not (os.path.isdir(args.out) and not os.listdir(args.out)):
-        raise UserError(f"{args.out} already exists; choose a new destination (nothing is overwritten)")
+    _refuse_existing(args.out)
     convert(args)
     return 0
 

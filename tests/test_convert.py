@@ -212,3 +212,10 @@ def test_average_last_k_against_an_independent_mean(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         convert_main([save_dir, out])
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+    # averaging into an existing checkpoint (here the newest source itself) is refused, the source left intact
+    newest = os.path.join(save_dir, "step_6")
+    before = checkpoint.read_meta(newest)
+    with pytest.raises(SystemExit) as e:
+        convert_main(["average", save_dir, "--last", "2", "--out", newest])
+    assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+    assert checkpoint.read_meta(newest) == before and checkpoint.verify(newest)
