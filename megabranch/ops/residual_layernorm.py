@@ -20,8 +20,10 @@ JIT build of the sources in the top-level ``kernels/`` folder with torch.utils.c
 (cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; ``MEGABRANCH_NO_JIT=1``
 forbids the JIT build, ``MEGABRANCH_EXT_VERBOSE=1`` shows the compiler's output).
 
-The fused path is the pair of torch custom ops ``megabranch::residual_layernorm_fwd`` / ``_bwd``
-(with fake/meta implementations and an autograd formula), so it works under torch.compile.
+Under torch.compile the fused path is the pair of torch custom ops
+``megabranch::residual_layernorm_fwd`` / ``_bwd`` (with fake/meta implementations and an autograd
+formula); eager calls reach the same kernels through a plain autograd.Function, because the custom
+op's Python dispatch costs more than the kernels themselves at small widths (docs/benchmarks.md).
 ``r`` and ``s`` are passed to the kernels as 0-dim float32 tensors and read on the device, so
 changing them (e.g. a scheduled alpha) needs no recompile, no host sync and no CUDA graph
 re-capture.  Python floats are accepted too, but then torch.compile specialises on their value.
