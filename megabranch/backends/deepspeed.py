@@ -65,6 +65,7 @@ from ..errors import UserError
 from ..model.embeddings import Embedder
 from ..model.layers import DecoderLayer, EncoderLayer
 from ..model.loss import label_smoothed_nll_loss
+from ..model.norm import LayerNorm
 from ..model.transformer import PAD, OutputProjection, initial_value
 from ..residual import ResidualCoefficients, alpha_at, deepnorm_constants, set_step
 
@@ -111,7 +112,7 @@ class PipeEncoderLayer(EncoderLayer):
     def __init__(self, cfg: ModelConfig, last: bool = False):
         super().__init__(cfg, cfg.fused_kernels)
         self.coeffs = _coeffs(cfg, "encoder")
-        self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps) if last and cfg.residual == "pre_ln" else None
+        self.final_norm = LayerNorm(cfg.d_model, cfg.ln_eps) if last and cfg.residual == "pre_ln" else None
 
     def forward(self, inputs):
         x, src, prev = inputs
@@ -128,7 +129,7 @@ class PipeDecoderLayer(DecoderLayer):
         super().__init__(cfg, cfg.fused_kernels)
         self.coeffs = _coeffs(cfg, "decoder")
         self.last = last
-        self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps) if last and cfg.residual == "pre_ln" else None
+        self.final_norm = LayerNorm(cfg.d_model, cfg.ln_eps) if last and cfg.residual == "pre_ln" else None
 
     def forward(self, inputs):
         memory, y, src = inputs

@@ -14,13 +14,14 @@ from torch import nn
 
 from .attention import MultiheadAttention
 from .ffn import FeedForward
+from .norm import LayerNorm
 
 
 class Residual(nn.Module):
     def __init__(self, block: nn.Module, d_model: int, residual: str, dropout: float, eps: float, fused: bool = False):
         super().__init__()
         self.block = block
-        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.norm = LayerNorm(d_model, eps)
         self.residual = residual
         self.p = dropout
         self.fused = fused and residual != "pre_ln"

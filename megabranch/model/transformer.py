@@ -15,6 +15,7 @@ from ..config import ModelConfig
 from ..residual import ResidualCoefficients, deepnorm_constants
 from .embeddings import Embedder
 from .layers import DecoderLayer, EncoderLayer
+from .norm import LayerNorm
 
 PAD = 0  # the data layer fixes pad=0, unk=1, bos=2, eos=3
 
@@ -25,7 +26,7 @@ class Encoder(nn.Module):
         self.embed = Embedder(embed, cfg.max_positions, cfg.dropout)
         self.coeffs = coeffs
         self.layers = nn.ModuleList(EncoderLayer(cfg, cfg.fused_kernels) for _ in range(cfg.encoder_layers))
-        self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps) if cfg.residual == "pre_ln" else None
+        self.final_norm = LayerNorm(cfg.d_model, cfg.ln_eps) if cfg.residual == "pre_ln" else None
 
     def forward(self, src_tokens: torch.Tensor):
         """-> (encoder output (B, S, d), key mask (B, S) True on real tokens)."""
@@ -45,7 +46,7 @@ class Decoder(nn.Module):
         self.embed = Embedder(embed, cfg.max_positions, cfg.dropout)
         self.coeffs = coeffs
         self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.fused_kernels) for _ in range(cfg.decoder_layers))
-        self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps) if cfg.residual == "pre_ln" else None
+        self.final_norm = LayerNorm(cfg.d_model, cfg.ln_eps) if cfg.residual == "pre_ln" else None
         self.output = OutputProjection(cfg.d_model, vocab_size, embed if cfg.share_decoder_input_output_embed else None)
 
     def forward(self, prev_tokens, memory, memory_mask, cache: list | None = None, offset: int = 0):

@@ -41,6 +41,7 @@ from ..errors import UserError
 from ..model.embeddings import Embedder, sinusoidal_table
 from ..model.layers import DecoderLayer, EncoderLayer
 from ..model.loss import label_smoothed_nll_loss
+from ..model.norm import LayerNorm
 from ..model.transformer import PAD, OutputProjection, initial_value
 from ..residual import ResidualCoefficients, deepnorm_constants
 from .partition import Chunk, Layout
@@ -78,7 +79,7 @@ class StageChunk(nn.Module):
                 {str(i): EncoderLayer(cfg, cfg.fused_kernels) for i in range(chunk.enc_lo, chunk.enc_hi)}
             )
             if chunk.ends_encoder and cfg.residual == "pre_ln":
-                self.encoder.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+                self.encoder.final_norm = LayerNorm(cfg.d_model, cfg.ln_eps)
         if chunk.has_decoder:
             if chunk.has_tgt_embed:
                 self.decoder.embed = Embedder(table("decoder", tgt_vocab), cfg.max_positions, cfg.dropout)
@@ -88,7 +89,7 @@ class StageChunk(nn.Module):
             )
             if chunk.has_output:
                 if cfg.residual == "pre_ln":
-                    self.decoder.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+                    self.decoder.final_norm = LayerNorm(cfg.d_model, cfg.ln_eps)
                 tied = table("decoder", tgt_vocab) if cfg.share_decoder_input_output_embed else None
                 self.decoder.output = OutputProjection(cfg.d_model, tgt_vocab, tied)
         self.loss_group = None  # the tensor-parallel group when the output is vocabulary-parallel
