@@ -489,7 +489,7 @@ def _same_layout(lay: dict, pos: dict) -> bool:
 
 def load_for_rank(step_dir: str, meta: dict, position: dict, params: dict) -> dict:
     """What one rank needs to resume: {"model": {name: slice}, "optimizer": canonical or None, "zero": this
-    rank's ZeRO-1 shard or None, "rng", "data", "step", "resharded"}.
+    rank's ZeRO-1 shard or None, "rng", "data", "step", "scaler" (fp16 loss scaler state or None), "resharded"}.
 
     position: tp, pp, vpp, layout, dp, zero, tp_rank, pp_rank, dp_rank of the reading rank; params: its
     parameters by canonical name. Same (tp, pp, vpp, layout): its own shard is read (and its own data-parallel
@@ -507,7 +507,7 @@ def load_for_rank(step_dir: str, meta: dict, position: dict, params: dict) -> di
             same_dp = lay.get("dp") == position.get("dp")
             out = {"model": shard["model"], "optimizer": shard.get("optimizer"), "zero": mine.get("zero") if same_dp else None,
                    "rng": mine.get("rng") if same_dp else None, "data": mine.get("data"), "step": int(shard["step"]),
-                   "resharded": False}
+                   "scaler": shard.get("scaler") or None, "resharded": False}
             if out["optimizer"] is None and out["zero"] is None:  # ZeRO-1 state under another dp size
                 _, opt = consolidate(step_dir, meta)
                 out["optimizer"] = _cut_opt(opt, params)
@@ -515,7 +515,8 @@ def load_for_rank(step_dir: str, meta: dict, position: dict, params: dict) -> di
     model, opt = consolidate(step_dir, meta)
     first = load_file(step_dir, shard_name(0, 0), meta)
     return {"model": cut(model, params), "optimizer": _cut_opt(opt, params), "zero": None, "rng": None,
-            "data": first["rank"].get("data"), "step": int(first["step"]), "resharded": True}
+            "data": first["rank"].get("data"), "step": int(first["step"]), "scaler": first.get("scaler") or None,
+            "resharded": True}
 
 
 def _cut_opt(opt: dict | None, params: dict) -> dict | None:

@@ -244,3 +244,31 @@ def test_saving_a_step_again_replaces_it_without_a_dangling_pointer(tmp_path):
     for prefer in ("latest", "best"):
         step_dir = checkpoint.resolve(save_dir, prefer)
         assert torch.equal(checkpoint.load_file(step_dir, "shard_tp0_pp0.pt")["x"], torch.ones(2))
+
+
+class _Scaler:
+    """Stands in for torch.amp.GradScaler (fp16 needs CUDA): only its state travels through the checkpoint."""
+
+    def __init__(self, scale):
+        self.state = {"scale": scale, "growth_tracker": 7}
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+def test_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
+    from megabranch.model import build_model
+    from megabranch.train import Trainer
+
+    cfg = _cfg()
+    tr = Trainer(cfg, build_model(cfg.model, VOCAB, seed=1), torch.device("cpu"))
+    tr.scaler = _Scaler(1024.0)
+    step_dir = _save(tr, cfg, str(tmp_path / "run"))
+    fresh = Trainer(cfg, build_model(cfg.model, VOCAB, seed=2), torch.device("cpu"))
+    fresh.scaler = _Scaler(65536.0)
+    meta = checkpoint.read_meta(step_dir)
+    fresh.load_checkpoint_state(checkpoint.load_for_rank(step_dir, meta, fresh.position(), fresh.named_params()))
+    assert fresh.scaler.state == {"scale": 1024.0, "growth_tracker": 7}
