@@ -94,15 +94,6 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
             os.remove(tmp)
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save with the same atomic-rename guarantee."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(buf.getvalue(), path)
-
-
 def _save_file(obj, path: str) -> str:
     with open(path, "wb") as fh:
         torch.save(obj, fh)
@@ -412,11 +403,6 @@ def split_info(params: dict) -> dict:
                 *[int(s) for s in full_shape(p)]] for n, p in params.items()}
 
 
-def model_shards(step_dir: str, meta: dict) -> list[dict]:
-    lay = meta["layout"]
-    return [load_file(step_dir, shard_name(t, p), meta) for p in range(lay["pp"]) for t in range(lay["tp"])]
-
-
 def _merge(pieces: dict, split: dict) -> dict:
     """pieces: name -> {tp_rank: slice} -> name -> full tensor."""
     out = {}
@@ -541,11 +527,6 @@ def load_checkpoint(path: str, prefer: str = "latest") -> dict:
     return {"model": model, "config": meta["config"], "vocab_size": meta["vocab_size"],
             "tgt_vocab_size": meta.get("tgt_vocab_size"), "vocab_sha256": meta.get("vocab_sha256"),
             "step": int(meta["step"]), "meta": meta, "step_dir": step_dir}
-
-
-def load(path: str) -> dict:
-    """Backward-compatible name for load_checkpoint."""
-    return load_checkpoint(path)
 
 
 def single_process_files(model: dict, step: int, optimizer: dict | None = None, rank: dict | None = None) -> dict:

@@ -95,18 +95,10 @@ def load_safetensors(path: str) -> tuple[dict, dict]:
 
 
 def build_single(mc: ModelConfig, vocab: int, tgt_vocab: int | None, params: dict, step: int = 0):
-    from .model import build_model
-    from .residual import set_step
+    from .model import build_model_from
 
     mc = ModelConfig(**{**vars(mc), "fused_kernels": False})
-    model = build_model(mc, vocab, tgt_vocab, seed=0)
-    missing, unexpected = model.load_state_dict(params, strict=False)
-    aliases = {"decoder.embed.table.weight"} if mc.share_all_embeddings else set()
-    missing = [k for k in missing if k not in aliases]
-    if missing or unexpected:
-        raise UserError(f"weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    set_step(model, step)
-    return model.eval()
+    return build_model_from(mc, vocab, tgt_vocab, params, step, "the weights").eval()
 
 
 def fixed_batch(vocab: int, tgt_vocab: int | None, max_positions: int):

@@ -138,7 +138,7 @@ def main(argv=None):
     from . import checkpoint
     from .config import Config
     from .data import load_split
-    from .model import build_model
+    from .model import build_model_from
 
     ap = argparse.ArgumentParser(prog="megabranch-generate", description="Translate a split and score it with sacreBLEU.")
     ap.add_argument("--checkpoint", required=True,
@@ -163,15 +163,8 @@ def main(argv=None):
     src_tok, tgt_tok = (tok, tok) if not isinstance(tok, tuple) else tok
     if state.get("vocab_sha256") and state["vocab_sha256"] != meta_vocab_hash(meta):
         raise UserError(f"vocabulary of {data_dir} differs from the one {args.checkpoint} was trained with")
-    model = build_model(cfg.model, state["vocab_size"], state.get("tgt_vocab_size"))
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    missing = [k for k in missing if k != "decoder.embed.table.weight" or not cfg.model.share_all_embeddings]
-    if missing or unexpected:
-        raise UserError(f"{state['step_dir']} does not match its own config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    from .residual import set_step
-
-    set_step(model, state["step"])
+    model = build_model_from(cfg.model, state["vocab_size"], state.get("tgt_vocab_size"), state["model"],
+                             state["step"], state["step_dir"])
     hyps = translate(model, dataset, tgt_tok, args.beam, args.lenpen, args.max_sentences, args.limit)
     refs = [tgt_tok.decode(dataset.target_tokens(i)) for i in range(len(hyps))]
     score, sig = bleu(hyps, refs)

@@ -107,14 +107,6 @@ class Trainer:
             loss_sum, nll_sum, ntokens = loss_sum + float(loss), nll_sum + float(nll), ntokens + int(batch["ntokens"])
         return {"loss": loss_sum / max(ntokens, 1), "nll_loss": nll_sum / max(ntokens, 1)}
 
-    def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else {},
-            "step": self.step,
-        }
-
     def named_params(self) -> dict:
         """Parameters by single-process name, each object once (a shared table under its first name)."""
         return dict(self.model.named_parameters())
@@ -127,14 +119,6 @@ class Trainer:
     def load_checkpoint_state(self, state: dict) -> None:
         """Restore from megabranch.checkpoint.load_for_rank's result."""
         checkpoint.restore(self.named_params(), self.optimizer, state)
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        set_step(self.model, self.step)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

@@ -41,3 +41,21 @@ def test_label_smoothed_loss_hand_computed():
     expect = (1 - eps - eps_i) * -lp[2] + eps_i * -lp.sum()
     assert math.isclose(nll.item(), -lp[2].item(), rel_tol=1e-6)
     assert math.isclose(loss.item(), expect.item(), rel_tol=1e-6)
+
+
+def test_build_model_from_weights_loads_them_or_names_the_mismatch():
+    import pytest
+
+    from megabranch.errors import UserError
+    from megabranch.model import build_model_from
+    from megabranch.residual import current_alpha
+
+    cfg = tiny_model_cfg(residual="branchnorm", alpha_warmup_steps=10)
+    params = dict(build_model(cfg, 50, seed=4).named_parameters())  # a shared table under its encoder name only
+    assert "decoder.embed.table.weight" not in params
+    model = build_model_from(cfg, 50, None, params, 5, "ckpt")
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert current_alpha(model) == 0.5
+    del params["encoder.layers.0.ffn.block.fc1.weight"]
+    with pytest.raises(UserError, match=r"ckpt does not match .*fc1.weight"):
+        build_model_from(cfg, 50, None, params, 5, "ckpt")

@@ -34,21 +34,13 @@ def load_model(path: str):
     """
     from megabranch import checkpoint
     from megabranch.config import Config
-    from megabranch.model import build_model
-    from megabranch.residual import set_step
+    from megabranch.model import build_model_from
 
-    loader = getattr(checkpoint, "load_checkpoint", None) or checkpoint.load  # newer layouts may add a loader
-    state = loader(path)
-    for key in ("model", "config", "vocab_size"):
-        if key not in state:
-            raise UserError(f"{path} has no {key!r} entry; analyze needs a checkpoint written by megabranch-train")
+    state = checkpoint.load_checkpoint(path)
     cfg = Config.from_dict(state["config"], where=path)
     cfg.model.fused_kernels = False  # the analysis hooks read plain tensors; the kernel does not change values
-    model = build_model(cfg.model, state["vocab_size"], state.get("tgt_vocab_size"), seed=0)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    set_step(model, int(state.get("step", 0)))
+    model = build_model_from(cfg.model, state["vocab_size"], state.get("tgt_vocab_size"), state["model"],
+                             state["step"], path)
     return model, cfg
 
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..residual import ResidualCoefficients, deepnorm_constants
+from ..errors import UserError
+from ..residual import ResidualCoefficients, deepnorm_constants, set_step
 from .embeddings import Embedder
 from .layers import DecoderLayer, EncoderLayer
 from .norm import LayerNorm
@@ -144,6 +145,21 @@ def initial_value(name: str, shape: tuple, cfg: ModelConfig, seed: int) -> torch
 def build_model(cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None, seed: int | None = None) -> Transformer:
     """seed=None draws the init seed from torch's RNG, so torch.manual_seed still makes runs reproducible."""
     return Transformer(cfg, vocab_size, tgt_vocab_size, seed)
+
+
+def build_model_from(cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None, params: dict, step: int,
+                     where: str) -> Transformer:
+    """The single-process model holding `params` (single-process names, e.g. a consolidated checkpoint) at the
+    alpha of `step`. A table shared by encoder and decoder may come under its encoder name only; any other missing
+    or unexpected name is a UserError naming `where`."""
+    model = build_model(cfg, vocab_size, tgt_vocab_size, seed=0)
+    missing, unexpected = model.load_state_dict(params, strict=False)
+    if cfg.share_all_embeddings:
+        missing = [k for k in missing if k != "decoder.embed.table.weight"]
+    if missing or unexpected:
+        raise UserError(f"{where} does not match its model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    set_step(model, step)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
