@@ -466,14 +466,9 @@ def _tgt_vocab_from_files(in_dir: str, mc: ModelConfig, vocab: int) -> int:
 
 
 def _canonical_order(mc: ModelConfig, vocab: int, tgt_vocab: int | None) -> list[str]:
-    from ..model.transformer import Transformer
+    from ..model.transformer import meta_model
 
-    class _Meta(Transformer):
-        def reset_parameters(self, seed=None):
-            pass
-
-    with torch.device("meta"):
-        return list(_Meta(mc, vocab, tgt_vocab).state_dict().keys())
+    return list(meta_model(mc, vocab, tgt_vocab).state_dict().keys())
 
 
 # --- training ---------------------------------------------------------------------------------------------------

@@ -147,6 +147,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = 
     return Transformer(cfg, vocab_size, tgt_vocab_size, seed)
 
 
+class _Skeleton(Transformer):
+    def reset_parameters(self, seed=None):
+        pass  # no initial values: the tensors hold no data
+
+
+def meta_model(cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None) -> Transformer:
+    """The model's structure on the meta device (parameter names, shapes and counts), allocating and
+    initialising nothing: what planners and converters read for a 1000-layer model."""
+    with torch.device("meta"):
+        return _Skeleton(cfg, vocab_size, tgt_vocab_size)
+
+
 def build_model_from(cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None, params: dict, step: int,
                      where: str) -> Transformer:
     """The single-process model holding `params` (single-process names, e.g. a consolidated checkpoint) at the

@@ -106,16 +106,9 @@ def data_vocab(data_dir: str, default: int = 32000) -> tuple[int, int, str]:
 
 def model_parameters(mc, vocab: int, tgt_vocab: int) -> int:
     """Parameters of the single-process model (tied tables once), counted on the meta device."""
-    import torch
+    from ..model.transformer import count_parameters, meta_model
 
-    from ..model.transformer import Transformer, count_parameters
-
-    class _Meta(Transformer):
-        def reset_parameters(self, seed=None):
-            pass
-
-    with torch.device("meta"):
-        return count_parameters(_Meta(mc, vocab, tgt_vocab))
+    return count_parameters(meta_model(mc, vocab, tgt_vocab))
 
 
 def resolve_world_size(cfg, world_size: int | None = None) -> tuple[int, int]:
