@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_bytes
 from .config import load_config
 from .errors import UserError
 
@@ -100,13 +101,6 @@ def overrides(spec: RunSpec, args) -> list[str]:
     ]
 
 
-def _atomic_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh)
-    os.replace(tmp, path)
-
-
 def gnorm_stats(gnorms: list[float], first: int) -> dict:
     """Statistics of the first `first` steps' gradient norms (the paper's Figure 3 is about these)."""
     g = np.array([x for x in gnorms[:first] if math.isfinite(x)], dtype=np.float64)
@@ -125,7 +119,7 @@ def train_one(spec: RunSpec, args, log=print) -> dict:
     """Train one run and return its result record (also what is written to its JSON)."""
     from .analysis import analyze_model, sentence_batches
     from .data import EpochBatchIterator, load_split
-    from .generate import bleu, translate
+    from .generate import quick_bleu
     from .model import build_model
     from .train import Trainer
 
@@ -176,9 +170,7 @@ def train_one(spec: RunSpec, args, log=print) -> dict:
         result["valid_loss"] = v["loss"] if math.isfinite(v["loss"]) else None
         result["valid_nll"] = v["nll_loss"] if math.isfinite(v["nll_loss"]) else None
         if args.bleu_sentences > 0 and result["valid_loss"] is not None:
-            hyps = translate(trainer.model, valid_set, tgt_tok, 1, 0.6, limit=args.bleu_sentences)
-            refs = [tgt_tok.decode(valid_set.target_tokens(i)) for i in range(len(hyps))]
-            result["bleu"] = round(bleu(hyps, refs)[0].score, 2)
+            result["bleu"] = quick_bleu(trainer.model, valid_set, tgt_tok, 1, args.bleu_sentences)
         if ("depth" in spec.groups or "stress" in spec.groups) and result["valid_loss"] is not None:
             stats = analyze_model(trainer.model, vb[len(vb) // 2], cfg.optim.label_smoothing)
             result["analysis"] = stats
@@ -201,7 +193,7 @@ def run_sweep(args, log=print) -> list[dict]:
             continue
         log(f"[{k}/{len(specs)}] {spec.name} ({time.time() - t_start:.0f}s into this sweep)")
         res = train_one(spec, args, log)
-        _atomic_json(res, path)
+        atomic_write_bytes(json.dumps(res).encode(), path)
         extra = f" valid {res.get('valid_loss') or float('nan'):.3f} bleu {res.get('bleu', float('nan'))}"
         log(f"    -> {res['status']} after {res['steps_done']} steps, {res['s_per_step']:.3f} s/step,{extra}")
     return load_results(args.out)

@@ -156,7 +156,7 @@ def _check_model_matches(cfg: Config, saved: dict, path: str) -> None:
 def run(cfg: Config, resume: str | None = None, device: str | None = None) -> dict:
     """Train according to `cfg`; returns the final validation stats. The programmatic entry point."""
     from .data import EpochBatchIterator, load_split
-    from .generate import bleu, meta_vocab_hash, translate
+    from .generate import meta_vocab_hash, quick_bleu
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     save_dir = cfg.log.save_dir
@@ -247,9 +247,7 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None) -> di
         if step % lg.valid_interval == 0 or step == o.max_updates:
             valid_stats = trainer.valid_loss(valid_batches)
             if lg.bleu_sentences > 0 and not parallel:  # decoding needs the whole model on one process
-                hyps = translate(trainer.model, valid_set, tgt_tok, lg.bleu_beam, 0.6, limit=lg.bleu_sentences, device=dev)
-                refs = [tgt_tok.decode(valid_set.target_tokens(i)) for i in range(len(hyps))]
-                valid_stats["bleu"] = round(bleu(hyps, refs)[0].score, 2)
+                valid_stats["bleu"] = quick_bleu(trainer.model, valid_set, tgt_tok, lg.bleu_beam, lg.bleu_sentences, dev)
             logger.log({"step": step, **valid_stats}, tag="valid")
             is_best = valid_stats["loss"] < best
             best = min(best, valid_stats["loss"])
