@@ -496,16 +496,17 @@ def load_for_rank(step_dir: str, meta: dict, position: dict, params: dict) -> di
                    "scaler": shard.get("scaler") or None, "resharded": False}
             if out["optimizer"] is None and out["zero"] is None:  # ZeRO-1 state under another dp size
                 _, opt = consolidate(step_dir, meta)
-                out["optimizer"] = _cut_opt(opt, params)
+                out["optimizer"] = cut_optimizer(opt, params)
             return out
     model, opt = consolidate(step_dir, meta)
     first = load_file(step_dir, shard_name(0, 0), meta)
-    return {"model": cut(model, params), "optimizer": _cut_opt(opt, params), "zero": None, "rng": None,
+    return {"model": cut(model, params), "optimizer": cut_optimizer(opt, params), "zero": None, "rng": None,
             "data": first["rank"].get("data"), "step": int(first["step"]), "scaler": first.get("scaler") or None,
             "resharded": True}
 
 
-def _cut_opt(opt: dict | None, params: dict) -> dict | None:
+def cut_optimizer(opt: dict | None, params: dict) -> dict | None:
+    """A full canonical optimizer state -> the slices of the parameters in `params` that it has state for."""
     if opt is None:
         return None
     held = {n: q for n, q in params.items() if n in opt["exp_avg"]}

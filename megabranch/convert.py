@@ -162,13 +162,9 @@ def write_layout(out: str, cfg: Config, meta: dict, model: dict, opt: dict | Non
     lay, ranks = rank_params(cfg, vocab, tgt_vocab, tp, pp, vpp, layout)
     files = {}
     for (t, p), params in ranks.items():
-        held_opt = None
-        if opt is not None:
-            held = {n: q for n, q in params.items() if n in opt["exp_avg"]}
-            held_opt = {"step": {n: opt["step"][n] for n in held}, "exp_avg": checkpoint.cut(opt["exp_avg"], held),
-                        "exp_avg_sq": checkpoint.cut(opt["exp_avg_sq"], held), "hyper": opt["hyper"]}
         files[checkpoint.shard_name(t, p)] = {
-            "model": checkpoint.cut(model, params), "split": checkpoint.split_info(params), "optimizer": held_opt,
+            "model": checkpoint.cut(model, params), "split": checkpoint.split_info(params),
+            "optimizer": checkpoint.cut_optimizer(opt, params),
             "scaler": {}, "step": int(meta["step"]), "rank": {"data": data, "rng": None, "zero": None},
         }
     c = cfg.to_dict()
