@@ -138,9 +138,10 @@ def check(what: str, mc: ModelConfig, vocab: int, tgt_vocab: int | None, source:
 def rank_params(cfg: Config, vocab: int, tgt_vocab: int | None, tp: int, pp: int, vpp: int, layout: str = ""):
     """-> (Layout, {(tp_rank, pp_rank): {canonical name: meta parameter}}) for a (tp, pp, vpp) grid, built on
     the meta device with no processes (what every rank of such a run would hold)."""
+    from .model import canonical_parameters
     from .parallel.grid import Grid
     from .parallel.partition import plan_layout
-    from .parallel.pipeline import build_stage, named_parameters_canonical
+    from .parallel.stage import build_stage
 
     if vpp > 1 and pp == 1:
         raise UserError(f"--vpp {vpp} needs --pp > 1")
@@ -151,7 +152,7 @@ def rank_params(cfg: Config, vocab: int, tgt_vocab: int | None, tp: int, pp: int
         for tr in range(tp):
             grid = Grid(tp=tp, pp=pp, vpp=vpp, tp_rank=tr, pp_rank=pr)
             chunks = build_stage(cfg.model, lay, grid, vocab, tgt_vocab, seed=None, device="meta")
-            out[(tr, pr)] = named_parameters_canonical(chunks, cfg.model)
+            out[(tr, pr)] = canonical_parameters(chunks, cfg.model)
     return lay, out
 
 

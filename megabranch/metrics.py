@@ -60,3 +60,16 @@ class MetricsLogger:
         self._clear()
         if self.writer is not None:
             self.writer.close()
+
+
+class SilentLogger:
+    """What ranks other than global rank 0 log: nothing."""
+
+    def log(self, record: dict, tag: str = "train") -> None:
+        pass
+
+    def progress(self, step: int, loss: float, alpha: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -69,15 +69,30 @@ class ResidualCoefficients(nn.Module):
     def __init__(self, residual: str, deepnorm_alpha: float = 1.0, schedule: str = "linear", warmup: int = 4000):
         super().__init__()
         self.residual, self.schedule, self.warmup = residual, schedule, warmup
-        r = deepnorm_alpha if residual == "deepnorm" else 1.0
-        self.register_buffer("r", torch.tensor(r, dtype=torch.float32), persistent=False)
+        self.r_value = deepnorm_alpha if residual == "deepnorm" else 1.0
+        self.register_buffer("r", torch.tensor(self.r_value, dtype=torch.float32), persistent=False)
         self.register_buffer("s", torch.tensor(1.0, dtype=torch.float32), persistent=False)
+        self.step = 0
         self.set_step(0)
+
+    @classmethod
+    def for_stack(cls, cfg, stack: str) -> "ResidualCoefficients":
+        """The coefficients of the "encoder" or "decoder" stack of the model `cfg` (a ModelConfig) describes."""
+        alpha = deepnorm_constants(cfg.encoder_layers, cfg.decoder_layers)[stack][0]
+        return cls(cfg.residual, alpha, cfg.alpha_schedule, cfg.alpha_warmup_steps)
 
     @torch.no_grad()
     def set_step(self, step: int) -> None:
+        self.step = step
         if self.residual == "branchnorm":
             self.s.fill_(alpha_at(step, self.warmup, self.schedule))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Refill both buffers (after a meta-device build has been given real storage)."""
+        self.r.fill_(self.r_value)
+        self.s.fill_(1.0)
+        self.set_step(self.step)
 
     def extra_repr(self) -> str:
         return f"residual={self.residual}, r={float(self.r):.4g}, s={float(self.s):.4g}"

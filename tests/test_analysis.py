@@ -230,7 +230,8 @@ def test_depth_sweep_user_errors(tiny_data, tmp_path, capsys):
 
 
 def test_gnorm_stats_hand_computed():
-    from megabranch.sweep import gnorm_stats
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from sweep_plan import gnorm_stats
 
     g = gnorm_stats([1.0, 2.0, 4.0, float("nan"), 100.0], first=3)
     assert g["n"] == 3 and g["max"] == 4.0 and g["max_over_median"] == pytest.approx(2.0)

@@ -40,9 +40,9 @@ def _meta(cfg, tr) -> dict:
 
 
 def _save(tr, cfg, save_dir: str, keep_last: int = 0) -> str:
-    from megabranch.train import _checkpoint_files
+    from megabranch.training.native_checkpoint import checkpoint_files
 
-    return checkpoint.save_step(save_dir, tr.step, _checkpoint_files(tr, _Position()), _meta(cfg, tr),
+    return checkpoint.save_step(save_dir, tr.step, checkpoint_files(tr, _Position().state_dict()), _meta(cfg, tr),
                                 keep_last=keep_last)
 
 
@@ -58,7 +58,7 @@ def _parallel_from(step_dir: str, cfg):
 
 def _single_losses(step_dir: str, steps: int, dp: int = 1) -> list[float]:
     from megabranch.model import build_model
-    from megabranch.train import Trainer
+    from megabranch.training.single import Trainer
 
     meta = checkpoint.read_meta(step_dir)
     cfg = _cfg()
@@ -156,7 +156,7 @@ def test_layout_round_trip_identical_outputs_and_training(tmp_path):
 
 def _tiny_single(tmp_path, steps=(2, 4, 6), keep_last=0):
     from megabranch.model import build_model
-    from megabranch.train import Trainer
+    from megabranch.training.single import Trainer
 
     cfg = _cfg()
     tr = Trainer(cfg, build_model(cfg.model, VOCAB, seed=1), torch.device("cpu"))
@@ -261,7 +261,7 @@ class _Scaler:
 
 def test_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
     from megabranch.model import build_model
-    from megabranch.train import Trainer
+    from megabranch.training.single import Trainer
 
     cfg = _cfg()
     tr = Trainer(cfg, build_model(cfg.model, VOCAB, seed=1), torch.device("cpu"))

@@ -46,7 +46,7 @@ def _ds_trainer(cfg, **kw):
 def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
     from megabranch.backends.deepspeed import canonical_state
     from megabranch.parallel.engine import ParallelTrainer
-    from megabranch.parallel.pipeline import named_parameters_canonical
+    from megabranch.model import canonical_parameters
     from megabranch.residual import alpha_at
 
     cfg = make_cfg(2, 2, m=2, pp=2, layout="E0-1|D0-1")
@@ -72,7 +72,7 @@ def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
     assert got[-1]["loss"] < got[0]["loss"]
     # parameters after the last step (relative L2; key biases have a zero gradient and only rounding noise)
     mine = canonical_state(ds.module)
-    theirs = {k: v.detach() for k, v in named_parameters_canonical(native.model, cfg.model).items()}
+    theirs = {k: v.detach() for k, v in canonical_parameters(native.model, cfg.model).items()}
     assert set(mine) == set(theirs), sorted(set(mine) ^ set(theirs))
     diff2 = norm2 = 0.0
     for k, v in theirs.items():
@@ -162,7 +162,7 @@ def test_export_import_round_trip(tmp_path, variant):
     vocab, tgt_vocab = 30, (30 if variant == "shared" else 24)
     sd = build_model(mc, vocab, tgt_vocab, seed=5).state_dict()
     files = export_deepspeed(sd, mc, str(tmp_path))
-    n_layers = len(layer_plan(mc, vocab, tgt_vocab))
+    n_layers = len(layer_plan(mc))
     assert n_layers == 3 + 2 + 3
     names = sorted(os.listdir(tmp_path / "megabranch"))
     assert names == sorted([f"layer_{i:02d}-model_states.pt" for i in range(n_layers)] + ["mp_rank_00_model_states.pt"])
@@ -173,7 +173,9 @@ def test_export_import_round_trip(tmp_path, variant):
         assert torch.equal(back[k], sd[k]), k
     if variant == "untied-pre_ln":  # the final norms ride in the last layer of each stack
         last_enc = torch.load(tmp_path / "megabranch" / "layer_03-model_states.pt")
-        assert torch.equal(last_enc["final_norm.weight"], sd["encoder.final_norm.weight"])
+        assert torch.equal(last_enc["encoder.final_norm.weight"], sd["encoder.final_norm.weight"])
+        last_dec = torch.load(tmp_path / "megabranch" / "layer_06-model_states.pt")  # D1, before the output
+        assert torch.equal(last_dec["decoder.final_norm.weight"], sd["decoder.final_norm.weight"])
 
 
 def test_import_refuses_a_mismatched_config(tmp_path):

@@ -28,12 +28,10 @@ def _check(name: str, m: int, parallel: dict, ref_path: str) -> None:
 
     cfg = make_cfg(4, 4, m=m, **dict(parallel))
     tr = ParallelTrainer(cfg, VOCAB)
-    for ch in tr.model:
-        ch.audit = []
+    tr.executor.audit = []
     losses = []
     for step in range(STEPS):
-        for ch in tr.model:
-            ch.audit.clear()
+        tr.executor.audit.clear()
         losses += parallel_losses(tr, step + 1, step)
         errors = alpha_audit_errors(tr, step)  # every stage, every micro-batch, forward and backward: alpha_t
         assert not errors, f"{name}: {errors[:2]}"

@@ -101,7 +101,7 @@ def test_every_deepspeed_config_passes_dry_run(ds, capsys):
 
 def test_dry_run_numbers_against_the_model(capsys):
     from megabranch.model import build_model, count_parameters
-    from megabranch.parallel.memory import dry_run
+    from megabranch.dry_run import dry_run
     from tests.conftest import tiny_model_cfg
 
     cfg = load_config(None, ["parallel.pp=2", "parallel.layout=E0-2|D0-2", "data.max_tokens=300",

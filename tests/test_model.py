@@ -5,7 +5,7 @@ import math
 import torch
 
 from megabranch.model import build_model, label_smoothed_nll_loss
-from megabranch.model.transformer import initial_value
+from megabranch.model import initial_value
 from tests.conftest import tiny_model_cfg
 
 

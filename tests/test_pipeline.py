@@ -20,7 +20,7 @@ from megabranch.parallel.partition import (
     parse_layout,
     plan_layout,
 )
-from megabranch.parallel.pipeline import check_schedule, schedule_actions, simulate
+from megabranch.parallel.schedules import check_schedule, schedule_actions, simulate
 from tests.conftest import tiny_model_cfg
 from tests.dist_utils import run_workers
 
@@ -60,8 +60,8 @@ def synthetic_batches(step: int, n: int, vocab: int = VOCAB) -> list[dict]:
 def reference_run(cfg: Config, steps: int, dp: int = 1) -> tuple[list[float], dict]:
     """The single-process Trainer on the global batches (dp * update_freq micro-batches per step)."""
     from megabranch.model import build_model
-    from megabranch.parallel.engine import draw_init_seed
-    from megabranch.train import Trainer
+    from megabranch.model import draw_init_seed
+    from megabranch.training.single import Trainer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices; and no OpenMP spin-waiting when the CPU is shared with workers
@@ -90,8 +90,8 @@ def assert_matches(tr, losses: list[float], ref: tuple, what: str) -> None:
     Adam's normalisation turns into steps of up to lr, different noise in every layout. They are held to what
     Adam can move two copies apart (2 * sum of the step sizes); all the others together to 1e-5 in relative L2."""
     from megabranch.parallel.parallelize import shard_of
-    from megabranch.parallel.pipeline import named_parameters_canonical
-    from megabranch.train import inverse_sqrt_lr
+    from megabranch.model import canonical_parameters
+    from megabranch.training.lr_schedule import inverse_sqrt_lr
 
     travel = sum(inverse_sqrt_lr(t, tr.cfg.optim) for t in range(len(losses)))
     key_bias_tol = 2 * travel
@@ -101,7 +101,7 @@ def assert_matches(tr, losses: list[float], ref: tuple, what: str) -> None:
         assert abs(a - b) <= 1e-5 * abs(b), f"{what}: step {step} loss {a} vs single-process {b}"
     assert len(losses) == len(ref_losses)
     diff2 = norm2 = 0.0
-    for name, p in named_parameters_canonical(tr.model, tr.cfg.model).items():
+    for name, p in canonical_parameters(tr.model, tr.cfg.model).items():
         r = shard_of(ref_params[name], p)
         err = float((p.detach() - r).abs().max())
         key_bias = name.endswith("k_proj.bias")
@@ -120,10 +120,9 @@ def alpha_audit_errors(tr, step: int) -> list[str]:
     mc = tr.cfg.model
     want = alpha_at(step, mc.alpha_warmup_steps, mc.alpha_schedule) if mc.residual == "branchnorm" else 1.0
     errors = []
-    for ch in tr.model:
-        for phase, c, mb, stack, alpha in ch.audit:
-            if abs(alpha - want) > 1e-7:
-                errors.append(f"chunk {c} {stack} micro-batch {mb} {phase}: alpha {alpha} at step {step} (want {want})")
+    for phase, c, mb, stack, alpha in tr.executor.audit:
+        if abs(alpha - want) > 1e-7:
+            errors.append(f"chunk {c} {stack} micro-batch {mb} {phase}: alpha {alpha} at step {step} (want {want})")
     return errors
 
 
@@ -134,9 +133,9 @@ def test_layout_string_round_trip_and_placement():
     assert str(lay) == "E0-3|E4-5,D0|D1-3|D4-5"
     assert [c.rank for c in lay.chunks] == [0, 1, 0, 1] and [c.virtual for c in lay.chunks] == [0, 0, 1, 1]
     c0, c1, c2, c3 = lay.chunks
-    assert c0.has_src_embed and not c0.has_tgt_embed and c0.sends == "x"
-    assert c1.ends_encoder and c1.has_tgt_embed and c1.receives == "x" and c1.sends == "memory+y"
-    assert c2.receives == "memory+y" and c3.has_output and c3.sends == ""
+    assert c0.src_embed and not c0.tgt_embed and c0.sends == "x"
+    assert c1.ends_encoder and c1.tgt_embed and c1.receives == "x" and c1.sends == "memory+y"
+    assert c2.receives == "memory+y" and c3.output and c3.sends == ""
     assert lay.ranks_holding("src_embed") == [0] and lay.ranks_holding("output") == [1]
     edge = parse_layout("E0-1|D0-1", 2, 2, pp=2, vpp=1)  # the cut exactly at the encoder's end
     assert edge.chunks[0].sends == "memory" and edge.chunks[1].receives == "memory"
@@ -311,16 +310,14 @@ def _two_stage_body(rank, world, refs, lag_refs):
     for kind in CASES:
         cfg = _case_cfg(kind, pp=2, schedule=kind, layout="E0-3,D0|D1-3")
         tr = ParallelTrainer(cfg, VOCAB)
-        for ch in tr.model:
-            ch.audit = []
+        tr.executor.audit = []
         losses = []
         for step in range(6):
-            for ch in tr.model:
-                ch.audit.clear()
+            tr.executor.audit.clear()
             losses += parallel_losses(tr, step + 1, step)
             errors = alpha_audit_errors(tr, step)
             assert not errors, errors[:3]
-            assert any(r[0] == "B" for ch in tr.model for r in ch.audit)  # backward was audited too
+            assert any(r[0] == "B" for r in tr.executor.audit)  # backward was audited too
         assert_matches(tr, losses, refs[kind], kind)
         if not tr.grid.is_last_stage:  # sent decoder hidden states are released once received, during the step
             st = tr.executor.stats
@@ -331,11 +328,15 @@ def _two_stage_body(rank, world, refs, lag_refs):
         batches = synthetic_batches(99, 3)
         got, want = tr.valid_loss(batches), single.valid_loss(batches)
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got, want)
-        if kind == "1f1b":  # a checkpoint of this rank's shard resumes bit for bit
-            state = copy.deepcopy(tr.state_dict())
+        if kind == "1f1b":  # this rank's shard (parameters + canonical optimizer state) resumes bit for bit
+            from megabranch import checkpoint
+
+            params = tr.named_params()
+            state = copy.deepcopy({"model": params, "step": tr.step, "zero": None,
+                                   "optimizer": checkpoint.optimizer_to_canonical(tr.optimizer, list(params))})
             more = parallel_losses(tr, 8, 6)
             tr2 = ParallelTrainer(cfg, VOCAB, init_seed=123)
-            tr2.load_state_dict(state)
+            tr2.load_checkpoint_state(state)
             assert tr2.step == 6
             assert parallel_losses(tr2, 8, 6) == more
 
@@ -344,12 +345,10 @@ def _two_stage_body(rank, world, refs, lag_refs):
     tr = ParallelTrainer(cfg, VOCAB)
     if tr.grid.pp_rank == 1:
         tr.step_offset = 1
-    for ch in tr.model:
-        ch.audit = []
+    tr.executor.audit = []
     caught, losses = [], []
     for step in range(3):
-        for ch in tr.model:
-            ch.audit.clear()
+        tr.executor.audit.clear()
         losses += parallel_losses(tr, step + 1, step)
         caught += alpha_audit_errors(tr, step)
     if tr.grid.pp_rank == 1:
@@ -373,7 +372,7 @@ def _two_stage_body(rank, world, refs, lag_refs):
 
 def _single_trainer(cfg: Config, params: dict):
     from megabranch.model import build_model
-    from megabranch.train import Trainer
+    from megabranch.training.single import Trainer
 
     model = build_model(cfg.model, VOCAB, seed=0)
     model.load_state_dict(params, strict=False)

@@ -4,7 +4,7 @@
     python tools/bench_pipeline.py                       # p=4 CPU processes (gloo), m in 4 8 16, vpp 2
     python tools/bench_pipeline.py --pp 4 --micro-batches 4 8 16 32 --fwd-ms 20 --compute sleep
 
-Each pipeline rank runs megabranch.parallel.pipeline.PipelineExecutor (the trainer's executor: the same action
+Each pipeline rank runs megabranch.parallel.executor.PipelineExecutor (the trainer's executor: the same action
 lists, the same point-to-point messages) over stages whose compute is made uniform: every chunk's forward takes
 --fwd-ms / vpp and its backward twice that, so a rank does the same work under both schedules. With --compute
 sleep (the default) that time is slept, so 2 CPU cores can host 4 stages without the stages competing for
@@ -13,7 +13,7 @@ for that long instead (use it only with at least pp free cores).
 
 bubble = 1 - (compute time of a rank) / (wall time of the step), averaged over ranks and steps; theory:
 1F1B (p-1)/(m+p-1), interleaved with v chunks per rank (p-1)/(v*m+p-1). The ideal-machine simulation of the
-same action lists (pipeline.simulate, free messages) is printed too.
+same action lists (schedules.simulate, free messages) is printed too.
 """
 
 from __future__ import annotations
@@ -65,43 +65,51 @@ def _busy(seconds: float, mode: str, clock: list) -> None:
 
 
 class UniformChunk(nn.Module):
-    """Stands in for a StageChunk: receives and sends one (B, S, D) tensor, the last chunk returns a loss."""
+    """Stands in for a model slice: receives and sends one (B, S, D) tensor, the last chunk returns its output for
+    the executor's loss (a zero-weight sum here)."""
 
-    def __init__(self, index: int, k: int, seconds: float, mode: str, clock: list):
+    def __init__(self, seconds: float, mode: str, clock: list):
         super().__init__()
-        self.chunk = SimpleNamespace(index=index, has_output=index == k - 1, receives="" if index == 0 else "x",
-                                     sends="" if index == k - 1 else "x")
         self.w = nn.Parameter(torch.ones(()))
         self.seconds, self.mode, self.clock = seconds, mode, clock
 
-    def forward(self, mb, inputs=()):
+    def forward(self, src_tokens, prev_tokens, *inputs):
         x = inputs[0] if inputs else torch.ones(B, S, D)
-        y = _Work.apply(x, self.w, self.seconds, self.mode, self.clock)
-        if self.chunk.has_output:
-            loss = y.sum() * 0.0
-            return loss, loss.detach()
-        return (y,)
+        return (_Work.apply(x, self.w, self.seconds, self.mode, self.clock),)
+
+
+def _zero_loss(out, mb):
+    loss = out[0].sum() * 0.0
+    return loss, loss.detach()
+
+
+def _spec(index: int, k: int, pp: int) -> SimpleNamespace:
+    """What the executor reads of a layout Chunk."""
+    return SimpleNamespace(index=index, rank=index % pp, output=index == k - 1, receives="" if index == 0 else "x",
+                           sends="" if index == k - 1 else "x")
 
 
 def _worker(rank, world, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from megabranch.parallel.pipeline import MicroBatch, PipelineExecutor
+    from megabranch.parallel.executor import MicroBatch, PipelineExecutor
 
     try:
         results = []
-        grid = SimpleNamespace(pp_rank=rank, pp_ranks=list(range(world)))
+        grid = SimpleNamespace(pp_rank=rank, pp_ranks=list(range(world)), tp=1, tp_group=None)
         for kind, vpp in (("1f1b", 1), ("interleaved", args.vpp)):
             for m in args.micro_batches:
                 if kind == "interleaved" and m % world:
                     continue
                 k = world * vpp
                 clock = [0.0]
-                chunks = nn.ModuleList(UniformChunk(v * world + rank, k, args.fwd_ms / 1000 / vpp, args.compute, clock)
-                                       for v in range(vpp))
-                layout = SimpleNamespace(pp=world, vpp=vpp, num_chunks=k)
+                chunks = nn.ModuleList(UniformChunk(args.fwd_ms / 1000 / vpp, args.compute, clock) for _ in range(vpp))
+                specs = [_spec(c, k, world) for c in range(k)]
+                layout = SimpleNamespace(pp=world, vpp=vpp, num_chunks=k,
+                                         chunks_of_rank=lambda r, specs=specs: [c for c in specs if c.rank == r])
                 ex = PipelineExecutor(chunks, layout, grid, kind, D)
+                ex.loss_fn = _zero_loss
                 tok = torch.ones(B, S, dtype=torch.long)
                 mbs = [MicroBatch(i, tok, tok, tok, B * S) for i in range(m)]
                 walls, busy = [], []
@@ -130,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args(argv)
-    from megabranch.parallel.pipeline import simulate
+    from megabranch.parallel.schedules import simulate
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@
     python tools/memory_plan.py --set parallel.layout='E0-3|E4-5,D0|D1-5' ...
 
 Every pipeline rank's stage modules are built on the meta device with the trainer's own code
-(megabranch.parallel.pipeline.build_stage + apply_tensor_parallel), so the parameter counts are exact, tied-table
+(megabranch.parallel.stage.build_stage + apply_tensor_parallel), so the parameter counts are exact, tied-table
 copies and tensor-parallel shards included (the rank printed is tensor-parallel rank 0). Per stage:
 
     weights, grads      fp32 (bf16 runs autocast fp32 parameters, so there are no separate master weights)

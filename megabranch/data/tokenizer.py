@@ -18,8 +18,7 @@ import numpy as np
 import sentencepiece as spm
 
 from megabranch.errors import UserError
-
-PAD, UNK, BOS, EOS = 0, 1, 2, 3
+from megabranch.vocab import BOS, EOS, PAD, UNK  # noqa: F401 - re-exported by megabranch.data
 
 # sentencepiece refuses input_sentence_size in 1..100; below this we just use every line.
 _MIN_SAMPLE = 101

@@ -27,6 +27,10 @@ class Embedder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("positions", sinusoidal_table(max_positions, table.embedding_dim), persistent=False)
 
+    def reset_positions(self) -> None:
+        """Recompute the table (after a meta-device build has been given real storage)."""
+        self.positions = sinusoidal_table(*self.positions.shape).to(self.positions.device)
+
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         length = tokens.shape[1]
         if offset + length > self.positions.shape[0]:

@@ -20,38 +20,41 @@ global token count, identical on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.distributed as dist
 
+from .. import checkpoint
 from ..config import Config
 from ..errors import UserError
+from ..model import canonical_parameters, draw_init_seed
 from ..residual import current_alpha, set_step
+from ..training import native_checkpoint
+from ..training.lr_schedule import inverse_sqrt_lr
+from ..training.protocol import step_stats
+from .clip import clip_grad_norm_
+from .data_parallel import GradReducer
+from .executor import MicroBatch, PipelineExecutor
 from .grid import Grid, build_grid, rank_of
 from .partition import Layout, plan_layout
-from .pipeline import MicroBatch, PipelineExecutor, build_stage, check_schedule, named_parameters_canonical
+from .schedules import check_schedule
+from .stage import build_stage
+from .tensor_parallel import model_parallel_seed
+from .zero import ShardedAdamW
 
 
-def _world_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def draw_init_seed(seed: int) -> int:
-    """The model's init seed for a config seed: the first draw after torch.manual_seed(seed). train.run passes it
-    to build_model and to ParallelTrainer alike, so every layout starts from the same weights."""
-    torch.manual_seed(seed)
-    return int(torch.randint(0, 2**62, ()))
-
-
-class ParallelTrainer:
-    """Owns this rank's pipeline chunks (`.model`), its optimizer shard and the step counter (`.step`, the
-    broadcast copy of global rank 0's)."""
+class ParallelTrainer(native_checkpoint.NativeCheckpointing):
+    """Owns this rank's pipeline chunks (`.model`: slices of the model), its optimizer shard and the step counter
+    (`.step`, the broadcast copy of global rank 0's). Implements training.protocol.Engine."""
 
     def __init__(self, cfg: Config, vocab_size: int, tgt_vocab_size: int | None = None,
-                 device: torch.device | str = "cpu", grid: Grid | None = None, init_seed: int | None = None):
+                 device: torch.device | str = "cpu", grid: Grid | None = None, init_seed: int | None = None,
+                 vocab_sha256: str | None = None):
         p, o = cfg.parallel, cfg.optim
         self.cfg, self.device = cfg, torch.device(device)
+        self.vocab_sha256 = vocab_sha256
         if o.precision == "fp16":
             raise UserError("optim.precision=fp16 is not supported by the parallel engine; use bf16 or fp32")
         self.amp_dtype = torch.bfloat16 if o.precision == "bf16" else None
@@ -59,19 +62,17 @@ class ParallelTrainer:
         g = self.grid
         check_schedule(p.schedule, g.pp, g.vpp, o.update_freq)
         vocab, tgt_vocab = vocab_size, tgt_vocab_size or vocab_size
+        self.vocab_sizes = (vocab, tgt_vocab)
+        self.rank, self.data_shards, self.data_shard = g.rank, g.dp, g.dp_rank
         self.layout: Layout = plan_layout(cfg.model, g.pp, g.vpp, vocab, tgt_vocab, g.tp, layout=p.layout,
                                           by=p.balance, recompute=p.recompute)
         if init_seed is None:
             init_seed = draw_init_seed(cfg.seed)
         self.model = build_stage(cfg.model, self.layout, g, vocab, tgt_vocab, seed=init_seed, device=self.device,
-                                 recompute=p.recompute, label_smoothing=o.label_smoothing)
-        from .tensor_parallel import model_parallel_seed
-
+                                 recompute=p.recompute)
         model_parallel_seed(cfg.seed, g)  # dropout streams: same on a tp group, distinct per stage / replica
-        self.params = list(named_parameters_canonical(self.model, cfg.model).values())
+        self.params = list(canonical_parameters(self.model, cfg.model).values())
         self._setup_embedding_groups()
-        from .data_parallel import GradReducer
-
         bucket_mb = p.bucket_mb
         overlap = p.overlap
         # a table used by two local chunks gets two backward contributions per micro-batch; it is reduced after
@@ -79,9 +80,6 @@ class ParallelTrainer:
         users: dict = {}
         for ch in self.model:
             used = {id(x) for x in ch.parameters()}
-            out = getattr(ch.decoder, "output", None)
-            if out is not None and out._tied:
-                used.add(id(out._tied[0].weight))
             for i in used:
                 users[i] = users.get(i, 0) + 1
         self.shared = [q for q in self.params if users.get(id(q), 0) > 1 or id(q) in self._emb_ids]
@@ -93,14 +91,13 @@ class ParallelTrainer:
         ]
         self.shared_reducer = GradReducer(self.shared, g.dp_group, bucket_mb, overlap=False)
         if p.zero:
-            from .zero import ShardedAdamW
-
             self.optimizer = ShardedAdamW(self.params, g.dp_group, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
                                           weight_decay=o.weight_decay)
         else:
             self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
                                                weight_decay=o.weight_decay)
-        self.executor = PipelineExecutor(self.model, self.layout, g, p.schedule, cfg.model.d_model)
+        self.executor = PipelineExecutor(self.model, self.layout, g, p.schedule, cfg.model.d_model,
+                                         label_smoothing=o.label_smoothing)
         self.executor.on_last_backward = lambda v: self.reducers[v].arm()
         self.step = 0
         self.step_offset = 0  # tests only: a stage that lags by this many steps (must be caught)
@@ -116,7 +113,7 @@ class ParallelTrainer:
         if mc.share_all_embeddings:
             holders = {"encoder": holders["encoder"] | holders["decoder"]}
         names = {"encoder": "encoder.embed.table.weight", "decoder": "decoder.embed.table.weight"}
-        mine = named_parameters_canonical(self.model, mc)
+        mine = canonical_parameters(self.model, mc)
         self.embedding_groups: list = []  # (parameter, group)
         self._emb_ids: set = set()
         for key in sorted(holders):
@@ -149,8 +146,6 @@ class ParallelTrainer:
         return t.tolist()
 
     def _autocast(self):
-        import contextlib
-
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -173,9 +168,6 @@ class ParallelTrainer:
         return self.step
 
     def train_step(self, batches: list[dict]) -> dict:
-        from .clip import clip_grad_norm_
-        from ..train import inverse_sqrt_lr
-
         o = self.cfg.optim
         self.model.train()
         step = self.sync_step()
@@ -204,15 +196,7 @@ class ParallelTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss_sum, nll_sum = self._sum(self._local_loss_share(loss_sum, nll_sum))
-        return {
-            "loss": loss_sum / ntokens,
-            "nll_loss": nll_sum / ntokens,
-            "lr": lr,
-            "alpha": alpha,
-            "gnorm": gnorm,
-            "ntokens": ntokens,
-            "skipped": int(skipped),
-        }
+        return step_stats(loss_sum, nll_sum, ntokens, lr, alpha, gnorm, skipped)
 
     @torch.no_grad()
     def valid_loss(self, batches) -> dict:
@@ -226,27 +210,27 @@ class ParallelTrainer:
         loss_sum, nll_sum = self._sum(self._local_loss_share(loss_sum, nll_sum))
         return {"loss": loss_sum / max(ntokens, 1), "nll_loss": nll_sum / max(ntokens, 1)}
 
-    # --- checkpoints (one shard per rank) --------------------------------------------------------------
+    # --- the rest of the protocol -----------------------------------------------------------------------------
+    def describe(self) -> str:
+        m = self.cfg.model
+        return (f"{m.residual} {m.encoder_layers}L-{m.decoder_layers}L d={m.d_model}, {self.grid.describe()}, "
+                f"stages {self.layout}, device {self.device}")
+
+    def alpha(self) -> float:
+        return current_alpha(self.model)
+
+    def bleu_model(self):
+        return None  # decoding needs the whole model on one process
+
+    # --- checkpoints (one shard per rank; training.native_checkpoint) ------------------------------------------
     def _describe(self) -> dict:
         g = self.grid
         return {"tp": g.tp, "pp": g.pp, "dp": g.dp, "vpp": g.vpp, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank,
                 "dp_rank": g.dp_rank, "layout": str(self.layout)}
 
-    def state_dict(self) -> dict:
-        """This rank's shard: its parameters by single-process name (tensor-parallel slices), its optimizer
-        state, the step and where it sits in the grid."""
-        params = named_parameters_canonical(self.model, self.cfg.model)
-        return {
-            "model": {k: v.detach().clone() for k, v in params.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": {},
-            "step": self.step,
-            "parallel": self._describe(),
-        }
-
     def named_params(self) -> dict:
         """This rank's parameters by single-process name (tensor-parallel slices)."""
-        return named_parameters_canonical(self.model, self.cfg.model)
+        return canonical_parameters(self.model, self.cfg.model)
 
     def position(self) -> dict:
         """Where this rank sits, as megabranch.checkpoint.load_for_rank reads it."""
@@ -255,24 +239,6 @@ class ParallelTrainer:
     @torch.no_grad()
     def load_checkpoint_state(self, state: dict) -> None:
         """Restore from megabranch.checkpoint.load_for_rank's result (already cut for this rank's layout)."""
-        from .. import checkpoint
-
         checkpoint.restore(self.named_params(), self.optimizer, state)
-        self.step = int(state["step"])
-        self.sync_step()
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        mine, theirs = self._describe(), state.get("parallel")
-        if theirs != mine:
-            raise UserError(f"checkpoint shard was written by the grid position {theirs}, this rank is {mine}; "
-                            "resume with the same parallel settings (layout conversion comes with sharded "
-                            "checkpoints)")
-        params = named_parameters_canonical(self.model, self.cfg.model)
-        if set(params) != set(state["model"]):
-            raise UserError("checkpoint shard holds different parameters than this rank's stages")
-        for k, p in params.items():
-            p.copy_(state["model"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.sync_step()

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from ..errors import UserError
+from ..model.span import Span
 
 MAX_IMBALANCE = 1.5  # heaviest / lightest chunk above which an automatic split is refused
 MACHINE_BALANCE = 150.0  # FLOPs per byte of memory traffic (about an H100's bf16 peak / HBM bandwidth)
@@ -43,17 +44,21 @@ MACHINE_BALANCE = 150.0  # FLOPs per byte of memory traffic (about an H100's bf1
 # --- the layout ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Chunk:
-    """One virtual stage: encoder layers [enc_lo, enc_hi) and decoder layers [dec_lo, dec_hi)."""
+class Chunk(Span):
+    """One virtual stage: a span of the model (encoder layers [enc_lo, enc_hi), decoder layers [dec_lo, dec_hi),
+    the embeddings with E0 / D0, the output with D(M-1)) and where it runs."""
 
-    index: int  # position in the pipeline, 0 .. K-1
-    pp: int
-    enc_lo: int
-    enc_hi: int
-    dec_lo: int
-    dec_hi: int
-    n_enc: int  # layers in the whole model
-    n_dec: int
+    index: int = 0  # position in the pipeline, 0 .. K-1
+    pp: int = 1
+
+    @classmethod
+    def of_layers(cls, lo: int, hi: int, n_enc: int, n_dec: int, index: int = 0, pp: int = 1) -> "Chunk":
+        return cls(**vars(Span.of_layers(lo, hi, n_enc, n_dec)), index=index, pp=pp)
+
+    @property
+    def span(self) -> Span:
+        """What the chunk holds, without where it runs (what the model is built from)."""
+        return Span(**{f.name: getattr(self, f.name) for f in fields(Span)})
 
     @property
     def rank(self) -> int:  # pipeline rank that runs it
@@ -62,61 +67,6 @@ class Chunk:
     @property
     def virtual(self) -> int:  # its position among that rank's chunks
         return self.index // self.pp
-
-    @property
-    def has_encoder(self) -> bool:
-        return self.enc_hi > self.enc_lo
-
-    @property
-    def has_decoder(self) -> bool:
-        return self.dec_hi > self.dec_lo
-
-    @property
-    def has_src_embed(self) -> bool:
-        return self.has_encoder and self.enc_lo == 0
-
-    @property
-    def has_tgt_embed(self) -> bool:
-        return self.has_decoder and self.dec_lo == 0
-
-    @property
-    def ends_encoder(self) -> bool:
-        return self.has_encoder and self.enc_hi == self.n_enc
-
-    @property
-    def has_output(self) -> bool:
-        return self.has_decoder and self.dec_hi == self.n_dec
-
-    @property
-    def receives(self) -> str:
-        """What arrives from the previous chunk: '' (tokens only), 'x' (encoder hidden), 'memory' (the finished
-        encoder output, decoder not started) or 'memory+y' (encoder output and decoder hidden)."""
-        if self.has_src_embed:
-            return ""
-        if self.has_encoder:
-            return "x"
-        return "memory" if self.has_tgt_embed else "memory+y"
-
-    @property
-    def sends(self) -> str:
-        """What goes to the next chunk ('' for the last one: it ends in the loss)."""
-        if self.has_output:
-            return ""
-        if self.has_decoder:
-            return "memory+y"
-        return "memory" if self.ends_encoder else "x"
-
-    def describe(self) -> str:
-        parts = []
-        if self.has_encoder:
-            parts.append(_rng("E", self.enc_lo, self.enc_hi))
-        if self.has_decoder:
-            parts.append(_rng("D", self.dec_lo, self.dec_hi))
-        return ",".join(parts)
-
-
-def _rng(kind: str, lo: int, hi: int) -> str:
-    return f"{kind}{lo}" if hi - lo == 1 else f"{kind}{lo}-{hi - 1}"
 
 
 @dataclass(frozen=True)
@@ -140,19 +90,14 @@ class Layout:
 
     def ranks_holding(self, what: str) -> list[int]:
         """Pipeline ranks holding 'src_embed', 'tgt_embed' or 'output'."""
-        return sorted({c.rank for c in self.chunks if getattr(c, f"has_{what}")})
+        return sorted({c.rank for c in self.chunks if getattr(c, what)})
 
     @classmethod
     def from_bounds(cls, bounds: list[int], pp: int, vpp: int, n_enc: int, n_dec: int) -> "Layout":
         """Chunk c holds layers [bounds[c], bounds[c+1]) of the sequence E0..E(N-1) D0..D(M-1)."""
-        chunks = []
-        for c in range(len(bounds) - 1):
-            lo, hi = bounds[c], bounds[c + 1]
-            chunks.append(Chunk(
-                index=c, pp=pp, enc_lo=min(lo, n_enc), enc_hi=min(hi, n_enc),
-                dec_lo=max(lo - n_enc, 0), dec_hi=max(hi - n_enc, 0), n_enc=n_enc, n_dec=n_dec,
-            ))
-        return cls(tuple(chunks), pp, vpp, n_enc, n_dec)
+        chunks = tuple(Chunk.of_layers(bounds[c], bounds[c + 1], n_enc, n_dec, index=c, pp=pp)
+                       for c in range(len(bounds) - 1))
+        return cls(chunks, pp, vpp, n_enc, n_dec)
 
     def bounds(self) -> list[int]:
         out = [0]
@@ -348,16 +293,16 @@ class CostModel:
 
     def _extras(self, chunk: Chunk) -> list[Cost]:
         out = []
-        if chunk.has_src_embed:
+        if chunk.src_embed:
             out.append(self.embedding(self.vocab, self.src_tokens))
-        if chunk.has_tgt_embed:
+        if chunk.tgt_embed:
             out.append(self.embedding(self.tgt_vocab, self.tokens))
         if self.cfg.residual == "pre_ln":
             if chunk.ends_encoder:
                 out.append(self.final_norm(self.src_tokens))
-            if chunk.has_output:
+            if chunk.output:
                 out.append(self.final_norm(self.tokens))
-        if chunk.has_output:
+        if chunk.output:
             out.append(self.output())
         return out
 
@@ -368,17 +313,17 @@ class CostModel:
         n = ((chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().params
              + (chunk.dec_hi - chunk.dec_lo) * self.decoder_layer().params)
         tables = set()
-        if chunk.has_src_embed:
+        if chunk.src_embed:
             tables.add("src")
-        if chunk.has_tgt_embed:
+        if chunk.tgt_embed:
             tables.add("tgt")
-        if chunk.has_output:
+        if chunk.output:
             tables.add("tgt" if cfg.share_decoder_input_output_embed else "out")
         if cfg.share_all_embeddings:
             tables = {"src" if t == "tgt" else t for t in tables}
         n += sum(math.ceil((self.vocab if t == "src" else self.tgt_vocab) / self.tp) * d for t in tables)
         if cfg.residual == "pre_ln":
-            n += 2 * d * (int(chunk.ends_encoder) + int(chunk.has_output))
+            n += 2 * d * (int(chunk.ends_encoder) + int(chunk.output))
         return n
 
     def chunk_memory(self, chunk: Chunk) -> float:
@@ -390,7 +335,7 @@ class CostModel:
         key = ("span", lo, hi)
         if key not in self._cache:
             n_enc, n_dec = self.cfg.encoder_layers, self.cfg.decoder_layers
-            chunk = Chunk(0, 1, min(lo, n_enc), min(hi, n_enc), max(lo - n_enc, 0), max(hi - n_enc, 0), n_enc, n_dec)
+            chunk = Chunk.of_layers(lo, hi, n_enc, n_dec)
             self._cache[key] = self.chunk_memory(chunk)
         return self._cache[key]
 

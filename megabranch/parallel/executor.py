@@ -1,0 +1,234 @@
+"""The pipeline executor: runs this rank's chunks over the micro-batches of one step with point-to-point messages,
+in the order of an action list (megabranch.parallel.schedules).
+
+A chunk is a slice of the model (megabranch.model.Transformer built for the chunk's span, see stage.py); what
+the executor adds is the engine-specific part only: it feeds the chunk what the previous chunk sent, sends on
+what the chunk returns, and on the last chunk computes the loss (vocabulary-parallel when the output is sharded
+over tensor-parallel ranks). Every rank of a pipeline reads the same micro-batches, so every shape is known from
+the batch and no shape is ever communicated; masks, decoder input tokens and targets are rebuilt from the
+micro-batch on each rank (model/span.py lists what travels).
+
+The encoder output travels with the decoder hidden through every decoder stage, and its gradient flows back the
+same way: a decoder chunk adds its cross-attention contributions to the gradient it receives for memory and sends
+the sum on. Sends are non-blocking; a receive blocks only when its data is needed; each sent activation's storage
+is freed as soon as its send has completed (the autograd graph keeps only its metadata: no op at a chunk boundary
+saves its own output). docs/design.md ("Parallel engine") says why this is our own loop and not
+torch.distributed.pipelining's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..model import label_smoothed_nll_loss
+from ..vocab import PAD
+from .partition import Layout
+from .schedules import schedule_actions
+from .tensor_parallel import vocab_parallel_label_smoothed_nll_loss
+
+
+@dataclass
+class MicroBatch:
+    index: int
+    src_tokens: torch.Tensor
+    prev_tokens: torch.Tensor
+    target: torch.Tensor
+    ntokens: int
+    key_mask: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.key_mask = self.src_tokens.ne(PAD)
+
+    @classmethod
+    def from_batch(cls, i: int, batch: dict, device) -> "MicroBatch":
+        return cls(i, batch["src_tokens"].to(device), batch["prev_output_tokens"].to(device),
+                   batch["target"].to(device), int(batch["ntokens"]))
+
+    def shapes(self, what: str, d: int) -> list[tuple]:
+        b, s = self.src_tokens.shape
+        t = self.prev_tokens.shape[1]
+        return {"x": [(b, s, d)], "memory": [(b, s, d)], "memory+y": [(b, s, d), (b, t, d)], "": []}[what]
+
+
+class _SendReaper:
+    """Waits for non-blocking sends on a helper thread and, for a sent activation, frees its data the moment the
+    send completes (the next stage has it). A thread, because gloo's send work only reports completion from
+    wait(): polling is_completed() from the schedule loop would see nothing before the step ends; Work.wait()
+    releases the GIL, so the schedule keeps running meanwhile."""
+
+    def __init__(self, stats: dict):
+        self.stats, self.error = stats, None
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="megabranch-send-reaper", daemon=True)
+        self._thread.start()
+
+    def put(self, work, tensor: torch.Tensor | None) -> None:
+        self._q.put((work, tensor))
+
+    def _loop(self) -> None:
+        while True:
+            work, t = self._q.get()
+            try:
+                work.wait()
+                if t is not None:  # drop the data; autograd keeps the metadata, all backward(outputs) needs
+                    self.stats["freed_bytes"] += t.untyped_storage().nbytes()
+                    t.untyped_storage().resize_(0)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread by drain()
+                self.error = self.error or e
+            finally:
+                del work, t
+                self._q.task_done()
+
+    def drain(self) -> None:
+        """Wait for every send of the step; raise what a send raised."""
+        self._q.join()
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+
+class PipelineExecutor:
+    """Runs this rank's chunks over the micro-batches of one step with point-to-point messages."""
+
+    def __init__(self, chunks: nn.ModuleList, layout: Layout, grid, kind: str, d_model: int,
+                 dtype: torch.dtype = torch.float32, label_smoothing: float = 0.0):
+        self.chunks, self.layout, self.grid, self.kind = chunks, layout, grid, kind
+        self.specs = layout.chunks_of_rank(grid.pp_rank)  # the layout's Chunk of each local slice
+        self.d, self.dtype = d_model, dtype
+        self.label_smoothing = label_smoothing
+        self.loss_group = grid.tp_group if grid.tp > 1 else None  # the output is vocabulary-parallel
+        self.loss_fn = self.token_loss  # (last chunk's output, micro-batch) -> (loss_sum, nll_sum)
+        self.audit: list | None = None  # (phase, chunk, micro-batch, stack, alpha) records, when a test asks
+        first = next(iter(chunks.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.pp, self.vpp, self.k = layout.pp, layout.vpp, layout.num_chunks
+        self.on_last_backward = None  # callback(v) right before chunk v's backward of the last micro-batch
+        # freed_early_bytes: activation bytes freed while the step was still running (not by the final drain)
+        self.stats = {"sent_bytes": 0, "freed_bytes": 0, "freed_early_bytes": 0}
+        self._reaper: _SendReaper | None = None  # started on the first send of a tensor to free
+        self._unreaped: list = []  # (work, tensor) of the other sends
+
+    # --- one chunk: the model's slice, plus what only a pipeline needs -----------------------------------------
+    def _record(self, phase: str, v: int, mb: int) -> None:
+        for stack in (self.chunks[v].encoder, self.chunks[v].decoder):
+            if len(stack.layers):
+                self.audit.append((phase, self.specs[v].index, mb, "encoder" if stack is self.chunks[v].encoder
+                                   else "decoder", float(stack.coeffs.s)))
+
+    def _forward(self, v: int, mb: "MicroBatch", inputs: tuple) -> tuple:
+        """Chunk v's forward: -> what it sends on, or (loss_sum, nll_sum) on the last chunk."""
+        if self.audit is not None:
+            self._record("F", v, mb.index)
+        out = self.chunks[v](mb.src_tokens, mb.prev_tokens, *inputs)
+        last = out if torch.is_tensor(out) else out[-1]
+        if self.audit is not None and torch.is_grad_enabled() and last.requires_grad:
+            # the alpha this chunk sees while its backward runs
+            last.register_hook(lambda g, i=mb.index: self._record("B", v, i))
+        return self.loss_fn(out, mb) if self.specs[v].output else out
+
+    def token_loss(self, logits: torch.Tensor, mb: "MicroBatch") -> tuple:
+        """Label-smoothed loss and nll sums over the micro-batch's target tokens (vocabulary-parallel logits when
+        the output is sharded over the tensor-parallel group)."""
+        if self.loss_group is not None:
+            return vocab_parallel_label_smoothed_nll_loss(logits, mb.target, self.label_smoothing, PAD, self.loss_group)
+        return label_smoothed_nll_loss(logits, mb.target, self.label_smoothing, PAD)
+
+    # --- messages ---------------------------------------------------------------------------------------------
+    def _peer(self, chunk_index: int) -> int:
+        return self.grid.pp_ranks[chunk_index % self.pp]
+
+    def _tag(self, kind: int, chunk_index: int, mb: int, j: int, m: int) -> int:
+        return ((chunk_index * m + mb) * 2 + kind) * 2 + j
+
+    def _send(self, tensors, dst_chunk: int, src_chunk: int, kind: int, mb: int, m: int, free: list[bool]):
+        for j, (t, fr) in enumerate(zip(tensors, free)):
+            t = t.detach()
+            if not t.is_contiguous():
+                t = t.contiguous()
+            work = dist.isend(t, self._peer(dst_chunk), tag=self._tag(kind, src_chunk, mb, j, m))
+            self.stats["sent_bytes"] += t.numel() * t.element_size()
+            if not fr:  # nothing to free early: waited for at the end of the step
+                self._unreaped.append((work, t))
+                continue
+            if self._reaper is None:
+                self._reaper = _SendReaper(self.stats)
+            self._reaper.put(work, t)
+
+    def _recv(self, shapes, src_chunk: int, kind: int, mb: int, m: int) -> list[torch.Tensor]:
+        bufs = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shapes]
+        works = [dist.irecv(b, self._peer(src_chunk), tag=self._tag(kind, src_chunk, mb, j, m))
+                 for j, b in enumerate(bufs)]
+        for w in works:
+            w.wait()
+        return bufs
+
+    def run(self, mbs: list[MicroBatch], loss_scale: float, forward_only: bool = False) -> tuple[float, float]:
+        """Forward (+ backward, loss * loss_scale) of every micro-batch. -> (loss_sum, nll_sum) of the micro-batches
+        whose loss this rank computes (the last stage; 0 elsewhere)."""
+        m = len(mbs)
+        actions = (
+            [("F", v, i) for i in range(m) for v in range(self.vpp)] if forward_only
+            else schedule_actions(self.kind, self.pp, self.vpp, m, self.grid.pp_rank)
+        )
+        saved: dict = {}
+        loss_sum = nll_sum = 0.0
+        freed_at_start = self.stats["freed_bytes"]
+        ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
+        with ctx:
+            for op, v, i in actions:
+                c = self.specs[v]
+                mb = mbs[i]
+                if op == "F":
+                    inputs = ()
+                    if c.index > 0:
+                        inputs = tuple(self._recv(mb.shapes(c.receives, self.d), c.index - 1, 0, i, m))
+                        if not forward_only:
+                            for t in inputs:
+                                t.requires_grad_(True)
+                    outs = self._forward(v, mb, inputs)
+                    if c.output:
+                        loss, nll = outs
+                        loss_sum += float(loss.detach())
+                        nll_sum += float(nll.detach())
+                        if not forward_only:
+                            saved[(v, i)] = (inputs, (loss * loss_scale,))
+                    else:
+                        outs = tuple(o if o.dtype == self.dtype else o.to(self.dtype) for o in outs)
+                        # free what only the next stage needs once it has it: the hidden state (x or y), and a
+                        # finished encoder output that no local decoder layer reads. Inside the decoder, memory is
+                        # this chunk's input or read by its cross-attention: it stays.
+                        free = [not (c.sends == "memory+y" and j == 0) for j in range(len(outs))]
+                        self._send(outs, c.index + 1, c.index, 0, i, m, free)
+                        if not forward_only:
+                            saved[(v, i)] = (inputs, outs)
+                    if forward_only:
+                        del outs, inputs
+                else:
+                    if self.on_last_backward is not None and i == m - 1:
+                        self.on_last_backward(v)
+                    inputs, outs = saved.pop((v, i))
+                    if c.output:
+                        torch.autograd.backward(outs[0])
+                    else:
+                        grads = self._recv(mb.shapes(c.sends, self.d), c.index + 1, 1, i, m)
+                        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    if c.index > 0:
+                        gin = [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs]
+                        self._send(gin, c.index - 1, c.index, 1, i, m, [False] * len(gin))
+                    del inputs, outs
+        self.stats["freed_early_bytes"] += self.stats["freed_bytes"] - freed_at_start
+        for work, _ in self._unreaped:
+            work.wait()
+        self._unreaped = []
+        if self._reaper is not None:
+            self._reaper.drain()
+        assert not saved, f"unfinished micro-batches: {sorted(saved)}"
+        return loss_sum, nll_sum

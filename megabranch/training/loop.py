@@ -1,0 +1,110 @@
+"""The run loop: one for every engine (training.protocol.Engine).
+
+    train(engine, cfg, data) -> final validation stats
+
+Data order (token batches, sharded over the data-parallel replicas, resumable), logging (log.jsonl, TensorBoard,
+progress), validation every log.valid_interval steps with the sacreBLEU of a greedy/beam decode where the engine
+has a whole model, a checkpoint after each validation, and stopping at optim.max_updates (or when `on_step` says
+so). Nothing here knows how an engine steps or saves.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+from ..config import Config
+from ..data import EpochBatchIterator
+from ..generate import quick_bleu
+from ..metrics import MetricsLogger, SilentLogger
+
+
+@dataclass
+class RunData:
+    """What a run reads: the train and valid splits and the target tokenizer (for BLEU)."""
+
+    train_set: object
+    valid_set: object
+    tgt_tokenizer: object
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def valid_batches_of(valid_set, cfg: Config, shards: int = 1, shard: int = 0) -> list[dict]:
+    """The validation split in token batches, this data-parallel replica's share."""
+    batches = list(EpochBatchIterator(valid_set, cfg.data.max_tokens, seed=cfg.seed, shuffle=False).next_epoch_itr())
+    return batches[shard::shards]
+
+
+def _interval_record(step: int, epoch: int, interval: dict, stats: dict, elapsed: float) -> dict:
+    record = {"step": step, "epoch": epoch, "loss": _mean(interval["loss"]), "nll_loss": _mean(interval["nll_loss"]),
+              "lr": stats["lr"], "alpha": stats["alpha"]}
+    if interval["gnorm"]:  # every step of the interval was skipped (fp16 overflow): no norm to report
+        record.update(gnorm=_mean(interval["gnorm"]), gnorm_max=max(interval["gnorm"]))
+    record.update(skipped=interval["skipped"], tokens_per_s=round(interval["ntokens"] / max(elapsed, 1e-9), 1))
+    return record
+
+
+def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, valid_batches: list | None = None,
+          on_step=None, save: bool = True) -> dict:
+    """Train `engine` until optim.max_updates -> the last validation stats ({} if it stopped before any).
+
+    loop_state: what engine.resume() returned (data position, best validation loss). valid_batches: this rank's
+    validation batches (default: the whole valid split). on_step(stats) -> True stops the run after that step
+    (no validation or save for it). save=False writes no checkpoints."""
+    o, lg = cfg.optim, cfg.log
+    itr = EpochBatchIterator(data.train_set, cfg.data.max_tokens, seed=cfg.seed,
+                             max_sentences=cfg.data.max_sentences or None, shuffle=cfg.data.shuffle,
+                             num_shards=engine.data_shards, shard_id=engine.data_shard)
+    best = math.inf
+    if loop_state is not None:
+        if loop_state.get("data") is not None:
+            itr.load_state_dict(loop_state["data"])
+        if loop_state.get("best_valid_loss") is not None:
+            best = float(loop_state["best_valid_loss"])
+    logger = MetricsLogger(lg.save_dir, o.max_updates, lg.tensorboard, lg.progress) if engine.rank == 0 else SilentLogger()
+    if loop_state is None and engine.rank == 0:
+        print(f"model: {engine.describe()}, {len(data.train_set)} training pairs", file=sys.stderr)
+    if valid_batches is None:
+        valid_batches = valid_batches_of(data.valid_set, cfg, engine.data_shards, engine.data_shard)
+    groups = itr.update_groups(o.update_freq)
+    interval = {"loss": [], "nll_loss": [], "gnorm": [], "ntokens": 0, "skipped": 0}
+    t0 = time.time()
+    valid_stats: dict = {}
+    try:
+        while engine.step < o.max_updates:
+            stats = engine.train_step(next(groups))
+            interval["loss"].append(stats["loss"])
+            interval["nll_loss"].append(stats["nll_loss"])
+            if math.isfinite(stats["gnorm"]):
+                interval["gnorm"].append(stats["gnorm"])
+            interval["ntokens"] += stats["ntokens"]
+            interval["skipped"] += stats["skipped"]
+            logger.progress(engine.step, stats["loss"], stats["alpha"])
+            step = engine.step
+            last = step == o.max_updates
+            if step % lg.log_interval == 0 or last:
+                logger.log(_interval_record(step, itr.epoch, interval, stats, time.time() - t0))
+                interval = {"loss": [], "nll_loss": [], "gnorm": [], "ntokens": 0, "skipped": 0}
+                t0 = time.time()
+            if on_step is not None and on_step(stats):
+                break
+            if step % lg.valid_interval == 0 or last:
+                valid_stats = engine.valid_loss(valid_batches)
+                model = engine.bleu_model() if lg.bleu_sentences > 0 else None
+                if model is not None:
+                    valid_stats["bleu"] = quick_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
+                                                     lg.bleu_sentences, next(model.parameters()).device)
+                logger.log({"step": step, **valid_stats}, tag="valid")
+                is_best = valid_stats["loss"] < best
+                best = min(best, valid_stats["loss"])
+                if save:
+                    engine.save(lg.save_dir, itr.state_dict(), valid_stats["loss"], best, is_best)
+                t0 = time.time()  # validation and saving are not training throughput
+    finally:
+        logger.close()
+    return valid_stats
