@@ -29,7 +29,7 @@ setup(
     description="Megatron-style trainer for extremely deep encoder-decoder Transformers (BranchNorm, DeepNorm)",
     packages=find_packages(include=["megabranch", "megabranch.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "sentencepiece", "sacrebleu>=2.0", "tensorboard", "PyYAML"],
+    install_requires=["torch>=2.4", "numpy", "sentencepiece", "sacrebleu>=2.0", "tensorboard", "PyYAML", "safetensors>=0.4"],
     extras_require={"deepspeed": ["deepspeed==0.19.8"], "plot": ["matplotlib"], "test": ["pytest"]},
     ext_modules=_EXT_MODULES,
     cmdclass=_CMDCLASS,
@@ -38,7 +38,7 @@ setup(
             "megabranch-preprocess=megabranch.data.preprocess:main",
             "megabranch-train=megabranch.train:main",
             "megabranch-generate=megabranch.generate:main",
-            "megabranch-convert=megabranch.convert:main",
+            "megabranch-convert=megabranch.convert.cli:main",
         ]
     },
 )

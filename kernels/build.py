@@ -1,5 +1,5 @@
 """Build recipe of the fused residual LayerNorm extensions: one source of truth for setup.py and
-the JIT path in megabranch/ops/residual_layernorm.py.
+the JIT path in megabranch/ops/residual_ln_loader.py.
 
 This file is loaded by path (it is not part of an importable package, and a module called
 ``build`` would clash with PyPA's ``build``), e.g.::
@@ -202,7 +202,7 @@ def setup_extensions(setup_dir: str | os.PathLike | None = None):
         )
     ]
     if cuda_available_for_build() and _cuda_versions_match():
-        _point_torch_at_cuda_home(cpp_extension)
+        point_torch_at_cuda_home(cpp_extension)
         exts.append(
             cpp_extension.CUDAExtension(
                 name=CUDA_EXT_NAME,
@@ -243,7 +243,8 @@ def _cuda_versions_match() -> bool:
     return ver is not None and str(ver[0]) == str(torch.version.cuda).split(".")[0]
 
 
-def _point_torch_at_cuda_home(cpp_extension) -> None:
+def point_torch_at_cuda_home(cpp_extension) -> None:
+    """Make torch.utils.cpp_extension use the CUDA toolkit that find_cuda_home() picks."""
     # torch resolves CUDA_HOME once, at import, and may settle on a folder without bin/nvcc
     # (e.g. /usr/local when nvcc is a symlink there); use the toolkit found above instead.
     home = find_cuda_home()

@@ -6,7 +6,7 @@
 // 32-bit word number (col % 4) of Philox4x32-10(counter = {col / 4, row_lo, row_hi, kSalt},
 // key = {seed_lo, seed_hi}) is >= threshold, threshold = p * 2^32.  Forward and backward
 // regenerate the same mask from the seed, and the CPU and CUDA kernels produce identical masks.
-// megabranch/ops/residual_layernorm.py holds a pure-PyTorch copy of this function for tests.
+// megabranch/ops/residual_ln_reference.py holds a pure-PyTorch copy of this function for tests.
 #pragma once
 
 #include <stdint.h>

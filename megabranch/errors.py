@@ -1,5 +1,7 @@
 """User errors: one line naming the problem, exit code 2, no traceback."""
 
+from __future__ import annotations
+
 import functools
 import sys
 
@@ -8,20 +10,27 @@ class UserError(Exception):
     """A mistake in the user's input (file, config, checkpoint); printed as one line, never as a traceback."""
 
 
-def cli_main(fn):
-    """Wrap a console entry point so UserError becomes `<prog>: error: <message>` and exit code 2."""
+def cli_main(fn=None, *, prog: str | None = None):
+    """Wrap a console entry point so UserError becomes `<prog>: error: <message>` and exit code 2. `prog`
+    names the command (default: megabranch-<the entry point's module name>); use as @cli_main or
+    @cli_main(prog="megabranch-convert")."""
+    if fn is None:
+        return functools.partial(cli_main, prog=prog)
 
     @functools.wraps(fn)
     def wrapper(argv=None):
         try:
             return fn(argv)
         except UserError as e:
-            prog = fn.__module__.rsplit(".", 1)[-1]
-            if prog == "__main__":  # python -m megabranch.train: name it after the file
-                import os
+            name = prog
+            if name is None:
+                name = fn.__module__.rsplit(".", 1)[-1]
+                if name == "__main__":  # python -m megabranch.train: name it after the file
+                    import os
 
-                prog = os.path.splitext(os.path.basename(sys.argv[0]))[0]
-            print(f"megabranch-{prog}: error: {e}", file=sys.stderr)
+                    name = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+                name = f"megabranch-{name}"
+            print(f"{name}: error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

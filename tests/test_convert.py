@@ -40,6 +40,46 @@ def test_safetensors_round_trip_and_malformed_files(tmp_path):
     open(path, "wb").write((10**9).to_bytes(8, "little") + blob[8:])
     with pytest.raises(UserError, match="not a valid safetensors file"):
         load_safetensors(path)
+    open(path, "wb").write(blob[:8] + b"\x00garbage" * (n // 8) + b" " * (n % 8) + blob[8 + n :])  # not JSON
+    with pytest.raises(UserError, match="not a valid safetensors file") as e:
+        load_safetensors(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds t's data (None: anonymous memory), from /proc/self/maps."""
+    ptr = t.data_ptr()
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return parts[5] if len(parts) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_safetensors_are_read_memory_mapped(tmp_path):
+    path = str(tmp_path / "big.safetensors")
+    save_safetensors({"w": torch.arange(1 << 16, dtype=torch.float32)}, path)
+    back, _ = load_safetensors(path)
+    assert torch.equal(back["w"], torch.arange(1 << 16, dtype=torch.float32))
+    assert _mapped_file(back["w"]) == os.path.realpath(path)  # no copy: the tensor is the file's pages
+
+
+def test_safetensors_from_the_old_hand_written_writer_load():
+    """tests/fixtures/old_main/tensors.safetensors was written by megabranch's own codec (before the package)."""
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "old_main", "tensors.safetensors")
+    back, meta = load_safetensors(path)
+    assert meta == {"format": "megabranch", "step": "4"}
+    want = {"a.weight": torch.arange(15, dtype=torch.float32).reshape(3, 5) / 8 - 0.5,
+            "b": torch.linspace(-2, 2, 7).bfloat16(), "h": (torch.arange(4.0).reshape(2, 2) / 3).half(),
+            "d": torch.arange(3, dtype=torch.float64) / 7, "steps": torch.arange(6).reshape(2, 3),
+            "i32": torch.tensor([-3, 0, 7], dtype=torch.int32), "u8": torch.tensor([0, 255], dtype=torch.uint8),
+            "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4)}
+    assert set(back) == set(want)
+    for k, t in want.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
 
 
 def _logits(step_dir_or_params, cfg, step):
@@ -209,6 +249,7 @@ def test_average_last_k_against_an_independent_mean(tmp_path, capsys):
         convert_main(["average", save_dir, "--last", "9", "--out", str(tmp_path / "avg2")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "holds only 3" in err
+    assert err.startswith("megabranch-convert: error:"), err
     with pytest.raises(SystemExit) as e:
         convert_main([save_dir, out])
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err

@@ -18,9 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megabranch.ops import backend, eager_residual_layernorm, residual_layernorm
+from megabranch.ops import backend, eager_residual_layernorm, fallback_reason, residual_layernorm
+from megabranch.ops import residual_ln_loader as loader
+from megabranch.ops.residual_ln_op import residual_layernorm_with_seed
+from megabranch.ops.residual_ln_reference import philox_keep_multiplier
 
-R = importlib.import_module("megabranch.ops.residual_layernorm")
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels"
 
@@ -43,9 +45,9 @@ def cpu_ext():
     """The CPU extension module; the tests using it skip only when no C++ compiler exists."""
     if backend("cpu") != "cpu-ext":
         if _load_kernel_module("build").find_cxx() is None:
-            pytest.skip(f"no C++ compiler: {R.fallback_reason('cpu')}")
-        pytest.fail(f"CPU extension failed to load: {R.fallback_reason('cpu')}")
-    return R._exts["cpu"]
+            pytest.skip(f"no C++ compiler: {fallback_reason('cpu')}")
+        pytest.fail(f"CPU extension failed to load: {fallback_reason('cpu')}")
+    return loader.loaded("cpu")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -182,7 +184,7 @@ def test_gradcheck_float64(cpu_ext, shape, p, via):
     seed = torch.tensor(987654321, dtype=torch.int64) if p > 0 else None
 
     def fn(x, f, w, b):
-        return R._residual_layernorm_with_seed(x, f, w, b, r, s, seed, 1e-5, p, via=via)
+        return residual_layernorm_with_seed(x, f, w, b, r, s, seed, 1e-5, p, via=via)
 
     assert torch.autograd.gradcheck(fn, (x, f, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -194,7 +196,7 @@ def test_eager_path_and_custom_op_agree_bitwise(cpu_ext):
     for via in ("op", "function"):
         x, f, w, b, dy = _inputs((37, 65), seed=3)
         seed = torch.tensor(2024, dtype=torch.int64)
-        y = R._residual_layernorm_with_seed(x, f, w, b, torch.tensor(0.9), torch.tensor(0.4), seed, 1e-5, 0.2, via=via)
+        y = residual_layernorm_with_seed(x, f, w, b, torch.tensor(0.9), torch.tensor(0.4), seed, 1e-5, 0.2, via=via)
         y.backward(dy)
         outs[via] = [y.detach(), x.grad, f.grad, w.grad, b.grad]
     assert all(torch.equal(a, b) for a, b in zip(outs["op"], outs["function"]))
@@ -221,7 +223,7 @@ def test_r_s_change_without_rebuild(cpu_ext, monkeypatch):
         raise AssertionError("the extension was rebuilt")
 
     monkeypatch.setattr(cpp_extension, "load", no_build)
-    module = R._exts["cpu"]
+    module = loader.loaded("cpu")
     x, f, w, b, dy = _inputs((8, 33), seed=2)
     for rv, sv in [(1.0, 1.0), (2.5, 0.3), (0.1, 3.0)]:
         r, s = torch.tensor(rv), torch.tensor(sv)
@@ -229,7 +231,7 @@ def test_r_s_change_without_rebuild(cpu_ext, monkeypatch):
         got = (y, *_grads(y, (x, f, w, b), dy))
         for a, e in zip(got, _reference(x, f, w, b, r, s, dy)):
             assert _rel(a, e) < 1e-5
-    assert R._exts["cpu"] is module
+    assert loader.loaded("cpu") is module
 
 
 def test_torch_compile_no_recompile_when_r_s_change(cpu_ext):
@@ -282,7 +284,7 @@ def test_dropout_mask_matches_reference_and_rate(cpu_ext):
     seed = torch.tensor(0x0123456789ABCDEF, dtype=torch.int64)
     for rows, H, p in [(1, 1, 0.5), (7, 33, 0.1), (300, 513, 0.3), (64, 512, 0.9)]:
         mask = cpu_ext.dropout_mask(seed, rows, H, p)
-        assert torch.equal(mask, R._philox_keep_multiplier(int(seed), rows, H, p))
+        assert torch.equal(mask, philox_keep_multiplier(int(seed), rows, H, p))
         kept = mask != 0
         assert torch.allclose(mask[kept], torch.tensor(1.0 / (1.0 - p)))
         if rows * H >= 1000:
@@ -322,7 +324,7 @@ def test_dropout_forward_backward_use_seeded_mask(cpu_ext, p):
     torch.manual_seed(77)
     y = residual_layernorm(x, f, w, b, r, s, dropout_p=p, training=True)
     got = (y, *_grads(y, (x, f, w, b), dy))
-    mask = R._philox_keep_multiplier(int(seed), 40, 33, p)
+    mask = philox_keep_multiplier(int(seed), 40, 33, p)
     for name, a, e in zip(["y", "dx", "df", "dgamma", "dbeta"], got,
                           _reference(x, f, w, b, r, s, dy, mask=mask)):
         assert _rel(a, e) < 1e-5, name
@@ -337,11 +339,11 @@ def test_pure_torch_op_path_matches_extension(cpu_ext, monkeypatch):
     seed = torch.tensor(2024, dtype=torch.int64)
 
     def run():
-        y = R._residual_layernorm_with_seed(x, f, w, b, r, s, seed, 1e-5, 0.3)
+        y = residual_layernorm_with_seed(x, f, w, b, r, s, seed, 1e-5, 0.3)
         return (y, *_grads(y, (x, f, w, b), dy))
 
     ext_out = run()
-    monkeypatch.delitem(R._exts, "cpu")
+    monkeypatch.setattr(loader, "loaded", lambda device_type: None)
     torch_out = run()
     for a, e in zip(ext_out, torch_out):
         assert _rel(a, e) < 1e-5
@@ -357,11 +359,11 @@ def broken_extension(monkeypatch):
     def fail(device_type):
         raise RuntimeError("no C++ compiler found (simulated)")
 
-    R._reset_for_tests()
-    monkeypatch.setattr(R, "_build_or_import", fail)
+    loader.reset()
+    monkeypatch.setattr(loader, "build_or_import", fail)
     yield
     monkeypatch.undo()
-    R._reset_for_tests()
+    loader.reset()
 
 
 def test_fallback_warns_once_and_equals_eager(broken_extension):
@@ -388,16 +390,16 @@ def test_fallback_warns_once_and_equals_eager(broken_extension):
 
 
 def test_disabled_by_environment(monkeypatch):
-    R._reset_for_tests()
+    loader.reset()
     monkeypatch.setenv("MEGABRANCH_NO_EXT", "1")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a deliberate opt-out does not warn
             assert backend("cpu") == "eager"
-        assert "MEGABRANCH_NO_EXT" in R.fallback_reason("cpu")
+        assert "MEGABRANCH_NO_EXT" in fallback_reason("cpu")
     finally:
         monkeypatch.delenv("MEGABRANCH_NO_EXT")
-        R._reset_for_tests()
+        loader.reset()
 
 
 def test_backend_names(cpu_ext):
@@ -430,7 +432,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
                                        (torch.float16, 5e-3)], ids=["fp32", "bf16", "fp16"])
 def test_cuda_matches_eager(H, dtype, tol):
     if backend("cuda") != "cuda-ext":
-        pytest.skip(f"CUDA extension unavailable: {R.fallback_reason('cuda')}")
+        pytest.skip(f"CUDA extension unavailable: {fallback_reason('cuda')}")
     x, f, w, b, dy = _inputs((37, H), dtype, device="cuda", seed=H)
     r = torch.tensor(1.7, device="cuda")
     s = torch.tensor(0.45, device="cuda")
@@ -444,18 +446,18 @@ def test_cuda_matches_eager(H, dtype, tol):
 @needs_cuda
 def test_cuda_dropout_mask_equals_cpu(cpu_ext):
     if backend("cuda") != "cuda-ext":
-        pytest.skip(f"CUDA extension unavailable: {R.fallback_reason('cuda')}")
+        pytest.skip(f"CUDA extension unavailable: {fallback_reason('cuda')}")
     seed = torch.tensor(31337, dtype=torch.int64)
     for rows, H, p in [(5, 33, 0.3), (64, 1024, 0.1)]:
-        gpu = R._exts["cuda"].dropout_mask(seed.cuda(), rows, H, p).cpu()
+        gpu = loader.loaded("cuda").dropout_mask(seed.cuda(), rows, H, p).cpu()
         assert torch.equal(gpu, cpu_ext.dropout_mask(seed, rows, H, p))
     x, f, w, b, dy = _inputs((20, 40), device="cuda", seed=14)
     r = torch.tensor(1.0, device="cuda")
     s = torch.tensor(1.0, device="cuda")
     sd = torch.tensor(99, dtype=torch.int64, device="cuda")
-    y = R._residual_layernorm_with_seed(x, f, w, b, r, s, sd, 1e-5, 0.3)
+    y = residual_layernorm_with_seed(x, f, w, b, r, s, sd, 1e-5, 0.3)
     got = (y, *_grads(y, (x, f, w, b), dy))
-    mask = R._philox_keep_multiplier(99, 20, 40, 0.3).cuda()
+    mask = philox_keep_multiplier(99, 20, 40, 0.3).cuda()
     for a, e in zip(got, _reference(x, f, w, b, r, s, dy, mask=mask)):
         assert _rel(a, e) < 1e-5
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Thin wrapper: `python tools/convert.py ...` == `megabranch-convert ...` (the logic is megabranch/convert.py)."""
+"""Thin wrapper: `python tools/convert.py ...` == `megabranch-convert ...` (the logic is megabranch/convert/)."""
 
 import os
 import sys

@@ -41,28 +41,29 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.dp_group = dp_group
         self.dp_size = 1 if dp_group is None else dist.get_world_size(dp_group)
         self.dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
-        self._params = self.param_groups[0]["params"]
-        self.device = self._params[0].device
-        if any(p.device != self.device for p in self._params):
+        # the parameters in the order of the flat vector (what shard_layout's offsets count in)
+        self.flat_params = self.param_groups[0]["params"]
+        self.device = self.flat_params[0].device
+        if any(p.device != self.device for p in self.flat_params):
             raise ValueError("ShardedAdamW needs every parameter on one device")
-        self.numel = sum(p.numel() for p in self._params)
+        self.numel = sum(p.numel() for p in self.flat_params)
         self.shard_size = -(-self.numel // self.dp_size)
         self.start = min(self.dp_rank * self.shard_size, self.numel)
         self.end = min(self.start + self.shard_size, self.numel)
         # (param, offset in param, offset in my shard, length) for every param overlapping my slice
         self._pieces, off = [], 0
-        for p in self._params:
+        for p in self.flat_params:
             lo, hi = max(off, self.start), min(off + p.numel(), self.end)
             if lo < hi:
                 self._pieces.append((p, lo - off, lo - self.start, hi - lo))
             off += p.numel()
-        dtypes = {p.dtype for p in self._params}
+        dtypes = {p.dtype for p in self.flat_params}
         self.gather_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         n = self.end - self.start
         f32 = dict(dtype=torch.float32, device=self.device)
         self.exp_avg = torch.zeros(n, **f32)
         self.exp_avg_sq = torch.zeros(n, **f32)
-        self.master = self._read_params() if any(p.dtype != torch.float32 for p in self._params) else None
+        self.master = self._read_params() if any(p.dtype != torch.float32 for p in self.flat_params) else None
         self.step_count = 0
 
     # --- my slice ------------------------------------------------------------------------------------------
@@ -117,13 +118,14 @@ class ShardedAdamW(torch.optim.Optimizer):
             full = torch.empty(self.shard_size * self.dp_size, dtype=self.gather_dtype, device=self.device)
             dist.all_gather_into_tensor(full, mine, group=self.dp_group)
         off = 0
-        for p in self._params:
+        for p in self.flat_params:
             p.detach().view(-1).copy_(full[off : off + p.numel()])
             off += p.numel()
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
-    def _layout(self) -> dict:
+    def shard_layout(self) -> dict:
+        """This rank's place in the flat vector: a checkpointed shard loads only into the same layout."""
         return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "numel": self.numel, "start": self.start,
                 "end": self.end}
 
@@ -136,12 +138,12 @@ class ShardedAdamW(torch.optim.Optimizer):
             "state": {"step": self.step_count, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
                       "master": None if self.master is None else self.master.clone()},
             "param_groups": self._hyper(),
-            "shard": self._layout(),
+            "shard": self.shard_layout(),
         }
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        got, want = state_dict.get("shard", {}), self._layout()
+        got, want = state_dict.get("shard", {}), self.shard_layout()
         if got != want:
             raise UserError(
                 f"optimizer shard layout differs: checkpoint has {got}, this run needs {want} "

@@ -1,0 +1,170 @@
+"""Writing step directories so that a kill at any moment leaves a loadable checkpoint.
+
+Publication: every rank writes into `step_<N>.tmp-<id>`; the ranks then exchange their files' sha256 (which
+is the barrier: rank 0 goes on only when every rank has finished writing), rank 0 writes meta.json, renames the
+directory to step_<N>, then rewrites `latest` (and `best`) atomically, last. A kill at any moment leaves
+`latest` pointing at a complete step directory; stale `.tmp-*` directories are removed by the next save.
+keep-last-K cleanup never removes what `latest` or `best` point to.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .. import __version__
+from .reading import FORMAT_VERSION, META, read_pointer, sha256_file, step_dirs
+
+
+def _dist_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """`write(tmp)` fills a temporary file next to `path`, which is then fsynced and renamed over `path`:
+    readers see the old or the new file, never a part of one."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(parent)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    """Write to a temporary file next to `path`, fsync, rename over it: readers see the old or the new file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    atomic_write(path, write)
+
+
+def _save_file(obj, path: str) -> str:
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return sha256_file(path)
+
+
+def versions() -> dict:
+    return {"torch": torch.__version__, "megabranch": __version__}
+
+
+def write_step_dir(final: str, files: dict, meta: dict) -> str:
+    """Write a complete step directory from one process (converters, averaging): files name -> object."""
+    parent = os.path.dirname(os.path.abspath(final)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shas = {name: _save_file(obj, os.path.join(tmp, name)) for name, obj in files.items()}
+    _publish(tmp, final, dict(meta, files=shas))
+    return final
+
+
+def _publish(tmp: str, final: str, meta: dict) -> None:
+    meta = dict(meta, format=FORMAT_VERSION, versions=versions())
+    atomic_write_bytes((json.dumps(meta, indent=1, sort_keys=True) + "\n").encode(), os.path.join(tmp, META))
+    parent, base = os.path.dirname(os.path.abspath(final)), os.path.basename(final)
+    old, repoint = None, []
+    if os.path.exists(final):  # the same step saved again (a resume from an older step): replace it
+        # pointers naming it are moved to the complete new copy first, so none ever dangles
+        repoint = [n for n in ("latest", "best") if read_pointer(parent, n) == base]
+        for n in repoint:
+            _set_pointer(parent, n, os.path.basename(tmp))
+        old = f"{final}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(parent)
+    for n in repoint:
+        _set_pointer(parent, n, base)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_step(save_dir: str, step: int, files: dict, meta: dict, is_best: bool = False, keep_last: int = 0) -> str:
+    """Collective when torch.distributed is initialised: every rank passes its own files (name -> object,
+    possibly none). Returns the published step directory."""
+    rank, world = _dist_world()
+    final = os.path.join(save_dir, f"step_{step}")
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        pointed = {read_pointer(save_dir, "latest"), read_pointer(save_dir, "best")}
+        for stale in glob.glob(os.path.join(save_dir, "step_*.tmp-*")) + glob.glob(os.path.join(save_dir, "step_*.old-*")):
+            if os.path.basename(stale) not in pointed:  # a killed save's leftovers (never what a pointer names)
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        os.makedirs(tmp)
+        names = [tmp]
+    else:
+        names = [None]
+    if world > 1:
+        dist.broadcast_object_list(names, src=0)
+    tmp = names[0]
+    mine = {name: _save_file(obj, os.path.join(tmp, name)) for name, obj in files.items()}
+    gathered = [None] * world
+    if world > 1:
+        dist.all_gather_object(gathered, mine)  # the barrier: nobody gets here before every rank has written
+    else:
+        gathered = [mine]
+    if rank == 0:
+        shas = {}
+        for part in gathered:
+            shas.update(part)
+        _publish(tmp, final, dict(meta, step=step, files=shas))
+        _set_pointer(save_dir, "latest", os.path.basename(final))
+        if is_best:
+            _set_pointer(save_dir, "best", os.path.basename(final))
+        if keep_last > 0:
+            prune(save_dir, keep_last)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def _set_pointer(save_dir: str, name: str, target: str) -> None:
+    atomic_write_bytes((target + "\n").encode(), os.path.join(save_dir, name))
+
+
+def prune(save_dir: str, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` step directories, never one that `latest` or `best` names."""
+    protected = {read_pointer(save_dir, "latest"), read_pointer(save_dir, "best")}
+    removed = []
+    for _, path in step_dirs(save_dir)[:-keep_last]:
+        if os.path.basename(path) not in protected:
+            # renamed first (atomic), so a kill during the deletion never leaves a half-deleted step_<N>
+            doomed = f"{path}.old-{os.getpid()}"
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
+            removed.append(path)
+    return removed

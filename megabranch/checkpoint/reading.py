@@ -1,0 +1,135 @@
+"""Reading step directories: find them, check them, load them safely.
+
+Loading uses only `torch.load(weights_only=True)` (plain tensors, numbers, strings, lists, dicts), never
+arbitrary pickle; every file's sha256 is checked against meta.json first. Any problem is a one-line UserError
+naming the file. The names of a save directory's files (FORMAT_VERSION, META, shard_name, step_<N>, the
+latest/best pointers) are defined here, once, for the writer too.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+
+import torch
+
+from ..errors import UserError
+
+FORMAT_VERSION = 2
+META = "meta.json"
+_STEP_RE = re.compile(r"step_(\d+)")
+
+
+def shard_name(tp_rank: int, pp_rank: int, dp_rank: int = 0) -> str:
+    """The file of grid position (tp_rank, pp_rank) written by data-parallel rank dp_rank."""
+    return f"shard_tp{tp_rank}_pp{pp_rank}.pt" if dp_rank == 0 else f"shard_tp{tp_rank}_pp{pp_rank}_dp{dp_rank}.pt"
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_dirs(save_dir: str) -> list[tuple[int, str]]:
+    """Published step_<N> directories sorted by N."""
+    found = []
+    for p in glob.glob(os.path.join(save_dir, "step_*")):
+        m = _STEP_RE.fullmatch(os.path.basename(p))
+        if m and os.path.isdir(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def read_pointer(save_dir: str, name: str) -> str | None:
+    """The step directory name that the pointer file `name` ("latest" or "best") of `save_dir` holds, or None."""
+    path = os.path.join(save_dir, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return fh.read().strip() or None
+
+
+def has_checkpoints(save_dir: str) -> bool:
+    return bool(step_dirs(save_dir)) or read_pointer(save_dir, "latest") is not None or bool(
+        glob.glob(os.path.join(save_dir, "checkpoint_*.pt")) + glob.glob(os.path.join(save_dir, "rank*", "checkpoint_*.pt"))
+    )
+
+
+def resolve(path: str, prefer: str = "latest") -> str:
+    """A step directory, a save directory (-> its `prefer` pointer, then the other one), or a `latest` /
+    `best` pointer file -> the step directory."""
+    if os.path.isfile(path) and os.path.basename(path) in ("latest", "best"):
+        target = read_pointer(os.path.dirname(path) or ".", os.path.basename(path))
+        return _check_target(os.path.join(os.path.dirname(path) or ".", target or ""), path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, META)):
+            return path
+        order = [prefer] + [p for p in ("latest", "best") if p != prefer]
+        for name in order:
+            target = read_pointer(path, name)
+            if target:
+                return _check_target(os.path.join(path, target), os.path.join(path, name))
+        if glob.glob(os.path.join(path, "checkpoint_*.pt")):
+            raise UserError(f"{path} holds old single-file checkpoints (checkpoint_*.pt); this megabranch reads "
+                            "step_<N>/ directories only")
+        raise UserError(f"no checkpoint in {path} (no latest/best pointer and no meta.json)")
+    if path.endswith(".pt") and os.path.isfile(path):
+        raise UserError(f"{path} is a single file; pass the step directory that holds it (step_<N>/) or the save directory")
+    raise UserError(f"checkpoint not found: {path}")
+
+
+def _check_target(step_dir: str, pointer: str) -> str:
+    if not os.path.isfile(os.path.join(step_dir, META)):
+        raise UserError(f"{pointer} points at {step_dir}, which is missing or incomplete")
+    return step_dir
+
+
+def read_meta(step_dir: str) -> dict:
+    path = os.path.join(step_dir, META)
+    if not os.path.isfile(path):
+        raise UserError(f"{step_dir} is not a megabranch checkpoint: {META} missing")
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("files"), dict):
+        raise UserError(f"{path} is not a megabranch checkpoint description (format {FORMAT_VERSION})")
+    return meta
+
+
+def load_file(step_dir: str, name: str, meta: dict | None = None) -> dict:
+    """One shard, its sha256 checked against meta.json, loaded with weights_only=True."""
+    meta = meta if meta is not None else read_meta(step_dir)
+    path = os.path.join(step_dir, name)
+    want = meta["files"].get(name)
+    if want is None:
+        raise UserError(f"{path} is not listed in {os.path.join(step_dir, META)}")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint shard missing: {path}")
+    if sha256_file(path) != want:
+        raise UserError(f"checkpoint shard {path} is corrupt: its sha256 differs from {META} (truncated or modified)")
+    return safe_load(path)
+
+
+def safe_load(path: str):
+    """torch.load(weights_only=True); any failure is a one-line UserError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, bit rot: all the file's fault
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot load checkpoint file {path} (corrupt, truncated or carrying code): {first}") from None
+
+
+def verify(step_dir: str) -> dict:
+    """Check every file's sha256 and that each loads safely; -> meta."""
+    meta = read_meta(step_dir)
+    for name in sorted(meta["files"]):
+        load_file(step_dir, name, meta)
+    return meta

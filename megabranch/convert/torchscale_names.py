@@ -1,0 +1,98 @@
+"""The torchscale EncoderDecoder naming <-> megabranch's single-process parameter names.
+
+Maps Post-LN / DeepNorm encoder-decoders (self_attn / encoder_attn / ffn and their layer norms, the embedding
+tables, the output projection, the final norms); what has no counterpart (learned positions,
+layernorm_embedding, Magneto's sub-LN, MoE, relative position biases) is refused by name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import UserError
+
+_TS_SUBLAYERS = {"self_attn.": "self_attn.block.", "self_attn_layer_norm.": "self_attn.norm.",
+                 "encoder_attn.": "cross_attn.block.", "encoder_attn_layer_norm.": "cross_attn.norm.",
+                 "ffn.": "ffn.block.", "final_layer_norm.": "ffn.norm."}
+_TS_TOP = {"encoder.embed_tokens.weight": "encoder.embed.table.weight",
+           "decoder.embed_tokens.weight": "decoder.embed.table.weight",
+           "decoder.output_projection.weight": "decoder.output.weight",
+           "encoder.layer_norm.weight": "encoder.final_norm.weight", "encoder.layer_norm.bias": "encoder.final_norm.bias",
+           "decoder.layer_norm.weight": "decoder.final_norm.weight", "decoder.layer_norm.bias": "decoder.final_norm.bias"}
+_TS_PARAMS = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
+              "out_proj.weight", "out_proj.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "weight", "bias")
+
+
+def torchscale_name(name: str) -> str | None:
+    """A torchscale EncoderDecoder parameter name -> megabranch's, or None where nothing maps (learned
+    positions, layernorm_embedding, Magneto's sub-LN, MoE, relative position biases)."""
+    if name in _TS_TOP:
+        return _TS_TOP[name]
+    parts = name.split(".")
+    if len(parts) < 5 or parts[0] not in ("encoder", "decoder") or parts[1] != "layers" or not parts[2].isdigit():
+        return None
+    rest = ".".join(parts[3:])
+    for ts, ours in _TS_SUBLAYERS.items():
+        if rest.startswith(ts) and rest[len(ts):] in _TS_PARAMS:
+            if ts == "encoder_attn." and parts[0] == "encoder":
+                return None
+            tail = rest[len(ts):]
+            if ts.endswith("layer_norm.") and tail not in ("weight", "bias"):
+                return None
+            if not ts.endswith("layer_norm.") and tail in ("weight", "bias"):
+                return None
+            return f"{parts[0]}.layers.{parts[2]}.{ours}{tail}"
+    return None
+
+
+def import_torchscale(state: dict, mc: ModelConfig) -> dict:
+    """torchscale state dict -> megabranch single-process parameters; refuses what does not map."""
+    state = state.get("model", state) if isinstance(state.get("model", None), dict) else state
+    out, unmapped = {}, []
+    for name, t in state.items():
+        if not torch.is_tensor(t):
+            continue
+        ours = torchscale_name(name)
+        if ours is None:
+            unmapped.append(name)
+        else:
+            out[ours] = t.float()
+    if unmapped:
+        raise UserError(f"{len(unmapped)} torchscale tensors have no megabranch counterpart (first: {unmapped[0]}); "
+                        "megabranch maps Post-LN / DeepNorm encoder-decoders with sinusoidal positions, no "
+                        "layernorm_embedding, sub-LN, MoE or relative positions")
+    if mc.share_all_embeddings:
+        dec = out.pop("decoder.embed.table.weight", None)
+        if dec is not None and not torch.equal(dec, out["encoder.embed.table.weight"]):
+            raise UserError("model.share_all_embeddings=true but the torchscale encoder and decoder tables differ; "
+                            "pass --set model.share_all_embeddings=false")
+    if mc.share_decoder_input_output_embed:
+        outp = out.pop("decoder.output.weight", None)
+        table = out.get("decoder.embed.table.weight", out.get("encoder.embed.table.weight"))
+        if outp is not None and not torch.equal(outp, table):
+            raise UserError("model.share_decoder_input_output_embed=true but torchscale's output projection differs "
+                            "from its decoder table; pass --set model.share_decoder_input_output_embed=false")
+    return out
+
+
+def export_torchscale(params: dict, mc: ModelConfig) -> dict:
+    """The inverse naming (for the import's self-check and for users going the other way)."""
+    back = {}
+    inv_top = {v: k for k, v in _TS_TOP.items()}
+    inv_sub = {v: k for k, v in _TS_SUBLAYERS.items()}
+    for name, t in params.items():
+        if name in inv_top:
+            back[inv_top[name]] = t
+            continue
+        parts = name.split(".")
+        rest = ".".join(parts[3:])
+        for ours, ts in inv_sub.items():
+            if rest.startswith(ours):
+                back[f"{parts[0]}.layers.{parts[2]}.{ts}{rest[len(ours):]}"] = t
+                break
+    if mc.share_all_embeddings:
+        back["decoder.embed_tokens.weight"] = back["encoder.embed_tokens.weight"]
+    if mc.share_decoder_input_output_embed:
+        back["decoder.output_projection.weight"] = back["decoder.embed_tokens.weight"]
+    return back
