@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from megabranch.ops import backend, eager_residual_layernorm, residual_layernorm
+from tests.helpers.env import ROOT
 
 R = importlib.import_module("megabranch.ops.residual_layernorm")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(ROOT)
 KERNELS = REPO / "kernels"
 
 HIDDEN = [1, 7, 33, 511, 513]

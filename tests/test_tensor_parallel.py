@@ -17,19 +17,11 @@ from megabranch.model.attention import MultiheadAttention
 from megabranch.parallel.grid import Grid, build_grid
 from megabranch.parallel.parallelize import apply_tensor_parallel, full_numel, shard_of, sharded_numel
 from megabranch.residual import set_step
-from tests.conftest import tiny_model_cfg
-from tests.dist_utils import run_workers
+from tests.helpers.configs import tiny_model_cfg
+from tests.helpers.dist import run_workers
+from tests.helpers.reference import assert_rel
 
-REL = 1e-5
-
-
-def assert_rel(a, b, what, rel=REL, floor=0.0):
-    """max |a - b| <= rel * max(max |b|, floor); `floor` keeps gradients that are zero in exact arithmetic (k_proj's
-    bias: softmax ignores a per-query constant) from being judged by their rounding noise alone."""
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    err, scale = (a - b).abs().max().item(), max(b.abs().max().item(), floor)
-    assert err <= rel * scale + 1e-12, f"{what}: max error {err:.3g} vs reference max {scale:.3g}"
+REL = 1e-5  # assert_rel's default
 
 
 def make_batch(vocab, tgt_vocab, seed=0, bsz=3, src_len=7, tgt_len=6):
