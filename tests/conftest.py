@@ -5,6 +5,19 @@ from tests.helpers.corpus import preprocessed
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+KINDS = ("unit", "distributed")  # every test is exactly one of these (markers in pytest.ini)
+
+
+def pytest_collection_modifyitems(config, items):
+    bad = []
+    for item in items:
+        kinds = [k for k in KINDS if item.get_closest_marker(k) is not None]
+        if len(kinds) != 1:
+            bad.append(f"{item.nodeid} ({' and '.join(kinds) or 'neither'})")
+    if bad:
+        raise pytest.UsageError("every test must be marked either unit or distributed (pytest.ini says which is "
+                                "which); these are not:\n  " + "\n  ".join(bad))
+
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> str:

@@ -15,6 +15,8 @@ from tests.helpers.configs import tiny_model_cfg
 from tests.helpers.corpus import preprocessed
 from tests.helpers.env import load_tool
 
+pytestmark = pytest.mark.unit
+
 
 def _batch(vocab=50, bsz=3, s_len=7, t_len=6, seed=0):
     g = torch.Generator().manual_seed(seed)

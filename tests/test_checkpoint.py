@@ -116,6 +116,7 @@ def _round_trip_body(rank, world, root):
         _close(_single_losses(zdir, MORE, dp=2), refz, "ZeRO-1 (dp 2, pp 2) -> single process")
 
 
+@pytest.mark.distributed
 def test_layout_round_trip_identical_outputs_and_training(tmp_path):
     run_workers(_round_trip_body, 4, str(tmp_path))
 
@@ -123,6 +124,7 @@ def test_layout_round_trip_identical_outputs_and_training(tmp_path):
 # --- single-process: publication, pruning, refusal -----------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_publication_pointers_and_keep_last(tmp_path):
     save_dir = tiny_single(tmp_path, steps=(2, 4, 6), keep_last=2)
     assert sorted(os.listdir(save_dir)) == ["latest", "step_4", "step_6"]
@@ -143,6 +145,7 @@ def test_publication_pointers_and_keep_last(tmp_path):
     assert checkpoint.resolve(save_dir, prefer="best") == os.path.join(save_dir, "step_4")
 
 
+@pytest.mark.unit
 def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
     save_dir = tiny_single(tmp_path, steps=(2,))
     step_dir = os.path.join(save_dir, "step_2")
@@ -184,6 +187,7 @@ def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
         checkpoint.resolve(save_dir)
 
 
+@pytest.mark.unit
 def test_saving_a_step_again_replaces_it_without_a_dangling_pointer(tmp_path):
     save_dir = str(tmp_path / "run")
     meta = {"layout": checkpoint.single_layout(), "config": {}, "vocab_size": VOCAB}
@@ -209,6 +213,7 @@ class _Scaler:
         self.state = dict(state)
 
 
+@pytest.mark.unit
 def test_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
     cfg = ckpt_cfg()
     tr = single_trainer(cfg, seed=1)

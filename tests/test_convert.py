@@ -17,6 +17,8 @@ from megabranch.errors import UserError
 from tests.helpers.checkpoints import ckpt_cfg, tiny_single
 from tests.helpers.configs import VOCAB
 
+pytestmark = pytest.mark.unit
+
 
 def _ok_lines(out: str) -> list[str]:
     return [x for x in out.splitlines() if x.startswith("check")]

@@ -7,6 +7,8 @@ import pytest
 
 from tests.helpers.env import ROOT
 
+pytestmark = pytest.mark.unit
+
 CORPUS = os.path.join(ROOT, "data", "kjv_web")
 SPLITS = ("train", "valid", "test")
 SRC, TGT = "kjv", "web"

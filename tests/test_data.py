@@ -16,6 +16,8 @@ from megabranch.data.preprocess import load_split, main as preprocess_main
 from megabranch.errors import UserError
 from tests.helpers.corpus import sentences, write_lines
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):

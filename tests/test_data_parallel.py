@@ -156,10 +156,12 @@ def _dp_worker(rank, world):
         torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.distributed
 def test_grad_reducer_and_sharded_adamw():
     run_workers(_dp_worker, 4)
 
 
+@pytest.mark.unit
 def test_single_process_fallbacks():
     """group=None: the reducer leaves gradients alone; ShardedAdamW is AdamW."""
     model = build_model(_cfg(), VOCAB, seed=3)

@@ -10,6 +10,8 @@ from megabranch.model import build_model
 from megabranch.residual import set_step
 from tests.helpers.configs import tiny_model_cfg
 
+pytestmark = pytest.mark.unit
+
 BOS, EOS = 2, 3
 
 

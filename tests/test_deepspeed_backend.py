@@ -138,6 +138,8 @@ def _single_process_loss(model, batches, step: int) -> float:
     return total / sum(b["ntokens"] for b in batches)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_deepspeed_pipeline_matches_native_engine_and_single_process(tmp_path):
     """One pair of processes for everything that needs DeepSpeed running (its start-up is the cost)."""
     from megabranch.backends.deepspeed import export_deepspeed
@@ -152,6 +154,7 @@ def test_deepspeed_pipeline_matches_native_engine_and_single_process(tmp_path):
     run_workers(_equivalence_body, 2, ref_losses, str(tmp_path), loss)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("variant", ["shared", "tgt-shared", "untied-pre_ln"])
 def test_export_import_round_trip(tmp_path, variant):
     """export -> import gives back build_model's state dict exactly (every key, in order), for each tying."""
@@ -178,6 +181,7 @@ def test_export_import_round_trip(tmp_path, variant):
         assert torch.equal(last_enc["final_norm.weight"], sd["encoder.final_norm.weight"])
 
 
+@pytest.mark.unit
 def test_import_refuses_a_mismatched_config(tmp_path):
     from megabranch.backends.deepspeed import export_deepspeed, import_deepspeed
     from megabranch.errors import UserError
@@ -191,6 +195,8 @@ def test_import_refuses_a_mismatched_config(tmp_path):
         import_deepspeed(str(tmp_path), tiny_model_cfg(d_model=16, n_heads=2, ffn_dim=32, residual="pre_ln"))
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tiny_corpus, tmp_path):
     """launch/deepspeed_launcher.sh for real: the deepspeed launcher, 2 CPU processes, megabranch-train --backend
     deepspeed for 4 steps; its DeepSpeed checkpoint reads back through import_deepspeed, and a second launch with

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from tests.helpers.configs import VOCAB, make_cfg
 from tests.helpers.dist import run_workers
 from tests.helpers.reference import alpha_audit_errors, assert_matches, parallel_losses, reference_run
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 20
 

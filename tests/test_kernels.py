@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from megabranch.ops import backend, eager_residual_layernorm, residual_layernorm
 from tests.helpers.env import ROOT
 
+pytestmark = pytest.mark.unit
+
 R = importlib.import_module("megabranch.ops.residual_layernorm")
 REPO = Path(ROOT)
 KERNELS = REPO / "kernels"
@@ -474,6 +476,7 @@ def cuda_check():
     return check
 
 
+@pytest.mark.slow  # about 35 s of nvcc for sm_80 + sm_90 (when its success is not cached yet)
 def test_cuda_sources_compile_with_nvcc(cuda_check):
     res = cuda_check.check_cuda_compile(archs=("8.0", "9.0"))
     assert res.ok, res.message + "\n" + "\n".join(res.logs)[-6000:]

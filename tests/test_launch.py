@@ -32,6 +32,7 @@ def _bash(script: str, args: list[str], timeout: int = 120, **env) -> subprocess
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.unit
 def test_every_script_parses():
     assert {os.path.basename(s) for s in SCRIPTS} >= {"torchrun_single.sh", "torchrun_multi.sh", "slurm.sbatch",
                                                       "deepspeed_launcher.sh", "common.sh", "torchrun_check.sh",
@@ -45,6 +46,7 @@ def _depth(path: str) -> int:
     return int(os.path.basename(path).split("_")[1].split("L")[0])
 
 
+@pytest.mark.unit
 def test_configs_are_the_papers_settings():
     assert sorted(_depth(p) for p in YAMLS) == [6, 18, 50, 100, 250, 500]
     for path in YAMLS:
@@ -64,6 +66,7 @@ def test_configs_are_the_papers_settings():
         assert json.load(fh)["fp16"]["loss_scale"] == 0  # 0: dynamic loss scaling
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
 def test_every_config_passes_dry_run(path, capsys):
     from megabranch.train import main
@@ -81,6 +84,7 @@ def test_every_config_passes_dry_run(path, capsys):
     assert f"pp {load_config(path).parallel.pp} x dp {SUGGESTED[n] // load_config(path).parallel.pp}" in row
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ds", DS_JSONS, ids=os.path.basename)
 def test_every_deepspeed_config_passes_dry_run(ds, capsys):
     from megabranch.train import main
@@ -93,6 +97,7 @@ def test_every_deepspeed_config_passes_dry_run(ds, capsys):
     assert "stage layout: E0-49,D0-9|D10-49" in out and "deepspeed layer parts: [0, 62, 103]" in out
 
 
+@pytest.mark.unit
 def test_dry_run_numbers_against_the_model(capsys):
     from megabranch.model import build_model, count_parameters
     from megabranch.parallel.memory import dry_run
@@ -112,6 +117,7 @@ def test_dry_run_numbers_against_the_model(capsys):
         dry_run(cfg, world_size=4, vocab=48, backend="deepspeed")
 
 
+@pytest.mark.unit
 def test_scripts_print_the_layout_and_command(tmp_path):
     cfg = str(tmp_path / "tiny.yaml")  # pp=2, update_freq 4 (= the DeepSpeed configs' gradient_accumulation_steps)
     (tmp_path / "tiny.yaml").write_text(tiny_pp2_yaml("/nonexistent", update_freq=4))
@@ -139,6 +145,7 @@ def test_scripts_print_the_layout_and_command(tmp_path):
     assert "world size 8" in r.stdout and "srun" in r.stdout and "gpu-node-7:20042" in r.stderr
 
 
+@pytest.mark.unit
 def test_scripts_refuse_a_layout_that_does_not_fit(tmp_path):
     cfg = os.path.join(LAUNCH, "configs", "base_50L-50L.yaml")  # pp=2: an odd process count cannot hold it
     r = _bash("torchrun_single.sh", ["--config", cfg], GPUS=3)
@@ -153,6 +160,7 @@ def test_scripts_refuse_a_layout_that_does_not_fit(tmp_path):
     assert r.returncode == 2 and "MASTER_ADDR is not set" in r.stderr
 
 
+@pytest.mark.distributed
 def test_torchrun_single_node_script_trains_two_steps(tiny_corpus, tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(tiny_pp2_yaml(tiny_corpus, tmp_path / "run", max_updates=2, update_freq=2, warmup_updates=2))
@@ -165,6 +173,7 @@ def test_torchrun_single_node_script_trains_two_steps(tiny_corpus, tmp_path):
     assert all(x["loss"] > 0 for x in train)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("script,pair", [("prepare_wmt17_en_de.sh", ("en", "de")), ("prepare_wmt14_en_fr.sh", ("en", "fr"))])
 def test_preprocessing_recipes_run_on_tiny_text(tmp_path, script, pair):
     raw = tmp_path / "raw"

@@ -9,6 +9,8 @@ from megabranch.model import build_model, label_smoothed_nll_loss
 from megabranch.model.transformer import initial_value
 from tests.helpers.configs import tiny_model_cfg
 
+pytestmark = pytest.mark.unit
+
 
 def test_init_is_a_function_of_seed_and_name_only():
     cfg = tiny_model_cfg(residual="deepnorm")

@@ -40,7 +40,8 @@ def copy(tmp_path_factory):
     return dst
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.unit if LAYOUTS[n][0] == 1 else pytest.mark.distributed)
+                                  for n in sorted(LAYOUTS)])
 def test_old_checkpoint_resumes_bit_for_bit(copy, name):
     nproc, sets = LAYOUTS[name]
     save = copy / name
@@ -60,6 +61,7 @@ def test_old_checkpoint_resumes_bit_for_bit(copy, name):
     assert v[8]["loss"] == _expected(name, "valid")[8]["loss"]
 
 
+@pytest.mark.unit
 def test_old_checkpoint_converts_and_reshards(copy, tmp_path, capsys):
     from megabranch.convert import main as convert_main
 
@@ -72,6 +74,7 @@ def test_old_checkpoint_converts_and_reshards(copy, tmp_path, capsys):
         assert "FAILED" not in out and out.count("OK") == 2, out  # logits and optimizer state
 
 
+@pytest.mark.unit
 def test_old_checkpoint_valid_loss_is_reproduced(copy):
     """The step-4 model of the single-process fixture gives the valid loss its meta.json recorded."""
     import torch

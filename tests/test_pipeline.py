@@ -35,6 +35,7 @@ from tests.helpers.reference import (
 
 # --- layout strings --------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_layout_string_round_trip_and_placement():
     lay = parse_layout("E0-3 | E4-5,D0 | D1-3|D4-5", 6, 6, pp=2, vpp=2)
     assert str(lay) == "E0-3|E4-5,D0|D1-3|D4-5"
@@ -49,6 +50,7 @@ def test_layout_string_round_trip_and_placement():
     assert Layout.from_bounds(lay.bounds(), 2, 2, 6, 6) == lay
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text, needle", [
     ("E0-3|E4-5,D0-5", "has 2 stages but parallel.pp * parallel.vpp = 2 * 2 = 4"),
     ("E0-3||E4-5,D0|D1-5", "stage 1 is empty"),
@@ -79,6 +81,7 @@ def _brute_force(costs, k):
     return best
 
 
+@pytest.mark.unit
 def test_balanced_split_is_optimal_on_small_cases():
     rng = random.Random(3)
     for _ in range(60):
@@ -92,6 +95,7 @@ def test_balanced_split_is_optimal_on_small_cases():
         assert max(sums) == pytest.approx(hi) and min(sums) == pytest.approx(-neg_lo), (costs, k, b)
 
 
+@pytest.mark.unit
 def test_cost_model_counts_cross_attention_embeddings_and_output():
     cfg = tiny_model_cfg(encoder_layers=6, decoder_layers=6, d_model=64, n_heads=4, ffn_dim=256)
     cm = CostModel(cfg, vocab=8000, tp=1, tokens=1024, src_len=32, tgt_len=32)
@@ -116,6 +120,7 @@ def test_cost_model_counts_cross_attention_embeddings_and_output():
     assert half.encoder_layer().flops == pytest.approx(enc.flops / 2)
 
 
+@pytest.mark.unit
 def test_auto_layout_balances_or_refuses_loudly():
     cfg = tiny_model_cfg(encoder_layers=24, decoder_layers=24, d_model=256, n_heads=4, ffn_dim=1024)
     lay = plan_layout(cfg, pp=4, vpp=2, vocab=1000)
@@ -134,6 +139,7 @@ def test_auto_layout_balances_or_refuses_loudly():
 
 # --- schedules -------------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["gpipe", "1f1b", "interleaved"])
 def test_schedules_are_complete_and_deadlock_free(kind):
     for pp in (1, 2, 3, 4, 5):
@@ -156,6 +162,7 @@ def test_schedules_are_complete_and_deadlock_free(kind):
                 simulate(kind, pp, vpp, m)  # raises on a deadlock
 
 
+@pytest.mark.unit
 def test_schedule_makespans_match_theory():
     f, b = 1.0, 2.0
     for pp in (2, 4):
@@ -169,6 +176,7 @@ def test_schedule_makespans_match_theory():
             assert ti < t and (ti - ideal) == pytest.approx((pp - 1) * (f + b) / 2)
 
 
+@pytest.mark.unit
 def test_interleaved_order_is_torch_pipelinings():
     """Our interleaved 1F1B action lists are the ones torch.distributed.pipelining computes for
     ScheduleInterleaved1F1B (m a multiple of pp), taken from its per-rank order calculation."""
@@ -186,6 +194,7 @@ def test_interleaved_order_is_torch_pipelinings():
             assert theirs == schedule_actions("interleaved", pp, vpp, m, r), (pp, vpp, m, r)
 
 
+@pytest.mark.unit
 def test_schedule_config_errors():
     with pytest.raises(UserError, match="interleaved needs parallel.vpp >= 2"):
         check_schedule("interleaved", 2, 1, 4)
@@ -277,6 +286,7 @@ def _two_stage_body(rank, world, refs, lag_refs):
     assert tr.train_step(synthetic_batches(4, 3))["skipped"] == 0
 
 
+@pytest.mark.distributed
 def test_two_stage_pipeline_matches_single_process():
     refs = {kind: reference_run(_case_cfg(kind), 6) for kind in CASES}
     lag_refs = reference_run(make_cfg(4, 4, m=3), 3)[0]
@@ -285,6 +295,7 @@ def test_two_stage_pipeline_matches_single_process():
 
 # --- tools/memory_plan.py ----------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_memory_plan_default_example_is_balanced(capsys):
     """500L-500L d=512 on pp=64 x tp=8, built on the meta device: heaviest stage within 10% of the lightest."""
     assert load_tool("memory_plan").main([]) == 0
@@ -296,6 +307,7 @@ def test_memory_plan_default_example_is_balanced(capsys):
     assert "layout: E0-" in out
 
 
+@pytest.mark.unit
 def test_memory_plan_counts_match_the_model_and_flags_imbalance(capsys):
     from megabranch.config import load_config
     from megabranch.model import build_model, count_parameters

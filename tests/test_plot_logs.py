@@ -8,6 +8,8 @@ import pytest
 
 from tests.helpers.env import load_tool
 
+pytestmark = pytest.mark.unit
+
 plot_logs = load_tool("plot_logs")
 
 

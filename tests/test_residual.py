@@ -9,6 +9,8 @@ from megabranch.model import build_model
 from megabranch.residual import alpha_at, current_alpha, deepnorm_constants, set_step
 from tests.helpers.configs import tiny_model_cfg
 
+pytestmark = pytest.mark.unit
+
 
 def test_deepnorm_constants_hand_computed():
     # 6L-6L encoder-decoder: N^4 M = 6^5 = 7776, 7776^(1/16) = 1.7506

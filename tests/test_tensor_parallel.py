@@ -285,6 +285,7 @@ def _tp_worker(rank, world):
         _check_clip(build_grid(tp=2, pp=2))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_matches_single_process(tp):
     run_workers(_tp_worker, tp)
@@ -293,6 +294,7 @@ def test_tensor_parallel_matches_single_process(tp):
 # --- in-process: size checks, meta-device apply, partial (pipeline-stage) apply ---------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "kw, vocab, tp, message",
     [
@@ -310,6 +312,7 @@ def test_size_checks_raise_user_error(kw, vocab, tp, message):
     assert isinstance(model.encoder.layers[0].self_attn.block.q_proj, torch.nn.Linear)  # nothing changed
 
 
+@pytest.mark.unit
 def test_meta_device_apply_allocates_nothing():
     cfg = tiny_model_cfg(d_model=512, n_heads=8, ffn_dim=2048, encoder_layers=4, decoder_layers=4)
     with torch.device("meta"):
@@ -329,6 +332,7 @@ def test_meta_device_apply_allocates_nothing():
     assert sharded_numel(model) < total / 4
 
 
+@pytest.mark.unit
 def test_partial_apply_keeps_the_tie_across_calls():
     """A pipeline-like split: the output stage is converted before the stage holding the shared table."""
     cfg = tiny_model_cfg()

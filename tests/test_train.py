@@ -79,6 +79,7 @@ def uninterrupted(data, tmp_path_factory):
     return cfg, save_dir
 
 
+@pytest.mark.unit
 def test_kill_9_at_a_random_moment_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
     cfg, ref_dir = uninterrupted
     save_dir = str(tmp_path / "run")
@@ -153,6 +154,7 @@ def _two_rank_body(rank, world, data_dir, root):
         assert sorted(got) == [5, 6] and all(r["loss"] == r["loss"] for r in got.values())
 
 
+@pytest.mark.distributed
 def test_two_process_pipeline_save_resume_bit_for_bit(data, tmp_path):
     run_workers(_two_rank_body, 2, data, str(tmp_path))
 
@@ -182,6 +184,7 @@ def _digest(save_dir) -> dict:
     return out
 
 
+@pytest.mark.unit
 def test_bad_input_is_a_one_line_error(data, tmp_path, capsys):
     cfg = _config(tmp_path, data)
     save = f"log.save_dir={tmp_path / 'x'}"
@@ -191,6 +194,7 @@ def test_bad_input_is_a_one_line_error(data, tmp_path, capsys):
     _fails(capsys, ["--config", str(tmp_path / "missing.yaml")], "missing.yaml")
 
 
+@pytest.mark.unit
 def test_checkpoint_errors_never_touch_existing_checkpoints(uninterrupted, tmp_path, capsys):
     cfg, ref_dir = uninterrupted
     save_dir = str(tmp_path / "run")
@@ -221,6 +225,7 @@ def test_checkpoint_errors_never_touch_existing_checkpoints(uninterrupted, tmp_p
     assert e.value.code == 2 and err.count("\n") == 1 and "shard_tp0_pp0.pt is corrupt" in err
 
 
+@pytest.mark.unit
 def test_generate_reads_a_save_directory(uninterrupted, capsys):
     _, ref_dir = uninterrupted
     from megabranch.generate import main as generate_main
@@ -229,6 +234,7 @@ def test_generate_reads_a_save_directory(uninterrupted, capsys):
     assert "BLEU =" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_fine_tune_from_an_averaged_checkpoint(uninterrupted, tmp_path, capsys):
     """An averaged checkpoint has weights but no optimizer state: --resume continues its step count with a fresh
     Adam (and says so)."""
