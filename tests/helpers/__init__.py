@@ -7,4 +7,5 @@
     reference    synthetic batches, the single-process reference run, and comparisons against it
     checkpoints  step directories of a tiny single-process run
     logs         reading log.jsonl
+    import_rules the ast walk behind tests/test_imports.py
 """
