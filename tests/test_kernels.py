@@ -476,7 +476,7 @@ def cuda_check():
     return check
 
 
-@pytest.mark.slow  # about 35 s of nvcc for sm_80 + sm_90 (when its success is not cached yet)
+# not marked slow: nvcc takes about 35 s once, then the check reuses its cached success
 def test_cuda_sources_compile_with_nvcc(cuda_check):
     res = cuda_check.check_cuda_compile(archs=("8.0", "9.0"))
     assert res.ok, res.message + "\n" + "\n".join(res.logs)[-6000:]
