@@ -8,7 +8,7 @@ DATA_BIN := data-bin/kjv_web
 # A new directory per demo run, so an earlier run's checkpoints are never overwritten.
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test venv preprocess
+.PHONY: demo test test-unit test-fast venv preprocess
 
 venv: $(STAMP)
 
@@ -36,6 +36,15 @@ demo: $(DATA_BIN)/meta.json
 	$(VENV)/bin/megabranch-generate --checkpoint $(DEMO_DIR)/best --split test --beam 4 --copy-baseline
 
 # DeepSpeed's CPU communication op is JIT-built once (about 40 s) into .cache/ and reused by later runs.
+PYTEST := TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(PY) -m pytest -q
 test: $(DEV_STAMP)
-	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(PY) -m pytest -q tests
+	$(PYTEST) tests
+
+# For developers: the in-process tests under about 10 s each (no gloo workers, torchrun or deepspeed launcher),
+# or everything but the slow ones (markers in pytest.ini).
+test-unit: $(DEV_STAMP)
+	$(PYTEST) -m "unit and not slow" tests
+
+test-fast: $(DEV_STAMP)
+	$(PYTEST) -m "not slow" tests
 

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from .errors import UserError
 
 RESIDUALS = ("post_ln", "pre_ln", "deepnorm", "branchnorm")
@@ -186,8 +188,6 @@ def _coerce(value: Any, current: Any, key: str, where: str) -> Any:
 
 
 def _parse_scalar(text: str) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -206,8 +206,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             if path.endswith(".json"):
                 data = json.loads(text)
             else:
-                import yaml
-
                 data = yaml.safe_load(text) or {}
         except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
             raise UserError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
@@ -26,8 +27,6 @@ def cli_main(fn=None, *, prog: str | None = None):
             if name is None:
                 name = fn.__module__.rsplit(".", 1)[-1]
                 if name == "__main__":  # python -m megabranch.train: name it after the file
-                    import os
-
                     name = os.path.splitext(os.path.basename(sys.argv[0]))[0]
                 name = f"megabranch-{name}"
             print(f"{name}: error: {e}", file=sys.stderr)

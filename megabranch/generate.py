@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+import sacrebleu
 import torch
 
+from . import checkpoint
+from .config import Config
+from .data import load_split
 from .errors import UserError, cli_main
-from .model import PAD
+from .model import PAD, build_model_from
 
 
 def _max_len(model, src_tokens, max_len_a: float, max_len_b: int) -> int:
@@ -126,8 +130,6 @@ def translate(model, dataset, tokenizer, beam: int, lenpen: float, max_sentences
 
 def bleu(hyps: list[str], refs: list[str]):
     """-> (sacreBLEU score object, signature string) with sacreBLEU's defaults (13a tokenization)."""
-    import sacrebleu
-
     metric = sacrebleu.metrics.BLEU()
     score = metric.corpus_score(hyps, [refs])
     return score, str(metric.get_signature())
@@ -142,11 +144,6 @@ def quick_bleu(model, dataset, tokenizer, beam: int, limit: int, device="cpu") -
 
 @cli_main
 def main(argv=None):
-    from . import checkpoint
-    from .config import Config
-    from .data import load_split
-    from .model import build_model_from
-
     ap = argparse.ArgumentParser(prog="megabranch-generate", description="Translate a split and score it with sacreBLEU.")
     ap.add_argument("--checkpoint", required=True,
                     help="a save directory (its best checkpoint, else latest), a step_<N> directory of any parallel "

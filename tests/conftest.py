@@ -1,21 +1,26 @@
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.corpus import preprocessed
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-
-def tiny_model_cfg(**kw):
-    from megabranch.config import ModelConfig
-
-    base = dict(encoder_layers=2, decoder_layers=2, d_model=32, n_heads=4, ffn_dim=64, dropout=0.0, max_positions=64)
-    base.update(kw)
-    return ModelConfig(**base)
+KINDS = ("unit", "distributed")  # every test is exactly one of these (markers in pytest.ini)
 
 
-@pytest.fixture
-def tiny_cfg():
-    return tiny_model_cfg
+def pytest_collection_modifyitems(config, items):
+    bad = []
+    for item in items:
+        kinds = [k for k in KINDS if item.get_closest_marker(k) is not None]
+        if len(kinds) != 1:
+            bad.append(f"{item.nodeid} ({' and '.join(kinds) or 'neither'})")
+    if bad:
+        raise pytest.UsageError("every test must be marked either unit or distributed (pytest.ini says which is "
+                                "which); these are not:\n  " + "\n  ".join(bad))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """A preprocessed data directory that runs only read: vocabulary 40, 200 training and 20 validation pairs of
+    3-9 words (at most 53 tokens: within max_positions 64)."""
+    return preprocessed(tmp_path_factory.mktemp("tiny_corpus"), 40, 200, 20, hi=9)

@@ -3,8 +3,6 @@
 import json
 import math
 import os
-import random
-import sys
 
 import pytest
 import torch
@@ -13,10 +11,11 @@ from torch import nn
 
 from megabranch import analysis
 from megabranch.model import PAD, build_model, label_smoothed_nll_loss
+from tests.helpers.configs import tiny_model_cfg
+from tests.helpers.corpus import preprocessed
+from tests.helpers.env import load_tool
 
-from conftest import tiny_model_cfg
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.unit
 
 
 def _batch(vocab=50, bsz=3, s_len=7, t_len=6, seed=0):
@@ -167,23 +166,9 @@ def test_analyze_batches_weights_tokens():
 
 # ---------------------------------------------------------------- depth sweep end to end
 
-WORDS = "in the beginning god created heaven and earth was without form void darkness upon face of deep".split()
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from megabranch.data.preprocess import main as preprocess_main
-
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for split, n in (("train", 80), ("valid", 12)):
-        src = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
-        (d / f"{split}.kjv").write_text("\n".join(src) + "\n")
-        (d / f"{split}.web").write_text("\n".join(s.upper().lower()[::-1] for s in src) + "\n")
-    dest = d / "bin"
-    preprocess_main(["--source-lang", "kjv", "--target-lang", "web", "--trainpref", str(d / "train"),
-                     "--validpref", str(d / "valid"), "--destdir", str(dest), "--vocab-size", "60", "--max-len", "64"])
-    return str(dest)
+    return preprocessed(tmp_path_factory.mktemp("corpus"), 60, 80, 12, langs=("kjv", "web"), extra=("--max-len", "64"))
 
 
 def _sweep_argv(data, out):
@@ -193,8 +178,7 @@ def _sweep_argv(data, out):
 
 
 def test_depth_sweep_two_runs_end_to_end_and_resume(tiny_data, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import depth_sweep
+    depth_sweep = load_tool("depth_sweep")
 
     out = str(tmp_path / "sweep")
     assert depth_sweep.main(_sweep_argv(tiny_data, out)) == 0
@@ -217,8 +201,7 @@ def test_depth_sweep_two_runs_end_to_end_and_resume(tiny_data, tmp_path, capsys)
 
 
 def test_depth_sweep_user_errors(tiny_data, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import depth_sweep
+    depth_sweep = load_tool("depth_sweep")
 
     with pytest.raises(SystemExit) as e:
         depth_sweep.main(["--data", tiny_data, "--schemes", "postln", "--out", str(tmp_path)])
@@ -230,10 +213,7 @@ def test_depth_sweep_user_errors(tiny_data, tmp_path, capsys):
 
 
 def test_gnorm_stats_hand_computed():
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from sweep_plan import gnorm_stats
-
-    g = gnorm_stats([1.0, 2.0, 4.0, float("nan"), 100.0], first=3)
+    g = load_tool("sweep_plan").gnorm_stats([1.0, 2.0, 4.0, float("nan"), 100.0], first=3)
     assert g["n"] == 3 and g["max"] == 4.0 and g["max_over_median"] == pytest.approx(2.0)
     assert g["mean_abs_dlog"] == pytest.approx(math.log(2))
 
@@ -241,8 +221,7 @@ def test_gnorm_stats_hand_computed():
 # ---------------------------------------------------------------- benchmark runs (no timing asserts)
 
 def test_bench_train_one_tiny_iteration(capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import bench_train
+    bench_train = load_tool("bench_train")
 
     res = bench_train.main(["--d-model", "16", "--heads", "2", "--layers", "1", "--tokens", "32", "--seq-len", "8",
                             "--vocab", "64", "--steps", "1", "--rounds", "1", "--warmup", "0", "--no-memory"])
@@ -264,9 +243,8 @@ def test_bench_train_flop_count_equals_torch_flop_counter(impl):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import bench_train
-    from reference_transformer import ReferenceTransformer
+    bench_train = load_tool("bench_train")
+    ReferenceTransformer = load_tool("reference_transformer").ReferenceTransformer
 
     d, ffn, vocab, layers, bsz, seq = 32, 96, 300, 2, 3, 7
     if impl == "megabranch":
@@ -287,10 +265,10 @@ def test_bench_train_flop_count_equals_torch_flop_counter(impl):
 # ---------------------------------------------------------------- analyze CLI (models built in-process)
 
 def test_analyze_run_analysis_writes_csv_and_png(tiny_data, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import analyze
     from megabranch.config import load_config
     from megabranch.data import load_split
+
+    analyze = load_tool("analyze")
 
     dataset, tok, _ = load_split(tiny_data, "valid")
     vocab = (tok[0] if isinstance(tok, tuple) else tok).vocab_size
@@ -311,8 +289,7 @@ def test_analyze_run_analysis_writes_csv_and_png(tiny_data, tmp_path, capsys):
 
 
 def test_analyze_missing_checkpoint_is_a_one_line_error(tiny_data, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import analyze
+    analyze = load_tool("analyze")
 
     with pytest.raises(SystemExit) as e:
         analyze.main([str(tmp_path / "nope.pt"), "--data", tiny_data, "--out", str(tmp_path / "x")])
@@ -322,11 +299,11 @@ def test_analyze_missing_checkpoint_is_a_one_line_error(tiny_data, tmp_path, cap
 
 def test_analyze_loads_a_step_dir_through_megabranch_checkpoint(tmp_path):
     """analyze.load_model goes through megabranch.checkpoint's single-process loader and restores the step."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import analyze
     from megabranch import checkpoint
     from megabranch.config import load_config
     from megabranch.residual import current_alpha
+
+    analyze = load_tool("analyze")
 
     if not hasattr(checkpoint, "save_step"):
         pytest.skip("this megabranch.checkpoint has no step-directory writer")

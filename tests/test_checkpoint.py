@@ -13,37 +13,13 @@ import torch
 
 from megabranch import checkpoint
 from megabranch.errors import UserError
-from tests.dist_utils import run_workers
-from tests.test_pipeline import VOCAB, make_cfg, parallel_losses, synthetic_batches
+from tests.helpers.checkpoints import SAVED_AT, ckpt_cfg, save_trainer, tiny_single
+from tests.helpers.configs import VOCAB
+from tests.helpers.dist import run_workers
+from tests.helpers.env import one_thread
+from tests.helpers.reference import parallel_losses, single_trainer, synthetic_batches
 
-SAVED_AT, MORE = 3, 3  # train 3 steps, save, train 3 more
-
-
-class _Position:
-    """Stands in for the data iterator: what a shard records as the data position."""
-
-    def state_dict(self):
-        return {"epoch": 1, "iterations_in_epoch": SAVED_AT}
-
-
-def _cfg(tp=1, pp=1, vpp=1, layout="", zero=False):
-    kw = dict(tp=tp, pp=pp, vpp=vpp, layout=layout, zero=zero)
-    if pp > 1 and vpp == 1:
-        kw["schedule"] = "1f1b"
-    return make_cfg(2, 2, m=2, **kw)
-
-
-def _meta(cfg, tr) -> dict:
-    pos = tr.position()
-    return {"layout": {k: pos[k] for k in ("tp", "pp", "vpp", "dp", "layout", "zero")}, "config": cfg.to_dict(),
-            "vocab_size": VOCAB, "tgt_vocab_size": VOCAB, "vocab_sha256": "test"}
-
-
-def _save(tr, cfg, save_dir: str, keep_last: int = 0) -> str:
-    from megabranch.training.native_checkpoint import checkpoint_files
-
-    return checkpoint.save_step(save_dir, tr.step, checkpoint_files(tr, _Position().state_dict()), _meta(cfg, tr),
-                                keep_last=keep_last)
+MORE = 3  # train SAVED_AT (3) steps, save, train 3 more
 
 
 def _parallel_from(step_dir: str, cfg):
@@ -57,21 +33,14 @@ def _parallel_from(step_dir: str, cfg):
 
 
 def _single_losses(step_dir: str, steps: int, dp: int = 1) -> list[float]:
-    from megabranch.model import build_model
-    from megabranch.training.single import Trainer
-
     meta = checkpoint.read_meta(step_dir)
-    cfg = _cfg()
-    tr = Trainer(cfg, build_model(cfg.model, VOCAB, seed=5), torch.device("cpu"))
+    cfg = ckpt_cfg()
+    tr = single_trainer(cfg, seed=5)
     tr.load_checkpoint_state(checkpoint.load_for_rank(step_dir, meta, tr.position(), tr.named_params()))
     assert tr.step == int(meta["step"])
     m = cfg.optim.update_freq
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return [tr.train_step(synthetic_batches(s, m * dp))["loss"] for s in range(tr.step, tr.step + steps)]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _close(got, want, what, rel=1e-5):
@@ -89,10 +58,10 @@ def _round_trip_body(rank, world, root):
     from megabranch.convert import main as convert_main
     from megabranch.parallel.engine import ParallelTrainer
 
-    cfg = _cfg(2, 2, layout="E0-1|D0-1")
+    cfg = ckpt_cfg(2, 2, layout="E0-1|D0-1")
     tr = ParallelTrainer(cfg, VOCAB)
     parallel_losses(tr, SAVED_AT)
-    first = _save(tr, cfg, os.path.join(root, "run"))
+    first = save_trainer(tr, cfg, os.path.join(root, "run"))
     ref = parallel_losses(tr, SAVED_AT + MORE, SAVED_AT)  # the uninterrupted continuation
 
     # rank 0 converts along the chain with megabranch-convert (each hop checks its own outputs)
@@ -117,7 +86,7 @@ def _round_trip_body(rank, world, root):
 
     # every multi-process layout of the chain continues training identically
     for (tp, pp, layout), d in zip(CHAIN[1:], dirs[1:]):
-        tr2, state = _parallel_from(d, _cfg(tp, pp, layout=layout))
+        tr2, state = _parallel_from(d, ckpt_cfg(tp, pp, layout=layout))
         assert tr2.step == SAVED_AT and not state["resharded"]
         got = parallel_losses(tr2, SAVED_AT + MORE, SAVED_AT)
         if (tp, pp) == (2, 2):
@@ -126,16 +95,16 @@ def _round_trip_body(rank, world, root):
             _close(got, ref, f"({tp},{pp}) continued")
 
     # resharding on load: the (2, 2) checkpoint read straight into a (1, 4) grid
-    tr3, state = _parallel_from(first, _cfg(1, 4, layout="E0|E1|D0|D1"))
+    tr3, state = _parallel_from(first, ckpt_cfg(1, 4, layout="E0|E1|D0|D1"))
     assert state["resharded"]
     _close(parallel_losses(tr3, SAVED_AT + MORE, SAVED_AT), ref, "(2,2) resharded on load into (1,4)")
 
     # ZeRO-1 over dp=2 (pp=2): per-replica optimizer shards; same layout resumes bit for bit, and the shards
     # unflatten by name for the single-process trainer
-    cfgz = _cfg(1, 2, layout="E0-1|D0-1", zero=True)
+    cfgz = ckpt_cfg(1, 2, layout="E0-1|D0-1", zero=True)
     trz = ParallelTrainer(cfgz, VOCAB)
     parallel_losses(trz, SAVED_AT)
-    zdir = _save(trz, cfgz, os.path.join(root, "zero"))
+    zdir = save_trainer(trz, cfgz, os.path.join(root, "zero"))
     refz = parallel_losses(trz, SAVED_AT + MORE, SAVED_AT)
     if rank == 0:
         names = sorted(checkpoint.read_meta(zdir)["files"])
@@ -147,6 +116,7 @@ def _round_trip_body(rank, world, root):
         _close(_single_losses(zdir, MORE, dp=2), refz, "ZeRO-1 (dp 2, pp 2) -> single process")
 
 
+@pytest.mark.distributed
 def test_layout_round_trip_identical_outputs_and_training(tmp_path):
     run_workers(_round_trip_body, 4, str(tmp_path))
 
@@ -154,27 +124,9 @@ def test_layout_round_trip_identical_outputs_and_training(tmp_path):
 # --- single-process: publication, pruning, refusal -----------------------------------------------------------
 
 
-def _tiny_single(tmp_path, steps=(2, 4, 6), keep_last=0):
-    from megabranch.model import build_model
-    from megabranch.training.single import Trainer
-
-    cfg = _cfg()
-    tr = Trainer(cfg, build_model(cfg.model, VOCAB, seed=1), torch.device("cpu"))
-    save_dir = str(tmp_path / "run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices; and no OpenMP spin-waiting on a shared CPU
-    try:
-        for s in range(max(steps)):
-            tr.train_step(synthetic_batches(s, 2))
-            if tr.step in steps:
-                _save(tr, cfg, save_dir, keep_last=keep_last)
-    finally:
-        torch.set_num_threads(threads)
-    return save_dir
-
-
+@pytest.mark.unit
 def test_publication_pointers_and_keep_last(tmp_path):
-    save_dir = _tiny_single(tmp_path, steps=(2, 4, 6), keep_last=2)
+    save_dir = tiny_single(tmp_path, steps=(2, 4, 6), keep_last=2)
     assert sorted(os.listdir(save_dir)) == ["latest", "step_4", "step_6"]
     assert open(os.path.join(save_dir, "latest")).read().strip() == "step_6"
     meta = checkpoint.verify(os.path.join(save_dir, "step_6"))
@@ -193,8 +145,9 @@ def test_publication_pointers_and_keep_last(tmp_path):
     assert checkpoint.resolve(save_dir, prefer="best") == os.path.join(save_dir, "step_4")
 
 
+@pytest.mark.unit
 def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
-    save_dir = _tiny_single(tmp_path, steps=(2,))
+    save_dir = tiny_single(tmp_path, steps=(2,))
     step_dir = os.path.join(save_dir, "step_2")
     shard = os.path.join(step_dir, "shard_tp0_pp0.pt")
     good = open(shard, "rb").read()
@@ -234,6 +187,7 @@ def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
         checkpoint.resolve(save_dir)
 
 
+@pytest.mark.unit
 def test_saving_a_step_again_replaces_it_without_a_dangling_pointer(tmp_path):
     save_dir = str(tmp_path / "run")
     meta = {"layout": checkpoint.single_layout(), "config": {}, "vocab_size": VOCAB}
@@ -259,15 +213,13 @@ class _Scaler:
         self.state = dict(state)
 
 
+@pytest.mark.unit
 def test_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
-    from megabranch.model import build_model
-    from megabranch.training.single import Trainer
-
-    cfg = _cfg()
-    tr = Trainer(cfg, build_model(cfg.model, VOCAB, seed=1), torch.device("cpu"))
+    cfg = ckpt_cfg()
+    tr = single_trainer(cfg, seed=1)
     tr.scaler = _Scaler(1024.0)
-    step_dir = _save(tr, cfg, str(tmp_path / "run"))
-    fresh = Trainer(cfg, build_model(cfg.model, VOCAB, seed=2), torch.device("cpu"))
+    step_dir = save_trainer(tr, cfg, str(tmp_path / "run"))
+    fresh = single_trainer(cfg, seed=2)
     fresh.scaler = _Scaler(65536.0)
     meta = checkpoint.read_meta(step_dir)
     fresh.load_checkpoint_state(checkpoint.load_for_rank(step_dir, meta, fresh.position(), fresh.named_params()))

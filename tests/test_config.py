@@ -9,6 +9,8 @@ import pytest
 from megabranch.config import load_config
 from megabranch.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 
 def test_yaml_json_and_overrides(tmp_path):
     y = tmp_path / "c.yaml"

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from megabranch import checkpoint
 from megabranch.convert import load_safetensors, main as convert_main, save_safetensors
 from megabranch.errors import UserError
-from tests.test_checkpoint import VOCAB, _cfg, _tiny_single
+from tests.helpers.checkpoints import ckpt_cfg, tiny_single
+from tests.helpers.configs import VOCAB
+
+pytestmark = pytest.mark.unit
 
 
 def _ok_lines(out: str) -> list[str]:
@@ -100,8 +103,8 @@ def _logits(step_dir_or_params, cfg, step):
 
 
 def test_consolidate_split_reshard_chain(tmp_path, capsys):
-    save_dir = _tiny_single(tmp_path, steps=(2,))
-    cfg = _cfg()
+    save_dir = tiny_single(tmp_path, steps=(2,))
+    cfg = ckpt_cfg()
     want = _logits(os.path.join(save_dir, "step_2"), cfg, 2)
     st = str(tmp_path / "model.safetensors")
     assert convert_main([save_dir, st]) == 0
@@ -127,14 +130,14 @@ def test_deepspeed_export_import_round_trip(tmp_path, capsys):
     ds = pytest.importorskip("megabranch.backends.deepspeed")
     if not hasattr(ds, "export_deepspeed") or not hasattr(ds, "import_deepspeed"):
         pytest.skip("megabranch.backends.deepspeed has no export/import yet")
-    save_dir = _tiny_single(tmp_path, steps=(2,))
+    save_dir = tiny_single(tmp_path, steps=(2,))
     out = str(tmp_path / "ds")
     assert convert_main([save_dir, out, "--to", "deepspeed"]) == 0
     assert os.path.isfile(os.path.join(out, "latest"))
     cfg_path = tmp_path / "cfg.json"
     import json
 
-    cfg_path.write_text(json.dumps({"model": _cfg().to_dict()["model"]}))
+    cfg_path.write_text(json.dumps({"model": ckpt_cfg().to_dict()["model"]}))
     back = str(tmp_path / "back")
     assert convert_main([out, back, "--from", "deepspeed", "--config", str(cfg_path)]) == 0
     lines = _ok_lines(capsys.readouterr().out)
@@ -234,7 +237,7 @@ def test_torchscale_deepnorm_import(tmp_path, capsys):
 
 
 def test_average_last_k_against_an_independent_mean(tmp_path, capsys):
-    save_dir = _tiny_single(tmp_path, steps=(2, 4, 6))
+    save_dir = tiny_single(tmp_path, steps=(2, 4, 6))
     out = str(tmp_path / "avg")
     assert convert_main(["average", save_dir, "--last", "2", "--out", out]) == 0
     assert "averaged step_4, step_6" in capsys.readouterr().out

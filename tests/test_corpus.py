@@ -5,7 +5,11 @@ import os
 
 import pytest
 
-CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "kjv_web")
+from tests.helpers.env import ROOT
+
+pytestmark = pytest.mark.unit
+
+CORPUS = os.path.join(ROOT, "data", "kjv_web")
 SPLITS = ("train", "valid", "test")
 SRC, TGT = "kjv", "web"
 

@@ -3,7 +3,6 @@
 import gzip
 import hashlib
 import json
-import random
 
 import numpy as np
 import pytest
@@ -13,21 +12,12 @@ from megabranch.data import (
     BOS, EOS, PAD, UNK, EpochBatchIterator, IndexedDataset, IndexedDatasetBuilder,
     LanguagePairDataset, Tokenizer, best_dtype, make_batches, train_sentencepiece,
 )
-from megabranch.data.preprocess import load_split, main as preprocess_main
+from megabranch.data import load_split
+from megabranch.data.preprocess import main as preprocess_main
 from megabranch.errors import UserError
+from tests.helpers.corpus import sentences, write_lines
 
-WORDS = ("in the beginning god created heaven and earth light darkness water spirit moved "
-         "upon face deep said let there be was good day night evening morning first second").split()
-
-
-def sentences(n, seed, lo=3, hi=14):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
-
-
-def write_lines(path, lines):
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

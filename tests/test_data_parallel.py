@@ -11,8 +11,9 @@ from megabranch.model import build_model, label_smoothed_nll_loss
 from megabranch.parallel.data_parallel import GradReducer
 from megabranch.parallel.grid import build_grid
 from megabranch.parallel.zero import ShardedAdamW
-from tests.conftest import tiny_model_cfg
-from tests.dist_utils import run_workers
+from tests.helpers.configs import tiny_model_cfg
+from tests.helpers.dist import run_workers
+from tests.helpers.reference import assert_rel
 
 VOCAB = 24
 
@@ -34,11 +35,6 @@ def _micro_batch(dp_rank, micro, step):
 def _loss(model, batch):
     src, prev, tgt = batch
     return label_smoothed_nll_loss(model(src, prev), tgt, 0.1)[0]
-
-
-def assert_rel(a, b, what, rel=1e-5):
-    err, scale = (a.double() - b.double()).abs().max().item(), b.double().abs().max().item()
-    assert err <= rel * scale + 1e-12, f"{what}: max error {err:.3g} vs reference max {scale:.3g}"
 
 
 def _check_reducer(group, dp, dp_rank):
@@ -160,10 +156,12 @@ def _dp_worker(rank, world):
         torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.distributed
 def test_grad_reducer_and_sharded_adamw():
     run_workers(_dp_worker, 4)
 
 
+@pytest.mark.unit
 def test_single_process_fallbacks():
     """group=None: the reducer leaves gradients alone; ShardedAdamW is AdamW."""
     model = build_model(_cfg(), VOCAB, seed=3)

@@ -8,7 +8,9 @@ import torch
 from megabranch.generate import beam_search, greedy_decode
 from megabranch.model import build_model
 from megabranch.residual import set_step
-from tests.conftest import tiny_model_cfg
+from tests.helpers.configs import tiny_model_cfg
+
+pytestmark = pytest.mark.unit
 
 BOS, EOS = 2, 3
 

@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.env import ROOT, subprocess_env
+
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # one ninja for every build of the op (the venv's pinned one): ninja 1.11 and 1.13 hash build commands differently,
@@ -30,8 +31,10 @@ except Exception as e:  # noqa: BLE001 - any import failure means: no DeepSpeed 
     pytest.skip(f"deepspeed is not importable ({type(e).__name__}: {e}); pip install -r requirements-dev.txt",
                 allow_module_level=True)
 
-from tests.dist_utils import run_workers  # noqa: E402
-from tests.test_pipeline import VOCAB, make_cfg, reference_run, synthetic_batches  # noqa: E402
+from tests.helpers.configs import VOCAB, make_cfg, tiny_model_cfg, tiny_pp2_yaml  # noqa: E402
+from tests.helpers.dist import free_port, run_workers  # noqa: E402
+from tests.helpers.logs import read_log  # noqa: E402
+from tests.helpers.reference import reference_run, synthetic_batches  # noqa: E402
 
 STEPS = 10
 
@@ -135,6 +138,8 @@ def _single_process_loss(model, batches, step: int) -> float:
     return total / sum(b["ntokens"] for b in batches)
 
 
+# not marked slow: 5-8 s once DeepSpeed's CPU communication op is built (about 30 s, the first run only)
+@pytest.mark.distributed
 def test_deepspeed_pipeline_matches_native_engine_and_single_process(tmp_path):
     """One pair of processes for everything that needs DeepSpeed running (its start-up is the cost)."""
     from megabranch.backends.deepspeed import export_deepspeed
@@ -149,12 +154,12 @@ def test_deepspeed_pipeline_matches_native_engine_and_single_process(tmp_path):
     run_workers(_equivalence_body, 2, ref_losses, str(tmp_path), loss)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("variant", ["shared", "tgt-shared", "untied-pre_ln"])
 def test_export_import_round_trip(tmp_path, variant):
     """export -> import gives back build_model's state dict exactly (every key, in order), for each tying."""
     from megabranch.backends.deepspeed import export_deepspeed, import_deepspeed, layer_plan
     from megabranch.model import build_model
-    from tests.conftest import tiny_model_cfg
 
     kw = {"shared": {}, "tgt-shared": dict(share_all_embeddings=False),
           "untied-pre_ln": dict(share_all_embeddings=False, share_decoder_input_output_embed=False, residual="pre_ln")}
@@ -178,11 +183,11 @@ def test_export_import_round_trip(tmp_path, variant):
         assert torch.equal(last_dec["decoder.final_norm.weight"], sd["decoder.final_norm.weight"])
 
 
+@pytest.mark.unit
 def test_import_refuses_a_mismatched_config(tmp_path):
     from megabranch.backends.deepspeed import export_deepspeed, import_deepspeed
     from megabranch.errors import UserError
     from megabranch.model import build_model
-    from tests.conftest import tiny_model_cfg
 
     mc = tiny_model_cfg(d_model=16, n_heads=2, ffn_dim=32)
     export_deepspeed(build_model(mc, 30, seed=1).state_dict(), mc, str(tmp_path))
@@ -192,30 +197,22 @@ def test_import_refuses_a_mismatched_config(tmp_path):
         import_deepspeed(str(tmp_path), tiny_model_cfg(d_model=16, n_heads=2, ffn_dim=32, residual="pre_ln"))
 
 
-def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tmp_path):
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tiny_corpus, tmp_path):
     """launch/deepspeed_launcher.sh for real: the deepspeed launcher, 2 CPU processes, megabranch-train --backend
     deepspeed for 4 steps; its DeepSpeed checkpoint reads back through import_deepspeed, and a second launch with
     --resume global_step2 repeats steps 3 and 4 with the same losses (weights, Adam state, step and data order
     from the checkpoint)."""
-    import json
     import subprocess
 
     from megabranch.backends.deepspeed import import_deepspeed
     from megabranch.config import load_config
-    from tests.test_launch import _tiny_corpus
 
-    data = _tiny_corpus(tmp_path)
     cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(
-        "model: {encoder_layers: 2, decoder_layers: 2, d_model: 16, n_heads: 2, ffn_dim: 32, dropout: 0.0,"
-        " alpha_warmup_steps: 4, max_positions: 64}\n"
-        "parallel: {pp: 2, layout: 'E0-1|D0-1'}\n"
-        "optim: {max_updates: 4, update_freq: 4, warmup_updates: 2}\n"
-        f"data: {{data_dir: '{data}', max_tokens: 200}}\n"
-        f"log: {{save_dir: '{tmp_path / 'run'}', log_interval: 1, valid_interval: 2, bleu_sentences: 0,"
-        " tensorboard: false, progress: none}\n")
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, NUM_GPUS="2", OMP_NUM_THREADS="1",
-               DS_CONFIG=os.path.join(ROOT, "launch", "configs", "ds_fp32.json"), MASTER_PORT=str(_free_port()))
+    cfg_path.write_text(tiny_pp2_yaml(tiny_corpus, tmp_path / "run", max_updates=4, update_freq=4, warmup_updates=2))
+    env = subprocess_env(NUM_GPUS=2, DS_CONFIG=os.path.join(ROOT, "launch", "configs", "ds_fp32.json"),
+                         MASTER_PORT=free_port())
 
     def launch(*extra):
         r = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed_launcher.sh"), "--config", str(cfg_path),
@@ -225,8 +222,7 @@ def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tmp_path):
 
     r = launch()
     assert "deepspeed layer parts: [0, 3, 7]" in r.stdout
-    with open(tmp_path / "run" / "log.jsonl") as fh:
-        records = [json.loads(line) for line in fh]
+    records = read_log(tmp_path / "run" / "log.jsonl")
     train = [x for x in records if x["tag"] == "train"]
     assert [x["step"] for x in train] == [1, 2, 3, 4] and [x["alpha"] for x in train] == [0.0, 0.25, 0.5, 0.75]
     assert all(0 < x["gnorm"] <= x["gnorm_max"] and math.isfinite(x["gnorm"]) for x in train)  # fp32 too
@@ -236,15 +232,9 @@ def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tmp_path):
     assert state["encoder.embed.table.weight"].shape == (40, 16)
 
     launch("--resume", "global_step2")
-    with open(tmp_path / "run" / "log.jsonl") as fh:
-        resumed = [json.loads(line) for line in fh][len(records):]
+    resumed = read_log(tmp_path / "run" / "log.jsonl")[len(records):]
     again = [x for x in resumed if x["tag"] == "train"]
     assert [x["step"] for x in again] == [3, 4]
     for a, b in zip(again, train[2:]):
         assert (a["loss"], a["alpha"], a["lr"]) == (b["loss"], b["alpha"], b["lr"]), (a, b)
 
-
-def _free_port() -> int:
-    from tests.dist_utils import free_port
-
-    return free_port()

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
-from tests.dist_utils import run_workers
-from tests.test_pipeline import VOCAB, alpha_audit_errors, assert_matches, make_cfg, parallel_losses, reference_run
+from tests.helpers.configs import VOCAB, make_cfg
+from tests.helpers.dist import run_workers
+from tests.helpers.reference import alpha_audit_errors, assert_matches, parallel_losses, reference_run
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 20
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 import glob
 import json
 import os
-import random
 import subprocess
-import sys
 
 import pytest
 
 from megabranch.config import load_config
 from megabranch.errors import UserError
+from tests.helpers.configs import tiny_model_cfg, tiny_pp2_yaml
+from tests.helpers.corpus import write_corpus
+from tests.helpers.env import ROOT, subprocess_env
+from tests.helpers.logs import read_log
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch")))
 YAMLS = sorted(glob.glob(os.path.join(LAUNCH, "configs", "*.yaml")))
@@ -26,18 +27,12 @@ DS_JSONS = sorted(glob.glob(os.path.join(LAUNCH, "configs", "ds_*.json")))
 SUGGESTED = {6: 8, 18: 8, 50: 8, 100: 8, 250: 16, 500: 32}
 
 
-def _env(**kw) -> dict:
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    env.update({k: str(v) for k, v in kw.items()})
-    return env
-
-
 def _bash(script: str, args: list[str], timeout: int = 120, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, env=_env(**env),
+    return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, env=subprocess_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.unit
 def test_every_script_parses():
     assert {os.path.basename(s) for s in SCRIPTS} >= {"torchrun_single.sh", "torchrun_multi.sh", "slurm.sbatch",
                                                       "deepspeed_launcher.sh", "common.sh", "torchrun_check.sh",
@@ -51,6 +46,7 @@ def _depth(path: str) -> int:
     return int(os.path.basename(path).split("_")[1].split("L")[0])
 
 
+@pytest.mark.unit
 def test_configs_are_the_papers_settings():
     assert sorted(_depth(p) for p in YAMLS) == [6, 18, 50, 100, 250, 500]
     for path in YAMLS:
@@ -70,6 +66,7 @@ def test_configs_are_the_papers_settings():
         assert json.load(fh)["fp16"]["loss_scale"] == 0  # 0: dynamic loss scaling
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
 def test_every_config_passes_dry_run(path, capsys):
     from megabranch.train import main
@@ -87,6 +84,7 @@ def test_every_config_passes_dry_run(path, capsys):
     assert f"pp {load_config(path).parallel.pp} x dp {SUGGESTED[n] // load_config(path).parallel.pp}" in row
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ds", DS_JSONS, ids=os.path.basename)
 def test_every_deepspeed_config_passes_dry_run(ds, capsys):
     from megabranch.train import main
@@ -99,10 +97,10 @@ def test_every_deepspeed_config_passes_dry_run(ds, capsys):
     assert "stage layout: E0-49,D0-9|D10-49" in out and "deepspeed layer parts: [0, 62, 103]" in out
 
 
+@pytest.mark.unit
 def test_dry_run_numbers_against_the_model(capsys):
     from megabranch.model import build_model, count_parameters
     from megabranch.dry_run import dry_run
-    from tests.conftest import tiny_model_cfg
 
     cfg = load_config(None, ["parallel.pp=2", "parallel.layout=E0-2|D0-2", "data.max_tokens=300",
                              "optim.update_freq=3", "data.data_dir=/nonexistent"])
@@ -119,14 +117,10 @@ def test_dry_run_numbers_against_the_model(capsys):
         dry_run(cfg, world_size=4, vocab=48, backend="deepspeed")
 
 
-TINY_PP2 = ("model: {encoder_layers: 2, decoder_layers: 2, d_model: 16, n_heads: 2, ffn_dim: 32, dropout: 0.0,"
-            " alpha_warmup_steps: 4, max_positions: 64}\nparallel: {pp: 2, layout: 'E0-1|D0-1'}\n"
-            "optim: {update_freq: 4}\n")
-
-
+@pytest.mark.unit
 def test_scripts_print_the_layout_and_command(tmp_path):
     cfg = str(tmp_path / "tiny.yaml")  # pp=2, update_freq 4 (= the DeepSpeed configs' gradient_accumulation_steps)
-    (tmp_path / "tiny.yaml").write_text(TINY_PP2 + "data: {data_dir: /nonexistent}\n")
+    (tmp_path / "tiny.yaml").write_text(tiny_pp2_yaml("/nonexistent", update_freq=4))
     r = _bash("torchrun_single.sh", ["--config", cfg], GPUS=8, DRY_RUN=1)
     assert r.returncode == 0, r.stderr
     assert "world size 8 = tp 1 x pp 2 x dp 4" in r.stdout and "--standalone --nproc_per_node 8" in r.stdout
@@ -151,6 +145,7 @@ def test_scripts_print_the_layout_and_command(tmp_path):
     assert "world size 8" in r.stdout and "srun" in r.stdout and "gpu-node-7:20042" in r.stderr
 
 
+@pytest.mark.unit
 def test_scripts_refuse_a_layout_that_does_not_fit(tmp_path):
     cfg = os.path.join(LAUNCH, "configs", "base_50L-50L.yaml")  # pp=2: an odd process count cannot hold it
     r = _bash("torchrun_single.sh", ["--config", cfg], GPUS=3)
@@ -165,53 +160,24 @@ def test_scripts_refuse_a_layout_that_does_not_fit(tmp_path):
     assert r.returncode == 2 and "MASTER_ADDR is not set" in r.stderr
 
 
-def _tiny_corpus(d) -> str:
-    from megabranch.data.preprocess import main as preprocess
-
-    words = "in the beginning god created heaven and earth light was good day night evening morning".split()
-    rng = random.Random(0)
-    for split, n in (("train", 200), ("valid", 20)):
-        for lang in ("src", "tgt"):
-            lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(n)]
-            (d / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
-    dest = d / "bin"
-    assert preprocess(["--source-lang", "src", "--target-lang", "tgt", "--trainpref", str(d / "train"),
-                       "--validpref", str(d / "valid"), "--destdir", str(dest), "--vocab-size", "40"]) == 0
-    return str(dest)
-
-
-def test_torchrun_single_node_script_trains_two_steps(tmp_path):
-    data = _tiny_corpus(tmp_path)
+@pytest.mark.distributed
+def test_torchrun_single_node_script_trains_two_steps(tiny_corpus, tmp_path):
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(
-        "model: {encoder_layers: 2, decoder_layers: 2, d_model: 16, n_heads: 2, ffn_dim: 32, dropout: 0.0,"
-        " alpha_warmup_steps: 4, max_positions: 64}\n"
-        "parallel: {pp: 2, layout: 'E0-1|D0-1'}\n"
-        "optim: {max_updates: 2, update_freq: 2, warmup_updates: 2}\n"
-        f"data: {{data_dir: '{data}', max_tokens: 200}}\n"
-        f"log: {{save_dir: '{tmp_path / 'run'}', log_interval: 1, valid_interval: 2, bleu_sentences: 0,"
-        " tensorboard: false, progress: none}\n")
+    cfg.write_text(tiny_pp2_yaml(tiny_corpus, tmp_path / "run", max_updates=2, update_freq=2, warmup_updates=2))
     r = _bash("torchrun_single.sh", ["--config", str(cfg), "--device", "cpu"], timeout=300, GPUS=2)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "stage layout: E0-1|D0-1" in r.stdout and "world size 2 = tp 1 x pp 2 x dp 1" in r.stdout
-    with open(tmp_path / "run" / "log.jsonl") as fh:
-        records = [json.loads(line) for line in fh]
-    train = [x for x in records if "lr" in x]
+    train = [x for x in read_log(tmp_path / "run" / "log.jsonl") if "lr" in x]
     assert [x["step"] for x in train] == [1, 2]
     assert [x["alpha"] for x in train] == [0.0, 0.25]  # alpha_t = t / T for t = 0, 1 with T = 4
     assert all(x["loss"] > 0 for x in train)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("script,pair", [("prepare_wmt17_en_de.sh", ("en", "de")), ("prepare_wmt14_en_fr.sh", ("en", "fr"))])
 def test_preprocessing_recipes_run_on_tiny_text(tmp_path, script, pair):
-    words = "the house is small and the garden is green today we see it".split()
-    rng = random.Random(1)
     raw = tmp_path / "raw"
-    raw.mkdir()
-    for split, n in (("train", 120), ("valid", 10)):
-        for lang in pair:
-            lines = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 8))) for _ in range(n)]
-            (raw / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+    write_corpus(raw, 120, 10, pair, lo=2, hi=8)
     dest = tmp_path / "bin"
     r = _bash(script, [], RAW=raw, DEST=dest, VOCAB=30)
     assert r.returncode == 0, r.stderr

@@ -2,11 +2,14 @@
 
 import math
 
+import pytest
 import torch
 
 from megabranch.model import build_model, label_smoothed_nll_loss
 from megabranch.model import initial_value
-from tests.conftest import tiny_model_cfg
+from tests.helpers.configs import tiny_model_cfg
+
+pytestmark = pytest.mark.unit
 
 
 def test_init_is_a_function_of_seed_and_name_only():
@@ -44,8 +47,6 @@ def test_label_smoothed_loss_hand_computed():
 
 
 def test_build_model_from_weights_loads_them_or_names_the_mismatch():
-    import pytest
-
     from megabranch.errors import UserError
     from megabranch.model import build_model_from
     from megabranch.residual import current_alpha

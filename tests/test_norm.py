@@ -15,6 +15,8 @@ from megabranch.config import load_config
 from megabranch.model import build_model
 from megabranch.model import norm
 
+pytestmark = pytest.mark.unit
+
 
 class _FakeFusedLayerNorm(nn.LayerNorm):
     calls = 0

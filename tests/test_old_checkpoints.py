@@ -12,25 +12,17 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.env import ROOT, subprocess_env
+from tests.helpers.logs import records_by_step
+
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "old_main")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MEGABRANCH_NO_EXT="1")
+ENV = subprocess_env(MEGABRANCH_NO_EXT=1)
 LAYOUTS = {  # fixture -> (processes, --set overrides it was written with)
     "single": (1, []),
     "pp2": (2, ["parallel.pp=2", "parallel.layout=E0-1|D0-1"]),
     "zero_dp2": (2, ["parallel.zero=true"]),
     "tp2": (2, ["parallel.tp=2"]),
 }
-
-
-def _records(path: str, tag: str) -> dict:
-    out = {}
-    with open(path) as fh:
-        for line in fh:
-            r = json.loads(line)
-            if r["tag"] == tag:
-                out[r["step"]] = r
-    return out
 
 
 def _expected(name: str, tag: str) -> dict:
@@ -48,7 +40,8 @@ def copy(tmp_path_factory):
     return dst
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.unit if LAYOUTS[n][0] == 1 else pytest.mark.distributed)
+                                  for n in sorted(LAYOUTS)])
 def test_old_checkpoint_resumes_bit_for_bit(copy, name):
     nproc, sets = LAYOUTS[name]
     save = copy / name
@@ -59,15 +52,16 @@ def test_old_checkpoint_resumes_bit_for_bit(copy, name):
         args += ["--set", s]
     proc = subprocess.run(launch + args, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, want = _records(save / "log.jsonl", "train"), _expected(name, "train")
+    got, want = records_by_step(save / "log.jsonl", "train"), _expected(name, "train")
     assert sorted(got) == [5, 6, 7, 8]
     for step in got:
         for key in ("loss", "nll_loss", "gnorm", "alpha", "lr"):
             assert got[step][key] == want[step][key], (name, step, key, got[step][key], want[step][key])
-    v = _records(save / "log.jsonl", "valid")
+    v = records_by_step(save / "log.jsonl", "valid")
     assert v[8]["loss"] == _expected(name, "valid")[8]["loss"]
 
 
+@pytest.mark.unit
 def test_old_checkpoint_converts_and_reshards(copy, tmp_path, capsys):
     from megabranch.convert import main as convert_main
 
@@ -80,6 +74,7 @@ def test_old_checkpoint_converts_and_reshards(copy, tmp_path, capsys):
         assert "FAILED" not in out and out.count("OK") == 2, out  # logits and optimizer state
 
 
+@pytest.mark.unit
 def test_old_checkpoint_valid_loss_is_reproduced(copy):
     """The step-4 model of the single-process fixture gives the valid loss its meta.json recorded."""
     import torch

@@ -21,113 +21,21 @@ from megabranch.parallel.partition import (
     plan_layout,
 )
 from megabranch.parallel.schedules import check_schedule, schedule_actions, simulate
-from tests.conftest import tiny_model_cfg
-from tests.dist_utils import run_workers
-
-VOCAB = 40  # divisible by 1, 2, 4 (tensor-parallel vocabulary shards)
-
-
-# --- shared harness (also used by test_engine.py) --------------------------------------------------------
-
-def make_cfg(enc: int = 4, dec: int = 4, m: int = 2, **parallel) -> Config:
-    """A tiny deep BranchNorm model whose alpha moves every step (warmup 10), dropout off, clipping on."""
-    cfg = Config()
-    cfg.model = tiny_model_cfg(encoder_layers=enc, decoder_layers=dec, residual=parallel.pop("residual", "branchnorm"),
-                               alpha_warmup_steps=10, **parallel.pop("model", {}))
-    o = cfg.optim
-    o.lr, o.warmup_updates, o.update_freq, o.clip_norm, o.label_smoothing = 1e-3, 5, m, 1.0, 0.1
-    for k, v in parallel.items():
-        object.__setattr__(cfg.parallel, k, v)  # also options a newer ParallelConfig may add (zero, ...)
-    return cfg
-
-
-def synthetic_batches(step: int, n: int, vocab: int = VOCAB) -> list[dict]:
-    """n micro-batches whose batch size, source and target lengths and padding all vary (step-seeded)."""
-    g = torch.Generator().manual_seed(7919 * step + 13)
-    out = []
-    for _ in range(n):
-        b, s, t = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((2, 5), (3, 10), (3, 10)))
-        src = torch.randint(4, vocab, (b, s), generator=g)
-        tgt = torch.randint(4, vocab, (b, t), generator=g)
-        for row in range(b):
-            src[row, int(torch.randint(1, s + 1, (1,), generator=g)):] = 0
-            tgt[row, int(torch.randint(1, t + 1, (1,), generator=g)):] = 0
-        prev = torch.cat([torch.full((b, 1), 2), tgt[:, :-1]], 1)
-        out.append({"src_tokens": src, "prev_output_tokens": prev, "target": tgt, "ntokens": int(tgt.ne(0).sum())})
-    return out
-
-
-def reference_run(cfg: Config, steps: int, dp: int = 1) -> tuple[list[float], dict]:
-    """The single-process Trainer on the global batches (dp * update_freq micro-batches per step)."""
-    from megabranch.model import build_model
-    from megabranch.model import draw_init_seed
-    from megabranch.training.single import Trainer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices; and no OpenMP spin-waiting when the CPU is shared with workers
-    try:
-        model = build_model(cfg.model, VOCAB, seed=draw_init_seed(cfg.seed))
-        tr = Trainer(cfg, model, torch.device("cpu"))
-        losses = [tr.train_step(synthetic_batches(s, cfg.optim.update_freq * dp))["loss"] for s in range(steps)]
-    finally:
-        torch.set_num_threads(threads)
-    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
-
-
-def parallel_losses(tr, steps: int, start: int = 0) -> list[float]:
-    """Run a ParallelTrainer on this replica's share of the same global batches."""
-    dp, r = tr.grid.dp, tr.grid.dp_rank
-    m = tr.cfg.optim.update_freq
-    return [tr.train_step(synthetic_batches(s, m * dp)[r::dp])["loss"] for s in range(start, steps)]
-
-
-def assert_matches(tr, losses: list[float], ref: tuple, what: str) -> None:
-    """Per-step losses within 1e-5 relative, and this rank's parameters (tensor-parallel slices) equal to the
-    single-process ones: every tensor within 1e-5 of its scale plus 1e-3 of the distance Adam can move it (the sum
-    of the step sizes; a wrong gradient moves a parameter by ~lr per step), except the key biases. Softmax is
-    invariant to
-    a shift of all keys, so a key bias has an exactly zero gradient; in float32 it gets rounding noise that
-    Adam's normalisation turns into steps of up to lr, different noise in every layout. They are held to what
-    Adam can move two copies apart (2 * sum of the step sizes); all the others together to 1e-5 in relative L2."""
-    from megabranch.parallel.parallelize import shard_of
-    from megabranch.model import canonical_parameters
-    from megabranch.training.lr_schedule import inverse_sqrt_lr
-
-    travel = sum(inverse_sqrt_lr(t, tr.cfg.optim) for t in range(len(losses)))
-    key_bias_tol = 2 * travel
-
-    ref_losses, ref_params = ref
-    for step, (a, b) in enumerate(zip(losses, ref_losses)):
-        assert abs(a - b) <= 1e-5 * abs(b), f"{what}: step {step} loss {a} vs single-process {b}"
-    assert len(losses) == len(ref_losses)
-    diff2 = norm2 = 0.0
-    for name, p in canonical_parameters(tr.model, tr.cfg.model).items():
-        r = shard_of(ref_params[name], p)
-        err = float((p.detach() - r).abs().max())
-        key_bias = name.endswith("k_proj.bias")
-        tol = key_bias_tol if key_bias else 1e-5 * float(r.abs().max()) + 1e-3 * travel
-        assert err <= tol, f"{what}: parameter {name} differs by {err:.3g} (tolerance {tol:.3g})"
-        if not key_bias:
-            diff2 += float((p.detach() - r).double().square().sum())
-            norm2 += float(r.double().square().sum())
-    assert math.sqrt(diff2 / norm2) < 1e-5, f"{what}: parameters differ by {math.sqrt(diff2 / norm2):.3g} (relative L2)"
-
-
-def alpha_audit_errors(tr, step: int) -> list[str]:
-    """Every (phase, chunk, micro-batch, stack, alpha) record of the last step must show alpha_at(step)."""
-    from megabranch.residual import alpha_at
-
-    mc = tr.cfg.model
-    want = alpha_at(step, mc.alpha_warmup_steps, mc.alpha_schedule) if mc.residual == "branchnorm" else 1.0
-    errors = []
-    for phase, c, mb, stack, alpha in tr.executor.audit:
-        if abs(alpha - want) > 1e-7:
-            errors.append(f"chunk {c} {stack} micro-batch {mb} {phase}: alpha {alpha} at step {step} (want {want})")
-    return errors
-
+from tests.helpers.configs import VOCAB, make_cfg, tiny_model_cfg
+from tests.helpers.dist import run_workers
+from tests.helpers.env import load_tool
+from tests.helpers.reference import (
+    alpha_audit_errors,
+    assert_matches,
+    parallel_losses,
+    reference_run,
+    single_trainer,
+    synthetic_batches,
+)
 
 # --- layout strings --------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_layout_string_round_trip_and_placement():
     lay = parse_layout("E0-3 | E4-5,D0 | D1-3|D4-5", 6, 6, pp=2, vpp=2)
     assert str(lay) == "E0-3|E4-5,D0|D1-3|D4-5"
@@ -142,6 +50,7 @@ def test_layout_string_round_trip_and_placement():
     assert Layout.from_bounds(lay.bounds(), 2, 2, 6, 6) == lay
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text, needle", [
     ("E0-3|E4-5,D0-5", "has 2 stages but parallel.pp * parallel.vpp = 2 * 2 = 4"),
     ("E0-3||E4-5,D0|D1-5", "stage 1 is empty"),
@@ -172,6 +81,7 @@ def _brute_force(costs, k):
     return best
 
 
+@pytest.mark.unit
 def test_balanced_split_is_optimal_on_small_cases():
     rng = random.Random(3)
     for _ in range(60):
@@ -185,6 +95,7 @@ def test_balanced_split_is_optimal_on_small_cases():
         assert max(sums) == pytest.approx(hi) and min(sums) == pytest.approx(-neg_lo), (costs, k, b)
 
 
+@pytest.mark.unit
 def test_cost_model_counts_cross_attention_embeddings_and_output():
     cfg = tiny_model_cfg(encoder_layers=6, decoder_layers=6, d_model=64, n_heads=4, ffn_dim=256)
     cm = CostModel(cfg, vocab=8000, tp=1, tokens=1024, src_len=32, tgt_len=32)
@@ -209,6 +120,7 @@ def test_cost_model_counts_cross_attention_embeddings_and_output():
     assert half.encoder_layer().flops == pytest.approx(enc.flops / 2)
 
 
+@pytest.mark.unit
 def test_auto_layout_balances_or_refuses_loudly():
     cfg = tiny_model_cfg(encoder_layers=24, decoder_layers=24, d_model=256, n_heads=4, ffn_dim=1024)
     lay = plan_layout(cfg, pp=4, vpp=2, vocab=1000)
@@ -227,6 +139,7 @@ def test_auto_layout_balances_or_refuses_loudly():
 
 # --- schedules -------------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["gpipe", "1f1b", "interleaved"])
 def test_schedules_are_complete_and_deadlock_free(kind):
     for pp in (1, 2, 3, 4, 5):
@@ -249,6 +162,7 @@ def test_schedules_are_complete_and_deadlock_free(kind):
                 simulate(kind, pp, vpp, m)  # raises on a deadlock
 
 
+@pytest.mark.unit
 def test_schedule_makespans_match_theory():
     f, b = 1.0, 2.0
     for pp in (2, 4):
@@ -262,6 +176,7 @@ def test_schedule_makespans_match_theory():
             assert ti < t and (ti - ideal) == pytest.approx((pp - 1) * (f + b) / 2)
 
 
+@pytest.mark.unit
 def test_interleaved_order_is_torch_pipelinings():
     """Our interleaved 1F1B action lists are the ones torch.distributed.pipelining computes for
     ScheduleInterleaved1F1B (m a multiple of pp), taken from its per-rank order calculation."""
@@ -279,6 +194,7 @@ def test_interleaved_order_is_torch_pipelinings():
             assert theirs == schedule_actions("interleaved", pp, vpp, m, r), (pp, vpp, m, r)
 
 
+@pytest.mark.unit
 def test_schedule_config_errors():
     with pytest.raises(UserError, match="interleaved needs parallel.vpp >= 2"):
         check_schedule("interleaved", 2, 1, 4)
@@ -323,7 +239,7 @@ def _two_stage_body(rank, world, refs, lag_refs):
             st = tr.executor.stats
             assert 0 < st["freed_early_bytes"] <= st["freed_bytes"] < st["sent_bytes"], st
         # validation (forward only, shapes varying) equals the single-process model's at the same weights
-        single = _single_trainer(cfg, refs[kind][1])
+        single = single_trainer(cfg, params=refs[kind][1])
         single.step = tr.step  # both evaluate at the alpha of the step the next update would take
         batches = synthetic_batches(99, 3)
         got, want = tr.valid_loss(batches), single.valid_loss(batches)
@@ -370,15 +286,7 @@ def _two_stage_body(rank, world, refs, lag_refs):
     assert tr.train_step(synthetic_batches(4, 3))["skipped"] == 0
 
 
-def _single_trainer(cfg: Config, params: dict):
-    from megabranch.model import build_model
-    from megabranch.training.single import Trainer
-
-    model = build_model(cfg.model, VOCAB, seed=0)
-    model.load_state_dict(params, strict=False)
-    return Trainer(cfg, model, torch.device("cpu"))
-
-
+@pytest.mark.distributed
 def test_two_stage_pipeline_matches_single_process():
     refs = {kind: reference_run(_case_cfg(kind), 6) for kind in CASES}
     lag_refs = reference_run(make_cfg(4, 4, m=3), 3)[0]
@@ -387,11 +295,10 @@ def test_two_stage_pipeline_matches_single_process():
 
 # --- tools/memory_plan.py ----------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_memory_plan_default_example_is_balanced(capsys):
     """500L-500L d=512 on pp=64 x tp=8, built on the meta device: heaviest stage within 10% of the lightest."""
-    from tools.memory_plan import main
-
-    assert main([]) == 0
+    assert load_tool("memory_plan").main([]) == 0
     out = capsys.readouterr().out
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 64
@@ -400,16 +307,18 @@ def test_memory_plan_default_example_is_balanced(capsys):
     assert "layout: E0-" in out
 
 
+@pytest.mark.unit
 def test_memory_plan_counts_match_the_model_and_flags_imbalance(capsys):
     from megabranch.config import load_config
     from megabranch.model import build_model, count_parameters
-    from tools.memory_plan import main, plan
+
+    memory_plan = load_tool("memory_plan")
 
     sets = ["model.encoder_layers=3", "model.decoder_layers=3", "model.d_model=32", "model.n_heads=4",
             "model.ffn_dim=64", "parallel.pp=2", "parallel.layout=E0-2|D0-2"]
     cfg = load_config(None, sets)
-    layout, rows, _ = plan(cfg, 40, 64, 8, 8, "memory", 1, False, 4)
+    layout, rows, _ = memory_plan.plan(cfg, 40, 64, 8, 8, "memory", 1, False, 4)
     full = count_parameters(build_model(cfg.model, 40, seed=0))
     assert sum(r.params for r in rows) == full + 40 * 32  # + the tied table's copy on the last stage
-    assert main(sum([["--set", s] for s in sets[:-1] + ["parallel.layout=E0-2,D0-1|D2"]], [])) == 1
+    assert memory_plan.main(sum([["--set", s] for s in sets[:-1] + ["parallel.layout=E0-2,D0-1|D2"]], [])) == 1
     assert "pass --allow-imbalance" in capsys.readouterr().err

@@ -1,15 +1,16 @@
 """tools/plot_logs.py: reads log.jsonl (train/valid tags, NaN from a diverged run, junk lines) and writes a PNG."""
 
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("plot_logs", os.path.join(os.path.dirname(__file__), "..", "tools", "plot_logs.py"))
-plot_logs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot_logs)
+from tests.helpers.env import load_tool
+
+pytestmark = pytest.mark.unit
+
+plot_logs = load_tool("plot_logs")
 
 
 def _write(path, records, junk=False):

@@ -7,7 +7,9 @@ import torch
 
 from megabranch.model import build_model
 from megabranch.residual import alpha_at, current_alpha, deepnorm_constants, set_step
-from tests.conftest import tiny_model_cfg
+from tests.helpers.configs import tiny_model_cfg
+
+pytestmark = pytest.mark.unit
 
 
 def test_deepnorm_constants_hand_computed():

@@ -17,19 +17,11 @@ from megabranch.model.attention import MultiheadAttention
 from megabranch.parallel.grid import Grid, build_grid
 from megabranch.parallel.parallelize import apply_tensor_parallel, full_numel, shard_of, sharded_numel
 from megabranch.residual import set_step
-from tests.conftest import tiny_model_cfg
-from tests.dist_utils import run_workers
+from tests.helpers.configs import tiny_model_cfg
+from tests.helpers.dist import run_workers
+from tests.helpers.reference import assert_rel
 
-REL = 1e-5
-
-
-def assert_rel(a, b, what, rel=REL, floor=0.0):
-    """max |a - b| <= rel * max(max |b|, floor); `floor` keeps gradients that are zero in exact arithmetic (k_proj's
-    bias: softmax ignores a per-query constant) from being judged by their rounding noise alone."""
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    err, scale = (a - b).abs().max().item(), max(b.abs().max().item(), floor)
-    assert err <= rel * scale + 1e-12, f"{what}: max error {err:.3g} vs reference max {scale:.3g}"
+REL = 1e-5  # assert_rel's default
 
 
 def make_batch(vocab, tgt_vocab, seed=0, bsz=3, src_len=7, tgt_len=6):
@@ -293,6 +285,7 @@ def _tp_worker(rank, world):
         _check_clip(build_grid(tp=2, pp=2))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_matches_single_process(tp):
     run_workers(_tp_worker, tp)
@@ -301,6 +294,7 @@ def test_tensor_parallel_matches_single_process(tp):
 # --- in-process: size checks, meta-device apply, partial (pipeline-stage) apply ---------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "kw, vocab, tp, message",
     [
@@ -318,6 +312,7 @@ def test_size_checks_raise_user_error(kw, vocab, tp, message):
     assert isinstance(model.encoder.layers[0].self_attn.block.q_proj, torch.nn.Linear)  # nothing changed
 
 
+@pytest.mark.unit
 def test_meta_device_apply_allocates_nothing():
     cfg = tiny_model_cfg(d_model=512, n_heads=8, ffn_dim=2048, encoder_layers=4, decoder_layers=4)
     with torch.device("meta"):
@@ -337,6 +332,7 @@ def test_meta_device_apply_allocates_nothing():
     assert sharded_numel(model) < total / 4
 
 
+@pytest.mark.unit
 def test_partial_apply_keeps_the_tie_across_calls():
     """A pipeline-like split: the output stage is converted before the stage holding the shared table."""
     cfg = tiny_model_cfg()

@@ -6,6 +6,7 @@ checkpoints untouched."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -17,34 +18,36 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from megabranch import checkpoint
-from tests.test_data import sentences, write_lines
+from tests.helpers.corpus import preprocessed
+from tests.helpers.dist import run_workers
+from tests.helpers.env import ROOT, subprocess_env
+from tests.helpers.logs import records_by_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+ENV = subprocess_env()
 
-CONFIG = """\
-seed: 3
-model: {residual: branchnorm, encoder_layers: 2, decoder_layers: 2, d_model: 32, n_heads: 4, ffn_dim: 64,
-        dropout: 0.1, max_positions: 128, alpha_warmup_steps: 12}
-optim: {max_updates: MAXUP, warmup_updates: 4, lr: 0.001, clip_norm: 1.0}
-data: {data_dir: DATA, max_tokens: 200}
-log: {log_interval: 1, valid_interval: 4, bleu_sentences: 0, keep_last: 2, tensorboard: false, progress: none}
-"""
+# one tiny run: a YAML file for the command line, --set overrides for the in-process runs
+RUN = {
+    "seed": 3,
+    "model": {"residual": "branchnorm", "encoder_layers": 2, "decoder_layers": 2, "d_model": 32, "n_heads": 4,
+              "ffn_dim": 64, "dropout": 0.1, "max_positions": 128, "alpha_warmup_steps": 12},
+    "optim": {"warmup_updates": 4, "lr": 0.001, "clip_norm": 1.0},
+    "data": {"max_tokens": 200},
+    "log": {"log_interval": 1, "valid_interval": 4, "bleu_sentences": 0, "keep_last": 2, "tensorboard": False,
+            "progress": "none"},
+}
+
+
+def _run(data_dir, max_updates) -> dict:
+    run = copy.deepcopy(RUN)
+    run["data"]["data_dir"], run["optim"]["max_updates"] = data_dir, max_updates
+    return run
 
 
 def _preprocess(d, vocab: int, seed: int = 0):
-    from megabranch.data.preprocess import main as preprocess_main
-
-    d.mkdir(parents=True, exist_ok=True)
-    write_lines(d / "train.src", sentences(160, 1 + seed))
-    write_lines(d / "train.tgt", sentences(160, 2 + seed))
-    write_lines(d / "valid.src", sentences(16, 3 + seed))
-    write_lines(d / "valid.tgt", sentences(16, 4 + seed))
-    preprocess_main(["-s", "src", "-t", "tgt", "--trainpref", str(d / "train"), "--validpref", str(d / "valid"),
-                     "--destdir", str(d / "bin"), "--vocab-size", str(vocab)])
-    return str(d / "bin")
+    return preprocessed(d, vocab, 160, 16, seed)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +55,9 @@ def data(tmp_path_factory):
     return _preprocess(tmp_path_factory.mktemp("tiny"), 64)
 
 
-def _config(tmp_path, data_dir, max_updates=40, name="cfg.yaml"):
-    path = tmp_path / name
-    path.write_text(CONFIG.replace("MAXUP", str(max_updates)).replace("DATA", data_dir))
+def _config(tmp_path, data_dir, max_updates=40):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(_run(data_dir, max_updates)))
     return str(path)
 
 
@@ -63,17 +66,8 @@ def _train_cmd(cfg, save_dir, *extra):
 
 
 def _records(save_dir, tag="train") -> dict:
-    """step -> the last record logged for it (a resumed run re-logs the steps after its checkpoint)."""
-    out = {}
-    with open(os.path.join(save_dir, "log.jsonl")) as fh:
-        for line in fh:
-            try:
-                r = json.loads(line)
-            except ValueError:  # a line cut by SIGKILL
-                continue
-            if r["tag"] == tag:
-                out[r["step"]] = {k: r[k] for k in r if k not in ("wall", "tokens_per_s", "tag")}
-    return out
+    """step -> the last record logged for it, less the timings (which differ between two identical runs)."""
+    return records_by_step(save_dir, tag, drop=("wall", "tokens_per_s", "tag"))
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +79,7 @@ def uninterrupted(data, tmp_path_factory):
     return cfg, save_dir
 
 
+@pytest.mark.unit
 def test_kill_9_at_a_random_moment_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
     cfg, ref_dir = uninterrupted
     save_dir = str(tmp_path / "run")
@@ -137,12 +132,10 @@ def _two_rank_body(rank, world, data_dir, root):
     from megabranch.train import run
 
     def cfg(save_dir, max_updates, **parallel):
-        sets = [f"data.data_dir={data_dir}", f"log.save_dir={save_dir}", f"optim.max_updates={max_updates}",
-                "log.tensorboard=false", "log.progress=none", "log.log_interval=1", "log.valid_interval=4",
-                "log.bleu_sentences=0", "model.encoder_layers=2", "model.decoder_layers=2", "model.d_model=32",
-                "model.n_heads=4", "model.ffn_dim=64", "model.max_positions=128", "model.alpha_warmup_steps=12",
-                "data.max_tokens=200", "optim.warmup_updates=4", "optim.lr=0.001", "seed=3"]
-        sets += [f"parallel.{k}={v}" for k, v in parallel.items()]
+        run = _run(data_dir, max_updates)
+        run["log"]["save_dir"], run["parallel"] = save_dir, parallel
+        sets = [f"{k}={json.dumps(v)}" for k, v in run.items() if not isinstance(v, dict)]
+        sets += [f"{sec}.{k}={json.dumps(v)}" for sec, kv in run.items() if isinstance(kv, dict) for k, v in kv.items()]
         return load_config(None, sets)
 
     pp = dict(pp=2, layout="E0-1|D0-1")
@@ -161,9 +154,8 @@ def _two_rank_body(rank, world, data_dir, root):
         assert sorted(got) == [5, 6] and all(r["loss"] == r["loss"] for r in got.values())
 
 
+@pytest.mark.distributed
 def test_two_process_pipeline_save_resume_bit_for_bit(data, tmp_path):
-    from tests.dist_utils import run_workers
-
     run_workers(_two_rank_body, 2, data, str(tmp_path))
 
 
@@ -192,6 +184,7 @@ def _digest(save_dir) -> dict:
     return out
 
 
+@pytest.mark.unit
 def test_bad_input_is_a_one_line_error(data, tmp_path, capsys):
     cfg = _config(tmp_path, data)
     save = f"log.save_dir={tmp_path / 'x'}"
@@ -201,6 +194,7 @@ def test_bad_input_is_a_one_line_error(data, tmp_path, capsys):
     _fails(capsys, ["--config", str(tmp_path / "missing.yaml")], "missing.yaml")
 
 
+@pytest.mark.unit
 def test_checkpoint_errors_never_touch_existing_checkpoints(uninterrupted, tmp_path, capsys):
     cfg, ref_dir = uninterrupted
     save_dir = str(tmp_path / "run")
@@ -231,6 +225,7 @@ def test_checkpoint_errors_never_touch_existing_checkpoints(uninterrupted, tmp_p
     assert e.value.code == 2 and err.count("\n") == 1 and "shard_tp0_pp0.pt is corrupt" in err
 
 
+@pytest.mark.unit
 def test_generate_reads_a_save_directory(uninterrupted, capsys):
     _, ref_dir = uninterrupted
     from megabranch.generate import main as generate_main
@@ -239,6 +234,7 @@ def test_generate_reads_a_save_directory(uninterrupted, capsys):
     assert "BLEU =" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_fine_tune_from_an_averaged_checkpoint(uninterrupted, tmp_path, capsys):
     """An averaged checkpoint has weights but no optimizer state: --resume continues its step count with a fresh
     Adam (and says so)."""

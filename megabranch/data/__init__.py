@@ -3,6 +3,7 @@
 from megabranch.data.batching import EpochBatchIterator, EpochIterator, make_batches
 from megabranch.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
 from megabranch.data.pair_dataset import LanguagePairDataset
+from megabranch.data.splits import load_split
 from megabranch.data.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, train_sentencepiece
 
 __all__ = [
@@ -12,11 +13,3 @@ __all__ = [
     "train_sentencepiece",
 ]
 
-
-def __getattr__(name):
-    # Lazy so `python -m megabranch.data.preprocess` does not import the module twice.
-    if name == "load_split":
-        from megabranch.data.preprocess import load_split
-
-        return load_split
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

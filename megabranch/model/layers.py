@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import residual_layernorm
 from .attention import MultiheadAttention
 from .ffn import FeedForward
 from .norm import LayerNorm
@@ -31,8 +32,6 @@ class Residual(nn.Module):
             return x + F.dropout(self.block(self.norm(x), **kwargs), self.p, self.training)
         f = self.block(x, **kwargs)
         if self.fused:
-            from ..ops import residual_layernorm
-
             return residual_layernorm(
                 x, f, self.norm.weight, self.norm.bias, r, s, self.norm.eps, dropout_p=self.p, training=self.training
             )
