@@ -49,7 +49,7 @@ class ParallelConfig:
     pp: int = 1
     vpp: int = 1
     schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
-    layout: str = ""  # explicit chunk layout in pipeline order, e.g. "E0-3|E4-5,D0|D1-3|D4-5" (see partition.py)
+    layout: str = ""  # explicit chunk layout in pipeline order, e.g. "E0-3|E4-5,D0|D1-3|D4-5" (see parallel/layout.py)
     balance: str = "time"  # what the automatic split balances: time | memory
     recompute: int = 0  # 0: off; k: checkpoint activations every k layers
     zero: bool = False  # ZeRO-1: shard the Adam state over the data-parallel replicas

@@ -38,7 +38,8 @@ from .clip import clip_grad_norm_
 from .data_parallel import GradReducer
 from .executor import MicroBatch, PipelineExecutor
 from .grid import Grid, build_grid, rank_of
-from .partition import Layout, plan_layout
+from .layout import Layout
+from .partition import plan_layout
 from .schedules import check_schedule
 from .stage import build_stage
 from .tensor_parallel import model_parallel_seed

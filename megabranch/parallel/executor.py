@@ -29,7 +29,7 @@ from torch import nn
 
 from ..model import label_smoothed_nll_loss
 from ..vocab import PAD
-from .partition import Layout
+from .layout import Layout
 from .schedules import schedule_actions
 from .tensor_parallel import vocab_parallel_label_smoothed_nll_loss
 

@@ -20,7 +20,8 @@ import sys
 from types import SimpleNamespace
 
 from .grid import Grid
-from .partition import CostModel, plan_layout
+from .cost_model import CostModel
+from .partition import plan_layout
 from .schedules import check_schedule, schedule_actions
 from .stage import build_stage
 

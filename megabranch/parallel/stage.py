@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..model import Transformer, canonical_parameters
 from ..model.init import fill_initial_values
 from .parallelize import apply_tensor_parallel, full_shape, shard_of
-from .partition import Layout
+from .layout import Layout
 from .tensor_parallel import checkpoint as tp_checkpoint
 
 

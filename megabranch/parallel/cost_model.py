@@ -1,0 +1,208 @@
+"""The cost of each layer kind of a model config for one micro-batch on one tensor-parallel rank: FLOPs, memory
+traffic, parameters and activation bytes; what the balanced split (partition.py) and the memory plan
+(memory.py) weigh."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .layout import Chunk, Layout
+
+MACHINE_BALANCE = 150.0  # FLOPs per byte of memory traffic (about an H100's bf16 peak / HBM bandwidth)
+
+
+@dataclass
+class Cost:
+    """Cost of one piece for one micro-batch on one rank (after the tensor-parallel split)."""
+
+    flops: float = 0.0  # forward + backward
+    traffic: float = 0.0  # bytes of memory-bound work (embedding gathers/scatters, softmax over the vocabulary)
+    params: float = 0.0  # parameter count held by this rank
+    act_bytes: float = 0.0  # layer activations kept for backward, one micro-batch, no recompute
+    boundary_bytes: float = 0.0  # the hidden state at this piece's input (kept per layer group with recompute)
+    kept_bytes: float = 0.0  # activations outside the recomputed layers (embeddings, final norms, logits)
+
+    def __add__(self, o: "Cost") -> "Cost":
+        return Cost(self.flops + o.flops, self.traffic + o.traffic, self.params + o.params,
+                    self.act_bytes + o.act_bytes, self.boundary_bytes + o.boundary_bytes,
+                    self.kept_bytes + o.kept_bytes)
+
+    @property
+    def time(self) -> float:
+        """A roofline-style time in FLOP units: compute plus memory traffic at the machine balance."""
+        return self.flops + MACHINE_BALANCE * self.traffic
+
+
+class CostModel:
+    """Per-layer-kind costs of a ModelConfig for micro-batches of `tokens` target tokens.
+
+    Matrix FLOPs count 2 per multiply-add, backward = 2 x forward. Activation bytes follow what autograd keeps
+    (inputs of every linear, attention output and log-sum-exp, LayerNorm inputs, the ReLU output), in
+    `act_size`-byte elements; with tensor parallelism the head / FFN / vocabulary dimensions are divided by tp.
+    """
+
+    def __init__(self, cfg, vocab: int, tgt_vocab: int | None = None, tp: int = 1, tokens: int = 4096,
+                 src_len: int = 64, tgt_len: int = 64, act_size: int = 4, recompute: int = 0,
+                 state_bytes_per_param: float = 16.0):
+        self.cfg, self.tp, self.act = cfg, tp, act_size
+        self.recompute = recompute
+        self.state_bytes = state_bytes_per_param  # fp32 weights + grads + Adam moments
+        self._cache: dict = {}
+        self.vocab, self.tgt_vocab = vocab, tgt_vocab or vocab
+        self.tokens, self.S, self.T = tokens, src_len, tgt_len
+        self.src_tokens = tokens * src_len / tgt_len  # source tokens in a micro-batch of `tokens` target tokens
+
+    def _attn(self, q_tokens: float, kv_tokens: float, kv_len: float, causal: bool) -> Cost:
+        d, tp, h = self.cfg.d_model, self.tp, self.cfg.n_heads
+        proj = 2 * d * d / tp * (2 * q_tokens + 2 * kv_tokens)  # q, out on queries; k, v on keys
+        span = kv_len / 2 if causal else kv_len
+        scores = 2 * 2 * q_tokens * span * d / tp  # QK^T and AV
+        act = (q_tokens * (d + 2 * d / tp + h / tp + d)  # input, q + attention out, lse, LN input
+               + kv_tokens * 2 * d / tp)  # k, v
+        params = (4 * d * d + 3 * d) / tp + d + 2 * d  # weights, q/k/v biases sharded, out bias + LN replicated
+        return Cost(flops=3 * (proj + scores), params=params, act_bytes=act * self.act)
+
+    def _ffn(self, tokens: float) -> Cost:
+        d, f, tp = self.cfg.d_model, self.cfg.ffn_dim, self.tp
+        return Cost(flops=3 * 2 * 2 * d * f / tp * tokens, params=(2 * d * f + f) / tp + d + 2 * d,
+                    act_bytes=tokens * (d + f / tp + d) * self.act)
+
+    def encoder_layer(self) -> Cost:
+        if "enc" in self._cache:
+            return self._cache["enc"]
+        n = self.src_tokens
+        c = self._attn(n, n, self.S, False) + self._ffn(n)
+        c.boundary_bytes = n * self.cfg.d_model * self.act
+        self._cache["enc"] = c
+        return c
+
+    def decoder_layer(self) -> Cost:
+        if "dec" in self._cache:
+            return self._cache["dec"]
+        n = self.tokens
+        c = self._attn(n, n, self.T, True) + self._attn(n, self.src_tokens, self.S, False) + self._ffn(n)
+        c.boundary_bytes = n * self.cfg.d_model * self.act
+        self._cache["dec"] = c
+        return c
+
+    def embedding(self, vocab: int, tokens: float) -> Cost:
+        d, tp = self.cfg.d_model, self.tp
+        rows = math.ceil(vocab / tp)
+        # gather + scale + positions forward; a dense (rows x d) gradient is zeroed and scattered into backward
+        traffic = 4 * (3 * tokens * d + rows * d + tokens * d)
+        return Cost(traffic=traffic, params=rows * d, kept_bytes=tokens * d * self.act)
+
+    def output(self) -> Cost:
+        d, tp, n = self.cfg.d_model, self.tp, self.tokens
+        rows = math.ceil(self.tgt_vocab / tp)
+        tied = self.cfg.share_decoder_input_output_embed
+        # logits in float32 for the loss: log-softmax keeps its output; ~6 passes over them
+        return Cost(flops=3 * 2 * n * d * rows, traffic=6 * 4 * n * rows, params=0 if tied else rows * d,
+                    kept_bytes=n * d * self.act + 2 * n * rows * 4)
+
+    def final_norm(self, tokens: float) -> Cost:
+        d = self.cfg.d_model
+        return Cost(traffic=4 * 4 * tokens * d, params=2 * d, kept_bytes=tokens * d * self.act)
+
+    def units(self) -> list[Cost]:
+        """The cost of each layer of the sequence E0..E(N-1) D0..D(M-1), extras folded into their layer."""
+        cfg = self.cfg
+        n, m = cfg.encoder_layers, cfg.decoder_layers
+        enc, dec = self.encoder_layer(), self.decoder_layer()
+        out = [enc + Cost() for _ in range(n)] + [dec + Cost() for _ in range(m)]
+        out[0] = out[0] + self.embedding(self.vocab, self.src_tokens)
+        out[n] = out[n] + self.embedding(self.tgt_vocab, self.tokens)
+        if cfg.residual == "pre_ln":
+            out[n - 1] = out[n - 1] + self.final_norm(self.src_tokens)
+            out[n + m - 1] = out[n + m - 1] + self.final_norm(self.tokens)
+        out[n + m - 1] = out[n + m - 1] + self.output()
+        return out
+
+    def memory(self, u: Cost) -> float:
+        """Bytes a unit pins for one micro-batch: weights + grads + optimizer states, and what its backward
+        keeps (with recompute every k layers: its input, 1/k of the time)."""
+        act = u.act_bytes if self.recompute <= 0 else u.boundary_bytes / self.recompute
+        return u.params * self.state_bytes + act + u.kept_bytes
+
+    def chunk_activation_bytes(self, chunk: Chunk, recompute: int | None = None) -> float:
+        """Activation bytes one micro-batch keeps on `chunk` until its backward (with recompute every k layers: the
+        input of each k-layer group, plus one group's full activations while it is being recomputed). The encoder
+        output a decoder chunk receives is kept once; embeddings, final norms and the loss are not recomputed."""
+        k = self.recompute if recompute is None else recompute
+        cfg, d = self.cfg, self.cfg.d_model
+        extras = sum(x.kept_bytes for x in self._extras(chunk))
+        if chunk.has_decoder:
+            extras += self.src_tokens * d * self.act  # the encoder output, input of every cross-attention
+        runs = [(chunk.enc_hi - chunk.enc_lo, self.encoder_layer()),
+                (chunk.dec_hi - chunk.dec_lo, self.decoder_layer())]
+        layers = 0.0
+        transient = 0.0
+        for n, cost in runs:
+            if n == 0:
+                continue
+            if k <= 0:
+                layers += n * cost.act_bytes
+            else:
+                layers += math.ceil(n / k) * cost.boundary_bytes
+                transient = max(transient, min(k, n) * cost.act_bytes)
+        return layers + transient + extras
+
+    def _extras(self, chunk: Chunk) -> list[Cost]:
+        out = []
+        if chunk.src_embed:
+            out.append(self.embedding(self.vocab, self.src_tokens))
+        if chunk.tgt_embed:
+            out.append(self.embedding(self.tgt_vocab, self.tokens))
+        if self.cfg.residual == "pre_ln":
+            if chunk.ends_encoder:
+                out.append(self.final_norm(self.src_tokens))
+            if chunk.output:
+                out.append(self.final_norm(self.tokens))
+        if chunk.output:
+            out.append(self.output())
+        return out
+
+    def chunk_params(self, chunk: Chunk) -> float:
+        """Parameters the chunk holds: its layers, and one copy of every embedding table it uses (the source
+        and target embeddings, and the output projection's table when it is tied)."""
+        cfg, d = self.cfg, self.cfg.d_model
+        n = ((chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().params
+             + (chunk.dec_hi - chunk.dec_lo) * self.decoder_layer().params)
+        tables = set()
+        if chunk.src_embed:
+            tables.add("src")
+        if chunk.tgt_embed:
+            tables.add("tgt")
+        if chunk.output:
+            tables.add("tgt" if cfg.share_decoder_input_output_embed else "out")
+        if cfg.share_all_embeddings:
+            tables = {"src" if t == "tgt" else t for t in tables}
+        n += sum(math.ceil((self.vocab if t == "src" else self.tgt_vocab) / self.tp) * d for t in tables)
+        if cfg.residual == "pre_ln":
+            n += 2 * d * (int(chunk.ends_encoder) + int(chunk.output))
+        return n
+
+    def chunk_memory(self, chunk: Chunk) -> float:
+        """Weights + grads + optimizer states and one micro-batch's activations of a chunk, in bytes."""
+        return self.chunk_params(chunk) * self.state_bytes + self.chunk_activation_bytes(chunk)
+
+    def memory_of_span(self, lo: int, hi: int) -> float:
+        """chunk_memory of the chunk holding layers [lo, hi) of E0..E(N-1) D0..D(M-1) (memoised)."""
+        key = ("span", lo, hi)
+        if key not in self._cache:
+            n_enc, n_dec = self.cfg.encoder_layers, self.cfg.decoder_layers
+            chunk = Chunk.of_layers(lo, hi, n_enc, n_dec)
+            self._cache[key] = self.chunk_memory(chunk)
+        return self._cache[key]
+
+    def chunk_costs(self, layout: Layout) -> list[Cost]:
+        units = self.units()
+        b = layout.bounds()
+        costs = []
+        for c in range(layout.num_chunks):
+            total = Cost()
+            for u in units[b[c] : b[c + 1]]:
+                total = total + u
+            costs.append(total)
+        return costs
