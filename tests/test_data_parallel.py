@@ -312,3 +312,16 @@ def test_engine_gradients_are_bucket_views_and_the_plan_counts_them():
     training equals one process (dp 2 x pp 2 vpp 2, ZeRO-1), and the memory plan's gradient bytes equal the
     bytes really held (dp 2: the buckets; dp 1 x pp 4: autograd's .grad)."""
     run_workers(_engine_views_worker, 4, reference_run(make_cfg(4, 4, m=2), VIEWS_STEPS, dp=2))
+
+
+def test_bench_baseline_is_the_copy_reducer():
+    """tools/bench_grad_reducer.py at toy size: its copy baseline trains exactly like GradReducer and holds two
+    gradient buffers where the views hold one (4 bytes per parameter)."""
+    from tools.bench_grad_reducer import parse_args, run_variant
+
+    args = parse_args(["--d-model", "16", "--layers", "1", "--vocab", "64", "--steps", "2", "--warmup", "0",
+                       "--bucket-mb", "0.01"])
+    copy_run, view_run = run_variant("copy", args), run_variant("view", args)
+    assert copy_run["loss"] == view_run["loss"]
+    assert view_run["grad_mb"] * 2**20 == 4 * view_run["params"]
+    assert copy_run["grad_mb"] == 2 * view_run["grad_mb"]
