@@ -9,7 +9,9 @@ Every pipeline rank's stage modules are built on the meta device with the traine
 (megabranch.parallel.stage.build_stage + apply_tensor_parallel), so the parameter counts are exact, tied-table
 copies and tensor-parallel shards included (the rank printed is tensor-parallel rank 0). Per stage:
 
-    weights, grads      fp32 (bf16 runs autocast fp32 parameters, so there are no separate master weights)
+    weights             fp32 (bf16 runs autocast fp32 parameters, so there are no separate master weights)
+    grads               each parameter's gradient once (with --dp > 1 the all-reduce buckets, which the .grad
+                        are views into; no second copy)
     optimizer           AdamW exp_avg + exp_avg_sq, fp32 = 8 bytes/param; divided by dp with --zero (ZeRO-1)
     act/mb              activations one micro-batch of --tokens target tokens keeps for its backward, with the
                         configured parallel.recompute (and, for comparison, without recomputation)

@@ -1,20 +1,31 @@
 """Data parallelism: SUM all-reduce of gradients over the data-parallel group, in flat buckets, overlapped with
-the backward pass.
+the backward pass. The gradients live IN the buckets: every reduced parameter's `.grad` is a view of its slot
+(Megatron-core's `main_grad`, DDP's gradient_as_bucket_view), so autograd accumulates into the bucket and the
+all-reduce sums in place: no copy in, no copy out, no second gradient buffer.
 
 The engine normalises the loss by the GLOBAL token count, so the gradients are summed, never averaged.
 
-    reducer = GradReducer(stage.parameters(), grid.dp_group)
+    reducer = GradReducer(stage.parameters(), grid.dp_group)   # dp > 1: buckets allocated, .grad = views
     for i, mb in enumerate(micro_batches):
         if i == len(micro_batches) - 1:
             reducer.arm()                 # only the last backward launches all-reduces as buckets fill
-        loss(mb).backward()
-    reducer.finish()                      # launch what is left, wait, copy the sums back into .grad
-    clip / optimizer.step() / zero_grad
+        loss(mb).backward()               # AccumulateGrad adds into the views (in place)
+    reducer.finish()                      # launch what is left, wait: the sums are in .grad
+    clip / optimizer.step()
+    reducer.zero_grad()                   # one fill_ per bucket; never optimizer.zero_grad(set_to_none=True)
+
+Why the views hold: autograd's AccumulateGrad adds a new gradient into an existing .grad IN PLACE
+(`variable_grad += new_grad`) unless the backward records a graph (create_graph=True) or a gradient is sparse;
+that holds for loss.backward() and torch.autograd.backward(outputs, grads) alike. finish() checks that every
+.grad is still its view and says so if not (a .grad set to None or replaced would otherwise be silently lost).
 
 Correctness never depends on arm(): finish() reduces every bucket that was not launched during the backward
 (so forgetting arm() only loses the overlap, and a parameter that got no gradient on some rank cannot
-deadlock). Buckets are launched strictly in bucket order on every rank, so the collectives match across ranks
-even when gradients become ready in a different order.
+deadlock: its slot holds zeros). Buckets are launched strictly in bucket order on every rank, so the
+collectives match across ranks even when gradients become ready in a different order.
+
+Data-parallel size 1 (group None): no buckets, no views, no hooks; `.grad` is autograd's own tensor as in one
+process, and zero_grad() sets it to None. Either way each parameter's gradient exists once (gradient_bytes).
 """
 
 from __future__ import annotations
@@ -25,30 +36,58 @@ import torch
 import torch.distributed as dist
 
 
+def assign_buckets(params: list, bucket_mb: float) -> list[list]:
+    """Split `params` into buckets of at most bucket_mb MiB, in reverse order (the order in which a backward pass
+    usually produces their gradients), a new bucket wherever dtype or device changes."""
+    cap = max(1, int(bucket_mb * 2**20))
+    buckets, current, size = [], [], 0
+    for p in reversed(params):
+        nbytes = p.numel() * p.element_size()
+        if current and ((current[0].dtype, current[0].device) != (p.dtype, p.device) or size + nbytes > cap):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def gradient_bytes(params) -> int:
+    """Bytes the gradients of `params` really occupy during a step: each parameter's gradient once, in its dtype.
+    With dp > 1 that is exactly GradReducer's bucket buffers (the .grad are views into them), with dp == 1
+    autograd's own .grad tensors (the memory plan's "grads" column)."""
+    unique = {id(p): p for p in params if p.requires_grad}
+    return sum(p.numel() * p.element_size() for p in unique.values())
+
+
 class _Bucket:
-    def __init__(self, params: list, dtype, device):
+    def __init__(self, params: list):
         self.params = params
         self.offsets, n = [], 0
         for p in params:
             self.offsets.append(n)
             n += p.numel()
-        self.numel, self.dtype, self.device = n, dtype, device
-        self.buffer = None
+        self.buffer = torch.zeros(n, dtype=params[0].dtype, device=params[0].device)
+        self.views = [self.buffer[o : o + p.numel()].view_as(p) for o, p in zip(self.offsets, params)]
         self.ready: set[int] = set()
         self.work = None
         self.launched = False
 
-    def slot(self, i: int) -> torch.Tensor:
-        p = self.params[i]
-        return self.buffer[self.offsets[i] : self.offsets[i] + p.numel()].view_as(p)
+    def attach(self) -> None:
+        """Make each parameter's .grad its slot, keeping a gradient it already has."""
+        for p, v in zip(self.params, self.views):
+            if p.grad is not None and p.grad is not v:
+                v.copy_(p.grad)
+            p.grad = v
 
 
 class GradReducer:
     """Sum-all-reduce the .grad of `params` over `group` (None: a data-parallel size of 1, a no-op).
 
-    bucket_mb: flat bucket size in MiB (parameters are bucketed in reverse registration order, the order in which
-    a backward pass usually produces their gradients; one bucket per dtype/device run). overlap=False: no hooks,
-    everything happens in finish(). After finish(), every parameter has a .grad (zeros where no rank produced one).
+    bucket_mb: flat bucket size in MiB (see assign_buckets). overlap=False: no hooks, everything happens in
+    finish(). With dp > 1 the buckets are allocated here and every .grad becomes a view of its slot; after
+    finish() every parameter's .grad holds the sum (zeros where no rank produced a gradient).
     """
 
     def __init__(self, params, group=None, bucket_mb: float = 25.0, overlap: bool = True):
@@ -65,27 +104,21 @@ class GradReducer:
         self._hooks = []
         self._where: dict[int, tuple[int, int]] = {}
         self.buckets: list[_Bucket] = []
-        cap = max(1, int(bucket_mb * 2**20))
-        current, size = [], 0
-        for p in reversed(plist):
-            key = (p.dtype, p.device)
-            if current and ((current[0].dtype, current[0].device) != key or size + p.numel() * p.element_size() > cap):
-                self._close(current)
-                current, size = [], 0
-            current.append(p)
-            size += p.numel() * p.element_size()
-        if current:
-            self._close(current)
+        if self.size == 1:
+            return
+        for b, members in enumerate(assign_buckets(plist, bucket_mb)):
+            for i, p in enumerate(members):
+                self._where[id(p)] = (b, i)
+            self.buckets.append(_Bucket(members))
+            self.buckets[-1].attach()
         self._next = 0  # the next bucket to launch (launch order = bucket order, on every rank)
-        if overlap and self.size > 1:
+        if overlap:
             for p in plist:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
-    def _close(self, params: list) -> None:
-        b = len(self.buckets)
-        for i, p in enumerate(params):
-            self._where[id(p)] = (b, i)
-        self.buckets.append(_Bucket(params, params[0].dtype, params[0].device))
+    def allocated_bytes(self) -> int:
+        """Bytes of the bucket buffers (the gradients themselves when dp > 1; 0 when dp == 1)."""
+        return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
 
     # --- arming ------------------------------------------------------------------------------------------
 
@@ -113,60 +146,65 @@ class GradReducer:
 
     # --- hooks and launching -----------------------------------------------------------------------------
 
+    def _detached(self, p: torch.Tensor) -> RuntimeError:
+        return RuntimeError(
+            f"a parameter's .grad ({tuple(p.shape)}) is no longer its GradReducer bucket view (set to None, "
+            "replaced, or accumulated out of place by create_graph=True): zero gradients with reducer.zero_grad(), "
+            "not optimizer.zero_grad(set_to_none=True) or model.zero_grad()"
+        )
+
     def _on_grad(self, p: torch.Tensor) -> None:
-        if not self.armed:
-            return
         b, i = self._where[id(p)]
         bucket = self.buckets[b]
+        if p.grad is not bucket.views[i]:
+            raise self._detached(p)
+        if not self.armed:
+            return
         if bucket.launched:
             raise RuntimeError(
                 "a parameter received a gradient after its bucket was all-reduced: arm() only before the LAST "
                 "backward of the step, and call finish() before the next step's backward"
             )
-        if bucket.buffer is None:
-            bucket.buffer = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
-        bucket.slot(i).copy_(p.grad)
-        bucket.ready.add(i)  # a set: a second gradient for p before the launch just refreshes its slot
+        bucket.ready.add(i)  # a set: a second gradient for p before the launch just accumulated into its slot
         while self._next < len(self.buckets):
             nxt = self.buckets[self._next]
             if len(nxt.ready) < len(nxt.params):
                 break
-            self._launch(nxt, copied=True)
+            self._launch(nxt)
             self._next += 1
 
-    def _launch(self, bucket: _Bucket, copied: bool) -> None:
-        if bucket.buffer is None:
-            bucket.buffer = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
-        if not copied:
-            for i, p in enumerate(bucket.params):
-                if p.grad is None:
-                    bucket.slot(i).zero_()
-                else:
-                    bucket.slot(i).copy_(p.grad)
+    def _launch(self, bucket: _Bucket) -> None:
         bucket.launched = True
         bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
 
     def finish(self) -> None:
-        """Launch every bucket not yet launched (in order), wait for all, write the sums into each .grad."""
+        """Launch every bucket not yet launched (in order) and wait for all: each .grad (a view) holds the sum."""
         self.armed = False
         if self.size == 1:
             return
-        while self._next < len(self.buckets):
-            b = self.buckets[self._next]
-            # not launched by the hooks (not armed, or some parameter got no gradient here): copy every slot now
-            self._launch(b, copied=False)
+        for b in self.buckets:
+            for p, v in zip(b.params, b.views):
+                if p.grad is not v:
+                    raise self._detached(p)
+        while self._next < len(self.buckets):  # not armed, or some parameter got no gradient here
+            self._launch(self.buckets[self._next])
             self._next += 1
         for b in self.buckets:
             b.work.wait()
-            for i, p in enumerate(b.params):
-                if p.grad is None:
-                    p.grad = b.slot(i).clone()
-                else:
-                    p.grad.copy_(b.slot(i))
             b.work, b.launched, b.ready = None, False, set()
         self._next = 0
 
     reduce = finish
+
+    def zero_grad(self) -> None:
+        """Zero the gradients for the next step: one fill_ per bucket (the views stay attached); with dp == 1
+        .grad = None, as optimizer.zero_grad(set_to_none=True) does."""
+        if self.size == 1:
+            for p in self.params:
+                p.grad = None
+            return
+        for b in self.buckets:
+            b.buffer.zero_()
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

@@ -194,7 +194,8 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
         skipped = bool(skip)
         if not skipped:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for reducer in self.reducers + [self.shared_reducer]:  # every parameter is in exactly one
+            reducer.zero_grad()  # dp > 1: one fill_ per bucket (the .grad are views into it); dp == 1: None
         self.step += 1
         loss_sum, nll_sum = self._sum(self._local_loss_share(loss_sum, nll_sum))
         return step_stats(loss_sum, nll_sum, ntokens, lr, alpha, gnorm, skipped)

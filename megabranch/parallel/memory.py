@@ -5,7 +5,10 @@ Every pipeline rank's stage modules are built on the meta device with the traine
 (megabranch.parallel.stage.build_stage + apply_tensor_parallel), so the parameter counts are exact, tied-table
 copies and tensor-parallel shards included (the rank reported is tensor-parallel rank 0). Per stage:
 
-    weights, grads      fp32 (bf16 runs autocast fp32 parameters, so there are no separate master weights)
+    weights             fp32 (bf16 runs autocast fp32 parameters, so there are no separate master weights)
+    grads               what is really allocated for gradients (data_parallel.gradient_bytes): each parameter's
+                        gradient once, in its dtype; with dp > 1 that is the all-reduce bucket buffers (every
+                        .grad is a view into them, no second copy), with dp == 1 autograd's own .grad tensors
     optimizer           AdamW exp_avg + exp_avg_sq, fp32 = 8 bytes/param; divided by dp with ZeRO-1
     act/mb              activations one micro-batch of `tokens` target tokens keeps for its backward, with the
                         configured parallel.recompute (and, for comparison, without recomputation)
@@ -19,6 +22,7 @@ from __future__ import annotations
 import sys
 from types import SimpleNamespace
 
+from .data_parallel import gradient_bytes
 from .grid import Grid
 from .cost_model import CostModel
 from .partition import plan_layout
@@ -50,11 +54,12 @@ def plan(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, balance: str,
     for r in range(pp):
         grid = Grid(tp=tp, pp=pp, dp=dp, vpp=vpp, pp_rank=r, tp_rank=0)
         stage = build_stage(mc, layout, grid, vocab, device="meta", recompute=p.recompute)
-        params = sum(q.numel() for q in {id(q): q for q in stage.parameters()}.values())
+        unique = list({id(q): q for q in stage.parameters()}.values())
+        params = sum(q.numel() for q in unique)
         chunks = layout.chunks_of_rank(r)
         act = [cm.chunk_activation_bytes(c) for c in chunks]
         act_full = [cm.chunk_activation_bytes(c, recompute=0) for c in chunks]
-        weights = grads = 4.0 * params
+        weights, grads = 4.0 * params, float(gradient_bytes(unique))
         optim = 8.0 * params / (dp if zero else 1)
         static = weights + grads + optim
         rows.append(SimpleNamespace(
