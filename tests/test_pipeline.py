@@ -195,8 +195,9 @@ def test_schedule_config_errors():
         check_schedule("interleaved", 2, 1, 4)
     with pytest.raises(UserError, match="needs parallel.schedule=interleaved"):
         check_schedule("1f1b", 2, 2, 4)
-    with pytest.raises(UserError, match=r"optim.update_freq=3\) to be a multiple of parallel.pp=2"):
-        check_schedule("interleaved", 2, 2, 3)
+    check_schedule("interleaved", 2, 2, 3)  # any micro-batch count since issue 12 (rounds, tests/test_zero_bubble.py)
+    with pytest.raises(UserError, match=r"optim.update_freq=0: a step needs at least one micro-batch"):
+        check_schedule("interleaved", 2, 2, 0)
 
 
 # --- two processes: a real pipeline against the single process ------------------------------------------

@@ -122,10 +122,16 @@ class GradReducer:
 
     # --- arming ------------------------------------------------------------------------------------------
 
-    def arm(self) -> None:
+    def arm(self, ready=()) -> None:
         """Launch all-reduces from the NEXT backward as buckets fill (call before the last micro-batch's
-        backward). Disarmed again by finish()."""
+        backward). Disarmed again by finish(). `ready`: parameters whose gradients are already final (a split
+        backward arms before its last W, after the B that gave the other parameters their last gradient);
+        buckets they complete launch now, parameters of other reducers are ignored."""
         self.armed = self.overlap and self.size > 1
+        if self.armed:
+            for p in ready:
+                if id(p) in self._where:
+                    self._on_grad(p)
 
     def disarm(self) -> None:
         self.armed = False

@@ -40,7 +40,7 @@ from .executor import MicroBatch, PipelineExecutor
 from .grid import Grid, build_grid, rank_of
 from .layout import Layout
 from .partition import plan_layout
-from .schedules import check_schedule
+from .schedules import check_schedule, placement_of
 from .stage import build_stage
 from .tensor_parallel import model_parallel_seed
 from .zero import ShardedAdamW
@@ -66,7 +66,7 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
         self.vocab_sizes = (vocab, tgt_vocab)
         self.rank, self.data_shards, self.data_shard = g.rank, g.dp, g.dp_rank
         self.layout: Layout = plan_layout(cfg.model, g.pp, g.vpp, vocab, tgt_vocab, g.tp, layout=p.layout,
-                                          by=p.balance, recompute=p.recompute)
+                                          by=p.balance, recompute=p.recompute, placement=placement_of(p.schedule))
         if init_seed is None:
             init_seed = draw_init_seed(cfg.seed)
         self.model = build_stage(cfg.model, self.layout, g, vocab, tgt_vocab, seed=init_seed, device=self.device,
@@ -99,7 +99,7 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
                                                weight_decay=o.weight_decay)
         self.executor = PipelineExecutor(self.model, self.layout, g, p.schedule, cfg.model.d_model,
                                          label_smoothing=o.label_smoothing)
-        self.executor.on_last_backward = lambda v: self.reducers[v].arm()
+        self.executor.on_last_backward = lambda v, ready: self.reducers[v].arm(ready)
         self.step = 0
         self.step_offset = 0  # tests only: a stage that lags by this many steps (must be caught)
 
@@ -155,8 +155,9 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
         return [MicroBatch.from_batch(i, b, self.device) for i, b in enumerate(batches)]
 
     def _local_loss_share(self, loss_sum: float, nll_sum: float) -> list[float]:
-        """This rank's contribution to the world sums: only the tp-rank-0 copy of a last stage counts."""
-        if self.grid.is_last_stage and self.grid.tp_rank == 0:
+        """This rank's contribution to the world sums: only the tp-rank-0 copy of the stage holding the output
+        (the last stage; rank 0 under the V placement) counts."""
+        if self.grid.pp_rank in self.layout.ranks_holding("output") and self.grid.tp_rank == 0:
             return [loss_sum, nll_sum]
         return [0.0, 0.0]
 

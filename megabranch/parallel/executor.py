@@ -14,6 +14,11 @@ the sum on. Sends are non-blocking; a receive blocks only when its data is neede
 is freed as soon as its send has completed (the autograd graph keeps only its metadata: no op at a chunk boundary
 saves its own output). docs/design.md ("Parallel engine") says why this is our own loop and not
 torch.distributed.pipelining's.
+
+Under the zero-bubble schedules (zb-h1, zb-v) a chunk's backward is two actions: B, the backward with the
+weight-gradient products left to a WeightGradStore (weight_grad.py; it sends the input gradients on, the encoder
+output's included), and W, those products, later. Chunks next to each other on one rank (the V placement's turn)
+hand their tensors over locally instead of through point-to-point messages.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from torch import nn
 from ..model import label_smoothed_nll_loss
 from ..vocab import PAD
 from .layout import Layout
-from .schedules import schedule_actions
+from .schedules import schedule_actions, splits_backward
 from .tensor_parallel import vocab_parallel_label_smoothed_nll_loss
+from .weight_grad import WeightGradStore, defer_weight_grads
 
 
 @dataclass
@@ -109,7 +115,15 @@ class PipelineExecutor:
         first = next(iter(chunks.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.pp, self.vpp, self.k = layout.pp, layout.vpp, layout.num_chunks
-        self.on_last_backward = None  # callback(v) right before chunk v's backward of the last micro-batch
+        self.ranks = [c.rank for c in layout.chunks]  # pipeline rank of each chunk (the layout's placement)
+        # callback(v, ready) right before the last gradient work of chunk v in a step: the backward of the last
+        # micro-batch, or under a split schedule its W; `ready` = the parameters whose gradients are already final
+        self.on_last_backward = None
+        self.split = splits_backward(kind)
+        self.weight_grads = WeightGradStore()
+        if self.split:
+            defer_weight_grads(chunks, self.weight_grads)
+        self._local: dict = {}  # tensors handed to a chunk on this rank: (kind, sending chunk, mb) -> list
         # freed_early_bytes: activation bytes freed while the step was still running (not by the final drain)
         self.stats = {"sent_bytes": 0, "freed_bytes": 0, "freed_early_bytes": 0}
         self._reaper: _SendReaper | None = None  # started on the first send of a tensor to free
@@ -142,12 +156,18 @@ class PipelineExecutor:
 
     # --- messages ---------------------------------------------------------------------------------------------
     def _peer(self, chunk_index: int) -> int:
-        return self.grid.pp_ranks[chunk_index % self.pp]
+        return self.grid.pp_ranks[self.ranks[chunk_index]]
+
+    def _is_local(self, chunk_index: int) -> bool:
+        return self.ranks[chunk_index] == self.grid.pp_rank
 
     def _tag(self, kind: int, chunk_index: int, mb: int, j: int, m: int) -> int:
         return ((chunk_index * m + mb) * 2 + kind) * 2 + j
 
     def _send(self, tensors, dst_chunk: int, src_chunk: int, kind: int, mb: int, m: int, free: list[bool]):
+        if self._is_local(dst_chunk):  # the receiving chunk is ours: the same storage, no message, nothing freed
+            self._local[(kind, src_chunk, mb)] = [t.detach() for t in tensors]
+            return
         for j, (t, fr) in enumerate(zip(tensors, free)):
             t = t.detach()
             if not t.is_contiguous():
@@ -162,6 +182,8 @@ class PipelineExecutor:
             self._reaper.put(work, t)
 
     def _recv(self, shapes, src_chunk: int, kind: int, mb: int, m: int) -> list[torch.Tensor]:
+        if self._is_local(src_chunk):
+            return self._local.pop((kind, src_chunk, mb))
         bufs = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shapes]
         works = [dist.irecv(b, self._peer(src_chunk), tag=self._tag(kind, src_chunk, mb, j, m))
                  for j, b in enumerate(bufs)]
@@ -210,20 +232,27 @@ class PipelineExecutor:
                             saved[(v, i)] = (inputs, outs)
                     if forward_only:
                         del outs, inputs
-                else:
-                    if self.on_last_backward is not None and i == m - 1:
-                        self.on_last_backward(v)
+                elif op == "B":
+                    if self.on_last_backward is not None and i == m - 1 and not self.split:
+                        self.on_last_backward(v, ())
                     inputs, outs = saved.pop((v, i))
-                    if c.output:
-                        torch.autograd.backward(outs[0])
-                    else:
-                        grads = self._recv(mb.shapes(c.sends, self.d), c.index + 1, 1, i, m)
-                        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
-                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    # split: B leaves the weight-gradient products to the store (weight_grad.py)
+                    with self.weight_grads.collect((v, i)) if self.split else contextlib.nullcontext():
+                        if c.output:
+                            torch.autograd.backward(outs[0])
+                        else:
+                            grads = self._recv(mb.shapes(c.sends, self.d), c.index + 1, 1, i, m)
+                            pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+                            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                     if c.index > 0:
                         gin = [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs]
                         self._send(gin, c.index - 1, c.index, 1, i, m, [False] * len(gin))
                     del inputs, outs
+                else:  # W: the weight gradients the B of (v, i) left
+                    if self.on_last_backward is not None and i == m - 1:
+                        later = self.weight_grads.param_ids((v, i))
+                        self.on_last_backward(v, [p for p in self.chunks[v].parameters() if id(p) not in later])
+                    self.weight_grads.run((v, i))
         self.stats["freed_early_bytes"] += self.stats["freed_bytes"] - freed_at_start
         for work, _ in self._unreaped:
             work.wait()
@@ -231,4 +260,6 @@ class PipelineExecutor:
         if self._reaper is not None:
             self._reaper.drain()
         assert not saved, f"unfinished micro-batches: {sorted(saved)}"
+        pending = self.weight_grads.pending()
+        assert not pending, f"weight gradients never computed (no W) for (chunk, micro-batch) {pending}"
         return loss_sum, nll_sum

@@ -2,9 +2,14 @@
 
     E0 E1 ... E(N-1) D0 D1 ... D(M-1)
 
-into K = pp * vpp contiguous chunks ("virtual stages"). Chunk c runs on pipeline rank c % pp (Megatron's
-interleaved placement: with vpp = 2 and pp = 4, rank 0 holds chunks 0 and 4). The extras ride with a fixed
-layer, so they are never an orphan stage (model/span.py):
+into K = pp * vpp contiguous chunks ("virtual stages"), placed on the pipeline ranks in one of two ways:
+
+    interleaved   chunk c runs on rank c % pp (Megatron's placement: with vpp = 2 and pp = 4, rank 0 holds
+                  chunks 0 and 4); every schedule but zb-v
+    v             vpp = 2, chunk c < pp on rank c, chunk c >= pp on rank 2 pp - 1 - c (rank 0 holds the first and
+                  the last chunk, rank pp - 1 the two middle ones, which hand over locally); the zb-v schedule
+
+The extras ride with a fixed layer, so they are never an orphan stage (model/span.py):
 
     source embedding + positions      with E0
     target embedding + positions      with D0
@@ -27,6 +32,27 @@ from dataclasses import dataclass, fields
 from ..errors import UserError
 from ..model.span import Span
 
+PLACEMENTS = ("interleaved", "v")
+
+
+def chunk_rank(index: int, pp: int, placement: str = "interleaved") -> int:
+    """The pipeline rank that runs chunk `index` of pp * vpp chunks."""
+    if placement == "v":
+        return index if index < pp else 2 * pp - 1 - index
+    return index % pp
+
+
+def chunk_index(rank: int, virtual: int, pp: int, placement: str = "interleaved") -> int:
+    """The chunk that rank `rank` runs as its `virtual`-th (the inverse of chunk_rank / chunk_virtual)."""
+    if placement == "v":
+        return rank if virtual == 0 else 2 * pp - 1 - rank
+    return virtual * pp + rank
+
+
+def chunk_virtual(index: int, pp: int) -> int:
+    """Chunk `index`'s position among its rank's chunks, in either placement (0: the one nearer the start)."""
+    return index // pp
+
 
 @dataclass(frozen=True)
 class Chunk(Span):
@@ -35,10 +61,12 @@ class Chunk(Span):
 
     index: int = 0  # position in the pipeline, 0 .. K-1
     pp: int = 1
+    placement: str = "interleaved"  # how chunks map to ranks (PLACEMENTS)
 
     @classmethod
-    def of_layers(cls, lo: int, hi: int, n_enc: int, n_dec: int, index: int = 0, pp: int = 1) -> "Chunk":
-        return cls(**vars(Span.of_layers(lo, hi, n_enc, n_dec)), index=index, pp=pp)
+    def of_layers(cls, lo: int, hi: int, n_enc: int, n_dec: int, index: int = 0, pp: int = 1,
+                  placement: str = "interleaved") -> "Chunk":
+        return cls(**vars(Span.of_layers(lo, hi, n_enc, n_dec)), index=index, pp=pp, placement=placement)
 
     @property
     def span(self) -> Span:
@@ -47,11 +75,11 @@ class Chunk(Span):
 
     @property
     def rank(self) -> int:  # pipeline rank that runs it
-        return self.index % self.pp
+        return chunk_rank(self.index, self.pp, self.placement)
 
     @property
     def virtual(self) -> int:  # its position among that rank's chunks
-        return self.index // self.pp
+        return chunk_virtual(self.index, self.pp)
 
 
 @dataclass(frozen=True)
@@ -61,6 +89,7 @@ class Layout:
     vpp: int
     n_enc: int
     n_dec: int
+    placement: str = "interleaved"
 
     def __str__(self) -> str:
         return "|".join(c.describe() for c in self.chunks)
@@ -71,18 +100,24 @@ class Layout:
 
     def chunks_of_rank(self, pp_rank: int) -> list:
         """The chunks pipeline rank `pp_rank` runs, in virtual order."""
-        return [c for c in self.chunks if c.rank == pp_rank]
+        return sorted((c for c in self.chunks if c.rank == pp_rank), key=lambda c: c.virtual)
 
     def ranks_holding(self, what: str) -> list[int]:
         """Pipeline ranks holding 'src_embed', 'tgt_embed' or 'output'."""
         return sorted({c.rank for c in self.chunks if getattr(c, what)})
 
     @classmethod
-    def from_bounds(cls, bounds: list[int], pp: int, vpp: int, n_enc: int, n_dec: int) -> "Layout":
+    def from_bounds(cls, bounds: list[int], pp: int, vpp: int, n_enc: int, n_dec: int,
+                    placement: str = "interleaved") -> "Layout":
         """Chunk c holds layers [bounds[c], bounds[c+1]) of the sequence E0..E(N-1) D0..D(M-1)."""
-        chunks = tuple(Chunk.of_layers(bounds[c], bounds[c + 1], n_enc, n_dec, index=c, pp=pp)
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement {placement!r}: must be one of {PLACEMENTS}")
+        if placement == "v" and vpp != 2:
+            raise UserError(f"parallel.vpp={vpp}: the V placement (schedule zb-v) runs exactly 2 chunks per rank; "
+                            f"set parallel.vpp=2")
+        chunks = tuple(Chunk.of_layers(bounds[c], bounds[c + 1], n_enc, n_dec, index=c, pp=pp, placement=placement)
                        for c in range(len(bounds) - 1))
-        return cls(chunks, pp, vpp, n_enc, n_dec)
+        return cls(chunks, pp, vpp, n_enc, n_dec, placement)
 
     def bounds(self) -> list[int]:
         out = [0]
@@ -94,7 +129,7 @@ class Layout:
 _PART = re.compile(r"^([ED])(\d+)(?:-(\d+))?$")
 
 
-def parse_layout(text: str, n_enc: int, n_dec: int, pp: int, vpp: int) -> Layout:
+def parse_layout(text: str, n_enc: int, n_dec: int, pp: int, vpp: int, placement: str = "interleaved") -> Layout:
     """Parse and validate a `parallel.layout` string; every problem is a one-line UserError."""
     want = pp * vpp
     pieces = [p.strip() for p in text.strip().split("|")]
@@ -135,4 +170,4 @@ def parse_layout(text: str, n_enc: int, n_dec: int, pp: int, vpp: int) -> Layout
     if pos != total:
         missing = f"E{pos}" if pos < n_enc else f"D{pos - n_enc}"
         raise UserError(f"parallel.layout={text!r} stops before {missing}; it must cover all {n_enc}+{n_dec} layers")
-    return Layout.from_bounds(bounds, pp, vpp, n_enc, n_dec)
+    return Layout.from_bounds(bounds, pp, vpp, n_enc, n_dec, placement)

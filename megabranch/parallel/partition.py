@@ -222,8 +222,9 @@ def unit_weights(cm: CostModel, by: str = "time") -> np.ndarray:
 
 def plan_layout(cfg, pp: int, vpp: int = 1, vocab: int = 32000, tgt_vocab: int | None = None, tp: int = 1,
                 layout: str = "", cost_model: CostModel | None = None, by: str = "time",
-                max_imbalance: float = MAX_IMBALANCE, recompute: int = 0) -> Layout:
-    """The layout for `parallel.layout` when given, else the balanced split of the cost model's units.
+                max_imbalance: float = MAX_IMBALANCE, recompute: int = 0, placement: str = "interleaved") -> Layout:
+    """The layout for `parallel.layout` when given, else the balanced split of the cost model's units; chunks
+    are placed on ranks by `placement` (layout.PLACEMENTS; the schedule decides it).
 
     by='time' (the default: a pipeline runs at the pace of its slowest stage) or 'memory' (what
     tools/memory_plan.py balances; paste the layout it prints into parallel.layout)."""
@@ -231,7 +232,7 @@ def plan_layout(cfg, pp: int, vpp: int = 1, vocab: int = 32000, tgt_vocab: int |
     if vpp > 1 and pp == 1:
         raise UserError(f"parallel.vpp={vpp} needs parallel.pp > 1")
     if layout:
-        return parse_layout(layout, n, m, pp, vpp)
+        return parse_layout(layout, n, m, pp, vpp, placement)
     k = pp * vpp
     if k > n + m:
         raise UserError(
@@ -243,7 +244,7 @@ def plan_layout(cfg, pp: int, vpp: int = 1, vocab: int = 32000, tgt_vocab: int |
         bounds = balanced_bounds_fn(n + m, k, cm.memory_of_span)
     else:
         bounds = balanced_bounds(unit_weights(cm, by), k)
-    result = Layout.from_bounds(bounds, pp, vpp, n, m)
+    result = Layout.from_bounds(bounds, pp, vpp, n, m, placement)
     if by == "time":
         per_chunk = [c.time for c in cm.chunk_costs(result)]
     else:
