@@ -18,6 +18,8 @@ from .errors import UserError
 
 RESIDUALS = ("post_ln", "pre_ln", "deepnorm", "branchnorm")
 SCHEDULES = ("linear", "exp", "sigmoid")
+# pipeline schedules (megabranch/parallel/schedules.py), plus "auto" (parallel/planning.py decides)
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 
 
 @dataclass
@@ -48,7 +50,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     vpp: int = 1
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb-h1 | zb-v | auto (parallel/schedules.py, planning.py)
     layout: str = ""  # explicit chunk layout in pipeline order, e.g. "E0-3|E4-5,D0|D1-3|D4-5" (see parallel/layout.py)
     balance: str = "time"  # what the automatic split balances: time | memory
     recompute: int = 0  # 0: off; k: checkpoint activations every k layers
@@ -135,7 +137,8 @@ class Config:
         p = self.parallel
         for name in ("tp", "pp", "vpp"):
             _check(getattr(p, name) >= 1, f"parallel.{name}", getattr(p, name), ">= 1")
-        _check(p.schedule in ("gpipe", "1f1b", "interleaved"), "parallel.schedule", p.schedule, "gpipe, 1f1b or interleaved")
+        _check(p.schedule in PIPELINE_SCHEDULES + ("auto",), "parallel.schedule", p.schedule,
+               ", ".join(PIPELINE_SCHEDULES + ("auto",)))
         _check(p.balance in ("time", "memory"), "parallel.balance", p.balance, "time or memory")
         _check(p.recompute >= 0, "parallel.recompute", p.recompute, ">= 0")
         _check(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "> 0")

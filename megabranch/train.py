@@ -22,12 +22,13 @@ from .backends.deepspeed import DeepSpeedTrainer, load_ds_config
 from .backends.deepspeed import init_distributed as init_deepspeed_distributed
 from .config import Config, load_config
 from .data import load_split
-from .dry_run import dry_run
+from .dry_run import dry_run, resolve_world_size
 from .errors import UserError, cli_main
 from .generate import meta_vocab_hash
 from .model import build_model, draw_init_seed
 from .parallel.engine import ParallelTrainer
 from .parallel.grid import init_distributed
+from .parallel.planning import GiB, resolve
 from .training.loop import RunData, train
 from .training.single import Trainer
 
@@ -54,8 +55,25 @@ def build_engine(cfg: Config, vocab: int, tgt_vocab: int, vocab_sha256: str | No
     return Trainer(cfg, model, dev, vocab_sha256=vocab_sha256)
 
 
+def plan_schedule(cfg: Config, vocab: int, tgt_vocab: int, backend: str = "native", device: str | None = None,
+                  gpu_memory_gb: float | None = None) -> Config:
+    """The config to train with: parallel.schedule=auto decided by parallel/planning.py (the same decision
+    --dry-run prints), an explicit schedule checked against gpu_memory_gb when it is given. Without
+    gpu_memory_gb, auto plans for this machine's GPU (else planning.DEFAULT_GPU_GB)."""
+    if backend == "deepspeed":
+        if cfg.parallel.schedule == "auto":
+            raise UserError("parallel.schedule=auto plans the native engine's schedules; --backend deepspeed runs "
+                            "DeepSpeed's own 1F1B: set parallel.schedule=1f1b")
+        return cfg
+    if gpu_memory_gb is None and cfg.parallel.schedule == "auto" and torch.cuda.is_available() and \
+            str(device or "cuda").startswith("cuda"):
+        gpu_memory_gb = torch.cuda.get_device_properties(torch.device(device or "cuda")).total_memory / GiB
+    _, dp = resolve_world_size(cfg)
+    return resolve(cfg, vocab, tgt_vocab, dp, gpu_memory_gb).cfg
+
+
 def run(cfg: Config, resume: str | None = None, device: str | None = None, backend: str = "native",
-        ds_config: dict | None = None) -> dict:
+        ds_config: dict | None = None, gpu_memory_gb: float | None = None) -> dict:
     """Train according to `cfg`; returns the final validation stats. The programmatic entry point.
     resume: None (a fresh run), "last" (log.save_dir's latest checkpoint) or a checkpoint path."""
     engine_cls = DeepSpeedTrainer if backend == "deepspeed" else Trainer
@@ -65,6 +83,7 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None, backe
     train_set, tok, meta = load_split(cfg.data.data_dir, "train")
     valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
     src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
+    cfg = plan_schedule(cfg, src_tok.vocab_size, tgt_tok.vocab_size, backend, device, gpu_memory_gb)
     engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device, backend,
                           ds_config)
     loop_state = engine.resume(resume) if resume is not None else None
@@ -87,6 +106,9 @@ def main(argv=None):
                     help="print the stage layout, parameters per stage, memory plan and effective batch, then exit")
     ap.add_argument("--world-size", type=int, help="--dry-run: processes (default $WORLD_SIZE, else tp * pp)")
     ap.add_argument("--vocab", type=int, help="--dry-run: vocabulary size when data.data_dir has no meta.json")
+    ap.add_argument("--gpu-memory-gb", type=float,
+                    help="GiB per GPU that parallel.schedule=auto plans for (default: this GPU's, else 80) and "
+                         "that an explicit schedule is checked against")
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
@@ -99,9 +121,10 @@ def main(argv=None):
             raise UserError("--backend deepspeed needs --deepspeed_config ds.json (examples in launch/configs/)")
         ds = load_ds_config(args.deepspeed_config, cfg)
     if args.dry_run:
-        dry_run(cfg, args.world_size, args.backend, ds, args.vocab)
+        dry_run(cfg, args.world_size, args.backend, ds, args.vocab, gpu_memory_gb=args.gpu_memory_gb)
         return 0
-    run(cfg, resume=args.resume, device=args.device, backend=args.backend, ds_config=ds)
+    run(cfg, resume=args.resume, device=args.device, backend=args.backend, ds_config=ds,
+        gpu_memory_gb=args.gpu_memory_gb)
     return 0
 
 

@@ -22,11 +22,13 @@ class Cost:
     act_bytes: float = 0.0  # layer activations kept for backward, one micro-batch, no recompute
     boundary_bytes: float = 0.0  # the hidden state at this piece's input (kept per layer group with recompute)
     kept_bytes: float = 0.0  # activations outside the recomputed layers (embeddings, final norms, logits)
+    w_flops: float = 0.0  # the weight-gradient products within `flops` (a split backward's W)
+    w_bytes: float = 0.0  # what a split backward's B leaves for W: the input and output gradient of every linear
 
     def __add__(self, o: "Cost") -> "Cost":
         return Cost(self.flops + o.flops, self.traffic + o.traffic, self.params + o.params,
                     self.act_bytes + o.act_bytes, self.boundary_bytes + o.boundary_bytes,
-                    self.kept_bytes + o.kept_bytes)
+                    self.kept_bytes + o.kept_bytes, self.w_flops + o.w_flops, self.w_bytes + o.w_bytes)
 
     @property
     def time(self) -> float:
@@ -37,9 +39,12 @@ class Cost:
 class CostModel:
     """Per-layer-kind costs of a ModelConfig for micro-batches of `tokens` target tokens.
 
-    Matrix FLOPs count 2 per multiply-add, backward = 2 x forward. Activation bytes follow what autograd keeps
-    (inputs of every linear, attention output and log-sum-exp, LayerNorm inputs, the ReLU output), in
-    `act_size`-byte elements; with tensor parallelism the head / FFN / vocabulary dimensions are divided by tp.
+    Matrix FLOPs count 2 per multiply-add, backward = 2 x forward (half of a linear's backward is its weight
+    gradient, `w_flops`). Activation bytes follow what autograd keeps (inputs of every linear, attention output
+    and log-sum-exp, LayerNorm inputs, the ReLU output), in `act_size`-byte elements; `w_bytes` what a split
+    backward keeps from its B to its W (weight_grad.py: each linear's input and output gradient; the encoder
+    output a cross-attention reads is counted once, with the chunk); with tensor parallelism the head / FFN /
+    vocabulary dimensions are divided by tp.
     """
 
     def __init__(self, cfg, vocab: int, tgt_vocab: int | None = None, tp: int = 1, tokens: int = 4096,
@@ -61,12 +66,18 @@ class CostModel:
         act = (q_tokens * (d + 2 * d / tp + h / tp + d)  # input, q + attention out, lse, LN input
                + kv_tokens * 2 * d / tp)  # k, v
         params = (4 * d * d + 3 * d) / tp + d + 2 * d  # weights, q/k/v biases sharded, out bias + LN replicated
-        return Cost(flops=3 * (proj + scores), params=params, act_bytes=act * self.act)
+        # B -> W: the query input (the key/value input too under self-attention), out_proj's input; the output
+        # gradients of q, k, v and out_proj
+        w_in = q_tokens * (d + d / tp)
+        w_grad = q_tokens * (d / tp + d) + kv_tokens * 2 * d / tp
+        return Cost(flops=3 * (proj + scores), params=params, act_bytes=act * self.act, w_flops=proj,
+                    w_bytes=(w_in + w_grad) * self.act)
 
     def _ffn(self, tokens: float) -> Cost:
         d, f, tp = self.cfg.d_model, self.cfg.ffn_dim, self.tp
         return Cost(flops=3 * 2 * 2 * d * f / tp * tokens, params=(2 * d * f + f) / tp + d + 2 * d,
-                    act_bytes=tokens * (d + f / tp + d) * self.act)
+                    act_bytes=tokens * (d + f / tp + d) * self.act, w_flops=2 * 2 * d * f / tp * tokens,
+                    w_bytes=tokens * 2 * (d + f / tp) * self.act)  # fc1 / fc2 inputs and output gradients
 
     def encoder_layer(self) -> Cost:
         if "enc" in self._cache:
@@ -99,7 +110,8 @@ class CostModel:
         tied = self.cfg.share_decoder_input_output_embed
         # logits in float32 for the loss: log-softmax keeps its output; ~6 passes over them
         return Cost(flops=3 * 2 * n * d * rows, traffic=6 * 4 * n * rows, params=0 if tied else rows * d,
-                    kept_bytes=n * d * self.act + 2 * n * rows * 4)
+                    kept_bytes=n * d * self.act + 2 * n * rows * 4, w_flops=2 * n * d * rows,
+                    w_bytes=n * (d + rows) * self.act)  # the hidden input and the logits' gradient
 
     def final_norm(self, tokens: float) -> Cost:
         d = self.cfg.d_model
@@ -163,25 +175,51 @@ class CostModel:
             out.append(self.output())
         return out
 
+    def chunk_weight_grad_bytes(self, chunk: Chunk) -> float:
+        """Bytes one micro-batch keeps on `chunk` from its B to its W under a split backward (with or without
+        recomputation: the recomputed linear inputs live until W)."""
+        runs = (chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().w_bytes + \
+            (chunk.dec_hi - chunk.dec_lo) * self.decoder_layer().w_bytes
+        extra = self.src_tokens * self.cfg.d_model * self.act if chunk.has_decoder else 0.0  # the encoder output
+        return runs + extra + sum(x.w_bytes for x in self._extras(chunk))
+
+    def chunk_phase_times(self, layout: Layout) -> list[tuple[float, float, float]]:
+        """(forward, B, W) time of one micro-batch on each chunk, in Cost.time units: the forward a third of the
+        work, W the weight-gradient products, B the rest of the backward plus, with recomputation, the recomputed
+        forward of the chunk's layers. A backward that is not split takes B + W."""
+        out = []
+        for chunk, cost in zip(layout.chunks, self.chunk_costs(layout)):
+            fwd = cost.time / 3
+            layers = ((chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().time
+                      + (chunk.dec_hi - chunk.dec_lo) * self.decoder_layer().time) / 3
+            recompute = layers if self.recompute > 0 else 0.0
+            out.append((fwd, cost.time - fwd - cost.w_flops + recompute, cost.w_flops))
+        return out
+
     def chunk_params(self, chunk: Chunk) -> float:
         """Parameters the chunk holds: its layers, and one copy of every embedding table it uses (the source
         and target embeddings, and the output projection's table when it is tied)."""
+        return self.params_of([chunk])
+
+    def params_of(self, chunks: list) -> float:
+        """Parameters of chunks that live on one rank: their layers, and each embedding table they use once
+        (chunks of a rank share one copy, stage.build_stage)."""
         cfg, d = self.cfg, self.cfg.d_model
-        n = ((chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().params
-             + (chunk.dec_hi - chunk.dec_lo) * self.decoder_layer().params)
-        tables = set()
-        if chunk.src_embed:
-            tables.add("src")
-        if chunk.tgt_embed:
-            tables.add("tgt")
-        if chunk.output:
-            tables.add("tgt" if cfg.share_decoder_input_output_embed else "out")
+        n, tables = 0.0, set()
+        for chunk in chunks:
+            n += ((chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().params
+                  + (chunk.dec_hi - chunk.dec_lo) * self.decoder_layer().params)
+            if chunk.src_embed:
+                tables.add("src")
+            if chunk.tgt_embed:
+                tables.add("tgt")
+            if chunk.output:
+                tables.add("tgt" if cfg.share_decoder_input_output_embed else "out")
+            if cfg.residual == "pre_ln":
+                n += 2 * d * (int(chunk.ends_encoder) + int(chunk.output))
         if cfg.share_all_embeddings:
             tables = {"src" if t == "tgt" else t for t in tables}
-        n += sum(math.ceil((self.vocab if t == "src" else self.tgt_vocab) / self.tp) * d for t in tables)
-        if cfg.residual == "pre_ln":
-            n += 2 * d * (int(chunk.ends_encoder) + int(chunk.output))
-        return n
+        return n + sum(math.ceil((self.vocab if t == "src" else self.tgt_vocab) / self.tp) * d for t in tables)
 
     def chunk_memory(self, chunk: Chunk) -> float:
         """Weights + grads + optimizer states and one micro-batch's activations of a chunk, in bytes."""

@@ -14,7 +14,9 @@ copies and tensor-parallel shards included (the rank reported is tensor-parallel
                         configured parallel.recompute (and, for comparison, without recomputation)
     total               weights + grads + optimizer + act/mb: what the layout decides, and what is balanced
     peak                total with every micro-batch the schedule has in flight on that stage (1F1B: stage r
-                        holds pp - r of them)
+                        holds pp - r of them); under a split backward (zb-h1, zb-v) a micro-batch holds its
+                        activations from F to B and what B leaves for W (cost_model.chunk_weight_grad_bytes)
+                        from B to W, so the W's a stage postpones count too
 """
 
 from __future__ import annotations
@@ -26,47 +28,80 @@ from .data_parallel import gradient_bytes
 from .grid import Grid
 from .cost_model import CostModel
 from .partition import plan_layout
-from .schedules import check_schedule, schedule_actions
+from .schedules import check_schedule, placement_of, schedule_actions, splits_backward
 from .stage import build_stage
 
 MB = 2**20
 
 
-def peak_in_flight(kind: str, pp: int, vpp: int, m: int, rank: int, act: list[float]) -> float:
-    """Most activation bytes rank `rank` holds at once under the schedule (act[v]: one micro-batch of chunk v)."""
+def peak_in_flight(kind: str, pp: int, vpp: int, m: int, rank: int, act: list[float],
+                   w_act: list[float] | None = None) -> float:
+    """Most activation bytes rank `rank` holds at once under the schedule (act[v]: one micro-batch of chunk v from
+    its forward to its backward; w_act[v]: from a split backward's B to its W, default act[v])."""
+    w_act = act if w_act is None else w_act
+    split = splits_backward(kind)
     held, peak = 0.0, 0.0
     for op, v, _ in schedule_actions(kind, pp, vpp, m, rank):
-        held += act[v] if op == "F" else -act[v]
+        if op == "F":
+            held += act[v]
+        elif op == "B":
+            held += (w_act[v] - act[v]) if split else -act[v]
+        else:
+            held -= w_act[v]
         peak = max(peak, held)
     return peak
+
+
+def schedule_kind(cfg) -> str:
+    """The schedule the trainer runs for cfg.parallel (1f1b with vpp > 1 runs interleaved)."""
+    p = cfg.parallel
+    return "interleaved" if p.vpp > 1 and p.schedule == "1f1b" else p.schedule
+
+
+def stage_statics(mc, layout, vocab: int, tp: int, dp: int, zero: bool, recompute: int) -> list[SimpleNamespace]:
+    """Per pipeline rank: parameters and the bytes that do not depend on the micro-batch (weights, gradients,
+    optimizer state), from the rank's stage built on the meta device."""
+    out = []
+    for r in range(layout.pp):
+        grid = Grid(tp=tp, pp=layout.pp, dp=dp, vpp=layout.vpp, pp_rank=r, tp_rank=0)
+        stage = build_stage(mc, layout, grid, vocab, device="meta", recompute=recompute)
+        unique = list({id(q): q for q in stage.parameters()}.values())
+        params = sum(q.numel() for q in unique)
+        weights, grads = 4.0 * params, float(gradient_bytes(unique))
+        optim = 8.0 * params / (dp if zero else 1)
+        out.append(SimpleNamespace(params=params, weights=weights, grads=grads, optim=optim,
+                                   static=weights + grads + optim))
+    return out
+
+
+def cost_model(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, dp: int, zero: bool) -> CostModel:
+    p = cfg.parallel
+    act_size = 2 if cfg.optim.precision in ("bf16", "fp16") else 4
+    return CostModel(cfg.model, vocab, tp=p.tp, tokens=tokens, src_len=src_len, tgt_len=tgt_len, act_size=act_size,
+                     recompute=p.recompute, state_bytes_per_param=4 + 4 + 8 / (dp if zero else 1))
 
 
 def plan(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, balance: str, dp: int, zero: bool, m: int):
     p, mc = cfg.parallel, cfg.model
     tp, pp, vpp = p.tp, p.pp, p.vpp
-    act_size = 2 if cfg.optim.precision in ("bf16", "fp16") else 4
-    cm = CostModel(mc, vocab, tp=tp, tokens=tokens, src_len=src_len, tgt_len=tgt_len, act_size=act_size,
-                   recompute=p.recompute, state_bytes_per_param=4 + 4 + 8 / (dp if zero else 1))
-    layout = plan_layout(mc, pp, vpp, vocab, tp=tp, layout=p.layout, cost_model=cm, by=balance, max_imbalance=1e9)
-    kind = p.schedule if not (vpp > 1 and p.schedule == "1f1b") else "interleaved"
+    cm = cost_model(cfg, vocab, tokens, src_len, tgt_len, dp, zero)
+    kind = schedule_kind(cfg)
     check_schedule(kind, pp, vpp, m)
+    layout = plan_layout(mc, pp, vpp, vocab, tp=tp, layout=p.layout, cost_model=cm, by=balance, max_imbalance=1e9,
+                         placement=placement_of(kind))
+    statics = stage_statics(mc, layout, vocab, tp, dp, zero, p.recompute)
+    times = cm.chunk_costs(layout)
     rows = []
-    for r in range(pp):
-        grid = Grid(tp=tp, pp=pp, dp=dp, vpp=vpp, pp_rank=r, tp_rank=0)
-        stage = build_stage(mc, layout, grid, vocab, device="meta", recompute=p.recompute)
-        unique = list({id(q): q for q in stage.parameters()}.values())
-        params = sum(q.numel() for q in unique)
+    for r, st in enumerate(statics):
         chunks = layout.chunks_of_rank(r)
         act = [cm.chunk_activation_bytes(c) for c in chunks]
         act_full = [cm.chunk_activation_bytes(c, recompute=0) for c in chunks]
-        weights, grads = 4.0 * params, float(gradient_bytes(unique))
-        optim = 8.0 * params / (dp if zero else 1)
-        static = weights + grads + optim
+        w_act = [cm.chunk_weight_grad_bytes(c) for c in chunks]
         rows.append(SimpleNamespace(
-            rank=r, layers="|".join(c.describe() for c in chunks), params=params, weights=weights, grads=grads,
-            optim=optim, act=sum(act), act_full=sum(act_full), total=static + sum(act),
-            peak=static + peak_in_flight(kind, pp, vpp, m, r, act),
-            time=sum(cm.chunk_costs(layout)[c.index].time for c in chunks),
+            rank=r, layers="|".join(c.describe() for c in chunks), params=st.params, weights=st.weights,
+            grads=st.grads, optim=st.optim, act=sum(act), act_full=sum(act_full), total=st.static + sum(act),
+            peak=st.static + peak_in_flight(kind, pp, vpp, m, r, act, w_act),
+            time=sum(times[c.index].time for c in chunks),
         ))
     return layout, rows, kind
 

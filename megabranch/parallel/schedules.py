@@ -19,10 +19,10 @@ measures its bubble (tests, benchmarks, planning).
 
 from __future__ import annotations
 
+from ..config import PIPELINE_SCHEDULES as SCHEDULES
 from ..errors import UserError
 from .layout import chunk_index
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 SPLIT_BACKWARD = ("zb-h1", "zb-v")  # schedules whose backward is a B and a later W
 
 
