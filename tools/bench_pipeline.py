@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
-"""Measured pipeline bubble of megabranch's 1F1B and interleaved 1F1B schedules next to the theory.
+"""Measured pipeline bubble of megabranch's 1F1B, interleaved 1F1B, ZB-H1 and ZB-V schedules next to the theory.
 
     python tools/bench_pipeline.py                       # p=4 CPU processes (gloo), m in 4 8 16, vpp 2
     python tools/bench_pipeline.py --pp 4 --micro-batches 4 8 16 32 --fwd-ms 20 --compute sleep
 
 Each pipeline rank runs megabranch.parallel.executor.PipelineExecutor (the trainer's executor: the same action
-lists, the same point-to-point messages) over stages whose compute is made uniform: every chunk's forward takes
---fwd-ms / vpp and its backward twice that, so a rank does the same work under both schedules. With --compute
-sleep (the default) that time is slept, so 2 CPU cores can host 4 stages without the stages competing for
-cores (the schedule and the messages are real; the FLOPs are not); --compute spin runs 128x128 matrix products
-for that long instead (use it only with at least pp free cores).
+lists, the same point-to-point messages, the same B/W split machinery) over stand-in chunks whose compute is made
+uniform: every chunk's forward takes --fwd-ms / vpp and its backward twice that, so a rank does the same work
+under every schedule. Under a zero-bubble schedule the backward is split like a real chunk's: its B (the input
+gradient, what the previous rank waits for) takes --fwd-ms / vpp and leaves the other half, the weight gradient,
+to the executor's WeightGradStore, which runs it in the schedule's W. With --compute sleep (the default) that time
+is slept, so 2 CPU cores can host 4 stages without the stages competing for cores (the schedule and the messages
+are real; the FLOPs are not); --compute spin runs 128x128 matrix products for that long instead (use it only with
+at least pp free cores).
 
-bubble = 1 - (compute time of a rank) / (wall time of the step), averaged over ranks and steps; theory:
-1F1B (p-1)/(m+p-1), interleaved with v chunks per rank (p-1)/(v*m+p-1). The ideal-machine simulation of the
-same action lists (schedules.simulate, free messages) is printed too.
+bubble = 1 - (compute time of a rank) / (wall time of the step), averaged over ranks and steps; theory, with
+forward = B = W: 1F1B (p-1)/(m+p-1), interleaved with v chunks per rank (p-1)/(v*m+p-1), ZB-H1 (p-1)/(3m+p-1),
+ZB-V (p-1)/(6m+p-1) (from m >= 2p-1 on; fewer micro-batches cannot fill its V). The ideal-machine simulation of
+the same action lists (schedules.simulate, free messages) is printed too.
 """
 
 from __future__ import annotations
@@ -37,18 +41,28 @@ D, B, S = 64, 4, 16  # the activation that travels: (B, S, D) floats
 
 
 class _Work(torch.autograd.Function):
-    """Identity whose forward and backward take a fixed time (slept or spun)."""
+    """Identity whose forward and backward take a fixed time (slept or spun). While a WeightGradStore collects
+    (a split schedule's B), the backward does half and defers the other half, its weight gradient, to the W."""
 
     @staticmethod
-    def forward(ctx, x, w, seconds, mode, clock):
-        ctx.seconds, ctx.mode, ctx.clock = seconds, mode, clock
+    def forward(ctx, x, w, seconds, mode, clock, store):
+        ctx.seconds, ctx.mode, ctx.clock, ctx.store, ctx.w = seconds, mode, clock, store, w
         _busy(seconds, mode, clock)
         return x * w
 
     @staticmethod
     def backward(ctx, g):
-        _busy(2 * ctx.seconds, ctx.mode, ctx.clock)
-        return g, None, None, None, None
+        if ctx.store is None or ctx.store.collecting is None:
+            _busy(2 * ctx.seconds, ctx.mode, ctx.clock)
+            return g, None, None, None, None, None
+        _busy(ctx.seconds, ctx.mode, ctx.clock)  # B
+        w, seconds, mode, clock = ctx.w, ctx.seconds, ctx.mode, ctx.clock
+
+        def weight_gradient():  # W
+            _busy(seconds, mode, clock)
+            return [(w, torch.zeros_like(w))]
+        ctx.store.defer([w], weight_gradient)
+        return g, None, None, None, None, None
 
 
 _A = torch.ones(128, 128)
@@ -72,10 +86,11 @@ class UniformChunk(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.ones(()))
         self.seconds, self.mode, self.clock = seconds, mode, clock
+        self.store = None  # the executor's WeightGradStore
 
     def forward(self, src_tokens, prev_tokens, *inputs):
         x = inputs[0] if inputs else torch.ones(B, S, D)
-        return (_Work.apply(x, self.w, self.seconds, self.mode, self.clock),)
+        return (_Work.apply(x, self.w, self.seconds, self.mode, self.clock, self.store),)
 
 
 def _zero_loss(out, mb):
@@ -83,10 +98,23 @@ def _zero_loss(out, mb):
     return loss, loss.detach()
 
 
-def _spec(index: int, k: int, pp: int) -> SimpleNamespace:
+def _spec(index: int, k: int, pp: int, placement: str) -> SimpleNamespace:
     """What the executor reads of a layout Chunk."""
-    return SimpleNamespace(index=index, rank=index % pp, output=index == k - 1, receives="" if index == 0 else "x",
+    from megabranch.parallel.layout import chunk_rank, chunk_virtual
+
+    return SimpleNamespace(index=index, rank=chunk_rank(index, pp, placement), virtual=chunk_virtual(index, pp),
+                           output=index == k - 1, receives="" if index == 0 else "x",
                            sends="" if index == k - 1 else "x")
+
+
+SCHEDULES = (("1f1b", 1), ("interleaved", None), ("zb-h1", 1), ("zb-v", 2))  # None: --vpp
+
+
+def _theory(kind: str, p: int, vpp: int, m: int) -> float | None:
+    if kind == "zb-v" and m < 2 * p - 1:
+        return None
+    ops = {"1f1b": 1, "interleaved": vpp, "zb-h1": 3, "zb-v": 6}[kind]
+    return (p - 1) / (ops * m + p - 1)
 
 
 def _worker(rank, world, port, args, queue):
@@ -94,22 +122,26 @@ def _worker(rank, world, port, args, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from megabranch.parallel.executor import MicroBatch, PipelineExecutor
+    from megabranch.parallel.schedules import placement_of
 
     try:
         results = []
         grid = SimpleNamespace(pp_rank=rank, pp_ranks=list(range(world)), tp=1, tp_group=None)
-        for kind, vpp in (("1f1b", 1), ("interleaved", args.vpp)):
+        for kind, vpp in SCHEDULES:
+            if kind not in args.schedules:
+                continue
+            vpp = vpp or args.vpp
             for m in args.micro_batches:
-                if kind == "interleaved" and m % world:
-                    continue
                 k = world * vpp
                 clock = [0.0]
                 chunks = nn.ModuleList(UniformChunk(args.fwd_ms / 1000 / vpp, args.compute, clock) for _ in range(vpp))
-                specs = [_spec(c, k, world) for c in range(k)]
-                layout = SimpleNamespace(pp=world, vpp=vpp, num_chunks=k,
-                                         chunks_of_rank=lambda r, specs=specs: [c for c in specs if c.rank == r])
+                specs = [_spec(c, k, world, placement_of(kind)) for c in range(k)]
+                layout = SimpleNamespace(pp=world, vpp=vpp, num_chunks=k, chunks=specs, chunks_of_rank=lambda r, specs=specs:
+                                         sorted((c for c in specs if c.rank == r), key=lambda c: c.virtual))
                 ex = PipelineExecutor(chunks, layout, grid, kind, D)
                 ex.loss_fn = _zero_loss
+                for ch in chunks:
+                    ch.store = ex.weight_grads
                 tok = torch.ones(B, S, dtype=torch.long)
                 mbs = [MicroBatch(i, tok, tok, tok, B * S) for i in range(m)]
                 walls, busy = [], []
@@ -137,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compute", choices=("sleep", "spin"), default="sleep")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--schedules", nargs="+", default=[k for k, _ in SCHEDULES], choices=[k for k, _ in SCHEDULES])
     args = ap.parse_args(argv)
     from megabranch.parallel.schedules import simulate
 
@@ -149,9 +182,9 @@ def main(argv=None) -> int:
     per_rank = dict(queue.get() for _ in range(args.pp))
     p = args.pp
     print(f"# pipeline bubble: p={p} gloo CPU processes, uniform stages (forward {args.fwd_ms:g} ms + backward "
-          f"{2 * args.fwd_ms:g} ms per rank per micro-batch, {args.compute}), {args.steps} steps after {args.warmup} "
-          f"warm-up; {platform.node() or 'host'}: {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}")
+          f"{2 * args.fwd_ms:g} ms per rank per micro-batch, {args.compute}; zero-bubble: B and W {args.fwd_ms:g} ms "
+          f"each), {args.steps} steps after {args.warmup} warm-up; {platform.node() or 'host'}: {os.cpu_count()} "
+          f"cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print("| schedule | vpp | m | step wall (s) | measured bubble | theory | ideal-machine simulation |")
     print("|---|---|---|---|---|---|---|")
     for idx, (kind, vpp, m, _, _) in enumerate(per_rank[0]):
@@ -159,11 +192,12 @@ def main(argv=None) -> int:
         busy = [per_rank[r][idx][4] for r in range(p)]
         wall = max(walls)
         measured = sum(1 - b / wall for b in busy) / p
-        theory = (p - 1) / (vpp * m + p - 1)
+        theory = _theory(kind, p, vpp, m)
         f = args.fwd_ms / vpp
-        t_sim = simulate(kind, p, vpp, m, f, 2 * f)
+        t_sim = simulate(kind, p, vpp, m, f, f, f)
         sim = 1 - m * vpp * 3 * f / t_sim
-        print(f"| {kind} | {vpp} | {m} | {wall:.3f} | {measured:.3f} | {theory:.3f} | {sim:.3f} |")
+        shown = f"{theory:.3f}" if theory is not None else "n/a (m < 2p-1)"
+        print(f"| {kind} | {vpp} | {m} | {wall:.3f} | {measured:.3f} | {shown} | {sim:.3f} |")
     return 0
 
 

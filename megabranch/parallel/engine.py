@@ -7,8 +7,9 @@ One optimizer step, top to bottom (every rank runs the same code):
      tests/test_engine.py checks for exactly that);
   2. the step's target tokens are summed over the data-parallel replicas; each micro-batch's loss is divided
      by that global count, so summing gradients over replicas gives the single-process gradient;
-  3. the pipeline schedule runs this replica's micro-batches (pipeline.PipelineExecutor); the data-parallel
-     all-reduce of gradients is armed for the last micro-batch (overlapped with its backward);
+  3. the pipeline schedule runs this replica's micro-batches (executor.PipelineExecutor); the data-parallel
+     all-reduce of gradients is armed for the last micro-batch (overlapped with its backward, or under a
+     zero-bubble schedule with its W, the weight-gradient half of the backward: weight_grad.py);
   4. tied embedding tables held by several pipeline stages get their gradients summed over the embedding group;
   5. the global gradient norm (tp x pp, each element once) is measured and clipped; global rank 0 decides
      whether the step is skipped (non-finite norm) and broadcasts that decision; the optimizer steps (AdamW, or

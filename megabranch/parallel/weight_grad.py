@@ -24,13 +24,15 @@ is a data-parallel bucket view is added to in place and post-accumulate-grad hoo
 torch.distributed.pipelining splits at the autograd-graph level instead (stage_backward_input /
 stage_backward_weight: capture the gradients at the nodes where the weight paths leave the input path, re-enter
 the graph from there once per parameter group). That needs no model hook, but every re-entry walks the graph
-below it, so its W grows with the square of a chunk's depth (measured in docs/design.md), and with
-recomputation every segment is recomputed a second time in W.
+below it, so its W grows with the square of a chunk's depth (tools/bench_backward_split.py: 3.2 s for a
+99-layer chunk whose plain backward takes 0.06 s), and with recomputation every segment is recomputed a second
+time in W. docs/design.md ("Zero-bubble schedules") has the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +68,18 @@ class WeightGradStore:
     def put(self, x: torch.Tensor, g: torch.Tensor, weight, bias) -> None:
         self._pending[self.collecting].append((x, g, weight, bias))
 
+    def defer(self, params, work) -> None:
+        """Other weight-gradient work for the running B's W (an op with a split of its own, e.g.
+        tools/bench_pipeline.py's stand-in chunks): `work()` -> [(parameter, gradient)], parameters among
+        `params`."""
+        self._pending[self.collecting].append(_Work(tuple(params), work))
+
     def param_ids(self, key) -> set[int]:
         """ids of the parameters `key`'s W will add gradients to."""
-        return {id(p) for entry in self._pending.get(key, ()) for p in entry[2:] if p is not None}
+        ids = set()
+        for entry in self._pending.get(key, ()):
+            ids |= {id(p) for p in (entry.params if isinstance(entry, _Work) else entry[2:]) if p is not None}
+        return ids
 
     def pending(self) -> list:
         return sorted(self._pending)
@@ -78,7 +89,12 @@ class WeightGradStore:
         if key not in self._pending:
             raise RuntimeError(f"W of {key} before its B (or twice)")
         sums: dict = {}  # id -> (parameter, gradient), each parameter's contributions summed first
-        for x, g, weight, bias in self._pending.pop(key):
+        for entry in self._pending.pop(key):
+            if isinstance(entry, _Work):
+                for p, grad in entry.work():
+                    _add(sums, p, grad)
+                continue
+            x, g, weight, bias = entry
             g2 = g.reshape(-1, g.shape[-1])
             if weight is not None:
                 _add(sums, weight, g2.t().mm(x.reshape(-1, x.shape[-1])))
@@ -87,6 +103,12 @@ class WeightGradStore:
         if sums:
             params = [p for p, _ in sums.values()]
             torch.autograd.backward(params, [s.to(p.dtype) for p, s in sums.values()])
+
+
+@dataclass
+class _Work:
+    params: tuple
+    work: object
 
 
 def _add(sums: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
