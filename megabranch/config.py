@@ -88,6 +88,7 @@ class LogConfig:
     bleu_sentences: int = 100  # validation subset decoded for BLEU at each validation; 0: off
     bleu_beam: int = 1
     keep_last: int = 2
+    async_save: bool = True  # native engines: snapshot to host memory, write and publish in the background
     tensorboard: bool = True
     progress: str = "auto"  # auto (bar on a terminal) | bar | none
 

@@ -20,6 +20,7 @@ from tests.helpers.env import one_thread
 from tests.helpers.reference import parallel_losses, single_trainer, synthetic_batches
 
 MORE = 3  # train SAVED_AT (3) steps, save, train 3 more
+OLD_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "old_main")  # format-2 step directories
 
 
 def _parallel_from(step_dir: str, cfg):
@@ -108,7 +109,8 @@ def _round_trip_body(rank, world, root):
     refz = parallel_losses(trz, SAVED_AT + MORE, SAVED_AT)
     if rank == 0:
         names = sorted(checkpoint.read_meta(zdir)["files"])
-        assert names == ["shard_tp0_pp0.pt", "shard_tp0_pp0_dp1.pt", "shard_tp0_pp1.pt", "shard_tp0_pp1_dp1.pt"], names
+        assert names == sorted(f for s in ("shard_tp0_pp0", "shard_tp0_pp0_dp1", "shard_tp0_pp1", "shard_tp0_pp1_dp1")
+                               for f in checkpoint.shard_files(s)), names
     trz2, state = _parallel_from(zdir, cfgz)
     assert not state["resharded"] and state["zero"] is not None
     assert parallel_losses(trz2, SAVED_AT + MORE, SAVED_AT) == refz
@@ -130,7 +132,8 @@ def test_publication_pointers_and_keep_last(tmp_path):
     assert sorted(os.listdir(save_dir)) == ["latest", "step_4", "step_6"]
     assert open(os.path.join(save_dir, "latest")).read().strip() == "step_6"
     meta = checkpoint.verify(os.path.join(save_dir, "step_6"))
-    assert meta["step"] == 6 and meta["layout"]["layout"] == "single" and list(meta["files"]) == ["shard_tp0_pp0.pt"]
+    assert meta["step"] == 6 and meta["layout"]["layout"] == "single"
+    assert sorted(meta["files"]) == ["shard_tp0_pp0.json", "shard_tp0_pp0.safetensors"]
     assert meta["versions"]["torch"] == torch.__version__
     # best is never pruned, whatever its age
     with open(os.path.join(save_dir, "best"), "w") as fh:
@@ -149,16 +152,35 @@ def test_publication_pointers_and_keep_last(tmp_path):
 def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
     save_dir = tiny_single(tmp_path, steps=(2,))
     step_dir = os.path.join(save_dir, "step_2")
-    shard = os.path.join(step_dir, "shard_tp0_pp0.pt")
-    good = open(shard, "rb").read()
+    data, index = (os.path.join(step_dir, "shard_tp0_pp0" + e) for e in (".safetensors", ".json"))
+    good = open(data, "rb").read()
 
-    with open(shard, "wb") as fh:  # truncated
-        fh.write(good[: len(good) // 2])
-    with pytest.raises(UserError, match="shard_tp0_pp0.pt is corrupt") as e:
+    with open(data, "wb") as fh:  # truncated (a reader checks what it reads: cut into the parameters)
+        fh.write(good[: len(good) // 8])
+    with pytest.raises(UserError, match="shard_tp0_pp0.safetensors is (corrupt|truncated)") as e:
         checkpoint.load_checkpoint(save_dir)
     assert "\n" not in str(e.value)
+    flipped = bytearray(good)
+    where = json.load(open(index))["tensors"]["model/encoder.layers.0.ffn.block.fc1.weight"]["bytes"][0]
+    flipped[where + 5] ^= 1  # one bit of a parameter: its block's sha256 no longer matches
+    open(data, "wb").write(bytes(flipped))
+    with pytest.raises(UserError, match="shard_tp0_pp0.safetensors is corrupt: block"):
+        checkpoint.load_checkpoint(save_dir)
+    with pytest.raises(UserError, match="shard_tp0_pp0.safetensors is corrupt"):
+        checkpoint.verify(step_dir)
+    open(data, "wb").write(good)
+    text = open(index).read()
+    open(index, "w").write(text.replace('"step": 2', '"step": 3'))  # the index: checked against meta.json
+    with pytest.raises(UserError, match="shard_tp0_pp0.json is corrupt"):
+        checkpoint.load_checkpoint(save_dir)
+    open(index, "w").write(text)
+    assert checkpoint.verify(step_dir)["step"] == 2
 
-    # a pickle that runs code on load, with meta.json's checksum updated to match: weights_only refuses it
+    # format 2 (.pt): a pickle that runs code on load, with meta.json's checksum updated to match: weights_only
+    # refuses it
+    old = str(tmp_path / "old")
+    shutil.copytree(os.path.join(OLD_FIXTURE, "single", "step_4"), old)
+    shard = os.path.join(old, "shard_tp0_pp0.pt")
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -166,19 +188,19 @@ def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"model": Evil()}, shard)
-    meta_path = os.path.join(step_dir, "meta.json")
+    meta_path = os.path.join(old, "meta.json")
     meta = json.load(open(meta_path))
     meta["files"]["shard_tp0_pp0.pt"] = checkpoint.sha256_file(shard)
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(UserError, match="carrying code") as e:
-        checkpoint.load_checkpoint(save_dir)
+        checkpoint.load_checkpoint(old)
     assert "shard_tp0_pp0.pt" in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
 
-    os.remove(shard)
+    os.remove(data)
     with pytest.raises(UserError, match="shard missing"):
         checkpoint.load_checkpoint(step_dir)
-    os.remove(meta_path)
+    os.remove(os.path.join(step_dir, "meta.json"))
     with pytest.raises(UserError, match="meta.json missing"):
         checkpoint.read_meta(step_dir)
     with open(os.path.join(save_dir, "latest"), "w") as fh:
@@ -191,13 +213,13 @@ def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
 def test_saving_a_step_again_replaces_it_without_a_dangling_pointer(tmp_path):
     save_dir = str(tmp_path / "run")
     meta = {"layout": checkpoint.single_layout(), "config": {}, "vocab_size": VOCAB}
-    checkpoint.save_step(save_dir, 6, {"shard_tp0_pp0.pt": {"x": torch.zeros(2)}}, meta, is_best=True)
+    checkpoint.save_step(save_dir, 6, {"shard_tp0_pp0": {"x": torch.zeros(2)}}, meta, is_best=True)
     # a run resumed from an older step reaches step 6 again: same name, new content
-    checkpoint.save_step(save_dir, 6, {"shard_tp0_pp0.pt": {"x": torch.ones(2)}}, meta, is_best=False)
+    checkpoint.save_step(save_dir, 6, {"shard_tp0_pp0": {"x": torch.ones(2)}}, meta, is_best=False)
     assert sorted(os.listdir(save_dir)) == ["best", "latest", "step_6"]
     for prefer in ("latest", "best"):
         step_dir = checkpoint.resolve(save_dir, prefer)
-        assert torch.equal(checkpoint.load_file(step_dir, "shard_tp0_pp0.pt")["x"], torch.ones(2))
+        assert torch.equal(checkpoint.load_shard(step_dir, "shard_tp0_pp0")["x"], torch.ones(2))
 
 
 class _Scaler:

@@ -111,7 +111,8 @@ def test_consolidate_split_reshard_chain(tmp_path, capsys):
     assert os.path.isfile(str(tmp_path / "model.json"))
     split = str(tmp_path / "tp2pp2")
     assert convert_main([st, split, "--tp", "2", "--pp", "2", "--layout", "E0-1|D0-1"]) == 0
-    assert sorted(os.listdir(split)) == ["meta.json"] + [f"shard_tp{t}_pp{p}.pt" for t in (0, 1) for p in (0, 1)]
+    assert sorted(os.listdir(split)) == sorted(["meta.json"] + [f for t in (0, 1) for p in (0, 1)
+                                                                for f in checkpoint.shard_files(f"shard_tp{t}_pp{p}")])
     back = str(tmp_path / "tp1")
     assert convert_main([split, back]) == 0
     out = capsys.readouterr().out
@@ -122,7 +123,7 @@ def test_consolidate_split_reshard_chain(tmp_path, capsys):
     assert torch.equal(_logits(load_safetensors(st)[0], cfg, 2), want)
     # the tensor-parallel shards really are slices: the tp1 half of fc1 holds rows 32..63
     full = checkpoint.consolidate(back, optimizer=False)[0]["encoder.layers.0.ffn.block.fc1.weight"]
-    shard = checkpoint.load_file(split, "shard_tp1_pp0.pt")["model"]["encoder.layers.0.ffn.block.fc1.weight"]
+    shard = checkpoint.load_shard(split, "shard_tp1_pp0")["model"]["encoder.layers.0.ffn.block.fc1.weight"]
     assert torch.equal(shard, full[32:])
 
 
@@ -242,8 +243,8 @@ def test_average_last_k_against_an_independent_mean(tmp_path, capsys):
     assert convert_main(["average", save_dir, "--last", "2", "--out", out]) == 0
     assert "averaged step_4, step_6" in capsys.readouterr().out
     got = checkpoint.consolidate(out, optimizer=False)[0]
-    a = checkpoint.load_file(os.path.join(save_dir, "step_4"), "shard_tp0_pp0.pt")["model"]
-    b = checkpoint.load_file(os.path.join(save_dir, "step_6"), "shard_tp0_pp0.pt")["model"]
+    a = checkpoint.load_shard(os.path.join(save_dir, "step_4"), "shard_tp0_pp0")["model"]
+    b = checkpoint.load_shard(os.path.join(save_dir, "step_6"), "shard_tp0_pp0")["model"]
     for k in a:
         assert torch.equal(got[k], ((a[k].double() + b[k].double()) / 2).float()), k
     assert checkpoint.read_meta(out)["step"] == 6

@@ -146,7 +146,8 @@ def _two_rank_body(rank, world, data_dir, root):
     if rank == 0:
         got, want = _records(b), _records(a)
         assert sorted(got) == list(range(1, 9)) and got == want, (got, want)
-        assert sorted(os.listdir(os.path.join(b, "step_8"))) == ["meta.json", "shard_tp0_pp0.pt", "shard_tp0_pp1.pt"]
+        assert sorted(os.listdir(os.path.join(b, "step_8"))) == sorted(
+            ["meta.json"] + checkpoint.shard_files("shard_tp0_pp0") + checkpoint.shard_files("shard_tp0_pp1"))
     # the pipeline checkpoint resumed by a tensor-parallel run: resharded on load, continues from step 4
     run(cfg(c, 6, tp=2), resume=os.path.join(b, "step_4"))
     if rank == 0:
@@ -213,16 +214,16 @@ def test_checkpoint_errors_never_touch_existing_checkpoints(uninterrupted, tmp_p
     assert _digest(save_dir) == before
     # a corrupt (truncated) shard: one line naming the file, for train and generate alike
     step_dir = checkpoint.resolve(save_dir)
-    shard = os.path.join(step_dir, "shard_tp0_pp0.pt")
+    shard = os.path.join(step_dir, "shard_tp0_pp0.safetensors")
     blob = open(shard, "rb").read()
-    open(shard, "wb").write(blob[:-100])
-    _fails(capsys, ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--resume"], "shard_tp0_pp0.pt is corrupt")
+    open(shard, "wb").write(blob[: len(blob) // 8])
+    _fails(capsys, ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--resume"], "shard_tp0_pp0.safetensors is")
     from megabranch.generate import main as generate_main
 
     with pytest.raises(SystemExit) as e:
         generate_main(["--checkpoint", save_dir, "--split", "valid"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "shard_tp0_pp0.pt is corrupt" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and "shard_tp0_pp0.safetensors is" in err
 
 
 @pytest.mark.unit

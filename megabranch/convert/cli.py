@@ -58,7 +58,7 @@ def _load_source(args) -> tuple[Config, dict, dict, dict | None]:
         meta = checkpoint.read_meta(step_dir)
         model, opt = checkpoint.consolidate(step_dir, meta, optimizer=not args.no_optimizer)
         cfg = Config.from_dict(meta["config"], where=step_dir)
-        data = checkpoint.load_file(step_dir, checkpoint.shard_name(0, 0), meta)["rank"].get("data")
+        data = checkpoint.StepReader(step_dir, meta).shard(0, 0).get("rank", "data")
         meta = dict(meta, _data=data)
         print(f"read {step_dir}: step {meta['step']}, layout tp {meta['layout']['tp']} pp {meta['layout']['pp']} "
               f"vpp {meta['layout']['vpp']}, {len(model)} tensors{', optimizer state' if opt else ''}")
