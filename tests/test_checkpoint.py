@@ -123,6 +123,45 @@ def test_layout_round_trip_identical_outputs_and_training(tmp_path):
     run_workers(_round_trip_body, 4, str(tmp_path))
 
 
+# --- slice reads: what a rank reads ------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_a_rank_reads_only_its_own_slices(tmp_path, monkeypatch):
+    """Every rank of a new layout (meta-device parameters: what that rank would hold) gets exactly the slices of
+    the full tensors and Adam moments that cut() gives, and reads no more data than it owns, give or take one
+    block per tensor. Reading every shard (the full merge) would be several times over the bound."""
+    from megabranch.checkpoint import shard_format
+    from megabranch.config import Config
+    from megabranch.convert import rank_params, write_layout
+
+    monkeypatch.setattr(shard_format, "BLOCK_BYTES", 128)  # one row per block at d=32: a tiny model shows it
+    src = os.path.join(tiny_single(tmp_path, steps=(2,)), "step_2")
+    full, opt = checkpoint.consolidate(src)  # the reference: whole tensors
+    meta = checkpoint.read_meta(src)
+    d22 = write_layout(str(tmp_path / "tp2pp2"), Config.from_dict(meta["config"]), meta, full, opt, 2, 2, 1, "E0-1|D0-1")
+    cfg = ckpt_cfg()
+    for source, (tp, pp, layout) in [(src, (2, 2, "E0-1|D0-1")), (d22, (1, 4, "E0|E1|D0|D1")), (d22, (4, 1, ""))]:
+        lay, ranks, _ = rank_params(cfg, VOCAB, VOCAB, tp, pp, 1, layout)
+        meta = checkpoint.read_meta(source)
+        everything = sum(os.path.getsize(os.path.join(source, f)) for f in meta["files"] if f.endswith(".safetensors"))
+        for (t, p), params in ranks.items():
+            position = dict(tp=tp, pp=pp, vpp=1, dp=1, layout=str(lay), zero=False, tp_rank=t, pp_rank=p, dp_rank=0)
+            reader = checkpoint.StepReader(source, meta)
+            state = checkpoint.load_for_rank(source, meta, position, params, reader)
+            assert state["resharded"] and state["step"] == 2
+            want, want_opt = checkpoint.cut(full, params), checkpoint.cut_optimizer(opt, params)
+            for n in params:
+                assert torch.equal(state["model"][n], want[n]), (tp, pp, t, p, n)
+                for k in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(state["optimizer"][k][n], want_opt[k][n]), (tp, pp, t, p, k, n)
+            own = sum(3 * 4 * q.numel() + 4 for q in params.values())  # fp32 parameter, two moments, Adam's step
+            bound = own + 3 * 128 * len(params)  # at most one partly used block per tensor read
+            data = reader.bytes_read - reader.metadata_bytes
+            assert data <= bound, (tp, pp, t, p, data, own)
+            assert everything > 2 * bound, (tp, pp, everything, bound)  # so the full merge would fail the bound
+
+
 # --- single-process: publication, pruning, refusal -----------------------------------------------------------
 
 

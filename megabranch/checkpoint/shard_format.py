@@ -9,8 +9,8 @@
 
 A tensor is stored with its tensor-parallel split dim (`lead`; parallelize.natural_split_dims, also at tp = 1)
 moved to the front, so the rows that any tensor-parallel rank of any tp size owns are one contiguous byte range.
-Every block of whole rows (about BLOCK_BYTES) carries its own sha256: a reader memory-maps the data file and
-copies only the blocks it needs, each checked first; the index itself is checked against meta.json.
+Every block of whole rows (about BLOCK_BYTES) carries its own sha256: a reader memory-maps only the blocks it
+needs, checks each and copies out the rows it owns; the index itself is checked against meta.json.
 """
 
 from __future__ import annotations
@@ -135,8 +135,9 @@ _WHOLE = object()
 
 
 class ShardFile:
-    """One format-3 shard: its index (checked against meta.json's sha256 of it) and its data file, memory-mapped
-    on first use. `counter["bytes"]` grows by every byte read (index and data blocks)."""
+    """One format-3 shard: its index (checked against meta.json's sha256 of it) and its data file, opened on
+    first use. `counter["bytes"]` grows by every byte read (index and data blocks), counter["metadata"] by the
+index's."""
 
     def __init__(self, step_dir: str, base: str, meta: dict, counter: dict):
         self.path_index = os.path.join(step_dir, base + INDEX)
@@ -148,6 +149,7 @@ class ShardFile:
         with open(self.path_index, "rb") as fh:
             blob = fh.read()
         counter["bytes"] += len(blob)
+        counter["metadata"] = counter.get("metadata", 0) + len(blob)
         if hashlib.sha256(blob).hexdigest() != want:
             raise UserError(f"checkpoint shard {self.path_index} is corrupt: its sha256 differs from meta.json "
                             "(truncated or modified)")
@@ -155,19 +157,20 @@ class ShardFile:
         self.tree, self.entries = index["tree"], index["tensors"]
         self.path_data = os.path.join(step_dir, index["data"])
         self.counter = counter
-        self._mm = None
+        self._fh, self._size = None, 0
 
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
+    def _file(self):
+        if self._fh is None:
             if not os.path.isfile(self.path_data):
                 raise UserError(f"checkpoint shard missing: {self.path_data}")
-            with open(self.path_data, "rb") as fh:
-                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(fh.fileno()).st_size else b""
-        return self._mm
+            self._fh = open(self.path_data, "rb")  # noqa: SIM115 - kept open while the reader lives
+            self._size = os.fstat(self._fh.fileno()).st_size
+        return self._fh
 
     def rows(self, key: str, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
         """Rows [lo, hi) of the stored tensor `key` (stored layout: its lead dim first), a fresh copy; only the
-        blocks that hold them are read, each checked against its sha256."""
+        blocks that hold them are mapped and read, each checked against its sha256, and unmapped again (so the
+        pages read do not stay in this process's memory)."""
         e = self.entries[key]
         shape = list(e["shape"])
         lead = e["lead"]
@@ -177,21 +180,25 @@ class ShardFile:
         dtype = _TORCH[e["dtype"]]
         if hi <= lo or not e["blocks"]:
             return torch.empty([max(hi - lo, 0)] + stored[1:], dtype=dtype)
-        mm, row, per, base = self._map(), e["row_bytes"], e["block_rows"], e["bytes"][0]
-        if len(mm) < e["bytes"][1]:
+        fh, row, per, base = self._file(), e["row_bytes"], e["block_rows"], e["bytes"][0]
+        if self._size < e["bytes"][1]:
             raise UserError(f"checkpoint shard {self.path_data} is truncated: {key} ends at byte {e['bytes'][1]}")
         first, last = lo // per, (hi - 1) // per
         a, b = base + first * per * row, base + min((last + 1) * per, n) * row
-        chunk = memoryview(mm)[a:b]
-        for i in range(first, last + 1):
-            s, t = (i - first) * per * row, min((i + 1) * per, n) * row - first * per * row
-            if hashlib.sha256(chunk[s:t]).hexdigest() != e["blocks"][i]:
-                raise UserError(f"checkpoint shard {self.path_data} is corrupt: block {i} of {key} differs from "
-                                f"its sha256 in {os.path.basename(self.path_index)} (truncated or modified)")
+        at = a - a % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(fh.fileno(), b - at, offset=at, access=mmap.ACCESS_READ) as window:
+            with memoryview(window) as view:
+                chunk = view[a - at:]
+                bad = [i for i in range(first, last + 1) if hashlib.sha256(
+                    chunk[(i - first) * per * row: (min((i + 1) * per, n) - first * per) * row]).hexdigest() != e["blocks"][i]]
+                skip = (lo - first * per) * row
+                data = None if bad else bytearray(chunk[skip: skip + (hi - lo) * row])
+                chunk.release()
+        if bad:
+            raise UserError(f"checkpoint shard {self.path_data} is corrupt: block {bad[0]} of {key} differs from its "
+                            f"sha256 in {os.path.basename(self.path_index)} (truncated or modified)")
         self.counter["bytes"] += b - a
-        skip = (lo - first * per) * row
-        out = torch.frombuffer(bytearray(chunk[skip: skip + (hi - lo) * row]), dtype=dtype)
-        return out.reshape([hi - lo] + stored[1:])
+        return torch.frombuffer(data, dtype=dtype).reshape([hi - lo] + stored[1:])
 
     def tensor(self, key: str) -> torch.Tensor:
         """The whole tensor `key` in its logical layout."""

@@ -175,13 +175,20 @@ class StepReader:
 
     def __init__(self, step_dir: str, meta: dict):
         self.step_dir, self.meta, self.layout = step_dir, meta, meta["layout"]
-        self.counter = {"bytes": os.path.getsize(os.path.join(step_dir, META))}
+        size = os.path.getsize(os.path.join(step_dir, META))
+        self.counter = {"bytes": size, "metadata": size}
         self._shards: dict = {}
         self._holder: dict | None = None
 
     @property
     def bytes_read(self) -> int:
+        """Everything read so far: meta.json, indexes, data blocks (format 2: whole files)."""
         return self.counter["bytes"]
+
+    @property
+    def metadata_bytes(self) -> int:
+        """The part of bytes_read that is meta.json and shard indexes."""
+        return self.counter["metadata"]
 
     def shard(self, t: int, p: int, d: int = 0):
         key = (t, p, d)
