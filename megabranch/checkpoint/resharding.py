@@ -26,11 +26,12 @@ def split_info(params: dict) -> dict:
                 *[int(s) for s in full_shape(p)]] for n, p in params.items()}
 
 
-def consolidate(step_dir: str, meta: dict | None = None, optimizer: bool = True) -> tuple[dict, dict | None]:
+def consolidate(step_dir: str, meta: dict | None = None, optimizer: bool = True,
+                reader: StepReader | None = None) -> tuple[dict, dict | None]:
     """-> (full single-process parameters by name, full canonical optimizer state or None): the whole model in
     memory, for single-process consumers."""
     meta = meta if meta is not None else read_meta(step_dir)
-    reader = StepReader(step_dir, meta)
+    reader = reader or StepReader(step_dir, meta)
     names = reader.names()
     model = {n: reader.region("model", n, None) for n in names}
     if not (optimizer and reader.has_moments()):
