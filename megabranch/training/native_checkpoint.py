@@ -93,7 +93,8 @@ def save(engine, save_dir: str, data_state: dict, valid_loss: float, best: float
 
 
 def _check_model_matches(cfg: Config, saved: dict, path: str) -> None:
-    ours, theirs = cfg.to_dict()["model"], saved["model"]
+    # a key the checkpoint's config lacks was added later: it was trained with that key's default
+    ours, theirs = cfg.to_dict()["model"], {**Config().to_dict()["model"], **saved["model"]}
     for key in sorted(set(ours) | set(theirs)):
         if key in _RESUMABLE_CHANGES:
             continue
