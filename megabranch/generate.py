@@ -166,6 +166,15 @@ def per_direction_bleu(model, dataset, tokenizer, beam: int = 1, limit: int = 0,
     return scores, sum(scores.values()) / len(scores)
 
 
+def validation_bleu(model, dataset, tokenizer, beam: int, limit: int, device="cpu") -> dict:
+    """Training's validation BLEU: {"bleu": ...} for one pair; for a multilingual set also "bleu_<direction>" for
+    each direction, "bleu" being their average (the first `limit` sentences of every direction)."""
+    if not getattr(dataset, "directions", None):
+        return {"bleu": quick_bleu(model, dataset, tokenizer, beam, limit, device)}
+    scores, average = per_direction_bleu(model, dataset, tokenizer, beam, limit, device)
+    return {"bleu": round(average, 2), **{f"bleu_{name}": round(v, 2) for name, v in scores.items()}}
+
+
 def _report_directions(model, dataset, src_tok, tgt_tok, args) -> None:
     """megabranch-generate on a multilingual split: BLEU per direction and their average."""
     all_hyps, scores, sig = [], {}, ""

@@ -13,6 +13,7 @@ from megabranch.data.multilingual import MultilingualDataset, temperature_probs
 from megabranch.data import load_split
 from megabranch.data.preprocess import main as preprocess_main
 from megabranch.errors import UserError
+from megabranch.model import build_model_from
 
 pytestmark = pytest.mark.unit
 
@@ -220,9 +221,34 @@ def test_train_then_generate_reports_every_direction(corpus, tmp_path, capsys):
         f"data.data_dir={dest}", "data.max_tokens=200", "data.sampling_temperature=5", f"log.save_dir={save}",
         "model.encoder_layers=1", "model.decoder_layers=1", "model.d_model=16", "model.n_heads=2",
         "model.ffn_dim=32", "model.max_positions=64", "optim.max_updates=2", "optim.warmup_updates=1",
-        "log.valid_interval=2", "log.bleu_sentences=0", "log.tensorboard=false", "log.progress=none"])
-    run(cfg, device="cpu")
+        "log.valid_interval=2", "log.bleu_sentences=3", "log.tensorboard=false", "log.progress=none"])
+    import megabranch.train as train_module
+
+    temperatures = []
+    real_load = train_module.load_split
+
+    def spy(data_dir, split, *args):
+        temperatures.append((split, *args))
+        return real_load(data_dir, split, *args)
+
+    train_module.load_split = spy
+    try:
+        run(cfg, device="cpu")
+    finally:
+        train_module.load_split = real_load
+    assert ("train", 5.0) in temperatures  # the training split is drawn at data.sampling_temperature
     capsys.readouterr()
+    # validation BLEU during training: per direction and their average, as per_direction_bleu scores the model
+    from megabranch import checkpoint
+    from megabranch.generate import per_direction_bleu
+
+    valid = [json.loads(x) for x in (save / "log.jsonl").read_text().splitlines() if '"valid"' in x][-1]
+    ck = checkpoint.load_checkpoint(str(save))
+    model = build_model_from(cfg.model, ck["vocab_size"], ck["tgt_vocab_size"], ck["model"], ck["step"], "run").eval()
+    valid_set, tok, _ = load_split(dest, "valid")
+    want, avg = per_direction_bleu(model, valid_set, tok[1], 1, 3)
+    assert {k: valid[f"bleu_{k}"] for k in SIZES} == {k: round(v, 2) for k, v in want.items()}
+    assert valid["bleu"] == round(avg, 2)
     out_file = tmp_path / "hyps.txt"
     assert generate_main(["--checkpoint", str(save), "--split", "valid", "--beam", "1", "--output", str(out_file),
                           "--copy-baseline"]) == 0
