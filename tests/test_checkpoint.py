@@ -162,6 +162,54 @@ def test_a_rank_reads_only_its_own_slices(tmp_path, monkeypatch):
             assert everything > 2 * bound, (tp, pp, everything, bound)  # so the full merge would fail the bound
 
 
+@pytest.mark.unit
+def test_tensors_are_stored_with_the_dim_tensor_parallelism_splits_leading():
+    """natural_split_dims (what the writer stores leading, also at tp = 1) is the dim apply_tensor_parallel
+    really splits each parameter along."""
+    from megabranch.convert import rank_params
+
+    cfg = ckpt_cfg()
+    _, tp1, leads = rank_params(cfg, VOCAB, VOCAB, 1, 1, 1)
+    _, tp2, _ = rank_params(cfg, VOCAB, VOCAB, 2, 1, 1)
+    split = {n: getattr(p, "tp_split_dim", None) for n, p in tp2[(0, 0)].items()}
+    assert set(split) == set(tp1[(0, 0)])
+    assert {n: d for n, d in split.items() if d is not None} == {n: leads[(0, 0)][n] for n, d in split.items()
+                                                                 if d is not None}
+    assert leads[(0, 0)]["encoder.layers.0.ffn.block.fc2.weight"] == 1  # row-parallel: input columns
+    assert sum(d is not None for d in split.values()) > len(split) // 3
+
+
+@pytest.mark.unit
+def test_a_zero_rank_reads_only_the_parameters_its_flat_slice_overlaps(tmp_path):
+    """A ZeRO-1 rank resuming from per-parameter Adam state reads the moments of only the parameters its flat
+    slice overlaps, and its optimizer takes exactly its flat slice of them."""
+    from megabranch.parallel.zero import ShardedAdamW
+
+    src = os.path.join(tiny_single(tmp_path, steps=(2,)), "step_2")
+    _, opt = checkpoint.consolidate(src)
+    tr = single_trainer(ckpt_cfg(), seed=9)
+    params = tr.named_params()
+    zero = ShardedAdamW(list(params.values()), lr=1.0)
+    position = dict(tr.position(), zero=True, dp=3, dp_rank=1)  # as if the middle of three replicas
+    state = checkpoint.load_for_rank(src, checkpoint.read_meta(src), position, params)
+    names = list(params)
+    flat = torch.cat([opt["exp_avg"][n].reshape(-1) for n in names])
+    numel = flat.numel()
+    lo, hi = -(-numel // 3), min(2 * -(-numel // 3), numel)
+    read = set(state["optimizer"]["exp_avg"])
+    offsets = [0]
+    for n in names:
+        offsets.append(offsets[-1] + params[n].numel())
+    assert read == {n for n, a, b in zip(names, offsets, offsets[1:]) if a < hi and b > lo} and len(read) < len(names)
+    for n in read:
+        assert torch.equal(state["optimizer"]["exp_avg_sq"][n], opt["exp_avg_sq"][n]), n
+    # one replica (its slice is everything): the optimizer holds exactly the flat moments
+    state = checkpoint.load_for_rank(src, checkpoint.read_meta(src), dict(tr.position(), zero=True), params)
+    assert checkpoint.load_optimizer(zero, names, state)
+    assert torch.equal(zero.exp_avg, flat) and zero.step_count == 2
+    assert torch.equal(zero.exp_avg_sq, torch.cat([opt["exp_avg_sq"][n].reshape(-1) for n in names]))
+
+
 # --- single-process: publication, pruning, refusal -----------------------------------------------------------
 
 
