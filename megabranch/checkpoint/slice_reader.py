@@ -200,10 +200,10 @@ class StepReader:
     def holder(self, name: str) -> int:
         """The first pipeline position whose shards hold parameter `name` (a tied table may be on several)."""
         if self._holder is None:
-            holds = self.meta.get("holds")
+            holds = self.meta.get("holds") or {}  # format 3: meta.json says; format 2: the shards do
             self._holder = {}
             for p in reversed(range(self.layout["pp"])):  # reversed: the first position wins
-                names = holds[shard_name(0, p)] if holds else self.shard(0, p).names()
+                names = holds.get(shard_name(0, p)) or self.shard(0, p).names()
                 self._holder.update({n: p for n in names})
         if name not in self._holder:
             raise UserError(f"checkpoint {self.step_dir} has no parameter {name}; it was written for another model")
