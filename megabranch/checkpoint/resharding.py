@@ -9,10 +9,6 @@ decoding), which assembles every tensor whole.
 
 from __future__ import annotations
 
-import math
-
-import torch
-
 from ..errors import UserError
 from ..parallel.parallelize import full_shape, shard_of
 from ..parallel.zero import flat_range
@@ -98,7 +94,8 @@ def _sliced_optimizer(reader: StepReader, position: dict, params: dict) -> dict 
         moments = {k: reader.region(k, name, want_of(p), full_shape(p)) for k in MOMENTS}
         if all(v is not None for v in moments.values()):
             out["step"][name] = reader.moment_step(name)
-            out.update({k: dict(out[k], **{name: v}) for k, v in moments.items()})
+            for k, v in moments.items():
+                out[k][name] = v
     return out
 
 
