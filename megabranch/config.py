@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,10 @@ class ModelConfig:
     share_all_embeddings: bool = True  # one table for source, target and output (joint vocabulary)
     share_decoder_input_output_embed: bool = True
     max_positions: int = 1024
+    # embeddings, as the model was trained (imported torchscale / fairseq models set them; defaults: megabranch's)
+    embed_scale: float | None = None  # token embeddings times this; None: sqrt(d_model) (fairseq's default)
+    positions: str = "sinusoidal"  # sinusoidal (fixed, fairseq's table) | learned (a trained table)
+    position_offset: int = 0  # the first token's position index (fairseq and torchscale count from pad + 1 = 2)
     ln_eps: float = 1e-5
     # BranchNorm: alpha_t = schedule(t / T), clipped to 1.
     alpha_schedule: str = "linear"  # linear | exp | sigmoid
@@ -80,6 +85,9 @@ class DataConfig:
     max_tokens: int = 4096
     max_sentences: int = 0  # 0: unlimited
     shuffle: bool = True
+    # multilingual data: direction i is drawn with probability ~ n_i^(1/T); 1 = in proportion to the data
+    # (every pair once an epoch), 5 = OPUS-100 / mBART. A single-pair directory ignores it.
+    sampling_temperature: float = 1.0
 
 
 @dataclass
@@ -90,6 +98,7 @@ class LogConfig:
     bleu_sentences: int = 100  # validation subset decoded for BLEU at each validation; 0: off
     bleu_beam: int = 1
     keep_last: int = 2
+    async_save: bool = True  # native engines: snapshot to host memory, write and publish in the background
     tensorboard: bool = True
     progress: str = "auto"  # auto (bar on a terminal) | bar | none
 
@@ -123,6 +132,9 @@ class Config:
         _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
         _check(m.ffn_dim >= 1, "model.ffn_dim", m.ffn_dim, "an integer >= 1")
         _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")
+        _check(m.positions in ("sinusoidal", "learned"), "model.positions", m.positions, "sinusoidal or learned")
+        _check(m.position_offset >= 0, "model.position_offset", m.position_offset, ">= 0")
+        _check(m.embed_scale is None or m.embed_scale > 0, "model.embed_scale", m.embed_scale, "> 0 (or unset: sqrt(d_model))")
         _check(m.alpha_warmup_steps >= 0, "model.alpha_warmup_steps", m.alpha_warmup_steps, ">= 0")
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             v = getattr(m, name)
@@ -133,6 +145,8 @@ class Config:
         _check(o.update_freq >= 1, "optim.update_freq", o.update_freq, ">= 1")
         _check(o.precision in ("fp32", "bf16", "fp16"), "optim.precision", o.precision, "fp32, bf16 or fp16")
         _check(self.data.max_tokens >= 1, "data.max_tokens", self.data.max_tokens, ">= 1")
+        t = self.data.sampling_temperature
+        _check(math.isfinite(t) and t > 0, "data.sampling_temperature", t, "a number > 0 (1: in proportion to the data)")
         _check(self.log.progress in ("auto", "bar", "none"), "log.progress", self.log.progress, "auto, bar or none")
         p = self.parallel
         for name in ("tp", "pp", "vpp"):

@@ -4,7 +4,7 @@
 
 Data order (token batches, sharded over the data-parallel replicas, resumable), logging (log.jsonl, TensorBoard,
 progress), validation every log.valid_interval steps with the sacreBLEU of a greedy/beam decode where the engine
-has a whole model, a checkpoint after each validation, and stopping at optim.max_updates (or when `on_step` says
+has a whole model (per direction and averaged for a multilingual set), a checkpoint after each validation, and stopping at optim.max_updates (or when `on_step` says
 so). Nothing here knows how an engine steps or saves.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..data import EpochBatchIterator
-from ..generate import quick_bleu
+from ..generate import validation_bleu
 from ..metrics import MetricsLogger, SilentLogger
 
 
@@ -97,14 +97,15 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
                 valid_stats = engine.valid_loss(valid_batches)
                 model = engine.bleu_model() if lg.bleu_sentences > 0 else None
                 if model is not None:
-                    valid_stats["bleu"] = quick_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
-                                                     lg.bleu_sentences, next(model.parameters()).device)
+                    valid_stats.update(validation_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
+                                                       lg.bleu_sentences, next(model.parameters()).device))
                 logger.log({"step": step, **valid_stats}, tag="valid")
                 is_best = valid_stats["loss"] < best
                 best = min(best, valid_stats["loss"])
                 if save:
                     engine.save(lg.save_dir, itr.state_dict(), valid_stats["loss"], best, is_best)
                 t0 = time.time()  # validation and saving are not training throughput
+        engine.finish_saves()  # a background save still in flight is published before the run returns
     finally:
         logger.close()
     return valid_stats

@@ -30,6 +30,9 @@ class Engine(Protocol):
     def valid_loss(self, batches: list[dict]) -> dict:
         """Collective. {loss, nll_loss} per target token over every rank's batches, at the alpha of the next step."""
 
+    def alpha(self) -> float:
+        """The BranchNorm alpha the model holds now (1.0 for the other schemes), for logs and checkpoints."""
+
     def bleu_model(self) -> nn.Module | None:
         """A whole single-process model to decode the validation BLEU with, or None where there is none."""
 
@@ -39,6 +42,9 @@ class Engine(Protocol):
 
     def save(self, save_dir: str, loop_state: dict, valid_loss: float, best: float, is_best: bool) -> None:
         """Collective. Write a checkpoint of step `self.step`; loop_state is this rank's data position."""
+
+    def finish_saves(self) -> None:
+        """Collective, at the end of a run: wait until every checkpoint this engine started is published."""
 
     def resume(self, where: str) -> dict:
         """Collective. Restore from a checkpoint (`where`: a path or "last") -> {"data": this rank's data position
