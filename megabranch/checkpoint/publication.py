@@ -3,8 +3,10 @@
 Publication: every rank writes into `step_<N>.tmp-<id>`; the ranks then exchange their files' sha256 (which
 is the barrier: rank 0 goes on only when every rank has finished writing), rank 0 writes meta.json, renames the
 directory to step_<N>, then rewrites `latest` (and `best`) atomically, last. A kill at any moment leaves
-`latest` pointing at a complete step directory; stale `.tmp-*` directories are removed by the next save.
-keep-last-K cleanup never removes what `latest` or `best` point to.
+`latest` pointing at a complete step directory; stale `.tmp-*` directories are removed by the next save (never
+one whose writer is alive). keep-last-K cleanup never removes what `latest` or `best` point to. A full disk
+(space.py) is one UserError on every rank, with the step's temporary directory removed and the previous
+checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from .. import __version__
+from ..errors import UserError
+from . import space
 from .reading import FORMAT_VERSION, META, read_pointer, sha256_file, step_dirs
 
 
@@ -121,7 +125,8 @@ def save_step(save_dir: str, step: int, files: dict, meta: dict, is_best: bool =
         os.makedirs(save_dir, exist_ok=True)
         pointed = {read_pointer(save_dir, "latest"), read_pointer(save_dir, "best")}
         for stale in glob.glob(os.path.join(save_dir, "step_*.tmp-*")) + glob.glob(os.path.join(save_dir, "step_*.old-*")):
-            if os.path.basename(stale) not in pointed:  # a killed save's leftovers (never what a pointer names)
+            # a killed save's leftovers (never what a pointer names, never a live writer's)
+            if os.path.basename(stale) not in pointed and not _writer_alive(stale):
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = f"{final}.tmp-{os.getpid()}"
         os.makedirs(tmp)
@@ -131,25 +136,78 @@ def save_step(save_dir: str, step: int, files: dict, meta: dict, is_best: bool =
     if world > 1:
         dist.broadcast_object_list(names, src=0)
     tmp = names[0]
-    mine = {name: _save_file(obj, os.path.join(tmp, name)) for name, obj in files.items()}
+    mine = _write_own_files(tmp, files)
     gathered = [None] * world
     if world > 1:
         dist.all_gather_object(gathered, mine)  # the barrier: nobody gets here before every rank has written
     else:
         gathered = [mine]
+    failed = [err for _, err in gathered if err]
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(failed[0])
+    outcome = [None]
     if rank == 0:
         shas = {}
-        for part in gathered:
+        for part, _ in gathered:
             shas.update(part)
-        _publish(tmp, final, dict(meta, step=step, files=shas))
+        outcome = [_publish_on_rank_0(save_dir, tmp, final, dict(meta, step=step, files=shas), is_best, keep_last)]
+    if world > 1:
+        dist.broadcast_object_list(outcome, src=0)  # the closing barrier, carrying rank 0's outcome
+    if outcome[0]:
+        raise UserError(outcome[0])
+    return final
+
+
+def _write_own_files(tmp: str, files: dict) -> tuple[dict, str | None]:
+    """This rank's files into the step's temporary directory -> ({name: sha256}, None), or ({}, the one-line
+    error) when the disk is (or would be) full."""
+    need = space.payload_bytes(files)
+    short = space.shortfall(tmp, need)
+    if short:
+        return {}, short
+    try:
+        return {name: _save_file(obj, os.path.join(tmp, name)) for name, obj in files.items()}, None
+    except (OSError, RuntimeError) as e:
+        if not space.is_disk_full(e):
+            raise
+        return {}, space.disk_full_message(tmp, need)
+
+
+def _publish_on_rank_0(save_dir: str, tmp: str, final: str, meta: dict, is_best: bool, keep_last: int) -> str | None:
+    """meta.json, the rename, the pointers, pruning -> None, or the one-line error of a full disk."""
+    try:
+        _publish(tmp, final, meta)
         _set_pointer(save_dir, "latest", os.path.basename(final))
         if is_best:
             _set_pointer(save_dir, "best", os.path.basename(final))
-        if keep_last > 0:
-            prune(save_dir, keep_last)
-    if world > 1:
-        dist.barrier()
-    return final
+    except (OSError, RuntimeError) as e:
+        if not space.is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return space.disk_full_message(save_dir, None)
+    if keep_last > 0:
+        prune(save_dir, keep_last)
+    return None
+
+
+def _writer_alive(path: str) -> bool:
+    """Whether the process named by a `.tmp-<pid>` / `.old-<pid>` suffix is alive on this host (and not this
+    one): its directory may still be being written. A reused pid only keeps a leftover a little longer."""
+    try:
+        pid = int(path.rsplit("-", 1)[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _set_pointer(save_dir: str, name: str, target: str) -> None:
