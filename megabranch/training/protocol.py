@@ -30,6 +30,9 @@ class Engine(Protocol):
     def valid_loss(self, batches: list[dict]) -> dict:
         """Collective. {loss, nll_loss} per target token over every rank's batches, at the alpha of the next step."""
 
+    def max_over_ranks(self, value: int) -> int:
+        """Collective. The largest value any rank of the job passed (the loop's decision to stop early)."""
+
     def bleu_model(self) -> nn.Module | None:
         """A whole single-process model to decode the validation BLEU with, or None where there is none."""
 
