@@ -38,6 +38,10 @@ class ModelConfig:
     share_all_embeddings: bool = True  # one table for source, target and output (joint vocabulary)
     share_decoder_input_output_embed: bool = True
     max_positions: int = 1024
+    # embeddings, as the model was trained (imported torchscale / fairseq models set them; defaults: megabranch's)
+    embed_scale: float | None = None  # token embeddings times this; None: sqrt(d_model) (fairseq's default)
+    positions: str = "sinusoidal"  # sinusoidal (fixed, fairseq's table) | learned (a trained table)
+    position_offset: int = 0  # the first token's position index (fairseq and torchscale count from pad + 1 = 2)
     ln_eps: float = 1e-5
     # BranchNorm: alpha_t = schedule(t / T), clipped to 1.
     alpha_schedule: str = "linear"  # linear | exp | sigmoid
@@ -82,6 +86,9 @@ class DataConfig:
     max_tokens: int = 4096
     max_sentences: int = 0  # 0: unlimited
     shuffle: bool = True
+    # multilingual data: direction i is drawn with probability ~ n_i^(1/T); 1 = in proportion to the data
+    # (every pair once an epoch), 5 = OPUS-100 / mBART. A single-pair directory ignores it.
+    sampling_temperature: float = 1.0
 
 
 @dataclass
@@ -92,6 +99,7 @@ class LogConfig:
     bleu_sentences: int = 100  # validation subset decoded for BLEU at each validation; 0: off
     bleu_beam: int = 1
     keep_last: int = 2
+    async_save: bool = True  # native engines: snapshot to host memory, write and publish in the background
     tensorboard: bool = True
     progress: str = "auto"  # auto (bar on a terminal) | bar | none
 
@@ -128,6 +136,7 @@ class Config:
         _check(m.alpha_schedule in SCHEDULES, "model.alpha_schedule", m.alpha_schedule, f"one of {', '.join(SCHEDULES)}")
         _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
         _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")
+        _check(m.positions in ("sinusoidal", "learned"), "model.positions", m.positions, "sinusoidal or learned")
         o = self.optim
         _check(o.precision in ("fp32", "bf16", "fp16"), "optim.precision", o.precision, "fp32, bf16 or fp16")
         _check(self.log.progress in ("auto", "bar", "none"), "log.progress", self.log.progress, "auto, bar or none")
@@ -172,8 +181,10 @@ class Range:
         return f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
 
     def check(self, key: str, value: Any) -> None:
+        if value is None:  # an optional field left unset
+            return
         for v in value if isinstance(value, tuple) else (value,):
-            if not self.ok(float(v)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not self.ok(float(v)):
                 raise InvalidValue(key, f"{key}={value!r} is invalid: must be {self.describe()}"
                                         + (" (each)" if isinstance(value, tuple) else ""))
 
@@ -190,27 +201,30 @@ RANGES: dict[str, Range] = {
     "model.encoder_layers": _int(1), "model.decoder_layers": _int(1), "model.d_model": _int(1),
     "model.n_heads": _int(1), "model.ffn_dim": _int(1), "model.dropout": _FRACTION,
     "model.attention_dropout": _FRACTION, "model.activation_dropout": _FRACTION, "model.max_positions": _int(1),
-    "model.ln_eps": _POSITIVE, "model.alpha_warmup_steps": _int(0),
+    "model.ln_eps": _POSITIVE, "model.alpha_warmup_steps": _int(0), "model.embed_scale": _POSITIVE,
+    "model.position_offset": _int(0),
     "parallel.tp": _int(1), "parallel.pp": _int(1), "parallel.vpp": _int(1), "parallel.recompute": _int(0),
     "parallel.bucket_mb": _POSITIVE, "parallel.timeout_s": _POSITIVE,
     "optim.lr": _POSITIVE, "optim.betas": _FRACTION, "optim.adam_eps": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE,
     "optim.warmup_updates": _int(0), "optim.warmup_init_lr": _NON_NEGATIVE, "optim.clip_norm": _NON_NEGATIVE,
     "optim.label_smoothing": _FRACTION, "optim.max_updates": _int(1), "optim.update_freq": _int(1),
-    "data.max_tokens": _int(1), "data.max_sentences": _int(0),
+    "data.max_tokens": _int(1), "data.max_sentences": _int(0), "data.sampling_temperature": _POSITIVE,
     "log.log_interval": _int(1), "log.valid_interval": _int(1), "log.bleu_sentences": _int(0),
     "log.bleu_beam": _int(1), "log.keep_last": _int(0),
 }
 
 
 def numeric_fields(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of every int, float or tuple-of-numbers field of a config, nested sections included
-    (bools are not numbers here)."""
+    """(dotted key, value) of every int, float or tuple-of-numbers field of a config, nested sections included,
+    optional ones (`float | None`) too, with their value None when unset (bools are not numbers here)."""
     out = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             out += numeric_fields(value, f"{prefix}{f.name}.")
         elif isinstance(value, (int, float, tuple)) and not isinstance(value, bool):
+            out.append((f"{prefix}{f.name}", value))
+        elif value is None and any(t in str(f.type) for t in ("int", "float")) and "bool" not in str(f.type):
             out.append((f"{prefix}{f.name}", value))
     return out
 

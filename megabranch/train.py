@@ -94,7 +94,7 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None, backe
         join_process_group(cfg, backend)
         with checkpoint.one_writer(cfg.log.save_dir):
             resume = _resume_choice(resume, engine_cls.has_checkpoints(cfg.log.save_dir), cfg.log.save_dir)
-            train_set, tok, meta = load_split(cfg.data.data_dir, "train")
+            train_set, tok, meta = load_split(cfg.data.data_dir, "train", cfg.data.sampling_temperature)
             valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
             src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
             engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device,

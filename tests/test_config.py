@@ -74,7 +74,7 @@ def test_every_numeric_field_rejects_non_finite_and_out_of_range_values(tmp_path
                                        f"field: {set(RANGES) - set(fields)}"
     for key, default in fields.items():
         rng = RANGES[key]
-        for v in default if isinstance(default, tuple) else (default,):
+        for v in default if isinstance(default, tuple) else (() if default is None else (default,)):
             assert rng.ok(float(v)), f"{key}: the default {default} is outside its own range"
         for bad in _bad_values(rng):
             value = f"[{bad}, {default[1]}]" if isinstance(default, tuple) else repr(bad)

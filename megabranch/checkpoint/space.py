@@ -37,12 +37,18 @@ def free_bytes(path: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+# how writers that do not raise OSError say it (safetensors: "I/O error: No space left on device (os error 28)")
+_DISK_FULL_TEXT = tuple(os.strerror(n) for n in DISK_FULL) + tuple(f"os error {n})" for n in DISK_FULL)
+
+
 def is_disk_full(e: BaseException | None) -> bool:
     """Whether `e`, or what it was raised while handling (torch.save's zip writer raises its own RuntimeError on
     the way out of a failed write), is a full disk or an exceeded quota."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return True
+        if any(text in str(e) for text in _DISK_FULL_TEXT):
             return True
         seen.add(id(e))
         e = e.__cause__ or e.__context__

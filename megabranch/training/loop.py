@@ -4,7 +4,7 @@
 
 Data order (token batches, sharded over the data-parallel replicas, resumable), logging (log.jsonl, TensorBoard,
 progress), validation every log.valid_interval steps with the sacreBLEU of a greedy/beam decode where the engine
-has a whole model, a checkpoint after each validation, and stopping at optim.max_updates (or when `on_step` says
+has a whole model (per direction and averaged for a multilingual set), a checkpoint after each validation, and stopping at optim.max_updates (or when `on_step` says
 so). Nothing here knows how an engine steps or saves.
 
 Ending early (training/stopping.py): after every step the ranks agree whether any of them got SIGTERM / SIGUSR1
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..config import Config
 from ..data import EpochBatchIterator
 from ..errors import EXIT_REQUEUE, RunEnded
-from ..generate import quick_bleu
+from ..generate import validation_bleu
 from ..metrics import MetricsLogger, SilentLogger
 from ..parallel.failures import comm_failure_ended, is_comm_failure
 from .stopping import StopRequest
@@ -117,8 +117,8 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
                 valid_stats = engine.valid_loss(valid_batches)
                 model = engine.bleu_model() if lg.bleu_sentences > 0 else None
                 if model is not None:
-                    valid_stats["bleu"] = quick_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
-                                                     lg.bleu_sentences, next(model.parameters()).device)
+                    valid_stats.update(validation_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
+                                                       lg.bleu_sentences, next(model.parameters()).device))
                 logger.log({"step": step, **valid_stats}, tag="valid")
                 is_best = valid_stats["loss"] < best
                 best = min(best, valid_stats["loss"])
@@ -132,10 +132,13 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
             if code:
                 if interval["loss"]:  # the steps since the last record
                     logger.log(_interval_record(step, itr.epoch, interval, stats, time.time() - t0))
+                phase = f"saving step {step}"
                 if save and not saved:
-                    phase = f"saving step {step}"
                     engine.save(lg.save_dir, itr.state_dict(), None, best, False)
+                engine.finish_saves()  # every checkpoint published before the run ends
                 raise _stopped(engine, cfg, step, stop.reason(code), save, logger)
+        phase = "the last save"
+        engine.finish_saves()  # a background save still in flight is published before the run returns
     except Exception as e:
         if is_comm_failure(e):
             raise comm_failure_ended(e, phase, cfg.parallel.timeout_s) from None

@@ -30,6 +30,9 @@ class Engine(Protocol):
     def valid_loss(self, batches: list[dict]) -> dict:
         """Collective. {loss, nll_loss} per target token over every rank's batches, at the alpha of the next step."""
 
+    def alpha(self) -> float:
+        """The BranchNorm alpha the model holds now (1.0 for the other schemes), for logs and checkpoints."""
+
     def max_over_ranks(self, value: int) -> int:
         """Collective. The largest value any rank of the job passed (the loop's decision to stop early)."""
 
@@ -42,6 +45,9 @@ class Engine(Protocol):
 
     def save(self, save_dir: str, loop_state: dict, valid_loss: float, best: float, is_best: bool) -> None:
         """Collective. Write a checkpoint of step `self.step`; loop_state is this rank's data position."""
+
+    def finish_saves(self) -> None:
+        """Collective, at the end of a run: wait until every checkpoint this engine started is published."""
 
     def resume(self, where: str) -> dict:
         """Collective. Restore from a checkpoint (`where`: a path or "last") -> {"data": this rank's data position
