@@ -4,6 +4,10 @@
 #   PYTHON           interpreter for `python -m ...` (default: the repo's .venv/bin/python, else python3)
 #   MEGABRANCH_TRAIN the training command (default: megabranch-train when installed, else $PYTHON -m megabranch.train)
 #   DRY_RUN=1        print the resolved layout and the command that would run, then exit 0
+#   MAX_RESTARTS     torchrun --max-restarts: restart every worker this many times after one fails (default 0);
+#                    the restarted run continues from the latest checkpoint (--resume auto)
+#   SHUTDOWN_TIMEOUT seconds torchrun gives the workers, after forwarding SIGTERM / SIGUSR1, to finish their step and
+#                    save before it kills them (default 300)
 
 _MB_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -z "${PYTHON:-}" ]; then
@@ -42,6 +46,28 @@ mb_check_layout() {
   fi
   printf '%s\n' "$out"
 }
+
+# mb_auto_resume ARGS...: MB_ARGS=(ARGS... --resume auto), unless ARGS already say --resume: a restarted or requeued
+# run continues from the save directory's latest checkpoint, a first run starts fresh
+mb_auto_resume() {
+  MB_ARGS=("$@")
+  local a
+  for a in "$@"; do
+    case "$a" in --resume | --resume=*) return 0 ;; esac
+  done
+  MB_ARGS+=(--resume auto)
+}
+
+# torchrun's options for a run that survives preemption and failures: SIGUSR1 (SLURM's warning before the time
+# limit) is forwarded to the workers like SIGTERM, each worker gets SHUTDOWN_TIMEOUT seconds to finish its step and
+# save, and a failed worker restarts the job MAX_RESTARTS times
+case "${MAX_RESTARTS:-0}" in '' | *[!0-9]*) mb_die "MAX_RESTARTS='${MAX_RESTARTS}' must be an integer >= 0" ;; esac
+mb_need_int SHUTDOWN_TIMEOUT "${SHUTDOWN_TIMEOUT:-300}"
+MB_TORCHRUN_FAULT=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+  --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}" --max-restarts "${MAX_RESTARTS:-0}")
+# torchrun shares its rendezvous store with the workers by default, and a restarted worker then reads the
+# addresses of the previous attempt's peers and cannot connect (pytorch/pytorch#135712): give each attempt its own
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 
 # mb_run CMD...: runs it, or with DRY_RUN=1 prints it
 mb_run() {

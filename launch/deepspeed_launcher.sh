@@ -7,7 +7,9 @@
 #
 # Without HOSTFILE it runs on this machine with NUM_GPUS processes. The world size is the sum of the hostfile's
 # slots (or NUM_NODES x NUM_GPUS when set); the resolved layout is printed first and a layout that does not fit it
-# is refused before anything starts. DRY_RUN=1 stops after printing.
+# is refused before anything starts. DRY_RUN=1 stops after printing. The run continues from the save directory's
+# latest checkpoint when it has one (--resume auto). The deepspeed launcher passes SIGTERM (not SIGUSR1) on to the
+# workers, one after another, and kills each after 30 s.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 DS_CONFIG="${DS_CONFIG:-$(dirname "$0")/configs/ds_bf16.json}"
@@ -39,6 +41,7 @@ fi
 if [ "${DRY_RUN:-0}" != "1" ]; then
   command -v deepspeed >/dev/null 2>&1 || mb_die "the deepspeed launcher is not installed: pip install 'megabranch[deepspeed]'"
 fi
+mb_auto_resume "$@"
 # --module: the launcher runs `python -u -m megabranch.train --local_rank=N ...` (megabranch-train accepts it)
 mb_run deepspeed "${LAUNCH[@]}" --module megabranch.train \
-  --backend deepspeed --deepspeed_config "$DS_CONFIG" "$@"
+  --backend deepspeed --deepspeed_config "$DS_CONFIG" "${MB_ARGS[@]}"

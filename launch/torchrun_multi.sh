@@ -6,6 +6,8 @@
 #
 # The resolved layout for NNODES x GPUS_PER_NODE processes is printed first (megabranch-train --dry-run) and a
 # layout that does not fit them is refused on every node before anything starts. DRY_RUN=1 stops after printing.
+# The run continues from the save directory's latest checkpoint when it has one (--resume auto); SIGTERM and
+# SIGUSR1 reach every worker (each saves and stops); MAX_RESTARTS / SHUTDOWN_TIMEOUT: launch/common.sh.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 for v in MASTER_ADDR MASTER_PORT NNODES NODE_RANK; do
@@ -21,6 +23,7 @@ case "$NODE_RANK" in '' | *[!0-9]*) mb_die "NODE_RANK='$NODE_RANK' must be an in
 WORLD=$((NNODES * GPUS_PER_NODE))
 echo "# torchrun_multi: node $NODE_RANK of $NNODES x $GPUS_PER_NODE processes, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
 mb_check_layout "$WORLD" "$@"
+mb_auto_resume "$@"
 mb_run env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m megabranch.train "$@"
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${MB_TORCHRUN_FAULT[@]}" -m megabranch.train "${MB_ARGS[@]}"

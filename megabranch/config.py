@@ -1,7 +1,9 @@
 """Typed configuration: dataclasses for model / parallel / optim / data / logging.
 
 Configs load from YAML or JSON and take `--set section.key=value` overrides; unknown keys are user errors,
-so a typo never silently falls back to a default. `Config.to_dict()` is what checkpoints and logs record.
+so a typo never silently falls back to a default. Every numeric field has its valid range in RANGES (one entry
+per field; tests/test_config.py walks every field): a non-finite or out-of-range value is a one-line error naming
+the field and where it came from (the file or --set). `Config.to_dict()` is what checkpoints and logs record.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class ParallelConfig:
     zero: bool = False  # ZeRO-1: shard the Adam state over the data-parallel replicas
     bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
     overlap: bool = True  # launch each bucket's all-reduce as soon as its gradients are ready
+    timeout_s: float = 600.0  # bound on every wait for another rank (start-up, collectives, pipeline messages)
 
 
 @dataclass
@@ -119,48 +122,119 @@ class Config:
     def from_dict(cls, d: dict, where: str = "config") -> "Config":
         cfg = cls()
         _apply(cfg, d, where)
-        cfg.validate()
+        try:
+            cfg.validate()
+        except InvalidValue as e:
+            raise UserError(f"{where}: {e}") from None
         return cfg
 
     def validate(self) -> None:
-        m, o = self.model, self.optim
+        """Every numeric field within RANGES, then the choices and the relations between fields; InvalidValue
+        (a UserError naming the field) on the first one that is not."""
+        for key, value in numeric_fields(self):
+            RANGES[key].check(key, value)
+        m = self.model
         _check(m.residual in RESIDUALS, "model.residual", m.residual, f"one of {', '.join(RESIDUALS)}")
         _check(m.alpha_schedule in SCHEDULES, "model.alpha_schedule", m.alpha_schedule, f"one of {', '.join(SCHEDULES)}")
-        for name in ("encoder_layers", "decoder_layers"):
-            _check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "an integer >= 1")
-        _check(m.d_model >= 1 and m.n_heads >= 1, "model.d_model", m.d_model, "positive")
         _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
-        _check(m.ffn_dim >= 1, "model.ffn_dim", m.ffn_dim, "an integer >= 1")
         _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")
         _check(m.positions in ("sinusoidal", "learned"), "model.positions", m.positions, "sinusoidal or learned")
-        _check(m.position_offset >= 0, "model.position_offset", m.position_offset, ">= 0")
-        _check(m.embed_scale is None or m.embed_scale > 0, "model.embed_scale", m.embed_scale, "> 0 (or unset: sqrt(d_model))")
-        _check(m.alpha_warmup_steps >= 0, "model.alpha_warmup_steps", m.alpha_warmup_steps, ">= 0")
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
-            v = getattr(m, name)
-            _check(0.0 <= v < 1.0, f"model.{name}", v, "in [0, 1)")
-        _check(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", o.label_smoothing, "in [0, 1)")
-        _check(o.lr > 0, "optim.lr", o.lr, "> 0")
-        _check(o.max_updates >= 1, "optim.max_updates", o.max_updates, ">= 1")
-        _check(o.update_freq >= 1, "optim.update_freq", o.update_freq, ">= 1")
+        o = self.optim
         _check(o.precision in ("fp32", "bf16", "fp16"), "optim.precision", o.precision, "fp32, bf16 or fp16")
-        _check(self.data.max_tokens >= 1, "data.max_tokens", self.data.max_tokens, ">= 1")
-        t = self.data.sampling_temperature
-        _check(math.isfinite(t) and t > 0, "data.sampling_temperature", t, "a number > 0 (1: in proportion to the data)")
         _check(self.log.progress in ("auto", "bar", "none"), "log.progress", self.log.progress, "auto, bar or none")
         p = self.parallel
-        for name in ("tp", "pp", "vpp"):
-            _check(getattr(p, name) >= 1, f"parallel.{name}", getattr(p, name), ">= 1")
         _check(p.schedule in PIPELINE_SCHEDULES + ("auto",), "parallel.schedule", p.schedule,
                ", ".join(PIPELINE_SCHEDULES + ("auto",)))
         _check(p.balance in ("time", "memory"), "parallel.balance", p.balance, "time or memory")
-        _check(p.recompute >= 0, "parallel.recompute", p.recompute, ">= 0")
-        _check(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "> 0")
+
+
+class InvalidValue(UserError):
+    """A config field's value is out of its range; `key` names the field (so the caller can say where the value
+    came from)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take: finite, and within [lo, hi] (an end None: unbounded; open ends
+    excluded). integer: whole numbers only (the field is an int)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+
+    def ok(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.lo is not None and self.hi is not None:
+            return f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
+
+    def check(self, key: str, value: Any) -> None:
+        if value is None:  # an optional field left unset
+            return
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not self.ok(float(v)):
+                raise InvalidValue(key, f"{key}={value!r} is invalid: must be {self.describe()}"
+                                        + (" (each)" if isinstance(value, tuple) else ""))
+
+
+def _int(lo: int) -> Range:
+    return Range(lo=lo, integer=True)
+
+
+_POSITIVE, _NON_NEGATIVE, _FRACTION = Range(lo=0, lo_open=True), Range(lo=0), Range(0, 1, hi_open=True)
+
+# the valid values of every numeric field (ints and floats; a tuple's entries each): config.validate checks them
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**63 - 1, integer=True),
+    "model.encoder_layers": _int(1), "model.decoder_layers": _int(1), "model.d_model": _int(1),
+    "model.n_heads": _int(1), "model.ffn_dim": _int(1), "model.dropout": _FRACTION,
+    "model.attention_dropout": _FRACTION, "model.activation_dropout": _FRACTION, "model.max_positions": _int(1),
+    "model.ln_eps": _POSITIVE, "model.alpha_warmup_steps": _int(0), "model.embed_scale": _POSITIVE,
+    "model.position_offset": _int(0),
+    "parallel.tp": _int(1), "parallel.pp": _int(1), "parallel.vpp": _int(1), "parallel.recompute": _int(0),
+    "parallel.bucket_mb": _POSITIVE, "parallel.timeout_s": _POSITIVE,
+    "optim.lr": _POSITIVE, "optim.betas": _FRACTION, "optim.adam_eps": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE,
+    "optim.warmup_updates": _int(0), "optim.warmup_init_lr": _NON_NEGATIVE, "optim.clip_norm": _NON_NEGATIVE,
+    "optim.label_smoothing": _FRACTION, "optim.max_updates": _int(1), "optim.update_freq": _int(1),
+    "data.max_tokens": _int(1), "data.max_sentences": _int(0), "data.sampling_temperature": _POSITIVE,
+    "log.log_interval": _int(1), "log.valid_interval": _int(1), "log.bleu_sentences": _int(0),
+    "log.bleu_beam": _int(1), "log.keep_last": _int(0),
+}
+
+
+def numeric_fields(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every int, float or tuple-of-numbers field of a config, nested sections included,
+    optional ones (`float | None`) too, with their value None when unset (bools are not numbers here)."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += numeric_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, (int, float, tuple)) and not isinstance(value, bool):
+            out.append((f"{prefix}{f.name}", value))
+        elif value is None and any(t in str(f.type) for t in ("int", "float")) and "bool" not in str(f.type):
+            out.append((f"{prefix}{f.name}", value))
+    return out
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
     if not ok:
-        raise UserError(f"{key}={value!r} is invalid: must be {valid}")
+        raise InvalidValue(key, f"{key}={value!r} is invalid: must be {valid}")
 
 
 def _apply(obj: Any, d: dict, where: str, prefix: str = "") -> None:
@@ -200,7 +274,7 @@ def _coerce(value: Any, current: Any, key: str, where: str) -> Any:
                 value = [float(v) for v in value.strip("()[]").split(",")]
             return tuple(float(v) for v in value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
         raise UserError(f"{where}: {key}={value!r} is not a valid {type(current).__name__}") from None
 
 
@@ -212,7 +286,8 @@ def _parse_scalar(text: str) -> Any:
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML/JSON (or defaults when path is None) and apply `a.b=c` overrides."""
+    """Load YAML/JSON (or defaults when path is None) and apply `a.b=c` overrides; an error names the file or
+    --set, whichever the bad value came from."""
     data: dict = {}
     if path:
         if not os.path.isfile(path):
@@ -226,15 +301,26 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
                 data = yaml.safe_load(text) or {}
         except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
             raise UserError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
+    cfg = Config()
+    _apply(cfg, data, path or "config")
+    set_keys = set()
     for item in overrides or []:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value, e.g. model.encoder_layers=12")
         key, value = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
+        key = key.strip()
+        node: dict = {}
+        top = node
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--set {key}: {part} is not a section")
         node[parts[-1]] = _parse_scalar(value)
-    return Config.from_dict(data, where=path or "--set")
+        _apply(cfg, top, "--set")
+        set_keys.add(key)
+    try:
+        cfg.validate()
+    except InvalidValue as e:
+        if e.key in set_keys:
+            raise UserError(f"--set {e}") from None
+        raise UserError(f"{path}: {e}" if path else str(e)) from None
+    return cfg

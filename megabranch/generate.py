@@ -7,6 +7,8 @@ recomputes the prefix. Hypotheses are scored fairseq-style: sum of log-probs / l
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 import sacrebleu
@@ -209,8 +211,7 @@ def main(argv=None):
     ap.add_argument("--output", help="write hypotheses here, one per line (multilingual: every direction in turn)")
     ap.add_argument("--copy-baseline", action="store_true", help="also score the source copied as the hypothesis")
     args = ap.parse_args(argv)
-    if args.beam < 1:
-        raise UserError(f"--beam={args.beam} is invalid: must be >= 1")
+    check_arguments(args)
 
     state = checkpoint.load_checkpoint(args.checkpoint, prefer="best")  # shards of any layout, consolidated
     cfg = Config.from_dict(state["config"], where=args.checkpoint)
@@ -238,6 +239,24 @@ def main(argv=None):
         copy, _ = bleu(srcs, refs)
         print(f"copy-the-source baseline BLEU = {copy.score:.2f}")
     return 0
+
+
+def check_arguments(args) -> None:
+    """megabranch-generate's arguments and its output path, before anything is loaded or decoded."""
+    for name, ok, valid in (("beam", args.beam >= 1, "an integer >= 1"),
+                            ("lenpen", math.isfinite(args.lenpen), "a finite number"),
+                            ("max-sentences", args.max_sentences >= 1, "an integer >= 1"),
+                            ("limit", args.limit >= 0, "an integer >= 0 (0: every sentence)")):
+        if not ok:
+            raise UserError(f"--{name} {getattr(args, name.replace('-', '_'))} is invalid: must be {valid}")
+    if args.output:
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if os.path.isdir(args.output):
+            raise UserError(f"--output {args.output} is a directory; give a file name")
+        if not os.path.isdir(parent):
+            raise UserError(f"--output {args.output}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"--output {args.output}: directory {parent} is not writable")
 
 
 def meta_vocab_hash(meta: dict) -> str:

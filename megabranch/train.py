@@ -7,17 +7,24 @@
 
 Every engine starts from the same weights for a config seed (model.init.draw_init_seed) and writes the same
 step-directory checkpoints (DeepSpeed: its own), which resume into any layout.
+
+Around the loop: the process group is joined with parallel.timeout_s, then log.save_dir is locked for the run's
+life (one writer; checkpoint/lock.py), then `--resume auto` picks the latest checkpoint when there is one. Exit
+codes: errors.py (0 done, 1 a peer failed, 2 bad input, 75 stopped after a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
 
 import torch
 import yaml
 
+from . import checkpoint
 from .backends.deepspeed import DeepSpeedTrainer, load_ds_config
 from .backends.deepspeed import init_distributed as init_deepspeed_distributed
 from .config import Config, load_config
@@ -27,29 +34,39 @@ from .errors import UserError, cli_main
 from .generate import meta_vocab_hash
 from .model import build_model, draw_init_seed
 from .parallel.engine import ParallelTrainer
+from .parallel.failures import comm_failure_ended, is_comm_failure
 from .parallel.grid import init_distributed
 from .parallel.planning import GiB, resolve
 from .training.loop import RunData, train
 from .training.single import Trainer
+from .training.stopping import StopRequest
 
 
 def _parallel_requested(cfg: Config) -> bool:
     return cfg.parallel.tp * cfg.parallel.pp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def join_process_group(cfg: Config, backend: str = "native") -> None:
+    """Join the job's process group (collective; nothing to do for one process), every wait bounded by
+    parallel.timeout_s."""
+    if backend == "deepspeed":
+        init_deepspeed_distributed(cfg.parallel.timeout_s)
+    elif _parallel_requested(cfg):
+        if "RANK" not in os.environ:  # tp * pp > 1 asked for without a launcher
+            raise UserError("parallel.tp * parallel.pp > 1 needs several processes: launch with torchrun --nproc_per_node N")
+        init_distributed(timeout_s=cfg.parallel.timeout_s)
+
+
 def build_engine(cfg: Config, vocab: int, tgt_vocab: int, vocab_sha256: str | None, device: str | None = None,
                  backend: str = "native", ds_config: dict | None = None):
     """The engine for `cfg` (joining the process group first where it needs one)."""
+    join_process_group(cfg, backend)
     if backend == "deepspeed":
-        init_deepspeed_distributed()
         return DeepSpeedTrainer(cfg, vocab, tgt_vocab, ds_config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # the init seed comes from cfg.seed alone, so every layout (tp, pp, dp) builds the same weights
     init_seed = draw_init_seed(cfg.seed)
     if _parallel_requested(cfg):
-        if "RANK" not in os.environ:  # tp * pp > 1 asked for without a launcher
-            raise UserError("parallel.tp * parallel.pp > 1 needs several processes: launch with torchrun --nproc_per_node N")
-        init_distributed()
         return ParallelTrainer(cfg, vocab, tgt_vocab, dev, init_seed=init_seed, vocab_sha256=vocab_sha256)
     model = build_model(cfg.model, vocab, tgt_vocab, seed=init_seed)
     return Trainer(cfg, model, dev, vocab_sha256=vocab_sha256)
@@ -72,22 +89,42 @@ def plan_schedule(cfg: Config, vocab: int, tgt_vocab: int, backend: str = "nativ
     return resolve(cfg, vocab, tgt_vocab, dp, gpu_memory_gb).cfg
 
 
+def _resume_choice(resume: str | None, has_checkpoints: bool, save_dir: str) -> str | None:
+    """--resume auto -> "last" when save_dir holds checkpoints, else a fresh start (None)."""
+    if resume == "auto":
+        return "last" if has_checkpoints else None
+    if resume is None and has_checkpoints:
+        raise UserError(f"{save_dir} already holds checkpoints; pass --resume (or --resume auto) to continue it or "
+                        "set log.save_dir elsewhere")
+    return resume
+
+
 def run(cfg: Config, resume: str | None = None, device: str | None = None, backend: str = "native",
-        ds_config: dict | None = None, gpu_memory_gb: float | None = None) -> dict:
+        ds_config: dict | None = None, gpu_memory_gb: float | None = None, exit_duration_mins: float | None = None,
+        started: float | None = None) -> dict:
     """Train according to `cfg`; returns the final validation stats. The programmatic entry point.
-    resume: None (a fresh run), "last" (log.save_dir's latest checkpoint) or a checkpoint path."""
+    resume: None (a fresh run), "auto" (log.save_dir's latest checkpoint when it has one, else a fresh run),
+    "last" (log.save_dir's latest) or a checkpoint path. exit_duration_mins: once that many minutes have passed
+    since `started` (default: now), save and stop. Stopping early (that, SIGTERM, SIGUSR1) raises RunEnded with
+    exit code 75, after the checkpoint; a stalled or dead peer RunEnded with exit code 1."""
+    stop = StopRequest(exit_duration_mins, started)
     engine_cls = DeepSpeedTrainer if backend == "deepspeed" else Trainer
-    if resume is None and engine_cls.has_checkpoints(cfg.log.save_dir):
-        raise UserError(f"{cfg.log.save_dir} already holds checkpoints; pass --resume to continue it or set "
-                        "log.save_dir elsewhere")
-    train_set, tok, meta = load_split(cfg.data.data_dir, "train", cfg.data.sampling_temperature)
-    valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
-    src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
-    cfg = plan_schedule(cfg, src_tok.vocab_size, tgt_tok.vocab_size, backend, device, gpu_memory_gb)
-    engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device, backend,
-                          ds_config)
-    loop_state = engine.resume(resume) if resume is not None else None
-    return train(engine, cfg, RunData(train_set, valid_set, tgt_tok), loop_state)
+    try:
+        join_process_group(cfg, backend)
+        with checkpoint.one_writer(cfg.log.save_dir):
+            resume = _resume_choice(resume, engine_cls.has_checkpoints(cfg.log.save_dir), cfg.log.save_dir)
+            train_set, tok, meta = load_split(cfg.data.data_dir, "train", cfg.data.sampling_temperature)
+            valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
+            src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
+            cfg = plan_schedule(cfg, src_tok.vocab_size, tgt_tok.vocab_size, backend, device, gpu_memory_gb)
+            engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device,
+                                  backend, ds_config)
+            loop_state = engine.resume(resume) if resume is not None else None
+            return train(engine, cfg, RunData(train_set, valid_set, tgt_tok), loop_state, stop=stop)
+    except Exception as e:
+        if is_comm_failure(e):  # (the loop names the step of its own failures)
+            raise comm_failure_ended(e, "start-up", cfg.parallel.timeout_s) from None
+        raise
 
 
 @cli_main
@@ -96,7 +133,12 @@ def main(argv=None):
     ap.add_argument("--config", help="YAML or JSON config (see configs/)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. model.encoder_layers=12")
     ap.add_argument("--resume", nargs="?", const="last",
-                    help="continue from <save_dir>/latest, or the given step_<N> directory (any parallel layout)")
+                    help="continue from <save_dir>/latest, or the given step_<N> directory (any parallel layout); "
+                         "'auto': from <save_dir>/latest when there is one, else start fresh (for restarts and "
+                         "requeues)")
+    ap.add_argument("--exit-duration-mins", type=float, metavar="MINUTES",
+                    help="save a checkpoint and stop (exit code 75) once this many minutes have passed since the "
+                         "start, before a scheduler's wall-clock limit")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     ap.add_argument("--backend", choices=("native", "deepspeed"), default="native",
@@ -111,6 +153,9 @@ def main(argv=None):
                          "that an explicit schedule is checked against")
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args(argv)
+    started = time.time()
+    if args.exit_duration_mins is not None and not (math.isfinite(args.exit_duration_mins) and args.exit_duration_mins > 0):
+        raise UserError(f"--exit-duration-mins {args.exit_duration_mins:g}: must be a finite number of minutes > 0")
     cfg = load_config(args.config, args.set)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -124,7 +169,7 @@ def main(argv=None):
         dry_run(cfg, args.world_size, args.backend, ds, args.vocab, gpu_memory_gb=args.gpu_memory_gb)
         return 0
     run(cfg, resume=args.resume, device=args.device, backend=args.backend, ds_config=ds,
-        gpu_memory_gb=args.gpu_memory_gb)
+        gpu_memory_gb=args.gpu_memory_gb, exit_duration_mins=args.exit_duration_mins, started=started)
     return 0
 
 

@@ -51,3 +51,40 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
         assert p.returncode == 2, p.stderr
         assert needle in p.stderr and "Traceback" not in p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+def _bad_values(rng) -> list:
+    """Values just outside `rng` (and the non-finite ones, which no field accepts)."""
+    bad = [float("inf"), float("-inf"), float("nan")]
+    step = 1 if rng.integer else 1e-3
+    if rng.lo is not None:
+        bad.append(rng.lo if rng.lo_open else rng.lo - step)
+    if rng.hi is not None:
+        bad.append(rng.hi if rng.hi_open else rng.hi + step)
+    return bad
+
+
+def test_every_numeric_field_rejects_non_finite_and_out_of_range_values(tmp_path):
+    """Walks every int / float / tuple field of the config: each has a range, its default is inside it, and every
+    value outside it (inf, -inf, nan, just below / above) is one line naming the field and --set."""
+    from megabranch.config import RANGES, Config, numeric_fields
+
+    fields = dict(numeric_fields(Config()))
+    assert set(fields) == set(RANGES), f"fields without a range: {set(fields) - set(RANGES)}; ranges without a " \
+                                       f"field: {set(RANGES) - set(fields)}"
+    for key, default in fields.items():
+        rng = RANGES[key]
+        for v in default if isinstance(default, tuple) else (() if default is None else (default,)):
+            assert rng.ok(float(v)), f"{key}: the default {default} is outside its own range"
+        for bad in _bad_values(rng):
+            value = f"[{bad}, {default[1]}]" if isinstance(default, tuple) else repr(bad)
+            value = value.replace("inf", ".inf").replace("nan", ".nan")  # YAML's spelling (what --set parses)
+            with pytest.raises(UserError) as e:
+                load_config(None, [f"{key}={value}"])
+            msg = str(e.value)
+            assert msg.startswith("--set") and key in msg and "\n" not in msg, (key, value, msg)
+    # the same from a file names the file
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: .nan\n")
+    with pytest.raises(UserError, match=f"^{path}: optim.lr=nan is invalid: must be a finite number > 0$"):
+        load_config(str(path))

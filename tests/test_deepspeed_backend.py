@@ -58,6 +58,8 @@ def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
     ds = _ds_trainer(cfg)
     # the same stage split as the native engine: E0-1 | D0-1 (embeddings and output ride along)
     assert ds.parts == [0, 3, 7], ds.parts
+    # the run loop's stop decision: a reason on one rank reaches every rank (the largest wins)
+    assert [ds.max_over_ranks(3 if rank == 1 else 0), ds.max_over_ranks(0)] == [3, 0]
     got = [ds.train_step(synthetic_batches(s, 2)) for s in range(STEPS)]
     assert ds.step == STEPS
     for s, (a, b, ref) in enumerate(zip(got, nat, ref_losses)):

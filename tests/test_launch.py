@@ -1,14 +1,17 @@
 """launch/: every script parses (bash -n), prints the resolved layout and the command it would run (DRY_RUN=1),
 and refuses a layout that does not fit its machines (one line, exit 2); every YAML config loads and passes
 `megabranch-train --dry-run` (with each DeepSpeed JSON config too); the dry run's numbers against the model itself;
-and the single-node torchrun script trains a tiny model for 2 steps on 2 CPU processes for real."""
+the SLURM script passes its USR1 warning on to the job step and requeues the job; and the single-node torchrun
+script trains a tiny model for 2 steps on 2 CPU processes for real."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -141,11 +144,16 @@ def test_scripts_print_the_layout_and_command(tmp_path):
               GPUS_PER_NODE=4, DRY_RUN=1)
     assert r.returncode == 0, r.stderr
     assert "world size 8" in r.stdout and "--nnodes 2 --node_rank 1 --nproc_per_node 4" in r.stdout
+    assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 300" in r.stdout
+    assert r.stdout.rstrip().endswith("--resume auto")
+    r = _bash("torchrun_single.sh", ["--config", cfg, "--resume", "runs/x/step_4"], GPUS=2, DRY_RUN=1)
+    assert r.stdout.rstrip().endswith("--resume runs/x/step_4")  # an explicit --resume is kept as it is
     r = _bash("deepspeed_launcher.sh", ["--config", cfg], HOSTFILE=os.path.join(LAUNCH, "hostfile.example"),
               DS_CONFIG=os.path.join(LAUNCH, "configs", "ds_bf16_zero1.json"), DRY_RUN=1)
     assert r.returncode == 0, r.stderr
     assert "world size 16 = tp 1 x pp 2 x dp 8" in r.stdout and "deepspeed layer parts" in r.stdout
     assert "--hostfile" in r.stdout and "--module megabranch.train --backend deepspeed" in r.stdout
+    assert r.stdout.rstrip().endswith(f"--config {cfg} --resume auto")  # a restart continues the run
     # SLURM: a fake allocation of 2 nodes x 4 GPUs (scontrol stubbed); srun is only printed
     stub = tmp_path / "bin"
     stub.mkdir()
@@ -156,6 +164,43 @@ def test_scripts_print_the_layout_and_command(tmp_path):
     r = _bash("slurm.sbatch", ["--config", cfg], DRY_RUN=1, **slurm)
     assert r.returncode == 0, r.stderr
     assert "world size 8" in r.stdout and "srun" in r.stdout and "gpu-node-7:20042" in r.stderr
+
+
+@pytest.mark.unit
+def test_slurm_script_passes_usr1_on_and_requeues_the_job(tmp_path):
+    """SLURM's warning before the time limit (--signal=B:USR1@300) reaches only the batch script: it must pass it
+    on to the job step (srun), wait for the step to end and requeue the job."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(tiny_pp2_yaml("/nonexistent"))
+    calls, stub = tmp_path / "calls", tmp_path / "bin"
+    stub.mkdir()
+    (stub / "scontrol").write_text(f'#!/bin/sh\nif [ "$1" = show ]; then echo node-1; else echo "scontrol $*" >> {calls}; fi\n')
+    # a job step that runs until it gets USR1, then saves and exits 75 as megabranch-train does
+    (stub / "srun").write_text(f'#!/bin/bash\ntrap \'echo "srun: USR1" >> {calls}; kill $S; exit 75\' USR1\n'
+                               f'sleep 120 & S=$!\necho "srun: started" >> {calls}\nwait $S\n')
+    for f in ("scontrol", "srun"):
+        (stub / f).chmod(0o755)
+    with open(os.path.join(LAUNCH, "slurm.sbatch")) as fh:
+        head = fh.read()
+    assert "#SBATCH --signal=B:USR1@300" in head and "#SBATCH --requeue" in head
+    env = subprocess_env(SLURM_JOB_NODELIST="node-1", SLURM_JOB_NUM_NODES=1, SLURM_GPUS_ON_NODE=2, SLURM_JOB_ID=42,
+                         SLURM_SUBMIT_DIR=ROOT, PATH=f"{stub}:{os.environ['PATH']}")
+    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--config", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (calls.exists() and "srun: started" in calls.read_text()):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no srun"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)  # what SLURM sends to the batch shell
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert code == 75, err
+    assert calls.read_text().splitlines() == ["srun: started", "srun: USR1", "scontrol requeue 42"]
+    assert "requeueing job 42" in err
 
 
 @pytest.mark.unit

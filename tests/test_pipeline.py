@@ -1,5 +1,6 @@
 """Pipeline parallelism: layout strings, the cost model and balanced split, the schedules, and a 2-process
-pipeline checked step by step against the single-process Trainer (plus the alpha-lag check)."""
+pipeline checked step by step against the single-process Trainer (plus the alpha-lag check, and stages that
+start a step with different local step counters: all must use rank 0's)."""
 
 from __future__ import annotations
 
@@ -280,6 +281,24 @@ def _two_stage_body(rank, world, refs, lag_refs):
     if hook is not None:
         hook.remove()
     assert tr.train_step(synthetic_batches(4, 3))["skipped"] == 0
+    _check_every_stage_uses_rank_0s_step(tr)
+
+
+def _check_every_stage_uses_rank_0s_step(tr):
+    """The ranks start the step with different local counters (rank 1 seven steps ahead): the step broadcast
+    from rank 0, before any micro-batch, must make every stage use rank 0's counter (its alpha in every forward
+    and backward, its learning rate) and leave them all one step further. Without the broadcast rank 1 would use
+    alpha and lr of its own counter."""
+    from megabranch.training.lr_schedule import inverse_sqrt_lr
+
+    tr.step_offset = 0
+    own = tr.step  # 5: alpha_5 = 0.5 (warmup 10); rank 1's counter 12 would give alpha 1
+    tr.step = own + 7 * tr.grid.pp_rank
+    tr.executor.audit = []
+    stats = tr.train_step(synthetic_batches(own, 3))
+    errors = alpha_audit_errors(tr, own)
+    assert not errors, errors[:2]
+    assert stats["lr"] == inverse_sqrt_lr(own, tr.cfg.optim) and tr.step == own + 1, (stats["lr"], tr.step)
 
 
 @pytest.mark.distributed

@@ -45,3 +45,32 @@ def test_plot_writes_a_png(tmp_path):
 def test_missing_log_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="log file not found"):
         plot_logs.read_log(str(tmp_path / "nope.jsonl"))
+
+
+def _strict(line: str) -> dict:
+    """json.loads that refuses NaN / Infinity, as every JSON reader but Python's does."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_log_is_strict_json_and_a_resumed_run_is_one_curve(tmp_path):
+    from megabranch.metrics import MetricsLogger
+
+    logger = MetricsLogger(str(tmp_path / "run"), 10, tensorboard=False, progress="none")
+    logger.log({"step": 0, "resumed": False}, tag="start", echo=False)
+    for s in (1, 2, 3, 4):
+        logger.log({"step": s, "loss": 10.0 - s, "gnorm": float("inf") if s == 3 else 1.0})
+    logger.log({"step": 2, "resumed": True}, tag="start", echo=False)  # resumed from step 2: 3 and 4 replayed
+    for s in (3, 4, 5):
+        logger.log({"step": s, "loss": 20.0 - s, "gnorm": float("nan") if s == 5 else 2.0})
+    logger.close()
+    path = str(tmp_path / "run" / "log.jsonl")
+    records = [_strict(line) for line in open(path)]
+    assert [r.get("gnorm", "-") for r in records if r["tag"] == "train"] == [1.0, 1.0, None, 1.0, 2.0, 2.0, None]
+    rows = plot_logs.read_log(path)
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0), (5, 15.0)]
+    out = plot_logs.plot([path], ["run"], ["loss", "gnorm"], str(tmp_path / "curves.png"))
+    with open(out, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,9 @@
     python tools/plot_logs.py runs/post_ln/log.jsonl runs/branchnorm/log.jsonl --out curves.png
 
 Each metric (default: loss and gnorm) gets a panel; each file is a line labelled by its run directory name
-(or --labels). A run that produced NaN/inf shows where it diverged with an x marker.
+(or --labels). A run that produced NaN/inf (null in log.jsonl) shows where it diverged with an x marker. A run
+resumed from a checkpoint logs a "start" record at the step it resumed from; the steps after it that the
+interrupted run had already logged are dropped, so a resumed run is one curve.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ def read_log(path: str, tag: str = "train") -> list[dict]:
             except json.JSONDecodeError:
                 print(f"plot_logs: warning: {path}:{n} is not JSON; skipped", file=sys.stderr)
                 continue
-            if rec.get("tag", "train") == tag:
+            if rec.get("tag") == "start":  # a run (re)started here: what was logged after this step is replayed
+                rows = [r for r in rows if r.get("step", 0) <= rec.get("step", 0)]
+            elif rec.get("tag", "train") == tag:
                 rows.append(rec)
     return rows
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def plot(paths, labels, metrics, out, tag="train", logy=("gnorm",)):
@@ -45,10 +53,10 @@ def plot(paths, labels, metrics, out, tag="train", logy=("gnorm",)):
     for path, label in zip(paths, labels):
         rows = read_log(path, tag)
         for ax, metric in zip(axes[0], metrics):
-            pts = [(r["step"], r[metric]) for r in rows if metric in r and r[metric] is not None]
-            good = [(s, v) for s, v in pts if isinstance(v, (int, float)) and math.isfinite(v)]
+            pts = [(r["step"], r[metric]) for r in rows if metric in r]  # null: a non-finite value
+            good = [(s, v) for s, v in pts if _finite(v)]
             line = ax.plot([s for s, _ in good], [v for _, v in good], label=label)[0]
-            bad = [s for s, v in pts if not (isinstance(v, (int, float)) and math.isfinite(v))]
+            bad = [s for s, v in pts if not _finite(v)]
             if bad:
                 top = max((v for _, v in good), default=1.0)
                 ax.plot(bad[:1], [top], "x", color=line.get_color(), markersize=10)

@@ -16,6 +16,7 @@ at any moment leaves `latest` at the last complete step directory, as for a sync
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,18 +45,20 @@ def snapshot(node):
     return node
 
 
-def publication_group():
+def publication_group(timeout_s: float | None = None):
     """Collective (every rank, main thread, in the same order): a gloo group over the whole job for the
-    publication of background saves; None when there is one process."""
+    publication of background saves, its waits bounded by timeout_s (parallel.timeout_s; None: torch's default);
+    None when there is one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo", timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
 
 
 class AsyncSaver:
     """One background save at a time over a publication group of its own."""
 
-    def __init__(self):
+    def __init__(self, timeout_s: float | None = None):
+        self.timeout_s = timeout_s
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._group = None
@@ -67,7 +70,7 @@ class AsyncSaver:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the pinned copies of snapshot() have landed
         if not self._made_group:
-            self._group, self._made_group = publication_group(), True
+            self._group, self._made_group = publication_group(self.timeout_s), True
 
         def run():
             try:

@@ -3,8 +3,10 @@
 Publication: every rank writes into `step_<N>.tmp-<id>`; the ranks then exchange their files' sha256 (which
 is the barrier: rank 0 goes on only when every rank has finished writing), rank 0 writes meta.json, renames the
 directory to step_<N>, then rewrites `latest` (and `best`) atomically, last. A kill at any moment leaves
-`latest` pointing at a complete step directory; stale `.tmp-*` directories are removed by the next save.
-keep-last-K cleanup never removes what `latest` or `best` point to.
+`latest` pointing at a complete step directory; stale `.tmp-*` directories are removed by the next save (never
+one whose writer is alive). keep-last-K cleanup never removes what `latest` or `best` point to. A full disk
+(space.py) is one UserError on every rank, with the step's temporary directory removed and the previous
+checkpoint as it was.
 
 save_step is three steps, each its own function: _open_step (rank 0 clears a killed save's leftovers and makes
 the temporary directory), _write_files (this rank's shards, shard_format.py), _finish_step (the sha exchange,
@@ -24,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 from .. import __version__
+from ..errors import UserError
+from . import space
 from .reading import FORMAT_VERSION, META, read_pointer, step_dirs
 from .shard_format import write_shard
 
@@ -127,7 +131,7 @@ def save_step(save_dir: str, step: int, files: dict, meta: dict, is_best: bool =
     """Collective over `group` (default: the whole job) when torch.distributed is initialised: every rank
     passes its own shards (name -> shard object, possibly none). Returns the published step directory."""
     tmp = _open_step(save_dir, step, group)
-    return _finish_step(save_dir, step, tmp, _write_files(tmp, files), meta, is_best, keep_last, group)
+    return _finish_step(save_dir, step, tmp, _write_or_full(tmp, files), meta, is_best, keep_last, group)
 
 
 def _open_step(save_dir: str, step: int, group=None) -> str:
@@ -137,7 +141,8 @@ def _open_step(save_dir: str, step: int, group=None) -> str:
         os.makedirs(save_dir, exist_ok=True)
         pointed = {read_pointer(save_dir, "latest"), read_pointer(save_dir, "best")}
         for stale in glob.glob(os.path.join(save_dir, "step_*.tmp-*")) + glob.glob(os.path.join(save_dir, "step_*.old-*")):
-            if os.path.basename(stale) not in pointed:  # a killed save's leftovers (never what a pointer names)
+            # a killed save's leftovers (never what a pointer names, never a live writer's)
+            if os.path.basename(stale) not in pointed and not _writer_alive(stale):
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = f"{os.path.join(save_dir, f'step_{step}')}.tmp-{os.getpid()}"
         os.makedirs(tmp)
@@ -164,20 +169,73 @@ def _finish_step(save_dir: str, step: int, tmp: str, mine: dict, meta: dict, is_
         dist.all_gather_object(gathered, mine, group=group)
     else:
         gathered = [mine]
+    failed = [part["error"] for part in gathered if part.get("error")]
+    if failed:  # a full disk on some rank: nothing is published, every rank says so
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(failed[0])
+    outcome = [None]
     if rank == 0:
         shas, holds = {}, {}
         for part in gathered:
             shas.update(part["files"])
             holds.update(part["holds"])
-        _publish(tmp, final, dict(meta, step=step, files=shas, holds=holds))
+        outcome = [_publish_or_full(save_dir, tmp, final, dict(meta, step=step, files=shas, holds=holds), is_best)]
+        if keep_last > 0 and outcome[0] is None:
+            prune(save_dir, keep_last)
+    if world > 1:
+        dist.broadcast_object_list(outcome, src=_global_rank0(group), group=group)  # rank 0's outcome
+        dist.barrier(group=group)
+    if outcome[0]:
+        raise UserError(outcome[0])
+    return final
+
+
+def _write_or_full(tmp: str, files: dict) -> dict:
+    """_write_files, or when the disk is (or would be) full no files and the one-line error under "error"."""
+    need = space.payload_bytes(files)
+    short = space.shortfall(tmp, need)
+    if short is None:
+        try:
+            return dict(_write_files(tmp, files), error=None)
+        except Exception as e:  # noqa: BLE001 - safetensors reports ENOSPC as its own error type
+            if not space.is_disk_full(e):
+                raise
+            short = space.disk_full_message(tmp, need)
+    return {"files": {}, "holds": {}, "error": short}
+
+
+def _publish_or_full(save_dir: str, tmp: str, final: str, meta: dict, is_best: bool) -> str | None:
+    """Rank 0: meta.json, the rename, the pointers -> None, or the one-line error of a full disk."""
+    try:
+        _publish(tmp, final, meta)
         _set_pointer(save_dir, "latest", os.path.basename(final))
         if is_best:
             _set_pointer(save_dir, "best", os.path.basename(final))
-        if keep_last > 0:
-            prune(save_dir, keep_last)
-    if world > 1:
-        dist.barrier(group=group)
-    return final
+    except Exception as e:  # noqa: BLE001 - see _write_or_full
+        if not space.is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return space.disk_full_message(save_dir, None)
+    return None
+
+
+def _writer_alive(path: str) -> bool:
+    """Whether the process named by a `.tmp-<pid>` / `.old-<pid>` suffix is alive on this host (and not this
+    one): its directory may still be being written. A reused pid only keeps a leftover a little longer."""
+    try:
+        pid = int(path.rsplit("-", 1)[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _set_pointer(save_dir: str, name: str, target: str) -> None:

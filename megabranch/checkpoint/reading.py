@@ -76,6 +76,9 @@ def resolve(path: str, prefer: str = "latest") -> str:
             target = read_pointer(path, name)
             if target:
                 return _check_target(os.path.join(path, target), os.path.join(path, name))
+        complete = [p for _, p in step_dirs(path) if os.path.isfile(os.path.join(p, META))]
+        if complete:  # a kill between the first save's rename and its pointer: the newest complete one
+            return complete[-1]
         if glob.glob(os.path.join(path, "checkpoint_*.pt")):
             raise UserError(f"{path} holds old single-file checkpoints (checkpoint_*.pt); this megabranch reads "
                             "step_<N>/ directories only")
@@ -135,8 +138,12 @@ def safe_load(path: str, mmap: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, bit rot: all the file's fault
+        if "Weights only load failed" in str(e):  # torch's message goes on to advise weights_only=False: never
+            raise UserError(f"refusing to load {path}: it holds pickled objects other than tensors and plain data "
+                            "(code could run on loading); megabranch loads only tensors, numbers, strings, lists "
+                            "and dicts") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"cannot load checkpoint file {path} (corrupt, truncated or carrying code): {first}") from None
+        raise UserError(f"cannot load checkpoint file {path} (corrupt or truncated): {first}") from None
 
 
 def verify(step_dir: str) -> dict:

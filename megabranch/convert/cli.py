@@ -68,7 +68,7 @@ def _load_source(args) -> tuple[Config, dict, dict, dict | None]:
         return cfg, meta, model, opt
     if kind == "safetensors":
         tensors, st_meta = load_safetensors(args.src)
-        info_path = args.src[: -len(".safetensors")] + ".json"
+        info_path = _sidecar(args.src)
         if not os.path.isfile(info_path):
             raise UserError(f"{info_path} not found: the config JSON written next to {args.src}")
         with open(info_path) as fh:
@@ -131,13 +131,13 @@ def convert(args) -> None:
     mc = cfg.model
     vocab, tgt = meta["vocab_size"], meta.get("tgt_vocab_size")
     step = int(meta.get("step", 0))
-    to = args.to or ("safetensors" if args.out.endswith(".safetensors") else "megabranch")
+    to = _destination_format(args)
     clean = {k: v for k, v in meta.items() if not k.startswith("_")}
     against = meta.get("_against")
     if to == "safetensors":
         save_safetensors(model, args.out, {"format": "megabranch", "step": step})
         info = {k: clean.get(k) for k in ("config", "vocab_size", "tgt_vocab_size", "vocab_sha256", "step")}
-        info_path = args.out[: -len(".safetensors")] + ".json"
+        info_path = _sidecar(args.out)
         checkpoint.atomic_write_bytes((json.dumps(info, indent=1) + "\n").encode(), info_path)
         back, _ = load_safetensors(args.out)
         check("consolidate -> safetensors", mc, vocab, tgt, model, back, step)
@@ -191,6 +191,16 @@ def average_command(args) -> None:
     print(f"averaged {', '.join(clean['averaged'])} -> {out}")
 
 
+def _destination_format(args) -> str:
+    return args.to or ("safetensors" if args.out.endswith(".safetensors") else "megabranch")
+
+
+def _sidecar(safetensors_path: str) -> str:
+    """The config JSON that goes with a .safetensors file: model.safetensors -> model.json."""
+    base = safetensors_path[: -len(".safetensors")] if safetensors_path.endswith(".safetensors") else safetensors_path
+    return base + ".json"
+
+
 def _refuse_existing(out: str) -> None:
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         raise UserError(f"{out} already exists; choose a new destination (nothing is overwritten)")
@@ -235,5 +245,7 @@ def main(argv=None):
         if getattr(args, k) < 1:
             raise UserError(f"--{k} {getattr(args, k)}: must be >= 1")
     _refuse_existing(args.out)
+    if _destination_format(args) == "safetensors":
+        _refuse_existing(_sidecar(args.out))  # the config JSON written next to it
     convert(args)
     return 0

@@ -60,7 +60,7 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
         if o.precision == "fp16":
             raise UserError("optim.precision=fp16 is not supported by the parallel engine; use bf16 or fp32")
         self.amp_dtype = torch.bfloat16 if o.precision == "bf16" else None
-        self.grid = grid if grid is not None else build_grid(p.tp, p.pp, p.vpp)
+        self.grid = grid if grid is not None else build_grid(p.tp, p.pp, p.vpp, p.timeout_s)
         g = self.grid
         check_schedule(p.schedule, g.pp, g.vpp, o.update_freq)
         vocab, tgt_vocab = vocab_size, tgt_vocab_size or vocab_size
@@ -125,7 +125,7 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
             for t in range(g.tp):
                 for d in range(g.dp):
                     ranks = [rank_of(t, d, s, g.tp, g.dp) for s in stages]
-                    group = dist.new_group(ranks)
+                    group = dist.new_group(ranks, timeout=g.timeout)
                     if g.rank in ranks:
                         param = mine[names[key]]
                         self.embedding_groups.append((param, group))
@@ -222,6 +222,13 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
 
     def alpha(self) -> float:
         return current_alpha(self.model)
+
+    def max_over_ranks(self, value: int) -> int:
+        """Collective over the world: the largest value any rank passed."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def bleu_model(self):
         return None  # decoding needs the whole model on one process

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..model import label_smoothed_nll_loss
 from ..vocab import PAD
+from .failures import wait_for
 from .layout import Layout
 from .schedules import schedule_actions, splits_backward
 from .tensor_parallel import vocab_parallel_label_smoothed_nll_loss
@@ -75,14 +76,14 @@ class _SendReaper:
         self._thread = threading.Thread(target=self._loop, name="megabranch-send-reaper", daemon=True)
         self._thread.start()
 
-    def put(self, work, tensor: torch.Tensor | None) -> None:
-        self._q.put((work, tensor))
+    def put(self, work, tensor: torch.Tensor | None, peer: int) -> None:
+        self._q.put((work, tensor, peer))
 
     def _loop(self) -> None:
         while True:
-            work, t = self._q.get()
+            work, t, peer = self._q.get()
             try:
-                work.wait()
+                wait_for(work, peer)
                 if t is not None:  # drop the data; autograd keeps the metadata, all backward(outputs) needs
                     self.stats["freed_bytes"] += t.untyped_storage().nbytes()
                     t.untyped_storage().resize_(0)
@@ -172,23 +173,24 @@ class PipelineExecutor:
             t = t.detach()
             if not t.is_contiguous():
                 t = t.contiguous()
-            work = dist.isend(t, self._peer(dst_chunk), tag=self._tag(kind, src_chunk, mb, j, m))
+            peer = self._peer(dst_chunk)
+            work = dist.isend(t, peer, tag=self._tag(kind, src_chunk, mb, j, m))
             self.stats["sent_bytes"] += t.numel() * t.element_size()
             if not fr:  # nothing to free early: waited for at the end of the step
-                self._unreaped.append((work, t))
+                self._unreaped.append((work, t, peer))
                 continue
             if self._reaper is None:
                 self._reaper = _SendReaper(self.stats)
-            self._reaper.put(work, t)
+            self._reaper.put(work, t, peer)
 
     def _recv(self, shapes, src_chunk: int, kind: int, mb: int, m: int) -> list[torch.Tensor]:
         if self._is_local(src_chunk):
             return self._local.pop((kind, src_chunk, mb))
         bufs = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shapes]
-        works = [dist.irecv(b, self._peer(src_chunk), tag=self._tag(kind, src_chunk, mb, j, m))
-                 for j, b in enumerate(bufs)]
+        peer = self._peer(src_chunk)
+        works = [dist.irecv(b, peer, tag=self._tag(kind, src_chunk, mb, j, m)) for j, b in enumerate(bufs)]
         for w in works:
-            w.wait()
+            wait_for(w, peer)  # bounded by the process group's timeout; a failure names the peer
         return bufs
 
     def run(self, mbs: list[MicroBatch], loss_scale: float, forward_only: bool = False) -> tuple[float, float]:
@@ -254,8 +256,8 @@ class PipelineExecutor:
                         self.on_last_backward(v, [p for p in self.chunks[v].parameters() if id(p) not in later])
                     self.weight_grads.run((v, i))
         self.stats["freed_early_bytes"] += self.stats["freed_bytes"] - freed_at_start
-        for work, _ in self._unreaped:
-            work.wait()
+        for work, _, peer in self._unreaped:
+            wait_for(work, peer)
         self._unreaped = []
         if self._reaper is not None:
             self._reaper.drain()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ class Grid:
     pp_ranks: list = field(default_factory=lambda: [0])  # global ranks of my pipeline, indexed by stage
     tp_ranks: list = field(default_factory=lambda: [0])
     dp_ranks: list = field(default_factory=lambda: [0])
+    timeout: timedelta | None = None  # of every group of the grid (None: torch's default, 30 minutes)
 
     @property
     def world(self) -> int:
@@ -71,8 +73,14 @@ def check_sizes(world: int, tp: int, pp: int) -> int:
     return world // (tp * pp)
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """Join the job torchrun / SLURM / the deepspeed launcher started (env:// rendezvous)."""
+def process_group_timeout(timeout_s: float | None) -> timedelta | None:
+    """parallel.timeout_s as the timeout torch.distributed takes (None: torch's default)."""
+    return None if timeout_s is None else timedelta(seconds=timeout_s)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> None:
+    """Join the job torchrun / SLURM / the deepspeed launcher started (env:// rendezvous). timeout_s bounds the
+    rendezvous and every wait on the world group (parallel.timeout_s)."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun without torchrun
@@ -84,11 +92,16 @@ def init_distributed(backend: str | None = None) -> None:
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+        # the watchdog that makes an NCCL timeout fire: abort the communicators and the process (3: torch's
+        # default since 2.2; set here so an inherited 0 cannot turn a dead peer into a hang)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    timeout = process_group_timeout(timeout_s)
+    dist.init_process_group(backend, **({"timeout": timeout} if timeout is not None else {}))
 
 
-def build_grid(tp: int = 1, pp: int = 1, vpp: int = 1) -> Grid:
-    """Create every group of the grid. Without an initialised process group, a 1x1x1 grid."""
+def build_grid(tp: int = 1, pp: int = 1, vpp: int = 1, timeout_s: float | None = None) -> Grid:
+    """Create every group of the grid, each with timeout_s (new groups do not inherit the world's timeout).
+    Without an initialised process group, a 1x1x1 grid."""
     if not dist.is_initialized():
         check_sizes(1, tp, pp)
         if tp * pp != 1:
@@ -99,12 +112,13 @@ def build_grid(tp: int = 1, pp: int = 1, vpp: int = 1) -> Grid:
     if vpp > 1 and pp == 1:
         raise UserError(f"parallel.vpp={vpp} needs parallel.pp > 1")
     tp_rank, dp_rank, pp_rank = coords(rank, tp, dp)
-    grid = Grid(tp=tp, pp=pp, dp=dp, vpp=vpp, rank=rank, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
+    grid = Grid(tp=tp, pp=pp, dp=dp, vpp=vpp, rank=rank, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
+                timeout=process_group_timeout(timeout_s))
 
     def make(groups_of_ranks):
         mine_group, mine_ranks = None, None
         for ranks in groups_of_ranks:
-            g = dist.new_group(ranks) if len(ranks) > 1 else None
+            g = dist.new_group(ranks, timeout=grid.timeout) if len(ranks) > 1 else None
             if rank in ranks:
                 mine_group, mine_ranks = g, ranks
         return mine_group, mine_ranks

@@ -6,6 +6,12 @@ Data order (token batches, sharded over the data-parallel replicas, resumable), 
 progress), validation every log.valid_interval steps with the sacreBLEU of a greedy/beam decode where the engine
 has a whole model (per direction and averaged for a multilingual set), a checkpoint after each validation, and stopping at optim.max_updates (or when `on_step` says
 so). Nothing here knows how an engine steps or saves.
+
+Ending early (training/stopping.py): after every step the ranks agree whether any of them got SIGTERM / SIGUSR1
+or passed --exit-duration-mins; if so they save one checkpoint of that step and raise RunEnded (exit code 75). A
+peer that stalls or dies ends the run with one line per surviving rank naming the step (parallel/failures.py).
+log.jsonl gets a "start" record at the step each run starts from (plot_logs drops the replayed steps before it)
+and a "stop" record when a run stops early.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..data import EpochBatchIterator
+from ..errors import EXIT_REQUEUE, RunEnded
 from ..generate import validation_bleu
 from ..metrics import MetricsLogger, SilentLogger
+from ..parallel.failures import comm_failure_ended, is_comm_failure
+from .stopping import StopRequest
 
 
 @dataclass
@@ -49,13 +58,18 @@ def _interval_record(step: int, epoch: int, interval: dict, stats: dict, elapsed
     return record
 
 
+def _new_interval() -> dict:
+    return {"loss": [], "nll_loss": [], "gnorm": [], "ntokens": 0, "skipped": 0}
+
+
 def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, valid_batches: list | None = None,
-          on_step=None, save: bool = True) -> dict:
+          on_step=None, save: bool = True, stop: StopRequest | None = None) -> dict:
     """Train `engine` until optim.max_updates -> the last validation stats ({} if it stopped before any).
 
     loop_state: what engine.resume() returned (data position, best validation loss). valid_batches: this rank's
     validation batches (default: the whole valid split). on_step(stats) -> True stops the run after that step
-    (no validation or save for it). save=False writes no checkpoints."""
+    (no validation or save for it). save=False writes no checkpoints. stop: when to end early (default: on
+    SIGTERM / SIGUSR1), by raising RunEnded after saving."""
     o, lg = cfg.optim, cfg.log
     itr = EpochBatchIterator(data.train_set, cfg.data.max_tokens, seed=cfg.seed,
                              max_sentences=cfg.data.max_sentences or None, shuffle=cfg.data.shuffle,
@@ -72,11 +86,15 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
     if valid_batches is None:
         valid_batches = valid_batches_of(data.valid_set, cfg, engine.data_shards, engine.data_shard)
     groups = itr.update_groups(o.update_freq)
-    interval = {"loss": [], "nll_loss": [], "gnorm": [], "ntokens": 0, "skipped": 0}
+    interval = _new_interval()
     t0 = time.time()
     valid_stats: dict = {}
+    stop = (stop or StopRequest()).install()
+    logger.log({"step": engine.step, "resumed": loop_state is not None}, tag="start", echo=False)
+    phase = "start"
     try:
         while engine.step < o.max_updates:
+            phase = f"step {engine.step + 1}"
             stats = engine.train_step(next(groups))
             interval["loss"].append(stats["loss"])
             interval["nll_loss"].append(stats["nll_loss"])
@@ -89,11 +107,13 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
             last = step == o.max_updates
             if step % lg.log_interval == 0 or last:
                 logger.log(_interval_record(step, itr.epoch, interval, stats, time.time() - t0))
-                interval = {"loss": [], "nll_loss": [], "gnorm": [], "ntokens": 0, "skipped": 0}
+                interval = _new_interval()
                 t0 = time.time()
             if on_step is not None and on_step(stats):
                 break
+            saved = False
             if step % lg.valid_interval == 0 or last:
+                phase = f"validation after step {step}"
                 valid_stats = engine.valid_loss(valid_batches)
                 model = engine.bleu_model() if lg.bleu_sentences > 0 else None
                 if model is not None:
@@ -103,9 +123,37 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
                 is_best = valid_stats["loss"] < best
                 best = min(best, valid_stats["loss"])
                 if save:
+                    phase = f"saving step {step}"
                     engine.save(lg.save_dir, itr.state_dict(), valid_stats["loss"], best, is_best)
+                    saved = True
                 t0 = time.time()  # validation and saving are not training throughput
+            phase = f"the stop decision after step {step}"
+            code = 0 if last else engine.max_over_ranks(stop.code())
+            if code:
+                if interval["loss"]:  # the steps since the last record
+                    logger.log(_interval_record(step, itr.epoch, interval, stats, time.time() - t0))
+                phase = f"saving step {step}"
+                if save and not saved:
+                    engine.save(lg.save_dir, itr.state_dict(), None, best, False)
+                engine.finish_saves()  # every checkpoint published before the run ends
+                raise _stopped(engine, cfg, step, stop.reason(code), save, logger)
+        phase = "the last save"
         engine.finish_saves()  # a background save still in flight is published before the run returns
+    except Exception as e:
+        if is_comm_failure(e):
+            raise comm_failure_ended(e, phase, cfg.parallel.timeout_s) from None
+        raise
     finally:
+        stop.uninstall()
         logger.close()
     return valid_stats
+
+
+def _stopped(engine, cfg: Config, step: int, reason: str, saved: bool, logger) -> RunEnded:
+    """The early end after `step`: a "stop" record, and the one line rank 0 prints (exit code 75)."""
+    logger.log({"step": step, "reason": reason}, tag="stop", echo=False)
+    if engine.rank != 0:
+        return RunEnded("", EXIT_REQUEUE)
+    where = f"saved a checkpoint of it in {cfg.log.save_dir}" if saved else "no checkpoint (saving is off)"
+    return RunEnded(f"stopped after step {step} {reason}: {where}; run the same command with --resume auto to "
+                    "continue", EXIT_REQUEUE)

@@ -68,13 +68,15 @@ def checkpoint_files(engine, data_state: dict) -> dict:
     }}
 
 
-def step_meta(engine, valid_loss: float, best: float) -> dict:
-    """meta.json of a step directory (megabranch.checkpoint adds the files, their sha256 and the versions)."""
+def step_meta(engine, valid_loss: float | None, best: float) -> dict:
+    """meta.json of a step directory (megabranch.checkpoint adds the files, their sha256 and the versions).
+    valid_loss: None for a save without validation (a run stopped early); a non-finite one is written as null."""
     cfg, pos = engine.cfg, engine.position()
     return {
         "layout": {k: pos[k] for k in ("tp", "pp", "vpp", "dp", "layout", "zero")},
         "config": cfg.to_dict(), "vocab_sha256": engine.vocab_sha256, "vocab_size": engine.vocab_sizes[0],
-        "tgt_vocab_size": engine.vocab_sizes[1], "valid_loss": valid_loss,
+        "tgt_vocab_size": engine.vocab_sizes[1],
+        "valid_loss": valid_loss if valid_loss is not None and math.isfinite(valid_loss) else None,
         "best_valid_loss": best if math.isfinite(best) else None,
         "alpha": {"value": engine.alpha(), "schedule": cfg.model.alpha_schedule,
                   "warmup_steps": cfg.model.alpha_warmup_steps, "step": engine.step},
@@ -145,7 +147,7 @@ class NativeCheckpointing:
 
     def save(self, save_dir: str, loop_state: dict, valid_loss: float, best: float, is_best: bool) -> None:
         if self.cfg.log.async_save and self._saver is None:
-            self._saver = AsyncSaver()
+            self._saver = AsyncSaver(self.cfg.parallel.timeout_s)
         save(self, save_dir, loop_state, valid_loss, best, is_best, self._saver if self.cfg.log.async_save else None)
 
     def finish_saves(self) -> None:

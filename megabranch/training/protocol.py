@@ -33,6 +33,9 @@ class Engine(Protocol):
     def alpha(self) -> float:
         """The BranchNorm alpha the model holds now (1.0 for the other schemes), for logs and checkpoints."""
 
+    def max_over_ranks(self, value: int) -> int:
+        """Collective. The largest value any rank of the job passed (the loop's decision to stop early)."""
+
     def bleu_model(self) -> nn.Module | None:
         """A whole single-process model to decode the validation BLEU with, or None where there is none."""
 

@@ -101,6 +101,9 @@ class Trainer(native_checkpoint.NativeCheckpointing):
             loss_sum, nll_sum, ntokens = loss_sum + float(loss), nll_sum + float(nll), ntokens + int(batch["ntokens"])
         return {"loss": loss_sum / max(ntokens, 1), "nll_loss": nll_sum / max(ntokens, 1)}
 
+    def max_over_ranks(self, value: int) -> int:
+        return int(value)
+
     def bleu_model(self):
         return self.model
 

@@ -38,6 +38,7 @@ from ...config import Config
 from ...errors import UserError
 from ...model import canonical_name, canonical_parameters, draw_init_seed, label_smoothed_nll_loss
 from ...model.init import fill_initial_values
+from ...parallel.grid import process_group_timeout
 from ...residual import alpha_at, set_step
 from ...training.lr_schedule import inverse_sqrt_lr
 from ...vocab import PAD
@@ -62,12 +63,16 @@ def import_deepspeed_package():
     return deepspeed
 
 
-def init_distributed() -> None:
-    """deepspeed.init_distributed with gloo on the CPU and nccl on GPUs; must come before the PipelineModule."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """deepspeed.init_distributed with gloo on the CPU and nccl on GPUs; must come before the PipelineModule.
+    timeout_s (parallel.timeout_s) bounds the world group's waits; the pipeline and data-parallel groups
+    DeepSpeed creates itself keep torch's default (30 minutes): DeepSpeed passes no timeout to them."""
     deepspeed = import_deepspeed_package()
     if "RANK" not in os.environ:
         raise UserError("--backend deepspeed needs a launcher: torchrun --nproc_per_node N, or the deepspeed launcher")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    timeout = process_group_timeout(timeout_s)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               **({"timeout": timeout} if timeout is not None else {}))
 
 
 class TokenLoss:
@@ -269,6 +274,12 @@ class DeepSpeedTrainer:
             sums = self._world_sums()
             total = [total[0] + sums[0], total[1] + sums[1]]
         return {"loss": total[0] / max(ntok, 1), "nll_loss": total[1] / max(ntok, 1)}
+
+    def max_over_ranks(self, value: int) -> int:
+        """Collective over the world: the largest value any rank passed."""
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return int(t.item())
 
     def bleu_model(self):
         return None  # decoding needs the whole model on one process

@@ -1,0 +1,405 @@
+"""The fault drill (issue 13): what a cluster does to a run, and what the run must do about it.
+
+In one process: every bad input is one line and exit code 2 (config values, --set, megabranch-generate's
+arguments and output path, an existing safetensors sidecar); a full disk during a save is one line that leaves
+the previous checkpoint as it was; a second run on a save directory is refused naming the holder's pid and host,
+and the lock of a killed run is taken over; the stale-directory cleanup never touches a live writer's files.
+
+In several processes (gloo, a 2L-2L d=16 model over two pipeline stages, 30 steps; every run is compared with
+one uninterrupted run, record by record, bit for bit):
+  - SIGUSR1 to rank 1, then (after --resume auto) SIGTERM to rank 0: every rank finishes its step, one
+    checkpoint is saved, rank 0 prints one line, both exit 75; the resumed run logs the uninterrupted losses;
+  - SIGSTOP of the middle rank of three: the other two exit within parallel.timeout_s (plus a minute), one line
+    each naming the step;
+  - launch/torchrun_single.sh with MAX_RESTARTS=1 and a worker killed with SIGKILL: the job finishes, with the
+    uninterrupted losses, and log.jsonl reads as one curve (tools/plot_logs.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import safetensors
+import torch
+import yaml
+
+from megabranch import checkpoint
+from megabranch.checkpoint import shard_format, space
+from megabranch.errors import EXIT_REQUEUE, EXIT_USER_ERROR
+from tests.helpers.checkpoints import tiny_single
+from tests.helpers.dist import free_port
+from tests.helpers.env import ROOT, load_tool, subprocess_env
+from tests.helpers.logs import records_by_step
+
+STEPS = 30
+TIMEOUT_S = 3  # parallel.timeout_s of the stalled-rank case
+
+
+def _config(data_dir: str, save_dir: str, **parallel) -> dict:
+    return {
+        "seed": 5,
+        "model": {"encoder_layers": 2, "decoder_layers": 2, "d_model": 16, "n_heads": 2, "ffn_dim": 32,
+                  "dropout": 0.1, "alpha_warmup_steps": 12, "max_positions": 64},
+        "parallel": {"pp": 2, "layout": "E0-1|D0-1", **parallel},
+        "optim": {"max_updates": STEPS, "warmup_updates": 4, "lr": 0.001, "clip_norm": 1.0},
+        "data": {"data_dir": data_dir, "max_tokens": 200},
+        "log": {"save_dir": save_dir, "log_interval": 1, "valid_interval": 8, "bleu_sentences": 0,
+                "tensorboard": False, "progress": "none"},
+    }
+
+
+def _write_config(tmp_path, name: str, cfg: dict) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _records(save_dir: str, tag: str = "train") -> dict:
+    return records_by_step(save_dir, tag, drop=("wall", "tokens_per_s", "tag"))
+
+
+def _one_line(capsys_or_text, prefix: str = "megabranch-train: error:") -> str:
+    """The single line of stderr besides the training log's ("model: ...", "[train] ...", "[valid] ..."),
+    asserting there is exactly one, with `prefix`, and no traceback."""
+    text = capsys_or_text if isinstance(capsys_or_text, str) else capsys_or_text.readouterr().err
+    lines = [x for x in text.splitlines() if x.strip() and not x.startswith(("model: ", "[train] ", "[valid] "))]
+    assert len(lines) == 1 and lines[0].startswith(prefix) and "Traceback" not in text, text
+    return lines[0]
+
+
+# --- one process: bad input -----------------------------------------------------------------------------------
+
+
+def _exit_code(main, argv) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+@pytest.mark.unit
+def test_bad_training_input_is_one_line_naming_its_source(tiny_corpus, tmp_path, capsys):
+    from megabranch.train import main
+
+    cfg = _config(tiny_corpus, str(tmp_path / "run"))
+    path = _write_config(tmp_path, "cfg", cfg)
+    for setting, needle in [
+        ("optim.lr=.inf", "--set optim.lr=inf is invalid: must be a finite number > 0"),
+        ("log.log_interval=0", "--set log.log_interval=0 is invalid"),
+        ("log.valid_interval=0", "--set log.valid_interval=0 is invalid"),
+        ("model.max_positions=0", "--set model.max_positions=0 is invalid"),
+        ("model.n_heads=0", "--set model.n_heads=0 is invalid"),  # blames n_heads, not d_model
+        ("parallel.timeout_s=-1", "--set parallel.timeout_s=-1.0 is invalid"),
+        ("optim.lr=fast", "--set: optim.lr='fast' is not a valid float"),  # blamed on --set, not on the file
+    ]:
+        assert _exit_code(main, ["--config", path, "--set", setting]) == EXIT_USER_ERROR
+        assert needle in _one_line(capsys), (setting, needle)
+    cfg["optim"]["lr"] = float("inf")  # the same value from the file: the file is named
+    bad = _write_config(tmp_path, "bad", cfg)
+    assert _exit_code(main, ["--config", bad]) == EXIT_USER_ERROR
+    assert f"{bad}: optim.lr=inf is invalid" in _one_line(capsys)
+    for minutes in ("0", "nan", "-3"):
+        assert _exit_code(main, ["--config", path, "--exit-duration-mins", minutes]) == EXIT_USER_ERROR
+        assert "--exit-duration-mins" in _one_line(capsys)
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written
+
+
+@pytest.mark.unit
+def test_generate_checks_its_arguments_and_output_before_loading(tmp_path, capsys):
+    from megabranch.generate import main
+
+    save_dir = tiny_single(tmp_path, steps=(2,))
+    # a missing checkpoint too: the arguments are checked before anything is loaded (or decoded)
+    for args, needle in [
+        (["--max-sentences", "0"], "--max-sentences 0 is invalid"),
+        (["--limit", "-5"], "--limit -5 is invalid"),
+        (["--beam", "0"], "--beam 0 is invalid"),
+        (["--lenpen", "nan"], "--lenpen nan is invalid"),
+        (["--output", str(tmp_path / "missing" / "hyp.txt")], "does not exist"),
+        (["--output", str(tmp_path)], "is a directory"),
+    ]:
+        assert _exit_code(main, ["--checkpoint", str(tmp_path / "nowhere"), *args]) == EXIT_USER_ERROR
+        assert needle in _one_line(capsys, "megabranch-generate: error:"), (args, needle)
+    assert os.path.isdir(save_dir)
+
+
+@pytest.mark.unit
+def test_convert_refuses_an_existing_sidecar(tmp_path, capsys):
+    from megabranch.convert import main
+
+    save_dir = tiny_single(tmp_path, steps=(2,))
+    sidecar = tmp_path / "model.json"
+    sidecar.write_text('{"mine": 1}\n')
+    assert _exit_code(main, [save_dir, str(tmp_path / "model.safetensors")]) == EXIT_USER_ERROR
+    assert f"{sidecar} already exists" in _one_line(capsys, "megabranch-convert: error:")
+    assert sidecar.read_text() == '{"mine": 1}\n' and not (tmp_path / "model.safetensors").exists()
+
+
+# --- one process: a full disk ----------------------------------------------------------------------------------
+
+
+class _FullDisk:
+    """Stands in for a disk that fills up during the save of step 4: the shard writer (safetensors' save_file)
+    writes part of a file under a path with `fills` in it, then fails as it does on a full filesystem (measured on
+    a 64 KiB tmpfs: SafetensorError "... No space left on device (os error 28)")."""
+
+    def __init__(self, fills: str, room: int):
+        self.fills, self.room, self.failed = fills, room, 0
+        self.real = shard_format.save_file
+
+    def save_file(self, tensors, path, *args, **kwargs):
+        if self.fills not in str(path):
+            return self.real(tensors, path, *args, **kwargs)
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * self.room)
+        self.failed += 1
+        raise safetensors.SafetensorError(f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} "
+                                          f"(os error {errno.ENOSPC})")
+
+
+@pytest.mark.unit
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tiny_corpus, tmp_path, capsys,
+                                                                              monkeypatch):
+    from megabranch.train import main
+
+    save_dir = str(tmp_path / "run")
+    cfg = _config(tiny_corpus, save_dir)
+    cfg["parallel"] = {}
+    cfg["optim"]["max_updates"] = 6
+    cfg["log"]["valid_interval"] = 2
+    disk = _FullDisk("step_4", room=4096)
+    monkeypatch.setattr(shard_format, "save_file", disk.save_file)  # the shard writes, nothing else
+    # the save of step 4 runs in the background (log.async_save): its failure surfaces at the save of step 6
+    assert _exit_code(main, ["--config", _write_config(tmp_path, "cfg", cfg)]) == EXIT_USER_ERROR
+    line = _one_line(capsys)
+    assert disk.failed and "no space left on the device of" in line and "step_4.tmp-" in line, line
+    assert "files need about" in line and "the previous checkpoint is untouched" in line
+    assert checkpoint.read_pointer(save_dir, "latest") == "step_2"
+    assert sorted(os.listdir(save_dir)) == ["best", "latest", "log.jsonl", "run.lock", "step_2"]
+    checkpoint.verify(os.path.join(save_dir, "step_2"))  # every file's sha256, and each loads
+    # a filesystem that has too little room from the start: refused before anything is written
+    assert space.shortfall(save_dir, 2**62) is not None and "need about" in space.shortfall(save_dir, 2**62)
+    assert space.shortfall(save_dir, 1) is None
+
+
+# --- one process: one writer per save directory -------------------------------------------------------------------
+
+_HOLD = """
+import sys, time
+from megabranch.checkpoint import SaveDirLock
+lock = SaveDirLock(sys.argv[1]); lock.acquire(); print("locked", flush=True); time.sleep(600)
+"""
+
+
+@pytest.mark.unit
+def test_one_writer_per_save_directory(tiny_corpus, tmp_path, capsys):
+    from megabranch.train import main
+
+    save_dir = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, save_dir], env=subprocess_env(), cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = _config(tiny_corpus, save_dir)
+        cfg["parallel"] = {}
+        argv = ["--config", _write_config(tmp_path, "cfg", cfg)]
+        assert _exit_code(main, argv) == EXIT_USER_ERROR
+        line = _one_line(capsys)
+        assert f"{save_dir} is in use by another run (pid {holder.pid} host {socket.gethostname()}" in line, line
+        assert os.listdir(save_dir) == ["run.lock"]  # nothing else touched
+        # a stale directory of a live writer survives another save's cleanup; a dead writer's does not
+        live, dead = os.path.join(save_dir, f"step_9.tmp-{holder.pid}"), os.path.join(save_dir, "step_8.tmp-999999999")
+        os.makedirs(live)
+        os.makedirs(dead)
+        checkpoint.save_step(save_dir, 1, {"shard_tp0_pp0": {"x": torch.zeros(2)}}, {"layout": {}})
+        assert os.path.isdir(live) and not os.path.exists(dead)
+    finally:
+        holder.kill()  # SIGKILL: it never releases the lock
+        holder.wait()
+    lock = checkpoint.SaveDirLock(save_dir)
+    note = lock.acquire()  # taken over, and said so
+    assert note and f"pid {holder.pid} host {socket.gethostname()}" in note and "no longer running" in note
+    lock.release()
+    assert checkpoint.SaveDirLock(save_dir).acquire() is None  # a released lock leaves no holder behind
+
+
+# --- several processes ---------------------------------------------------------------------------------------------
+
+
+class Ranks:
+    """`megabranch-train` started once per rank with the environment torchrun or srun gives (a stand-in for N
+    GPUs); each rank's stderr in a file."""
+
+    def __init__(self, tmp_path, name: str, world: int, args: list[str]):
+        port = free_port()
+        self.err = [tmp_path / f"{name}.rank{r}.err" for r in range(world)]
+        self.procs = []
+        for r in range(world):
+            env = subprocess_env(RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, LOCAL_WORLD_SIZE=world,
+                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            with open(self.err[r], "w") as fh:
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "megabranch.train", *args], env=env,
+                                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=fh))
+
+    def stderr(self, r: int) -> str:
+        return self.err[r].read_text()
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        return [p.wait(timeout=timeout) for p in self.procs]
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _train_steps_logged(save_dir: str) -> int:
+    """How many train records the current run has logged (after its "start" record; 0 after a "stop" record,
+    until the next run has started)."""
+    path = os.path.join(save_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return 0
+    n = 0
+    with open(path) as fh:
+        for line in fh:
+            try:
+                tag = json.loads(line)["tag"]
+            except ValueError:  # a line being written
+                continue
+            n = 0 if tag in ("start", "stop") else n + (tag == "train")
+    return n
+
+
+def _when_logged(save_dir: str, steps: int, procs, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while _train_steps_logged(save_dir) < steps:
+        assert all(p.poll() is None for p in procs), "a rank ended before the fault was injected"
+        assert time.time() < deadline, f"{save_dir}: {steps} steps not logged within {timeout} s"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_corpus, tmp_path_factory):
+    """The uninterrupted 2-rank run: its config file and its records."""
+    tmp = tmp_path_factory.mktemp("reference")
+    path = _write_config(tmp, "cfg", _config(tiny_corpus, str(tmp / "run")))
+    ranks = Ranks(tmp, "ref", 2, ["--config", path])
+    try:
+        assert ranks.wait() == [0, 0], ranks.stderr(0)[-3000:] + ranks.stderr(1)[-3000:]
+    finally:
+        ranks.kill()
+    return path, _records(str(tmp / "run")), _records(str(tmp / "run"), "valid")
+
+
+def _latest_step(save_dir: str) -> int:
+    return int(checkpoint.read_pointer(save_dir, "latest").split("_")[1])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sigusr1_and_sigterm_save_one_checkpoint_that_resumes_bit_for_bit(reference, tmp_path):
+    cfg_path, want, want_valid = reference
+    save_dir = str(tmp_path / "run")
+    args = ["--config", cfg_path, "--set", f"log.save_dir={save_dir}", "--resume", "auto"]
+    stopped_at = []
+    for sig, target, after in ((signal.SIGUSR1, 1, 3), (signal.SIGTERM, 0, 4)):
+        ranks = Ranks(tmp_path, sig.name, 2, args)
+        try:
+            _when_logged(save_dir, after, ranks.procs)
+            ranks.procs[target].send_signal(sig)  # one rank only: the other learns it at the end of the step
+            codes = ranks.wait()
+        finally:
+            ranks.kill()
+        assert codes == [EXIT_REQUEUE] * 2, (sig.name, codes, ranks.stderr(0)[-2000:], ranks.stderr(1)[-2000:])
+        line = [x for x in ranks.stderr(0).splitlines() if x.startswith("megabranch-train:")]
+        step = max(_records(save_dir))
+        assert line == [f"megabranch-train: stopped after step {step} on {sig.name}: saved a checkpoint of it in "
+                        f"{save_dir}; run the same command with --resume auto to continue"], line
+        assert "Traceback" not in ranks.stderr(0) + ranks.stderr(1) and not ranks.stderr(1).strip()
+        assert _latest_step(save_dir) == step and step < STEPS
+        step_dir = os.path.join(save_dir, f"step_{step}")
+        files = sorted(checkpoint.verify(step_dir)["files"])  # every rank's shard, each sha256 checked
+        assert files == sorted(f for f in os.listdir(step_dir) if f != "meta.json") and len(files) == 4, files
+        stopped_at.append(step)
+    ranks = Ranks(tmp_path, "rest", 2, args)
+    try:
+        assert ranks.wait() == [0, 0], ranks.stderr(0)[-3000:]
+    finally:
+        ranks.kill()
+    assert stopped_at[0] < stopped_at[1]
+    got = _records(save_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    bad = [s for s in want if got[s] != want[s]]
+    assert not bad, f"stopped at {stopped_at}: steps {bad[:3]} differ, e.g. {got[bad[0]]} vs {want[bad[0]]}"
+    assert _records(save_dir, "valid") == want_valid
+    starts = [r for r in map(json.loads, open(os.path.join(save_dir, "log.jsonl"))) if r["tag"] in ("start", "stop")]
+    assert [(r["tag"], r["step"]) for r in starts] == [("start", 0), ("stop", stopped_at[0]), ("start", stopped_at[0]),
+                                                       ("stop", stopped_at[1]), ("start", stopped_at[1])]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_stalled_rank_makes_the_others_exit_within_the_timeout(tiny_corpus, tmp_path):
+    save_dir = str(tmp_path / "run")
+    cfg = _config(tiny_corpus, save_dir, pp=3, layout="E0-1|D0|D1", timeout_s=TIMEOUT_S)
+    ranks = Ranks(tmp_path, "stall", 3, ["--config", _write_config(tmp_path, "cfg", cfg)])
+    try:
+        _when_logged(save_dir, 3, ranks.procs)
+        ranks.procs[1].send_signal(signal.SIGSTOP)  # alive, holding its sockets, answering nothing
+        stalled_from = max(_records(save_dir))
+        # a bound against a hang, not a speed claim: the issue allows the timeout plus a minute
+        codes = [ranks.procs[r].wait(timeout=TIMEOUT_S + 60) for r in (0, 2)]
+    finally:
+        ranks.kill()
+    assert codes == [1, 1], codes
+    for r in (0, 2):
+        line = _one_line(ranks.stderr(r))
+        assert f"rank {r}, step " in line and f"parallel.timeout_s={TIMEOUT_S} s" in line, line
+        assert int(line.split("step ")[1].split(":")[0]) in (stalled_from + 1, stalled_from + 2), (line, stalled_from)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_the_run_finishes_as_if_uninterrupted(reference, tmp_path):
+    cfg_path, want, want_valid = reference
+    save_dir = str(tmp_path / "run")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "torchrun_single.sh"), "--config", cfg_path,
+                             "--set", f"log.save_dir={save_dir}", "--device", "cpu"], cwd=ROOT,
+                            env=subprocess_env(GPUS=2, MAX_RESTARTS=1), stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "torchrun.err", "w"))
+    try:
+        _when_logged(save_dir, 10, [proc])  # after the checkpoint of step 8
+        workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        rank1 = [p for p in workers if b"RANK=1\x00" in open(f"/proc/{p}/environ", "rb").read().replace(
+            b"LOCAL_RANK=1\x00", b"")]
+        assert len(rank1) == 1, workers
+        os.kill(rank1[0], signal.SIGKILL)
+        killed_after = max(_records(save_dir))
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = (tmp_path / "torchrun.err").read_text()
+    assert code == 0, f"killed after step {killed_after}: " + err[-3000:]
+    # the survivor's one line (in a pipeline message "to rank 1", in a collective "to a peer rank"), no traceback
+    line = [x for x in err.splitlines() if x.startswith("megabranch-train:")]
+    assert len(line) == 1 and line[0].startswith("megabranch-train: error: rank 0, ") and "lost the connection" in \
+        line[0] and "Traceback" not in err, line
+    got = _records(save_dir)
+    assert sorted(got) == list(range(1, STEPS + 1)), (killed_after, sorted(got))
+    bad = [s for s in want if got[s] != want[s]]
+    assert not bad, f"killed after step {killed_after}: steps {bad[:3]} differ, e.g. {got[bad[0]]} vs {want[bad[0]]}"
+    assert _records(save_dir, "valid") == want_valid
+    # the replayed steps are logged twice; plot_logs reads one curve: each step once, the uninterrupted values
+    rows = load_tool("plot_logs").read_log(os.path.join(save_dir, "log.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == [want[s]["loss"] for s in range(1, STEPS + 1)]
