@@ -51,6 +51,7 @@ from .resharding import (
     cut_optimizer,
     load_checkpoint,
     load_for_rank,
+    merge_slices,
     single_layout,
     single_process_files,
     split_info,
@@ -59,7 +60,7 @@ from .resharding import (
 __all__ = [
     "FORMAT_VERSION", "META", "atomic_write", "atomic_write_bytes", "average", "consolidate", "cut",
     "cut_optimizer", "has_checkpoints", "is_zero", "load_checkpoint", "load_file", "load_for_rank",
-    "load_optimizer", "optimizer_to_canonical", "prune", "read_meta", "read_pointer", "resolve", "restore",
+    "load_optimizer", "merge_slices", "optimizer_to_canonical", "prune", "read_meta", "read_pointer", "resolve", "restore",
     "safe_load", "save_step", "sha256_file", "shard_name", "single_layout", "single_process_files",
     "split_info", "step_dirs", "verify", "versions", "write_step_dir", "zero_flat_to_canonical",
 ]

@@ -34,6 +34,12 @@ def _merge(pieces: dict, split: dict) -> dict:
     return out
 
 
+def merge_slices(pieces: dict, split: dict) -> dict:
+    """name -> {tp_rank: slice} -> name -> full tensor, by the split table of split_info (for tensors that
+    arrive some other way than a step directory: the parallel engine's gathered model)."""
+    return _merge(pieces, split)
+
+
 def consolidate(step_dir: str, meta: dict | None = None, optimizer: bool = True) -> tuple[dict, dict | None]:
     """-> (full single-process parameters by name, full canonical optimizer state or None)."""
     meta = meta if meta is not None else read_meta(step_dir)

@@ -4,7 +4,7 @@
 
 Data order (token batches, sharded over the data-parallel replicas, resumable), logging (log.jsonl, TensorBoard,
 progress), validation every log.valid_interval steps with the sacreBLEU of a greedy/beam decode where the engine
-has a whole model, a checkpoint after each validation, and stopping at optim.max_updates (or when `on_step` says
+has a whole model (the parallel engine gathers one on rank 0 when it fits: parallel/gather.py), a checkpoint after each validation, and stopping at optim.max_updates (or when `on_step` says
 so). Nothing here knows how an engine steps or saves.
 """
 
@@ -19,6 +19,7 @@ from ..config import Config
 from ..data import EpochBatchIterator
 from ..generate import quick_bleu
 from ..metrics import MetricsLogger, SilentLogger
+from ..model.regional_compile import eager
 
 
 @dataclass
@@ -47,6 +48,13 @@ def _interval_record(step: int, epoch: int, interval: dict, stats: dict, elapsed
         record.update(gnorm=_mean(interval["gnorm"]), gnorm_max=max(interval["gnorm"]))
     record.update(skipped=interval["skipped"], tokens_per_s=round(interval["ntokens"] / max(elapsed, 1e-9), 1))
     return record
+
+
+def _log_compile(logger, step: int, stats: dict) -> None:
+    logger.log({"step": step, "compile_s": stats["compile_s"], "graphs": stats["graphs"]}, tag="compile")
+    if stats["graphs"] == 0:
+        print("warning: model.compile=true, but the first step compiled no graph (torch.compile disabled, e.g. by "
+              "TORCH_COMPILE_DISABLE?): the layers ran eagerly", file=sys.stderr)
 
 
 def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, valid_batches: list | None = None,
@@ -86,6 +94,8 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
             interval["skipped"] += stats["skipped"]
             logger.progress(engine.step, stats["loss"], stats["alpha"])
             step = engine.step
+            if "compile_s" in stats:  # model.compile: the first step compiled the layers
+                _log_compile(logger, step, stats)
             last = step == o.max_updates
             if step % lg.log_interval == 0 or last:
                 logger.log(_interval_record(step, itr.epoch, interval, stats, time.time() - t0))
@@ -95,10 +105,12 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
                 break
             if step % lg.valid_interval == 0 or last:
                 valid_stats = engine.valid_loss(valid_batches)
-                model = engine.bleu_model() if lg.bleu_sentences > 0 else None
+                model = engine.bleu_model() if lg.bleu_sentences > 0 else None  # collective
                 if model is not None:
-                    valid_stats["bleu"] = quick_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
-                                                     lg.bleu_sentences, next(model.parameters()).device)
+                    with eager():  # compiled layers: the decoder's shapes change every token
+                        valid_stats["bleu"] = quick_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
+                                                         lg.bleu_sentences, next(model.parameters()).device)
+                    del model
                 logger.log({"step": step, **valid_stats}, tag="valid")
                 is_best = valid_stats["loss"] < best
                 best = min(best, valid_stats["loss"])

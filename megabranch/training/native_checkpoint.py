@@ -18,8 +18,9 @@ from ..config import Config
 from ..errors import UserError
 from ..parallel.tensor_parallel import get_rng_tracker
 
-# model keys that may change across a resume: regularisation and kernel choice
-_RESUMABLE_CHANGES = ("dropout", "attention_dropout", "activation_dropout", "fused_kernels")
+# model keys that may change across a resume: regularisation, kernel choice and compilation
+_RESUMABLE_CHANGES = ("dropout", "attention_dropout", "activation_dropout", "fused_kernels", "compile",
+                      "compile_backend")
 
 
 def rng_state() -> dict:
