@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from tests.test_pipeline import assert_matches, make_cfg, parallel_losses, reference_run  # noqa: E402
+from tests.helpers.configs import make_cfg  # noqa: E402
+from tests.helpers.reference import assert_matches, parallel_losses, reference_run  # noqa: E402
 
 
 def parse_spec(spec: str, nproc: int) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,9 @@ class DataConfig:
     max_tokens: int = 4096
     max_sentences: int = 0  # 0: unlimited
     shuffle: bool = True
+    # multilingual data: direction i is drawn with probability ~ n_i^(1/T); 1 = in proportion to the data
+    # (every pair once an epoch), 5 = OPUS-100 / mBART. A single-pair directory ignores it.
+    sampling_temperature: float = 1.0
 
 
 @dataclass
@@ -133,6 +137,8 @@ class Config:
         _check(o.update_freq >= 1, "optim.update_freq", o.update_freq, ">= 1")
         _check(o.precision in ("fp32", "bf16", "fp16"), "optim.precision", o.precision, "fp32, bf16 or fp16")
         _check(self.data.max_tokens >= 1, "data.max_tokens", self.data.max_tokens, ">= 1")
+        t = self.data.sampling_temperature
+        _check(math.isfinite(t) and t > 0, "data.sampling_temperature", t, "a number > 0 (1: in proportion to the data)")
         _check(self.log.progress in ("auto", "bar", "none"), "log.progress", self.log.progress, "auto, bar or none")
         p = self.parallel
         for name in ("tp", "pp", "vpp"):

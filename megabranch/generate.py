@@ -143,6 +143,60 @@ def quick_bleu(model, dataset, tokenizer, beam: int, limit: int, device="cpu") -
     return round(bleu(hyps, refs)[0].score, 2)
 
 
+def directions_of(dataset) -> list[tuple[str, object]]:
+    """[(direction name, its dataset)] of a multilingual dataset; [("all", dataset)] for a single pair."""
+    names = getattr(dataset, "directions", None)
+    return [(n, dataset.direction(n)) for n in names] if names else [("all", dataset)]
+
+
+def _score_directions(model, dataset, tokenizer, beam, lenpen, max_sentences=64, limit=0, device="cpu",
+                      max_tokens: int = 0):
+    """Yield (name, its dataset, hypotheses, references, sacreBLEU score, signature) for every direction."""
+    for name, part in directions_of(dataset):
+        hyps = translate(model, part, tokenizer, beam, lenpen, max_sentences, limit, device, max_tokens)
+        refs = [tokenizer.decode(part.target_tokens(i)) for i in range(len(hyps))]
+        score, sig = bleu(hyps, refs)
+        yield name, part, hyps, refs, score, sig
+
+
+def per_direction_bleu(model, dataset, tokenizer, beam: int = 1, limit: int = 0, device="cpu",
+                       lenpen: float = 0.6) -> tuple[dict, float]:
+    """({direction: sacreBLEU}, their unweighted average): the first `limit` sentences (0: all) of every
+    direction decoded and scored on its own, e.g. a multilingual validation set during training."""
+    scores = {name: score.score for name, _, _, _, score, _ in
+              _score_directions(model, dataset, tokenizer, beam, lenpen, limit=limit, device=device)}
+    return scores, sum(scores.values()) / len(scores)
+
+
+def validation_bleu(model, dataset, tokenizer, beam: int, limit: int, device="cpu") -> dict:
+    """Training's validation BLEU: {"bleu": ...} for one pair; for a multilingual set also "bleu_<direction>" for
+    each direction, "bleu" being their average (the first `limit` sentences of every direction)."""
+    if not getattr(dataset, "directions", None):
+        return {"bleu": quick_bleu(model, dataset, tokenizer, beam, limit, device)}
+    scores, average = per_direction_bleu(model, dataset, tokenizer, beam, limit, device)
+    return {"bleu": round(average, 2), **{f"bleu_{name}": round(v, 2) for name, v in scores.items()}}
+
+
+def _report_directions(model, dataset, src_tok, tgt_tok, args, device="cpu") -> None:
+    """megabranch-generate on a multilingual split: BLEU per direction and their average."""
+    all_hyps, scores, sig = [], {}, ""
+    for name, part, hyps, refs, score, sig in _score_directions(model, dataset, tgt_tok, args.beam, args.lenpen,
+                                                                 args.max_sentences, args.limit, device,
+                                                                 args.max_tokens):
+        scores[name] = score.score
+        all_hyps += hyps
+        print(f"{args.split} {name}: {len(hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}")
+        print(f"{name} BLEU = {score.score:.2f}  ({score})")
+        if args.copy_baseline:
+            srcs = [src_tok.decode(part.source_tokens(i)) for i in range(len(hyps))]
+            print(f"{name} copy-the-source baseline BLEU = {bleu(srcs, refs)[0].score:.2f}")
+    print(f"average BLEU over {len(scores)} directions = {sum(scores.values()) / len(scores):.2f}")
+    print(f"signature: {sig}")
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.writelines(h + "\n" for h in all_hyps)
+
+
 @cli_main
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="megabranch-generate", description="Translate a split and score it with sacreBLEU.")
@@ -154,8 +208,8 @@ def main(argv=None):
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--lenpen", type=float, default=0.6)
     ap.add_argument("--max-sentences", type=int, default=64)
-    ap.add_argument("--limit", type=int, default=0, help="decode only the first N sentences")
-    ap.add_argument("--output", help="write hypotheses here, one per line")
+    ap.add_argument("--limit", type=int, default=0, help="decode only the first N sentences (of each direction)")
+    ap.add_argument("--output", help="write hypotheses here, one per line (multilingual: every direction in turn)")
     ap.add_argument("--copy-baseline", action="store_true", help="also score the source copied as the hypothesis")
     add_device_arguments(ap)
     args = ap.parse_args(argv)
@@ -175,6 +229,9 @@ def main(argv=None):
                              state["step"], state["step_dir"])
     del state
     model = prepare(model, device, args.precision)
+    if getattr(dataset, "directions", None):
+        _report_directions(model, dataset, src_tok, tgt_tok, args, device)
+        return 0
     hyps = translate(model, dataset, tgt_tok, args.beam, args.lenpen, args.max_sentences, args.limit, device,
                      args.max_tokens)
     refs = [tgt_tok.decode(dataset.target_tokens(i)) for i in range(len(hyps))]

@@ -62,7 +62,7 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None, backe
     if resume is None and engine_cls.has_checkpoints(cfg.log.save_dir):
         raise UserError(f"{cfg.log.save_dir} already holds checkpoints; pass --resume to continue it or set "
                         "log.save_dir elsewhere")
-    train_set, tok, meta = load_split(cfg.data.data_dir, "train")
+    train_set, tok, meta = load_split(cfg.data.data_dir, "train", cfg.data.sampling_temperature)
     valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
     src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
     engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device, backend,

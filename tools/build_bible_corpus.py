@@ -1,19 +1,27 @@
 #!/usr/bin/env python3
-"""Build the verse-aligned KJV -> WEB parallel corpus shipped as demo data.
+"""Build a verse-aligned parallel corpus from two SWORD Bible modules.
 
-Source side: King James Version (SWORD module ``engKJV2006eb``, Debian package
-``sword-text-kjv``).  Target side: World English Bible (SWORD module
-``engWEB2015eb``, Debian package ``sword-text-web``).  Both texts are in the
-public domain.
+One builder for any pair of modules; the pairs shipped in data/ are presets:
+
+* ``kjv_web``: King James Version (``engKJV2006eb``, Debian ``sword-text-kjv``)
+  -> World English Bible (``engWEB2015eb``, ``sword-text-web``), English to
+  modern English.
+* ``en_es``: World English Bible -> Reina-Valera 1909 (``spaRV1909eb``,
+  ``sword-text-sparv``), English to Spanish.
+
+Every module used is in the public domain (each module's .conf says
+``DistributionLicense=Public Domain``; the data READMEs record it).
 
 Requirements (Debian/Ubuntu)::
 
-    apt-get install -y diatheke sword-text-kjv sword-text-web
+    apt-get install -y diatheke sword-text-kjv sword-text-web sword-text-sparv
 
 Usage::
 
-    python tools/build_bible_corpus.py            # writes data/kjv_web/
-    python tools/build_bible_corpus.py --out DIR
+    python tools/build_bible_corpus.py                 # writes data/kjv_web/
+    python tools/build_bible_corpus.py --pair en_es    # writes data/en_es/
+    python tools/build_bible_corpus.py --src-module M1 --tgt-module M2 \
+        --src-ext xx --tgt-ext yy --out DIR           # any other pair
 
 How it works
 ------------
@@ -29,16 +37,30 @@ How it works
   following lines is joined.  Pre-verse text (only the canonical Psalm
   titles, e.g. "A Psalm of David.") is kept once per chapter under verse 0;
   it is read from a one-verse query of "Psalms C:1", because whole-book
-  exports repeat stale titles into untitled Psalms.
+  exports repeat stale titles into untitled Psalms.  A module that has no
+  such titles in a book where the other module has them carries its titles
+  inside verse 1 (the Reina-Valera does), so there the other side's title is
+  prepended to its verse 1 instead of being dropped as unpaired.
 * Cleaning: footnotes removed (re-inserting the word space they sometimes
   swallowed), OSIS tags removed (``<milestone>`` becomes a space), KJV
   paragraph marks (pilcrow, U+00B6) and stray USFM divine-name markup
   (``\\nd LORD\\+nd*``) removed, the WEB glossary
   that diatheke appends to Revelation 22:21 cut off, whitespace collapsed.
   The trailing ``(module)`` line that diatheke prints is dropped.
+  Module-specific fixes (MODULE_FIXES): the Reina-Valera's drop capital
+  (the first word of each chapter in capitals, "EN el principio") is
+  written in normal case, its translators' additions (``<transChange>``,
+  glued to their neighbours in the module) get their spaces back (the module
+  is read from diatheke's HTML output, which keeps those elements), and
+  Psalm 119's acrostic letters ("ALEPH.") are removed, as the WEB and KJV
+  keep them out of the verse text.
 * Verses are aligned on the (book, chapter, verse) key; keys missing or empty
   on either side are dropped (the two modules use slightly different
-  versifications: KJV vs NRSVA), and so are pairs whose character lengths
+  versifications: KJV vs NRSVA).  With a module of REALIGN_MODULES (the
+  Reina-Valera, which moves some chapter boundaries while keeping KJV-style
+  keys) each book is aligned by verse length instead (Gale & Church), and
+  only its 1-1 matches are kept; the chapters of UNALIGNABLE are left out.
+  Pairs whose character lengths
   differ by more than a factor 3 (--max-len-ratio), which catches verses
   the versification mapping merged on one side only (e.g. the WEB puts the
   doxology of Romans 16:25-27 into Romans 14:23).
@@ -47,8 +69,11 @@ How it works
   each for valid and test).  A verse pair whose exact (source, target) text
   already occurred earlier (in canonical order) goes to the same split as that
   first occurrence, so no pair is shared between splits.
-* Output: ``{train,valid,test}.{kjv,web}.gz``, one verse per line in canonical
-  order, gzip with mtime=0 so reruns are byte-identical.
+* Output: ``{train,valid,test}.{SRC,TGT}.gz`` (e.g. ``.kjv``/``.web``), one
+  verse per line in canonical order, gzip with mtime=0 so reruns are
+  byte-identical.  Every pair uses the same split rule on the same verse
+  keys, so the test sets of different pairs are (up to dropped verses) the
+  same verses.
 
 Only the Python standard library is used.
 """
@@ -59,6 +84,7 @@ import argparse
 import gzip
 import hashlib
 import io
+import math
 import os
 import re
 import shutil
@@ -67,6 +93,15 @@ import sys
 
 KJV_MODULE = "engKJV2006eb"
 WEB_MODULE = "engWEB2015eb"
+RV1909_MODULE = "spaRV1909eb"
+
+# name -> ((source ext, source module), (target ext, target module))
+PRESETS = {
+    "kjv_web": (("kjv", KJV_MODULE), ("web", WEB_MODULE)),
+    "en_es": (("en", WEB_MODULE), ("es", RV1909_MODULE)),
+}
+DEBIAN_PACKAGES = {KJV_MODULE: "sword-text-kjv", WEB_MODULE: "sword-text-web",
+                   RV1909_MODULE: "sword-text-sparv"}
 
 # diatheke's English book names, canonical order (protocanon only: the KJV
 # module has no deuterocanon).
@@ -123,11 +158,99 @@ def clean(text: str) -> str:
     return _WS_RE.sub(" ", text).strip()
 
 
+# Psalm 119's acrostic letters, which some modules put at the start of the
+# verse that opens each stanza ("ALEPH. Bienaventurados ...").
+_ACROSTIC_RE = re.compile(
+    r"^(ALEPH|BETH|GIMEL|DALETH|HE|VAU|ZAIN|CHETH|HETH|TETH|JOD|YODH|CAPH|"
+    r"KAPH|LAMED|MEM|NUN|SAMECH|AIN|PE|TZADDI|COPH|KOPH|RESH|SIN|SHIN|TAU)"
+    r"\.?(\s+|$)")
+_WORD_RE = re.compile(r"[^\W\d_]+")
+_NAMES = {"JEHOVÁ", "DIOS", "JAH", "JESÚS", "JESUS", "SEÑOR", "ISRAEL"}
+
+
+def normal_case_first_capital(text: str) -> str:
+    """'¡OH Jehová' -> '¡Oh Jehová', 'Y DESPUÉS movió' -> 'Y después movió':
+    the first all-capitals word (2+ letters), lower case after a one-letter
+    opening word."""
+    for m in _WORD_RE.finditer(text):
+        w = m.group()
+        if len(w) >= 2 and w.isupper():
+            before = _WORD_RE.findall(text[:m.start()])
+            lower = len(before) == 1 and len(before[0]) == 1 and w not in _NAMES
+            w = w.lower() if lower else w.capitalize()
+            return text[:m.start()] + w + text[m.end():]
+    return text
+
+
+# Chapters a module numbers so differently that neither keys nor lengths
+# align them: the Reina-Valera's Job 39-40 (the Hebrew division moves five
+# verses across each boundary, and Job's verses are too even in length for
+# the alignment below to find the shift).  They are left out.
+UNALIGNABLE = {RV1909_MODULE: {("Job", 39), ("Job", 40)}}
+
+
+def _dropcap(verses: dict, book: str) -> None:
+    for (c, v), text in verses.items():
+        if v == 1:
+            verses[(c, v)] = normal_case_first_capital(text)
+
+
+# module -> fixes applied to each book's verses after cleaning
+MODULE_FIXES = {RV1909_MODULE: (_dropcap,)}
+
+
+def fix_verses(module: str, book: str, verses: dict) -> dict:
+    if book == "Psalms":
+        for key in [k for k in verses if k[0] == 119]:
+            verses[key] = _ACROSTIC_RE.sub("", verses[key])
+    for fix in MODULE_FIXES.get(module, ()):
+        fix(verses, book)
+    return verses
+
+
+def merge_titles(a: dict, b: dict) -> None:
+    """Where only `a` has chapter titles (verse 0) in a book, `b` carries them
+    inside verse 1: prepend each of a's titles to a's verse 1 to match."""
+    if any(v == 0 for _, v in b):
+        return
+    for c, _ in [k for k in a if k[1] == 0]:
+        title = a.pop((c, 0))
+        if title and (c, 1) in a:
+            a[(c, 1)] = f"{title} {a[(c, 1)]}"
+
+
+# Words the translators added (<transChange>) sit in the Reina-Valera's text
+# with no space around them ("hay allí</w>también<w>bdelio"); diatheke's
+# OSIS output drops the element and glues the words, its HTML output keeps
+# it, so that module is read as HTML and the space put back, except before
+# an enclitic pronoun, which belongs to the verb ("sáca" + "lo").
+EXPORT_FORMAT = {RV1909_MODULE: "HTML"}
+_TRANS_CHANGE_RE = re.compile(r"<transChange\b[^>]*>(.*?)</transChange>", re.S)
+_ENCLITIC_RE = re.compile(r"(?:me|te|se|nos|os|le|les|lo|los|la|las)+")
+
+
+def space_added_words(raw: str) -> str:
+    """Put a space between each <transChange> and a word it is glued to."""
+    def repl(m):
+        before = _TAG_RE.sub("", raw[max(0, m.start() - 200):m.start()])[-1:]
+        after = _TAG_RE.sub("", raw[m.end():m.end() + 200])[:1]
+        text = m.group(1)
+        glued_left = before.isalnum() or before in ",;:.!?)\u00bb\u201d"
+        left = " " if glued_left and not _ENCLITIC_RE.fullmatch(text) else ""
+        right = " " if after.isalnum() or after in "\u00a1\u00bf(\u00ab\u201c" else ""
+        return left + text + right
+    return _TRANS_CHANGE_RE.sub(repl, raw)
+
+
 def export(diatheke: str, module: str, key: str) -> str:
+    fmt = EXPORT_FORMAT.get(module, "OSIS")
     proc = subprocess.run(
-        [diatheke, "-b", module, "-f", "OSIS", "-o", "f", "-k", key],
+        [diatheke, "-b", module, "-f", fmt, "-o", "f", "-k", key],
         check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return proc.stdout.decode("utf-8", errors="replace")
+    raw = proc.stdout.decode("utf-8", errors="replace")
+    if fmt == "HTML":
+        raw = space_added_words(raw.replace("</body></html>", ""))
+    return raw
 
 
 def parse_records(raw: str, book: str, module: str) -> list:
@@ -163,7 +286,105 @@ def read_book(diatheke: str, module: str, book: str) -> dict:
                     export(diatheke, module, f"{book} {c}:1"), book, module):
                 if (c1, v1) == (c, 1) and pre1:
                     verses[(c, 0)] = pre1
-    return verses
+    return fix_verses(module, book, verses)
+
+
+# Modules whose chapter boundaries differ from the other side's in places
+# although the keys follow the same scheme: the Reina-Valera follows the
+# Hebrew/Spanish chapter divisions (Numbers 12:16 is its 13:1, so its whole
+# chapter 13 sits one key later; likewise Numbers 30, I Samuel 24, Job 39-41,
+# Hosea 12, Jonah 2, ...).  Pairs with such a module are aligned by verse
+# length (Gale & Church 1993) rather than by key.
+REALIGN_MODULES = {RV1909_MODULE}
+_GC_VARIANCE = 6.8  # Gale & Church's variance of target chars per source char
+# -log prior of each alignment bead: 1-1, 1-0/0-1, 2-1/1-2
+_BEAD_COST = {(1, 1): -math.log(0.97), (1, 0): -math.log(0.0025),
+              (0, 1): -math.log(0.0025), (2, 1): -math.log(0.0125),
+              (1, 2): -math.log(0.0125)}
+_OMITTED_COST = -math.log(0.1)  # skipping a verse whose key is empty on the other side
+_SAME_KEY_BONUS = 0.3  # ties go to the key alignment
+_BAND = 60  # how far (in verses) the alignment may leave the diagonal
+
+
+def _length_cost(l1: int, l2: int, ratio: float) -> float:
+    delta = (l2 - l1 * ratio) / math.sqrt(max(l1, 1) * _GC_VARIANCE)
+    return -math.log(max(math.erfc(abs(delta) / math.sqrt(2)), 1e-300))
+
+
+def align_by_length(a: list, b: list) -> list:
+    """Gale-Church alignment of two verse lists [(key, text)], in order.
+
+    An empty verse is skipped at no cost (it marks where a chapter boundary
+    moved); a 1-1 bead of two equal keys gets a small bonus, so the key
+    alignment wins wherever lengths do not speak against it.  Returns the 1-1
+    beads of two non-empty verses as (i, j) index pairs; verses in 1-0, 0-1,
+    2-1 and 1-2 beads are left out (an unmatched or merged verse is no clean
+    pair).
+    """
+    n, m = len(a), len(b)
+    la, lb = [len(t) for _, t in a], [len(t) for _, t in b]
+    other_a, other_b = dict(a), dict(b)
+    ratio = sum(lb) / max(sum(la), 1)
+    inf = float("inf")
+    cost = {(0, 0): 0.0}
+    back = {}
+    for i in range(n + 1):
+        centre = i * m // max(n, 1)
+        for j in range(max(0, centre - _BAND), min(m, centre + _BAND) + 1):
+            if i == 0 and j == 0:
+                continue
+            best, arg = inf, None
+            for (di, dj), prior in _BEAD_COST.items():
+                prev = cost.get((i - di, j - dj))
+                if prev is None:
+                    continue
+                ta, tb = la[i - di:i], lb[j - dj:j]
+                if not dj and not ta[0] or not di and not tb[0]:
+                    c = prev  # skipping an empty verse is free
+                elif 0 in ta or 0 in tb:
+                    continue  # an empty verse pairs with nothing
+                elif not dj and not other_b.get(a[i - 1][0]) or not di and not other_a.get(b[j - 1][0]):
+                    c = prev + _OMITTED_COST  # a verse the other side omits (Acts 8:37)
+                else:
+                    c = prev + prior
+                    if di and dj:
+                        c += _length_cost(sum(ta), sum(tb), ratio)
+                        if (di, dj) == (1, 1) and a[i - 1][0] == b[j - 1][0]:
+                            c -= _SAME_KEY_BONUS
+                if c < best:
+                    best, arg = c, (di, dj)
+            if arg is not None:
+                cost[(i, j)], back[(i, j)] = best, arg
+    if (n, m) not in cost:
+        raise ValueError("alignment left the band; raise _BAND")
+    beads, i, j = [], n, m
+    while i or j:
+        di, dj = back[(i, j)]
+        i, j = i - di, j - dj
+        if (di, dj) == (1, 1) and la[i] and lb[j]:
+            beads.append((i, j))
+    return beads[::-1]
+
+
+def pair_verses(src: dict, tgt: dict, realign: bool):
+    """(key, source text, target text) in canonical order; a side is None
+    where it has no verse for the key (or, realigned, no 1-1 partner) and ""
+    where its verse is empty.  Realigned pairs carry the source's key."""
+    if not realign:
+        for key in sorted(set(src) | set(tgt)):
+            yield key, src.get(key), tgt.get(key)
+        return
+    for key in sorted(set(src) | set(tgt)):  # empty verses: nothing to align
+        if src.get(key) == "" or tgt.get(key) == "":
+            yield key, src.get(key, ""), tgt.get(key, "")
+    a, b = sorted(src.items()), sorted(tgt.items())
+    beads = align_by_length(a, b)
+    paired_a = {i for i, _ in beads}
+    for i, (key, text) in enumerate(a):
+        if text and i not in paired_a:
+            yield key, text, None
+    for i, j in beads:
+        yield a[i][0], a[i][1], b[j][1]
 
 
 def split_of(key: str) -> str:
@@ -189,39 +410,52 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join("data", "kjv_web"),
-                    help="output directory (default: data/kjv_web)")
-    ap.add_argument("--src-module", default=KJV_MODULE,
-                    help="SWORD module for the source side (default: %(default)s)")
-    ap.add_argument("--tgt-module", default=WEB_MODULE,
-                    help="SWORD module for the target side (default: %(default)s)")
-    ap.add_argument("--src-ext", default="kjv")
-    ap.add_argument("--tgt-ext", default="web")
+    ap.add_argument("--pair", choices=sorted(PRESETS), default="kjv_web",
+                    help="preset: modules and file extensions of a shipped "
+                    "pair (default: %(default)s)")
+    ap.add_argument("--out", help="output directory (default: data/PAIR)")
+    ap.add_argument("--src-module",
+                    help="SWORD module for the source side (default: the preset's)")
+    ap.add_argument("--tgt-module",
+                    help="SWORD module for the target side (default: the preset's)")
+    ap.add_argument("--src-ext", help="source file extension (default: the preset's)")
+    ap.add_argument("--tgt-ext", help="target file extension (default: the preset's)")
     ap.add_argument("--diatheke", default="diatheke",
                     help="diatheke executable (default: %(default)s)")
     ap.add_argument("--max-len-ratio", type=float, default=3.0,
                     help="drop pairs whose character lengths differ by more "
                     "than this factor (default: %(default)s)")
     args = ap.parse_args(argv)
+    (src_ext, src_module), (tgt_ext, tgt_module) = PRESETS[args.pair]
+    src_ext, tgt_ext = args.src_ext or src_ext, args.tgt_ext or tgt_ext
+    src_module = args.src_module or src_module
+    tgt_module = args.tgt_module or tgt_module
+    out = args.out or os.path.join("data", args.pair)
 
     diatheke = shutil.which(args.diatheke)
     if diatheke is None:
-        sys.exit("diatheke not found: apt-get install -y diatheke "
-                 "sword-text-kjv sword-text-web")
+        packages = " ".join(DEBIAN_PACKAGES.get(m, m) for m in (src_module, tgt_module))
+        sys.exit(f"diatheke not found: apt-get install -y diatheke {packages}")
 
     splits = {name: ([], []) for name in ("train", "valid", "test")}
     first_split: dict = {}  # (src, tgt) -> split of its first occurrence
     n_unpaired = n_empty = n_ratio = n_dupe = 0
     for i, book in enumerate(BOOKS, 1):
-        src = read_book(diatheke, args.src_module, book)
-        tgt = read_book(diatheke, args.tgt_module, book)
+        src = read_book(diatheke, src_module, book)
+        tgt = read_book(diatheke, tgt_module, book)
         if not src or not tgt:
-            sys.exit(f"no verses for {book!r} in {args.src_module} or "
-                     f"{args.tgt_module}: is the module installed?")
-        keys = sorted(set(src) | set(tgt))
+            sys.exit(f"no verses for {book!r} in {src_module} or "
+                     f"{tgt_module}: is the module installed?")
+        if any(v == 0 for _, v in src) or any(v == 0 for _, v in tgt):
+            merge_titles(src, tgt)
+            merge_titles(tgt, src)
+        for module in (src_module, tgt_module):
+            for side in (src, tgt):
+                for key in [k for k in side if (book, k[0]) in UNALIGNABLE.get(module, ())]:
+                    del side[key]
+        realign = bool({src_module, tgt_module} & REALIGN_MODULES)
         kept = 0
-        for c, v in keys:
-            s, t = src.get((c, v)), tgt.get((c, v))
+        for (c, v), s, t in pair_verses(src, tgt, realign):
             if s is None or t is None:
                 n_unpaired += 1
                 continue
@@ -238,15 +472,15 @@ def main(argv=None) -> int:
             splits[split][0].append(s)
             splits[split][1].append(t)
             kept += 1
-        print(f"[{i:2d}/{len(BOOKS)}] {book}: {len(src)} {args.src_ext}, "
-              f"{len(tgt)} {args.tgt_ext}, {kept} pairs", file=sys.stderr)
+        print(f"[{i:2d}/{len(BOOKS)}] {book}: {len(src)} {src_ext}, "
+              f"{len(tgt)} {tgt_ext}, {kept} pairs", file=sys.stderr)
 
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     for name, (s, t) in splits.items():
-        write_gz(os.path.join(args.out, f"{name}.{args.src_ext}.gz"), s)
-        write_gz(os.path.join(args.out, f"{name}.{args.tgt_ext}.gz"), t)
+        write_gz(os.path.join(out, f"{name}.{src_ext}.gz"), s)
+        write_gz(os.path.join(out, f"{name}.{tgt_ext}.gz"), t)
     total = sum(len(s) for s, _ in splits.values())
-    print(f"wrote {args.out}: " + ", ".join(
+    print(f"wrote {out}: " + ", ".join(
         f"{n} {len(s)}" for n, (s, _) in splits.items())
         + f" (total {total}); dropped {n_unpaired} unpaired keys, "
         f"{n_empty} empty verses, {n_ratio} pairs over the length ratio; {n_dupe} duplicate pairs moved to the "

@@ -1,7 +1,9 @@
-"""Data layer: SentencePiece tokenizer, memory-mapped binarized datasets, pair collation, token batching."""
+"""Data layer: SentencePiece tokenizer, memory-mapped binarized datasets, pair collation, token batching,
+multilingual directories (language tags, temperature sampling)."""
 
 from megabranch.data.batching import EpochBatchIterator, EpochIterator, make_batches
 from megabranch.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
+from megabranch.data.multilingual import MultilingualDataset, tag_of, temperature_probs
 from megabranch.data.pair_dataset import LanguagePairDataset
 from megabranch.data.splits import load_split
 from megabranch.data.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, train_sentencepiece
@@ -9,7 +11,7 @@ from megabranch.data.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, train_sente
 __all__ = [
     "BOS", "EOS", "PAD", "UNK",
     "EpochBatchIterator", "EpochIterator", "IndexedDataset", "IndexedDatasetBuilder",
-    "LanguagePairDataset", "Tokenizer", "best_dtype", "load_split", "make_batches",
-    "train_sentencepiece",
+    "LanguagePairDataset", "MultilingualDataset", "Tokenizer", "best_dtype", "load_split", "make_batches",
+    "tag_of", "temperature_probs", "train_sentencepiece",
 ]
 

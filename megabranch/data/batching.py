@@ -99,6 +99,8 @@ class EpochBatchIterator:
 
     Epochs are numbered from 1. Batches of epoch e depend only on (dataset sizes, batching
     arguments, seed, e), so a resumed run re-derives the same list and skips what was consumed.
+    A dataset with `epoch_indices(seed, epoch)` (a temperature-sampled MultilingualDataset) is
+    batched over that epoch's draw instead of over all its items.
     With num_shards > 1 every rank computes the same global list and takes batches
     i % num_shards == shard_id; the list is truncated to a multiple of num_shards so all ranks
     run the same number of steps (the dropped tail differs per epoch when shuffling).
@@ -121,9 +123,16 @@ class EpochBatchIterator:
     def batches_for_epoch(self, epoch: int) -> list[np.ndarray]:
         """This shard's index batches for `epoch` (cached for the latest epoch asked)."""
         if self._cache is None or self._cache[0] != epoch:
-            full = make_batches(self.dataset.src_sizes, self.dataset.tgt_sizes, self.max_tokens,
-                                self.max_sentences, self.seed, epoch, self.shuffle,
-                                self.required_multiple)
+            # a multilingual dataset with a sampling temperature draws which pairs this epoch uses
+            draw = getattr(self.dataset, "epoch_indices", None)
+            sample = draw(self.seed, epoch) if draw is not None else None
+            src_sizes, tgt_sizes = self.dataset.src_sizes, self.dataset.tgt_sizes
+            if sample is not None:
+                src_sizes, tgt_sizes = src_sizes[sample], tgt_sizes[sample]
+            full = make_batches(src_sizes, tgt_sizes, self.max_tokens, self.max_sentences, self.seed, epoch,
+                                self.shuffle, self.required_multiple)
+            if sample is not None:
+                full = [sample[b] for b in full]
             n = len(full) // self.num_shards * self.num_shards
             if not full:
                 raise UserError("the dataset has no examples to batch")

@@ -14,34 +14,37 @@ from megabranch.data.tokenizer import BOS, EOS, PAD
 class LanguagePairDataset:
     """Pairs item i of `src` with item i of `tgt`; both get an eos appended.
 
-    `src_sizes` / `tgt_sizes` are the collated lengths (token count + 1 for eos); pass them to
-    `make_batches` so the max_tokens budget counts exactly what ends up in the tensors.
+    `src_prefix` (a target-language tag's id in a multilingual directory) is put before every source.
+    `src_sizes` / `tgt_sizes` are the collated lengths (token count + 1 for eos, + 1 for the prefix);
+    pass them to `make_batches` so the max_tokens budget counts exactly what ends up in the tensors.
     """
 
     def __init__(self, src: IndexedDataset, tgt: IndexedDataset, pad: int = PAD, bos: int = BOS,
-                 eos: int = EOS, pad_to_multiple: int = 1):
+                 eos: int = EOS, pad_to_multiple: int = 1, src_prefix: int | None = None):
         if len(src) != len(tgt):
             raise ValueError(f"source has {len(src)} items but target has {len(tgt)}")
         self.src, self.tgt = src, tgt
         self.pad, self.bos, self.eos = pad, bos, eos
         self.pad_to_multiple = pad_to_multiple  # e.g. 8 keeps GEMM shapes tensor-core friendly
-        self.src_sizes = np.asarray(src.sizes, dtype=np.int64) + 1
+        self.src_prefix = src_prefix
+        self._prefix = np.array([] if src_prefix is None else [src_prefix], dtype=np.int64)
+        self.src_sizes = np.asarray(src.sizes, dtype=np.int64) + 1 + len(self._prefix)
         self.tgt_sizes = np.asarray(tgt.sizes, dtype=np.int64) + 1
 
     def __len__(self) -> int:
         return len(self.src_sizes)
 
     def __getitem__(self, i: int) -> dict:
-        """{"id", "source": src + [eos], "target": tgt + [eos]} as 1-D long tensors."""
+        """{"id", "source": [prefix] + src + [eos], "target": tgt + [eos]} as 1-D long tensors."""
         eos = np.array([self.eos], dtype=np.int64)
         return {
             "id": int(i),
-            "source": torch.from_numpy(np.concatenate([self.src[i], eos])),
+            "source": torch.from_numpy(np.concatenate([self._prefix, self.src[i], eos])),
             "target": torch.from_numpy(np.concatenate([self.tgt[i], eos])),
         }
 
     def source_tokens(self, i: int) -> np.ndarray:
-        """Raw source ids of item i (no eos), e.g. to detokenize a reference."""
+        """Raw source ids of item i (no prefix, no eos), e.g. to detokenize a reference."""
         return self.src[i]
 
     def target_tokens(self, i: int) -> np.ndarray:

@@ -4,6 +4,12 @@ Input: PREFIX.LANG (or PREFIX.LANG.gz) per split and language, one sentence per 
 languages line-aligned. Output (in --destdir): spm.model (or spm.SRC.model + spm.TGT.model),
 dict.txt (or dict.LANG.txt), {split}.{src}-{tgt}.{lang}.bin/.idx and meta.json (written last,
 so its presence means the directory is complete).
+
+With --pairs en-de,de-en,en-fr (instead of -s/-t) several directions go into one directory: one
+joint sentencepiece model over every training file, with the target-language tags <2de>, <2en>,
+<2fr> as user-defined pieces; each direction's splits are binarized as above, and meta.json lists
+the directions and their tags. The tag is put before the source when the data is read
+(megabranch.data.multilingual), not stored in the binarized files.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from itertools import islice
@@ -18,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megabranch.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
-from megabranch.data.pair_dataset import LanguagePairDataset
+from megabranch.data.indexed import IndexedDatasetBuilder, best_dtype
+from megabranch.data.multilingual import tag_of
 from megabranch.data.splits import META
 from megabranch.data.tokenizer import UNK, Tokenizer, iter_lines, train_sentencepiece
 from megabranch.errors import UserError, cli_main
@@ -49,10 +56,38 @@ def _count_lines(path: Path) -> int:
     return sum(1 for _ in iter_lines(path))
 
 
+def _aligned_paths(prefix: str, src: str, tgt: str) -> tuple[Path, Path]:
+    """PREFIX.SRC and PREFIX.TGT, refused unless both exist and have as many lines."""
+    paths = (input_path(prefix, src), input_path(prefix, tgt))
+    n = [_count_lines(p) for p in paths]
+    if n[0] != n[1]:
+        raise UserError(f"{paths[0]} has {n[0]} lines but {paths[1]} has {n[1]}; parallel files must be line-aligned")
+    return paths
+
+
+def _write_meta(dest: Path, meta: dict) -> None:
+    tmp = dest / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, dest / META)
+    _log(f"wrote {dest}")
+
+
+def _check_output_args(args) -> Path:
+    if args.max_len < 1:
+        raise UserError(f"--max-len {args.max_len}: must be >= 1")
+    dest = Path(args.destdir)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"--destdir {dest}: exists and is not a directory")
+    return dest
+
+
 def _parse_args(argv):
     p = argparse.ArgumentParser(prog="megabranch-preprocess", description=__doc__.splitlines()[0])
-    p.add_argument("--source-lang", "-s", required=True)
-    p.add_argument("--target-lang", "-t", required=True)
+    p.add_argument("--source-lang", "-s")
+    p.add_argument("--target-lang", "-t")
+    p.add_argument("--pairs", metavar="SRC-TGT,...",
+                   help="several directions into one directory with target-language tags, e.g. en-de,de-en "
+                        "(instead of -s/-t); a --{split}pref is then one prefix for every pair or one per pair")
     for split in SPLITS:
         p.add_argument(f"--{split}pref", metavar="PREFIX", help=f"{split} files: PREFIX.LANG[.gz]")
     p.add_argument("--destdir", default="data-bin")
@@ -175,14 +210,16 @@ def _write_dict(path: Path, tok: Tokenizer, counts: np.ndarray) -> None:
 @cli_main
 def main(argv=None):
     args = _parse_args(argv)
+    if args.pairs:
+        if args.source_lang or args.target_lang:
+            raise UserError("--pairs replaces --source-lang/--target-lang: give one or the other")
+        return _main_pairs(args)
+    if not (args.source_lang and args.target_lang):
+        raise UserError("give --source-lang and --target-lang (or --pairs SRC-TGT,... for several directions)")
     src, tgt = langs = (args.source_lang, args.target_lang)
     if src == tgt:
         raise UserError(f"--source-lang and --target-lang are both {src!r}; they must differ")
-    if args.max_len < 1:
-        raise UserError(f"--max-len {args.max_len}: must be >= 1")
-    dest = Path(args.destdir)
-    if dest.exists() and not dest.is_dir():
-        raise UserError(f"--destdir {dest}: exists and is not a directory")
+    dest = _check_output_args(args)
     joint, given = _resolve_models(args, langs)
 
     # Validate every input before any slow work: existence and equal line counts.
@@ -190,11 +227,7 @@ def main(argv=None):
     for split in SPLITS:
         prefix = getattr(args, f"{split}pref")
         if prefix:
-            paths = (input_path(prefix, src), input_path(prefix, tgt))
-            n = [_count_lines(p) for p in paths]
-            if n[0] != n[1]:
-                raise UserError(f"{paths[0]} has {n[0]} lines but {paths[1]} has {n[1]}; parallel files must be line-aligned")
-            splits[split] = paths
+            splits[split] = _aligned_paths(prefix, src, tgt)
     if not splits:
         raise UserError("no input: give at least one of --trainpref, --validpref, --testpref")
     if given is None and "train" not in splits:
@@ -252,10 +285,97 @@ def main(argv=None):
         "max_len": args.max_len,
         "splits": stats,
     }
-    tmp = dest / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, dest / META)
-    _log(f"wrote {dest}")
+    _write_meta(dest, meta)
+    return 0
+
+
+_PAIR_RE = re.compile(r"([A-Za-z0-9_]+)-([A-Za-z0-9_]+)")
+
+
+def _parse_pairs(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in text.split(","):
+        m = _PAIR_RE.fullmatch(item.strip())
+        if not m or m.group(1) == m.group(2):
+            raise UserError(f"--pairs: {item.strip()!r} is not SRC-TGT with two different language codes "
+                            f"(letters, digits, _), e.g. en-de,de-en")
+        if m.groups() in pairs:
+            raise UserError(f"--pairs: {item.strip()} is given twice")
+        pairs.append(m.groups())
+    return pairs
+
+
+def _main_pairs(args) -> int:
+    """--pairs: every direction into one directory, one joint sentencepiece model with the language tags."""
+    pairs = _parse_pairs(args.pairs)
+    if args.joint is False or args.src_spm_model or args.tgt_spm_model:
+        raise UserError("--pairs uses one joint sentencepiece model for every language: drop --no-joint and "
+                        "--src-spm-model/--tgt-spm-model (--spm-model is fine)")
+    dest = _check_output_args(args)
+    names = [f"{s}-{t}" for s, t in pairs]
+    langs = list(dict.fromkeys(lang for pair in pairs for lang in pair))
+    tags = list(dict.fromkeys(tag_of(t) for _, t in pairs))
+
+    inputs: dict[str, list[tuple[Path, Path]]] = {}  # split -> one (src, tgt) path pair per direction
+    for split in SPLITS:
+        spec = getattr(args, f"{split}pref")
+        if not spec:
+            continue
+        prefixes = [x.strip() for x in spec.split(",")]
+        if len(prefixes) == 1:
+            prefixes *= len(pairs)
+        if len(prefixes) != len(pairs):
+            raise UserError(f"--{split}pref: {len(prefixes)} prefixes for {len(pairs)} pairs; give one prefix "
+                            f"for every pair or one per pair, comma-separated in the order of --pairs")
+        inputs[split] = [_aligned_paths(prefix, s, t) for prefix, (s, t) in zip(prefixes, pairs)]
+    if not inputs:
+        raise UserError("no input: give at least one of --trainpref, --validpref, --testpref")
+    given = Path(args.spm_model) if args.spm_model else None
+    if given is not None and not given.is_file():
+        raise UserError(f"{given}: sentencepiece model not found")
+    if given is None and "train" not in inputs:
+        raise UserError("--trainpref is required to train sentencepiece (or pass --spm-model)")
+
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / META).unlink(missing_ok=True)  # an interrupted rerun must not look complete
+    model = dest / _spm_name(True, "")
+    if given is not None:
+        if not (model.exists() and os.path.samefile(given, model)):
+            shutil.copyfile(given, model)
+    else:
+        files = list(dict.fromkeys(p for paths in inputs["train"] for p in paths))
+        _log(f"training sentencepiece ({args.model_type}, vocab {args.vocab_size}, tags {' '.join(tags)}) on "
+             + ", ".join(str(p) for p in files))
+        train_sentencepiece(files, model.with_suffix(""), args.vocab_size, args.model_type, args.character_coverage,
+                            args.seed, args.input_sentence_size, user_defined_symbols=tags)
+    tok = Tokenizer(model)
+    for tag in tags:
+        if tok.piece_id(tag) is None:
+            raise UserError(f"{given or model}: the language tag {tag} is not in its vocabulary; train the model "
+                            f"with the tags as user-defined symbols, or leave out --spm-model to train one here")
+
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)  # one table: the vocabulary is shared
+    stats: dict[str, dict] = {}
+    for split, paths in inputs.items():
+        stats[split] = {}
+        for name, (s, t), (src_path, tgt_path) in zip(names, pairs, paths):
+            _log(f"{split} {name}: binarizing {src_path} + {tgt_path}")
+            stats[split][name] = _binarize(f"{split} {name}", src_path, tgt_path, (tok, tok), (s, t), args.max_len,
+                                           dest / f"{split}.{name}", {s: counts, t: counts} if split == "train" else None)
+    if "train" in inputs:
+        _write_dict(dest / "dict.txt", tok, counts)
+    _write_meta(dest, {
+        "format_version": FORMAT_VERSION,
+        "directions": [{"source_lang": s, "target_lang": t, "tag": tag_of(t)} for s, t in pairs],
+        "joint": True,
+        "vocab_size": {lang: tok.vocab_size for lang in langs},
+        "spm": {lang: model.name for lang in langs},
+        "spm_sha256": {lang: tok.sha256 for lang in langs},
+        "dict": {lang: "dict.txt" for lang in langs} if "train" in inputs else None,
+        "model_type": None if given else args.model_type,
+        "max_len": args.max_len,
+        "splits": stats,
+    })
     return 0
 
 

@@ -75,6 +75,7 @@ def train_sentencepiece(
     character_coverage: float = 1.0,
     seed: int = 1,
     input_sentence_size: int = 2_000_000,
+    user_defined_symbols: Sequence[str] = (),
 ) -> Path:
     """Train a SentencePiece model on `input_files` and write `<model_prefix>.model`.
 
@@ -82,6 +83,7 @@ def train_sentencepiece(
     sentence sampling is not reproducible across processes even with a seed, so we sample
     `input_sentence_size` lines ourselves with a seeded numpy RNG and train single-threaded.
     The model bytes are produced in memory (`model_writer`) so no file path is embedded in them.
+    `user_defined_symbols` (e.g. the language tags "<2de>") become pieces that are never split.
     Returns the path of the written .model file.
     """
     if model_type not in ("bpe", "unigram"):
@@ -105,6 +107,8 @@ def train_sentencepiece(
         sentences = _usable_lines(files)
 
     buf = io.BytesIO()
+    # only passed when asked for, so models without them stay byte-identical to earlier ones
+    extra = {"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences),
@@ -117,6 +121,7 @@ def train_sentencepiece(
             input_sentence_size=0,
             shuffle_input_sentence=False,
             minloglevel=2,
+            **extra,
         )
     except RuntimeError as e:
         m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
@@ -189,6 +194,11 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+    def piece_id(self, piece: str) -> int | None:
+        """Id of the vocabulary entry `piece` (e.g. a language tag), None when there is none."""
+        i = self._sp.piece_to_id(piece)
+        return None if i == UNK and piece != self.id_to_piece(UNK) else i
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path.name}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"

@@ -4,7 +4,9 @@
 
 Data order (token batches, sharded over the data-parallel replicas, resumable), logging (log.jsonl, TensorBoard,
 progress), validation every log.valid_interval steps with the sacreBLEU of a greedy/beam decode where the engine
-has a whole model (the parallel engine gathers one on rank 0 when it fits: parallel/gather.py), a checkpoint after each validation, and stopping at optim.max_updates (or when `on_step` says
+has a whole model (per direction and averaged for a multilingual set; the parallel engine gathers one on rank 0
+when it fits: parallel/gather.py), a checkpoint after each validation, and stopping at optim.max_updates (or when
+`on_step` says
 so). Nothing here knows how an engine steps or saves.
 """
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..data import EpochBatchIterator
-from ..generate import quick_bleu
+from ..generate import validation_bleu
 from ..metrics import MetricsLogger, SilentLogger
 from ..model.regional_compile import eager
 
@@ -108,8 +110,8 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
                 model = engine.bleu_model() if lg.bleu_sentences > 0 else None  # collective
                 if model is not None:
                     with eager():  # compiled layers: the decoder's shapes change every token
-                        valid_stats["bleu"] = quick_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
-                                                         lg.bleu_sentences, next(model.parameters()).device)
+                        valid_stats.update(validation_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
+                                                           lg.bleu_sentences, next(model.parameters()).device))
                     del model
                 logger.log({"step": step, **valid_stats}, tag="valid")
                 is_best = valid_stats["loss"] < best

@@ -30,6 +30,9 @@ class Engine(Protocol):
     def valid_loss(self, batches: list[dict]) -> dict:
         """Collective. {loss, nll_loss} per target token over every rank's batches, at the alpha of the next step."""
 
+    def alpha(self) -> float:
+        """The BranchNorm alpha the model holds now (1.0 for the other schemes), for logs and checkpoints."""
+
     def bleu_model(self) -> nn.Module | None:
         """Collective. A whole single-process model to decode the validation BLEU with (on the ranks that decode;
         the parallel engine: rank 0 only), or None where there is none."""
