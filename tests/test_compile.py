@@ -98,12 +98,19 @@ def _pipeline_body(rank, world, ref_path):
     if rank == 0:  # the activations it sent are still freed early under compile
         assert tr.executor.stats["freed_early_bytes"] > 0
 
+    # tensor parallelism: the compiled layers hold the column/row-parallel linears and their collectives
+    tr = ParallelTrainer(_cfg(True, "inductor", tp=2), VOCAB)
+    first = tr.train_step(synthetic_batches(0, 2))
+    assert first["graphs"] >= 2, first
+    losses = [first["loss"]] + parallel_losses(tr, 4, start=1)
+    assert_matches(tr, losses, torch.load(ref_path), "tp2, inductor-compiled layers")
+
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_pipeline_engine_compiles_its_layers(tmp_path):
+def test_parallel_engine_compiles_its_layers(tmp_path):
     """pp2 with inductor-compiled layers (the partitioner decides what a compiled layer saves for backward, and the
-    executor frees every sent activation): equal to the single-process eager run."""
+    executor frees every sent activation), then tp2: each equal to the single-process eager run."""
     path = os.path.join(tmp_path, "ref.pt")
     torch.save(reference_run(_cfg(False), 4), path)
     run_workers(_pipeline_body, 2, path)
