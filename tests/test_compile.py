@@ -114,3 +114,40 @@ def test_parallel_engine_compiles_its_layers(tmp_path):
     path = os.path.join(tmp_path, "ref.pt")
     torch.save(reference_run(_cfg(False), 4), path)
     run_workers(_pipeline_body, 2, path)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("disabled", [False, True], ids=["compiled", "compile-disabled"])
+def test_the_run_loop_logs_the_compile_and_warns_when_nothing_compiled(tiny_corpus, tmp_path, capsys, disabled):
+    """The first step's compile time and graph count land in log.jsonl (tag compile); with torch.compile told to run
+    everything eagerly (a global stance: Dynamo's own switch, torch._dynamo.config.disable, makes a fullgraph
+    compile raise instead) the layers run eagerly and the run says so instead of passing silently."""
+    import json
+
+    from megabranch.data import load_split
+    from megabranch.training.loop import RunData, train
+
+    torch._dynamo.reset()
+    if disabled:
+        torch.compiler.set_stance("force_eager")
+    cfg = _cfg(True)
+    cfg.data.data_dir, cfg.data.max_tokens = tiny_corpus, 200
+    cfg.optim.max_updates, cfg.optim.update_freq = 2, 1
+    lg = cfg.log
+    lg.save_dir, lg.tensorboard, lg.progress, lg.bleu_sentences, lg.valid_interval = str(tmp_path), False, "none", 4, 2
+    train_set, tok, _ = load_split(tiny_corpus, "train")
+    tok = tok[1] if isinstance(tok, tuple) else tok  # the target side
+    valid_set, _, _ = load_split(tiny_corpus, "valid")
+    tr = single_trainer(cfg, seed=1)
+    try:
+        with one_thread():
+            stats = train(tr, cfg, RunData(train_set, valid_set, tok), save=False)
+    finally:
+        torch.compiler.set_stance("default")
+    assert "bleu" in stats  # decoded (eagerly) with the compiled layers
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    (compiled,) = [r for r in records if r["tag"] == "compile"]
+    assert compiled["step"] == 1 and compiled["compile_s"] > 0
+    assert compiled["graphs"] == (0 if disabled else 2)
+    warned = "compiled no graph" in capsys.readouterr().err
+    assert warned == disabled

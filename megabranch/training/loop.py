@@ -55,8 +55,8 @@ def _interval_record(step: int, epoch: int, interval: dict, stats: dict, elapsed
 def _log_compile(logger, step: int, stats: dict) -> None:
     logger.log({"step": step, "compile_s": stats["compile_s"], "graphs": stats["graphs"]}, tag="compile")
     if stats["graphs"] == 0:
-        print("warning: model.compile=true, but the first step compiled no graph (torch.compile disabled, e.g. by "
-              "TORCH_COMPILE_DISABLE?): the layers ran eagerly", file=sys.stderr)
+        print("warning: model.compile=true, but the first step compiled no graph (torch.compile told to run eagerly, "
+              "e.g. a force_eager stance?): the layers ran eagerly", file=sys.stderr)
 
 
 def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, valid_batches: list | None = None,
