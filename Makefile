@@ -18,9 +18,11 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
-# The test suite also runs the DeepSpeed backend on the CPU; the demo does not need it.
-$(DEV_STAMP): $(STAMP) requirements-dev.txt
+# The test suite also runs the DeepSpeed backend on the CPU, and converts from the real torchscale and fairseq
+# (requirements-peers.txt: without their dependency resolver, so the project's torch stays); the demo needs none.
+$(DEV_STAMP): $(STAMP) requirements-dev.txt requirements-peers.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -r requirements-peers.txt
 	touch $(DEV_STAMP)
 
 $(DATA_BIN)/meta.json: $(STAMP)

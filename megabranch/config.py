@@ -36,6 +36,10 @@ class ModelConfig:
     share_all_embeddings: bool = True  # one table for source, target and output (joint vocabulary)
     share_decoder_input_output_embed: bool = True
     max_positions: int = 1024
+    # embeddings, as the model was trained (imported torchscale / fairseq models set them; defaults: megabranch's)
+    embed_scale: float | None = None  # token embeddings times this; None: sqrt(d_model) (fairseq's default)
+    positions: str = "sinusoidal"  # sinusoidal (fixed, fairseq's table) | learned (a trained table)
+    position_offset: int = 0  # the first token's position index (fairseq and torchscale count from pad + 1 = 2)
     ln_eps: float = 1e-5
     # BranchNorm: alpha_t = schedule(t / T), clipped to 1.
     alpha_schedule: str = "linear"  # linear | exp | sigmoid
@@ -94,6 +98,7 @@ class LogConfig:
     bleu_sentences: int = 100  # validation subset decoded for BLEU at each validation; 0: off
     bleu_beam: int = 1
     keep_last: int = 2
+    async_save: bool = True  # native engines: snapshot to host memory, write and publish in the background
     tensorboard: bool = True
     progress: str = "auto"  # auto (bar on a terminal) | bar | none
 
@@ -127,6 +132,9 @@ class Config:
         _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
         _check(m.ffn_dim >= 1, "model.ffn_dim", m.ffn_dim, "an integer >= 1")
         _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")
+        _check(m.positions in ("sinusoidal", "learned"), "model.positions", m.positions, "sinusoidal or learned")
+        _check(m.position_offset >= 0, "model.position_offset", m.position_offset, ">= 0")
+        _check(m.embed_scale is None or m.embed_scale > 0, "model.embed_scale", m.embed_scale, "> 0 (or unset: sqrt(d_model))")
         _check(m.alpha_warmup_steps >= 0, "model.alpha_warmup_steps", m.alpha_warmup_steps, ">= 0")
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             v = getattr(m, name)

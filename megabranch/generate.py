@@ -22,7 +22,7 @@ from .model import PAD, build_model_from
 
 def _max_len(model, src_tokens, max_len_a: float, max_len_b: int) -> int:
     src_len = int(src_tokens.ne(PAD).sum(1).max())
-    limit = model.decoder.embed.positions.shape[0]
+    limit = model.decoder.embed.max_positions
     return max(1, min(int(max_len_a * src_len + max_len_b), limit))
 
 

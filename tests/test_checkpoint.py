@@ -20,6 +20,7 @@ from tests.helpers.env import one_thread
 from tests.helpers.reference import parallel_losses, single_trainer, synthetic_batches
 
 MORE = 3  # train SAVED_AT (3) steps, save, train 3 more
+OLD_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "old_main")  # format-2 step directories
 
 
 def _parallel_from(step_dir: str, cfg):
@@ -108,7 +109,8 @@ def _round_trip_body(rank, world, root):
     refz = parallel_losses(trz, SAVED_AT + MORE, SAVED_AT)
     if rank == 0:
         names = sorted(checkpoint.read_meta(zdir)["files"])
-        assert names == ["shard_tp0_pp0.pt", "shard_tp0_pp0_dp1.pt", "shard_tp0_pp1.pt", "shard_tp0_pp1_dp1.pt"], names
+        assert names == sorted(f for s in ("shard_tp0_pp0", "shard_tp0_pp0_dp1", "shard_tp0_pp1", "shard_tp0_pp1_dp1")
+                               for f in checkpoint.shard_files(s)), names
     trz2, state = _parallel_from(zdir, cfgz)
     assert not state["resharded"] and state["zero"] is not None
     assert parallel_losses(trz2, SAVED_AT + MORE, SAVED_AT) == refz
@@ -121,6 +123,93 @@ def test_layout_round_trip_identical_outputs_and_training(tmp_path):
     run_workers(_round_trip_body, 4, str(tmp_path))
 
 
+# --- slice reads: what a rank reads ------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_a_rank_reads_only_its_own_slices(tmp_path, monkeypatch):
+    """Every rank of a new layout (meta-device parameters: what that rank would hold) gets exactly the slices of
+    the full tensors and Adam moments that cut() gives, and reads no more data than it owns, give or take one
+    block per tensor. Reading every shard (the full merge) would be several times over the bound."""
+    from megabranch.checkpoint import shard_format
+    from megabranch.config import Config
+    from megabranch.convert import rank_params, write_layout
+
+    monkeypatch.setattr(shard_format, "BLOCK_BYTES", 128)  # one row per block at d=32: a tiny model shows it
+    src = os.path.join(tiny_single(tmp_path, steps=(2,)), "step_2")
+    full, opt = checkpoint.consolidate(src)  # the reference: whole tensors
+    meta = checkpoint.read_meta(src)
+    d22 = write_layout(str(tmp_path / "tp2pp2"), Config.from_dict(meta["config"]), meta, full, opt, 2, 2, 1, "E0-1|D0-1")
+    cfg = ckpt_cfg()
+    for source, (tp, pp, layout) in [(src, (2, 2, "E0-1|D0-1")), (d22, (1, 4, "E0|E1|D0|D1")), (d22, (4, 1, ""))]:
+        lay, ranks, _ = rank_params(cfg, VOCAB, VOCAB, tp, pp, 1, layout)
+        meta = checkpoint.read_meta(source)
+        everything = sum(os.path.getsize(os.path.join(source, f)) for f in meta["files"] if f.endswith(".safetensors"))
+        for (t, p), params in ranks.items():
+            position = dict(tp=tp, pp=pp, vpp=1, dp=1, layout=str(lay), zero=False, tp_rank=t, pp_rank=p, dp_rank=0)
+            reader = checkpoint.StepReader(source, meta)
+            state = checkpoint.load_for_rank(source, meta, position, params, reader)
+            assert state["resharded"] and state["step"] == 2
+            want, want_opt = checkpoint.cut(full, params), checkpoint.cut_optimizer(opt, params)
+            for n in params:
+                assert torch.equal(state["model"][n], want[n]), (tp, pp, t, p, n)
+                for k in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(state["optimizer"][k][n], want_opt[k][n]), (tp, pp, t, p, k, n)
+            own = sum(3 * 4 * q.numel() + 4 for q in params.values())  # fp32 parameter, two moments, Adam's step
+            bound = own + 3 * 128 * len(params)  # at most one partly used block per tensor read
+            data = reader.bytes_read - reader.metadata_bytes
+            assert data <= bound, (tp, pp, t, p, data, own)
+            assert everything > 2 * bound, (tp, pp, everything, bound)  # so the full merge would fail the bound
+
+
+@pytest.mark.unit
+def test_tensors_are_stored_with_the_dim_tensor_parallelism_splits_leading():
+    """natural_split_dims (what the writer stores leading, also at tp = 1) is the dim apply_tensor_parallel
+    really splits each parameter along."""
+    from megabranch.convert import rank_params
+
+    cfg = ckpt_cfg()
+    _, tp1, leads = rank_params(cfg, VOCAB, VOCAB, 1, 1, 1)
+    _, tp2, _ = rank_params(cfg, VOCAB, VOCAB, 2, 1, 1)
+    split = {n: getattr(p, "tp_split_dim", None) for n, p in tp2[(0, 0)].items()}
+    assert set(split) == set(tp1[(0, 0)])
+    assert {n: d for n, d in split.items() if d is not None} == {n: leads[(0, 0)][n] for n, d in split.items()
+                                                                 if d is not None}
+    assert leads[(0, 0)]["encoder.layers.0.ffn.block.fc2.weight"] == 1  # row-parallel: input columns
+    assert sum(d is not None for d in split.values()) > len(split) // 3
+
+
+@pytest.mark.unit
+def test_a_zero_rank_reads_only_the_parameters_its_flat_slice_overlaps(tmp_path):
+    """A ZeRO-1 rank resuming from per-parameter Adam state reads the moments of only the parameters its flat
+    slice overlaps, and its optimizer takes exactly its flat slice of them."""
+    from megabranch.parallel.zero import ShardedAdamW
+
+    src = os.path.join(tiny_single(tmp_path, steps=(2,)), "step_2")
+    _, opt = checkpoint.consolidate(src)
+    tr = single_trainer(ckpt_cfg(), seed=9)
+    params = tr.named_params()
+    zero = ShardedAdamW(list(params.values()), lr=1.0)
+    position = dict(tr.position(), zero=True, dp=3, dp_rank=1)  # as if the middle of three replicas
+    state = checkpoint.load_for_rank(src, checkpoint.read_meta(src), position, params)
+    names = list(params)
+    flat = torch.cat([opt["exp_avg"][n].reshape(-1) for n in names])
+    numel = flat.numel()
+    lo, hi = -(-numel // 3), min(2 * -(-numel // 3), numel)
+    read = set(state["optimizer"]["exp_avg"])
+    offsets = [0]
+    for n in names:
+        offsets.append(offsets[-1] + params[n].numel())
+    assert read == {n for n, a, b in zip(names, offsets, offsets[1:]) if a < hi and b > lo} and len(read) < len(names)
+    for n in read:
+        assert torch.equal(state["optimizer"]["exp_avg_sq"][n], opt["exp_avg_sq"][n]), n
+    # one replica (its slice is everything): the optimizer holds exactly the flat moments
+    state = checkpoint.load_for_rank(src, checkpoint.read_meta(src), dict(tr.position(), zero=True), params)
+    assert checkpoint.load_optimizer(zero, names, state)
+    assert torch.equal(zero.exp_avg, flat) and zero.step_count == 2
+    assert torch.equal(zero.exp_avg_sq, torch.cat([opt["exp_avg_sq"][n].reshape(-1) for n in names]))
+
+
 # --- single-process: publication, pruning, refusal -----------------------------------------------------------
 
 
@@ -130,7 +219,8 @@ def test_publication_pointers_and_keep_last(tmp_path):
     assert sorted(os.listdir(save_dir)) == ["latest", "step_4", "step_6"]
     assert open(os.path.join(save_dir, "latest")).read().strip() == "step_6"
     meta = checkpoint.verify(os.path.join(save_dir, "step_6"))
-    assert meta["step"] == 6 and meta["layout"]["layout"] == "single" and list(meta["files"]) == ["shard_tp0_pp0.pt"]
+    assert meta["step"] == 6 and meta["layout"]["layout"] == "single"
+    assert sorted(meta["files"]) == ["shard_tp0_pp0.json", "shard_tp0_pp0.safetensors"]
     assert meta["versions"]["torch"] == torch.__version__
     # best is never pruned, whatever its age
     with open(os.path.join(save_dir, "best"), "w") as fh:
@@ -149,16 +239,35 @@ def test_publication_pointers_and_keep_last(tmp_path):
 def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
     save_dir = tiny_single(tmp_path, steps=(2,))
     step_dir = os.path.join(save_dir, "step_2")
-    shard = os.path.join(step_dir, "shard_tp0_pp0.pt")
-    good = open(shard, "rb").read()
+    data, index = (os.path.join(step_dir, "shard_tp0_pp0" + e) for e in (".safetensors", ".json"))
+    good = open(data, "rb").read()
 
-    with open(shard, "wb") as fh:  # truncated
-        fh.write(good[: len(good) // 2])
-    with pytest.raises(UserError, match="shard_tp0_pp0.pt is corrupt") as e:
+    with open(data, "wb") as fh:  # truncated (a reader checks what it reads: cut into the parameters)
+        fh.write(good[: len(good) // 8])
+    with pytest.raises(UserError, match="shard_tp0_pp0.safetensors is (corrupt|truncated)") as e:
         checkpoint.load_checkpoint(save_dir)
     assert "\n" not in str(e.value)
+    flipped = bytearray(good)
+    where = json.load(open(index))["tensors"]["model/encoder.layers.0.ffn.block.fc1.weight"]["bytes"][0]
+    flipped[where + 5] ^= 1  # one bit of a parameter: its block's sha256 no longer matches
+    open(data, "wb").write(bytes(flipped))
+    with pytest.raises(UserError, match="shard_tp0_pp0.safetensors is corrupt: block"):
+        checkpoint.load_checkpoint(save_dir)
+    with pytest.raises(UserError, match="shard_tp0_pp0.safetensors is corrupt"):
+        checkpoint.verify(step_dir)
+    open(data, "wb").write(good)
+    text = open(index).read()
+    open(index, "w").write(text.replace('"step": 2', '"step": 3'))  # the index: checked against meta.json
+    with pytest.raises(UserError, match="shard_tp0_pp0.json is corrupt"):
+        checkpoint.load_checkpoint(save_dir)
+    open(index, "w").write(text)
+    assert checkpoint.verify(step_dir)["step"] == 2
 
-    # a pickle that runs code on load, with meta.json's checksum updated to match: weights_only refuses it
+    # format 2 (.pt): a pickle that runs code on load, with meta.json's checksum updated to match: weights_only
+    # refuses it
+    old = str(tmp_path / "old")
+    shutil.copytree(os.path.join(OLD_FIXTURE, "single", "step_4"), old)
+    shard = os.path.join(old, "shard_tp0_pp0.pt")
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -166,19 +275,19 @@ def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"model": Evil()}, shard)
-    meta_path = os.path.join(step_dir, "meta.json")
+    meta_path = os.path.join(old, "meta.json")
     meta = json.load(open(meta_path))
     meta["files"]["shard_tp0_pp0.pt"] = checkpoint.sha256_file(shard)
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(UserError, match="carrying code") as e:
-        checkpoint.load_checkpoint(save_dir)
+        checkpoint.load_checkpoint(old)
     assert "shard_tp0_pp0.pt" in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
 
-    os.remove(shard)
+    os.remove(data)
     with pytest.raises(UserError, match="shard missing"):
         checkpoint.load_checkpoint(step_dir)
-    os.remove(meta_path)
+    os.remove(os.path.join(step_dir, "meta.json"))
     with pytest.raises(UserError, match="meta.json missing"):
         checkpoint.read_meta(step_dir)
     with open(os.path.join(save_dir, "latest"), "w") as fh:
@@ -191,13 +300,13 @@ def test_corrupt_shard_and_code_carrying_pickle_are_refused(tmp_path):
 def test_saving_a_step_again_replaces_it_without_a_dangling_pointer(tmp_path):
     save_dir = str(tmp_path / "run")
     meta = {"layout": checkpoint.single_layout(), "config": {}, "vocab_size": VOCAB}
-    checkpoint.save_step(save_dir, 6, {"shard_tp0_pp0.pt": {"x": torch.zeros(2)}}, meta, is_best=True)
+    checkpoint.save_step(save_dir, 6, {"shard_tp0_pp0": {"x": torch.zeros(2)}}, meta, is_best=True)
     # a run resumed from an older step reaches step 6 again: same name, new content
-    checkpoint.save_step(save_dir, 6, {"shard_tp0_pp0.pt": {"x": torch.ones(2)}}, meta, is_best=False)
+    checkpoint.save_step(save_dir, 6, {"shard_tp0_pp0": {"x": torch.ones(2)}}, meta, is_best=False)
     assert sorted(os.listdir(save_dir)) == ["best", "latest", "step_6"]
     for prefer in ("latest", "best"):
         step_dir = checkpoint.resolve(save_dir, prefer)
-        assert torch.equal(checkpoint.load_file(step_dir, "shard_tp0_pp0.pt")["x"], torch.ones(2))
+        assert torch.equal(checkpoint.load_shard(step_dir, "shard_tp0_pp0")["x"], torch.ones(2))
 
 
 class _Scaler:

@@ -1,15 +1,13 @@
 """megabranch-convert: safetensors written and read back byte-exactly, consolidate / split / reshard chains with
-identical outputs, DeepSpeed pipeline export and import, a torchscale (DeepNorm) state dict whose layers map,
-checkpoint averaging against an independent mean, and one-line errors."""
+identical outputs, DeepSpeed pipeline export and import, checkpoint averaging against an independent mean, and
+one-line errors. (torchscale and fairseq: tests/test_interop.py, against the real packages.)"""
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megabranch import checkpoint
 from megabranch.convert import load_safetensors, main as convert_main, save_safetensors
@@ -111,7 +109,8 @@ def test_consolidate_split_reshard_chain(tmp_path, capsys):
     assert os.path.isfile(str(tmp_path / "model.json"))
     split = str(tmp_path / "tp2pp2")
     assert convert_main([st, split, "--tp", "2", "--pp", "2", "--layout", "E0-1|D0-1"]) == 0
-    assert sorted(os.listdir(split)) == ["meta.json"] + [f"shard_tp{t}_pp{p}.pt" for t in (0, 1) for p in (0, 1)]
+    assert sorted(os.listdir(split)) == sorted(["meta.json"] + [f for t in (0, 1) for p in (0, 1)
+                                                                for f in checkpoint.shard_files(f"shard_tp{t}_pp{p}")])
     back = str(tmp_path / "tp1")
     assert convert_main([split, back]) == 0
     out = capsys.readouterr().out
@@ -122,7 +121,7 @@ def test_consolidate_split_reshard_chain(tmp_path, capsys):
     assert torch.equal(_logits(load_safetensors(st)[0], cfg, 2), want)
     # the tensor-parallel shards really are slices: the tp1 half of fc1 holds rows 32..63
     full = checkpoint.consolidate(back, optimizer=False)[0]["encoder.layers.0.ffn.block.fc1.weight"]
-    shard = checkpoint.load_file(split, "shard_tp1_pp0.pt")["model"]["encoder.layers.0.ffn.block.fc1.weight"]
+    shard = checkpoint.load_shard(split, "shard_tp1_pp0")["model"]["encoder.layers.0.ffn.block.fc1.weight"]
     assert torch.equal(shard, full[32:])
 
 
@@ -147,103 +146,14 @@ def test_deepspeed_export_import_round_trip(tmp_path, capsys):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# --- torchscale ------------------------------------------------------------------------------------------------
-
-D, FFN, HEADS = 32, 64, 4
-
-
-def _torchscale_state(enc=2, dec=2, vocab=VOCAB, extra=()):
-    """A state dict with torchscale's EncoderDecoder names (encoder.layers.N.self_attn.q_proj, ...)."""
-    g = torch.Generator().manual_seed(11)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
-    sd = {}
-    table = r(vocab, D)
-    sd["encoder.embed_tokens.weight"] = table
-    sd["decoder.embed_tokens.weight"] = table
-    sd["decoder.output_projection.weight"] = table
-    for stack, n in (("encoder", enc), ("decoder", dec)):
-        for i in range(n):
-            pre = f"{stack}.layers.{i}."
-            attns = ("self_attn", "encoder_attn") if stack == "decoder" else ("self_attn",)
-            for a in attns:
-                for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                    sd[f"{pre}{a}.{p}.weight"], sd[f"{pre}{a}.{p}.bias"] = r(D, D), r(D)
-                sd[f"{pre}{a}_layer_norm.weight"], sd[f"{pre}{a}_layer_norm.bias"] = 1 + r(D), r(D)
-            sd[f"{pre}ffn.fc1.weight"], sd[f"{pre}ffn.fc1.bias"] = r(FFN, D), r(FFN)
-            sd[f"{pre}ffn.fc2.weight"], sd[f"{pre}ffn.fc2.bias"] = r(D, FFN), r(D)
-            sd[f"{pre}final_layer_norm.weight"], sd[f"{pre}final_layer_norm.bias"] = 1 + r(D), r(D)
-    for name in extra:
-        sd[name] = r(D)
-    return sd
-
-
-def _torchscale_sublayers(sd, x, alpha):
-    """torchscale's DeepNorm encoder layer 0, written from its definition: x = LN(alpha * x + F(x)) around
-    self-attention (nn.functional's multi-head attention with torchscale's separate q/k/v projections) and the FFN."""
-    p = "encoder.layers.0."
-    t = x.transpose(0, 1)  # (L, B, d)
-    in_bias = torch.cat([sd[p + f"self_attn.{k}_proj.bias"] for k in "qkv"])
-    attn, _ = F.multi_head_attention_forward(
-        t, t, t, D, HEADS, None, in_bias, None, None, False, 0.0, sd[p + "self_attn.out_proj.weight"],
-        sd[p + "self_attn.out_proj.bias"], training=False, need_weights=False, use_separate_proj_weight=True,
-        q_proj_weight=sd[p + "self_attn.q_proj.weight"], k_proj_weight=sd[p + "self_attn.k_proj.weight"],
-        v_proj_weight=sd[p + "self_attn.v_proj.weight"])
-    h = F.layer_norm(alpha * x + attn.transpose(0, 1), (D,), sd[p + "self_attn_layer_norm.weight"],
-                     sd[p + "self_attn_layer_norm.bias"])
-    f = F.linear(F.relu(F.linear(h, sd[p + "ffn.fc1.weight"], sd[p + "ffn.fc1.bias"])), sd[p + "ffn.fc2.weight"],
-                 sd[p + "ffn.fc2.bias"])
-    return F.layer_norm(alpha * h + f, (D,), sd[p + "final_layer_norm.weight"], sd[p + "final_layer_norm.bias"])
-
-
-def test_torchscale_deepnorm_import(tmp_path, capsys):
-    import json
-
-    from megabranch.convert import build_single
-
-    sd = _torchscale_state()
-    src = str(tmp_path / "ts.pt")
-    torch.save({"model": sd}, src)
-    cfg_path = tmp_path / "cfg.json"
-    model_cfg = dict(residual="deepnorm", encoder_layers=2, decoder_layers=2, d_model=D, n_heads=HEADS, ffn_dim=FFN,
-                     dropout=0.0, max_positions=64)
-    cfg_path.write_text(json.dumps({"model": model_cfg}))
-    out = str(tmp_path / "imported")
-    assert convert_main([src, out, "--from", "torchscale", "--config", str(cfg_path)]) == 0
-    text = capsys.readouterr().out
-    assert "check (torchscale import)" in text and "exactly: OK" in text
-    params = checkpoint.consolidate(out, optimizer=False)[0]
-    assert torch.equal(params["decoder.layers.1.cross_attn.block.k_proj.weight"], sd["decoder.layers.1.encoder_attn.k_proj.weight"])
-    assert torch.equal(params["encoder.layers.1.ffn.norm.bias"], sd["encoder.layers.1.final_layer_norm.bias"])
-    assert "decoder.output.weight" not in params  # tied to the (shared) table, as in torchscale
-
-    # the mapped layer computes what torchscale's layer computes (DeepNorm: LN(alpha x + F(x)))
-    from megabranch.config import ModelConfig
-
-    mc = ModelConfig(**model_cfg)
-    model = build_single(mc, VOCAB, VOCAB, params)
-    alpha = 0.81 * (2**4 * 2) ** (1 / 16)
-    assert math.isclose(float(model.encoder.coeffs.r), alpha, rel_tol=1e-6)
-    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ours = model.encoder.layers[0](x, model.encoder.coeffs.r, model.encoder.coeffs.s)
-        ref = _torchscale_sublayers(sd, x, float(model.encoder.coeffs.r))
-    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5), float((ours - ref).abs().max())
-
-    # what does not map is refused by name
-    torch.save(_torchscale_state(extra=("encoder.layernorm_embedding.weight",)), src)
-    with pytest.raises(SystemExit) as e:
-        convert_main([src, str(tmp_path / "x"), "--from", "torchscale", "--config", str(cfg_path)])
-    assert e.value.code == 2 and "encoder.layernorm_embedding.weight" in capsys.readouterr().err
-
-
 def test_average_last_k_against_an_independent_mean(tmp_path, capsys):
     save_dir = tiny_single(tmp_path, steps=(2, 4, 6))
     out = str(tmp_path / "avg")
     assert convert_main(["average", save_dir, "--last", "2", "--out", out]) == 0
     assert "averaged step_4, step_6" in capsys.readouterr().out
     got = checkpoint.consolidate(out, optimizer=False)[0]
-    a = checkpoint.load_file(os.path.join(save_dir, "step_4"), "shard_tp0_pp0.pt")["model"]
-    b = checkpoint.load_file(os.path.join(save_dir, "step_6"), "shard_tp0_pp0.pt")["model"]
+    a = checkpoint.load_shard(os.path.join(save_dir, "step_4"), "shard_tp0_pp0")["model"]
+    b = checkpoint.load_shard(os.path.join(save_dir, "step_6"), "shard_tp0_pp0")["model"]
     for k in a:
         assert torch.equal(got[k], ((a[k].double() + b[k].double()) / 2).float()), k
     assert checkpoint.read_meta(out)["step"] == 6

@@ -22,9 +22,10 @@ def _model(residual="branchnorm", vocab=40, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("residual", ["post_ln", "pre_ln", "deepnorm", "branchnorm"])
-def test_incremental_decoding_equals_full_recomputation(residual):
-    model = _model(residual, decoder_layers=3)
+@pytest.mark.parametrize("residual,embeddings", [("post_ln", {}), ("pre_ln", {}), ("deepnorm", {}), ("branchnorm", {}),
+    ("deepnorm", dict(positions="learned", position_offset=2, embed_scale=1.0))])  # torchscale's conventions
+def test_incremental_decoding_equals_full_recomputation(residual, embeddings):
+    model = _model(residual, decoder_layers=3, **embeddings)
     g = torch.Generator().manual_seed(1)
     src = torch.randint(4, 40, (2, 6), generator=g)
     src[0, 4:] = 0

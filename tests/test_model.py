@@ -60,3 +60,26 @@ def test_build_model_from_weights_loads_them_or_names_the_mismatch():
     del params["encoder.layers.0.ffn.block.fc1.weight"]
     with pytest.raises(UserError, match=r"ckpt does not match .*fc1.weight"):
         build_model_from(cfg, 50, None, params, 5, "ckpt")
+
+
+def test_embeddings_scale_positions_and_offset_hand_computed():
+    """model.embed_scale, model.positions and model.position_offset: E[tok] * scale + P[offset + i]."""
+    from megabranch.model.embeddings import sinusoidal_table
+
+    tokens = torch.tensor([[5, 9, 7, 0]])
+    for kw in ({}, dict(embed_scale=1.0, position_offset=1), dict(positions="learned", position_offset=2)):
+        cfg = tiny_model_cfg(**kw)
+        model = build_model(cfg, 50, seed=3).eval()
+        emb = model.encoder.embed
+        table = emb.table.weight[tokens]
+        scale = kw.get("embed_scale", math.sqrt(cfg.d_model))
+        first = kw.get("position_offset", 0)
+        if kw.get("positions") == "learned":
+            pos = emb.learned_positions.weight[first : first + 4]
+            assert emb.learned_positions.weight.shape == (2 + cfg.max_positions, cfg.d_model)
+            assert "encoder.embed.learned_positions.weight" in dict(model.named_parameters())
+        else:
+            pos = sinusoidal_table(first + 4, cfg.d_model)[first:]
+            assert not any("positions" in n for n, _ in model.named_parameters())
+        torch.testing.assert_close(emb(tokens), table * scale + pos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(emb(tokens[:, 1:2], offset=1), (table * scale + pos)[:, 1:2], rtol=0, atol=1e-6)

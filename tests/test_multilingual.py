@@ -172,7 +172,7 @@ class CopyModel:
         self.vocab = vocab
         self.decoder = self
         self.layers = [None]
-        self.embed = type("E", (), {"positions": torch.zeros(512, 1)})()
+        self.embed = type("E", (), {"max_positions": 512})()
 
     def eval(self):
         return self

@@ -1,5 +1,6 @@
-"""The trainer end to end on a tiny preprocessed corpus: a run killed with SIGKILL at a random moment and resumed
-logs the uninterrupted run's losses bit for bit (single process and 2-process pipeline), no checkpoint is lost
+"""The trainer end to end on a tiny preprocessed corpus: a run killed with SIGKILL at a random moment (or during a
+background save) and resumed logs the uninterrupted run's losses bit for bit (single process and 2-process
+pipeline), no checkpoint is lost
 or corrupted, and bad input (unknown key, depth 0, missing data, corrupt checkpoint, another vocabulary, a
 save directory that already holds checkpoints) is a one-line error with exit code 2 that leaves existing
 checkpoints untouched."""
@@ -79,30 +80,22 @@ def uninterrupted(data, tmp_path_factory):
     return cfg, save_dir
 
 
-@pytest.mark.unit
-def test_kill_9_at_a_random_moment_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
-    cfg, ref_dir = uninterrupted
-    save_dir = str(tmp_path / "run")
-    seed = random.randrange(10**6)
-    rng = random.Random(seed)
-    # a random step after the first checkpoint (4), far enough from the end (40) that a busy machine still kills
-    # the run before it finishes
-    target, delay = rng.randint(5, 30), rng.uniform(0.0, 0.05)
+def _kill_when(cfg, save_dir, ready, deadline_s=120) -> bool:
+    """Start a run, SIGKILL it as soon as ready() holds -> whether it was still running then."""
     proc = subprocess.Popen(_train_cmd(cfg, save_dir), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    log = os.path.join(save_dir, "log.jsonl")
-    while proc.poll() is None and time.time() < deadline:
-        if os.path.exists(log) and os.path.exists(os.path.join(save_dir, "latest")) and len(_records(save_dir)) >= target:
-            break
-        time.sleep(0.005)
-    time.sleep(delay)  # then somewhere inside a step, a validation or a save
+    deadline = time.time() + deadline_s
+    while proc.poll() is None and time.time() < deadline and not ready():
+        time.sleep(0.001)
     was_running = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert was_running, f"random seed {seed}: the run ended before the kill at step {target}"
+    return was_running
+
+
+def _check_resume(cfg, ref_dir, save_dir, what: str) -> None:
+    """Nothing lost or corrupt after the kill, and the resumed run logs the uninterrupted one's records."""
     killed_at = max(_records(save_dir), default=0)
-    # nothing lost or corrupt: latest names a complete step directory, every published one verifies
     latest = checkpoint.resolve(save_dir)
     published = checkpoint.step_dirs(save_dir)
     assert published and all(checkpoint.verify(p) for _, p in published)
@@ -115,13 +108,55 @@ def test_kill_9_at_a_random_moment_then_resume_is_bit_for_bit(uninterrupted, tmp
     got, want = _records(save_dir), _records(ref_dir)
     assert sorted(got) == sorted(want) == list(range(1, 41))
     bad = [s for s in want if got[s] != want[s]]
-    assert not bad, (f"random seed {seed}, killed after step {killed_at}, resumed from {latest}: steps {bad[:3]} "
+    assert not bad, (f"{what}, killed after step {killed_at}, resumed from {latest}: steps {bad[:3]} "
                      f"differ, e.g. {got[bad[0]]} vs {want[bad[0]]}")
     assert _records(save_dir, "valid") == _records(ref_dir, "valid")
     # the alpha of the step after the resume is the uninterrupted run's (alpha warmup 12 steps: still moving)
     resumed = int(os.path.basename(latest).split("_")[1])
     if resumed < 12:
         assert got[resumed + 1]["alpha"] == want[resumed + 1]["alpha"] < 1.0
+
+
+@pytest.mark.unit
+def test_kill_9_at_a_random_moment_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
+    cfg, ref_dir = uninterrupted
+    save_dir = str(tmp_path / "run")
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    # a random step after the first checkpoint (4), far enough from the end (40) that a busy machine still kills
+    # the run before it finishes, then somewhere inside a step, a validation or a save
+    target, delay = rng.randint(5, 30), rng.uniform(0.0, 0.05)
+    log = os.path.join(save_dir, "log.jsonl")
+    state = {"since": None}
+
+    def ready() -> bool:
+        if state["since"] is None and os.path.exists(log) and os.path.exists(os.path.join(save_dir, "latest")) \
+                and len(_records(save_dir)) >= target:
+            state["since"] = time.time()
+        return state["since"] is not None and time.time() - state["since"] >= delay
+
+    assert _kill_when(cfg, save_dir, ready), f"random seed {seed}: the run ended before the kill at step {target}"
+    _check_resume(cfg, ref_dir, save_dir, f"random seed {seed}")
+
+
+@pytest.mark.unit
+def test_kill_9_during_a_background_write_then_resume_is_bit_for_bit(uninterrupted, tmp_path):
+    """log.async_save (the default): the kill lands while a save is being written in the background (its
+    step_<N>.tmp-* directory exists, training goes on beside it); nothing is lost."""
+    cfg, ref_dir = uninterrupted
+    for attempt in range(5):  # the write of a tiny model takes milliseconds: try again if the kill missed it
+        save_dir = str(tmp_path / f"run{attempt}")
+
+        def writing() -> bool:
+            return os.path.exists(os.path.join(save_dir, "latest")) and bool(
+                [d for d in os.listdir(save_dir) if ".tmp-" in d and d.startswith("step_")])
+
+        assert _kill_when(cfg, save_dir, writing), "the run ended before a background save began"
+        if any(".tmp-" in d and d.startswith("step_") for d in os.listdir(save_dir)):
+            break
+    else:
+        pytest.fail("five kills in a row missed every background write")
+    _check_resume(cfg, ref_dir, save_dir, f"killed during the background write (attempt {attempt})")
 
 
 # --- two processes, pipeline-parallel -----------------------------------------------------------------------
@@ -146,7 +181,8 @@ def _two_rank_body(rank, world, data_dir, root):
     if rank == 0:
         got, want = _records(b), _records(a)
         assert sorted(got) == list(range(1, 9)) and got == want, (got, want)
-        assert sorted(os.listdir(os.path.join(b, "step_8"))) == ["meta.json", "shard_tp0_pp0.pt", "shard_tp0_pp1.pt"]
+        assert sorted(os.listdir(os.path.join(b, "step_8"))) == sorted(
+            ["meta.json"] + checkpoint.shard_files("shard_tp0_pp0") + checkpoint.shard_files("shard_tp0_pp1"))
     # the pipeline checkpoint resumed by a tensor-parallel run: resharded on load, continues from step 4
     run(cfg(c, 6, tp=2), resume=os.path.join(b, "step_4"))
     if rank == 0:
@@ -213,16 +249,16 @@ def test_checkpoint_errors_never_touch_existing_checkpoints(uninterrupted, tmp_p
     assert _digest(save_dir) == before
     # a corrupt (truncated) shard: one line naming the file, for train and generate alike
     step_dir = checkpoint.resolve(save_dir)
-    shard = os.path.join(step_dir, "shard_tp0_pp0.pt")
+    shard = os.path.join(step_dir, "shard_tp0_pp0.safetensors")
     blob = open(shard, "rb").read()
-    open(shard, "wb").write(blob[:-100])
-    _fails(capsys, ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--resume"], "shard_tp0_pp0.pt is corrupt")
+    open(shard, "wb").write(blob[: len(blob) // 8])
+    _fails(capsys, ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--resume"], "shard_tp0_pp0.safetensors is")
     from megabranch.generate import main as generate_main
 
     with pytest.raises(SystemExit) as e:
         generate_main(["--checkpoint", save_dir, "--split", "valid"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "shard_tp0_pp0.pt is corrupt" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and "shard_tp0_pp0.safetensors is" in err
 
 
 @pytest.mark.unit

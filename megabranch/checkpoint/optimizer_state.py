@@ -2,8 +2,8 @@
 
 Canonical: per parameter name, AdamW's step / exp_avg / exp_avg_sq shaped like that rank's parameter slice,
 plus the hyperparameters: {"step"|"exp_avg"|"exp_avg_sq": {name: tensor}, "hyper": {...}}. ZeRO-1 shards
-(parallel/zero.py) keep their own flat form per data-parallel rank in the checkpoint and are unflattened by
-name (zero_flat_to_canonical) when resharding.
+(parallel/zero.py) keep their own flat form per data-parallel rank in the checkpoint; a reader in another
+layout takes per-parameter slices out of them (slice_reader.py).
 """
 
 from __future__ import annotations
@@ -34,25 +34,6 @@ def optimizer_to_canonical(optimizer, names: list[str]) -> dict | None:
     return out
 
 
-def zero_flat_to_canonical(zero_states: list[dict], shapes: dict) -> dict:
-    """ZeRO-1 shards of one (tp, pp) position (their state_dict()s, in dp order) -> canonical state for
-    `shapes` (name -> local shape, in the optimizer's parameter order)."""
-    numel = zero_states[0]["shard"]["numel"]
-    flat = {k: torch.cat([z["state"][k].reshape(-1) for z in zero_states])[:numel] for k in ("exp_avg", "exp_avg_sq")}
-    step = torch.tensor(float(zero_states[0]["state"]["step"]))
-    out = {"step": {}, "exp_avg": {}, "exp_avg_sq": {}, "hyper": dict(zero_states[0]["param_groups"][0])}
-    off = 0
-    for name, shape in shapes.items():
-        n = 1
-        for s in shape:
-            n *= int(s)
-        out["step"][name] = step.clone()
-        for k in ("exp_avg", "exp_avg_sq"):
-            out[k][name] = flat[k][off : off + n].reshape(shape).clone()
-        off += n
-    return out
-
-
 @torch.no_grad()
 def load_optimizer(optimizer, names: list[str], state: dict) -> bool:
     """Restore `optimizer` (torch AdamW or ZeRO-1) from load_for_rank's result. A checkpoint without optimizer
@@ -66,13 +47,9 @@ def load_optimizer(optimizer, names: list[str], state: dict) -> bool:
             return True
         if canon is None:
             raise UserError("checkpoint holds no optimizer state for this rank")
-        params = optimizer.flat_params
-        full = {"step": int(float(canon["step"][names[0]])) if canon["step"] else 0, "master": None,
-                "param_groups": [{k: v for k, v in canon["hyper"].items() if k in optimizer.param_groups[0]}],
-                "numel": optimizer.numel}
-        for k in ("exp_avg", "exp_avg_sq"):
-            full[k] = torch.cat([canon[k].get(n, torch.zeros_like(p)).reshape(-1).float() for n, p in zip(names, params)])
-        optimizer.load_full_state(full)
+        step = int(float(next(iter(canon["step"].values())))) if canon["step"] else 0
+        moments = {k: [canon[k][n].float() if n in canon[k] else None for n in names] for k in ("exp_avg", "exp_avg_sq")}
+        optimizer.load_param_state(step, canon["hyper"], moments["exp_avg"], moments["exp_avg_sq"])
         return True
     if canon is None:
         raise UserError("checkpoint holds no optimizer state for this rank (a ZeRO-1 shard for another layout)")

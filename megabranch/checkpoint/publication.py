@@ -5,6 +5,11 @@ is the barrier: rank 0 goes on only when every rank has finished writing), rank 
 directory to step_<N>, then rewrites `latest` (and `best`) atomically, last. A kill at any moment leaves
 `latest` pointing at a complete step directory; stale `.tmp-*` directories are removed by the next save.
 keep-last-K cleanup never removes what `latest` or `best` point to.
+
+save_step is three steps, each its own function: _open_step (rank 0 clears a killed save's leftovers and makes
+the temporary directory), _write_files (this rank's shards, shard_format.py), _finish_step (the sha exchange,
+meta.json, rename, pointers, pruning). The collective parts run over `group` (default: the whole job), so a
+background save (async_save.py) can run them on a process group of its own.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import torch
 import torch.distributed as dist
 
 from .. import __version__
-from .reading import FORMAT_VERSION, META, read_pointer, sha256_file, step_dirs
+from .reading import FORMAT_VERSION, META, read_pointer, step_dirs
+from .shard_format import write_shard
 
 
-def _dist_world() -> tuple[int, int]:
+def _dist_world(group=None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
@@ -68,14 +74,6 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
     atomic_write(path, write)
 
 
-def _save_file(obj, path: str) -> str:
-    with open(path, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return sha256_file(path)
-
-
 def versions() -> dict:
     return {"torch": torch.__version__, "megabranch": __version__}
 
@@ -87,9 +85,21 @@ def write_step_dir(final: str, files: dict, meta: dict) -> str:
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    shas = {name: _save_file(obj, os.path.join(tmp, name)) for name, obj in files.items()}
-    _publish(tmp, final, dict(meta, files=shas))
+    written = _write_files(tmp, files)
+    _publish(tmp, final, dict(meta, files=written["files"], holds=written["holds"]))
     return final
+
+
+def _write_files(tmp: str, files: dict) -> dict:
+    """This rank's shards (name -> shard object) into `tmp` -> {"files": {file: sha256}, "holds": {shard name:
+    its parameter names}} (the holds of tensor-parallel rank 0's shards go into meta.json: a reader finds where a
+    parameter lives without opening every shard)."""
+    shas, holds = {}, {}
+    for name, obj in files.items():
+        shas.update(write_shard(tmp, name, obj))
+        if obj.get("model") is not None and name.startswith("shard_tp0_"):
+            holds[name] = list(obj["model"])
+    return {"files": shas, "holds": holds}
 
 
 def _publish(tmp: str, final: str, meta: dict) -> None:
@@ -112,43 +122,61 @@ def _publish(tmp: str, final: str, meta: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_step(save_dir: str, step: int, files: dict, meta: dict, is_best: bool = False, keep_last: int = 0) -> str:
-    """Collective when torch.distributed is initialised: every rank passes its own files (name -> object,
-    possibly none). Returns the published step directory."""
-    rank, world = _dist_world()
-    final = os.path.join(save_dir, f"step_{step}")
+def save_step(save_dir: str, step: int, files: dict, meta: dict, is_best: bool = False, keep_last: int = 0,
+              group=None) -> str:
+    """Collective over `group` (default: the whole job) when torch.distributed is initialised: every rank
+    passes its own shards (name -> shard object, possibly none). Returns the published step directory."""
+    tmp = _open_step(save_dir, step, group)
+    return _finish_step(save_dir, step, tmp, _write_files(tmp, files), meta, is_best, keep_last, group)
+
+
+def _open_step(save_dir: str, step: int, group=None) -> str:
+    """Collective: rank 0 removes a killed save's leftovers and makes step_<N>.tmp-<pid> -> its path, on every rank."""
+    rank, world = _dist_world(group)
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
         pointed = {read_pointer(save_dir, "latest"), read_pointer(save_dir, "best")}
         for stale in glob.glob(os.path.join(save_dir, "step_*.tmp-*")) + glob.glob(os.path.join(save_dir, "step_*.old-*")):
             if os.path.basename(stale) not in pointed:  # a killed save's leftovers (never what a pointer names)
                 shutil.rmtree(stale, ignore_errors=True)
-        tmp = f"{final}.tmp-{os.getpid()}"
+        tmp = f"{os.path.join(save_dir, f'step_{step}')}.tmp-{os.getpid()}"
         os.makedirs(tmp)
         names = [tmp]
     else:
         names = [None]
     if world > 1:
-        dist.broadcast_object_list(names, src=0)
-    tmp = names[0]
-    mine = {name: _save_file(obj, os.path.join(tmp, name)) for name, obj in files.items()}
+        dist.broadcast_object_list(names, src=_global_rank0(group), group=group)
+    return names[0]
+
+
+def _global_rank0(group) -> int:
+    return 0 if group is None else dist.get_global_rank(group, 0)
+
+
+def _finish_step(save_dir: str, step: int, tmp: str, mine: dict, meta: dict, is_best: bool, keep_last: int,
+                 group=None) -> str:
+    """Collective: the sha exchange (the barrier: nobody gets past it before every rank has written), then rank 0
+    publishes the directory and moves the pointers; a last barrier so no rank starts the next save early."""
+    rank, world = _dist_world(group)
+    final = os.path.join(save_dir, f"step_{step}")
     gathered = [None] * world
     if world > 1:
-        dist.all_gather_object(gathered, mine)  # the barrier: nobody gets here before every rank has written
+        dist.all_gather_object(gathered, mine, group=group)
     else:
         gathered = [mine]
     if rank == 0:
-        shas = {}
+        shas, holds = {}, {}
         for part in gathered:
-            shas.update(part)
-        _publish(tmp, final, dict(meta, step=step, files=shas))
+            shas.update(part["files"])
+            holds.update(part["holds"])
+        _publish(tmp, final, dict(meta, step=step, files=shas, holds=holds))
         _set_pointer(save_dir, "latest", os.path.basename(final))
         if is_best:
             _set_pointer(save_dir, "best", os.path.basename(final))
         if keep_last > 0:
             prune(save_dir, keep_last)
     if world > 1:
-        dist.barrier()
+        dist.barrier(group=group)
     return final
 
 

@@ -1,15 +1,16 @@
 """Reading step directories: find them, check them, load them safely.
 
-Loading uses only `torch.load(weights_only=True)` (plain tensors, numbers, strings, lists, dicts), never
-arbitrary pickle; every file's sha256 is checked against meta.json first. Any problem is a one-line UserError
-naming the file. The names of a save directory's files (FORMAT_VERSION, META, shard_name, step_<N>, the
-latest/best pointers) are defined here, once, for the writer too.
+Format 3 (written since issue 14) keeps each shard as a safetensors data file plus a JSON index
+(shard_format.py): nothing is unpickled, and what is read is checked block by block. Format 2 step directories
+(one torch.save .pt file per shard) are still read: only with `torch.load(weights_only=True)` (plain tensors,
+numbers, strings, lists, dicts), never arbitrary pickle, after the file's sha256 is checked against meta.json.
+Any problem is a one-line UserError naming the file. The names of a save directory's files (FORMAT_VERSION,
+META, shard_name, step_<N>, the latest/best pointers) are defined here, once, for the writer too.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -17,23 +18,23 @@ import re
 import torch
 
 from ..errors import UserError
+from .shard_format import DATA, INDEX, ShardFile, check_data_file, sha256_file
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)
 META = "meta.json"
 _STEP_RE = re.compile(r"step_(\d+)")
 
 
 def shard_name(tp_rank: int, pp_rank: int, dp_rank: int = 0) -> str:
-    """The file of grid position (tp_rank, pp_rank) written by data-parallel rank dp_rank."""
-    return f"shard_tp{tp_rank}_pp{pp_rank}.pt" if dp_rank == 0 else f"shard_tp{tp_rank}_pp{pp_rank}_dp{dp_rank}.pt"
+    """The shard of grid position (tp_rank, pp_rank) written by data-parallel rank dp_rank, without its file
+    ending: format 3 has <name>.safetensors + <name>.json, format 2 one <name>.pt."""
+    return f"shard_tp{tp_rank}_pp{pp_rank}" if dp_rank == 0 else f"shard_tp{tp_rank}_pp{pp_rank}_dp{dp_rank}"
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def shard_files(name: str, fmt: int = FORMAT_VERSION) -> list[str]:
+    """The files of shard `name` in format `fmt`."""
+    return [name + DATA, name + INDEX] if fmt >= 3 else [name + ".pt"]
 
 
 def step_dirs(save_dir: str) -> list[tuple[int, str]]:
@@ -99,13 +100,15 @@ def read_meta(step_dir: str) -> dict:
             meta = json.load(fh)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("files"), dict):
-        raise UserError(f"{path} is not a megabranch checkpoint description (format {FORMAT_VERSION})")
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS or not isinstance(meta.get("files"), dict):
+        raise UserError(f"{path} is not a megabranch checkpoint description (format "
+                        f"{' or '.join(map(str, READABLE_FORMATS))})")
     return meta
 
 
-def load_file(step_dir: str, name: str, meta: dict | None = None) -> dict:
-    """One shard, its sha256 checked against meta.json, loaded with weights_only=True."""
+def load_file(step_dir: str, name: str, meta: dict | None = None, mmap: bool = False) -> dict:
+    """One format-2 .pt file, its sha256 checked against meta.json, loaded with weights_only=True (mmap: its
+    tensors stay memory-mapped, read when touched)."""
     meta = meta if meta is not None else read_meta(step_dir)
     path = os.path.join(step_dir, name)
     want = meta["files"].get(name)
@@ -115,21 +118,38 @@ def load_file(step_dir: str, name: str, meta: dict | None = None) -> dict:
         raise UserError(f"checkpoint shard missing: {path}")
     if sha256_file(path) != want:
         raise UserError(f"checkpoint shard {path} is corrupt: its sha256 differs from {META} (truncated or modified)")
-    return safe_load(path)
+    return safe_load(path, mmap)
 
 
-def safe_load(path: str):
+def load_shard(step_dir: str, name: str, meta: dict | None = None) -> dict:
+    """One whole shard (shard_name(...)) of either format, checked, every tensor in memory (tools and tests;
+    resuming reads slices: slice_reader.py)."""
+    meta = meta if meta is not None else read_meta(step_dir)
+    if meta["format"] >= 3:
+        return ShardFile(step_dir, name, meta, {"bytes": 0}).materialize()
+    return load_file(step_dir, name + ".pt", meta)
+
+
+def safe_load(path: str, mmap: bool = False):
     """torch.load(weights_only=True); any failure is a one-line UserError naming the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, bit rot: all the file's fault
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"cannot load checkpoint file {path} (corrupt, truncated or carrying code): {first}") from None
 
 
 def verify(step_dir: str) -> dict:
-    """Check every file's sha256 and that each loads safely; -> meta."""
+    """Check every file's sha256 and that each loads safely (format 3: every block against its index); -> meta."""
     meta = read_meta(step_dir)
     for name in sorted(meta["files"]):
-        load_file(step_dir, name, meta)
+        path = os.path.join(step_dir, name)
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint shard missing: {path}")
+        if meta["format"] < 3:
+            load_file(step_dir, name, meta)
+        elif sha256_file(path) != meta["files"][name]:
+            raise UserError(f"checkpoint shard {path} is corrupt: its sha256 differs from {META} (truncated or modified)")
+        elif name.endswith(INDEX):
+            check_data_file(step_dir, name[: -len(INDEX)], meta)
     return meta

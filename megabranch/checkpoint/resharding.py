@@ -1,19 +1,19 @@
-"""Moving checkpoints between (tp, pp, vpp) layouts, and the single-process view of any checkpoint.
+"""Moving checkpoints between (tp, pp, vpp, dp) layouts, and the single-process view of any checkpoint.
 
-A checkpoint from another layout is resharded on load: the shards are merged into full single-process tensors
-(each parameter carries its tensor-parallel split dimension in the shard's "split" table) and cut again for the
-reading rank (`load_for_rank`). Optimizer state is merged and cut the same way, in its canonical form
-(optimizer_state.py).
+A rank resuming from another layout reads only what it owns (`load_for_rank` over slice_reader.StepReader):
+for each of its parameters the slice of the single-process tensor it holds, taken from the shards that hold
+the overlapping parts, and the same slices of the Adam moments (per parameter, or from ZeRO-1's flat vectors).
+Nothing is merged into full tensors except by `consolidate`, the single-process view (conversion, averaging,
+decoding), which assembles every tensor whole.
 """
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import UserError
 from ..parallel.parallelize import full_shape, shard_of
-from .optimizer_state import zero_flat_to_canonical
-from .reading import load_file, read_meta, resolve, shard_name
+from ..parallel.zero import flat_range
+from .reading import read_meta, resolve, shard_name
+from .slice_reader import MOMENTS, StepReader, want_of
 
 
 def split_info(params: dict) -> dict:
@@ -22,59 +22,23 @@ def split_info(params: dict) -> dict:
                 *[int(s) for s in full_shape(p)]] for n, p in params.items()}
 
 
-def _merge(pieces: dict, split: dict) -> dict:
-    """pieces: name -> {tp_rank: slice} -> name -> full tensor."""
-    out = {}
-    for name, by_tp in pieces.items():
-        dim = split[name][0]
-        if dim < 0 or len(by_tp) == 1 and tuple(next(iter(by_tp.values())).shape) == tuple(split[name][1:]):
-            out[name] = next(iter(by_tp.values()))
-        else:
-            out[name] = torch.cat([by_tp[t] for t in sorted(by_tp)], dim=dim)
-    return out
-
-
-def merge_slices(pieces: dict, split: dict) -> dict:
-    """name -> {tp_rank: slice} -> name -> full tensor, by the split table of split_info (for tensors that
-    arrive some other way than a step directory: the parallel engine's gathered model)."""
-    return _merge(pieces, split)
-
-
-def consolidate(step_dir: str, meta: dict | None = None, optimizer: bool = True) -> tuple[dict, dict | None]:
-    """-> (full single-process parameters by name, full canonical optimizer state or None)."""
+def consolidate(step_dir: str, meta: dict | None = None, optimizer: bool = True,
+                reader: StepReader | None = None) -> tuple[dict, dict | None]:
+    """-> (full single-process parameters by name, full canonical optimizer state or None): the whole model in
+    memory, for single-process consumers."""
     meta = meta if meta is not None else read_meta(step_dir)
-    lay = meta["layout"]
-    pieces: dict = {}
-    opt_pieces: dict = {"step": {}, "exp_avg": {}, "exp_avg_sq": {}}
-    split: dict = {}
-    hyper = None
-    have_opt = optimizer
-    for p in range(lay["pp"]):
-        for t in range(lay["tp"]):
-            shard = load_file(step_dir, shard_name(t, p), meta)
-            split.update(shard["split"])
-            for name, tensor in shard["model"].items():
-                pieces.setdefault(name, {}).setdefault(t, tensor)  # a tied table held by several stages: first copy
-            if not have_opt:
-                continue
-            canon = shard.get("optimizer")
-            if canon is None and lay.get("zero"):
-                zs = [shard["rank"]["zero"]] + [load_file(step_dir, shard_name(t, p, d), meta)["rank"]["zero"]
-                                                for d in range(1, lay["dp"])]
-                canon = zero_flat_to_canonical(zs, {n: tuple(v.shape) for n, v in shard["model"].items()})
-            if canon is None:
-                have_opt = False
-                continue
-            hyper = hyper or canon["hyper"]
-            for k in opt_pieces:
-                for name, tensor in canon[k].items():
-                    opt_pieces[k].setdefault(name, {}).setdefault(t, tensor)
-    model = _merge(pieces, split)
-    if not have_opt:
+    reader = reader or StepReader(step_dir, meta)
+    names = reader.names()
+    model = {n: reader.region("model", n, None) for n in names}
+    if not (optimizer and reader.has_moments()):
         return model, None
-    opt = {k: _merge(opt_pieces[k], split) if k != "step" else {n: next(iter(v.values())) for n, v in opt_pieces[k].items()}
-           for k in opt_pieces}
-    opt["hyper"] = hyper or {}
+    opt = {"step": {}, "exp_avg": {}, "exp_avg_sq": {}, "hyper": reader.hyper()}
+    for n in names:
+        moments = {k: reader.region(k, n, None) for k in MOMENTS}
+        if all(v is not None for v in moments.values()):
+            opt["step"][n] = reader.moment_step(n)
+            for k, v in moments.items():
+                opt[k][n] = v
     return model, opt
 
 
@@ -105,36 +69,65 @@ def _same_layout(lay: dict, pos: dict) -> bool:
     return all(lay.get(k) == pos.get(k) for k in ("tp", "pp", "vpp", "layout"))
 
 
-def load_for_rank(step_dir: str, meta: dict, position: dict, params: dict) -> dict:
+def _zero_names(position: dict, params: dict) -> set:
+    """The parameters whose flat ranges overlap the slice a ZeRO-1 rank of `position` owns."""
+    numel = sum(p.numel() for p in params.values())
+    start, end = flat_range(numel, position["dp"], position["dp_rank"])
+    out, off = set(), 0
+    for name, p in params.items():
+        if off < end and off + p.numel() > start:
+            out.add(name)
+        off += p.numel()
+    return out
+
+
+def _sliced_optimizer(reader: StepReader, position: dict, params: dict) -> dict | None:
+    """The canonical optimizer state of `params`' slices (a ZeRO-1 rank: only of the parameters its flat
+    slice overlaps), read from whatever form the checkpoint holds."""
+    if not reader.has_moments():
+        return None
+    names = _zero_names(position, params) if position.get("zero") else set(params)
+    out = {"step": {}, "exp_avg": {}, "exp_avg_sq": {}, "hyper": reader.hyper()}
+    for name, p in params.items():
+        if name not in names:
+            continue
+        moments = {k: reader.region(k, name, want_of(p), full_shape(p)) for k in MOMENTS}
+        if all(v is not None for v in moments.values()):
+            out["step"][name] = reader.moment_step(name)
+            for k, v in moments.items():
+                out[k][name] = v
+    return out
+
+
+def load_for_rank(step_dir: str, meta: dict, position: dict, params: dict, reader: StepReader | None = None) -> dict:
     """What one rank needs to resume: {"model": {name: slice}, "optimizer": canonical or None, "zero": this
-    rank's ZeRO-1 shard or None, "rng", "data", "step", "scaler" (fp16 loss scaler state or None), "resharded"}.
+    rank's ZeRO-1 shard or None, "rng", "data", "step", "scaler" (fp16 loss scaler state or None), "resharded",
+    "bytes_read"}.
 
     position: tp, pp, vpp, layout, dp, zero, tp_rank, pp_rank, dp_rank of the reading rank; params: its
     parameters by canonical name. Same (tp, pp, vpp, layout): its own shard is read (and its own data-parallel
-    rank file: RNG, data position, ZeRO slice). Otherwise every shard is read, merged and cut for this rank."""
+    rank file: RNG, data position, ZeRO slice). Otherwise it reads the slices it owns, and only those."""
+    reader = reader or StepReader(step_dir, meta)
     lay = meta["layout"]
     t, p, d = position["tp_rank"], position["pp_rank"], position["dp_rank"]
+    same_dp = lay.get("dp") == position.get("dp")
     if _same_layout(lay, position):
-        shard = load_file(step_dir, shard_name(t, p), meta)
-        shapes_ok = set(shard["model"]) == set(params) and all(
-            tuple(shard["model"][n].shape) == tuple(q.shape) for n, q in params.items())
-        if shapes_ok:
-            mine = shard["rank"]
-            if lay.get("dp") == position.get("dp") and d > 0:
-                mine = load_file(step_dir, shard_name(t, p, d), meta)["rank"]
-            same_dp = lay.get("dp") == position.get("dp")
-            out = {"model": shard["model"], "optimizer": shard.get("optimizer"), "zero": mine.get("zero") if same_dp else None,
-                   "rng": mine.get("rng") if same_dp else None, "data": mine.get("data"), "step": int(shard["step"]),
-                   "scaler": shard.get("scaler") or None, "resharded": False}
-            if out["optimizer"] is None and out["zero"] is None:  # ZeRO-1 state under another dp size
-                _, opt = consolidate(step_dir, meta)
-                out["optimizer"] = cut_optimizer(opt, params)
-            return out
-    model, opt = consolidate(step_dir, meta)
-    first = load_file(step_dir, shard_name(0, 0), meta)
-    return {"model": cut(model, params), "optimizer": cut_optimizer(opt, params), "zero": None, "rng": None,
-            "data": first["rank"].get("data"), "step": int(first["step"]), "scaler": first.get("scaler") or None,
-            "resharded": True}
+        own = reader.shard(t, p)
+        if set(own.names()) == set(params) and all(tuple(own.shape(n)) == tuple(q.shape) for n, q in params.items()):
+            mine = reader.shard(t, p, d) if same_dp and d > 0 else own
+            zero = mine.get("rank", "zero") if same_dp and position.get("zero") and lay.get("zero") else None
+            opt = own.get("optimizer") if zero is None and not position.get("zero") else None
+            if zero is None and opt is None:  # ZeRO-1 state under another dp size, or to or from ZeRO-1
+                opt = _sliced_optimizer(reader, position, params)
+            return {"model": {n: own.get("model", n) for n in params}, "optimizer": opt, "zero": zero,
+                    "rng": mine.get("rank", "rng") if same_dp else None, "data": mine.get("rank", "data"),
+                    "step": int(own.get("step")), "scaler": own.get("scaler") or None, "resharded": False,
+                    "bytes_read": reader.bytes_read}
+    model = {name: reader.region("model", name, want_of(q), full_shape(q)) for name, q in params.items()}
+    first = reader.shard(0, 0)
+    return {"model": model, "optimizer": _sliced_optimizer(reader, position, params), "zero": None, "rng": None,
+            "data": first.get("rank", "data"), "step": int(first.get("step")), "scaler": first.get("scaler") or None,
+            "resharded": True, "bytes_read": reader.bytes_read}
 
 
 # --- single-process view (generation, analysis, conversion) --------------------------------------------

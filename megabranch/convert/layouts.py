@@ -7,35 +7,39 @@ from ..config import Config
 from ..errors import UserError
 from ..model import canonical_parameters
 from ..parallel.grid import Grid
+from ..parallel.parallelize import natural_split_dims
 from ..parallel.partition import plan_layout
 from ..parallel.stage import build_stage
 
 
 def rank_params(cfg: Config, vocab: int, tgt_vocab: int | None, tp: int, pp: int, vpp: int, layout: str = ""):
-    """-> (Layout, {(tp_rank, pp_rank): {canonical name: meta parameter}}) for a (tp, pp, vpp) grid, built on
-    the meta device with no processes (what every rank of such a run would hold)."""
+    """-> (Layout, {(tp_rank, pp_rank): {canonical name: meta parameter}}, {(tp_rank, pp_rank): {canonical name:
+    the dim its checkpoint tensors store leading}}) for a (tp, pp, vpp) grid, built on the meta device with no
+    processes (what every rank of such a run would hold)."""
     if vpp > 1 and pp == 1:
         raise UserError(f"--vpp {vpp} needs --pp > 1")
     p = cfg.parallel
     lay = plan_layout(cfg.model, pp, vpp, vocab, tgt_vocab or vocab, tp, layout=layout, by=p.balance, recompute=p.recompute)
-    out = {}
+    out, leads = {}, {}
     for pr in range(pp):
         for tr in range(tp):
             grid = Grid(tp=tp, pp=pp, vpp=vpp, tp_rank=tr, pp_rank=pr)
             chunks = build_stage(cfg.model, lay, grid, vocab, tgt_vocab, seed=None, device="meta")
             out[(tr, pr)] = canonical_parameters(chunks, cfg.model)
-    return lay, out
+            dims = natural_split_dims(chunks)
+            leads[(tr, pr)] = {n: dims.get(id(q), 0) for n, q in out[(tr, pr)].items()}
+    return lay, out, leads
 
 
 def write_layout(out: str, cfg: Config, meta: dict, model: dict, opt: dict | None, tp: int, pp: int, vpp: int,
                  layout: str = "", data: dict | None = None) -> str:
     """Write full single-process tensors (and a canonical optimizer state) as a step directory for a grid."""
     vocab, tgt_vocab = meta["vocab_size"], meta.get("tgt_vocab_size")
-    lay, ranks = rank_params(cfg, vocab, tgt_vocab, tp, pp, vpp, layout)
+    lay, ranks, leads = rank_params(cfg, vocab, tgt_vocab, tp, pp, vpp, layout)
     files = {}
     for (t, p), params in ranks.items():
         files[checkpoint.shard_name(t, p)] = {
-            "model": checkpoint.cut(model, params), "split": checkpoint.split_info(params),
+            "model": checkpoint.cut(model, params), "split": checkpoint.split_info(params), "lead": leads[(t, p)],
             "optimizer": checkpoint.cut_optimizer(opt, params),
             "scaler": {}, "step": int(meta["step"]), "rank": {"data": data, "rng": None, "zero": None},
         }

@@ -1,9 +1,12 @@
-"""Token embeddings (scaled by sqrt(d), fairseq style) and fixed sinusoidal positions."""
+"""Token embeddings (scaled: sqrt(d) by default, fairseq style) and positions (fixed sinusoids by default, or a
+learned table), each as model.embed_scale / model.positions / model.position_offset say."""
 
 import math
 
 import torch
 from torch import nn
+
+from ..config import ModelConfig
 
 
 def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -17,15 +20,29 @@ def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
-class Embedder(nn.Module):
-    """tokens -> dropout(sqrt(d) * E[tokens] + P[positions]).  Positions start at `offset` (for decoding)."""
+def embed_scale(cfg: ModelConfig) -> float:
+    """What token embeddings are multiplied by: model.embed_scale, or sqrt(d_model) when it is unset."""
+    return math.sqrt(cfg.d_model) if cfg.embed_scale is None else float(cfg.embed_scale)
 
-    def __init__(self, table: nn.Embedding, max_positions: int, dropout: float):
+
+class Embedder(nn.Module):
+    """tokens -> dropout(scale * E[tokens] + P[first + offset + i]): the i-th token of a sequence at position
+    model.position_offset + i (`offset`: tokens already decoded). P is a fixed sinusoidal table (buffer
+    `positions`) or, with model.positions=learned, the parameter `learned_positions.weight` of
+    position_offset + max_positions rows. with_positions=False: a table holder for a tied output projection."""
+
+    def __init__(self, table: nn.Embedding, cfg: ModelConfig, with_positions: bool = True):
         super().__init__()
         self.table = table
-        self.scale = math.sqrt(table.embedding_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.register_buffer("positions", sinusoidal_table(max_positions, table.embedding_dim), persistent=False)
+        self.scale = embed_scale(cfg)
+        self.first = cfg.position_offset
+        self.max_positions = cfg.max_positions
+        self.dropout = nn.Dropout(cfg.dropout)
+        rows = cfg.position_offset + cfg.max_positions
+        self.learned_positions = None
+        if with_positions and cfg.positions == "learned":
+            self.learned_positions = nn.Embedding(rows, table.embedding_dim)
+        self.register_buffer("positions", sinusoidal_table(rows, table.embedding_dim), persistent=False)
 
     def reset_positions(self) -> None:
         """Recompute the table (after a meta-device build has been given real storage)."""
@@ -33,7 +50,8 @@ class Embedder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         length = tokens.shape[1]
-        if offset + length > self.positions.shape[0]:
-            raise ValueError(f"sequence of {offset + length} tokens exceeds model.max_positions={self.positions.shape[0]}")
-        x = self.table(tokens) * self.scale + self.positions[offset : offset + length]
-        return self.dropout(x)
+        if offset + length > self.max_positions:
+            raise ValueError(f"sequence of {offset + length} tokens exceeds model.max_positions={self.max_positions}")
+        lo, hi = self.first + offset, self.first + offset + length
+        pos = self.positions[lo:hi] if self.learned_positions is None else self.learned_positions.weight[lo:hi]
+        return self.dropout(self.table(tokens) * self.scale + pos)

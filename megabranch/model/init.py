@@ -32,12 +32,12 @@ def initial_value(name: str, shape: tuple, cfg: ModelConfig, seed: int) -> torch
     """The initial value of the full (unsharded) parameter `name` of the single-process model.
 
     fairseq's init: xavier_uniform (q/k/v with gain 1/sqrt(2)), zero biases, unit LayerNorm, N(0, d^-1/2)
-    embeddings with a zero pad row; with DeepNorm init (default for deepnorm and branchnorm) v/out/fc1/fc2 are
-    scaled by the stack's beta.
+    embeddings with a zero pad row (learned positions: N(0, d^-1/2) too); with DeepNorm init (default for
+    deepnorm and branchnorm) v/out/fc1/fc2 are scaled by the stack's beta.
     """
     g = torch.Generator().manual_seed(_name_seed(seed, name))
     t = torch.empty(shape)
-    if "embed.table" in name or name.endswith("output.weight"):
+    if "embed.table" in name or name.endswith(("output.weight", "embed.learned_positions.weight")):
         t.normal_(0.0, cfg.d_model**-0.5, generator=g)
         if "embed.table" in name:
             t[PAD] = 0.0

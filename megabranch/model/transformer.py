@@ -81,7 +81,7 @@ def _segment(layers, call, h, *extra):
 
 class Encoder(_Stack):
     def __init__(self, cfg: ModelConfig, table: nn.Embedding | None, span: Span):
-        embed = Embedder(table, cfg.max_positions, cfg.dropout) if span.src_embed else None
+        embed = Embedder(table, cfg) if span.src_embed else None
         super().__init__(cfg, "encoder", EncoderLayer, span.enc_lo, span.enc_hi, span.ends_encoder, embed)
 
     def forward(self, src_tokens: torch.Tensor, x: torch.Tensor | None = None, key_mask: torch.Tensor | None = None):
@@ -99,14 +99,14 @@ class Encoder(_Stack):
 
 class Decoder(_Stack):
     def __init__(self, cfg: ModelConfig, table: nn.Embedding | None, span: Span, vocab_size: int):
-        embed = Embedder(table, cfg.max_positions, cfg.dropout) if span.tgt_embed else None
+        embed = Embedder(table, cfg) if span.tgt_embed else None
         super().__init__(cfg, "decoder", DecoderLayer, span.dec_lo, span.dec_hi, span.ends_decoder, embed)
         tied = cfg.share_decoder_input_output_embed
         self.output = OutputProjection(cfg.d_model, vocab_size, table if tied else None) if span.output else None
         if span.output and tied and embed is None:
             # a slice that projects with a tied table it does not embed with: the table is held (registered
             # last, where the parameter order of older checkpoints has it) under its single-process name
-            self.embed = Embedder(table, cfg.max_positions, cfg.dropout)
+            self.embed = Embedder(table, cfg, with_positions=False)
 
     def forward(self, prev_tokens, memory, memory_mask, y=None, cache: list | None = None, offset: int = 0,
                 project: bool = True):

@@ -4,8 +4,8 @@ engine decodes its validation BLEU with.
 Decoding needs every layer in one process (beam search runs the decoder once per token). So at a validation,
 when the whole model fits on rank 0 (`fits_on_rank0`: twice its fp32 parameter bytes free there, for the
 received slices plus the model built from them), each data-parallel-rank-0 process sends its parameters (this
-layout's tensor-parallel slices, by single-process name) to rank 0 in one flat message, rank 0 merges the slices
-(checkpoint.merge_slices, the code that consolidates step directories) and builds the single-process model on its
+layout's tensor-parallel slices, by single-process name) to rank 0 in one flat message, rank 0 concatenates the
+slices by the split table checkpoints record (checkpoint.split_info) and builds the single-process model on its
 device. Nothing is written to disk and no other rank holds more than it did. When the model does not fit (a
 1000-layer model over many GPUs), the validation logs no BLEU and says so once; decode a saved step directory
 with `megabranch-generate` on a machine that holds the model instead (docs/design.md, "Validation BLEU").
@@ -85,4 +85,17 @@ def gather_to_rank0(params: dict, grid, device: torch.device) -> dict | None:
             tensors = {n: v.view(shape) for (n, shape), v in zip(meta["shapes"], views)}
         for name, t in tensors.items():
             pieces.setdefault(name, {}).setdefault(tp_rank, t)
-    return checkpoint.merge_slices(pieces, split)
+    return merge_slices(pieces, split)
+
+
+def merge_slices(pieces: dict, split: dict) -> dict:
+    """name -> {tp_rank: slice} -> name -> full tensor, by checkpoint.split_info's table ([split dim (-1: not
+    split), *full shape]), as the slices are concatenated when a step directory is consolidated."""
+    out = {}
+    for name, by_tp in pieces.items():
+        dim = split[name][0]
+        if dim < 0 or len(by_tp) == 1 and tuple(next(iter(by_tp.values())).shape) == tuple(split[name][1:]):
+            out[name] = next(iter(by_tp.values()))
+        else:
+            out[name] = torch.cat([by_tp[t] for t in sorted(by_tp)], dim=dim)
+    return out

@@ -242,6 +242,27 @@ def apply_tensor_parallel(module: nn.Module, grid, fork_rng: bool = True) -> nn.
     return module
 
 
+def natural_split_dims(modules) -> dict:
+    """id(parameter) -> the dim apply_tensor_parallel splits it along (at any tp, also tp == 1 where nothing is
+    split yet), for every parameter it would split, of a module or a list of modules. Checkpoints store each
+    tensor with that dim leading, so that the slice of any tensor-parallel rank is one contiguous byte range."""
+    dims = {}
+    for module in modules if isinstance(modules, (list, tuple, nn.ModuleList)) else [modules]:
+        for m in module.modules():
+            if isinstance(m, (MultiheadAttention, FeedForward)):
+                column = ("q_proj", "k_proj", "v_proj") if isinstance(m, MultiheadAttention) else ("fc1",)
+                row = "out_proj" if isinstance(m, MultiheadAttention) else "fc2"
+                for lin in [getattr(m, c) for c in column]:  # column-parallel: output rows (and their biases)
+                    dims.update({id(lin.weight): 0, **({id(lin.bias): 0} if lin.bias is not None else {})})
+                dims[id(getattr(m, row).weight)] = 1  # row-parallel: input columns
+            elif isinstance(m, nn.Embedding) or isinstance(m, OutputProjection) and m.weight is not None:
+                dims[id(m.weight)] = 0
+        for p in module.parameters():  # what is already split says so itself
+            if getattr(p, "tp_split_dim", None) is not None:
+                dims[id(p)] = p.tp_split_dim
+    return dims
+
+
 def tp_layout(module: nn.Module) -> dict:
     """name -> (split dim or None, full shape) for every parameter of `module`; for converters and logs."""
     return {n: (getattr(p, "tp_split_dim", None), full_shape(p)) for n, p in module.named_parameters()}

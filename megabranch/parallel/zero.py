@@ -25,6 +25,13 @@ import torch.distributed as dist
 from ..errors import UserError
 
 
+def flat_range(numel: int, dp_size: int, dp_rank: int) -> tuple[int, int]:
+    """The slice [start, end) of the flat vector of `numel` elements that data-parallel rank dp_rank owns."""
+    size = -(-numel // dp_size)
+    start = min(dp_rank * size, numel)
+    return start, min(start + size, numel)
+
+
 class ShardedAdamW(torch.optim.Optimizer):
     def __init__(self, params, dp_group=None, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2):
@@ -48,8 +55,7 @@ class ShardedAdamW(torch.optim.Optimizer):
             raise ValueError("ShardedAdamW needs every parameter on one device")
         self.numel = sum(p.numel() for p in self.flat_params)
         self.shard_size = -(-self.numel // self.dp_size)
-        self.start = min(self.dp_rank * self.shard_size, self.numel)
-        self.end = min(self.start + self.shard_size, self.numel)
+        self.start, self.end = flat_range(self.numel, self.dp_size, self.dp_rank)
         # (param, offset in param, offset in my shard, length) for every param overlapping my slice
         self._pieces, off = [], 0
         for p in self.flat_params:
@@ -177,6 +183,23 @@ class ShardedAdamW(torch.optim.Optimizer):
             "param_groups": self._hyper(),
             "numel": self.numel,
         }
+
+    @torch.no_grad()
+    def load_param_state(self, step: int, hyper: dict, exp_avg: list, exp_avg_sq: list) -> None:
+        """Take this rank's slice from per-parameter moments (aligned with flat_params, each shaped like its
+        parameter; None where this rank's slice does not reach or there is no state: zeros). Only the parameters
+        overlapping [start, end) are read."""
+        self.step_count = int(step)
+        for mine, src in ((self.exp_avg, exp_avg), (self.exp_avg_sq, exp_avg_sq)):
+            mine.zero_()
+            index = {id(p): i for i, p in enumerate(self.flat_params)}
+            for p, po, so, n in self._pieces:
+                t = src[index[id(p)]]
+                if t is not None:
+                    mine[so : so + n] = t.reshape(-1)[po : po + n]
+        if self.master is not None:
+            self.master.copy_(self._read_params())
+        self.param_groups[0].update({k: v for k, v in hyper.items() if k in self.param_groups[0] and k != "params"})
 
     @torch.no_grad()
     def load_full_state(self, full: dict) -> None:

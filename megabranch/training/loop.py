@@ -119,6 +119,7 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
                 if save:
                     engine.save(lg.save_dir, itr.state_dict(), valid_stats["loss"], best, is_best)
                 t0 = time.time()  # validation and saving are not training throughput
+        engine.finish_saves()  # a background save still in flight is published before the run returns
     finally:
         logger.close()
     return valid_stats

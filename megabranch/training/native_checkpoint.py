@@ -1,21 +1,27 @@
 """Step-directory checkpoints for the native engines (one process and tensor x pipeline x data parallel).
 
 An engine that uses this exposes `position()` (where it sits in the grid), `named_params()` (its parameters by
-single-process name), `optimizer`, optionally `scaler`, `step`, `rank`, `cfg`, `alpha()`, `vocab_sha256` (of the
-data it trains on, None when unknown), `vocab_sizes` (source, target) and `load_checkpoint_state(state)`; the file format and its publication protocol
-are megabranch.checkpoint's.
+single-process name), `model` (its modules), `optimizer`, optionally `scaler`, `step`, `rank`, `cfg`, `alpha()`,
+`vocab_sha256` (of the data it trains on, None when unknown), `vocab_sizes` (source, target) and
+`load_checkpoint_state(state)`; the file format and its publication protocol are megabranch.checkpoint's.
+
+With log.async_save (the default) a save copies this rank's state into host memory and publishes it in the
+background (checkpoint.async_save); the run loop calls finish_saves() at the end.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
 
 from .. import checkpoint
 from ..config import Config
+from ..checkpoint.async_save import AsyncSaver, host_copy, snapshot
 from ..errors import UserError
+from ..parallel.parallelize import natural_split_dims
 from ..parallel.tensor_parallel import get_rng_tracker
 
 # model keys that may change across a resume: regularisation, kernel choice and compilation
@@ -50,9 +56,11 @@ def checkpoint_files(engine, data_state: dict) -> dict:
         return {checkpoint.shard_name(t, p, d): {"rank": mine, "step": engine.step}}
     params = engine.named_params()
     scaler = getattr(engine, "scaler", None)
+    dims = natural_split_dims(engine.model)
     return {checkpoint.shard_name(t, p): {
-        "model": {k: v.detach().clone() for k, v in params.items()},
+        "model": {k: host_copy(v) for k, v in params.items()},
         "split": checkpoint.split_info(params),
+        "lead": {k: dims.get(id(v), 0) for k, v in params.items()},  # stored leading: any tp slice contiguous
         "optimizer": checkpoint.optimizer_to_canonical(engine.optimizer, list(params)),
         "scaler": scaler.state_dict() if scaler else {},
         "step": engine.step,
@@ -74,14 +82,20 @@ def step_meta(engine, valid_loss: float, best: float) -> dict:
     }
 
 
-def save(engine, save_dir: str, data_state: dict, valid_loss: float, best: float, is_best: bool) -> str:
-    """Collective: publish step_<engine.step>/ (megabranch.checkpoint.save_step)."""
-    return checkpoint.save_step(save_dir, engine.step, checkpoint_files(engine, data_state),
-                                step_meta(engine, valid_loss, best), is_best, engine.cfg.log.keep_last)
+def save(engine, save_dir: str, data_state: dict, valid_loss: float, best: float, is_best: bool,
+         saver: AsyncSaver | None = None) -> str:
+    """Collective: publish step_<engine.step>/ (megabranch.checkpoint.save_step); with `saver`, snapshot this
+    rank's state and publish it in the background."""
+    files, meta = checkpoint_files(engine, data_state), step_meta(engine, valid_loss, best)
+    if saver is None:
+        return checkpoint.save_step(save_dir, engine.step, files, meta, is_best, engine.cfg.log.keep_last)
+    saver.save(save_dir, engine.step, snapshot(files), meta, is_best, engine.cfg.log.keep_last)
+    return os.path.join(save_dir, f"step_{engine.step}")
 
 
 def _check_model_matches(cfg: Config, saved: dict, path: str) -> None:
-    ours, theirs = cfg.to_dict()["model"], saved["model"]
+    # a key the checkpoint's config lacks was added later: it was trained with that key's default
+    ours, theirs = cfg.to_dict()["model"], {**Config().to_dict()["model"], **saved["model"]}
     for key in sorted(set(ours) | set(theirs)):
         if key in _RESUMABLE_CHANGES:
             continue
@@ -128,8 +142,17 @@ class NativeCheckpointing:
     def has_checkpoints(save_dir: str) -> bool:
         return checkpoint.has_checkpoints(save_dir)
 
+    _saver: AsyncSaver | None = None
+
     def save(self, save_dir: str, loop_state: dict, valid_loss: float, best: float, is_best: bool) -> None:
-        save(self, save_dir, loop_state, valid_loss, best, is_best)
+        if self.cfg.log.async_save and self._saver is None:
+            self._saver = AsyncSaver()
+        save(self, save_dir, loop_state, valid_loss, best, is_best, self._saver if self.cfg.log.async_save else None)
+
+    def finish_saves(self) -> None:
+        """Collective at the end of a run: every background save published (its failure raised here)."""
+        if self._saver is not None:
+            self._saver.wait()
 
     def resume(self, where: str) -> dict:
         return resume(self, where)

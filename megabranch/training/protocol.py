@@ -44,6 +44,9 @@ class Engine(Protocol):
     def save(self, save_dir: str, loop_state: dict, valid_loss: float, best: float, is_best: bool) -> None:
         """Collective. Write a checkpoint of step `self.step`; loop_state is this rank's data position."""
 
+    def finish_saves(self) -> None:
+        """Collective, at the end of a run: wait until every checkpoint this engine started is published."""
+
     def resume(self, where: str) -> dict:
         """Collective. Restore from a checkpoint (`where`: a path or "last") -> {"data": this rank's data position
         or None, "best_valid_loss": float or None}."""

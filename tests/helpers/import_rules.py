@@ -25,6 +25,8 @@ LOCAL_IMPORT_ALLOWED = {
     "matplotlib": "only for plots; about 0.3 s to import",
     "torch.utils.tensorboard": "only with log.tensorboard on; about 0.2 s to import",
     "torch.utils.cpp_extension": "only to JIT-build a kernel; it imports setuptools",
+    "torchscale": "optional (test extras); only to check a conversion against the real model",
+    "fairseq": "optional (test extras); only to read and check a fairseq checkpoint; about 3.5 s to import",
 }
 
 

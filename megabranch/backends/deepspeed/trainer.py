@@ -282,6 +282,9 @@ class DeepSpeedTrainer:
         self.engine.save_checkpoint(save_dir, client_state={"config": self.cfg.to_dict(), "data": loop_state,
                                                             "best_valid_loss": best})
 
+    def finish_saves(self) -> None:
+        """DeepSpeed's save_checkpoint is synchronous: nothing in flight (log.async_save does not apply)."""
+
     def resume(self, where: str) -> dict:
         save_dir = self.cfg.log.save_dir
         path, client = self.engine.load_checkpoint(save_dir, tag=None if where in ("", "last") else where)
