@@ -158,6 +158,7 @@ def _scaler_body(rank, world, ref_path, save_dir):
 
     # the scaler state travels in the checkpoint and comes back on every rank
     tr.save(save_dir, {"epoch": 1}, 1.0, 1.0, True)
+    tr.finish_saves()  # log.async_save: published in the background
     fresh = ParallelTrainer(cfg, VOCAB)
     fresh.scaler = DynamicLossScaler()
     fresh.resume(save_dir)
