@@ -245,11 +245,14 @@ def _cuda_versions_match() -> bool:
 
 def point_torch_at_cuda_home(cpp_extension) -> None:
     """Make torch.utils.cpp_extension use the CUDA toolkit that find_cuda_home() picks."""
-    # torch resolves CUDA_HOME once, at import, and may settle on a folder without bin/nvcc
-    # (e.g. /usr/local when nvcc is a symlink there); use the toolkit found above instead.
+    # torch resolves CUDA_HOME once, at import, and may settle on a folder that is no toolkit
+    # (e.g. /usr/local when nvcc is a symlink or a wrapper script in /usr/local/bin: no
+    # include/cuda_runtime.h there, so the binding's CUDA headers are not found); use the
+    # toolkit found above instead.
     home = find_cuda_home()
     current = getattr(cpp_extension, "CUDA_HOME", None)
-    if home and (not current or not (Path(current) / "bin" / "nvcc").is_file()):
+    is_toolkit = current and all((Path(current) / f).is_file() for f in ("bin/nvcc", "include/cuda_runtime.h"))
+    if home and not is_toolkit:
         cpp_extension.CUDA_HOME = home
         os.environ.setdefault("CUDA_HOME", home)
 

@@ -50,6 +50,8 @@ class ModelConfig:
     alpha_warmup_steps: int = 4000  # T
     deepnorm_init: bool | None = None  # None: on for deepnorm and branchnorm, off otherwise
     fused_kernels: bool = False  # use megabranch.ops.residual_layernorm (C++/CUDA) for LN(r*x + s*F)
+    compile: bool = False  # torch.compile each encoder / decoder layer (model/regional_compile.py)
+    compile_backend: str = "inductor"  # the torch.compile backend: inductor, aot_eager (debugging), ...
 
 
 @dataclass

@@ -18,6 +18,7 @@ from . import checkpoint
 from .config import Config
 from .data import load_split
 from .errors import UserError, cli_main
+from .inference import add_device_arguments, check_max_tokens, prepare, resolve_device, sentence_batches
 from .model import PAD, build_model_from
 
 
@@ -112,13 +113,13 @@ def beam_search(
     return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 
 
-def translate(model, dataset, tokenizer, beam: int, lenpen: float, max_sentences: int = 64, limit: int = 0, device="cpu"):
-    """Decode `dataset` (sorted by length for speed, returned in dataset order) -> list of detokenized strings."""
+def translate(model, dataset, tokenizer, beam: int, lenpen: float, max_sentences: int = 64, limit: int = 0, device="cpu",
+              max_tokens: int = 0):
+    """Decode `dataset` (in batches of similar source length, inference.sentence_batches: at most max_tokens
+    padded source tokens (0: no budget) and max_sentences sentences) -> detokenized strings in dataset order."""
     n = len(dataset) if not limit else min(limit, len(dataset))
-    order = sorted(range(n), key=lambda i: len(dataset[i]["source"]))
     hyps: list[str | None] = [None] * n
-    for start in range(0, n, max_sentences):
-        idx = order[start : start + max_sentences]
+    for idx in sentence_batches(dataset.src_sizes, n, max_tokens, max_sentences):
         batch = dataset.collater([dataset[i] for i in idx])
         src = batch["src_tokens"].to(device)
         if beam == 1:
@@ -150,10 +151,11 @@ def directions_of(dataset) -> list[tuple[str, object]]:
     return [(n, dataset.direction(n)) for n in names] if names else [("all", dataset)]
 
 
-def _score_directions(model, dataset, tokenizer, beam, lenpen, max_sentences=64, limit=0, device="cpu"):
+def _score_directions(model, dataset, tokenizer, beam, lenpen, max_sentences=64, limit=0, device="cpu",
+                      max_tokens: int = 0):
     """Yield (name, its dataset, hypotheses, references, sacreBLEU score, signature) for every direction."""
     for name, part in directions_of(dataset):
-        hyps = translate(model, part, tokenizer, beam, lenpen, max_sentences, limit, device)
+        hyps = translate(model, part, tokenizer, beam, lenpen, max_sentences, limit, device, max_tokens)
         refs = [tokenizer.decode(part.target_tokens(i)) for i in range(len(hyps))]
         score, sig = bleu(hyps, refs)
         yield name, part, hyps, refs, score, sig
@@ -177,11 +179,12 @@ def validation_bleu(model, dataset, tokenizer, beam: int, limit: int, device="cp
     return {"bleu": round(average, 2), **{f"bleu_{name}": round(v, 2) for name, v in scores.items()}}
 
 
-def _report_directions(model, dataset, src_tok, tgt_tok, args) -> None:
+def _report_directions(model, dataset, src_tok, tgt_tok, args, device="cpu") -> None:
     """megabranch-generate on a multilingual split: BLEU per direction and their average."""
     all_hyps, scores, sig = [], {}, ""
     for name, part, hyps, refs, score, sig in _score_directions(model, dataset, tgt_tok, args.beam, args.lenpen,
-                                                                 args.max_sentences, args.limit):
+                                                                 args.max_sentences, args.limit, device,
+                                                                 args.max_tokens):
         scores[name] = score.score
         all_hyps += hyps
         print(f"{args.split} {name}: {len(hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}")
@@ -210,8 +213,11 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="decode only the first N sentences (of each direction)")
     ap.add_argument("--output", help="write hypotheses here, one per line (multilingual: every direction in turn)")
     ap.add_argument("--copy-baseline", action="store_true", help="also score the source copied as the hypothesis")
+    add_device_arguments(ap)
     args = ap.parse_args(argv)
     check_arguments(args)
+    device = resolve_device(args.device)
+    check_max_tokens(args.max_tokens)
 
     state = checkpoint.load_checkpoint(args.checkpoint, prefer="best")  # shards of any layout, consolidated
     cfg = Config.from_dict(state["config"], where=args.checkpoint)
@@ -222,16 +228,19 @@ def main(argv=None):
         raise UserError(f"vocabulary of {data_dir} differs from the one {args.checkpoint} was trained with")
     model = build_model_from(cfg.model, state["vocab_size"], state.get("tgt_vocab_size"), state["model"],
                              state["step"], state["step_dir"])
+    del state
+    model = prepare(model, device, args.precision)
     if getattr(dataset, "directions", None):
-        _report_directions(model, dataset, src_tok, tgt_tok, args)
+        _report_directions(model, dataset, src_tok, tgt_tok, args, device)
         return 0
-    hyps = translate(model, dataset, tgt_tok, args.beam, args.lenpen, args.max_sentences, args.limit)
+    hyps = translate(model, dataset, tgt_tok, args.beam, args.lenpen, args.max_sentences, args.limit, device,
+                     args.max_tokens)
     refs = [tgt_tok.decode(dataset.target_tokens(i)) for i in range(len(hyps))]
     score, sig = bleu(hyps, refs)
     if args.output:
         with open(args.output, "w") as fh:
             fh.writelines(h + "\n" for h in hyps)
-    print(f"{args.split}: {len(hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}")
+    print(f"{args.split}: {len(hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}, {device.type} {args.precision}")
     print(f"BLEU = {score.score:.2f}  ({score})")
     print(f"signature: {sig}")
     if args.copy_baseline:

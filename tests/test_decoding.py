@@ -68,3 +68,42 @@ def test_wide_beam_equals_exhaustive_search():
                 if score > best:
                     best, best_hyp = score, list(body)
         assert found[i] == best_hyp
+
+
+def test_bf16_weights_decode_close_to_fp32_with_exact_coefficients():
+    """inference.prepare: bf16 parameters, float32 residual coefficients equal to the fp32 model's, logits within
+    bf16's error of fp32's (but not equal: the cast happened)."""
+    from megabranch.inference import prepare
+    from megabranch.residual import ResidualCoefficients
+
+    fp32 = _model("deepnorm")
+    bf16 = prepare(_model("deepnorm"), torch.device("cpu"), "bf16")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    coeffs = [(m.r, m.s) for m in bf16.modules() if isinstance(m, ResidualCoefficients)]
+    ref = [(m.r, m.s) for m in fp32.modules() if isinstance(m, ResidualCoefficients)]
+    assert all(r.dtype == s.dtype == torch.float32 for r, s in coeffs)
+    assert all(torch.equal(a, b) for pair, want in zip(coeffs, ref) for a, b in zip(pair, want))
+    assert float(ref[0][0]) != 1.0  # DeepNorm's alpha: would be rounded by a bf16 cast
+    src = torch.randint(4, 40, (3, 7), generator=torch.Generator().manual_seed(3))
+    prev = torch.cat([torch.full((3, 1), BOS), src[:, :-1]], 1)
+    with torch.no_grad():
+        a, b = fp32(src, prev), bf16(src, prev).float()
+    err = float((a - b).abs().max() / a.abs().max())
+    assert 0 < err < 5e-2, err
+    assert len(greedy_decode(bf16, src, BOS, EOS, max_len_a=0, max_len_b=5)) == 3
+
+
+def test_sentence_batches_respect_the_token_budget():
+    import numpy as np
+
+    from megabranch.inference import sentence_batches
+
+    sizes = np.random.default_rng(0).integers(1, 12, 50)
+    sizes[7] = 30  # longer than the budget: decoded alone
+    batches = sentence_batches(sizes, 45, max_tokens=20, max_sentences=3)
+    assert sorted(i for b in batches for i in b) == list(range(45))
+    for b in batches:
+        assert len(b) <= 3 and (len(b) * max(sizes[i] for i in b) <= 20 or len(b) == 1)
+    flat = [sizes[i] for b in batches for i in b]
+    assert flat == sorted(flat)
+    assert [len(b) for b in sentence_batches(sizes, 10, 0, 4)] == [4, 4, 2]

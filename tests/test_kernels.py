@@ -465,6 +465,61 @@ def test_cuda_dropout_mask_equals_cpu(cpu_ext):
         assert _rel(a, e) < 1e-5
 
 
+@needs_cuda
+def test_cuda_model_fused_kernels_select_the_cuda_extension(monkeypatch):
+    """model.fused_kernels on a CUDA model runs every residual sub-layer through the CUDA kernels, and the
+    model's forward and backward match the same model without them."""
+    if backend("cuda") != "cuda-ext":
+        pytest.skip(f"CUDA extension unavailable: {fallback_reason('cuda')}")
+    from megabranch.config import ModelConfig
+    from megabranch.model import build_model
+
+    calls = []
+    real = loader.loaded
+
+    class Counting:
+        def __init__(self, ext):
+            self.ext = ext
+
+        def __getattr__(self, name):
+            if name == "forward":
+                calls.append(name)
+            return getattr(self.ext, name)
+
+    monkeypatch.setattr(loader, "loaded", lambda dev: Counting(real(dev)) if dev == "cuda" else real(dev))
+    outs = []
+    for fused in (False, True):
+        cfg = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=64, n_heads=4, ffn_dim=128, dropout=0.0,
+                          residual="deepnorm", fused_kernels=fused)
+        model = build_model(cfg, 50, seed=3).cuda()
+        src = torch.randint(4, 50, (3, 9), generator=torch.Generator().manual_seed(0)).cuda()
+        logits = model(src, src)
+        logits.float().square().mean().backward()
+        outs.append((logits.detach(), model.encoder.layers[0].ffn.block.fc1.weight.grad))
+    assert len(calls) == 2 * 2 + 2 * 3  # one forward per sub-layer: 2 per encoder layer, 3 per decoder layer
+    for a, e in zip(outs[1], outs[0]):
+        assert _rel(a, e) < 1e-4
+
+
+@needs_cuda
+def test_cuda_fallback_rules_are_the_cpu_ones():
+    """Inputs the kernels do not take run the eager composition on CUDA as on the CPU: a hidden size above the
+    CUDA kernels' limit, no affine parameters, a branch of another shape; mixed dtypes are promoted."""
+    if backend("cuda") != "cuda-ext":
+        pytest.skip(f"CUDA extension unavailable: {fallback_reason('cuda')}")
+    r, s = torch.tensor(1.3, device="cuda"), torch.tensor(0.7, device="cuda")
+    big = loader.cuda_max_hidden(torch.float32) + 1
+    x, f, w, b, _ = _inputs((3, big), device="cuda", seed=21)
+    assert torch.equal(residual_layernorm(x, f, w, b, r, s), eager_residual_layernorm(x, f, w, b, r, s))
+    x, f, w, b, _ = _inputs((4, 48), device="cuda", seed=22)
+    assert torch.equal(residual_layernorm(x, f, None, None, r, s), eager_residual_layernorm(x, f, None, None, r, s))
+    fb = f.detach()[:1]
+    assert torch.equal(residual_layernorm(x, fb, w, b, r, s), eager_residual_layernorm(x, fb, w, b, r, s))
+    y = residual_layernorm(x, f.detach().bfloat16(), w, b, r, s)  # fp32 stream, bf16 branch: computed in fp32
+    assert y.dtype == torch.float32
+    assert _rel(y, eager_residual_layernorm(x, f.detach().bfloat16().float(), w, b, r, s)) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------
 # nvcc compile-only check of the CUDA sources (no GPU needed)
 # ------------------------------------------------------------------------------------------

@@ -285,3 +285,30 @@ def test_fine_tune_from_an_averaged_checkpoint(uninterrupted, tmp_path, capsys):
     run(load_config(cfg_path, [f"log.save_dir={save_dir}", "optim.max_updates=42"]), resume=avg)
     assert "Adam starts fresh" in capsys.readouterr().err
     assert sorted(_records(save_dir)) == [41, 42]
+
+
+@pytest.mark.unit
+def test_generate_device_precision_and_token_batches(uninterrupted, tmp_path, capsys):
+    """--device cpu --precision bf16 decodes; batches cut by --max-tokens give the hypotheses of one sentence per
+    batch; --device cuda without a GPU and a negative --max-tokens are one-line errors."""
+    _, ref_dir = uninterrupted
+    from megabranch.generate import main as generate_main
+
+    def hyps(*extra):
+        out = tmp_path / "hyps.txt"
+        assert generate_main(["--checkpoint", ref_dir, "--split", "valid", "--beam", "1", "--limit", "12",
+                              "--output", str(out), "--device", "cpu", *extra]) == 0
+        return out.read_text().splitlines()
+
+    token_batched = hyps("--max-tokens", "64")
+    assert hyps("--max-tokens", "0", "--max-sentences", "1") == token_batched and len(token_batched) == 12
+    assert len(hyps("--precision", "bf16")) == 12
+    assert "cpu bf16" in capsys.readouterr().out
+    import torch
+
+    bad = [["--max-tokens", "-1"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
+    for extra in bad:
+        with pytest.raises(SystemExit) as e:
+            generate_main(["--checkpoint", ref_dir, "--split", "valid", *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and extra[0] in err, err

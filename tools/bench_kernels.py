@@ -20,7 +20,9 @@ per-row mean/rstd and the H-sized parameters are ignored).  "GB/s" is that byte 
 by the measured forward+backward time, for every implementation alike.
 
 Prints a Markdown table (times are medians over repetitions, ms) with the device, torch
-version and thread count.
+version and thread count. --copy-reference also measures a plain device copy (y.copy_(x) of 1 GiB on a
+GPU, 64 MiB on the CPU; read + write bytes over time) and adds each row's fused GB/s as a share of it: what
+a memory-bound kernel can reach on that device.
 """
 
 from __future__ import annotations
@@ -122,6 +124,21 @@ def time_fwd_bwd_cuda(fn, inputs, dy, device, reps=20, warmup=3):
     return statistics.median(fwd), statistics.median(bwd)
 
 
+def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:
+    """GB/s of y.copy_(x) (bytes read + written), the median over `reps` copies."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**26)
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(reps + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times[2:]) / 1e9
+
+
 def bench_one(rows, hidden, dtype, device, p, apex_ln, min_time):
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
@@ -162,6 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout p (default 0)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--copy-reference", action="store_true",
+                        help="also measure a device copy's GB/s and give each fused row as a share of it")
     parser.add_argument("--min-time", type=float, default=1.0,
                         help="CPU: seconds of repetitions per measurement (at least 5 reps)")
     args = parser.parse_args(argv)
@@ -183,9 +202,14 @@ def main(argv=None) -> int:
     print(f"- apex FusedLayerNorm: {'yes' if apex_ln is not None else 'not available'}")
     print("- byte model: forward 3*N*H*e (x, f in; y out), backward 5*N*H*e "
           "(dy, x, f in; dx, df out); GB/s = 8*N*H*e / (fwd + bwd time)")
+    copy_gbs = copy_bandwidth(device) if args.copy_reference else None
+    if copy_gbs:
+        print(f"- device copy (y.copy_(x), read + write): {copy_gbs:.1f} GB/s")
     print()
     head = ["hidden", "rows", "dtype", "fused fwd", "fused bwd", "fused fwd+bwd", "fused GB/s",
             "eager fwd", "eager bwd", "eager fwd+bwd", "eager GB/s", "speedup"]
+    if copy_gbs:
+        head += ["fused / copy GB/s"]
     if apex_ln is not None:
         head += ["apex+add fwd+bwd", "apex GB/s", "speedup vs apex"]
     print("| " + " | ".join(head) + " |")
@@ -200,6 +224,8 @@ def main(argv=None) -> int:
                          f"{(ff + fb) * 1e3:.2f}", f"{fgb:.1f}", f"{ef * 1e3:.2f}",
                          f"{eb * 1e3:.2f}", f"{(ef + eb) * 1e3:.2f}", f"{egb:.1f}",
                          f"{(ef + eb) / (ff + fb):.2f}x"]
+                if copy_gbs:
+                    cells.append(f"{100 * fgb / copy_gbs:.0f}%")
                 if "apex" in res:
                     af, ab, agb = res["apex"]
                     cells += [f"{(af + ab) * 1e3:.2f}", f"{agb:.1f}", f"{(af + ab) / (ff + fb):.2f}x"]

@@ -10,6 +10,8 @@ FLOPs) trained one full step at a time (forward, label-smoothed loss, backward, 
 
 * megabranch-eager: megabranch.train.Trainer.train_step on build_model(model.residual=post_ln);
 * megabranch-fused: the same with model.fused_kernels=true (megabranch.ops.residual_layernorm);
+* megabranch-compiled: megabranch-eager with model.compile=true (each layer torch.compiled, --compile-backend);
+  megabranch-compiled-fused: compiled and fused;
 * reference: tools/reference_transformer.py, written as fairseq writes `transformer`, with the same step.
 
 Timing is round-robin (each round times every implementation for --steps steps, in turn) so a noisy shared
@@ -20,6 +22,7 @@ step's working set: activations, gradients' temporaries, autograd buffers; on CU
 Model FLOPs per step are counted analytically (`train_flops`: every matrix product of forward and backward,
 attention included, as torch's FlopCounterMode counts them); achieved TFLOP/s is printed always, and model FLOPs
 utilisation (MFU) against --peak-tflops, which defaults to the dense peak of known GPUs for the precision.
+The "first step" column is the first warm-up step's time: for the compiled rows that includes compilation.
 Prints a Markdown table and the ratios.
 A benchmark, not a test: tests run it at toy size only to check that it works.
 """
@@ -44,7 +47,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import torch  # noqa: E402
 
-IMPLS = ("megabranch-eager", "megabranch-fused", "reference")
+IMPLS = ("megabranch-eager", "megabranch-fused", "megabranch-compiled", "megabranch-compiled-fused", "reference")
+DEFAULT_IMPLS = ("megabranch-eager", "megabranch-fused", "megabranch-compiled", "reference")
 
 
 def make_batch(tokens: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
@@ -95,6 +99,7 @@ def build_step(impl: str, args):
             "model.residual=post_ln", f"model.d_model={args.d_model}", f"model.n_heads={args.heads}",
             f"model.ffn_dim={4 * args.d_model}", f"model.encoder_layers={args.layers}", f"model.decoder_layers={args.layers}",
             f"model.fused_kernels={'true' if impl.endswith('fused') else 'false'}", "optim.warmup_updates=100",
+            f"model.compile={'true' if 'compiled' in impl else 'false'}", f"model.compile_backend={args.compile_backend}",
             "optim.lr=0.0005", f"optim.precision={args.precision}",
         ])
         model = build_model(cfg.model, args.vocab, seed=1)
@@ -184,7 +189,7 @@ def _shared_argv(args) -> list[str]:
     return ["--d-model", str(args.d_model), "--heads", str(args.heads), "--layers", str(args.layers),
             "--tokens", str(args.tokens), "--seq-len", str(args.seq_len), "--vocab", str(args.vocab),
             "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device,
-            "--precision", args.precision]
+            "--precision", args.precision, "--compile-backend", args.compile_backend]
 
 
 def run_bench(args) -> dict:
@@ -194,18 +199,22 @@ def run_bench(args) -> dict:
         if i not in IMPLS:
             raise SystemExit(f"bench_train: error: unknown implementation {i!r} (valid: {', '.join(IMPLS)})")
     batch = make_batch(args.tokens, args.seq_len, args.vocab)
-    steps, params, times = {}, {}, {i: [] for i in impls}
+    steps, params, times, first = {}, {}, {i: [] for i in impls}, {}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for i in impls:
         steps[i], params[i] = build_step(i, args)
-        for _ in range(args.warmup):
+        for w in range(args.warmup):
+            t0 = time.perf_counter()
             steps[i](batch)
+            sync()
+            if w == 0:
+                first[i] = time.perf_counter() - t0
     extra = {}
     if "megabranch-fused" in impls:
         from megabranch.ops import backend, fallback_reason
 
         extra["fused_backend"] = backend(torch.device(args.device))
         extra["fused_fallback_reason"] = fallback_reason(torch.device(args.device))
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for _ in range(args.rounds):
         for i in impls:
             sync()
@@ -222,7 +231,7 @@ def run_bench(args) -> dict:
         med = statistics.median(times[i])
         tflops = flops / med / 1e12
         rows[i] = {"params": params[i], "s_per_step": med, "tokens_per_s": batch["ntokens"] / med,
-                   "tflops": tflops, "mfu": tflops / peak if peak else None,
+                   "tflops": tflops, "mfu": tflops / peak if peak else None, "first_step_s": first.get(i),
                    "all_s_per_step": [round(t, 4) for t in times[i]]}
         if args.memory:
             rows[i].update(measure_memory(i, args))
@@ -243,19 +252,22 @@ def format_result(res: dict, args) -> str:
     if "fused_backend" in res:
         lines[0] += f"; fused backend: {res['fused_backend']}"
     mem = "peak CUDA memory (MB)" if args.device == "cuda" else "peak RSS (MB)"
-    lines += ["", f"| implementation | params | s/step (median) | tokens/s | TFLOP/s | MFU | {mem} | step growth (MB) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"| implementation | params | s/step (median) | tokens/s | TFLOP/s | MFU | first step (s) | {mem} | "
+              "step growth (MB) |", "|---|---|---|---|---|---|---|---|---|"]
     for i, r in rows.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        first = f"{r['first_step_s']:.2f}" if r.get("first_step_s") is not None else "-"
         lines.append(f"| {i} | {r['params'] / 1e6:.2f}M | {r['s_per_step']:.4f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tflops']:.3f} | {mfu} | {r.get('rss_peak_mb', '-')} | {r.get('step_growth_mb', '-')} |")
+                     f"{r['tflops']:.3f} | {mfu} | {first} | {r.get('rss_peak_mb', '-')} | {r.get('step_growth_mb', '-')} |")
     if "reference" in rows:
         ref = rows["reference"]["tokens_per_s"]
         ratios = [f"{i} / reference = {r['tokens_per_s'] / ref:.3f}" for i, r in rows.items() if i != "reference"]
         if ratios:
             lines += ["", "throughput ratios: " + "; ".join(ratios)]
-    if "megabranch-eager" in rows and "megabranch-fused" in rows:
-        lines.append(f"fused / eager = {rows['megabranch-fused']['tokens_per_s'] / rows['megabranch-eager']['tokens_per_s']:.3f}")
+    if "megabranch-eager" in rows:
+        eager = rows["megabranch-eager"]["tokens_per_s"]
+        lines += [f"{i.removeprefix('megabranch-')} / eager = {rows[i]['tokens_per_s'] / eager:.3f}"
+                  for i in IMPLS[1:4] if i in rows]
     return "\n".join(lines)
 
 
@@ -276,7 +288,8 @@ def main(argv=None) -> dict:
                     help="bf16: autocast for all implementations (megabranch: optim.precision=bf16)")
     ap.add_argument("--peak-tflops", type=float,
                     help="the device's dense peak for --precision, for MFU (default: known GPUs, else no MFU)")
-    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated, of: {', '.join(IMPLS)}")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the child-process memory runs")
     ap.add_argument("--json", help="also write the raw result here")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)

@@ -15,6 +15,14 @@ One optimizer step, top to bottom (every rank runs the same code):
      whether the step is skipped (non-finite norm) and broadcasts that decision; the optimizer steps (AdamW, or
      ZeRO-1 ShardedAdamW with parallel.zero) with the inverse-sqrt learning rate of step t; t += 1.
 
+Precision: bf16 / fp16 run the chunks under autocast, and activations and their gradients cross pipeline stages
+in that dtype (half the bytes of fp32). fp16 adds dynamic loss scaling (training.loss_scaler): the loss is scaled
+in step 3, the gradients unscaled before step 5, and the overflow check is step 5's global norm: one inf or nan
+gradient on any stage or replica makes it non-finite on every rank (the data-parallel all-reduce spreads it over
+the replicas, the norm's all-reduce over tp and pp), rank 0's skip decision is broadcast, and every rank updates
+its scaler with that one decision, so all skip together and all scalers agree.
+With model.compile, every layer of every chunk is compiled (model/regional_compile.py).
+
 Statistics (loss, nll_loss per target token) are the sums over all micro-batches and replicas divided by the
 global token count, identical on every rank.
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import torch
 import torch.distributed as dist
@@ -30,14 +39,17 @@ import torch.distributed as dist
 from .. import checkpoint
 from ..config import Config
 from ..errors import UserError
-from ..model import canonical_parameters, draw_init_seed
+from ..model import build_model_from, canonical_parameters, draw_init_seed
+from ..model.regional_compile import FirstStepTimer, compile_layers
 from ..residual import current_alpha, set_step
 from ..training import native_checkpoint
+from ..training.loss_scaler import DynamicLossScaler
 from ..training.lr_schedule import inverse_sqrt_lr
 from ..training.protocol import step_stats
 from .clip import clip_grad_norm_
 from .data_parallel import GradReducer
 from .executor import MicroBatch, PipelineExecutor
+from .gather import fits_on_rank0, free_memory_bytes, full_model_bytes, gather_to_rank0
 from .grid import Grid, build_grid, rank_of
 from .layout import Layout
 from .partition import plan_layout
@@ -57,9 +69,10 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
         p, o = cfg.parallel, cfg.optim
         self.cfg, self.device = cfg, torch.device(device)
         self.vocab_sha256 = vocab_sha256
-        if o.precision == "fp16":
-            raise UserError("optim.precision=fp16 is not supported by the parallel engine; use bf16 or fp32")
-        self.amp_dtype = torch.bfloat16 if o.precision == "bf16" else None
+        if o.precision == "fp16" and self.device.type != "cuda":
+            raise UserError("optim.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(o.precision)
+        self.scaler = DynamicLossScaler() if o.precision == "fp16" else None
         self.grid = grid if grid is not None else build_grid(p.tp, p.pp, p.vpp, p.timeout_s)
         g = self.grid
         check_schedule(p.schedule, g.pp, g.vpp, o.update_freq)
@@ -73,6 +86,9 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
         self.model = build_stage(cfg.model, self.layout, g, vocab, tgt_vocab, seed=init_seed, device=self.device,
                                  recompute=p.recompute)
         model_parallel_seed(cfg.seed, g)  # dropout streams: same on a tp group, distinct per stage / replica
+        if cfg.model.compile:
+            compile_layers(self.model, cfg.model.compile_backend, self.device, cfg.model.fused_kernels)
+        self.first_step = FirstStepTimer(cfg.model.compile)
         self.params = list(canonical_parameters(self.model, cfg.model).values())
         self._setup_embedding_groups()
         bucket_mb = p.bucket_mb
@@ -99,10 +115,13 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
             self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
                                                weight_decay=o.weight_decay)
         self.executor = PipelineExecutor(self.model, self.layout, g, p.schedule, cfg.model.d_model,
-                                         label_smoothing=o.label_smoothing)
+                                         dtype=self.amp_dtype or torch.float32, label_smoothing=o.label_smoothing)
         self.executor.on_last_backward = lambda v, ready: self.reducers[v].arm(ready)
         self.step = 0
         self.step_offset = 0  # tests only: a stage that lags by this many steps (must be caught)
+        self.bleu_free_bytes = None  # memory rank 0 may fill with the gathered model (None: what is free there)
+        self._model_bytes = None
+        self._bleu_skip_said = False
 
     # --- groups ----------------------------------------------------------------------------------------
     def _setup_embedding_groups(self) -> None:
@@ -181,8 +200,9 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
         local_tokens = sum(int(b["ntokens"]) for b in batches)
         (ntokens,) = self._sum([float(local_tokens)], self.grid.dp_group)
         ntokens = int(ntokens)
-        with self._autocast():
-            loss_sum, nll_sum = self.executor.run(self._microbatches(batches), 1.0 / ntokens)
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        with self._autocast(), self.first_step.first_step():
+            loss_sum, nll_sum = self.executor.run(self._microbatches(batches), scale / ntokens)
         for reducer in self.reducers:
             reducer.finish()
         for param, group in self.embedding_groups:
@@ -190,17 +210,21 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
                 param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad, group=group)
         self.shared_reducer.finish()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.params)
         max_norm = o.clip_norm if o.clip_norm > 0 else float("inf")
         gnorm = clip_grad_norm_(self.params, max_norm, self.grid)
         (skip,) = self._broadcast([0.0 if math.isfinite(gnorm) else 1.0])  # the owner's decision
         skipped = bool(skip)
+        if self.scaler is not None:
+            self.scaler.update(skipped)  # the same decision on every rank: every scaler keeps the same state
         if not skipped:
             self.optimizer.step()
         for reducer in self.reducers + [self.shared_reducer]:  # every parameter is in exactly one
             reducer.zero_grad()  # dp > 1: one fill_ per bucket (the .grad are views into it); dp == 1: None
         self.step += 1
         loss_sum, nll_sum = self._sum(self._local_loss_share(loss_sum, nll_sum))
-        return step_stats(loss_sum, nll_sum, ntokens, lr, alpha, gnorm, skipped)
+        return {**step_stats(loss_sum, nll_sum, ntokens, lr, alpha, gnorm, skipped), **self.first_step.take()}
 
     @torch.no_grad()
     def valid_loss(self, batches) -> dict:
@@ -231,7 +255,24 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
         return int(t.item())
 
     def bleu_model(self):
-        return None  # decoding needs the whole model on one process
+        """Collective. The whole single-process model on global rank 0 (parallel/gather.py), None on the other
+        ranks; None everywhere when it does not fit on rank 0 (said once)."""
+        if self._model_bytes is None:
+            self._model_bytes = full_model_bytes(self.cfg.model, *self.vocab_sizes)
+        free = self.bleu_free_bytes if self.bleu_free_bytes is not None else free_memory_bytes(self.device)
+        (fits,) = self._broadcast([float(fits_on_rank0(self._model_bytes, free))])  # rank 0's memory decides
+        if not fits:
+            if self.rank == 0 and not self._bleu_skip_said:
+                self._bleu_skip_said = True
+                print(f"validation BLEU off: the whole model ({self._model_bytes / 2**30:.2f} GiB fp32) does not fit "
+                      f"twice into rank 0's free {free / 2**30:.2f} GiB; decode a saved step directory with "
+                      "megabranch-generate", file=sys.stderr)
+            return None
+        full = gather_to_rank0(self.named_params(), self.grid, self.device)
+        if full is None:
+            return None
+        with torch.device(self.device):
+            return build_model_from(self.cfg.model, *self.vocab_sizes, full, self.step, "the gathered model")
 
     # --- checkpoints (one shard per rank; training.native_checkpoint) ------------------------------------------
     def _describe(self) -> dict:
@@ -251,5 +292,7 @@ class ParallelTrainer(native_checkpoint.NativeCheckpointing):
     def load_checkpoint_state(self, state: dict) -> None:
         """Restore from megabranch.checkpoint.load_for_rank's result (already cut for this rank's layout)."""
         checkpoint.restore(self.named_params(), self.optimizer, state)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.sync_step()

@@ -4,7 +4,9 @@
 
 Data order (token batches, sharded over the data-parallel replicas, resumable), logging (log.jsonl, TensorBoard,
 progress), validation every log.valid_interval steps with the sacreBLEU of a greedy/beam decode where the engine
-has a whole model (per direction and averaged for a multilingual set), a checkpoint after each validation, and stopping at optim.max_updates (or when `on_step` says
+has a whole model (per direction and averaged for a multilingual set; the parallel engine gathers one on rank 0
+when it fits: parallel/gather.py), a checkpoint after each validation, and stopping at optim.max_updates (or when
+`on_step` says
 so). Nothing here knows how an engine steps or saves.
 
 Ending early (training/stopping.py): after every step the ranks agree whether any of them got SIGTERM / SIGUSR1
@@ -26,6 +28,7 @@ from ..data import EpochBatchIterator
 from ..errors import EXIT_REQUEUE, RunEnded
 from ..generate import validation_bleu
 from ..metrics import MetricsLogger, SilentLogger
+from ..model.regional_compile import eager
 from ..parallel.failures import comm_failure_ended, is_comm_failure
 from .stopping import StopRequest
 
@@ -60,6 +63,13 @@ def _interval_record(step: int, epoch: int, interval: dict, stats: dict, elapsed
 
 def _new_interval() -> dict:
     return {"loss": [], "nll_loss": [], "gnorm": [], "ntokens": 0, "skipped": 0}
+
+
+def _log_compile(logger, step: int, stats: dict) -> None:
+    logger.log({"step": step, "compile_s": stats["compile_s"], "graphs": stats["graphs"]}, tag="compile")
+    if stats["graphs"] == 0:
+        print("warning: model.compile=true, but the first step compiled no graph (torch.compile told to run eagerly, "
+              "e.g. a force_eager stance?): the layers ran eagerly", file=sys.stderr)
 
 
 def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, valid_batches: list | None = None,
@@ -104,6 +114,8 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
             interval["skipped"] += stats["skipped"]
             logger.progress(engine.step, stats["loss"], stats["alpha"])
             step = engine.step
+            if "compile_s" in stats:  # model.compile: the first step compiled the layers
+                _log_compile(logger, step, stats)
             last = step == o.max_updates
             if step % lg.log_interval == 0 or last:
                 logger.log(_interval_record(step, itr.epoch, interval, stats, time.time() - t0))
@@ -115,10 +127,12 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
             if step % lg.valid_interval == 0 or last:
                 phase = f"validation after step {step}"
                 valid_stats = engine.valid_loss(valid_batches)
-                model = engine.bleu_model() if lg.bleu_sentences > 0 else None
+                model = engine.bleu_model() if lg.bleu_sentences > 0 else None  # collective
                 if model is not None:
-                    valid_stats.update(validation_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
-                                                       lg.bleu_sentences, next(model.parameters()).device))
+                    with eager():  # compiled layers: the decoder's shapes change every token
+                        valid_stats.update(validation_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
+                                                           lg.bleu_sentences, next(model.parameters()).device))
+                    del model
                 logger.log({"step": step, **valid_stats}, tag="valid")
                 is_best = valid_stats["loss"] < best
                 best = min(best, valid_stats["loss"])

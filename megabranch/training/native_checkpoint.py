@@ -24,8 +24,9 @@ from ..errors import UserError
 from ..parallel.parallelize import natural_split_dims
 from ..parallel.tensor_parallel import get_rng_tracker
 
-# model keys that may change across a resume: regularisation and kernel choice
-_RESUMABLE_CHANGES = ("dropout", "attention_dropout", "activation_dropout", "fused_kernels")
+# model keys that may change across a resume: regularisation, kernel choice and compilation
+_RESUMABLE_CHANGES = ("dropout", "attention_dropout", "activation_dropout", "fused_kernels", "compile",
+                      "compile_backend")
 
 
 def rng_state() -> dict:

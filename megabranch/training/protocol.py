@@ -37,7 +37,8 @@ class Engine(Protocol):
         """Collective. The largest value any rank of the job passed (the loop's decision to stop early)."""
 
     def bleu_model(self) -> nn.Module | None:
-        """A whole single-process model to decode the validation BLEU with, or None where there is none."""
+        """Collective. A whole single-process model to decode the validation BLEU with (on the ranks that decode;
+        the parallel engine: rank 0 only), or None where there is none."""
 
     @staticmethod
     def has_checkpoints(save_dir: str) -> bool:

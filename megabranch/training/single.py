@@ -5,6 +5,8 @@ One optimizer step, top to bottom (Trainer.train_step):
   2. forward/backward of `update_freq` batches, each loss divided by the step's total target tokens;
   3. gradient norm (clipped when optim.clip_norm > 0); a non-finite norm skips the update;
   4. AdamW update with the inverse-sqrt learning rate of step t; t += 1.
+With model.compile, every encoder / decoder layer is compiled (model/regional_compile.py); the first step's stats
+carry its time (compile_s) and the number of graphs compiled.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .. import checkpoint
 from ..config import Config
 from ..errors import UserError
 from ..model import count_parameters, label_smoothed_nll_loss
+from ..model.regional_compile import FirstStepTimer, compile_layers
 from ..residual import current_alpha, set_step
 from . import native_checkpoint
 from .lr_schedule import inverse_sqrt_lr
@@ -41,6 +44,10 @@ class Trainer(native_checkpoint.NativeCheckpointing):
             raise UserError("optim.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         self.scaler = torch.amp.GradScaler("cuda") if o.precision == "fp16" else None
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(o.precision)
+        m = cfg.model
+        if m.compile:
+            compile_layers(self.model, m.compile_backend, device, m.fused_kernels)
+        self.first_step = FirstStepTimer(m.compile)
 
     def describe(self) -> str:
         m = self.cfg.model
@@ -70,12 +77,13 @@ class Trainer(native_checkpoint.NativeCheckpointing):
             group["lr"] = lr
         ntokens = sum(int(b["ntokens"]) for b in batches)
         loss_sum = nll_sum = 0.0
-        for batch in batches:
-            loss, nll = self._loss(batch)
-            scaled = loss / ntokens
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += float(loss.detach())
-            nll_sum += float(nll.detach())
+        with self.first_step.first_step():
+            for batch in batches:
+                loss, nll = self._loss(batch)
+                scaled = loss / ntokens
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                loss_sum += float(loss.detach())
+                nll_sum += float(nll.detach())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = o.clip_norm if o.clip_norm > 0 else float("inf")
@@ -88,7 +96,7 @@ class Trainer(native_checkpoint.NativeCheckpointing):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return step_stats(loss_sum, nll_sum, ntokens, lr, alpha, gnorm, skipped)
+        return {**step_stats(loss_sum, nll_sum, ntokens, lr, alpha, gnorm, skipped), **self.first_step.take()}
 
     @torch.no_grad()
     def valid_loss(self, batches) -> dict:
