@@ -55,9 +55,10 @@ def build_engine(cfg: Config, vocab: int, tgt_vocab: int, vocab_sha256: str | No
 
 
 def run(cfg: Config, resume: str | None = None, device: str | None = None, backend: str = "native",
-        ds_config: dict | None = None) -> dict:
+        ds_config: dict | None = None, on_step=None) -> dict:
     """Train according to `cfg`; returns the final validation stats. The programmatic entry point.
-    resume: None (a fresh run), "last" (log.save_dir's latest checkpoint) or a checkpoint path."""
+    resume: None (a fresh run), "last" (log.save_dir's latest checkpoint) or a checkpoint path.
+    on_step(step stats) -> True stops the run after that step (training.loop.train)."""
     engine_cls = DeepSpeedTrainer if backend == "deepspeed" else Trainer
     if resume is None and engine_cls.has_checkpoints(cfg.log.save_dir):
         raise UserError(f"{cfg.log.save_dir} already holds checkpoints; pass --resume to continue it or set "
@@ -68,7 +69,7 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None, backe
     engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device, backend,
                           ds_config)
     loop_state = engine.resume(resume) if resume is not None else None
-    return train(engine, cfg, RunData(train_set, valid_set, tgt_tok), loop_state)
+    return train(engine, cfg, RunData(train_set, valid_set, tgt_tok), loop_state, on_step=on_step)
 
 
 @cli_main
