@@ -5,10 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 DATA_BIN := data-bin/kjv_web
+EN_ES := data-bin/en_es
+EN_ES_MULTI := data-bin/en_es_multi
 # A new directory per demo run, so an earlier run's checkpoints are never overwritten.
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+MULTI_DIR := runs/demo-multilingual-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test test-unit test-fast venv preprocess
+.PHONY: demo demo-multilingual test test-unit test-fast venv preprocess
 
 venv: $(STAMP)
 
@@ -30,12 +33,29 @@ $(DATA_BIN)/meta.json: $(STAMP)
 	  --trainpref data/kjv_web/train --validpref data/kjv_web/valid --testpref data/kjv_web/test \
 	  --destdir $(DATA_BIN) --vocab-size 8000
 
-preprocess: $(DATA_BIN)/meta.json
+# The real pair data/en_es (WEB -> Reina-Valera 1909): en -> es alone (configs/translate.yaml), and both
+# directions in one directory with target-language tags (configs/multilingual_demo.yaml).
+$(EN_ES)/meta.json: $(STAMP)
+	$(VENV)/bin/megabranch-preprocess --source-lang en --target-lang es \
+	  --trainpref data/en_es/train --validpref data/en_es/valid --testpref data/en_es/test \
+	  --destdir $(EN_ES) --vocab-size 8000
+
+$(EN_ES_MULTI)/meta.json: $(STAMP)
+	$(VENV)/bin/megabranch-preprocess --pairs en-es,es-en \
+	  --trainpref data/en_es/train --validpref data/en_es/valid --testpref data/en_es/test \
+	  --destdir $(EN_ES_MULTI) --vocab-size 8000
+
+preprocess: $(DATA_BIN)/meta.json $(EN_ES)/meta.json $(EN_ES_MULTI)/meta.json
 
 # Trains a tiny deep BranchNorm model for a few minutes on the CPU, then scores the held-out test split.
 demo: $(DATA_BIN)/meta.json
 	$(VENV)/bin/megabranch-train --config configs/demo.yaml --set log.save_dir=$(DEMO_DIR)
 	$(VENV)/bin/megabranch-generate --checkpoint $(DEMO_DIR)/best --split test --beam 4 --copy-baseline
+
+# One model for English -> Spanish and Spanish -> English (under 30 min on the CPU); BLEU per direction.
+demo-multilingual: $(EN_ES_MULTI)/meta.json
+	$(VENV)/bin/megabranch-train --config configs/multilingual_demo.yaml --set log.save_dir=$(MULTI_DIR)
+	$(VENV)/bin/megabranch-generate --checkpoint $(MULTI_DIR)/best --split test --beam 4 --copy-baseline
 
 # DeepSpeed's CPU communication op is JIT-built once (about 40 s) into .cache/ and reused by later runs.
 PYTEST := TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(PY) -m pytest -q

@@ -101,12 +101,13 @@ def _resume_choice(resume: str | None, has_checkpoints: bool, save_dir: str) -> 
 
 def run(cfg: Config, resume: str | None = None, device: str | None = None, backend: str = "native",
         ds_config: dict | None = None, gpu_memory_gb: float | None = None, exit_duration_mins: float | None = None,
-        started: float | None = None) -> dict:
+        started: float | None = None, on_step=None) -> dict:
     """Train according to `cfg`; returns the final validation stats. The programmatic entry point.
     resume: None (a fresh run), "auto" (log.save_dir's latest checkpoint when it has one, else a fresh run),
     "last" (log.save_dir's latest) or a checkpoint path. exit_duration_mins: once that many minutes have passed
     since `started` (default: now), save and stop. Stopping early (that, SIGTERM, SIGUSR1) raises RunEnded with
-    exit code 75, after the checkpoint; a stalled or dead peer RunEnded with exit code 1."""
+    exit code 75, after the checkpoint; a stalled or dead peer RunEnded with exit code 1. on_step(step stats) -> True
+    stops the run after that step (training.loop.train)."""
     stop = StopRequest(exit_duration_mins, started)
     engine_cls = DeepSpeedTrainer if backend == "deepspeed" else Trainer
     try:
@@ -120,7 +121,8 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None, backe
             engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device,
                                   backend, ds_config)
             loop_state = engine.resume(resume) if resume is not None else None
-            return train(engine, cfg, RunData(train_set, valid_set, tgt_tok), loop_state, stop=stop)
+            return train(engine, cfg, RunData(train_set, valid_set, tgt_tok), loop_state, stop=stop,
+                         on_step=on_step)
     except Exception as e:
         if is_comm_failure(e):  # (the loop names the step of its own failures)
             raise comm_failure_ended(e, "start-up", cfg.parallel.timeout_s) from None

@@ -16,10 +16,11 @@ from megabranch.model import build_model, draw_init_seed
 from sweep_plan import SCHEMES
 
 
-def load_results(out: str) -> list[dict]:
-    runs_dir = os.path.join(out, "runs")
+def load_results(out: str, sub: str = "runs", what: str = "sweep") -> list[dict]:
+    """Every <out>/<sub>/*.json (the results of a sweep, or of a study: tools/study.py), in name order."""
+    runs_dir = os.path.join(out, sub)
     if not os.path.isdir(runs_dir):
-        raise UserError(f"no sweep results under {runs_dir}; run the sweep first")
+        raise UserError(f"no {what} results under {runs_dir}; run the {what} first")
     res = []
     for f in sorted(os.listdir(runs_dir)):
         if f.endswith(".json"):

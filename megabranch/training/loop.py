@@ -6,8 +6,7 @@ Data order (token batches, sharded over the data-parallel replicas, resumable), 
 progress), validation every log.valid_interval steps with the sacreBLEU of a greedy/beam decode where the engine
 has a whole model (per direction and averaged for a multilingual set; the parallel engine gathers one on rank 0
 when it fits: parallel/gather.py), a checkpoint after each validation, and stopping at optim.max_updates (or when
-`on_step` says
-so). Nothing here knows how an engine steps or saves.
+`on_step` says so). Nothing here knows how an engine steps or saves.
 
 Ending early (training/stopping.py): after every step the ranks agree whether any of them got SIGTERM / SIGUSR1
 or passed --exit-duration-mins; if so they save one checkpoint of that step and raise RunEnded (exit code 75). A

@@ -1,0 +1,128 @@
+"""tools/study.py at toy size: variants x seeds, a stopped study resumes bit for bit, test BLEU / chrF as
+megabranch-generate and sacreBLEU compute them, the report's means and spreads."""
+
+import json
+import os
+import re
+import statistics
+
+import pytest
+import sacrebleu
+
+from megabranch import generate
+from tests.helpers.corpus import preprocessed
+from tests.helpers.env import load_tool, one_thread
+from tests.helpers.logs import records_by_step
+
+pytestmark = pytest.mark.unit
+
+CONFIG = """\
+model: {encoder_layers: 2, decoder_layers: 2, d_model: 16, n_heads: 2, ffn_dim: 32, dropout: 0.0,
+        alpha_warmup_steps: 3, max_positions: 64}
+optim: {lr: 0.003, warmup_updates: 2, max_updates: 4}
+data: {data_dir: '%s', max_tokens: 128}
+log: {valid_interval: 2, bleu_sentences: 0}
+"""
+
+
+@pytest.fixture(scope="module")
+def study_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study_corpus")
+    data = preprocessed(d, 60, 80, 12, extra=("--max-len", "64", "--testpref", str(d / "valid")))
+    cfg = d / "base.yaml"
+    cfg.write_text(CONFIG % data)
+    return str(cfg), str(d / "valid.tgt")
+
+
+def _argv(cfg, out, variants=("post_ln:model.residual=post_ln", "branchnorm"), seeds="1,2"):
+    argv = ["--config", cfg, "--out", out, "--seeds", seeds, "--beam", "2", "--analysis-sentences", "6"]
+    for v in variants:
+        argv += ["--variant", v]
+    return argv
+
+
+def test_study_resumes_where_it_stopped_and_scores_like_generate(study_setup, tmp_path, monkeypatch, capsys):
+    study = load_tool("study")
+    cfg, refs_path = study_setup
+    calls = []
+
+    def stop_at_step_3(stats):  # the first run is killed after step 3; its last checkpoint is step 2
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return False
+
+    out = str(tmp_path / "stopped")
+    with one_thread():
+        monkeypatch.setattr(study, "stop_run", stop_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            study.main_study(study.parse_args(_argv(cfg, out)))
+        monkeypatch.undo()
+        assert not os.path.exists(os.path.join(out, "results", "post_ln-seed1.json"))
+        study.main_study(study.parse_args(_argv(cfg, out)))
+        assert "resuming from step 2" in capsys.readouterr().err
+        ref_out = str(tmp_path / "straight")
+        study.main_study(study.parse_args(_argv(cfg, ref_out, ["post_ln:model.residual=post_ln"], "1")))
+
+    stopped_dir, straight_dir = (os.path.join(o, "runs", "post_ln-seed1") for o in (out, ref_out))
+    steps = [json.loads(x)["step"] for x in open(os.path.join(stopped_dir, "log.jsonl")) if '"train"' in x]
+    assert steps == [1, 2, 3, 3, 4]  # steps 1-2 ran once: the rerun resumed from the step-2 checkpoint
+    assert records_by_step(stopped_dir, drop=("wall", "tokens_per_s")) == records_by_step(straight_dir, drop=("wall", "tokens_per_s"))
+    res = {f[:-5]: json.load(open(os.path.join(out, "results", f))) for f in os.listdir(os.path.join(out, "results"))}
+    assert sorted(res) == ["branchnorm-seed1", "branchnorm-seed2", "post_ln-seed1", "post_ln-seed2"]
+    straight = json.load(open(os.path.join(ref_out, "results", "post_ln-seed1.json")))
+    r = res["post_ln-seed1"]
+    assert r["resumed_from"] == 2 and r["status"] == "ok" and r["steps_done"] == 4
+    assert r["test"]["bleu"] == straight["test"]["bleu"] and r["valid"] == straight["valid"]
+    assert r["config"]["model"]["residual"] == "post_ln" and res["branchnorm-seed2"]["config"]["seed"] == 2
+    assert len(r["analysis"]["encoder"]["cosine"]) == 2 and r["gnorm_stats"]["n"] == 4
+
+    # the test scores are megabranch-generate's BLEU and sacreBLEU's chrF of the same hypotheses
+    hyp_file = tmp_path / "gen.hyp"
+    assert generate.main(["--checkpoint", os.path.join(stopped_dir, "latest"), "--beam", "2", "--output", str(hyp_file)]) == 0
+    printed = float(re.search(r"^BLEU = ([0-9.]+)", capsys.readouterr().out, re.M).group(1))
+    hyps = open(os.path.join(stopped_dir, "test.hyp")).read().splitlines()
+    assert hyps == hyp_file.read_text().splitlines()
+    assert round(r["test"]["bleu"], 2) == printed
+    refs = open(refs_path).read().splitlines()
+    assert r["test"]["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-9)
+
+    # the report: mean ± sample sd over the seeds of each variant's final valid loss
+    report = open(os.path.join(out, "report.md")).read()
+    losses = [res[f"branchnorm-seed{s}"]["valid"]["4"]["loss"] for s in (1, 2)]
+    assert f"{statistics.mean(losses):.2f} ± {statistics.stdev(losses):.2f}" in report.split("| branchnorm |")[1].split("\n")[0]
+    assert "| post_ln | 1,2 | 0 |" in report and "step 2 | step 4" in report
+    assert os.path.getsize(os.path.join(out, "study_gnorm_loss.png")) > 1000
+    assert os.path.getsize(os.path.join(out, "study_layers.png")) > 1000
+
+    # a finished study trains nothing when run again
+    mtime = os.path.getmtime(os.path.join(out, "results", "post_ln-seed1.json"))
+    study.main_study(study.parse_args(_argv(cfg, out)))
+    assert "4 runs, 4 already finished (skipped)" in capsys.readouterr().err
+    assert os.path.getmtime(os.path.join(out, "results", "post_ln-seed1.json")) == mtime
+
+
+def test_mean_sd_and_loss_rise_hand_computed():
+    study = load_tool("study")
+    assert study.mean_sd([1.0, 2.0, 4.0]) == "2.33 ± 1.53"
+    assert study.mean_sd([3.0, None, float("nan")]) == "3.00" and study.mean_sd([]) == "—"
+    # 10-step means 5, 5, 6 (rise 1 above the minimum 5), then 4: the largest rise is 1
+    losses = [5.0] * 10 + [5.0, 15.0, -35.0]
+    assert study.max_loss_rise(losses) == pytest.approx(1.0)
+    assert study.plan([("a", []), ("b", ["x=1"])], [1, 2]) == [("a", [], 1), ("b", ["x=1"], 1), ("a", [], 2), ("b", ["x=1"], 2)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "bad name"], "the name must be letters"),
+    (["--variant", "a:model.residual"], "is not KEY=VALUE"),
+    (["--variant", "a", "--variant", "a"], "names must differ"),
+    (["--variant", "a", "--seeds", "1,x"], "expected comma-separated integers"),
+    ([], "give at least one"),
+    (["--variant", "a:model.residual=postln"], "model.residual='postln' is invalid"),
+])
+def test_study_user_errors_are_one_line(argv, message, tmp_path, capsys):
+    study = load_tool("study")
+    with pytest.raises(SystemExit) as e:
+        study.main(argv + ["--out", str(tmp_path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
