@@ -42,6 +42,7 @@ from megabranch import train as megatrain  # noqa: E402
 from megabranch.config import load_config  # noqa: E402
 from megabranch.data import load_split  # noqa: E402
 from megabranch.errors import UserError, cli_main  # noqa: E402
+from plot_logs import read_log as log_records  # noqa: E402
 from sweep_plan import gnorm_stats  # noqa: E402
 from sweep_report import load_results  # noqa: E402
 
@@ -77,19 +78,15 @@ def stop_run(stats: dict) -> bool:
 
 
 def read_log(save_dir: str) -> tuple[dict, dict]:
-    """({step: train record}, {step: valid record}) of a run's log.jsonl, the last record of each step (a resumed
-    run logs again the steps after its checkpoint)."""
-    train, valid = {}, {}
+    """({step: train record}, {step: valid record}) of a run's log.jsonl as plot_logs reads it (a resumed run's
+    replayed steps dropped, start / stop / compile records skipped), non-finite values (null) as NaN."""
     path = os.path.join(save_dir, "log.jsonl")
-    if os.path.isfile(path):
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    r = json.loads(line)
-                except ValueError:  # a line cut short by a kill
-                    continue
-                (valid if r.get("tag") == "valid" else train)[r["step"]] = r
-    return train, valid
+    if not os.path.isfile(path):
+        return {}, {}
+
+    def by_step(tag: str) -> dict:
+        return {r["step"]: {k: math.nan if v is None else v for k, v in r.items()} for r in log_records(path, tag)}
+    return by_step("train"), by_step("valid")
 
 
 def test_scores(model, dataset, tokenizer, beam: int, lenpen: float) -> dict:

@@ -152,14 +152,24 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
                 raise _stopped(engine, cfg, step, stop.reason(code), save, logger)
         phase = "the last save"
         engine.finish_saves()  # a background save still in flight is published before the run returns
-    except Exception as e:
-        if is_comm_failure(e):
+    except BaseException as e:
+        if isinstance(e, Exception) and is_comm_failure(e):
             raise comm_failure_ended(e, phase, cfg.parallel.timeout_s) from None
+        _publish_in_flight(engine)  # an error or Ctrl-C mid-run: the checkpoint already being written still lands
         raise
     finally:
         stop.uninstall()
         logger.close()
     return valid_stats
+
+
+def _publish_in_flight(engine) -> None:
+    """Wait for a background save before an exception leaves the loop (the caller may remove or reuse the
+    directory, and a daemon writer dies with the process); its own failure is said, not raised over the first."""
+    try:
+        engine.finish_saves()
+    except Exception as err:  # noqa: BLE001
+        print(f"warning: the checkpoint being written when the run failed was not published: {err}", file=sys.stderr)
 
 
 def _stopped(engine, cfg: Config, step: int, reason: str, saved: bool, logger) -> RunEnded:
