@@ -231,6 +231,37 @@ def test_bad_input_is_a_one_line_error(data, tmp_path, capsys):
 
 
 @pytest.mark.unit
+def test_an_interrupted_run_still_publishes_the_save_in_flight(data, tmp_path, monkeypatch):
+    """Ctrl-C (or any error) one step after a background save started: run() returns only once that checkpoint
+    is published, so a caller that then removes or reuses the directory never races the writer."""
+    from megabranch import train
+    from megabranch.checkpoint import async_save
+    from megabranch.config import Config
+
+    real = async_save.save_step
+
+    def slow_save_step(*args, **kwargs):  # the writer is still busy when the next step's interrupt arrives
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(async_save, "save_step", slow_save_step)
+    cfg = Config.from_dict(_run(data, 40))
+    cfg.log.save_dir = str(tmp_path / "run")
+
+    steps = []
+
+    def interrupt_after_the_save(stats):
+        steps.append(stats)
+        if len(steps) == 5:  # step 4 validated and started its save
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, on_step=interrupt_after_the_save)
+    latest = checkpoint.resolve(cfg.log.save_dir)
+    assert latest.endswith("step_4") and checkpoint.verify(latest)
+
+
+@pytest.mark.unit
 def test_checkpoint_errors_never_touch_existing_checkpoints(uninterrupted, tmp_path, capsys):
     cfg, ref_dir = uninterrupted
     save_dir = str(tmp_path / "run")
