@@ -88,3 +88,17 @@ def test_every_numeric_field_rejects_non_finite_and_out_of_range_values(tmp_path
     path.write_text("optim:\n  lr: .nan\n")
     with pytest.raises(UserError, match=f"^{path}: optim.lr=nan is invalid: must be a finite number > 0$"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("name", ["demo", "deep100", "translate", "multilingual_demo"])
+def test_shipped_configs_load_and_say_what_the_readme_says(name):
+    """The configs users start from load, validate, and keep the settings their comments and the README state."""
+    import os
+
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml"))
+    m = cfg.model
+    if name == "translate":
+        assert (m.residual, m.encoder_layers, m.decoder_layers, m.alpha_warmup_steps) == ("branchnorm", 18, 18, 800)
+        assert cfg.data.data_dir == "data-bin/en_es" and cfg.optim.max_updates == 2000
+    if name == "multilingual_demo":
+        assert cfg.data.data_dir == "data-bin/en_es_multi" and (m.encoder_layers, m.decoder_layers) == (6, 6)

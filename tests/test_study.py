@@ -92,6 +92,15 @@ def test_study_resumes_where_it_stopped_and_scores_like_generate(study_setup, tm
     losses = [res[f"branchnorm-seed{s}"]["valid"]["4"]["loss"] for s in (1, 2)]
     assert f"{statistics.mean(losses):.2f} ± {statistics.stdev(losses):.2f}" in report.split("| branchnorm |")[1].split("\n")[0]
     assert "| post_ln | 1,2 | 0 |" in report and "step 2 | step 4" in report
+    # the Figures 8-9 row: each column the mean over layers, then over seeds, of what its header names
+    table = report.split("| variant | enc adjacent")[1].split("\n\n")[0]
+    header = "| variant | enc adjacent" + table.splitlines()[0]
+    row = next(ln for ln in table.splitlines() if ln.startswith("| branchnorm |"))
+    cells = dict(zip(header.split(" | ")[1:5], row.split(" | ")[1:5]))
+    for col, (stack, key) in {"enc adjacent cos": ("encoder", "cosine"), "dec adjacent cos": ("decoder", "cosine"),
+                              "enc FFN non-zero": ("encoder", "ffn_nonzero"), "dec FFN non-zero": ("decoder", "ffn_nonzero")}.items():
+        means = [statistics.mean(res[f"branchnorm-seed{s}"]["analysis"][stack][key]) for s in (1, 2)]
+        assert cells[col] == f"{statistics.mean(means):.2f} ± {statistics.stdev(means):.2f}", (col, cells[col], means)
     assert os.path.getsize(os.path.join(out, "study_gnorm_loss.png")) > 1000
     assert os.path.getsize(os.path.join(out, "study_layers.png")) > 1000
 

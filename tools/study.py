@@ -252,8 +252,7 @@ def report(results: list[dict], out: str, img_dir: str | None = None, order: lis
                 continue
             a = [r["analysis"] for r in rs]
             cells = [mean_sd([float(np.mean(x[st][k])) for x in a]) for k in ("cosine", "ffn_nonzero")
-                     for st in ("encoder", "decoder")]
-            cells = [cells[0], cells[2], cells[1], cells[3]]
+                     for st in ("encoder", "decoder")]  # the header's order: cos enc, dec; FFN enc, dec
             cells += [f"{statistics.mean(x[st]['grad_norm'][i] for x in a):.2e}" for st in ("encoder", "decoder")
                       for i in (0, -1)]
             md.append(f"| {n} | " + " | ".join(cells) + " |")
