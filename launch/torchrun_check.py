@@ -76,7 +76,7 @@ def main() -> int:
     if args.mode == "reference":
         torch.save(reference_run(cfg_of(s, False), s["steps"], dp=s["dp"]), args.out)
         return 0
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
     from megabranch.parallel.grid import init_distributed
 
     init_distributed("gloo")

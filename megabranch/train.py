@@ -1,7 +1,7 @@
 """`megabranch-train`: build the engine a config asks for and run the one training loop over it.
 
     engine: training.single.Trainer            one process (the default)
-            parallel.engine.ParallelTrainer    parallel.tp * parallel.pp > 1, or a torchrun launch (WORLD_SIZE > 1)
+            training.parallel_engine.ParallelTrainer    parallel.tp * parallel.pp > 1, or a torchrun launch (WORLD_SIZE > 1)
             backends.deepspeed.DeepSpeedTrainer  --backend deepspeed
     loop:   training.loop.train                data order, logging, validation, BLEU, checkpoints, stopping
 
@@ -33,7 +33,7 @@ from .dry_run import dry_run, resolve_world_size
 from .errors import UserError, cli_main
 from .generate import meta_vocab_hash
 from .model import build_model, draw_init_seed
-from .parallel.engine import ParallelTrainer
+from .training.parallel_engine import ParallelTrainer
 from .parallel.failures import comm_failure_ended, is_comm_failure
 from .parallel.grid import init_distributed
 from .parallel.planning import GiB, resolve

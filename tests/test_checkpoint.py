@@ -24,7 +24,7 @@ OLD_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "old_main")  #
 
 
 def _parallel_from(step_dir: str, cfg):
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     tr = ParallelTrainer(cfg, VOCAB, init_seed=99)  # other initial weights: the checkpoint must overwrite them all
     meta = checkpoint.read_meta(step_dir)
@@ -57,7 +57,7 @@ def _round_trip_body(rank, world, root):
     import torch.distributed as dist
 
     from megabranch.convert import main as convert_main
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     cfg = ckpt_cfg(2, 2, layout="E0-1|D0-1")
     tr = ParallelTrainer(cfg, VOCAB)

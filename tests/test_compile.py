@@ -86,7 +86,7 @@ def test_compiled_training_equals_eager(fused):
 
 
 def _pipeline_body(rank, world, ref_path):
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     torch._dynamo.reset()
     cfg = _cfg(True, "inductor", pp=2, layout="E0-1|D0-1", schedule="1f1b")

@@ -250,7 +250,7 @@ def _grad_bytes_held(tr) -> int:
 
 def _trainer_with_grad_probe(cfg):
     """A ParallelTrainer whose optimizer records _grad_bytes_held when it steps (all gradients complete)."""
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     tr = ParallelTrainer(cfg, PIPE_VOCAB)
     held, step = [], tr.optimizer.step

@@ -48,7 +48,7 @@ def _ds_trainer(cfg, **kw):
 
 def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
     from megabranch.backends.deepspeed import canonical_state
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
     from megabranch.model import canonical_parameters
     from megabranch.residual import alpha_at
 

@@ -28,7 +28,7 @@ CONFIG_8 = (2, dict(tp=2, pp=2, vpp=2, schedule="interleaved", layout="E0-2|E3,D
 
 
 def _check(name: str, m: int, parallel: dict, ref_path: str) -> None:
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     cfg = make_cfg(4, 4, m=m, **dict(parallel))
     tr = ParallelTrainer(cfg, VOCAB)
@@ -70,7 +70,7 @@ def test_eight_processes_dp_tp_pp_match_single_process(tmp_path):
 
 
 def _deep_body(rank, world, ref_path):
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     cfg = make_cfg(500, 500, m=2, pp=4, recompute=1)
     tr = ParallelTrainer(cfg, VOCAB)

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from tests.helpers.env import ROOT
-from tests.helpers.import_rules import check_package
+from tests.helpers.import_rules import check_package, folder_cycles
 
 pytestmark = pytest.mark.unit
 
@@ -170,3 +170,10 @@ def test_a_clean_package_passes(tmp_path):
 def test_megabranch_follows_the_import_rules():
     report = check_package(os.path.join(ROOT, "megabranch"))
     assert report.ok, report.message("megabranch breaks its import rules")
+
+
+def test_megabranch_folders_depend_one_way():
+    """docs/design.md: config/errors <- residual <- model <- parallel <- training <- the commands; no two folders
+    import each other, however indirectly."""
+    cycles = folder_cycles(check_package(os.path.join(ROOT, "megabranch")))
+    assert not cycles, "folders importing each other: " + "; ".join(" -> ".join(c) for c in cycles)

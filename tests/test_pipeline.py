@@ -218,7 +218,7 @@ def _case_cfg(kind: str, **parallel) -> Config:
 def _two_stage_body(rank, world, refs, lag_refs):
     import copy
 
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     for kind in CASES:
         cfg = _case_cfg(kind, pp=2, schedule=kind, layout="E0-3,D0|D1-3")

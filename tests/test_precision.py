@@ -56,7 +56,7 @@ def test_single_process_bf16_tracks_fp32():
 
 
 def _precision_body(rank, world, refs):
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     for name, parallel in LAYOUTS.items():
         dp = 2 if name == "dp2" else 1
@@ -135,7 +135,7 @@ def _scaler_reference(path: str) -> None:
 
 
 def _scaler_body(rank, world, ref_path, save_dir):
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     cfg = _cfg("fp32", pp=2, layout="E0-1|D0-1", schedule="1f1b")
     tr = ParallelTrainer(cfg, VOCAB)
@@ -205,7 +205,7 @@ def test_loss_scaler_follows_grad_scaler_and_shares_its_checkpoint_format():
 @pytest.mark.unit
 def test_fp16_needs_cuda_in_the_parallel_engine():
     from megabranch.errors import UserError
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
         ParallelTrainer(_cfg("fp16"), VOCAB)

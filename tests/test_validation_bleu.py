@@ -22,7 +22,7 @@ def _body(rank, world, data_dir, save_dir):
     from megabranch.data import load_split
     from megabranch.generate import quick_bleu
     from megabranch.model import build_model_from
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
     from megabranch.training.loop import RunData, train
 
     cfg = make_cfg(2, 2, m=1, tp=2, pp=2, layout="E0-1|D0-1", schedule="1f1b")

@@ -269,7 +269,7 @@ def _dp(name: str) -> int:
 
 
 def _train_and_compare(name: str, m: int, parallel: dict, ref) -> None:
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     tr = ParallelTrainer(make_cfg(4, 4, m=m, **dict(parallel)), VOCAB)
     launched = []  # per step: buckets whose all-reduce was launched before finish() (overlapped with W)

@@ -45,6 +45,7 @@ from megabranch import checkpoint  # noqa: E402
 from megabranch.config import Config  # noqa: E402
 from megabranch.convert import rank_params, write_layout  # noqa: E402
 from megabranch.model import meta_model  # noqa: E402
+from megabranch.parallel.parallelize import split_info  # noqa: E402
 
 HOPS = [((1, 1), (2, 2)), ((2, 2), (1, 4)), ((1, 4), (4, 1))]
 
@@ -131,7 +132,7 @@ def _hop(rank, world, port, cfg_dict, vocab, src, dst, tp, pp, results):
     (merged, nbytes), wall, grew = _measure(full_merge)
     row["full"] = {"read": nbytes, "rss": grew, "wall": wall}
     del merged
-    files = {checkpoint.shard_name(t, p): {"model": state["model"], "split": checkpoint.split_info(params),
+    files = {checkpoint.shard_name(t, p): {"model": state["model"], "split": split_info(params),
                                            "lead": leads[(t, p)], "optimizer": state["optimizer"], "scaler": {},
                                            "step": state["step"], "rank": {"data": None, "rng": None, "zero": None}}}
     c = cfg.to_dict()
@@ -146,7 +147,7 @@ def _hop(rank, world, port, cfg_dict, vocab, src, dst, tp, pp, results):
 
 
 def _stall(rank, world, port, cfg_dict, vocab, root, results):
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

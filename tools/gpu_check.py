@@ -302,7 +302,7 @@ def part_fp16(p: Part) -> None:
 
     from megabranch.config import load_config
     from megabranch.model import build_model, draw_init_seed
-    from megabranch.parallel.engine import ParallelTrainer
+    from megabranch.training.parallel_engine import ParallelTrainer
     from megabranch.training.loss_scaler import DynamicLossScaler
     from megabranch.training.single import Trainer
 

@@ -64,7 +64,6 @@ from .resharding import (
     load_for_rank,
     single_layout,
     single_process_files,
-    split_info,
 )
 from .slice_reader import StepReader
 
@@ -73,6 +72,6 @@ __all__ = [
     "atomic_write_bytes", "average", "consolidate", "cut", "cut_optimizer", "has_checkpoints", "is_zero",
     "load_checkpoint", "load_file", "load_for_rank", "load_optimizer", "load_shard", "one_writer",
     "optimizer_to_canonical", "prune", "read_meta", "read_pointer", "resolve", "restore", "safe_load", "save_step",
-    "sha256_file", "shard_files", "shard_name", "single_layout", "single_process_files", "split_info", "step_dirs",
+    "sha256_file", "shard_files", "shard_name", "single_layout", "single_process_files", "step_dirs",
     "verify", "versions", "write_step_dir",
 ]

@@ -16,12 +16,6 @@ from .reading import read_meta, resolve, shard_name
 from .slice_reader import MOMENTS, StepReader, want_of
 
 
-def split_info(params: dict) -> dict:
-    """name -> [split dim (-1: not split), *full shape] for parameters that may carry tp_split_dim."""
-    return {n: [getattr(p, "tp_split_dim", None) if getattr(p, "tp_split_dim", None) is not None else -1,
-                *[int(s) for s in full_shape(p)]] for n, p in params.items()}
-
-
 def consolidate(step_dir: str, meta: dict | None = None, optimizer: bool = True,
                 reader: StepReader | None = None) -> tuple[dict, dict | None]:
     """-> (full single-process parameters by name, full canonical optimizer state or None): the whole model in

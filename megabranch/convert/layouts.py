@@ -7,7 +7,7 @@ from ..config import Config
 from ..errors import UserError
 from ..model import canonical_parameters
 from ..parallel.grid import Grid
-from ..parallel.parallelize import natural_split_dims
+from ..parallel.parallelize import natural_split_dims, split_info
 from ..parallel.partition import plan_layout
 from ..parallel.stage import build_stage
 
@@ -39,7 +39,7 @@ def write_layout(out: str, cfg: Config, meta: dict, model: dict, opt: dict | Non
     files = {}
     for (t, p), params in ranks.items():
         files[checkpoint.shard_name(t, p)] = {
-            "model": checkpoint.cut(model, params), "split": checkpoint.split_info(params), "lead": leads[(t, p)],
+            "model": checkpoint.cut(model, params), "split": split_info(params), "lead": leads[(t, p)],
             "optimizer": checkpoint.cut_optimizer(opt, params),
             "scaler": {}, "step": int(meta["step"]), "rank": {"data": data, "rng": None, "zero": None},
         }

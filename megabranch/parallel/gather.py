@@ -5,7 +5,7 @@ Decoding needs every layer in one process (beam search runs the decoder once per
 when the whole model fits on rank 0 (`fits_on_rank0`: twice its fp32 parameter bytes free there, for the
 received slices plus the model built from them), each data-parallel-rank-0 process sends its parameters (this
 layout's tensor-parallel slices, by single-process name) to rank 0 in one flat message, rank 0 concatenates the
-slices by the split table checkpoints record (checkpoint.split_info) and builds the single-process model on its
+slices by the split table checkpoints record (parallelize.split_info) and builds the single-process model on its
 device. Nothing is written to disk and no other rank holds more than it did. When the model does not fit (a
 1000-layer model over many GPUs), the validation logs no BLEU and says so once; decode a saved step directory
 with `megabranch-generate` on a machine that holds the model instead (docs/design.md, "Validation BLEU").
@@ -18,9 +18,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint
 from ..model import count_parameters, meta_model
 from .grid import coords
+from .parallelize import split_info
 
 
 def full_model_bytes(cfg_model, vocab: int, tgt_vocab: int) -> int:
@@ -57,7 +57,7 @@ def gather_to_rank0(params: dict, grid, device: torch.device) -> dict | None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     mine = None
     if grid.dp_rank == 0:
-        mine = {"split": checkpoint.split_info(params), "shapes": [(n, tuple(p.shape)) for n, p in params.items()],
+        mine = {"split": split_info(params), "shapes": [(n, tuple(p.shape)) for n, p in params.items()],
                 "dtype": str(next(iter(params.values())).dtype).replace("torch.", "")}
     if world == 1:
         metas = [mine]
@@ -89,7 +89,7 @@ def gather_to_rank0(params: dict, grid, device: torch.device) -> dict | None:
 
 
 def merge_slices(pieces: dict, split: dict) -> dict:
-    """name -> {tp_rank: slice} -> name -> full tensor, by checkpoint.split_info's table ([split dim (-1: not
+    """name -> {tp_rank: slice} -> name -> full tensor, by split_info's table ([split dim (-1: not
     split), *full shape]), as the slices are concatenated when a step directory is consolidated."""
     out = {}
     for name, by_tp in pieces.items():

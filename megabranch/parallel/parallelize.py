@@ -119,6 +119,13 @@ def full_shape(p: torch.Tensor) -> tuple:
     return tuple(getattr(p, "tp_full_shape", p.shape))
 
 
+def split_info(params: dict) -> dict:
+    """name -> [split dim (-1: not split), *full shape] for parameters that may carry tp_split_dim: the split
+    table a checkpoint shard records and the gathered model is assembled by."""
+    return {n: [getattr(p, "tp_split_dim", None) if getattr(p, "tp_split_dim", None) is not None else -1,
+                *[int(s) for s in full_shape(p)]] for n, p in params.items()}
+
+
 def shard_of(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """This rank's slice of `full` (a tensor shaped like full_shape(p)) matching the layout of parameter `p`.
 

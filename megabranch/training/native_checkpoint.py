@@ -21,7 +21,7 @@ from .. import checkpoint
 from ..config import Config
 from ..checkpoint.async_save import AsyncSaver, host_copy, snapshot
 from ..errors import UserError
-from ..parallel.parallelize import natural_split_dims
+from ..parallel.parallelize import natural_split_dims, split_info
 from ..parallel.tensor_parallel import get_rng_tracker
 
 # model keys that may change across a resume: regularisation, kernel choice and compilation
@@ -59,7 +59,7 @@ def checkpoint_files(engine, data_state: dict) -> dict:
     dims = natural_split_dims(engine.model)
     return {checkpoint.shard_name(t, p): {
         "model": {k: host_copy(v) for k, v in params.items()},
-        "split": checkpoint.split_info(params),
+        "split": split_info(params),
         "lead": {k: dims.get(id(v), 0) for k, v in params.items()},  # stored leading: any tp slice contiguous
         "optimizer": checkpoint.optimizer_to_canonical(engine.optimizer, list(params)),
         "scaler": scaler.state_dict() if scaler else {},

@@ -1,6 +1,6 @@
 """The training protocol: what the run loop (training.loop.train) needs of an engine.
 
-Three engines implement it: `training.single.Trainer` (one process), `parallel.engine.ParallelTrainer`
+Three engines implement it: `training.single.Trainer` (one process), `training.parallel_engine.ParallelTrainer`
 (tensor x pipeline x data parallelism) and `backends.deepspeed.DeepSpeedTrainer` (a DeepSpeed PipelineModule).
 The loop owns everything around the steps: data order, logging, validation, BLEU, when to save and when to stop;
 an engine owns the model, the optimizer, the global step and how its checkpoints are written and read.

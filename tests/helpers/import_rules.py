@@ -226,6 +226,15 @@ def _chain(node: ast.Attribute) -> list[str] | None:
     return [node.id, *reversed(names)]
 
 
+def folder_cycles(report: Report) -> list[list[str]]:
+    """Cycles between the package's folders (its subpackages, and the top-level modules each as its own): an
+    import of parallel/ from training/ and one of training/ from parallel/ make one even when no two modules import
+    each other."""
+    def folder(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+    return _cycles({(folder(a), folder(b)) for a, b in report.edges if folder(a) != folder(b)})
+
+
 def _cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
     """For every edge inside a strongly connected component, the shortest cycle through it; deduplicated,
     each rotated to start at its smallest module, shortest first."""

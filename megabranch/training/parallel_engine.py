@@ -41,22 +41,22 @@ from ..config import Config
 from ..errors import UserError
 from ..model import build_model_from, canonical_parameters, draw_init_seed
 from ..model.regional_compile import FirstStepTimer, compile_layers
+from ..parallel.clip import clip_grad_norm_
+from ..parallel.data_parallel import GradReducer
+from ..parallel.executor import MicroBatch, PipelineExecutor
+from ..parallel.gather import fits_on_rank0, free_memory_bytes, full_model_bytes, gather_to_rank0
+from ..parallel.grid import Grid, build_grid, rank_of
+from ..parallel.layout import Layout
+from ..parallel.partition import plan_layout
+from ..parallel.schedules import check_schedule, placement_of
+from ..parallel.stage import build_stage
+from ..parallel.tensor_parallel import model_parallel_seed
+from ..parallel.zero import ShardedAdamW
 from ..residual import current_alpha, set_step
-from ..training import native_checkpoint
-from ..training.loss_scaler import DynamicLossScaler
-from ..training.lr_schedule import inverse_sqrt_lr
-from ..training.protocol import step_stats
-from .clip import clip_grad_norm_
-from .data_parallel import GradReducer
-from .executor import MicroBatch, PipelineExecutor
-from .gather import fits_on_rank0, free_memory_bytes, full_model_bytes, gather_to_rank0
-from .grid import Grid, build_grid, rank_of
-from .layout import Layout
-from .partition import plan_layout
-from .schedules import check_schedule, placement_of
-from .stage import build_stage
-from .tensor_parallel import model_parallel_seed
-from .zero import ShardedAdamW
+from . import native_checkpoint
+from .loss_scaler import DynamicLossScaler
+from .lr_schedule import inverse_sqrt_lr
+from .protocol import step_stats
 
 
 class ParallelTrainer(native_checkpoint.NativeCheckpointing):
