@@ -7,6 +7,10 @@ DEV_STAMP := $(VENV)/.installed-dev
 DATA_BIN := data-bin/kjv_web
 EN_ES := data-bin/en_es
 EN_ES_MULTI := data-bin/en_es_multi
+# The demos train on one CPU thread unless OMP_NUM_THREADS says otherwise: with torch's default of one thread per
+# core, OpenMP's barriers spin-wait for a core another process holds, and a step gets 10-20x slower as soon as
+# anything else runs (README, "Quick start"); one thread costs far less than that when the machine is idle.
+DEMO_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 # A new directory per demo run, so an earlier run's checkpoints are never overwritten.
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 MULTI_DIR := runs/demo-multilingual-$(shell date +%Y%m%d-%H%M%S)
@@ -49,13 +53,13 @@ preprocess: $(DATA_BIN)/meta.json $(EN_ES)/meta.json $(EN_ES_MULTI)/meta.json
 
 # Trains a tiny deep BranchNorm model for a few minutes on the CPU, then scores the held-out test split.
 demo: $(DATA_BIN)/meta.json
-	$(VENV)/bin/megabranch-train --config configs/demo.yaml --set log.save_dir=$(DEMO_DIR)
-	$(VENV)/bin/megabranch-generate --checkpoint $(DEMO_DIR)/best --split test --beam 4 --copy-baseline
+	$(DEMO_ENV) $(VENV)/bin/megabranch-train --config configs/demo.yaml --set log.save_dir=$(DEMO_DIR)
+	$(DEMO_ENV) $(VENV)/bin/megabranch-generate --checkpoint $(DEMO_DIR)/best --split test --beam 4 --copy-baseline
 
 # One model for English -> Spanish and Spanish -> English (under 30 min on the CPU); BLEU per direction.
 demo-multilingual: $(EN_ES_MULTI)/meta.json
-	$(VENV)/bin/megabranch-train --config configs/multilingual_demo.yaml --set log.save_dir=$(MULTI_DIR)
-	$(VENV)/bin/megabranch-generate --checkpoint $(MULTI_DIR)/best --split test --beam 4 --copy-baseline
+	$(DEMO_ENV) $(VENV)/bin/megabranch-train --config configs/multilingual_demo.yaml --set log.save_dir=$(MULTI_DIR)
+	$(DEMO_ENV) $(VENV)/bin/megabranch-generate --checkpoint $(MULTI_DIR)/best --split test --beam 4 --copy-baseline
 
 # DeepSpeed's CPU communication op is JIT-built once (about 40 s) into .cache/ and reused by later runs.
 PYTEST := TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(PY) -m pytest -q
