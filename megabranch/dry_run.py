@@ -60,6 +60,8 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     out = out or sys.stdout
     p, mc = cfg.parallel, cfg.model
     world, dp = resolve_world_size(cfg, world_size)
+    if vocab is not None and vocab < 1:
+        raise UserError(f"--vocab {vocab}: must be a vocabulary size >= 1")
     if vocab:
         src_v, tgt_v, where = vocab, vocab, "--vocab"
     else:

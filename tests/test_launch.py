@@ -128,6 +128,8 @@ def test_dry_run_numbers_against_the_model(capsys):
     assert (info["dp"], info["effective_tokens"], info["layout"]) == (3, 300 * 3 * 3, "E0-2|D0-2")
     with pytest.raises(UserError, match="world size 5 does not fit"):
         dry_run(cfg, world_size=5, vocab=48)
+    with pytest.raises(UserError, match="--vocab -5: must be a vocabulary size >= 1"):
+        dry_run(cfg, world_size=6, vocab=-5)
     with pytest.raises(UserError, match="tp=1"):
         cfg.parallel.tp = 2
         dry_run(cfg, world_size=4, vocab=48, backend="deepspeed")
