@@ -190,6 +190,20 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     assert space.shortfall(save_dir, 1) is None
 
 
+@pytest.mark.unit
+def test_full_disk_during_a_conversion_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from megabranch.convert import main
+
+    save_dir = tiny_single(tmp_path, steps=(2,))
+    out = str(tmp_path / "split")
+    disk = _FullDisk("split", room=4096)
+    monkeypatch.setattr(shard_format, "save_file", disk.save_file)
+    assert _exit_code(main, [save_dir, out, "--tp", "2"]) == EXIT_USER_ERROR
+    line = _one_line(capsys, "megabranch-convert: error:")
+    assert disk.failed and "no space left on the device of" in line and "split.tmp-" in line, line
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("split")]  # no partial directory left
+
+
 # --- one process: one writer per save directory -------------------------------------------------------------------
 
 _HOLD = """

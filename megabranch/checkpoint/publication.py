@@ -89,7 +89,10 @@ def write_step_dir(final: str, files: dict, meta: dict) -> str:
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    written = _write_files(tmp, files)
+    written = _write_or_full(tmp, files)
+    if written["error"]:  # a full disk: one line, nothing left behind (as save_step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(written["error"])
     _publish(tmp, final, dict(meta, files=written["files"], holds=written["holds"]))
     return final
 
