@@ -201,6 +201,7 @@ def test_full_disk_during_a_conversion_is_one_line_and_leaves_nothing(tmp_path, 
     assert _exit_code(main, [save_dir, out, "--tp", "2"]) == EXIT_USER_ERROR
     line = _one_line(capsys, "megabranch-convert: error:")
     assert disk.failed and "no space left on the device of" in line and "split.tmp-" in line, line
+    assert line.endswith("nothing was written: free some space or write elsewhere"), line
     assert not [n for n in os.listdir(tmp_path) if n.startswith("split")]  # no partial directory left
 
 

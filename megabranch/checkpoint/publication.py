@@ -89,7 +89,7 @@ def write_step_dir(final: str, files: dict, meta: dict) -> str:
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    written = _write_or_full(tmp, files)
+    written = _write_or_full(tmp, files, space.WRITE_ADVICE)
     if written["error"]:  # a full disk: one line, nothing left behind (as save_step)
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(written["error"])
@@ -194,17 +194,17 @@ def _finish_step(save_dir: str, step: int, tmp: str, mine: dict, meta: dict, is_
     return final
 
 
-def _write_or_full(tmp: str, files: dict) -> dict:
+def _write_or_full(tmp: str, files: dict, advice: str = space.RESUME_ADVICE) -> dict:
     """_write_files, or when the disk is (or would be) full no files and the one-line error under "error"."""
     need = space.payload_bytes(files)
-    short = space.shortfall(tmp, need)
+    short = space.shortfall(tmp, need, advice)
     if short is None:
         try:
             return dict(_write_files(tmp, files), error=None)
         except Exception as e:  # noqa: BLE001 - safetensors reports ENOSPC as its own error type
             if not space.is_disk_full(e):
                 raise
-            short = space.disk_full_message(tmp, need)
+            short = space.disk_full_message(tmp, need, advice)
     return {"files": {}, "holds": {}, "error": short}
 
 

@@ -59,18 +59,22 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MB"
 
 
-def disk_full_message(path: str, need: int | None) -> str:
+# what the user can do, after the line that says what happened: a training save, or a step directory written once
+RESUME_ADVICE = "the previous checkpoint is untouched: free some space or set log.save_dir elsewhere, then --resume"
+WRITE_ADVICE = "nothing was written: free some space or write elsewhere"
+
+
+def disk_full_message(path: str, need: int | None, advice: str = RESUME_ADVICE) -> str:
     """need: the bytes this rank's files take (None: only small metadata was left to write)."""
     free = free_bytes(path)
     parts = ([f"this rank's files need about {_mb(need)}"] if need is not None else []) + \
         ([f"{_mb(free)} free"] if free is not None else [])
-    return (f"no space left on the device of {path} while saving a checkpoint ({', '.join(parts)}); the previous "
-            "checkpoint is untouched: free some space or set log.save_dir elsewhere, then --resume")
+    return f"no space left on the device of {path} while saving a checkpoint ({', '.join(parts)}); {advice}"
 
 
-def shortfall(directory: str, need: int) -> str | None:
+def shortfall(directory: str, need: int, advice: str = RESUME_ADVICE) -> str | None:
     """The disk-full message when `directory`'s filesystem has less than `need` bytes free, else None."""
     free = free_bytes(directory)
     if free is not None and free < need:
-        return disk_full_message(directory, need)
+        return disk_full_message(directory, need, advice)
     return None
