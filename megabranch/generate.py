@@ -18,7 +18,7 @@ from . import checkpoint
 from .config import Config
 from .data import load_split
 from .errors import UserError, cli_main
-from .inference import add_device_arguments, check_max_tokens, prepare, resolve_device, sentence_batches
+from .inference import add_device_arguments, prepare, resolve_device, sentence_batches
 from .model import PAD, build_model_from
 
 
@@ -217,7 +217,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     check_arguments(args)
     device = resolve_device(args.device)
-    check_max_tokens(args.max_tokens)
 
     state = checkpoint.load_checkpoint(args.checkpoint, prefer="best")  # shards of any layout, consolidated
     cfg = Config.from_dict(state["config"], where=args.checkpoint)
@@ -255,6 +254,7 @@ def check_arguments(args) -> None:
     for name, ok, valid in (("beam", args.beam >= 1, "an integer >= 1"),
                             ("lenpen", math.isfinite(args.lenpen), "a finite number"),
                             ("max-sentences", args.max_sentences >= 1, "an integer >= 1"),
+                            ("max-tokens", args.max_tokens >= 0, "an integer >= 0 (0: batch by --max-sentences)"),
                             ("limit", args.limit >= 0, "an integer >= 0 (0: every sentence)")):
         if not ok:
             raise UserError(f"--{name} {getattr(args, name.replace('-', '_'))} is invalid: must be {valid}")

@@ -40,11 +40,6 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def check_max_tokens(max_tokens: int) -> None:
-    if max_tokens < 0:
-        raise UserError(f"--max-tokens={max_tokens} is invalid: must be >= 0 (0: batch by --max-sentences)")
-
-
 def prepare(model: nn.Module, device: torch.device, precision: str = "fp32") -> nn.Module:
     """The model on `device` with its weights in `precision`, in eval mode; residual coefficients in float32."""
     model = model.to(device=device, dtype=PRECISIONS[precision])
