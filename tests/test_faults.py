@@ -10,7 +10,8 @@ one uninterrupted run, record by record, bit for bit):
   - SIGUSR1 to rank 1, then (after --resume auto) SIGTERM to rank 0: every rank finishes its step, one
     checkpoint is saved, rank 0 prints one line, both exit 75; the resumed run logs the uninterrupted losses;
   - SIGSTOP of the middle rank of three: the other two exit within parallel.timeout_s (plus a minute), one line
-    each naming the step;
+    each naming the step and the timeout (a rank that only saw the other survivor's connection close names the
+    first rank's timeout, shared through the store: unit-tested with a HashStore and over a real process group);
   - launch/torchrun_single.sh with MAX_RESTARTS=1 and a worker killed with SIGKILL: the job finishes, with the
     uninterrupted losses, and log.jsonl reads as one curve (tools/plot_logs.py).
 """
@@ -35,8 +36,9 @@ import yaml
 from megabranch import checkpoint
 from megabranch.checkpoint import shard_format, space
 from megabranch.errors import EXIT_REQUEUE, EXIT_USER_ERROR
+from megabranch.parallel import failures
 from tests.helpers.checkpoints import tiny_single
-from tests.helpers.dist import free_port
+from tests.helpers.dist import free_port, run_workers
 from tests.helpers.env import ROOT, load_tool, subprocess_env
 from tests.helpers.logs import records_by_step
 
@@ -382,6 +384,68 @@ def test_a_stalled_rank_makes_the_others_exit_within_the_timeout(tiny_corpus, tm
         where = re.search(rf"rank {r}, (step|the stop decision after step) (\d+): ", line)
         assert where and f"parallel.timeout_s={TIMEOUT_S} s" in line, line
         assert int(where.group(2)) in range(stalled_from, stalled_from + 3), (line, stalled_from)
+
+
+GLOO_TIMEOUT = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv operation")
+GLOO_CLOSED = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:10664")
+
+
+@pytest.mark.unit
+def test_a_lost_connection_reports_the_first_timeout_of_the_job(monkeypatch):
+    # the cascade a stall starts: rank 2 times out and exits, rank 0 then sees only its connection to rank 2 close
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(failures, "_default_store", lambda: store)
+    monkeypatch.setattr(failures, "LINGER_S", 0.0)
+    monkeypatch.setenv("RANK", "2")
+    first = str(failures.comm_failure_ended(GLOO_TIMEOUT, "step 4", 3))
+    assert first.startswith("error: rank 2, step 4: no answer from a peer rank within parallel.timeout_s=3 s"), first
+    monkeypatch.setenv("RANK", "0")
+    then = str(failures.comm_failure_ended(GLOO_CLOSED, "step 4", 3))
+    assert then.startswith("error: rank 0, step 4: lost the connection to a peer rank after the job's first "
+                           "failure (rank 2, step 4: no answer from a peer rank within parallel.timeout_s=3 s"), then
+    assert then.endswith("[Connection closed by peer [127.0.0.1]:10664]"), then
+    # a second timeout does not replace the first
+    failures.comm_failure_ended(GLOO_TIMEOUT, "step 9", 3)
+    assert store.get(failures._cause_key()).decode().startswith("rank 2, step 4: ")
+
+
+@pytest.mark.unit
+def test_a_lost_connection_without_a_shared_cause_blames_the_dead_peer_and_never_waits_on_a_stuck_store(
+        monkeypatch):
+    monkeypatch.setattr(failures, "STORE_WAIT_S", 0.3)
+    monkeypatch.setattr(failures, "_default_store", lambda: torch.distributed.HashStore())
+    line = str(failures.comm_failure_ended(GLOO_CLOSED, "step 4", 3))
+    assert "lost the connection to a peer rank (it died or closed its process group)" in line, line
+
+    class StoppedHost:  # a TCPStore whose host was SIGSTOPped: every call blocks
+        def check(self, keys):
+            time.sleep(600)
+
+        compare_set = get = check
+
+    monkeypatch.setattr(failures, "_default_store", lambda: StoppedHost())
+    monkeypatch.setattr(failures, "LINGER_S", 0.0)
+    t0 = time.monotonic()
+    line = str(failures.comm_failure_ended(GLOO_CLOSED, "step 4", 3))
+    assert "(it died or closed its process group)" in line, line
+    assert "within parallel.timeout_s=3 s" in str(failures.comm_failure_ended(GLOO_TIMEOUT, "step 4", 3))
+    # a bound against a hang, not a speed claim: two store waits of 0.3 s, never the 600 s a call blocks
+    assert time.monotonic() - t0 < 60
+
+
+def _share_a_timeout(rank, world):
+    failures.LINGER_S = 0.0
+    if rank == 1:
+        failures.comm_failure_ended(GLOO_TIMEOUT, "step 7", 3)
+    torch.distributed.barrier()
+    if rank == 0:
+        line = str(failures.comm_failure_ended(GLOO_CLOSED, "step 7", 3))
+        assert "after the job's first failure (rank 1, step 7: no answer" in line, line
+
+
+@pytest.mark.distributed
+def test_the_first_timeout_travels_through_the_process_groups_own_store():
+    run_workers(_share_a_timeout, 2)
 
 
 @pytest.mark.distributed
