@@ -1,6 +1,6 @@
 """Checkpoints written by an older megabranch (tests/fixtures/old_main, commit a529fc6) still load, resume and
-convert: a resume from each fixture's step_4 logs the old code's uninterrupted losses for steps 5-8 bit for bit,
-in the layout it was written in, and the step directories convert and reshard with the conversion's own check."""
+convert: a resume from each fixture's step_4 logs the old code's uninterrupted losses for steps 5-8 in the layout
+it was written in (bit for bit on the fixture's CPU, within float rounding on another: `_same_run`), and the step directories convert and reshard with the conversion's own check."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def copy(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.unit if LAYOUTS[n][0] == 1 else pytest.mark.distributed)
                                   for n in sorted(LAYOUTS)])
-def test_old_checkpoint_resumes_bit_for_bit(copy, name):
+def test_old_checkpoint_resumes_with_the_old_codes_losses(copy, name):
     nproc, sets = LAYOUTS[name]
     save = copy / name
     launch = [sys.executable, "-m", "megabranch.train"] if nproc == 1 else \
@@ -55,10 +55,20 @@ def test_old_checkpoint_resumes_bit_for_bit(copy, name):
     got, want = records_by_step(save / "log.jsonl", "train"), _expected(name, "train")
     assert sorted(got) == [5, 6, 7, 8]
     for step in got:
-        for key in ("loss", "nll_loss", "gnorm", "alpha", "lr"):
+        for key in ("alpha", "lr"):  # the schedules: Python floats of the global step, the same on every machine
             assert got[step][key] == want[step][key], (name, step, key, got[step][key], want[step][key])
+        for key in ("loss", "nll_loss", "gnorm"):
+            assert _same_run(got[step][key], want[step][key]), (name, step, key, got[step][key], want[step][key])
     v = records_by_step(save / "log.jsonl", "valid")
-    assert v[8]["loss"] == _expected(name, "valid")[8]["loss"]
+    assert _same_run(v[8]["loss"], _expected(name, "valid")[8]["loss"])
+
+
+def _same_run(got: float, want: float) -> bool:
+    """Equal to within what the CPU the fixture was written on does differently: MKL and oneDNN pick their
+    kernels (and so the order of their float sums) by the vector width, so another CPU gives the same run to
+    ~1e-7 (seen: AVX-512 against the fixture's AVX2). A resume that loses state misses by far more (Adam's moments
+    left out: 6e-4 at step 6). The same-machine resume is bit for bit: test_train's kill -9 tests."""
+    return abs(got - want) <= 1e-5 * abs(want)
 
 
 @pytest.mark.unit
