@@ -107,12 +107,12 @@ def publish_first_failure(store, line: str) -> None:
         _bounded(lambda: store.compare_set(_cause_key(), "", line), STORE_WAIT_S)
 
 
-def first_failure(store, wait_s: float = STORE_WAIT_S) -> str | None:
-    """The first failure's line another rank left in the store, looked for during wait_s (it may be written a
-    moment after its rank's connections close)."""
+def first_failure(store) -> str | None:
+    """The first failure's line another rank left in the store, looked for during STORE_WAIT_S (it may be
+    written a moment after its rank's connections close)."""
     if store is None:
         return None
-    key, deadline = _cause_key(), time.monotonic() + wait_s
+    key, deadline = _cause_key(), time.monotonic() + STORE_WAIT_S
     while True:
         found = _bounded(lambda: store.check([key]), max(deadline - time.monotonic(), 0.1))
         if found:
