@@ -9,6 +9,7 @@ communication op (deepspeed_shm_comm) is JIT-built once (about 40 s) into .cache
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import sys
@@ -42,8 +43,13 @@ STEPS = 10
 def _ds_trainer(cfg, **kw):
     from megabranch.backends.deepspeed import DeepSpeedTrainer, init_distributed
 
-    init_distributed()
+    init_distributed(cfg.parallel.timeout_s)
     return DeepSpeedTrainer(cfg, VOCAB, **kw)
+
+
+def _group_timeouts() -> dict:
+    c10d = torch.distributed.distributed_c10d
+    return {pg: pg._get_backend(torch.device("cpu")).options._timeout for pg in c10d._world.pg_map}
 
 
 def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
@@ -55,7 +61,12 @@ def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
     cfg = make_cfg(2, 2, m=2, pp=2, layout="E0-1|D0-1")
     native = ParallelTrainer(cfg, VOCAB)
     nat = [native.train_step(synthetic_batches(s, 2)) for s in range(STEPS)]
+    before = _group_timeouts()
+    cfg.parallel.timeout_s = 77.0
     ds = _ds_trainer(cfg)
+    # every group DeepSpeed made (it passes new_group no timeout) waits parallel.timeout_s, not torch's 30 minutes
+    made = {pg: t for pg, t in _group_timeouts().items() if pg not in before}
+    assert made and set(made.values()) == {datetime.timedelta(seconds=77)}, made
     # the same stage split as the native engine: E0-1 | D0-1 (embeddings and output ride along)
     assert ds.parts == [0, 3, 7], ds.parts
     # the run loop's stop decision: a reason on one rank reaches every rank (the largest wins)

@@ -65,12 +65,19 @@ def import_deepspeed_package():
 
 def init_distributed(timeout_s: float | None = None) -> None:
     """deepspeed.init_distributed with gloo on the CPU and nccl on GPUs; must come before the PipelineModule.
-    timeout_s (parallel.timeout_s) bounds the world group's waits; the pipeline and data-parallel groups
-    DeepSpeed creates itself keep torch's default (30 minutes): DeepSpeed passes no timeout to them."""
+    timeout_s (parallel.timeout_s) bounds the world group's waits and those of every group DeepSpeed creates
+    later (pipeline, data-parallel, point-to-point)."""
     deepspeed = import_deepspeed_package()
     if "RANK" not in os.environ:
         raise UserError("--backend deepspeed needs a launcher: torchrun --nproc_per_node N, or the deepspeed launcher")
     timeout = process_group_timeout(timeout_s)
+    if timeout is not None:
+        # DeepSpeed calls new_group(ranks) without a timeout, which torch fills in from these module defaults at
+        # call time (30 minutes for gloo, 10 for NCCL); there is no other way to hand it ours
+        c10d = dist.distributed_c10d
+        for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+            if isinstance(getattr(c10d, name, None), type(timeout)):
+                setattr(c10d, name, timeout)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                **({"timeout": timeout} if timeout is not None else {}))
 
