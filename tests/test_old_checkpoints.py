@@ -1,6 +1,7 @@
 """Checkpoints written by an older megabranch (tests/fixtures/old_main, commit a529fc6) still load, resume and
 convert: a resume from each fixture's step_4 logs the old code's uninterrupted losses for steps 5-8 in the layout
-it was written in (bit for bit on the fixture's CPU, within float rounding on another: `_same_run`), and the step directories convert and reshard with the conversion's own check."""
+it was written in (bit for bit on the fixture's CPU, within float rounding on another: `_same_run`), and the step
+directories convert and reshard with the conversion's own check."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_old_checkpoint_resumes_with_the_old_codes_losses(copy, name):
 def _same_run(got: float, want: float) -> bool:
     """Equal to within what the CPU the fixture was written on does differently: MKL and oneDNN pick their
     kernels (and so the order of their float sums) by the vector width, so another CPU gives the same run to
-    ~1e-7 (seen: AVX-512 against the fixture's AVX2). A resume that loses state misses by far more (Adam's moments
+    ~1e-7 (seen on an AVX-512 AMD EPYC). A resume that loses state misses by far more (Adam's moments
     left out: 6e-4 at step 6). The same-machine resume is bit for bit: test_train's kill -9 tests."""
     return abs(got - want) <= 1e-5 * abs(want)
 
