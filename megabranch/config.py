@@ -183,7 +183,15 @@ class Range:
             return f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
         if self.lo is not None:
             return f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
+        if self.hi is not None:
+            return f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
+        return kind
+
+    def check_flag(self, flag: str, value: float | None, note: str = "") -> None:
+        """The same rule for a command-line number: `--flag value is invalid: must be ...` (a UserError); None
+        (the flag not given) passes. `note` says what the number means (a unit, what 0 does)."""
+        if value is not None and not (self.ok(float(value)) and (not self.integer or float(value).is_integer())):
+            raise UserError(f"{flag} {value:g} is invalid: must be {self.describe()}{note}")
 
     def check(self, key: str, value: Any) -> None:
         if value is None:  # an optional field left unset

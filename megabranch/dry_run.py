@@ -11,6 +11,7 @@ import os
 import sys
 
 from .backends.deepspeed.partition import ds_parts
+from .config import Range
 from .errors import UserError
 from .model import count_parameters, meta_model
 from .parallel.memory import plan, print_table, schedule_kind
@@ -60,8 +61,7 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     out = out or sys.stdout
     p, mc = cfg.parallel, cfg.model
     world, dp = resolve_world_size(cfg, world_size)
-    if vocab is not None and vocab < 1:
-        raise UserError(f"--vocab {vocab}: must be a vocabulary size >= 1")
+    Range(lo=1, integer=True).check_flag("--vocab", vocab, " (a vocabulary size)")
     if vocab:
         src_v, tgt_v, where = vocab, vocab, "--vocab"
     else:

@@ -7,7 +7,6 @@ recomputes the prefix. Hypotheses are scored fairseq-style: sum of log-probs / l
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -15,7 +14,7 @@ import sacrebleu
 import torch
 
 from . import checkpoint
-from .config import Config
+from .config import Config, Range
 from .data import load_split
 from .errors import UserError, cli_main
 from .inference import add_device_arguments, prepare, resolve_device, sentence_batches
@@ -251,13 +250,12 @@ def main(argv=None):
 
 def check_arguments(args) -> None:
     """megabranch-generate's arguments and its output path, before anything is loaded or decoded."""
-    for name, ok, valid in (("beam", args.beam >= 1, "an integer >= 1"),
-                            ("lenpen", math.isfinite(args.lenpen), "a finite number"),
-                            ("max-sentences", args.max_sentences >= 1, "an integer >= 1"),
-                            ("max-tokens", args.max_tokens >= 0, "an integer >= 0 (0: batch by --max-sentences)"),
-                            ("limit", args.limit >= 0, "an integer >= 0 (0: every sentence)")):
-        if not ok:
-            raise UserError(f"--{name} {getattr(args, name.replace('-', '_'))} is invalid: must be {valid}")
+    for name, rule, note in (("beam", Range(lo=1, integer=True), ""),
+                             ("lenpen", Range(), ""),
+                             ("max-sentences", Range(lo=1, integer=True), ""),
+                             ("max-tokens", Range(lo=0, integer=True), " (0: batch by --max-sentences)"),
+                             ("limit", Range(lo=0, integer=True), " (0: every sentence)")):
+        rule.check_flag(f"--{name}", getattr(args, name.replace("-", "_")), note)
     if args.output:
         parent = os.path.dirname(os.path.abspath(args.output))
         if os.path.isdir(args.output):

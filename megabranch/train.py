@@ -16,7 +16,6 @@ codes: errors.py (0 done, 1 a peer failed, 2 bad input, 75 stopped after a check
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import yaml
 from . import checkpoint
 from .backends.deepspeed import DeepSpeedTrainer, load_ds_config
 from .backends.deepspeed import init_distributed as init_deepspeed_distributed
-from .config import Config, load_config
+from .config import Config, Range, load_config
 from .data import load_split
 from .dry_run import dry_run, resolve_world_size
 from .errors import UserError, cli_main
@@ -156,8 +155,7 @@ def main(argv=None):
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args(argv)
     started = time.time()
-    if args.exit_duration_mins is not None and not (math.isfinite(args.exit_duration_mins) and args.exit_duration_mins > 0):
-        raise UserError(f"--exit-duration-mins {args.exit_duration_mins:g}: must be a finite number of minutes > 0")
+    Range(lo=0, lo_open=True).check_flag("--exit-duration-mins", args.exit_duration_mins, " (minutes)")
     cfg = load_config(args.config, args.set)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -102,3 +102,22 @@ def test_shipped_configs_load_and_say_what_the_readme_says(name):
         assert cfg.data.data_dir == "data-bin/en_es" and cfg.optim.max_updates == 2000
     if name == "multilingual_demo":
         assert cfg.data.data_dir == "data-bin/en_es_multi" and (m.encoder_layers, m.decoder_layers) == (6, 6)
+
+
+@pytest.mark.unit
+def test_a_command_line_number_follows_the_config_fields_rule_and_wording():
+    from megabranch.config import Range
+
+    count, minutes = Range(lo=1, integer=True), Range(lo=0, lo_open=True)
+    count.check_flag("--beam", 4)
+    count.check_flag("--beam", None)  # not given
+    minutes.check_flag("--exit-duration-mins", 0.5, " (minutes)")
+    for rule, value, want in ((count, 0, "--beam 0 is invalid: must be an integer >= 1"),
+                              (count, 2.5, "--beam 2.5 is invalid: must be an integer >= 1"),
+                              (minutes, float("nan"), "--exit-duration-mins nan is invalid: must be a finite number > 0 (minutes)"),
+                              (minutes, 0, "--exit-duration-mins 0 is invalid: must be a finite number > 0 (minutes)"),
+                              (Range(), float("inf"), "--lenpen inf is invalid: must be a finite number")):
+        flag = want.split()[0]
+        with pytest.raises(UserError) as e:
+            rule.check_flag(flag, value, " (minutes)" if rule is minutes else "")
+        assert str(e.value) == want

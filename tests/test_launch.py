@@ -128,7 +128,7 @@ def test_dry_run_numbers_against_the_model(capsys):
     assert (info["dp"], info["effective_tokens"], info["layout"]) == (3, 300 * 3 * 3, "E0-2|D0-2")
     with pytest.raises(UserError, match="world size 5 does not fit"):
         dry_run(cfg, world_size=5, vocab=48)
-    with pytest.raises(UserError, match="--vocab -5: must be a vocabulary size >= 1"):
+    with pytest.raises(UserError, match=r"--vocab -5 is invalid: must be an integer >= 1 \(a vocabulary size\)"):
         dry_run(cfg, world_size=6, vocab=-5)
     with pytest.raises(UserError, match="tp=1"):
         cfg.parallel.tp = 2

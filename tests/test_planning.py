@@ -113,7 +113,7 @@ def test_auto_picks_the_least_bubble_that_fits_and_refuses_in_one_line():
     assert "fits (parallel.schedule=auto picks it)" in msg and "\n" not in msg
     dry_run(explicit, 32, vocab=32000, out=io.StringIO())  # no budget given: no memory check
     for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(UserError, match="must be a finite number of GiB > 0"):
+        with pytest.raises(UserError, match=r"is invalid: must be a finite number > 0 \(GiB\)"):
             resolve(cfg, 32000, 32000, 8, bad)
 
 

@@ -22,9 +22,9 @@ vpp (its stage count); the other candidates are built with the trainer's own aut
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
+from ..config import Range
 from ..errors import UserError
 from .memory import cost_model, peak_in_flight
 from .partition import plan_layout
@@ -138,8 +138,7 @@ def resolve(cfg, vocab: int, tgt_vocab: int | None, dp: int, gpu_memory_gb: floa
     UserErrors name the setting and an option that would fit."""
     p, o = cfg.parallel, cfg.optim
     gb = DEFAULT_GPU_GB if gpu_memory_gb is None else float(gpu_memory_gb)
-    if not (math.isfinite(gb) and gb > 0):
-        raise UserError(f"--gpu-memory-gb {gpu_memory_gb}: must be a finite number of GiB > 0")
+    Range(lo=0, lo_open=True).check_flag("--gpu-memory-gb", gb, " (GiB)")
     budget = budget_bytes(gb)
     if p.schedule != "auto":
         check_schedule(p.schedule, p.pp, p.vpp, o.update_freq)
