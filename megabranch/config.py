@@ -191,7 +191,8 @@ class Range:
         """The same rule for a command-line number: `--flag value is invalid: must be ...` (a UserError); None
         (the flag not given) passes. `note` says what the number means (a unit, what 0 does)."""
         if value is not None and not (self.ok(float(value)) and (not self.integer or float(value).is_integer())):
-            raise UserError(f"{flag} {value:g} is invalid: must be {self.describe()}{note}")
+            shown = value if isinstance(value, int) else f"{value:g}"  # (an int as typed, not 1e+07)
+            raise UserError(f"{flag} {shown} is invalid: must be {self.describe()}{note}")
 
     def check(self, key: str, value: Any) -> None:
         if value is None:  # an optional field left unset

@@ -114,6 +114,7 @@ def test_a_command_line_number_follows_the_config_fields_rule_and_wording():
     minutes.check_flag("--exit-duration-mins", 0.5, " (minutes)")
     for rule, value, want in ((count, 0, "--beam 0 is invalid: must be an integer >= 1"),
                               (count, 2.5, "--beam 2.5 is invalid: must be an integer >= 1"),
+                              (count, -12345678, "--beam -12345678 is invalid: must be an integer >= 1"),
                               (minutes, float("nan"), "--exit-duration-mins nan is invalid: must be a finite number > 0 (minutes)"),
                               (minutes, 0, "--exit-duration-mins 0 is invalid: must be a finite number > 0 (minutes)"),
                               (Range(), float("inf"), "--lenpen inf is invalid: must be a finite number")):
