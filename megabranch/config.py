@@ -171,7 +171,7 @@ class Range:
     integer: bool = False
 
     def ok(self, v: float) -> bool:
-        if not math.isfinite(v):
+        if not math.isfinite(v) or (self.integer and not v.is_integer()):
             return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
@@ -190,7 +190,7 @@ class Range:
     def check_flag(self, flag: str, value: float | None, note: str = "") -> None:
         """The same rule for a command-line number: `--flag value is invalid: must be ...` (a UserError); None
         (the flag not given) passes. `note` says what the number means (a unit, what 0 does)."""
-        if value is not None and not (self.ok(float(value)) and (not self.integer or float(value).is_integer())):
+        if value is not None and not self.ok(float(value)):
             shown = value if isinstance(value, int) else f"{value:g}"  # (an int as typed, not 1e+07)
             raise UserError(f"{flag} {shown} is invalid: must be {self.describe()}{note}")
 
@@ -203,28 +203,30 @@ class Range:
                                         + (" (each)" if isinstance(value, tuple) else ""))
 
 
-def _int(lo: int) -> Range:
+def ints(lo: int) -> Range:
+    """Whole numbers >= lo."""
     return Range(lo=lo, integer=True)
 
 
-_POSITIVE, _NON_NEGATIVE, _FRACTION = Range(lo=0, lo_open=True), Range(lo=0), Range(0, 1, hi_open=True)
+# the ranges most fields (and command-line numbers: Range.check_flag) take
+POSITIVE, NON_NEGATIVE, FRACTION, FINITE = Range(lo=0, lo_open=True), Range(lo=0), Range(0, 1, hi_open=True), Range()
 
 # the valid values of every numeric field (ints and floats; a tuple's entries each): config.validate checks them
 RANGES: dict[str, Range] = {
     "seed": Range(0, 2**63 - 1, integer=True),
-    "model.encoder_layers": _int(1), "model.decoder_layers": _int(1), "model.d_model": _int(1),
-    "model.n_heads": _int(1), "model.ffn_dim": _int(1), "model.dropout": _FRACTION,
-    "model.attention_dropout": _FRACTION, "model.activation_dropout": _FRACTION, "model.max_positions": _int(1),
-    "model.ln_eps": _POSITIVE, "model.alpha_warmup_steps": _int(0), "model.embed_scale": _POSITIVE,
-    "model.position_offset": _int(0),
-    "parallel.tp": _int(1), "parallel.pp": _int(1), "parallel.vpp": _int(1), "parallel.recompute": _int(0),
-    "parallel.bucket_mb": _POSITIVE, "parallel.timeout_s": _POSITIVE,
-    "optim.lr": _POSITIVE, "optim.betas": _FRACTION, "optim.adam_eps": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE,
-    "optim.warmup_updates": _int(0), "optim.warmup_init_lr": _NON_NEGATIVE, "optim.clip_norm": _NON_NEGATIVE,
-    "optim.label_smoothing": _FRACTION, "optim.max_updates": _int(1), "optim.update_freq": _int(1),
-    "data.max_tokens": _int(1), "data.max_sentences": _int(0), "data.sampling_temperature": _POSITIVE,
-    "log.log_interval": _int(1), "log.valid_interval": _int(1), "log.bleu_sentences": _int(0),
-    "log.bleu_beam": _int(1), "log.keep_last": _int(0),
+    "model.encoder_layers": ints(1), "model.decoder_layers": ints(1), "model.d_model": ints(1),
+    "model.n_heads": ints(1), "model.ffn_dim": ints(1), "model.dropout": FRACTION,
+    "model.attention_dropout": FRACTION, "model.activation_dropout": FRACTION, "model.max_positions": ints(1),
+    "model.ln_eps": POSITIVE, "model.alpha_warmup_steps": ints(0), "model.embed_scale": POSITIVE,
+    "model.position_offset": ints(0),
+    "parallel.tp": ints(1), "parallel.pp": ints(1), "parallel.vpp": ints(1), "parallel.recompute": ints(0),
+    "parallel.bucket_mb": POSITIVE, "parallel.timeout_s": POSITIVE,
+    "optim.lr": POSITIVE, "optim.betas": FRACTION, "optim.adam_eps": POSITIVE, "optim.weight_decay": NON_NEGATIVE,
+    "optim.warmup_updates": ints(0), "optim.warmup_init_lr": NON_NEGATIVE, "optim.clip_norm": NON_NEGATIVE,
+    "optim.label_smoothing": FRACTION, "optim.max_updates": ints(1), "optim.update_freq": ints(1),
+    "data.max_tokens": ints(1), "data.max_sentences": ints(0), "data.sampling_temperature": POSITIVE,
+    "log.log_interval": ints(1), "log.valid_interval": ints(1), "log.bleu_sentences": ints(0),
+    "log.bleu_beam": ints(1), "log.keep_last": ints(0),
 }
 
 

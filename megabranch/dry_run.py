@@ -11,7 +11,7 @@ import os
 import sys
 
 from .backends.deepspeed.partition import ds_parts
-from .config import Range
+from .config import ints
 from .errors import UserError
 from .model import count_parameters, meta_model
 from .parallel.memory import plan, print_table, schedule_kind
@@ -61,7 +61,7 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     out = out or sys.stdout
     p, mc = cfg.parallel, cfg.model
     world, dp = resolve_world_size(cfg, world_size)
-    Range(lo=1, integer=True).check_flag("--vocab", vocab, " (a vocabulary size)")
+    ints(1).check_flag("--vocab", vocab, " (a vocabulary size)")
     if vocab:
         src_v, tgt_v, where = vocab, vocab, "--vocab"
     else:

@@ -14,7 +14,7 @@ import sacrebleu
 import torch
 
 from . import checkpoint
-from .config import Config, Range
+from .config import FINITE, Config, ints
 from .data import load_split
 from .errors import UserError, cli_main
 from .inference import add_device_arguments, prepare, resolve_device, sentence_batches
@@ -250,11 +250,11 @@ def main(argv=None):
 
 def check_arguments(args) -> None:
     """megabranch-generate's arguments and its output path, before anything is loaded or decoded."""
-    for name, rule, note in (("beam", Range(lo=1, integer=True), ""),
-                             ("lenpen", Range(), ""),
-                             ("max-sentences", Range(lo=1, integer=True), ""),
-                             ("max-tokens", Range(lo=0, integer=True), " (0: batch by --max-sentences)"),
-                             ("limit", Range(lo=0, integer=True), " (0: every sentence)")):
+    for name, rule, note in (("beam", ints(1), ""),
+                             ("lenpen", FINITE, ""),
+                             ("max-sentences", ints(1), ""),
+                             ("max-tokens", ints(0), " (0: batch by --max-sentences)"),
+                             ("limit", ints(0), " (0: every sentence)")):
         rule.check_flag(f"--{name}", getattr(args, name.replace("-", "_")), note)
     if args.output:
         parent = os.path.dirname(os.path.abspath(args.output))

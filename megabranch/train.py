@@ -26,7 +26,7 @@ import yaml
 from . import checkpoint
 from .backends.deepspeed import DeepSpeedTrainer, load_ds_config
 from .backends.deepspeed import init_distributed as init_deepspeed_distributed
-from .config import Config, Range, load_config
+from .config import POSITIVE, Config, load_config
 from .data import load_split
 from .dry_run import dry_run, resolve_world_size
 from .errors import UserError, cli_main
@@ -155,7 +155,7 @@ def main(argv=None):
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = ap.parse_args(argv)
     started = time.time()
-    Range(lo=0, lo_open=True).check_flag("--exit-duration-mins", args.exit_duration_mins, " (minutes)")
+    POSITIVE.check_flag("--exit-duration-mins", args.exit_duration_mins, " (minutes)")
     cfg = load_config(args.config, args.set)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -39,7 +39,7 @@ from analyze import load_model  # noqa: E402
 from megabranch import analysis, checkpoint  # noqa: E402
 from megabranch import generate as gen  # noqa: E402
 from megabranch import train as megatrain  # noqa: E402
-from megabranch.config import Range, load_config  # noqa: E402
+from megabranch.config import ints, load_config  # noqa: E402
 from megabranch.data import load_split  # noqa: E402
 from megabranch.errors import UserError, cli_main  # noqa: E402
 from plot_logs import read_log as log_records  # noqa: E402
@@ -346,7 +346,7 @@ def parse_args(argv=None):
         raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 1,2,3") from None
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds {args.seeds!r}: give at least one seed, each once")
-    Range(lo=1, integer=True).check_flag("--beam", args.beam)
+    ints(1).check_flag("--beam", args.beam)
     return args
 
 

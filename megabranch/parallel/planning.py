@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from ..config import Range
+from ..config import POSITIVE
 from ..errors import UserError
 from .memory import cost_model, peak_in_flight
 from .partition import plan_layout
@@ -138,7 +138,7 @@ def resolve(cfg, vocab: int, tgt_vocab: int | None, dp: int, gpu_memory_gb: floa
     UserErrors name the setting and an option that would fit."""
     p, o = cfg.parallel, cfg.optim
     gb = DEFAULT_GPU_GB if gpu_memory_gb is None else float(gpu_memory_gb)
-    Range(lo=0, lo_open=True).check_flag("--gpu-memory-gb", gb, " (GiB)")
+    POSITIVE.check_flag("--gpu-memory-gb", gb, " (GiB)")
     budget = budget_bytes(gb)
     if p.schedule != "auto":
         check_schedule(p.schedule, p.pp, p.vpp, o.update_freq)
