@@ -113,6 +113,7 @@ def first_failure(store) -> str | None:
     if store is None:
         return None
     key, deadline = _cause_key(), time.monotonic() + STORE_WAIT_S
+    # check, then get: a get of a missing key would block the store's one connection until the store's timeout
     while True:
         found = _bounded(lambda: store.check([key]), max(deadline - time.monotonic(), 0.1))
         if found:
@@ -132,7 +133,8 @@ def comm_failure_ended(e: BaseException, where: str, timeout_s: float) -> RunEnd
     if _timed_out(text):
         what = f"no answer from {peer} within parallel.timeout_s={timeout_s:g} s (stalled, hung or dead)"
         publish_first_failure(store, f"rank {_rank()}, {where}: {what}")
-        time.sleep(LINGER_S if store is not None else 0)
+        if store is not None:
+            time.sleep(LINGER_S)
     else:
         cause = first_failure(store)
         what = f"lost the connection to {peer} " + (
