@@ -76,13 +76,13 @@ def main() -> int:
     if args.mode == "reference":
         torch.save(reference_run(cfg_of(s, False), s["steps"], dp=s["dp"]), args.out)
         return 0
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
     from megabranch.parallel.grid import init_distributed
 
     init_distributed("gloo")
     torch.set_num_threads(1)
     ref = torch.load(args.ref)
-    tr = ParallelTrainer(cfg_of(s, True), 40)
+    tr = Trainer(cfg_of(s, True), 40)
     losses = parallel_losses(tr, s["steps"])
     rank = torch.distributed.get_rank()
     if rank == 0:

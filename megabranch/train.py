@@ -1,7 +1,6 @@
 """`megabranch-train`: build the engine a config asks for and run the one training loop over it.
 
-    engine: training.single.Trainer            one process (the default)
-            training.parallel_engine.ParallelTrainer    parallel.tp * parallel.pp > 1, or a torchrun launch (WORLD_SIZE > 1)
+    engine: training.engine.Trainer            the native engine: one process, or tp x pp x dp under torchrun
             backends.deepspeed.DeepSpeedTrainer  --backend deepspeed
     loop:   training.loop.train                data order, logging, validation, BLEU, checkpoints, stopping
 
@@ -31,13 +30,11 @@ from .data import load_split
 from .dry_run import dry_run, resolve_world_size
 from .errors import UserError, cli_main
 from .generate import meta_vocab_hash
-from .model import build_model, draw_init_seed
-from .training.parallel_engine import ParallelTrainer
 from .parallel.failures import comm_failure_ended, is_comm_failure
 from .parallel.grid import init_distributed
 from .parallel.planning import GiB, resolve
 from .training.loop import RunData, train
-from .training.single import Trainer
+from .training.engine import Trainer
 from .training.stopping import StopRequest
 
 
@@ -63,12 +60,8 @@ def build_engine(cfg: Config, vocab: int, tgt_vocab: int, vocab_sha256: str | No
     if backend == "deepspeed":
         return DeepSpeedTrainer(cfg, vocab, tgt_vocab, ds_config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # the init seed comes from cfg.seed alone, so every layout (tp, pp, dp) builds the same weights
-    init_seed = draw_init_seed(cfg.seed)
-    if _parallel_requested(cfg):
-        return ParallelTrainer(cfg, vocab, tgt_vocab, dev, init_seed=init_seed, vocab_sha256=vocab_sha256)
-    model = build_model(cfg.model, vocab, tgt_vocab, seed=init_seed)
-    return Trainer(cfg, model, dev, vocab_sha256=vocab_sha256)
+    # the init seed comes from cfg.seed alone (Trainer draws it), so every layout builds the same weights
+    return Trainer(cfg, vocab, tgt_vocab, dev, vocab_sha256=vocab_sha256)
 
 
 def plan_schedule(cfg: Config, vocab: int, tgt_vocab: int, backend: str = "native", device: str | None = None,

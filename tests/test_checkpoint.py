@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megabranch import checkpoint
+from megabranch.training.loss_scaler import DynamicLossScaler
 from megabranch.errors import UserError
 from tests.helpers.checkpoints import SAVED_AT, ckpt_cfg, save_trainer, tiny_single
 from tests.helpers.configs import VOCAB
@@ -24,9 +25,9 @@ OLD_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "old_main")  #
 
 
 def _parallel_from(step_dir: str, cfg):
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
-    tr = ParallelTrainer(cfg, VOCAB, init_seed=99)  # other initial weights: the checkpoint must overwrite them all
+    tr = Trainer(cfg, VOCAB, init_seed=99)  # other initial weights: the checkpoint must overwrite them all
     meta = checkpoint.read_meta(step_dir)
     state = checkpoint.load_for_rank(step_dir, meta, tr.position(), tr.named_params())
     tr.load_checkpoint_state(state)
@@ -57,10 +58,10 @@ def _round_trip_body(rank, world, root):
     import torch.distributed as dist
 
     from megabranch.convert import main as convert_main
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
     cfg = ckpt_cfg(2, 2, layout="E0-1|D0-1")
-    tr = ParallelTrainer(cfg, VOCAB)
+    tr = Trainer(cfg, VOCAB)
     parallel_losses(tr, SAVED_AT)
     first = save_trainer(tr, cfg, os.path.join(root, "run"))
     ref = parallel_losses(tr, SAVED_AT + MORE, SAVED_AT)  # the uninterrupted continuation
@@ -103,7 +104,7 @@ def _round_trip_body(rank, world, root):
     # ZeRO-1 over dp=2 (pp=2): per-replica optimizer shards; same layout resumes bit for bit, and the shards
     # unflatten by name for the single-process trainer
     cfgz = ckpt_cfg(1, 2, layout="E0-1|D0-1", zero=True)
-    trz = ParallelTrainer(cfgz, VOCAB)
+    trz = Trainer(cfgz, VOCAB)
     parallel_losses(trz, SAVED_AT)
     zdir = save_trainer(trz, cfgz, os.path.join(root, "zero"))
     refz = parallel_losses(trz, SAVED_AT + MORE, SAVED_AT)
@@ -310,27 +311,21 @@ def test_saving_a_step_again_replaces_it_without_a_dangling_pointer(tmp_path):
         assert torch.equal(checkpoint.load_shard(step_dir, "shard_tp0_pp0")["x"], torch.ones(2))
 
 
-class _Scaler:
-    """Stands in for torch.amp.GradScaler (fp16 needs CUDA): only its state travels through the checkpoint."""
-
-    def __init__(self, scale):
-        self.state = {"scale": scale, "growth_tracker": 7}
-
-    def state_dict(self):
-        return dict(self.state)
-
-    def load_state_dict(self, state):
-        self.state = dict(state)
+def _scaler(scale: float, growth_tracker: int) -> DynamicLossScaler:
+    scaler = DynamicLossScaler(init_scale=scale)
+    scaler.growth_tracker = growth_tracker
+    return scaler
 
 
 @pytest.mark.unit
 def test_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
+    """fp16 needs CUDA, so the fp32 trainers get a loss scaler put in: only its state travels."""
     cfg = ckpt_cfg()
     tr = single_trainer(cfg, seed=1)
-    tr.scaler = _Scaler(1024.0)
+    tr.precision.scaler = _scaler(1024.0, 7)
     step_dir = save_trainer(tr, cfg, str(tmp_path / "run"))
     fresh = single_trainer(cfg, seed=2)
-    fresh.scaler = _Scaler(65536.0)
+    fresh.precision.scaler = _scaler(65536.0, 0)
     meta = checkpoint.read_meta(step_dir)
     fresh.load_checkpoint_state(checkpoint.load_for_rank(step_dir, meta, fresh.position(), fresh.named_params()))
-    assert fresh.scaler.state == {"scale": 1024.0, "growth_tracker": 7}
+    assert (fresh.precision.scaler.scale, fresh.precision.scaler.growth_tracker) == (1024.0, 7)

@@ -86,11 +86,11 @@ def test_compiled_training_equals_eager(fused):
 
 
 def _pipeline_body(rank, world, ref_path):
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
     torch._dynamo.reset()
     cfg = _cfg(True, "inductor", pp=2, layout="E0-1|D0-1", schedule="1f1b")
-    tr = ParallelTrainer(cfg, VOCAB)
+    tr = Trainer(cfg, VOCAB)
     first = tr.train_step(synthetic_batches(0, 2))
     assert first["graphs"] >= 1, first  # this stage's one layer kind (encoder on rank 0, decoder on rank 1)
     losses = [first["loss"]] + parallel_losses(tr, 4, start=1)
@@ -99,7 +99,7 @@ def _pipeline_body(rank, world, ref_path):
         assert tr.executor.stats["freed_early_bytes"] > 0
 
     # tensor parallelism: the compiled layers hold the column/row-parallel linears and their collectives
-    tr = ParallelTrainer(_cfg(True, "inductor", tp=2), VOCAB)
+    tr = Trainer(_cfg(True, "inductor", tp=2), VOCAB)
     first = tr.train_step(synthetic_batches(0, 2))
     assert first["graphs"] >= 2, first
     losses = [first["loss"]] + parallel_losses(tr, 4, start=1)

@@ -250,9 +250,9 @@ def _grad_bytes_held(tr) -> int:
 
 def _trainer_with_grad_probe(cfg):
     """A ParallelTrainer whose optimizer records _grad_bytes_held when it steps (all gradients complete)."""
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
-    tr = ParallelTrainer(cfg, PIPE_VOCAB)
+    tr = Trainer(cfg, PIPE_VOCAB)
     held, step = [], tr.optimizer.step
 
     def probed_step(*args, **kw):

@@ -54,12 +54,12 @@ def _group_timeouts() -> dict:
 
 def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
     from megabranch.backends.deepspeed import canonical_state
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
     from megabranch.model import canonical_parameters
     from megabranch.residual import alpha_at
 
     cfg = make_cfg(2, 2, m=2, pp=2, layout="E0-1|D0-1")
-    native = ParallelTrainer(cfg, VOCAB)
+    native = Trainer(cfg, VOCAB)
     nat = [native.train_step(synthetic_batches(s, 2)) for s in range(STEPS)]
     before = _group_timeouts()
     cfg.parallel.timeout_s = 77.0

@@ -12,7 +12,7 @@ import torch
 
 from tests.helpers.configs import VOCAB, make_cfg
 from tests.helpers.dist import run_workers
-from tests.helpers.reference import alpha_audit_errors, assert_matches, parallel_losses, reference_run
+from tests.helpers.reference import AlphaAudit, assert_matches, parallel_losses, reference_run
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -28,16 +28,16 @@ CONFIG_8 = (2, dict(tp=2, pp=2, vpp=2, schedule="interleaved", layout="E0-2|E3,D
 
 
 def _check(name: str, m: int, parallel: dict, ref_path: str) -> None:
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
     cfg = make_cfg(4, 4, m=m, **dict(parallel))
-    tr = ParallelTrainer(cfg, VOCAB)
-    tr.executor.audit = []
+    tr = Trainer(cfg, VOCAB)
+    audit = AlphaAudit(tr)
     losses = []
     for step in range(STEPS):
-        tr.executor.audit.clear()
+        audit.records.clear()
         losses += parallel_losses(tr, step + 1, step)
-        errors = alpha_audit_errors(tr, step)  # every stage, every micro-batch, forward and backward: alpha_t
+        errors = audit.errors(step)  # every stage, every micro-batch, forward and backward: alpha_t
         assert not errors, f"{name}: {errors[:2]}"
     assert_matches(tr, losses, torch.load(ref_path), name)
 
@@ -70,10 +70,10 @@ def test_eight_processes_dp_tp_pp_match_single_process(tmp_path):
 
 
 def _deep_body(rank, world, ref_path):
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
     cfg = make_cfg(500, 500, m=2, pp=4, recompute=1)
-    tr = ParallelTrainer(cfg, VOCAB)
+    tr = Trainer(cfg, VOCAB)
     (chunk,) = tr.model  # this rank's slice only: 4 stages, each well under the 1000 layers
     held = [len(getattr(s, "layers", ())) for s in (chunk.encoder, chunk.decoder)]
     assert 100 < sum(held) < 500, (str(tr.layout), held)

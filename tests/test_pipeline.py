@@ -21,7 +21,7 @@ from tests.helpers.configs import VOCAB, make_cfg, tiny_model_cfg
 from tests.helpers.dist import run_workers
 from tests.helpers.env import load_tool
 from tests.helpers.reference import (
-    alpha_audit_errors,
+    AlphaAudit,
     assert_matches,
     parallel_losses,
     reference_run,
@@ -218,19 +218,19 @@ def _case_cfg(kind: str, **parallel) -> Config:
 def _two_stage_body(rank, world, refs, lag_refs):
     import copy
 
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
     for kind in CASES:
         cfg = _case_cfg(kind, pp=2, schedule=kind, layout="E0-3,D0|D1-3")
-        tr = ParallelTrainer(cfg, VOCAB)
-        tr.executor.audit = []
+        tr = Trainer(cfg, VOCAB)
+        audit = AlphaAudit(tr)
         losses = []
         for step in range(6):
-            tr.executor.audit.clear()
+            audit.records.clear()
             losses += parallel_losses(tr, step + 1, step)
-            errors = alpha_audit_errors(tr, step)
+            errors = audit.errors(step)
             assert not errors, errors[:3]
-            assert any(r[0] == "B" for r in tr.executor.audit)  # backward was audited too
+            assert any(r[0] == "B" for r in audit.records)  # backward was audited too
         assert_matches(tr, losses, refs[kind], kind)
         if not tr.grid.is_last_stage:  # sent decoder hidden states are released once received, during the step
             st = tr.executor.stats
@@ -248,22 +248,22 @@ def _two_stage_body(rank, world, refs, lag_refs):
             state = copy.deepcopy({"model": params, "step": tr.step, "zero": None,
                                    "optimizer": checkpoint.optimizer_to_canonical(tr.optimizer, list(params))})
             more = parallel_losses(tr, 8, 6)
-            tr2 = ParallelTrainer(cfg, VOCAB, init_seed=123)
+            tr2 = Trainer(cfg, VOCAB, init_seed=123)
             tr2.load_checkpoint_state(state)
             assert tr2.step == 6
             assert parallel_losses(tr2, 8, 6) == more
 
     # a stage that lags one step behind must be caught by the audit, and it changes the losses
     cfg = make_cfg(4, 4, m=3, pp=2, schedule="1f1b", layout="E0-3,D0|D1-3")
-    tr = ParallelTrainer(cfg, VOCAB)
+    tr = Trainer(cfg, VOCAB)
     if tr.grid.pp_rank == 1:
-        tr.step_offset = 1
-    tr.executor.audit = []
+        _lag_one_step(tr)
+    audit = AlphaAudit(tr)
     caught, losses = [], []
     for step in range(3):
-        tr.executor.audit.clear()
+        audit.records.clear()
         losses += parallel_losses(tr, step + 1, step)
-        caught += alpha_audit_errors(tr, step)
+        caught += audit.errors(step)
     if tr.grid.pp_rank == 1:
         assert caught and "at step 1" in caught[0], caught[:1]
     else:
@@ -281,22 +281,37 @@ def _two_stage_body(rank, world, refs, lag_refs):
     if hook is not None:
         hook.remove()
     assert tr.train_step(synthetic_batches(4, 3))["skipped"] == 0
-    _check_every_stage_uses_rank_0s_step(tr)
+    tr.__dict__.pop("sync_step", None)  # the lagging stage catches up
+    _check_every_stage_uses_rank_0s_step(tr, audit)
 
 
-def _check_every_stage_uses_rank_0s_step(tr):
+def _lag_one_step(tr) -> None:
+    """Make this rank's chunks run one step behind the broadcast step, as a stage that missed it would."""
+    from megabranch.residual import set_step
+
+    sync = tr.sync_step
+
+    def lagging():
+        step = sync()
+        for chunk in tr.model:
+            set_step(chunk, step - 1)
+        return step
+
+    tr.sync_step = lagging
+
+
+def _check_every_stage_uses_rank_0s_step(tr, audit):
     """The ranks start the step with different local counters (rank 1 seven steps ahead): the step broadcast
     from rank 0, before any micro-batch, must make every stage use rank 0's counter (its alpha in every forward
     and backward, its learning rate) and leave them all one step further. Without the broadcast rank 1 would use
     alpha and lr of its own counter."""
     from megabranch.training.lr_schedule import inverse_sqrt_lr
 
-    tr.step_offset = 0
     own = tr.step  # 5: alpha_5 = 0.5 (warmup 10); rank 1's counter 12 would give alpha 1
     tr.step = own + 7 * tr.grid.pp_rank
-    tr.executor.audit = []
+    audit.records.clear()
     stats = tr.train_step(synthetic_batches(own, 3))
-    errors = alpha_audit_errors(tr, own)
+    errors = audit.errors(own)
     assert not errors, errors[:2]
     assert stats["lr"] == inverse_sqrt_lr(own, tr.cfg.optim) and tr.step == own + 1, (stats["lr"], tr.step)
 

@@ -56,12 +56,12 @@ def test_single_process_bf16_tracks_fp32():
 
 
 def _precision_body(rank, world, refs):
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
     for name, parallel in LAYOUTS.items():
         dp = 2 if name == "dp2" else 1
         ref_bf16, ref_fp32 = torch.load(refs[dp]["bf16"]), torch.load(refs[dp]["fp32"])
-        tr = ParallelTrainer(_cfg("bf16", **parallel), VOCAB)
+        tr = Trainer(_cfg("bf16", **parallel), VOCAB)
         losses = parallel_losses(tr, STEPS)
         first = abs(losses[0] - ref_bf16[0][0]) / ref_bf16[0][0]
         assert first <= FIRST_STEP, f"{name}: first bf16 step {losses[0]} vs single-process {ref_bf16[0][0]}"
@@ -74,7 +74,7 @@ def _precision_body(rank, world, refs):
     # the bytes that cross the stage boundary: bf16 sends half of what fp32 sends, forward and backward
     sent = {}
     for precision in ("fp32", "bf16"):
-        tr = ParallelTrainer(_cfg(precision, **LAYOUTS["pp2"]), VOCAB)
+        tr = Trainer(_cfg(precision, **LAYOUTS["pp2"]), VOCAB)
         parallel_losses(tr, 2)
         sent[precision] = tr.executor.stats["sent_bytes"]
     assert sent["fp32"] > 0 and sent["bf16"] * 2 == sent["fp32"], sent
@@ -128,23 +128,23 @@ def _scaler_reference(path: str) -> None:
     step on its non-finite norm)."""
     cfg = _cfg("fp32")
     tr = single_trainer(cfg, seed=draw_init_seed(cfg.seed))
-    _inject_overflow(tr.model.decoder.layers[1].ffn.block.fc2.weight, tr)
+    _inject_overflow(tr.model[0].decoder.layers[1].ffn.block.fc2.weight, tr)
     stats = [tr.train_step(synthetic_batches(s, 4)) for s in range(SCALER_STEPS)]
-    torch.save(([s["loss"] for s in stats], {k: v.detach().clone() for k, v in tr.model.named_parameters()},
+    torch.save(([s["loss"] for s in stats], {k: v.detach().clone() for k, v in tr.named_params().items()},
                 [s["skipped"] for s in stats], [s["gnorm"] for s in stats]), path)
 
 
 def _scaler_body(rank, world, ref_path, save_dir):
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
     cfg = _cfg("fp32", pp=2, layout="E0-1|D0-1", schedule="1f1b")
-    tr = ParallelTrainer(cfg, VOCAB)
-    tr.scaler = DynamicLossScaler(**SCALER)  # fp16's machinery over fp32 compute: scaling by 2^k is exact
+    tr = Trainer(cfg, VOCAB)
+    tr.precision.scaler = DynamicLossScaler(**SCALER)  # fp16's machinery over fp32 compute: scaling by 2^k is exact
     if rank == 3:  # stage 1, replica 1 only: every other rank must learn of it and skip too
         _inject_overflow(tr.named_params()["decoder.layers.1.ffn.block.fc2.weight"], tr)
     losses, skipped, scales, gnorms = [], [], [], []
     for s in range(SCALER_STEPS):
-        scales.append(tr.scaler.scale)
+        scales.append(tr.precision.loss_scale)
         stats = tr.train_step(synthetic_batches(s, 4)[tr.grid.dp_rank::2])
         losses.append(stats["loss"])
         skipped.append(stats["skipped"])
@@ -159,10 +159,10 @@ def _scaler_body(rank, world, ref_path, save_dir):
     # the scaler state travels in the checkpoint and comes back on every rank
     tr.save(save_dir, {"epoch": 1}, 1.0, 1.0, True)
     tr.finish_saves()  # log.async_save: published in the background
-    fresh = ParallelTrainer(cfg, VOCAB)
-    fresh.scaler = DynamicLossScaler()
+    fresh = Trainer(cfg, VOCAB)
+    fresh.precision.scaler = DynamicLossScaler()
     fresh.resume(save_dir)
-    assert fresh.scaler.state_dict() == tr.scaler.state_dict()
+    assert fresh.precision.state_dict() == tr.precision.state_dict()
 
 
 @pytest.mark.distributed
@@ -192,7 +192,7 @@ def test_loss_scaler_follows_grad_scaler_and_shares_its_checkpoint_format():
         assert ours.scale == theirs.get_scale() and ours.state_dict() == theirs.state_dict()
     assert ours.scale == 2.0**10  # grown twice, backed off twice
     back = torch.amp.GradScaler("cpu")
-    back.load_state_dict(ours.state_dict())  # our checkpoint in the single-process trainer's scaler, and back
+    back.load_state_dict(ours.state_dict())  # our checkpoint in torch's scaler, and back
     again = DynamicLossScaler()
     again.load_state_dict(back.state_dict())
     assert again.state_dict() == ours.state_dict()
@@ -203,9 +203,9 @@ def test_loss_scaler_follows_grad_scaler_and_shares_its_checkpoint_format():
 
 
 @pytest.mark.unit
-def test_fp16_needs_cuda_in_the_parallel_engine():
+def test_fp16_needs_cuda():
     from megabranch.errors import UserError
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
-        ParallelTrainer(_cfg("fp16"), VOCAB)
+        Trainer(_cfg("fp16"), VOCAB)

@@ -22,7 +22,8 @@ def _body(rank, world, data_dir, save_dir):
     from megabranch.data import load_split
     from megabranch.generate import quick_bleu
     from megabranch.model import build_model_from
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training import engine as engine_module
+    from megabranch.training.engine import Trainer
     from megabranch.training.loop import RunData, train
 
     cfg = make_cfg(2, 2, m=1, tp=2, pp=2, layout="E0-1|D0-1", schedule="1f1b")
@@ -33,12 +34,12 @@ def _body(rank, world, data_dir, save_dir):
     train_set, tok, _ = load_split(data_dir, "train")
     tok = tok[1] if isinstance(tok, tuple) else tok  # the target side
     valid_set, _, _ = load_split(data_dir, "valid")
-    tr = ParallelTrainer(cfg, tok.vocab_size)
+    tr = Trainer(cfg, tok.vocab_size)
     stats = train(tr, cfg, RunData(train_set, valid_set, tok))
     assert ("bleu" in stats) == (rank == 0), stats  # decoded on rank 0 only
 
     # the gathered model is the one the checkpoint of the same step consolidates to, tensor for tensor
-    gathered = tr.bleu_model()
+    gathered = tr.whole_model()
     assert (gathered is None) == (rank != 0)
     if rank == 0:
         state = checkpoint.load_checkpoint(save_dir)
@@ -55,8 +56,8 @@ def _body(rank, world, data_dir, save_dir):
         assert [r["bleu"] for r in valid] == [bleu]
 
     # a model that does not fit twice into rank 0's memory is not gathered: no BLEU, on every rank
-    tr.bleu_free_bytes = 1
-    assert tr.bleu_model() is None
+    engine_module.free_memory_bytes = lambda device: 1
+    assert tr.whole_model() is None
 
 
 def test_parallel_training_logs_the_bleu_of_the_gathered_model(tiny_corpus, tmp_path):

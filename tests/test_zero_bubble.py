@@ -27,7 +27,7 @@ from megabranch.parallel.schedules import (
 from megabranch.parallel.weight_grad import WeightGradStore, defer_weight_grads
 from tests.helpers.configs import VOCAB, make_cfg
 from tests.helpers.dist import run_workers
-from tests.helpers.reference import alpha_audit_errors, assert_matches, parallel_losses, reference_run, single_trainer
+from tests.helpers.reference import AlphaAudit, assert_matches, parallel_losses, reference_run, single_trainer
 from tests.helpers.reference import synthetic_batches
 
 # --- the V placement ---------------------------------------------------------------------------------------
@@ -269,9 +269,9 @@ def _dp(name: str) -> int:
 
 
 def _train_and_compare(name: str, m: int, parallel: dict, ref) -> None:
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
-    tr = ParallelTrainer(make_cfg(4, 4, m=m, **dict(parallel)), VOCAB)
+    tr = Trainer(make_cfg(4, 4, m=m, **dict(parallel)), VOCAB)
     launched = []  # per step: buckets whose all-reduce was launched before finish() (overlapped with W)
     for reducer in tr.reducers:
         finish = reducer.finish
@@ -280,12 +280,12 @@ def _train_and_compare(name: str, m: int, parallel: dict, ref) -> None:
             launched.append((sum(b.launched for b in reducer.buckets), len(reducer.buckets)))
             finish()
         reducer.finish = counting
-    tr.executor.audit = []
+    audit = AlphaAudit(tr)
     losses = []
     for step in range(STEPS):
-        tr.executor.audit.clear()
+        audit.records.clear()
         losses += parallel_losses(tr, step + 1, step)
-        errors = alpha_audit_errors(tr, step)
+        errors = audit.errors(step)
         assert not errors, f"{name}: {errors[:2]}"
     assert_matches(tr, losses, ref, name)
     if tr.grid.dp > 1:  # armed for the last micro-batch's W: every bucket went out before the step ended

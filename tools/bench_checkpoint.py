@@ -17,7 +17,7 @@ Per rank: bytes read / the bytes it owns (fp32 parameters + two Adam moments), p
 load minus RSS before it, /proc/self/status; the peak is reset first) / the bytes it owns, and wall time. The
 slice results are then published as that layout's checkpoint (save_step), the next hop's source.
 
-Last, the training stall of a save: a ParallelTrainer on the (2, 2) grid takes one step, then saves with
+Last, the training stall of a save: the engine (Trainer) on the (2, 2) grid takes one step, then saves with
 log.async_save off (the step waits for the whole write and publication) and on (it waits for the host copy);
 the async save's background time until publication is shown too. A benchmark, not a test.
 """
@@ -147,7 +147,7 @@ def _hop(rank, world, port, cfg_dict, vocab, src, dst, tp, pp, results):
 
 
 def _stall(rank, world, port, cfg_dict, vocab, root, results):
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -155,7 +155,7 @@ def _stall(rank, world, port, cfg_dict, vocab, root, results):
     cfg = Config.from_dict(cfg_dict)
     cfg.parallel.tp, cfg.parallel.pp, cfg.optim.update_freq = 2, 2, 2
     cfg.parallel.layout = _stages(cfg.model.encoder_layers, 2)
-    tr = ParallelTrainer(cfg, vocab)
+    tr = Trainer(cfg, vocab)
     g = torch.Generator().manual_seed(1)
     src, tgt = torch.randint(4, vocab, (2, 8), generator=g), torch.randint(4, vocab, (2, 8), generator=g)
     batch = {"src_tokens": src, "prev_output_tokens": torch.cat([torch.full((2, 1), 2), tgt[:, :-1]], 1),

@@ -8,7 +8,7 @@
 The same Post-LN encoder-decoder (d, heads, ffn = 4d, layers, shared 8k vocabulary, dropout 0.1; hence the same
 FLOPs) trained one full step at a time (forward, label-smoothed loss, backward, gradient norm, AdamW):
 
-* megabranch-eager: megabranch.train.Trainer.train_step on build_model(model.residual=post_ln);
+* megabranch-eager: megabranch.training.engine.Trainer.train_step on build_model(model.residual=post_ln);
 * megabranch-fused: the same with model.fused_kernels=true (megabranch.ops.residual_layernorm);
 * megabranch-compiled: megabranch-eager with model.compile=true (each layer torch.compiled, --compile-backend);
   megabranch-compiled-fused: compiled and fused;
@@ -92,8 +92,8 @@ def build_step(impl: str, args):
     device = torch.device(args.device)
     if impl.startswith("megabranch"):
         from megabranch.config import load_config
-        from megabranch.model import build_model, count_parameters
-        from megabranch.train import Trainer
+        from megabranch.model import count_parameters
+        from megabranch.training.engine import Trainer
 
         cfg = load_config(None, [
             "model.residual=post_ln", f"model.d_model={args.d_model}", f"model.n_heads={args.heads}",
@@ -102,9 +102,8 @@ def build_step(impl: str, args):
             f"model.compile={'true' if 'compiled' in impl else 'false'}", f"model.compile_backend={args.compile_backend}",
             "optim.lr=0.0005", f"optim.precision={args.precision}",
         ])
-        model = build_model(cfg.model, args.vocab, seed=1)
-        trainer = Trainer(cfg, model, device)
-        return (lambda batch: trainer.train_step([batch])), count_parameters(model)
+        trainer = Trainer(cfg, args.vocab, device=device, init_seed=1)
+        return (lambda batch: trainer.train_step([batch])), count_parameters(trainer.model)
 
     from reference_transformer import ReferenceTransformer, label_smoothed_loss
 

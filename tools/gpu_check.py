@@ -21,8 +21,8 @@ so, and the next part starts. The parts:
     deep             a 100L-100L BranchNorm model trained 50 steps in bf16: loss curve, peak memory against the
                      memory plan (megabranch.parallel.memory)
     decode           beam-4 decoding speed, fp32 and bf16 weights (megabranch.inference.prepare)
-    fp16             fp16 autocast with the parallel engine's dynamic loss scaling and an injected overflow,
-                     against the single-process Trainer's torch GradScaler
+    fp16             fp16 autocast with the engine's dynamic loss scaling and an injected overflow, against a
+                     plain torch loop (the same model and batches) with torch's own GradScaler
 """
 
 from __future__ import annotations
@@ -211,9 +211,9 @@ def part_deep(p: Part) -> None:
     import torch
 
     from megabranch.config import load_config
-    from megabranch.model import build_model, count_parameters
+    from megabranch.model import count_parameters
     from megabranch.parallel.memory import plan
-    from megabranch.training.single import Trainer
+    from megabranch.training.engine import Trainer
 
     dev = torch.device(_device(p.smoke))
     layers, d, steps, tokens, seq, vocab = (2, 32, 5, 64, 8, 64) if p.smoke else (100, 512, 50, 4096, 32, 8000)
@@ -223,8 +223,7 @@ def part_deep(p: Part) -> None:
         "model.fused_kernels=true", f"model.alpha_warmup_steps={steps}", "optim.precision=bf16", "optim.lr=0.0005",
         "optim.warmup_updates=10", "optim.clip_norm=1.0", f"optim.max_updates={steps}",
     ])
-    model = build_model(cfg.model, vocab, seed=1)
-    tr = Trainer(cfg, model, dev)
+    tr = Trainer(cfg, vocab, device=dev, init_seed=1)
     p.w(f"{tr.describe()}; copy task (target = source), {tokens} target tokens per step ({tokens // seq} x {seq}), "
         f"bf16 autocast, fused residual LayerNorm, {steps} steps")
     if dev.type == "cuda":
@@ -238,7 +237,7 @@ def part_deep(p: Part) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    p.data.update(losses=losses, params=count_parameters(model))
+    p.data.update(losses=losses, params=count_parameters(tr.model))
     shown = sorted(set(range(0, steps, max(1, steps // 10))) | {steps - 1})
     p.w()
     p.w("| step | " + " | ".join(str(s + 1) for s in shown) + " |")
@@ -301,10 +300,10 @@ def part_fp16(p: Part) -> None:
     import torch
 
     from megabranch.config import load_config
-    from megabranch.model import build_model, draw_init_seed
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.model import build_model, draw_init_seed, label_smoothed_nll_loss
+    from megabranch.training.engine import Trainer
     from megabranch.training.loss_scaler import DynamicLossScaler
-    from megabranch.training.single import Trainer
+    from megabranch.training.lr_schedule import inverse_sqrt_lr
 
     dev = torch.device(_device(p.smoke))
     precision = "fp32" if p.smoke else "fp16"  # fp16 needs CUDA; the smoke run checks the scaler over fp32
@@ -312,24 +311,51 @@ def part_fp16(p: Part) -> None:
     cfg = load_config(None, ["model.encoder_layers=2", "model.decoder_layers=2", "model.d_model=64", "model.n_heads=4",
                              "model.ffn_dim=256", "model.dropout=0.0", f"optim.precision={precision}",
                              "optim.warmup_updates=4", "optim.lr=0.001"])
-    par = ParallelTrainer(cfg, vocab, device=dev)
-    single = Trainer(cfg, build_model(cfg.model, vocab, seed=draw_init_seed(cfg.seed)), dev)
-    if par.scaler is None:
-        par.scaler = DynamicLossScaler()
+    engine = Trainer(cfg, vocab, device=dev)
+    if engine.precision.scaler is None:  # the CPU smoke run: the scaler's rules over fp32
+        engine.precision.scaler = DynamicLossScaler()
+    # the reference: the same initial weights in a plain torch loop with torch.amp.GradScaler
+    model = build_model(cfg.model, vocab, seed=draw_init_seed(cfg.seed)).to(dev)
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
+                            weight_decay=o.weight_decay)
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     name = "decoder.layers.1.ffn.block.fc2.weight"
-    for tr, param in ((par, par.named_params()[name]), (single, dict(single.model.named_parameters())[name])):
-        param.register_hook(lambda g, tr=tr: torch.full_like(g, float("inf")) if tr.step == overflow_at else g)
+    ref_step = [0]
+    engine.named_params()[name].register_hook(
+        lambda g: torch.full_like(g, float("inf")) if engine.step == overflow_at else g)
+    dict(model.named_parameters())[name].register_hook(
+        lambda g: torch.full_like(g, float("inf")) if ref_step[0] == overflow_at else g)
+
+    def reference_step(batch) -> tuple[float, bool]:
+        for group in opt.param_groups:
+            group["lr"] = inverse_sqrt_lr(ref_step[0], o)
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=precision == "fp16"):
+            logits = model(batch["src_tokens"].to(dev), batch["prev_output_tokens"].to(dev))
+        loss, _ = label_smoothed_nll_loss(logits, batch["target"].to(dev), o.label_smoothing)
+        scaler.scale(loss / batch["ntokens"]).backward()
+        before = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.unscale_(opt)
+        finite = all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
+        scaler.step(opt) if scaler.is_enabled() else (opt.step() if finite else None)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        ref_step[0] += 1
+        skipped = (scaler.get_scale() < before) if before is not None else not finite
+        return float(loss) / batch["ntokens"], bool(skipped)
+
     rows = []
     for s in range(steps):
         batch = copy_task_batch(256, 16, vocab, s)
-        scale = par.scaler.scale
-        a, b = par.train_step([batch]), single.train_step([batch])
-        rows.append((s, scale, a["loss"], b["loss"], a["skipped"], b["skipped"]))
-    p.w(f"{precision} autocast on {dev.type}; the parallel engine's DynamicLossScaler (world of 1) against the "
-        f"single-process Trainer ({'torch GradScaler' if single.scaler else 'no scaler'}); an inf injected into "
-        f"{name}'s gradient at step {overflow_at}")
+        scale = engine.precision.loss_scale
+        a = engine.train_step([batch])
+        loss_b, skipped_b = reference_step(batch)
+        rows.append((s, scale, a["loss"], loss_b, a["skipped"], int(skipped_b)))
+    p.w(f"{precision} autocast on {dev.type}; the engine's DynamicLossScaler against a plain torch loop with "
+        f"{'torch.amp.GradScaler' if scaler.is_enabled() else 'no scaler (fp32: skip on a non-finite gradient)'}; "
+        f"an inf injected into {name}'s gradient at step {overflow_at}")
     p.w()
-    p.w("| step | scale | parallel loss | single loss | skipped (parallel, single) |")
+    p.w("| step | scale | engine loss | reference loss | skipped (engine, reference) |")
     p.w("|---|---|---|---|---|")
     for s, scale, la, lb, sa, sb in rows:
         p.w(f"| {s} | {scale:g} | {la:.5f} | {lb:.5f} | {sa}, {sb} |")
@@ -338,7 +364,8 @@ def part_fp16(p: Part) -> None:
     p.data.update(max_rel_loss_diff=err, skipped_both=skips)
     p.w()
     p.w(f"- largest relative loss difference {err:.2e}; steps both skipped: {skips}; scale after: "
-        f"{par.scaler.scale:g} (parallel)" + (f", {single.scaler.get_scale():g} (GradScaler)" if single.scaler else ""))
+        f"{engine.precision.loss_scale:g} (engine)" + (f", {scaler.get_scale():g} (GradScaler)"
+                                                       if scaler.is_enabled() else ""))
 
 
 # --- the driver -----------------------------------------------------------------------------------------------

@@ -112,7 +112,6 @@ class PipelineExecutor:
         self.label_smoothing = label_smoothing
         self.loss_group = grid.tp_group if grid.tp > 1 else None  # the output is vocabulary-parallel
         self.loss_fn = self.token_loss  # (last chunk's output, micro-batch) -> (loss_sum, nll_sum)
-        self.audit: list | None = None  # (phase, chunk, micro-batch, stack, alpha) records, when a test asks
         first = next(iter(chunks.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.pp, self.vpp, self.k = layout.pp, layout.vpp, layout.num_chunks
@@ -131,21 +130,9 @@ class PipelineExecutor:
         self._unreaped: list = []  # (work, tensor) of the other sends
 
     # --- one chunk: the model's slice, plus what only a pipeline needs -----------------------------------------
-    def _record(self, phase: str, v: int, mb: int) -> None:
-        for stack in (self.chunks[v].encoder, self.chunks[v].decoder):
-            if len(stack.layers):
-                self.audit.append((phase, self.specs[v].index, mb, "encoder" if stack is self.chunks[v].encoder
-                                   else "decoder", float(stack.coeffs.s)))
-
     def _forward(self, v: int, mb: "MicroBatch", inputs: tuple) -> tuple:
         """Chunk v's forward: -> what it sends on, or (loss_sum, nll_sum) on the last chunk."""
-        if self.audit is not None:
-            self._record("F", v, mb.index)
         out = self.chunks[v](mb.src_tokens, mb.prev_tokens, *inputs)
-        last = out if torch.is_tensor(out) else out[-1]
-        if self.audit is not None and torch.is_grad_enabled() and last.requires_grad:
-            # the alpha this chunk sees while its backward runs
-            last.register_hook(lambda g, i=mb.index: self._record("B", v, i))
         return self.loss_fn(out, mb) if self.specs[v].output else out
 
     def token_loss(self, logits: torch.Tensor, mb: "MicroBatch") -> tuple:

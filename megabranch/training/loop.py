@@ -4,8 +4,8 @@
 
 Data order (token batches, sharded over the data-parallel replicas, resumable), logging (log.jsonl, TensorBoard,
 progress), validation every log.valid_interval steps with the sacreBLEU of a greedy/beam decode where the engine
-has a whole model (per direction and averaged for a multilingual set; the parallel engine gathers one on rank 0
-when it fits: parallel/gather.py), a checkpoint after each validation, and stopping at optim.max_updates (or when
+has a whole model (per direction and averaged for a multilingual set; the native engine gathers one on rank 0
+when the layout splits it and it fits: parallel/gather.py), a checkpoint after each validation, and stopping at optim.max_updates (or when
 `on_step` says so). Nothing here knows how an engine steps or saves.
 
 Ending early (training/stopping.py): after every step the ranks agree whether any of them got SIGTERM / SIGUSR1
@@ -126,7 +126,7 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
             if step % lg.valid_interval == 0 or last:
                 phase = f"validation after step {step}"
                 valid_stats = engine.valid_loss(valid_batches)
-                model = engine.bleu_model() if lg.bleu_sentences > 0 else None  # collective
+                model = engine.whole_model() if lg.bleu_sentences > 0 else None  # collective
                 if model is not None:
                     with eager():  # compiled layers: the decoder's shapes change every token
                         valid_stats.update(validation_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,

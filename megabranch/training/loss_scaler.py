@@ -1,13 +1,13 @@
-"""Dynamic loss scaling for fp16 over a process grid (the parallel engine; the single-process Trainer uses
-torch.amp.GradScaler, whose rules and checkpoint format this follows).
+"""Dynamic loss scaling for fp16 over a process grid, one process included (training/precision.py). It follows
+torch.amp.GradScaler's rules and checkpoint format, so fp16 checkpoints written with GradScaler still resume.
 
 The loss is multiplied by `scale` before backward, so small fp16 gradients do not flush to zero; the gradients are
 divided by it again before clipping and the update. An overflow (an inf or nan gradient anywhere) skips the step
 and multiplies the scale by `backoff_factor`; `growth_interval` steps in a row without one multiply it by
-`growth_factor`. The engine decides "overflow" once for the whole grid (training/parallel_engine.py), and every rank calls
+`growth_factor`. The engine decides "overflow" once for the whole grid (training/engine.py), and every rank calls
 `update` with that decision, so every rank's scaler holds the same state and every rank skips together.
 
-`state_dict()` has GradScaler's keys, so an fp16 checkpoint resumes in either engine.
+`state_dict()` has GradScaler's keys.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The training protocol: what the run loop (training.loop.train) needs of an engine.
 
-Three engines implement it: `training.single.Trainer` (one process), `training.parallel_engine.ParallelTrainer`
-(tensor x pipeline x data parallelism) and `backends.deepspeed.DeepSpeedTrainer` (a DeepSpeed PipelineModule).
+Two engines implement it: `training.engine.Trainer` (tensor x pipeline x data parallelism; one process is its
+1 x 1 x 1 grid) and `backends.deepspeed.DeepSpeedTrainer` (a DeepSpeed PipelineModule).
 The loop owns everything around the steps: data order, logging, validation, BLEU, when to save and when to stop;
 an engine owns the model, the optimizer, the global step and how its checkpoints are written and read.
 Every method marked collective is called by every rank of the job in the same order.
@@ -36,9 +36,9 @@ class Engine(Protocol):
     def max_over_ranks(self, value: int) -> int:
         """Collective. The largest value any rank of the job passed (the loop's decision to stop early)."""
 
-    def bleu_model(self) -> nn.Module | None:
-        """Collective. A whole single-process model to decode the validation BLEU with (on the ranks that decode;
-        the parallel engine: rank 0 only), or None where there is none."""
+    def whole_model(self) -> nn.Module | None:
+        """Collective. The whole single-process model, to decode the validation BLEU with, on global rank 0 (the
+        native engine gathers it there when the layout splits it), or None where there is none."""
 
     @staticmethod
     def has_checkpoints(save_dir: str) -> bool:

@@ -4,7 +4,6 @@ step as train.py does, and a single-process run saved at chosen steps."""
 from __future__ import annotations
 
 from megabranch import checkpoint
-from megabranch.training.native_checkpoint import checkpoint_files
 
 from .configs import VOCAB, make_cfg
 from .env import one_thread
@@ -35,7 +34,7 @@ def step_meta(cfg, tr) -> dict:
 
 
 def save_trainer(tr, cfg, save_dir: str, keep_last: int = 0) -> str:
-    return checkpoint.save_step(save_dir, tr.step, checkpoint_files(tr, Position().state_dict()), step_meta(cfg, tr),
+    return checkpoint.save_step(save_dir, tr.step, tr.checkpoints.files(tr.step, tr.alpha(), Position().state_dict()), step_meta(cfg, tr),
                                 keep_last=keep_last)
 
 

@@ -1,19 +1,21 @@
-"""The single-process reference and comparisons against it: step-seeded synthetic batches, the single-process
-Trainer's losses and weights on them, a parallel trainer's losses on its share, and the tolerances that say
-"the same training"."""
+"""The single-process reference and comparisons against it: step-seeded synthetic batches, the one-process
+Trainer's losses and weights on them, a parallel trainer's losses on its share, the tolerances that say "the same
+training", and an audit of the alpha every chunk uses."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from megabranch.config import Config
-from megabranch.model import build_model, canonical_parameters, draw_init_seed
+from megabranch.config import Config, ParallelConfig
+from megabranch.model import canonical_parameters, draw_init_seed
+from megabranch.parallel.grid import Grid
 from megabranch.parallel.parallelize import shard_of
 from megabranch.residual import alpha_at
 from megabranch.training.lr_schedule import inverse_sqrt_lr
-from megabranch.training.single import Trainer
+from megabranch.training.engine import Trainer
 
 from .configs import VOCAB
 from .env import one_thread
@@ -36,11 +38,15 @@ def synthetic_batches(step: int, n: int, vocab: int = VOCAB) -> list[dict]:
 
 
 def single_trainer(cfg: Config, seed: int = 0, params: dict | None = None) -> Trainer:
-    """The single-process Trainer on the CPU, its model built with `seed` (then loaded with `params`, if given)."""
-    model = build_model(cfg.model, VOCAB, seed=seed)
+    """The one-process Trainer (the 1 x 1 x 1 grid) on the CPU, its model built with `seed` (then loaded with
+    `params`, single-process names, if given). Its parallel settings are ignored."""
+    one = dataclasses.replace(cfg, parallel=ParallelConfig())
+    tr = Trainer(one, VOCAB, grid=Grid(), init_seed=seed)
     if params is not None:
-        model.load_state_dict(params, strict=False)
-    return Trainer(cfg, model, torch.device("cpu"))
+        with torch.no_grad():
+            for name, p in tr.named_params().items():
+                p.copy_(params[name])
+    return tr
 
 
 def reference_run(cfg: Config, steps: int, dp: int = 1) -> tuple[list[float], dict]:
@@ -48,11 +54,11 @@ def reference_run(cfg: Config, steps: int, dp: int = 1) -> tuple[list[float], di
     with one_thread():
         tr = single_trainer(cfg, seed=draw_init_seed(cfg.seed))
         losses = [tr.train_step(synthetic_batches(s, cfg.optim.update_freq * dp))["loss"] for s in range(steps)]
-    return losses, {k: v.detach().clone() for k, v in tr.model.named_parameters()}
+    return losses, {k: v.detach().clone() for k, v in tr.named_params().items()}
 
 
 def parallel_losses(tr, steps: int, start: int = 0) -> list[float]:
-    """Run a ParallelTrainer on this replica's share of the same global batches."""
+    """Run a parallel Trainer on this replica's share of the same global batches."""
     dp, r = tr.grid.dp, tr.grid.dp_rank
     m = tr.cfg.optim.update_freq
     return [tr.train_step(synthetic_batches(s, m * dp)[r::dp])["loss"] for s in range(start, steps)]
@@ -95,12 +101,32 @@ def assert_rel(a, b, what, rel=1e-5, floor=0.0):
     assert err <= rel * scale + 1e-12, f"{what}: max error {err:.3g} vs reference max {scale:.3g}"
 
 
-def alpha_audit_errors(tr, step: int) -> list[str]:
-    """Every (phase, chunk, micro-batch, stack, alpha) record of the last step must show alpha_at(step)."""
-    mc = tr.cfg.model
-    want = alpha_at(step, mc.alpha_warmup_steps, mc.alpha_schedule) if mc.residual == "branchnorm" else 1.0
-    errors = []
-    for phase, c, mb, stack, alpha in tr.executor.audit:
-        if abs(alpha - want) > 1e-7:
-            errors.append(f"chunk {c} {stack} micro-batch {mb} {phase}: alpha {alpha} at step {step} (want {want})")
-    return errors
+class AlphaAudit:
+    """Records the alpha each stack of each of a trainer's chunks holds in every forward and, through a hook on
+    the chunk's output, in every backward: (phase "F" / "B", chunk index in the pipeline, stack, alpha)."""
+
+    def __init__(self, tr):
+        self.cfg, self.records = tr.cfg, []
+        self.specs = tr.layout.chunks_of_rank(tr.grid.pp_rank)
+        self.handles = [chunk.register_forward_hook(self._hook(v)) for v, chunk in enumerate(tr.model)]
+
+    def _record(self, phase: str, v: int, chunk) -> None:
+        for name in ("encoder", "decoder"):
+            stack = getattr(chunk, name)
+            if len(stack.layers):
+                self.records.append((phase, self.specs[v].index, name, float(stack.coeffs.s)))
+
+    def _hook(self, v: int):
+        def hook(chunk, args, out):
+            self._record("F", v, chunk)
+            last = out if torch.is_tensor(out) else out[-1]
+            if torch.is_grad_enabled() and last.requires_grad:
+                last.register_hook(lambda g: self._record("B", v, chunk))
+        return hook
+
+    def errors(self, step: int) -> list[str]:
+        """Every record since the last clear() must show alpha_at(step)."""
+        mc = self.cfg.model
+        want = alpha_at(step, mc.alpha_warmup_steps, mc.alpha_schedule) if mc.residual == "branchnorm" else 1.0
+        return [f"chunk {c} {stack} {phase}: alpha {alpha} at step {step} (want {want})"
+                for phase, c, stack, alpha in self.records if abs(alpha - want) > 1e-7]

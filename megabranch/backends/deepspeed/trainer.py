@@ -40,7 +40,7 @@ from ...model import canonical_name, canonical_parameters, draw_init_seed, label
 from ...model.init import fill_initial_values
 from ...parallel.grid import process_group_timeout
 from ...residual import alpha_at, set_step
-from ...training.lr_schedule import inverse_sqrt_lr
+from ...training.optimizer import build_optimizer, set_lr
 from ...vocab import PAD
 from .config import load_ds_config
 from .grad_norm import keep_fp32_grad_norm
@@ -168,8 +168,8 @@ def build_pipeline_module(cfg: Config, vocab: int, tgt_vocab: int | None = None,
 class DeepSpeedTrainer:
     """The engine protocol (training.protocol.Engine) over a DeepSpeed PipelineEngine."""
 
-    def __init__(self, cfg: Config, vocab: int, tgt_vocab: int | None = None, ds_config: dict | None = None,
-                 partition: str | None = None, seed: int | None = None):
+    def __init__(self, cfg: Config, vocab_size: int, tgt_vocab_size: int | None = None, ds_config: dict | None = None,
+                 partition: str | None = None, init_seed: int | None = None):
         deepspeed = import_deepspeed_package()
         self.cfg, self.dist = cfg, dist
         ds = load_ds_config(None, cfg) if ds_config is None else ds_config
@@ -182,13 +182,9 @@ class DeepSpeedTrainer:
         if world % pp:
             raise UserError(f"world size {world} is not a multiple of parallel.pp={pp}")
         self.loss_fn = TokenLoss(cfg.optim.label_smoothing)
-        self.module = build_pipeline_module(cfg, vocab, tgt_vocab, pp, partition, seed, self.loss_fn)
+        self.module = build_pipeline_module(cfg, vocab_size, tgt_vocab_size, pp, partition, init_seed, self.loss_fn)
         o = cfg.optim
-        optimizer = None
-        if "optimizer" not in ds:
-            params = list({id(p): p for p in self.module.parameters()}.values())
-            optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
-                                          weight_decay=o.weight_decay)
+        optimizer = None if "optimizer" in ds else build_optimizer(self.module.parameters(), o)
         self.own_lr = "scheduler" not in ds
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds)
         keep_fp32_grad_norm(self.engine)
@@ -247,12 +243,7 @@ class DeepSpeedTrainer:
         step = self._broadcast_step()
         set_step(self.module, step)
         alpha = self.alpha(step)
-        lr = inverse_sqrt_lr(step, o)
-        if self.own_lr:
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = lr
-        else:
-            lr = float(self.engine.get_lr()[0])
+        lr = set_lr(self.engine.optimizer, step, o) if self.own_lr else float(self.engine.get_lr()[0])
         ntokens = self._set_scale(batches)
         loss = float(self.engine.train_batch(data_iter=iter(self._items(batches))))
         _, nll_sum = self._world_sums()
@@ -288,8 +279,8 @@ class DeepSpeedTrainer:
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
         return int(t.item())
 
-    def bleu_model(self):
-        return None  # decoding needs the whole model on one process
+    def whole_model(self):
+        return None  # the layers live in DeepSpeed's PipelineModule; decode a converted checkpoint instead
 
     # --- checkpoints: DeepSpeed's own (weights, optimizer, global step; ours in client_state: data order) ----
     @staticmethod
