@@ -21,7 +21,7 @@ from .errors import UserError
 
 RESIDUALS = ("post_ln", "pre_ln", "deepnorm", "branchnorm")
 SCHEDULES = ("linear", "exp", "sigmoid")
-# pipeline schedules (megabranch/parallel/schedules.py), plus "auto" (parallel/planning.py decides)
+# pipeline schedules (megabranch/parallel/schedules.py), plus "auto" (planning/schedule_choice.py decides)
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 
 

@@ -1,5 +1,5 @@
 """`megabranch-train --dry-run`: the stage layout, parameters per stage, the memory plan, the pipeline schedules
-(simulated bubble and peak memory per stage of each schedule x micro-batch count, parallel/planning.py) and the
+(simulated bubble and peak memory per stage of each schedule x micro-batch count, planning/schedule_choice.py) and the
 effective batch of a config, without training or a process group (what the launch scripts print before they
 start a job)."""
 
@@ -14,9 +14,9 @@ from .backends.deepspeed.partition import ds_parts
 from .config import ints
 from .errors import UserError
 from .model import count_parameters, meta_model
-from .parallel.memory import plan, print_table, schedule_kind
-from .parallel.partition import plan_layout
-from .parallel.planning import GiB, resolve
+from .planning.memory import plan, print_table, schedule_kind
+from .planning.partition import plan_layout
+from .planning.schedule_choice import GiB, resolve
 from .parallel.schedules import check_schedule, placement_of
 
 

@@ -32,7 +32,7 @@ from .errors import UserError, cli_main
 from .generate import meta_vocab_hash
 from .parallel.failures import comm_failure_ended, is_comm_failure
 from .parallel.grid import init_distributed
-from .parallel.planning import GiB, resolve
+from .planning.schedule_choice import GiB, resolve
 from .training.loop import RunData, train
 from .training.engine import Trainer
 from .training.stopping import StopRequest
@@ -66,7 +66,7 @@ def build_engine(cfg: Config, vocab: int, tgt_vocab: int, vocab_sha256: str | No
 
 def plan_schedule(cfg: Config, vocab: int, tgt_vocab: int, backend: str = "native", device: str | None = None,
                   gpu_memory_gb: float | None = None) -> Config:
-    """The config to train with: parallel.schedule=auto decided by parallel/planning.py (the same decision
+    """The config to train with: parallel.schedule=auto decided by planning/schedule_choice.py (the same decision
     --dry-run prints), an explicit schedule checked against gpu_memory_gb when it is given. Without
     gpu_memory_gb, auto plans for this machine's GPU (else planning.DEFAULT_GPU_GB)."""
     if backend == "deepspeed":

@@ -265,7 +265,7 @@ def _trainer_with_grad_probe(cfg):
 
 def _planned_grads(tr) -> float:
     """The memory plan's "grads" bytes for this rank's stage (tp = 1)."""
-    from megabranch.parallel.memory import plan
+    from megabranch.planning.memory import plan
 
     cfg, g = tr.cfg, tr.grid
     _, rows, _ = plan(cfg, PIPE_VOCAB, 64, 8, 8, cfg.parallel.balance, g.dp, cfg.parallel.zero, cfg.optim.update_freq)

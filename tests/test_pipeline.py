@@ -13,9 +13,9 @@ import torch
 
 from megabranch.config import Config
 from megabranch.errors import UserError
-from megabranch.parallel.cost_model import CostModel
+from megabranch.planning.cost_model import CostModel
 from megabranch.parallel.layout import Layout, parse_layout
-from megabranch.parallel.partition import balanced_bounds, imbalance, plan_layout
+from megabranch.planning.partition import balanced_bounds, imbalance, plan_layout
 from megabranch.parallel.schedules import check_schedule, schedule_actions, simulate
 from tests.helpers.configs import VOCAB, make_cfg, tiny_model_cfg
 from tests.helpers.dist import run_workers

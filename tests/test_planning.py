@@ -1,4 +1,4 @@
-"""Bubble-aware planning (megabranch/parallel/planning.py): the cost model's stage memory against the meta-device
+"""Bubble-aware planning (megabranch/planning/schedule_choice.py): the cost model's stage memory against the meta-device
 build, the planner's peaks against the memory plan, zero-bubble memory in flight, parallel.schedule=auto's
 choice and its one-line refusals, and the trainer and --dry-run taking the same decision."""
 
@@ -13,9 +13,9 @@ import pytest
 from megabranch.config import load_config
 from megabranch.dry_run import dry_run
 from megabranch.errors import UserError
-from megabranch.parallel.memory import cost_model, peak_in_flight, plan, stage_statics
-from megabranch.parallel.partition import plan_layout
-from megabranch.parallel.planning import (
+from megabranch.planning.memory import cost_model, peak_in_flight, plan, stage_statics
+from megabranch.planning.partition import plan_layout
+from megabranch.planning.schedule_choice import (
     GiB,
     budget_bytes,
     choose,

@@ -133,7 +133,7 @@ def _check_vocab_parallel_loss(grid):
 
 
 def _check_mappings(grid):
-    from megabranch.parallel import mappings as M
+    from megabranch.parallel.tensor_parallel import mappings as M
 
     group, tp, rank = grid.tp_group, grid.tp, grid.tp_rank
     k = tp * (tp + 1) / 2  # sum over ranks of (rank + 1)

@@ -19,7 +19,7 @@ so, and the next part starts. The parts:
     bench_train_512  tools/bench_train.py MFU at d=512, bf16: eager, fused, compiled
     bench_train_1024 the same at d=1024
     deep             a 100L-100L BranchNorm model trained 50 steps in bf16: loss curve, peak memory against the
-                     memory plan (megabranch.parallel.memory)
+                     memory plan (megabranch.planning.memory)
     decode           beam-4 decoding speed, fp32 and bf16 weights (megabranch.inference.prepare)
     fp16             fp16 autocast with the engine's dynamic loss scaling and an injected overflow, against a
                      plain torch loop (the same model and batches) with torch's own GradScaler
@@ -212,7 +212,7 @@ def part_deep(p: Part) -> None:
 
     from megabranch.config import load_config
     from megabranch.model import count_parameters
-    from megabranch.parallel.memory import plan
+    from megabranch.planning.memory import plan
     from megabranch.training.engine import Trainer
 
     dev = torch.device(_device(p.smoke))
@@ -303,6 +303,7 @@ def part_fp16(p: Part) -> None:
     from megabranch.model import build_model, draw_init_seed, label_smoothed_nll_loss
     from megabranch.training.engine import Trainer
     from megabranch.training.loss_scaler import DynamicLossScaler
+    from megabranch.residual import set_step
     from megabranch.training.lr_schedule import inverse_sqrt_lr
 
     dev = torch.device(_device(p.smoke))
@@ -328,6 +329,7 @@ def part_fp16(p: Part) -> None:
         lambda g: torch.full_like(g, float("inf")) if ref_step[0] == overflow_at else g)
 
     def reference_step(batch) -> tuple[float, bool]:
+        set_step(model, ref_step[0])  # BranchNorm's alpha_t
         for group in opt.param_groups:
             group["lr"] = inverse_sqrt_lr(ref_step[0], o)
         with torch.autocast(dev.type, dtype=torch.float16, enabled=precision == "fp16"):

@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megabranch.config import load_config  # noqa: E402
 from megabranch.errors import UserError, cli_main  # noqa: E402
-from megabranch.parallel.memory import MB, fmt_mb as _fmt, peak_in_flight, plan, print_table  # noqa: E402,F401
-from megabranch.parallel.partition import imbalance  # noqa: E402
+from megabranch.planning.memory import MB, fmt_mb as _fmt, peak_in_flight, plan, print_table  # noqa: E402,F401
+from megabranch.planning.partition import imbalance  # noqa: E402
 
 DEFAULT_EXAMPLE = [
     "model.encoder_layers=500", "model.decoder_layers=500", "model.d_model=512", "model.n_heads=8",

@@ -8,7 +8,7 @@ from ..errors import UserError
 from ..model import canonical_parameters
 from ..parallel.grid import Grid
 from ..parallel.parallelize import natural_split_dims, split_info
-from ..parallel.partition import plan_layout
+from ..planning.partition import plan_layout
 from ..parallel.stage import build_stage
 
 

@@ -49,7 +49,7 @@ from ..parallel.executor import MicroBatch, PipelineExecutor
 from ..parallel.gather import fits_on_rank0, free_memory_bytes, full_model_bytes, gather_to_rank0
 from ..parallel.grid import Grid, build_grid, rank_of
 from ..parallel.layout import Layout
-from ..parallel.partition import plan_layout
+from ..planning.partition import plan_layout
 from ..parallel.schedules import check_schedule, placement_of
 from ..parallel.stage import build_stage
 from ..parallel.tensor_parallel import model_parallel_seed

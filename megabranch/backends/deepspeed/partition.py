@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...config import Config
-from ...parallel.partition import plan_layout
+from ...planning.partition import plan_layout
 
 PARTITIONS = ("megabranch", "parameters", "uniform", "type:<regex>")
 

@@ -28,7 +28,7 @@ from ..config import POSITIVE
 from ..errors import UserError
 from .memory import cost_model, peak_in_flight
 from .partition import plan_layout
-from .schedules import check_schedule, placement_of, simulated_bubble
+from ..parallel.schedules import check_schedule, placement_of, simulated_bubble
 
 GiB = 2**30
 DEFAULT_GPU_GB = 80.0

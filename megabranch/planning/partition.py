@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from .cost_model import CostModel
-from .layout import Layout, parse_layout
+from ..parallel.layout import Layout, parse_layout
 
 MAX_IMBALANCE = 1.5  # heaviest / lightest chunk above which an automatic split is refused
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 import sys
 from types import SimpleNamespace
 
-from .data_parallel import gradient_bytes
-from .grid import Grid
+from ..parallel.data_parallel import gradient_bytes
+from ..parallel.grid import Grid
 from .cost_model import CostModel
 from .partition import plan_layout
-from .schedules import check_schedule, placement_of, schedule_actions, splits_backward
-from .stage import build_stage
+from ..parallel.schedules import check_schedule, placement_of, schedule_actions, splits_backward
+from ..parallel.stage import build_stage
 
 MB = 2**20
 
