@@ -105,6 +105,7 @@ class LogConfig:
     keep_last: int = 2
     async_save: bool = True  # native engines: snapshot to host memory, write and publish in the background
     tensorboard: bool = True
+    health: bool = True  # per-layer gradient norms / update ratios, and a warning when a stack stops learning
     progress: str = "auto"  # auto (bar on a terminal) | bar | none
 
 

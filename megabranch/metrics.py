@@ -1,4 +1,5 @@
-"""Training metrics: one JSON line per interval in <save_dir>/log.jsonl, TensorBoard scalars, a progress bar.
+"""Training metrics: one JSON line per interval in <save_dir>/log.jsonl, TensorBoard scalars, a progress bar, and
+the training health records (training/health.py) read back as a depth x time heatmap (TensorBoard, plots).
 
 log.jsonl is strict JSON (RFC 8259): a non-finite number (a diverged loss, an overflowed gradient norm) is
 written as null, never as the NaN / Infinity that only Python reads.
@@ -11,6 +12,8 @@ import math
 import os
 import sys
 import time
+
+import numpy as np
 
 from .checkpoint.space import is_disk_full
 from .errors import UserError
@@ -42,6 +45,7 @@ class MetricsLogger:
             except ImportError:  # tensorboard is a listed dependency, but logging must never kill a run
                 print("warning: tensorboard not installed; TensorBoard scalars are off", file=sys.stderr)
         self.start = time.time()
+        self._health: list[dict] = []  # the run's health records, for TensorBoard's heatmap
 
     def log(self, record: dict, tag: str = "train", echo: bool = True) -> None:
         """Append `record` to log.jsonl (and TensorBoard); echo: also print it (unless the bar shows it)."""
@@ -66,6 +70,27 @@ class MetricsLogger:
             self._clear()
             print(f"[{tag}] {shown}", file=sys.stderr, flush=True)
 
+    def log_health(self, record: dict) -> None:
+        """A training health record (training/health.py) to log.jsonl; in TensorBoard the bottom and top layer of
+        each stack as scalars and the whole depth x time picture of log10 gradient norms as an image."""
+        self.log(record, tag="health", echo=False)
+        if self.writer is None:
+            return
+        step = record["step"]
+        for key in ("grad_norm", "update_ratio"):
+            for name, v in record.get(key, {}).items():
+                if isinstance(v, list) and v:
+                    self.writer.add_scalar(f"health/{key}/{name}_bottom", v[0], step)
+                    self.writer.add_scalar(f"health/{key}/{name}_top", v[-1], step)
+                elif isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"health/{key}/{name}", v, step)
+        self._health.append(record)
+        image = heatmap_image(self._health)
+        if image is not None:
+            self.writer.add_image("health/grad_norm_log10 (rows: layers, encoder bottom first)", image, step,
+                                  dataformats="HWC")
+        self.writer.flush()
+
     def progress(self, step: int, loss: float, alpha: float) -> None:
         if not self.bar:
             return
@@ -89,10 +114,59 @@ class MetricsLogger:
             self.writer.close()
 
 
+# --- health records read back (TensorBoard's heatmap, the plots) -----------------------------------------------
+
+def depth_rows(record: dict, key: str = "grad_norm") -> tuple[list[str], list[float]]:
+    """One record's per-layer values in depth order, encoder bottom first, then the decoder: (labels, values)."""
+    labels, values = [], []
+    for stack in ("encoder", "decoder"):
+        layers = record.get(key, {}).get(stack, [])
+        labels += [f"{stack}.{i}" for i in range(len(layers))]
+        values += layers
+    return labels, values
+
+
+def heatmap(records: list[dict], key: str = "grad_norm") -> tuple[list[str], list[int], list[list[float]]]:
+    """log10 of `key` per layer (rows, depth order) and record (columns, time): (row labels, steps, rows).
+    Zero or missing values are NaN (drawn blank)."""
+    labels: list[str] = []
+    columns, steps = [], []
+    for r in records:
+        if key not in r:
+            continue
+        names, values = depth_rows(r, key)
+        labels = names if len(names) > len(labels) else labels
+        columns.append([math.log10(v) if v and v > 0 else math.nan for v in values])
+        steps.append(r["step"])
+    rows = [[col[i] if i < len(col) else math.nan for col in columns] for i in range(len(labels))]
+    return labels, steps, rows
+
+
+def heatmap_image(records: list[dict]):
+    """The depth x time heatmap of log10 gradient norms as an RGB uint8 array (H = layers with the encoder's
+    bottom at the foot of the picture, W = log intervals), or None without matplotlib or data."""
+    labels, _, rows = heatmap(records)
+    if not rows or not rows[0]:
+        return None
+    try:
+        from matplotlib import colormaps
+    except ImportError:
+        return None
+    values = np.array(rows[::-1], dtype=np.float64)  # the top row of the image is the last decoder layer
+    finite = values[np.isfinite(values)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    scaled = np.nan_to_num((values - lo) / max(hi - lo, 1e-12), nan=0.0)
+    rgb = colormaps["viridis"](scaled)[..., :3]
+    return (rgb * 255).astype(np.uint8)
+
+
 class SilentLogger:
     """What ranks other than global rank 0 log: nothing."""
 
     def log(self, record: dict, tag: str = "train", echo: bool = True) -> None:
+        pass
+
+    def log_health(self, record: dict) -> None:
         pass
 
     def progress(self, step: int, loss: float, alpha: float) -> None:

@@ -45,8 +45,11 @@ def test_each_layer_kind_compiles_once_and_the_alpha_ramp_recompiles_nothing():
         after_first = compiled_graphs()
         alphas = []
         for step in range(1, WARMUP + 3):
-            # the same shapes every step: a new graph could only come from the new alpha
+            # the same shapes every step: a new graph could only come from the new alpha (or from the health
+            # monitor, which measures every step's update here)
+            tr.health.measure_next = True
             alphas.append(tr.train_step(synthetic_batches(0, 1))["alpha"])
+            assert tr.health.take_interval(step)["update_ratio"]
     assert first["graphs"] == 2 and first["compile_s"] > 0, first  # one per layer kind, for 6 layers
     assert alphas == pytest.approx([alpha_at(t, WARMUP) for t in range(1, WARMUP + 3)], rel=1e-7)
     assert len(set(alphas)) == WARMUP

@@ -60,6 +60,11 @@ def _interval_record(step: int, epoch: int, interval: dict, stats: dict, elapsed
     return record
 
 
+def _logs_at(step: int, log_interval: int, max_updates: int) -> bool:
+    """Whether the interval record is written after `step`."""
+    return step % log_interval == 0 or step == max_updates
+
+
 def _new_interval() -> dict:
     return {"loss": [], "nll_loss": [], "gnorm": [], "ntokens": 0, "skipped": 0}
 
@@ -102,8 +107,11 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
     logger.log({"step": engine.step, "resumed": loop_state is not None}, tag="start", echo=False)
     phase = "start"
     try:
+        health = getattr(engine, "health", None)  # per-layer gradient norms (training/health.py)
         while engine.step < o.max_updates:
             phase = f"step {engine.step + 1}"
+            if health is not None:  # the steps that are logged also measure their update-to-weight ratios
+                health.measure_next = _logs_at(engine.step + 1, lg.log_interval, o.max_updates)
             stats = engine.train_step(next(groups))
             interval["loss"].append(stats["loss"])
             interval["nll_loss"].append(stats["nll_loss"])
@@ -116,8 +124,10 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
             if "compile_s" in stats:  # model.compile: the first step compiled the layers
                 _log_compile(logger, step, stats)
             last = step == o.max_updates
-            if step % lg.log_interval == 0 or last:
+            if _logs_at(step, lg.log_interval, o.max_updates):
                 logger.log(_interval_record(step, itr.epoch, interval, stats, time.time() - t0))
+                if health is not None and (record := health.take_interval(step)) is not None:
+                    logger.log_health(record)
                 interval = _new_interval()
                 t0 = time.time()
             if on_step is not None and on_step(stats):

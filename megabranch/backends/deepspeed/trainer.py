@@ -193,6 +193,7 @@ class DeepSpeedTrainer:
         self.dp_group = self.engine.grid.get_data_parallel_group()
         self.gas = self.engine.gradient_accumulation_steps()
         self.rank, self.data_shards, self.data_shard = dist.get_rank(), self.dp, self.dp_rank
+        self.health = None  # DeepSpeed computes and clips the gradient norm itself
 
     @property
     def step(self) -> int:
