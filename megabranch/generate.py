@@ -15,9 +15,9 @@ import torch
 
 from . import checkpoint
 from .config import FINITE, Config, ints
-from .data import load_split
+from .data import load_split, sentence_batches
 from .errors import UserError, cli_main
-from .inference import add_device_arguments, prepare, resolve_device, sentence_batches
+from .inference import add_device_arguments, prepare, resolve_device
 from .model import PAD, build_model_from
 
 

@@ -269,13 +269,13 @@ def test_bench_train_flop_count_equals_torch_flop_counter(impl):
 
 def test_analyze_run_analysis_writes_csv_and_png(tiny_data, tmp_path, capsys):
     from megabranch.config import load_config
-    from megabranch.data import load_split
+    from megabranch.data import load_split, pair_batches
 
     analyze = load_tool("analyze")
 
     dataset, tok, _ = load_split(tiny_data, "valid")
     vocab = (tok[0] if isinstance(tok, tuple) else tok).vocab_size
-    batches = analysis.sentence_batches(dataset, 8, 64)
+    batches = pair_batches(dataset, 64, 8)
     assert sum(b["nsentences"] for b in batches) == 8 and len(batches) > 1
     models = {}
     for res in ("deepnorm", "branchnorm"):

@@ -92,10 +92,10 @@ def main(argv=None):
         raise UserError(f"--labels has {len(labels)} names for {len(args.checkpoints)} checkpoints")
     if not os.path.isfile(os.path.join(args.data, "meta.json")):
         raise UserError(f"--data {args.data}: no meta.json there; run megabranch-preprocess first")
-    from megabranch.data import load_split
+    from megabranch.data import load_split, pair_batches
 
     dataset, _, _ = load_split(args.data, args.split)
-    batches = analysis.sentence_batches(dataset, args.sentences, args.max_tokens)
+    batches = pair_batches(dataset, args.max_tokens, args.sentences)
     models = {}
     for path, label in zip(args.checkpoints, labels):
         models[label] = load_model(path)

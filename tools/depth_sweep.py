@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megabranch.analysis import analyze_model, sentence_batches  # noqa: E402
+from megabranch.analysis import analyze_model  # noqa: E402
 from megabranch.checkpoint import atomic_write_bytes  # noqa: E402
 from megabranch.config import load_config  # noqa: E402
-from megabranch.data import load_split  # noqa: E402
+from megabranch.data import load_split, pair_batches  # noqa: E402
 from megabranch.errors import UserError, cli_main  # noqa: E402
 from megabranch.generate import meta_vocab_hash, quick_bleu  # noqa: E402
 from megabranch.train import build_engine  # noqa: E402
@@ -84,7 +84,7 @@ def train_one(spec: RunSpec, args, log=print) -> dict:
     valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
     src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
     engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device="cpu")
-    vb = sentence_batches(valid_set, args.valid_sentences, cfg.data.max_tokens)
+    vb = pair_batches(valid_set, cfg.data.max_tokens, args.valid_sentences)
     watch = Watch(args.blowup, args.progress_every, spec.steps, log)
     t0 = time.time()
     valid = train(engine, cfg, RunData(train_set, valid_set, tgt_tok), valid_batches=vb, on_step=watch, save=False)

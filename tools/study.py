@@ -40,7 +40,7 @@ from megabranch import analysis, checkpoint  # noqa: E402
 from megabranch import generate as gen  # noqa: E402
 from megabranch import train as megatrain  # noqa: E402
 from megabranch.config import ints, load_config  # noqa: E402
-from megabranch.data import load_split  # noqa: E402
+from megabranch.data import load_split, pair_batches  # noqa: E402
 from megabranch.errors import UserError, cli_main  # noqa: E402
 from plot_logs import read_log as log_records  # noqa: E402
 from sweep_plan import gnorm_stats  # noqa: E402
@@ -144,7 +144,7 @@ def train_and_evaluate(args, variant: str, sets: list[str], seed: int, log) -> d
                           "bleu": statistics.mean(s["bleu"] for s in scores.values()),
                           "chrf": statistics.mean(s["chrf"] for s in scores.values()), "directions": scores}
         valid_set, _, _ = load_split(mcfg.data.data_dir, "valid")
-        batches = analysis.sentence_batches(valid_set, args.analysis_sentences, mcfg.data.max_tokens)
+        batches = pair_batches(valid_set, mcfg.data.max_tokens, args.analysis_sentences)
         result["analysis"] = analysis.analyze_batches(model, batches, mcfg.optim.label_smoothing)
     result["seconds_this_invocation"] = round(time.time() - t0, 1)
     return result

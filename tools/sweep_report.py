@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 
-from megabranch.analysis import layer_grad_norms, plot_analysis, sentence_batches
+from megabranch.analysis import layer_grad_norms, plot_analysis
 from megabranch.config import Config
-from megabranch.data import load_split
+from megabranch.data import load_split, pair_batches
 from megabranch.errors import UserError
 from megabranch.model import build_model, draw_init_seed
 from sweep_plan import SCHEMES
@@ -57,7 +57,7 @@ def init_grad_norms(runs: list[dict]) -> dict:
             return {}
         src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
         n = r.get("valid_sentences", 300)
-        vb = sentence_batches(valid_set, n, cfg.data.max_tokens)
+        vb = pair_batches(valid_set, cfg.data.max_tokens, n)
         model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, seed=draw_init_seed(cfg.seed))
         out[r["spec"]["scheme"]] = layer_grad_norms(model, vb[len(vb) // 2], cfg.optim.label_smoothing)
     return out
