@@ -298,26 +298,3 @@ def test_analyze_missing_checkpoint_is_a_one_line_error(tiny_data, tmp_path, cap
         analyze.main([str(tmp_path / "nope.pt"), "--data", tiny_data, "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "nope.pt" in err and len(err.strip().splitlines()) == 1
-
-
-def test_analyze_loads_a_step_dir_through_megabranch_checkpoint(tmp_path):
-    """analyze.load_model goes through megabranch.checkpoint's single-process loader and restores the step."""
-    from megabranch import checkpoint
-    from megabranch.config import load_config
-    from megabranch.residual import current_alpha
-
-    analyze = load_tool("analyze")
-
-    if not hasattr(checkpoint, "save_step"):
-        pytest.skip("this megabranch.checkpoint has no step-directory writer")
-    cfg = load_config(None, ["model.residual=branchnorm", "model.d_model=16", "model.n_heads=2", "model.ffn_dim=32",
-                             "model.encoder_layers=2", "model.decoder_layers=2", "model.alpha_warmup_steps=10"])
-    model = build_model(cfg.model, 50, seed=3)
-    state = {k: v for k, v in model.state_dict().items()}
-    meta = {"layout": checkpoint.single_layout(), "config": cfg.to_dict(), "vocab_size": 50, "tgt_vocab_size": 50,
-            "vocab_sha256": "test"}
-    checkpoint.save_step(str(tmp_path / "ck"), 5, checkpoint.single_process_files(state, 5), meta)
-    loaded, loaded_cfg = analyze.load_model(str(tmp_path / "ck"))
-    assert loaded_cfg.model.residual == "branchnorm" and current_alpha(loaded) == pytest.approx(0.5)
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k

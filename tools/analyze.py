@@ -4,7 +4,7 @@
     python tools/analyze.py runs/deepnorm/latest runs/branchnorm/latest \
         --data data-bin/kjv_web --out runs/analysis
 
-A CHECKPOINT is whatever megabranch.checkpoint.load_checkpoint takes: a save directory (its latest step), a
+A CHECKPOINT is whatever megabranch.checkpoint.load_model reads: a save directory (its latest step), a
 step_<N>/ directory or a latest/best pointer. For each checkpoint, on the first --sentences sentences of
 --split: the cosine similarity between adjacent layers' representations (input vs output of every layer, encoder and decoder separately, averaged over non-pad
 tokens), the FFN activation density (fraction of non-zero entries after the activation; sparsity = 1 - it) and
@@ -22,26 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megabranch import analysis  # noqa: E402
+from megabranch import analysis, checkpoint  # noqa: E402
 from megabranch.errors import UserError, cli_main  # noqa: E402
-
-
-def load_model(path: str):
-    """Build the model a checkpoint was trained with and load its weights, through megabranch.checkpoint.
-
-    -> (model at the checkpoint's step, Config). The checkpoint must hold "model", "config" and the vocabulary
-    sizes, as megabranch-train writes them.
-    """
-    from megabranch import checkpoint
-    from megabranch.config import Config
-    from megabranch.model import build_model_from
-
-    state = checkpoint.load_checkpoint(path)
-    cfg = Config.from_dict(state["config"], where=path)
-    cfg.model.fused_kernels = False  # the analysis hooks read plain tensors; the kernel does not change values
-    model = build_model_from(cfg.model, state["vocab_size"], state.get("tgt_vocab_size"), state["model"],
-                             state["step"], path)
-    return model, cfg
 
 
 def _default_label(path: str) -> str:
@@ -98,7 +80,9 @@ def main(argv=None):
     batches = pair_batches(dataset, args.max_tokens, args.sentences)
     models = {}
     for path, label in zip(args.checkpoints, labels):
-        models[label] = load_model(path)
+        # eager kernels: the analysis hooks read plain tensors; the fused kernel does not change the values
+        loaded = checkpoint.load_model(path, fused_kernels=False)
+        models[label] = (loaded.model, loaded.config)
     run_analysis(models, batches, args.out)
     return 0
 

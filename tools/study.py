@@ -35,7 +35,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from analyze import load_model  # noqa: E402
 from megabranch import analysis, checkpoint  # noqa: E402
 from megabranch import generate as gen  # noqa: E402
 from megabranch import train as megatrain  # noqa: E402
@@ -132,7 +131,8 @@ def train_and_evaluate(args, variant: str, sets: list[str], seed: int, log) -> d
         "valid": {str(s): {k: v for k, v in r.items() if k not in ("tag", "step", "wall")} for s, r in valid_log.items()},
     }
     if status == "ok":
-        model, mcfg = load_model(os.path.join(save_dir, "latest"))
+        loaded = checkpoint.load_model(os.path.join(save_dir, "latest"), fused_kernels=False)
+        model, mcfg = loaded.model, loaded.config
         test_set, tok, _ = load_split(mcfg.data.data_dir, args.test_split)
         tgt_tok = tok[1] if isinstance(tok, tuple) else tok
         scores = test_scores(model, test_set, tgt_tok, args.beam, args.lenpen)
