@@ -236,3 +236,11 @@ def test_megabranch_folders_depend_one_way():
     cycles = folder_cycles(check_package(MEGABRANCH))
     assert not cycles, "folders importing each other: " + "; ".join(" -> ".join(c) for c in cycles)
 
+
+def test_tools_follow_the_import_rules():
+    """tools/bench and tools/research are packages run with python -m: relative imports inside them, megabranch
+    by its name, and neither imports the other's modules in a circle."""
+    report = check_package(TOOLS, uses=(MEGABRANCH,))
+    assert report.ok, report.message("tools/ breaks the import rules")
+    cycles = folder_cycles(report)
+    assert not cycles, "folders importing each other: " + "; ".join(" -> ".join(c) for c in cycles)

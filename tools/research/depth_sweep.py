@@ -1,15 +1,14 @@
-#!/usr/bin/env python3
 """Depth / residual-scheme / hyper-parameter sweep that checks the BranchNorm paper's claims at small scale.
 
-    python tools/depth_sweep.py --data data-bin/kjv_web --out runs/depth_sweep --depths 6,18,36
+    python -m tools.research.depth_sweep --data data-bin/kjv_web --out runs/depth_sweep --depths 6,18,36
 
 Trains the same tiny config with post_ln, pre_ln, deepnorm and branchnorm (linear / exp / sigmoid alpha) at each
 depth, then deepnorm vs branchnorm over learning rates, warmups and (BranchNorm) T at --sens-layers; records
 divergence (NaN or loss blow-up), final valid loss and BLEU, early gradient-norm statistics and, for the depth
 runs, per-layer cosine similarity / FFN sparsity / gradient norms. Each run's result is <out>/runs/<name>.json;
 finished runs are skipped, so re-running the same command resumes. Writes <out>/report.md (Markdown tables in
-the style of the paper's Tables 1-2) and PNGs (Figures 3, 6-7, 8-9 style): tools/sweep_plan.py makes the run list,
-tools/sweep_report.py the report; every run goes through megabranch's one training loop (no checkpoints).
+the style of the paper's Tables 1-2) and PNGs (Figures 3, 6-7, 8-9 style): sweep_plan.py makes the run list,
+sweep_report.py the report; every run goes through megabranch's one training loop (no checkpoints).
 """
 
 from __future__ import annotations
@@ -26,19 +25,18 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from megabranch.analysis import analyze_model
+from megabranch.checkpoint import atomic_write_bytes
+from megabranch.config import load_config
+from megabranch.data import load_split, pair_batches
+from megabranch.errors import UserError, cli_main
+from megabranch.generate import meta_vocab_hash, quick_bleu
+from megabranch.train import build_engine
+from megabranch.training.loop import RunData, train
 
-from megabranch.analysis import analyze_model  # noqa: E402
-from megabranch.checkpoint import atomic_write_bytes  # noqa: E402
-from megabranch.config import load_config  # noqa: E402
-from megabranch.data import load_split, pair_batches  # noqa: E402
-from megabranch.errors import UserError, cli_main  # noqa: E402
-from megabranch.generate import meta_vocab_hash, quick_bleu  # noqa: E402
-from megabranch.train import build_engine  # noqa: E402
-from megabranch.training.loop import RunData, train  # noqa: E402
-from sweep_plan import SCHEMES, RunSpec, gnorm_stats, overrides, plan  # noqa: E402
-from sweep_report import load_results, report  # noqa: E402
+from .results import gnorm_stats, load_results
+from .sweep_plan import SCHEMES, RunSpec, overrides, plan
+from .sweep_report import report
 
 
 class Watch:

@@ -1,42 +1,22 @@
-#!/usr/bin/env python3
 """Plot training curves from one or more megabranch log.jsonl files side by side.
 
-    python tools/plot_logs.py runs/post_ln/log.jsonl runs/branchnorm/log.jsonl --out curves.png
+    python -m tools.research.plot_logs runs/post_ln/log.jsonl runs/branchnorm/log.jsonl --out curves.png
 
 Each metric (default: loss and gnorm) gets a panel; each file is a line labelled by its run directory name
 (or --labels). A run that produced NaN/inf (null in log.jsonl) shows where it diverged with an x marker. A run
 resumed from a checkpoint logs a "start" record at the step it resumed from; the steps after it that the
-interrupted run had already logged are dropped, so a resumed run is one curve.
+interrupted run had already logged are dropped, so a resumed run is one curve (megabranch.metrics.read_log).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
-
-def read_log(path: str, tag: str = "train") -> list[dict]:
-    if not os.path.isfile(path):
-        raise SystemExit(f"plot_logs: error: log file not found: {path}")
-    rows = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                print(f"plot_logs: warning: {path}:{n} is not JSON; skipped", file=sys.stderr)
-                continue
-            if rec.get("tag") == "start":  # a run (re)started here: what was logged after this step is replayed
-                rows = [r for r in rows if r.get("step", 0) <= rec.get("step", 0)]
-            elif rec.get("tag", "train") == tag:
-                rows.append(rec)
-    return rows
+from megabranch.errors import UserError, cli_main
+from megabranch.metrics import read_log
 
 
 def _finite(v) -> bool:
@@ -73,8 +53,9 @@ def plot(paths, labels, metrics, out, tag="train", logy=("gnorm",)):
     return out
 
 
+@cli_main(prog="plot_logs")
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="plot_logs", description=__doc__.splitlines()[0])
     ap.add_argument("logs", nargs="+", help="log.jsonl files")
     ap.add_argument("--labels", nargs="*", help="one label per file (default: the run directory name)")
     ap.add_argument("--metrics", nargs="+", default=["loss", "gnorm"])
@@ -83,9 +64,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.logs]
     if len(labels) != len(args.logs):
-        raise SystemExit(f"plot_logs: error: {len(labels)} labels for {len(args.logs)} log files")
+        raise UserError(f"{len(labels)} labels for {len(args.logs)} log files")
     print(plot(args.logs, labels, args.metrics, args.out, args.tag))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

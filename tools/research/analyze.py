@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Per-layer analysis of trained megabranch models (the BranchNorm paper's Figures 8-9 and layer gradients).
 
-    python tools/analyze.py runs/deepnorm/latest runs/branchnorm/latest \
+    python -m tools.research.analyze runs/deepnorm/latest runs/branchnorm/latest \
         --data data-bin/kjv_web --out runs/analysis
 
 A CHECKPOINT is whatever megabranch.checkpoint.load_model reads: a save directory (its latest step), a
@@ -18,12 +17,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megabranch import analysis, checkpoint  # noqa: E402
-from megabranch.errors import UserError, cli_main  # noqa: E402
+from megabranch import analysis, checkpoint
+from megabranch.data import load_split, pair_batches
+from megabranch.errors import UserError, cli_main
 
 
 def _default_label(path: str) -> str:
@@ -74,8 +72,6 @@ def main(argv=None):
         raise UserError(f"--labels has {len(labels)} names for {len(args.checkpoints)} checkpoints")
     if not os.path.isfile(os.path.join(args.data, "meta.json")):
         raise UserError(f"--data {args.data}: no meta.json there; run megabranch-preprocess first")
-    from megabranch.data import load_split, pair_batches
-
     dataset, _, _ = load_split(args.data, args.split)
     batches = pair_batches(dataset, args.max_tokens, args.sentences)
     models = {}
