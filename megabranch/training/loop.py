@@ -11,8 +11,8 @@ when the layout splits it and it fits: parallel/gather.py), a checkpoint after e
 Ending early (training/stopping.py): after every step the ranks agree whether any of them got SIGTERM / SIGUSR1
 or passed --exit-duration-mins; if so they save one checkpoint of that step and raise RunEnded (exit code 75). A
 peer that stalls or dies ends the run with one line per surviving rank naming the step (parallel/failures.py).
-log.jsonl gets a "start" record at the step each run starts from (plot_logs drops the replayed steps before it)
-and a "stop" record when a run stops early.
+log.jsonl gets a "start" record at the step each run starts from (metrics.read_log drops the replayed steps before
+it) and a "stop" record when a run stops early.
 """
 
 from __future__ import annotations
