@@ -5,10 +5,11 @@
 
 A CHECKPOINT is whatever megabranch.checkpoint.load_model reads: a save directory (its latest step), a
 step_<N>/ directory or a latest/best pointer. For each checkpoint, on the first --sentences sentences of
---split: the cosine similarity between adjacent layers' representations (input vs output of every layer, encoder and decoder separately, averaged over non-pad
-tokens), the FFN activation density (fraction of non-zero entries after the activation; sparsity = 1 - it) and
-the per-layer gradient norms of the training loss on one batch. Writes <out>.csv (one row per checkpoint,
-stack and layer) and <out>.png (one line per checkpoint). The measurements are megabranch.analysis functions.
+--split (in megabranch.data.pair_batches): the cosine similarity between adjacent layers' representations
+(input vs output of every layer, encoder and decoder separately, averaged over non-pad tokens), the FFN
+activation density (fraction of non-zero entries after the activation; sparsity = 1 - it) and the per-layer
+gradient norms of the training loss on one batch. Writes <out>.csv (one row per checkpoint, stack and layer)
+and <out>.png (one line per checkpoint). The measurements are megabranch.analysis functions.
 """
 
 from __future__ import annotations
