@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from statistics import fmean as mean
 
 import torch
 
@@ -44,7 +45,6 @@ def run_analysis(models: dict, batches: list[dict], out: str) -> dict:
         results[label] = stats
         rows += analysis.analysis_rows(stats, label)
         enc, dec = stats["encoder"], stats["decoder"]
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         print(f"{label}: mean adjacent cosine enc {mean(enc['cosine']):.4f} dec {mean(dec['cosine']):.4f}; "
               f"FFN non-zero enc {mean(enc['ffn_nonzero']):.4f} dec {mean(dec['ffn_nonzero']):.4f}; "
               f"grad norm {stats['grad_total']:.4g}")
