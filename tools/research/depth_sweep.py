@@ -103,10 +103,11 @@ def train_one(spec: RunSpec, args, log=print) -> dict:
         v = valid or engine.valid_loss(vb)  # the loop validated at the last step unless the run stopped early
         result["valid_loss"] = v["loss"] if math.isfinite(v["loss"]) else None
         result["valid_nll"] = v["nll_loss"] if math.isfinite(v["nll_loss"]) else None
+        model = engine.whole_model()  # one process: the engine's own model (its only chunk)
         if args.bleu_sentences > 0 and result["valid_loss"] is not None:
-            result["bleu"] = quick_bleu(engine.model, valid_set, tgt_tok, 1, args.bleu_sentences)
+            result["bleu"] = quick_bleu(model, valid_set, tgt_tok, 1, args.bleu_sentences)
         if ("depth" in spec.groups or "stress" in spec.groups) and result["valid_loss"] is not None:
-            result["analysis"] = analyze_model(engine.model, vb[len(vb) // 2], cfg.optim.label_smoothing)
+            result["analysis"] = analyze_model(model, vb[len(vb) // 2], cfg.optim.label_smoothing)
     result["total_seconds"] = round(time.time() - t0, 1)
     return result
 
