@@ -193,21 +193,6 @@ def analyze_batches(model, batches: list[dict], label_smoothing: float = 0.1) ->
     return out
 
 
-def sentence_batches(dataset, n: int, max_tokens: int) -> list[dict]:
-    """The first n items of a LanguagePairDataset, length-sorted, cut into batches of <= max_tokens padded tokens."""
-    idx = sorted(range(min(n, len(dataset))), key=lambda i: max(dataset.src_sizes[i], dataset.tgt_sizes[i]))
-    batches, cur = [], []
-    for i in idx:
-        longest = max(dataset.src_sizes[i], dataset.tgt_sizes[i])
-        if cur and (len(cur) + 1) * longest > max_tokens:
-            batches.append(dataset.collate(cur))
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(dataset.collate(cur))
-    return batches
-
-
 def analysis_rows(stats: dict, label: str = "") -> list[dict]:
     """Flatten analyze_model's result into CSV rows: label, stack, layer (1-based), cosine, ffn_nonzero, ..."""
     rows = []

@@ -14,11 +14,11 @@ import sacrebleu
 import torch
 
 from . import checkpoint
-from .config import FINITE, Config, ints
-from .data import load_split
+from .config import FINITE, ints
+from .data import load_split, sentence_batches
 from .errors import UserError, cli_main
-from .inference import add_device_arguments, prepare, resolve_device, sentence_batches
-from .model import PAD, build_model_from
+from .inference import add_device_arguments, prepare, resolve_device
+from .model import PAD
 
 
 def _max_len(model, src_tokens, max_len_a: float, max_len_b: int) -> int:
@@ -217,17 +217,14 @@ def main(argv=None):
     check_arguments(args)
     device = resolve_device(args.device)
 
-    state = checkpoint.load_checkpoint(args.checkpoint, prefer="best")  # shards of any layout, consolidated
-    cfg = Config.from_dict(state["config"], where=args.checkpoint)
-    data_dir = args.data_dir or cfg.data.data_dir
+    loaded = checkpoint.load_model(args.checkpoint, prefer="best")  # shards of any layout, consolidated
+    data_dir = args.data_dir or loaded.config.data.data_dir
     dataset, tok, meta = load_split(data_dir, args.split)
     src_tok, tgt_tok = (tok, tok) if not isinstance(tok, tuple) else tok
-    if state.get("vocab_sha256") and state["vocab_sha256"] != meta_vocab_hash(meta):
+    if loaded.vocab_sha256 and loaded.vocab_sha256 != meta_vocab_hash(meta):
         raise UserError(f"vocabulary of {data_dir} differs from the one {args.checkpoint} was trained with")
-    model = build_model_from(cfg.model, state["vocab_size"], state.get("tgt_vocab_size"), state["model"],
-                             state["step"], state["step_dir"])
-    del state
-    model = prepare(model, device, args.precision)
+    model = prepare(loaded.model, device, args.precision)
+    del loaded
     if getattr(dataset, "directions", None):
         _report_directions(model, dataset, src_tok, tgt_tok, args, device)
         return 0

@@ -1,5 +1,5 @@
-"""Where and how `megabranch-generate` decodes: the device (cuda where torch sees one), the precision of the
-weights (fp32, or bf16: half the memory, tensor-core speed on a GPU), and batches cut by a token budget.
+"""Where and how `megabranch-generate` decodes: the device (cuda where torch sees one) and the precision of the
+weights (fp32, or bf16: half the memory, tensor-core speed on a GPU). Its batches are data.sentence_batches.
 
 bf16 casts the parameters, not autocast: a 1000-layer model then needs half the device memory. The residual
 coefficients (r, s) stay float32, so DeepNorm's alpha and BranchNorm's alpha_t are not rounded; the logits are
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 from torch import nn
 
-from .data import make_batches
 from .errors import UserError
 from .residual import ResidualCoefficients
 
@@ -48,15 +46,3 @@ def prepare(model: nn.Module, device: torch.device, precision: str = "fp32") -> 
             m.r, m.s = m.r.float(), m.s.float()
             m.reset()  # recomputed from the step, not rounded through the cast
     return model.eval()
-
-
-def sentence_batches(src_sizes, n: int, max_tokens: int, max_sentences: int) -> list[list[int]]:
-    """The first n sentences, sorted by source length, cut into batches of at most max_tokens padded source
-    tokens (0: no token budget) and max_sentences sentences; every sentence once."""
-    if n == 0:
-        return []
-    sizes = np.asarray(src_sizes[:n], dtype=np.int64)
-    budget = max_tokens if max_tokens > 0 else int(sizes.max()) * max(1, max_sentences)
-    sizes = np.minimum(sizes, budget)  # a sentence longer than the budget is decoded alone, not refused
-    batches = make_batches(sizes, sizes, budget, max_sentences or None, shuffle=False)
-    return [b.tolist() for b in batches]

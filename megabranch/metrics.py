@@ -1,5 +1,6 @@
-"""Training metrics: one JSON line per interval in <save_dir>/log.jsonl, TensorBoard scalars, a progress bar, and
-the training health records (training/health.py) read back as a depth x time heatmap (TensorBoard, plots).
+"""Training metrics: one JSON line per interval in <save_dir>/log.jsonl, TensorBoard scalars, a progress bar;
+reading log.jsonl back as one curve per run (read_log), and the training health records (training/health.py) as a
+depth x time heatmap (TensorBoard, plots).
 
 log.jsonl is strict JSON (RFC 8259): a non-finite number (a diverged loss, an overflowed gradient norm) is
 written as null, never as the NaN / Infinity that only Python reads.
@@ -174,3 +175,27 @@ class SilentLogger:
 
     def close(self) -> None:
         pass
+
+
+def read_log(path: str, tag: str = "train") -> list[dict]:
+    """The `tag` records of a log.jsonl in order, as one run: at a "start" record (a run starting or resuming at
+    step S) the records after S that an earlier run logged are dropped, since the resumed run logs those steps
+    again. A line that is not JSON (cut short by a kill) is skipped with a warning."""
+    if not os.path.isfile(path):
+        raise UserError(f"log file not found: {path}")
+    rows = []
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"warning: {path}:{n} is not JSON; skipped", file=sys.stderr)
+                continue
+            if rec.get("tag") == "start":
+                rows = [r for r in rows if r.get("step", 0) <= rec.get("step", 0)]
+            elif rec.get("tag", "train") == tag:
+                rows.append(rec)
+    return rows

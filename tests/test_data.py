@@ -10,7 +10,7 @@ import torch
 
 from megabranch.data import (
     BOS, EOS, PAD, UNK, EpochBatchIterator, IndexedDataset, IndexedDatasetBuilder,
-    LanguagePairDataset, Tokenizer, best_dtype, make_batches, train_sentencepiece,
+    LanguagePairDataset, Tokenizer, best_dtype, make_batches, pair_batches, train_sentencepiece,
 )
 from megabranch.data import load_split
 from megabranch.data.preprocess import main as preprocess_main
@@ -165,6 +165,39 @@ def test_make_batches_determinism_and_errors():
     assert [x.tolist() for x in v1] == [x.tolist() for x in v2]
     with pytest.raises(UserError, match="raise max_tokens"):
         make_batches([5, 300], [5, 5], 256)
+
+
+def test_pair_batches_by_the_longer_side_with_long_pairs_alone():
+    """Hand-made sizes: sorted by each pair's longer side (ties in index order), cut when one more pair would
+    pass 12 padded tokens; the 13-token pair is a batch of its own."""
+    class Sizes:
+        src_sizes, tgt_sizes = np.array([2, 5, 1, 13, 3, 4]), np.array([3, 1, 6, 2, 3, 4])
+
+        def __len__(self):
+            return 6
+
+        def collate(self, idx):
+            return list(idx)
+
+    # longer sides: 3 5 6 13 3 4 -> order 0 4 5 1 2 3
+    assert pair_batches(Sizes(), 12) == [[0, 4, 5], [1, 2], [3]]
+    assert pair_batches(Sizes(), 12, n=3) == [[0, 1], [2]]
+    assert pair_batches(Sizes(), 12, shards=2, shard=1) == [[1, 2]]
+    with pytest.raises(UserError, match="no sentence pairs"):
+        pair_batches(Sizes(), 12, n=0)
+
+
+def test_validation_batches_are_the_unshuffled_epoch_batches(tmp_path):
+    """The validation loss reads the batches it read before the evaluation batcher had one home: the epoch
+    iterator's unshuffled batches (any seed), batch i on data-parallel replica i % shards."""
+    ds = pair_dataset(tmp_path)
+    before = list(EpochBatchIterator(ds, 300, seed=5, shuffle=False).next_epoch_itr())
+    assert len(before) > 5
+    for shards in (1, 2, 3):
+        for shard in range(shards):
+            now = pair_batches(ds, 300, shards=shards, shard=shard)
+            assert len(now) == len(before[shard::shards])
+            assert all(batches_equal(a, b) for a, b in zip(now, before[shard::shards]))
 
 
 def batches_equal(x, y):

@@ -96,7 +96,7 @@ def test_bf16_weights_decode_close_to_fp32_with_exact_coefficients():
 def test_sentence_batches_respect_the_token_budget():
     import numpy as np
 
-    from megabranch.inference import sentence_batches
+    from megabranch.data import sentence_batches
 
     sizes = np.random.default_rng(0).integers(1, 12, 50)
     sizes[7] = 30  # longer than the budget: decoded alone

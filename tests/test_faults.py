@@ -13,7 +13,7 @@ one uninterrupted run, record by record, bit for bit):
     each naming the step and the timeout (a rank that only saw the other survivor's connection close names the
     first rank's timeout, shared through the store: unit-tested with a HashStore and over a real process group);
   - launch/torchrun_single.sh with MAX_RESTARTS=1 and a worker killed with SIGKILL: the job finishes, with the
-    uninterrupted losses, and log.jsonl reads as one curve (tools/plot_logs.py).
+    uninterrupted losses, and log.jsonl reads as one curve (megabranch.metrics.read_log).
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ import yaml
 from megabranch import checkpoint
 from megabranch.checkpoint import shard_format, space
 from megabranch.errors import EXIT_REQUEUE, EXIT_USER_ERROR
+from megabranch.metrics import read_log
 from megabranch.parallel import failures
 from tests.helpers.checkpoints import tiny_single
 from tests.helpers.dist import free_port, run_workers
-from tests.helpers.env import ROOT, load_tool, subprocess_env
+from tests.helpers.env import ROOT, subprocess_env
 from tests.helpers.logs import records_by_step
 
 STEPS = 30
@@ -481,7 +482,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_finishes_as_if_uninterrup
     bad = [s for s in want if got[s] != want[s]]
     assert not bad, f"killed after step {killed_after}: steps {bad[:3]} differ, e.g. {got[bad[0]]} vs {want[bad[0]]}"
     assert _records(save_dir, "valid") == want_valid
-    # the replayed steps are logged twice; plot_logs reads one curve: each step once, the uninterrupted values
-    rows = load_tool("plot_logs").read_log(os.path.join(save_dir, "log.jsonl"))
+    # the replayed steps are logged twice; metrics.read_log reads one curve: each step once, the uninterrupted values
+    rows = read_log(os.path.join(save_dir, "log.jsonl"))
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == [want[s]["loss"] for s in range(1, STEPS + 1)]

@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from megabranch import memory_plan
 from megabranch.config import Config
 from megabranch.errors import UserError
 from megabranch.planning.cost_model import CostModel
@@ -19,7 +20,6 @@ from megabranch.planning.partition import balanced_bounds, imbalance, plan_layou
 from megabranch.parallel.schedules import check_schedule, schedule_actions, simulate
 from tests.helpers.configs import VOCAB, make_cfg, tiny_model_cfg
 from tests.helpers.dist import run_workers
-from tests.helpers.env import load_tool
 from tests.helpers.reference import (
     AlphaAudit,
     assert_matches,
@@ -323,12 +323,12 @@ def test_two_stage_pipeline_matches_single_process():
     run_workers(_two_stage_body, 2, refs, lag_refs)
 
 
-# --- tools/memory_plan.py ----------------------------------------------------------------------------------
+# --- megabranch.memory_plan -------------------------------------------------------------------------------
 
 @pytest.mark.unit
 def test_memory_plan_default_example_is_balanced(capsys):
     """500L-500L d=512 on pp=64 x tp=8, built on the meta device: heaviest stage within 10% of the lightest."""
-    assert load_tool("memory_plan").main([]) == 0
+    assert memory_plan.main([]) == 0
     out = capsys.readouterr().out
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 64
@@ -341,8 +341,6 @@ def test_memory_plan_default_example_is_balanced(capsys):
 def test_memory_plan_counts_match_the_model_and_flags_imbalance(capsys):
     from megabranch.config import load_config
     from megabranch.model import build_model, count_parameters
-
-    memory_plan = load_tool("memory_plan")
 
     sets = ["model.encoder_layers=3", "model.decoder_layers=3", "model.d_model=32", "model.n_heads=4",
             "model.ffn_dim=64", "parallel.pp=2", "parallel.layout=E0-2|D0-2"]

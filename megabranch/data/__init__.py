@@ -1,7 +1,9 @@
-"""Data layer: SentencePiece tokenizer, memory-mapped binarized datasets, pair collation, token batching,
-multilingual directories (language tags, temperature sampling)."""
+"""Data layer: SentencePiece tokenizer, memory-mapped binarized datasets, pair collation, token batching (for
+training, and the deterministic batches every evaluation reads), multilingual directories (language tags,
+temperature sampling)."""
 
 from megabranch.data.batching import EpochBatchIterator, EpochIterator, make_batches
+from megabranch.data.eval_batches import pair_batches, sentence_batches
 from megabranch.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
 from megabranch.data.multilingual import MultilingualDataset, tag_of, temperature_probs
 from megabranch.data.pair_dataset import LanguagePairDataset
@@ -12,6 +14,6 @@ __all__ = [
     "BOS", "EOS", "PAD", "UNK",
     "EpochBatchIterator", "EpochIterator", "IndexedDataset", "IndexedDatasetBuilder",
     "LanguagePairDataset", "MultilingualDataset", "Tokenizer", "best_dtype", "load_split", "make_batches",
-    "tag_of", "temperature_probs", "train_sentencepiece",
+    "pair_batches", "sentence_batches", "tag_of", "temperature_probs", "train_sentencepiece",
 ]
 

@@ -1,5 +1,5 @@
 """Per-stage memory and parameters of a pipeline x tensor-parallel layout, from a meta-device build (nothing is
-allocated). Used by tools/memory_plan.py (the report with its imbalance check) and `megabranch-train --dry-run`.
+allocated). Used by megabranch.memory_plan (the report with its imbalance check) and `megabranch-train --dry-run`.
 
 Every pipeline rank's stage modules are built on the meta device with the trainer's own code
 (megabranch.parallel.stage.build_stage + apply_tensor_parallel), so the parameter counts are exact, tied-table

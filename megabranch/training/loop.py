@@ -11,8 +11,8 @@ when the layout splits it and it fits: parallel/gather.py), a checkpoint after e
 Ending early (training/stopping.py): after every step the ranks agree whether any of them got SIGTERM / SIGUSR1
 or passed --exit-duration-mins; if so they save one checkpoint of that step and raise RunEnded (exit code 75). A
 peer that stalls or dies ends the run with one line per surviving rank naming the step (parallel/failures.py).
-log.jsonl gets a "start" record at the step each run starts from (plot_logs drops the replayed steps before it)
-and a "stop" record when a run stops early.
+log.jsonl gets a "start" record at the step each run starts from (metrics.read_log drops the replayed steps before
+it) and a "stop" record when a run stops early.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from ..config import Config
-from ..data import EpochBatchIterator
+from ..data import EpochBatchIterator, pair_batches
 from ..errors import EXIT_REQUEUE, RunEnded
 from ..generate import validation_bleu
 from ..metrics import MetricsLogger, SilentLogger
@@ -43,12 +43,6 @@ class RunData:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
-
-
-def valid_batches_of(valid_set, cfg: Config, shards: int = 1, shard: int = 0) -> list[dict]:
-    """The validation split in token batches, this data-parallel replica's share."""
-    batches = list(EpochBatchIterator(valid_set, cfg.data.max_tokens, seed=cfg.seed, shuffle=False).next_epoch_itr())
-    return batches[shard::shards]
 
 
 def _interval_record(step: int, epoch: int, interval: dict, stats: dict, elapsed: float) -> dict:
@@ -81,8 +75,8 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
     """Train `engine` until optim.max_updates -> the last validation stats ({} if it stopped before any).
 
     loop_state: what engine.resume() returned (data position, best validation loss). valid_batches: this rank's
-    validation batches (default: the whole valid split). on_step(stats) -> True stops the run after that step
-    (no validation or save for it). save=False writes no checkpoints. stop: when to end early (default: on
+    validation batches (default: the whole valid split in data.pair_batches). on_step(stats) -> True stops the
+    run after that step (no validation or save for it). save=False writes no checkpoints. stop: when to end early (default: on
     SIGTERM / SIGUSR1), by raising RunEnded after saving."""
     o, lg = cfg.optim, cfg.log
     itr = EpochBatchIterator(data.train_set, cfg.data.max_tokens, seed=cfg.seed,
@@ -98,7 +92,8 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
     if loop_state is None and engine.rank == 0:
         print(f"model: {engine.describe()}, {len(data.train_set)} training pairs", file=sys.stderr)
     if valid_batches is None:
-        valid_batches = valid_batches_of(data.valid_set, cfg, engine.data_shards, engine.data_shard)
+        valid_batches = pair_batches(data.valid_set, cfg.data.max_tokens, shards=engine.data_shards,
+                                     shard=engine.data_shard)
     groups = itr.update_groups(o.update_freq)
     interval = _new_interval()
     t0 = time.time()

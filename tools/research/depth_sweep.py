@@ -1,15 +1,14 @@
-#!/usr/bin/env python3
 """Depth / residual-scheme / hyper-parameter sweep that checks the BranchNorm paper's claims at small scale.
 
-    python tools/depth_sweep.py --data data-bin/kjv_web --out runs/depth_sweep --depths 6,18,36
+    python -m tools.research.depth_sweep --data data-bin/kjv_web --out runs/depth_sweep --depths 6,18,36
 
 Trains the same tiny config with post_ln, pre_ln, deepnorm and branchnorm (linear / exp / sigmoid alpha) at each
 depth, then deepnorm vs branchnorm over learning rates, warmups and (BranchNorm) T at --sens-layers; records
 divergence (NaN or loss blow-up), final valid loss and BLEU, early gradient-norm statistics and, for the depth
 runs, per-layer cosine similarity / FFN sparsity / gradient norms. Each run's result is <out>/runs/<name>.json;
 finished runs are skipped, so re-running the same command resumes. Writes <out>/report.md (Markdown tables in
-the style of the paper's Tables 1-2) and PNGs (Figures 3, 6-7, 8-9 style): tools/sweep_plan.py makes the run list,
-tools/sweep_report.py the report; every run goes through megabranch's one training loop (no checkpoints).
+the style of the paper's Tables 1-2) and PNGs (Figures 3, 6-7, 8-9 style): sweep_plan.py makes the run list,
+sweep_report.py the report; every run goes through megabranch's one training loop (no checkpoints).
 """
 
 from __future__ import annotations
@@ -26,19 +25,18 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from megabranch.analysis import analyze_model
+from megabranch.checkpoint import atomic_write_bytes
+from megabranch.config import load_config
+from megabranch.data import load_split, pair_batches
+from megabranch.errors import UserError, cli_main
+from megabranch.generate import meta_vocab_hash, quick_bleu
+from megabranch.train import build_engine
+from megabranch.training.loop import RunData, train
 
-from megabranch.analysis import analyze_model, sentence_batches  # noqa: E402
-from megabranch.checkpoint import atomic_write_bytes  # noqa: E402
-from megabranch.config import load_config  # noqa: E402
-from megabranch.data import load_split  # noqa: E402
-from megabranch.errors import UserError, cli_main  # noqa: E402
-from megabranch.generate import meta_vocab_hash, quick_bleu  # noqa: E402
-from megabranch.train import build_engine  # noqa: E402
-from megabranch.training.loop import RunData, train  # noqa: E402
-from sweep_plan import SCHEMES, RunSpec, gnorm_stats, overrides, plan  # noqa: E402
-from sweep_report import load_results, report  # noqa: E402
+from .results import gnorm_stats, load_results
+from .sweep_plan import SCHEMES, RunSpec, overrides, plan
+from .sweep_report import report
 
 
 class Watch:
@@ -84,7 +82,7 @@ def train_one(spec: RunSpec, args, log=print) -> dict:
     valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
     src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
     engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device="cpu")
-    vb = sentence_batches(valid_set, args.valid_sentences, cfg.data.max_tokens)
+    vb = pair_batches(valid_set, cfg.data.max_tokens, args.valid_sentences)
     watch = Watch(args.blowup, args.progress_every, spec.steps, log)
     t0 = time.time()
     valid = train(engine, cfg, RunData(train_set, valid_set, tgt_tok), valid_batches=vb, on_step=watch, save=False)
@@ -105,10 +103,11 @@ def train_one(spec: RunSpec, args, log=print) -> dict:
         v = valid or engine.valid_loss(vb)  # the loop validated at the last step unless the run stopped early
         result["valid_loss"] = v["loss"] if math.isfinite(v["loss"]) else None
         result["valid_nll"] = v["nll_loss"] if math.isfinite(v["nll_loss"]) else None
+        model = engine.whole_model()  # one process: the engine's own model (its only chunk)
         if args.bleu_sentences > 0 and result["valid_loss"] is not None:
-            result["bleu"] = quick_bleu(engine.model, valid_set, tgt_tok, 1, args.bleu_sentences)
+            result["bleu"] = quick_bleu(model, valid_set, tgt_tok, 1, args.bleu_sentences)
         if ("depth" in spec.groups or "stress" in spec.groups) and result["valid_loss"] is not None:
-            result["analysis"] = analyze_model(engine.model, vb[len(vb) // 2], cfg.optim.label_smoothing)
+            result["analysis"] = analyze_model(model, vb[len(vb) // 2], cfg.optim.label_smoothing)
     result["total_seconds"] = round(time.time() - t0, 1)
     return result
 

@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """Time of a backward split into B (input gradient) and W (weight gradients): megabranch's split
 (megabranch/parallel/weight_grad.py) and torch.distributed.pipelining's graph-level one (stage_backward_input /
 stage_backward_weight) next to one plain backward, on one decoder chunk of growing depth.
 
-    python tools/bench_backward_split.py                       # 9 and 39 decoder layers, d 32, 4 x 8 tokens
-    python tools/bench_backward_split.py --layers 9 39 99 --recompute 1
+    python -m tools.bench.backward_split                       # 9 and 39 decoder layers, d 32, 4 x 8 tokens
+    python -m tools.bench.backward_split --layers 9 39 99 --recompute 1
 
 The chunk is a middle decoder slice of megabranch's model (it receives the encoder output and the decoder
 hidden, the inputs B differentiates towards) with the output projection. Median over --repeats runs, one thread.
@@ -19,14 +18,12 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megabranch.config import ModelConfig  # noqa: E402
-from megabranch.model import Transformer  # noqa: E402
-from megabranch.model.span import Span  # noqa: E402
-from megabranch.parallel.weight_grad import WeightGradStore, defer_weight_grads  # noqa: E402
+from megabranch.config import ModelConfig
+from megabranch.model import Transformer
+from megabranch.model.span import Span
+from megabranch.parallel.weight_grad import WeightGradStore, defer_weight_grads
 
 VOCAB, B, S, T = 40, 4, 8, 8
 

@@ -1,12 +1,9 @@
-"""The run list of a depth / scheme / hyper-parameter sweep (tools/depth_sweep.py): which runs, and the config
-overrides of each."""
+"""The run list of a depth / scheme / hyper-parameter sweep (depth_sweep.py): which runs, and the config overrides
+of each."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-
-import numpy as np
 
 SCHEMES = {  # sweep name -> (model.residual, model.alpha_schedule)
     "post_ln": ("post_ln", "linear"),
@@ -79,17 +76,3 @@ def overrides(spec: RunSpec, args) -> list[str]:
         *spec.extra,
         *getattr(args, "set", []),  # the user's own overrides last, e.g. model.deepnorm_init=false
     ]
-
-
-def gnorm_stats(gnorms: list[float], first: int) -> dict:
-    """Statistics of the first `first` steps' gradient norms (the paper's Figure 3 is about these)."""
-    g = np.array([x for x in gnorms[:first] if math.isfinite(x)], dtype=np.float64)
-    if g.size == 0:
-        return {"n": 0}
-    lg = np.log(np.maximum(g, 1e-30))
-    return {
-        "n": int(g.size), "mean": float(g.mean()), "std": float(g.std()), "max": float(g.max()),
-        "min": float(g.min()), "max_over_median": float(g.max() / max(np.median(g), 1e-30)),
-        # mean |log g_t - log g_{t-1}|: 0 for a flat curve, large for a spiky one
-        "mean_abs_dlog": float(np.abs(np.diff(lg)).mean()) if g.size > 1 else 0.0,
-    }

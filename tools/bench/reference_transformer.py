@@ -2,7 +2,7 @@
 time-first (T, B, C) activations, a MultiheadAttention with separate q/k/v projections that calls
 F.multi_head_attention_forward, sub-layers `x = LN(residual + dropout(F(x)))`, embeddings scaled by sqrt(d) plus
 sinusoidal positions, the output projection tied to the shared embedding table, and fairseq's label-smoothed
-cross-entropy. Independent of megabranch's model code: bench_train.py's baseline, with the same sizes (and so
+cross-entropy. Independent of megabranch's model code: tools.bench.train's baseline, with the same sizes (and so
 the same FLOPs) as megabranch's post_ln model. Written for this project, not copied from fairseq.
 """
 

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Peak memory and step time of data-parallel training with gradients as bucket views (megabranch's GradReducer)
 against the copy-in/copy-out reducer it replaced, on 2 gloo CPU processes.
 
-    python tools/bench_grad_reducer.py                              # d=512 2L-2L, vocab 32k (31M parameters)
-    python tools/bench_grad_reducer.py --d-model 256 --layers 4 --vocab 8000 --steps 5
+    python -m tools.bench.grad_reducer                              # d=512 2L-2L, vocab 32k (31M parameters)
+    python -m tools.bench.grad_reducer --d-model 256 --layers 4 --vocab 8000 --steps 5
 
 Each variant runs in its own fresh pair of processes, the same model, data and step as the engine's: micro-
 batches with the reducer armed for the last backward (buckets all-reduced while it runs), finish(), global-norm
@@ -32,13 +31,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from megabranch.parallel.data_parallel import GradReducer, assign_buckets  # noqa: E402
+from megabranch.config import ModelConfig
+from megabranch.model import build_model, label_smoothed_nll_loss
+from megabranch.parallel.clip import clip_grad_norm_
+from megabranch.parallel.data_parallel import GradReducer, assign_buckets
 
 
 class CopyReducer:
@@ -130,10 +130,6 @@ def _worker(rank, world, port, variant, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from megabranch.config import ModelConfig
-    from megabranch.model import build_model, label_smoothed_nll_loss
-    from megabranch.parallel.clip import clip_grad_norm_
-
     try:
         mc = ModelConfig(encoder_layers=args.layers, decoder_layers=args.layers, d_model=args.d_model,
                          n_heads=8, ffn_dim=4 * args.d_model, dropout=0.0, max_positions=args.length + 2)

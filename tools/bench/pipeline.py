@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Measured pipeline bubble of megabranch's 1F1B, interleaved 1F1B, ZB-H1 and ZB-V schedules next to the theory.
 
-    python tools/bench_pipeline.py                       # p=4 CPU processes (gloo), m in 4 8 16, vpp 2
-    python tools/bench_pipeline.py --pp 4 --micro-batches 4 8 16 32 --fwd-ms 20 --compute sleep
+    python -m tools.bench.pipeline                       # p=4 CPU processes (gloo), m in 4 8 16, vpp 2
+    python -m tools.bench.pipeline --pp 4 --micro-batches 4 8 16 32 --fwd-ms 20 --compute sleep
 
 Each pipeline rank runs megabranch.parallel.executor.PipelineExecutor (the trainer's executor: the same action
 lists, the same point-to-point messages, the same B/W split machinery) over stand-in chunks whose compute is made
@@ -30,12 +29,14 @@ import sys
 import time
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from torch import nn  # noqa: E402
+from megabranch.parallel.executor import MicroBatch, PipelineExecutor
+from megabranch.parallel.layout import chunk_rank, chunk_virtual
+from megabranch.parallel.schedules import placement_of, simulate
 
 D, B, S = 64, 4, 16  # the activation that travels: (B, S, D) floats
 
@@ -100,8 +101,6 @@ def _zero_loss(out, mb):
 
 def _spec(index: int, k: int, pp: int, placement: str) -> SimpleNamespace:
     """What the executor reads of a layout Chunk."""
-    from megabranch.parallel.layout import chunk_rank, chunk_virtual
-
     return SimpleNamespace(index=index, rank=chunk_rank(index, pp, placement), virtual=chunk_virtual(index, pp),
                            output=index == k - 1, receives="" if index == 0 else "x",
                            sends="" if index == k - 1 else "x")
@@ -121,9 +120,6 @@ def _worker(rank, world, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from megabranch.parallel.executor import MicroBatch, PipelineExecutor
-    from megabranch.parallel.schedules import placement_of
-
     try:
         results = []
         grid = SimpleNamespace(pp_rank=rank, pp_ranks=list(range(world)), tp=1, tp_group=None)
@@ -171,8 +167,6 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--schedules", nargs="+", default=[k for k, _ in SCHEDULES], choices=[k for k, _ in SCHEDULES])
     args = ap.parse_args(argv)
-    from megabranch.parallel.schedules import simulate
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

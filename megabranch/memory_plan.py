@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Per-stage memory of a pipeline x tensor-parallel layout, from a meta-device build (nothing is allocated).
 
-    python tools/memory_plan.py                                  # 500L-500L d=512, pp=64, tp=8 (the default example)
-    python tools/memory_plan.py --config configs/demo.yaml --set parallel.pp=4 --set parallel.tp=2
-    python tools/memory_plan.py --set parallel.layout='E0-3|E4-5,D0|D1-5' ...
+    python -m megabranch.memory_plan                             # 500L-500L d=512, pp=64, tp=8 (the default example)
+    python -m megabranch.memory_plan --config configs/demo.yaml --set parallel.pp=4 --set parallel.tp=2
+    python -m megabranch.memory_plan --set parallel.layout='E0-3|E4-5,D0|D1-5' ...
 
 Every pipeline rank's stage modules are built on the meta device with the trainer's own code
 (megabranch.parallel.stage.build_stage + apply_tensor_parallel), so the parameter counts are exact, tied-table
@@ -27,16 +26,13 @@ the layout string to train with exactly this split is printed (parallel.layout).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megabranch.config import load_config  # noqa: E402
-from megabranch.errors import UserError, cli_main  # noqa: E402
-from megabranch.planning.memory import MB, fmt_mb as _fmt, peak_in_flight, plan, print_table  # noqa: E402,F401
-from megabranch.planning.partition import imbalance  # noqa: E402
+from .config import load_config
+from .errors import UserError, cli_main
+from .planning.memory import fmt_mb, plan, print_table
+from .planning.partition import imbalance
 
 DEFAULT_EXAMPLE = [
     "model.encoder_layers=500", "model.decoder_layers=500", "model.d_model=512", "model.n_heads=8",
@@ -78,8 +74,8 @@ def main(argv=None) -> int:
     totals = [r.total for r in rows]
     ratio = imbalance(totals)
     heavy, light = max(rows, key=lambda r: r.total), min(rows, key=lambda r: r.total)
-    print(f"\nheaviest stage {heavy.rank}: {_fmt(heavy.total)} MB, "
-          f"lightest stage {light.rank}: {_fmt(light.total)} MB: "
+    print(f"\nheaviest stage {heavy.rank}: {fmt_mb(heavy.total)} MB, "
+          f"lightest stage {light.rank}: {fmt_mb(light.total)} MB: "
           f"{(ratio - 1) * 100:.1f}% over (limit {args.max_imbalance * 100:.0f}%); balanced on {args.balance}; "
           f"stage compute time spread {(imbalance([r.time for r in rows]) - 1) * 100:.1f}%")
     print(f"parameters: {sum(r.params for r in rows) * p.tp / 1e9:.3f}B over all ranks (tied copies included); "

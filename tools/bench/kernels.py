@@ -1,8 +1,8 @@
 """Benchmark of the fused residual LayerNorm (issue 4) against the eager PyTorch composition.
 
-    python tools/bench_kernels.py                       # CPU: a grid that runs in ~2 minutes
-    python tools/bench_kernels.py --device cuda         # GPU: hidden 512/1024/4096 x rows 8k..64k
-    python tools/bench_kernels.py --hidden 512 --rows 16384 --dtype float32 bfloat16
+    python -m tools.bench.kernels                       # CPU: a grid that runs in ~2 minutes
+    python -m tools.bench.kernels --device cuda         # GPU: hidden 512/1024/4096 x rows 8k..64k
+    python -m tools.bench.kernels --hidden 512 --rows 16384 --dtype float32 bfloat16
 
 Times forward and backward of y = LayerNorm(r * x + s * dropout(f)) (training mode, gradients
 for x, f, weight and bias) for
@@ -39,9 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megabranch.ops import backend, eager_residual_layernorm, residual_layernorm  # noqa: E402
+from megabranch.ops import backend, eager_residual_layernorm, residual_layernorm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

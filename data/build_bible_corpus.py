@@ -18,9 +18,9 @@ Requirements (Debian/Ubuntu)::
 
 Usage::
 
-    python tools/build_bible_corpus.py                 # writes data/kjv_web/
-    python tools/build_bible_corpus.py --pair en_es    # writes data/en_es/
-    python tools/build_bible_corpus.py --src-module M1 --tgt-module M2 \
+    python data/build_bible_corpus.py                  # writes data/kjv_web/
+    python data/build_bible_corpus.py --pair en_es     # writes data/en_es/
+    python data/build_bible_corpus.py --src-module M1 --tgt-module M2 \
         --src-ext xx --tgt-ext yy --out DIR           # any other pair
 
 How it works
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pair", choices=sorted(PRESETS), default="kjv_web",
                     help="preset: modules and file extensions of a shipped "
                     "pair (default: %(default)s)")
-    ap.add_argument("--out", help="output directory (default: data/PAIR)")
+    ap.add_argument("--out", help="output directory (default: PAIR beside this script, data/PAIR)")
     ap.add_argument("--src-module",
                     help="SWORD module for the source side (default: the preset's)")
     ap.add_argument("--tgt-module",
@@ -430,7 +430,7 @@ def main(argv=None) -> int:
     src_ext, tgt_ext = args.src_ext or src_ext, args.tgt_ext or tgt_ext
     src_module = args.src_module or src_module
     tgt_module = args.tgt_module or tgt_module
-    out = args.out or os.path.join("data", args.pair)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), args.pair)
 
     diatheke = shutil.which(args.diatheke)
     if diatheke is None:

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """A multi-seed study over `megabranch-train`: variants x seeds, each a checkpointed, resumable training run, then
 the final checkpoint's test BLEU / chrF and Figures 8-9 analysis; a report with means and spreads over seeds.
 
-    python tools/study.py --config configs/translate.yaml --out runs/study --seeds 1,2,3 \
+    python -m tools.research.study --config configs/translate.yaml --out runs/study --seeds 1,2,3 \
         --variant post_ln:model.residual=post_ln \
         --variant deepnorm:model.residual=deepnorm,model.deepnorm_init=true \
         --variant branchnorm
@@ -32,19 +31,14 @@ import numpy as np
 import sacrebleu
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from megabranch import analysis, checkpoint, metrics
+from megabranch import generate as gen
+from megabranch import train as megatrain
+from megabranch.config import ints, load_config
+from megabranch.data import load_split, pair_batches
+from megabranch.errors import UserError, cli_main
 
-from analyze import load_model  # noqa: E402
-from megabranch import analysis, checkpoint  # noqa: E402
-from megabranch import generate as gen  # noqa: E402
-from megabranch import train as megatrain  # noqa: E402
-from megabranch.config import ints, load_config  # noqa: E402
-from megabranch.data import load_split  # noqa: E402
-from megabranch.errors import UserError, cli_main  # noqa: E402
-from plot_logs import read_log as log_records  # noqa: E402
-from sweep_plan import gnorm_stats  # noqa: E402
-from sweep_report import load_results  # noqa: E402
+from .results import gnorm_stats, load_results
 
 NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 # what every run of a study logs: every step (the Figure 3 curves), no TensorBoard, no progress bar
@@ -78,14 +72,14 @@ def stop_run(stats: dict) -> bool:
 
 
 def read_log(save_dir: str) -> tuple[dict, dict]:
-    """({step: train record}, {step: valid record}) of a run's log.jsonl as plot_logs reads it (a resumed run's
-    replayed steps dropped, start / stop / compile records skipped), non-finite values (null) as NaN."""
+    """({step: train record}, {step: valid record}) of a run's log.jsonl as metrics.read_log reads it (a resumed
+    run's replayed steps dropped, start / stop / compile records skipped), non-finite values (null) as NaN."""
     path = os.path.join(save_dir, "log.jsonl")
     if not os.path.isfile(path):
         return {}, {}
 
     def by_step(tag: str) -> dict:
-        return {r["step"]: {k: math.nan if v is None else v for k, v in r.items()} for r in log_records(path, tag)}
+        return {r["step"]: {k: math.nan if v is None else v for k, v in r.items()} for r in metrics.read_log(path, tag)}
     return by_step("train"), by_step("valid")
 
 
@@ -132,7 +126,8 @@ def train_and_evaluate(args, variant: str, sets: list[str], seed: int, log) -> d
         "valid": {str(s): {k: v for k, v in r.items() if k not in ("tag", "step", "wall")} for s, r in valid_log.items()},
     }
     if status == "ok":
-        model, mcfg = load_model(os.path.join(save_dir, "latest"))
+        loaded = checkpoint.load_model(os.path.join(save_dir, "latest"), fused_kernels=False)
+        model, mcfg = loaded.model, loaded.config
         test_set, tok, _ = load_split(mcfg.data.data_dir, args.test_split)
         tgt_tok = tok[1] if isinstance(tok, tuple) else tok
         scores = test_scores(model, test_set, tgt_tok, args.beam, args.lenpen)
@@ -144,7 +139,7 @@ def train_and_evaluate(args, variant: str, sets: list[str], seed: int, log) -> d
                           "bleu": statistics.mean(s["bleu"] for s in scores.values()),
                           "chrf": statistics.mean(s["chrf"] for s in scores.values()), "directions": scores}
         valid_set, _, _ = load_split(mcfg.data.data_dir, "valid")
-        batches = analysis.sentence_batches(valid_set, args.analysis_sentences, mcfg.data.max_tokens)
+        batches = pair_batches(valid_set, mcfg.data.max_tokens, args.analysis_sentences)
         result["analysis"] = analysis.analyze_batches(model, batches, mcfg.optim.label_smoothing)
     result["seconds_this_invocation"] = round(time.time() - t0, 1)
     return result

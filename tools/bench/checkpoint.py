@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Resharding a checkpoint on load, slice reads against the full merge, and the stall of an async save, on 4 gloo
 CPU processes.
 
-    python tools/bench_checkpoint.py                                 # 48L-48L d=256 ffn 1024, vocab 8000, Adam state
-    python tools/bench_checkpoint.py --layers 8 --d-model 64 --ffn 256 --vocab 1000     # a quick look
+    python -m tools.bench.checkpoint                                 # 48L-48L d=256 ffn 1024, vocab 8000, Adam state
+    python -m tools.bench.checkpoint --layers 8 --d-model 64 --ffn 256 --vocab 1000     # a quick look
 
 A (1, 1) step directory with random weights and Adam moments is written first (one process). Then, for each hop
 (1,1) -> (2,2) -> (1,4) -> (4,1), four fresh processes each load the previous layout's checkpoint into their
@@ -31,21 +30,19 @@ import platform
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from megabranch import checkpoint  # noqa: E402
-from megabranch.config import Config  # noqa: E402
-from megabranch.convert import rank_params, write_layout  # noqa: E402
-from megabranch.model import meta_model  # noqa: E402
-from megabranch.parallel.parallelize import split_info  # noqa: E402
+from megabranch import checkpoint
+from megabranch.config import Config
+from megabranch.convert import rank_params, write_layout
+from megabranch.model import meta_model
+from megabranch.parallel.parallelize import split_info
+from megabranch.training.engine import Trainer
 
 HOPS = [((1, 1), (2, 2)), ((2, 2), (1, 4)), ((1, 4), (4, 1))]
 
@@ -147,8 +144,6 @@ def _hop(rank, world, port, cfg_dict, vocab, src, dst, tp, pp, results):
 
 
 def _stall(rank, world, port, cfg_dict, vocab, root, results):
-    from megabranch.training.engine import Trainer
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -1,15 +1,15 @@
-#!/usr/bin/env python3
 """Per-layer analysis of trained megabranch models (the BranchNorm paper's Figures 8-9 and layer gradients).
 
-    python tools/analyze.py runs/deepnorm/latest runs/branchnorm/latest \
+    python -m tools.research.analyze runs/deepnorm/latest runs/branchnorm/latest \
         --data data-bin/kjv_web --out runs/analysis
 
-A CHECKPOINT is whatever megabranch.checkpoint.load_checkpoint takes: a save directory (its latest step), a
+A CHECKPOINT is whatever megabranch.checkpoint.load_model reads: a save directory (its latest step), a
 step_<N>/ directory or a latest/best pointer. For each checkpoint, on the first --sentences sentences of
---split: the cosine similarity between adjacent layers' representations (input vs output of every layer, encoder and decoder separately, averaged over non-pad
-tokens), the FFN activation density (fraction of non-zero entries after the activation; sparsity = 1 - it) and
-the per-layer gradient norms of the training loss on one batch. Writes <out>.csv (one row per checkpoint,
-stack and layer) and <out>.png (one line per checkpoint). The measurements are megabranch.analysis functions.
+--split (in megabranch.data.pair_batches): the cosine similarity between adjacent layers' representations
+(input vs output of every layer, encoder and decoder separately, averaged over non-pad tokens), the FFN
+activation density (fraction of non-zero entries after the activation; sparsity = 1 - it) and the per-layer
+gradient norms of the training loss on one batch. Writes <out>.csv (one row per checkpoint, stack and layer)
+and <out>.png (one line per checkpoint). The measurements are megabranch.analysis functions.
 """
 
 from __future__ import annotations
@@ -17,31 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from statistics import fmean as mean
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megabranch import analysis  # noqa: E402
-from megabranch.errors import UserError, cli_main  # noqa: E402
-
-
-def load_model(path: str):
-    """Build the model a checkpoint was trained with and load its weights, through megabranch.checkpoint.
-
-    -> (model at the checkpoint's step, Config). The checkpoint must hold "model", "config" and the vocabulary
-    sizes, as megabranch-train writes them.
-    """
-    from megabranch import checkpoint
-    from megabranch.config import Config
-    from megabranch.model import build_model_from
-
-    state = checkpoint.load_checkpoint(path)
-    cfg = Config.from_dict(state["config"], where=path)
-    cfg.model.fused_kernels = False  # the analysis hooks read plain tensors; the kernel does not change values
-    model = build_model_from(cfg.model, state["vocab_size"], state.get("tgt_vocab_size"), state["model"],
-                             state["step"], path)
-    return model, cfg
+from megabranch import analysis, checkpoint
+from megabranch.data import load_split, pair_batches
+from megabranch.errors import UserError, cli_main
 
 
 def _default_label(path: str) -> str:
@@ -63,7 +45,6 @@ def run_analysis(models: dict, batches: list[dict], out: str) -> dict:
         results[label] = stats
         rows += analysis.analysis_rows(stats, label)
         enc, dec = stats["encoder"], stats["decoder"]
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         print(f"{label}: mean adjacent cosine enc {mean(enc['cosine']):.4f} dec {mean(dec['cosine']):.4f}; "
               f"FFN non-zero enc {mean(enc['ffn_nonzero']):.4f} dec {mean(dec['ffn_nonzero']):.4f}; "
               f"grad norm {stats['grad_total']:.4g}")
@@ -92,13 +73,13 @@ def main(argv=None):
         raise UserError(f"--labels has {len(labels)} names for {len(args.checkpoints)} checkpoints")
     if not os.path.isfile(os.path.join(args.data, "meta.json")):
         raise UserError(f"--data {args.data}: no meta.json there; run megabranch-preprocess first")
-    from megabranch.data import load_split
-
     dataset, _, _ = load_split(args.data, args.split)
-    batches = analysis.sentence_batches(dataset, args.sentences, args.max_tokens)
+    batches = pair_batches(dataset, args.max_tokens, args.sentences)
     models = {}
     for path, label in zip(args.checkpoints, labels):
-        models[label] = load_model(path)
+        # eager kernels: the analysis hooks read plain tensors; the fused kernel does not change the values
+        loaded = checkpoint.load_model(path, fused_kernels=False)
+        models[label] = (loaded.model, loaded.config)
     run_analysis(models, batches, args.out)
     return 0
 

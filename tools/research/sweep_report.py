@@ -1,35 +1,19 @@
-"""The report of a sweep (tools/depth_sweep.py): Markdown tables in the style of the BranchNorm paper's Tables 1-2
+"""The report of a sweep (depth_sweep.py): Markdown tables in the style of the BranchNorm paper's Tables 1-2
 and PNG plots in the style of its Figures 3, 6-7 and 8-9, from the runs' JSON results."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from megabranch.analysis import layer_grad_norms, plot_analysis, sentence_batches
+from megabranch.analysis import layer_grad_norms, plot_analysis
 from megabranch.config import Config
-from megabranch.data import load_split
-from megabranch.errors import UserError
+from megabranch.data import load_split, pair_batches
 from megabranch.model import build_model, draw_init_seed
-from sweep_plan import SCHEMES
 
+from .sweep_plan import SCHEMES
 
-def load_results(out: str, sub: str = "runs", what: str = "sweep") -> list[dict]:
-    """Every <out>/<sub>/*.json (the results of a sweep, or of a study: tools/study.py), in name order."""
-    runs_dir = os.path.join(out, sub)
-    if not os.path.isdir(runs_dir):
-        raise UserError(f"no {what} results under {runs_dir}; run the {what} first")
-    res = []
-    for f in sorted(os.listdir(runs_dir)):
-        if f.endswith(".json"):
-            with open(os.path.join(runs_dir, f)) as fh:
-                res.append(json.load(fh))
-    return res
-
-
-# --- report: Markdown tables and plots -----------------------------------------------------------------------
 
 def _cell(r: dict | None) -> str:
     if r is None:
@@ -57,7 +41,7 @@ def init_grad_norms(runs: list[dict]) -> dict:
             return {}
         src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
         n = r.get("valid_sentences", 300)
-        vb = sentence_batches(valid_set, n, cfg.data.max_tokens)
+        vb = pair_batches(valid_set, cfg.data.max_tokens, n)
         model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, seed=draw_init_seed(cfg.seed))
         out[r["spec"]["scheme"]] = layer_grad_norms(model, vb[len(vb) // 2], cfg.optim.label_smoothing)
     return out

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Training-step throughput and peak memory: megabranch (eager / fused kernels) vs a fairseq-style reference.
 
-    python tools/bench_train.py --d-model 64 --layers 6 --tokens 1024
-    python tools/bench_train.py --d-model 256 --layers 6 --tokens 4096 --steps 3
-    python tools/bench_train.py --device cuda --precision bf16 --d-model 512 --layers 6 --tokens 16384   # + MFU
+    python -m tools.bench.train --d-model 64 --layers 6 --tokens 1024
+    python -m tools.bench.train --d-model 256 --layers 6 --tokens 4096 --steps 3
+    python -m tools.bench.train --device cuda --precision bf16 --d-model 512 --layers 6 --tokens 16384   # + MFU
 
 The same Post-LN encoder-decoder (d, heads, ffn = 4d, layers, shared 8k vocabulary, dropout 0.1; hence the same
 FLOPs) trained one full step at a time (forward, label-smoothed loss, backward, gradient norm, AdamW):
@@ -12,7 +11,7 @@ FLOPs) trained one full step at a time (forward, label-smoothed loss, backward, 
 * megabranch-fused: the same with model.fused_kernels=true (megabranch.ops.residual_layernorm);
 * megabranch-compiled: megabranch-eager with model.compile=true (each layer torch.compiled, --compile-backend);
   megabranch-compiled-fused: compiled and fused;
-* reference: tools/reference_transformer.py, written as fairseq writes `transformer`, with the same step.
+* reference: reference_transformer.py, written as fairseq writes `transformer`, with the same step.
 
 Timing is round-robin (each round times every implementation for --steps steps, in turn) so a noisy shared
 machine slows all of them alike; the per-step time is the median over rounds. Peak memory is measured in a fresh
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -41,11 +41,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+import torch
 
-import torch  # noqa: E402
+from megabranch.config import load_config
+from megabranch.model import count_parameters
+from megabranch.ops import backend, fallback_reason
+from megabranch.training.engine import Trainer
+
+from .reference_transformer import ReferenceTransformer, label_smoothed_loss
+
+ROOT = Path(__file__).resolve().parents[2]
 
 IMPLS = ("megabranch-eager", "megabranch-fused", "megabranch-compiled", "megabranch-compiled-fused", "reference")
 DEFAULT_IMPLS = ("megabranch-eager", "megabranch-fused", "megabranch-compiled", "reference")
@@ -91,10 +96,6 @@ def build_step(impl: str, args):
     """-> (step function running one training step, parameter count)."""
     device = torch.device(args.device)
     if impl.startswith("megabranch"):
-        from megabranch.config import load_config
-        from megabranch.model import count_parameters
-        from megabranch.training.engine import Trainer
-
         cfg = load_config(None, [
             "model.residual=post_ln", f"model.d_model={args.d_model}", f"model.n_heads={args.heads}",
             f"model.ffn_dim={4 * args.d_model}", f"model.encoder_layers={args.layers}", f"model.decoder_layers={args.layers}",
@@ -104,8 +105,6 @@ def build_step(impl: str, args):
         ])
         trainer = Trainer(cfg, args.vocab, device=device, init_seed=1)
         return (lambda batch: trainer.train_step([batch])), count_parameters(trainer.model)
-
-    from reference_transformer import ReferenceTransformer, label_smoothed_loss
 
     torch.manual_seed(1)
     model = ReferenceTransformer(args.vocab, args.d_model, args.heads, 4 * args.d_model, args.layers, args.layers)
@@ -153,8 +152,6 @@ def _peak_mb() -> float:
 
 def memory_child(impl: str, args) -> dict:
     """Run in a fresh process: RSS after building, peak RSS over a few steps."""
-    import gc
-
     torch.set_num_threads(args.threads)
     batch = make_batch(args.tokens, args.seq_len, args.vocab)
     step, _ = build_step(impl, args)
@@ -177,8 +174,8 @@ def memory_child(impl: str, args) -> dict:
 
 
 def measure_memory(impl: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", impl, *_shared_argv(args)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [sys.executable, "-m", "tools.bench.train", "--memory-child", impl, *_shared_argv(args)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -210,8 +207,6 @@ def run_bench(args) -> dict:
                 first[i] = time.perf_counter() - t0
     extra = {}
     if "megabranch-fused" in impls:
-        from megabranch.ops import backend, fallback_reason
-
         extra["fused_backend"] = backend(torch.device(args.device))
         extra["fused_fallback_reason"] = fallback_reason(torch.device(args.device))
     for _ in range(args.rounds):
