@@ -280,3 +280,48 @@ def test_normformer_decoder_layer_matches_fairseqs():
         fs, _, _ = theirs(x.transpose(0, 1), mem.transpose(0, 1), mem_mask,
                           self_attn_mask=torch.full((5, 5), float("-inf")).triu(1))
         assert _rel(ours(x, one, one, mem, ~mem_mask), fs.transpose(0, 1)) < 1e-5
+
+
+def _saved_bytes(fn) -> tuple[int, object]:
+    """Bytes of the distinct storages autograd saves for the backward while `fn` runs, and fn's result."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 5), (2, 6), (5, 8), (9, 12)])
+def test_dlcl_histories_are_what_travels_and_what_the_planner_counts(lo, hi):
+    """A DLCL slice receives and sends its stacks' histories in the shapes Span.message_shapes gives (the
+    executor's receive buffers); the planner's DLCL extra memory (CostModel.history_bytes) is within 15% of the
+    bytes autograd really saves beyond Pre-LN on the same slice, and its sent bytes are the history's."""
+    from megabranch.model import Span, Transformer
+    from megabranch.parallel.cost_model import CostModel
+    from megabranch.parallel.layout import Chunk
+
+    b, s, t, d = 4, 24, 20, 32
+    measured, planned = {}, {}
+    span = Span.of_layers(lo, hi, 6, 6)
+    for residual in ("pre_ln", "dlcl"):
+        cfg = tiny_model_cfg(residual=residual, encoder_layers=6, decoder_layers=6)
+        model = Transformer(cfg, V, span=span, seed=0).train()
+        src, prev = torch.randint(4, V, (b, s)), torch.randint(4, V, (b, t))
+        inputs = [torch.randn(shape, requires_grad=True)
+                  for shape in span.message_shapes(True, b, s, t, d, residual == "dlcl")]
+        measured[residual], out = _saved_bytes(lambda: model(src, prev, *inputs))
+        if not span.output:  # (the last slice returns the logits)
+            assert [tuple(o.shape) for o in out] == span.message_shapes(False, b, s, t, d, residual == "dlcl")
+        cm = CostModel(cfg, V, tokens=b * t, src_len=s, tgt_len=t)
+        chunk = Chunk.of_layers(lo, hi, 6, 6)
+        planned[residual] = (cm.chunk_activation_bytes(chunk), cm.message_bytes(chunk))
+    extra, planned_extra = measured["dlcl"] - measured["pre_ln"], planned["dlcl"][0] - planned["pre_ln"][0]
+    assert extra > 0 and abs(planned_extra / extra - 1) < 0.15, (extra, planned_extra)
+    entries = [shape[0] for shape in span.message_shapes(False, b, s, t, d, True) if len(shape) == 4]
+    history = sum(entries) - len(entries)  # what DLCL sends beyond the one hidden per stack
+    per_entry = (t if span.runs_decoder else s) * b * d * 4
+    assert planned["dlcl"][1] - planned["pre_ln"][1] == history * per_entry
