@@ -22,7 +22,7 @@ from .errors import UserError
 # the residual schemes (megabranch/residual.py: what each computes; README's table: the equations)
 RESIDUALS = ("post_ln", "pre_ln", "deepnorm", "branchnorm", "ds_init", "admin", "rezero", "r_fixup", "t_fixup", "dlcl",
              "normformer", "subln")
-# the schemes whose paper prescribes the initialisation: model.deepnorm_init does not apply to them
+# the schemes whose paper prescribes the initialisation: model.deepnorm_init=true does not apply to them
 RESIDUALS_WITH_OWN_INIT = ("ds_init", "r_fixup", "t_fixup", "subln")
 SCHEDULES = ("linear", "exp", "sigmoid")
 # pipeline schedules (megabranch/parallel/schedules.py), plus "auto" (parallel/planning.py decides)
@@ -141,8 +141,8 @@ class Config:
             RANGES[key].check(key, value)
         m = self.model
         _check(m.residual in RESIDUALS, "model.residual", m.residual, f"one of {', '.join(RESIDUALS)}")
-        _check(m.deepnorm_init is None or m.residual not in RESIDUALS_WITH_OWN_INIT, "model.deepnorm_init",
-               m.deepnorm_init, f"unset with model.residual={m.residual} (it has its own initialisation)")
+        _check(m.deepnorm_init is not True or m.residual not in RESIDUALS_WITH_OWN_INIT, "model.deepnorm_init",
+               m.deepnorm_init, f"unset or false with model.residual={m.residual} (it has its own initialisation)")
         _check(m.alpha_schedule in SCHEDULES, "model.alpha_schedule", m.alpha_schedule, f"one of {', '.join(SCHEDULES)}")
         _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
         _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")

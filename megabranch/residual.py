@@ -13,7 +13,7 @@ Every attention and FFN sub-layer has one of three shapes (`Scheme.shape`):
                                                r_fixup: x + m * dropout(F(x + b)), scalar b, m per sub-layer
 
 SCHEMES holds each scheme's shape and its equation (README's table, docs/design.md cite the papers). The
-step-dependent alpha_t lives in exactly one place per process: the 0-dim `s` buffer of each stack's
+step-dependent alpha_t lives in exactly one place per process: the 0-dim `branch_scale` buffer of each stack's
 `ResidualCoefficients`, updated in place by `set_step`. Modules read the tensor, never a Python float, so a
 compiled graph, a CUDA graph or a later pipeline stage sees the new value without recompiling.
 """
@@ -144,7 +144,8 @@ def alpha_at(step: int, warmup: int, schedule: str = "linear") -> float:
 
 
 class ResidualCoefficients(nn.Module):
-    """The (r, s) pair shared by every sub-layer of one stack, as 0-dim buffers.
+    """The scales (r, s) of LN(r * x + s * F(x)) shared by every sub-layer of one stack, as 0-dim buffers:
+    `shortcut_scale` r (DeepNorm's alpha) and `branch_scale` s (BranchNorm's alpha_t).
 
     Buffers are non-persistent: they are derived from the global step (which the checkpoint stores), so a
     state dict never carries a stale alpha.
@@ -153,9 +154,9 @@ class ResidualCoefficients(nn.Module):
     def __init__(self, residual: str, deepnorm_alpha: float = 1.0, schedule: str = "linear", warmup: int = 4000):
         super().__init__()
         self.residual, self.schedule, self.warmup = residual, schedule, warmup
-        self.r_value = deepnorm_alpha if residual == "deepnorm" else 1.0
-        self.register_buffer("r", torch.tensor(self.r_value, dtype=torch.float32), persistent=False)
-        self.register_buffer("s", torch.tensor(1.0, dtype=torch.float32), persistent=False)
+        self.shortcut_value = deepnorm_alpha if residual == "deepnorm" else 1.0
+        self.register_buffer("shortcut_scale", torch.tensor(self.shortcut_value, dtype=torch.float32), persistent=False)
+        self.register_buffer("branch_scale", torch.tensor(1.0, dtype=torch.float32), persistent=False)
         self.step = 0
         self.set_step(0)
 
@@ -169,17 +170,17 @@ class ResidualCoefficients(nn.Module):
     def set_step(self, step: int) -> None:
         self.step = step
         if self.residual == "branchnorm":
-            self.s.fill_(alpha_at(step, self.warmup, self.schedule))
+            self.branch_scale.fill_(alpha_at(step, self.warmup, self.schedule))
 
     @torch.no_grad()
     def reset(self) -> None:
         """Refill both buffers (after a meta-device build has been given real storage)."""
-        self.r.fill_(self.r_value)
-        self.s.fill_(1.0)
+        self.shortcut_scale.fill_(self.shortcut_value)
+        self.branch_scale.fill_(1.0)
         self.set_step(self.step)
 
     def extra_repr(self) -> str:
-        return f"residual={self.residual}, r={float(self.r):.4g}, s={float(self.s):.4g}"
+        return f"residual={self.residual}, r={float(self.shortcut_scale):.4g}, s={float(self.branch_scale):.4g}"
 
 
 def set_step(model: nn.Module, step: int) -> None:
@@ -193,5 +194,5 @@ def current_alpha(model: nn.Module) -> float:
     """The BranchNorm alpha the model is using now (1.0 for schemes without one); for logging only."""
     for m in model.modules():
         if isinstance(m, ResidualCoefficients) and m.residual == "branchnorm":
-            return float(m.s)
+            return float(m.branch_scale)
     return 1.0

@@ -217,7 +217,8 @@ def _check_dropout(grid):
     for use_ckpt in (False, True):
         model_parallel_seed(11, grid)
         x = x0.clone().requires_grad_()
-        y = checkpoint(layer, x, coeffs.r, coeffs.s) if use_ckpt else layer(x, coeffs.r, coeffs.s)
+        r, s = coeffs.shortcut_scale, coeffs.branch_scale
+        y = checkpoint(layer, x, r, s) if use_ckpt else layer(x, r, s)
         layer.zero_grad()
         (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
         results.append((y.detach(), x.grad, [p.grad.clone() for p in layer.parameters()]))

@@ -77,7 +77,7 @@ def initial_value(name: str, shape: tuple, cfg: ModelConfig, seed: int) -> torch
         return t
     if name.endswith(("bias", "residual_weight")):  # every bias (R-Fixup's scalars too), ReZero's a_l
         return t.zero_()
-    if "norm." in name or name.endswith(("omega", "head_scale", "branch_scale", "final_scale")):
+    if "norm." in name or name.endswith(("omega", "head_scale", "fixup_scale", "final_scale")):
         return t.fill_(1.0)
     if name.endswith("combine.weight"):
         return t.fill_(1.0 / shape[0])

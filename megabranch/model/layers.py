@@ -71,17 +71,17 @@ class Residual(nn.Module):
         self.dropout_p = dropout
         self.fused = fused and fused_applies(residual)
         self.omega = nn.Parameter(torch.ones(d_model)) if residual == "admin" else None
-        self.pre_block_bias = nn.Parameter(torch.zeros(1)) if residual == "r_fixup" else None
-        self.branch_scale = nn.Parameter(torch.ones(1)) if residual == "r_fixup" else None
+        self.fixup_bias = nn.Parameter(torch.zeros(1)) if residual == "r_fixup" else None
+        self.fixup_scale = nn.Parameter(torch.ones(1)) if residual == "r_fixup" else None
         self.admin_profile: AdminProfile | None = None  # set only during Admin's profiling pass
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, s: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.shape == "pre":
             return x + F.dropout(self.block(self.norm(x), **kwargs), self.dropout_p, self.training)
         if self.shape == "none":
-            if self.pre_block_bias is not None:  # r_fixup
-                f = F.dropout(self.block(x + self.pre_block_bias, **kwargs), self.dropout_p, self.training)
-                return torch.addcmul(x, self.branch_scale, f)
+            if self.fixup_bias is not None:  # r_fixup
+                f = F.dropout(self.block(x + self.fixup_bias, **kwargs), self.dropout_p, self.training)
+                return torch.addcmul(x, self.fixup_scale, f)
             f = F.dropout(self.block(x, **kwargs), self.dropout_p, self.training)
             return x + f if self.residual == "t_fixup" else torch.addcmul(x, s, f)  # rezero: s is the layer's a_l
         f = self.block(x, **kwargs)
@@ -129,6 +129,7 @@ class _Layer(nn.Module):
         self.history_norm = LayerNorm(cfg.d_model, cfg.ln_eps) if cfg.residual == "dlcl" else None
 
     def branch_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """The s of its sub-layers: the stack's, or under ReZero the layer's own a_l."""
         return s if self.residual_weight is None else self.residual_weight
 
 

@@ -146,8 +146,8 @@ class Encoder(_Stack):
         continue from what the previous slice sent (the hidden; DLCL: its stacked history)."""
         key_mask = src_tokens.ne(PAD) if key_mask is None else key_mask
         state = self.start(self.embed(src_tokens)) if x is None else self.received(x)
-        co = self.coeffs
-        state = self.run_layers(state, lambda layer, h: layer(h, co.r, co.s, key_mask=key_mask))
+        r, s = self.coeffs.shortcut_scale, self.coeffs.branch_scale
+        state = self.run_layers(state, lambda layer, h: layer(h, r, s, key_mask=key_mask))
         return self.finish(state, self.ends), key_mask
 
 
@@ -170,13 +170,13 @@ class Decoder(_Stack):
         else continue from what the previous slice sent. With `cache` (a list of per-layer dicts), only the new
         tokens are run (incremental decoding, `offset` = tokens already done)."""
         state = self.start(self.embed(prev_tokens, offset)) if y is None else self.received(y)
-        co = self.coeffs
+        r, s = self.coeffs.shortcut_scale, self.coeffs.branch_scale
         if cache is not None:
-            caches = {id(layer): c for layer, c in zip(self.layers, cache)}
-            state = self.run_layers(state, lambda layer, h, mem: layer(h, co.r, co.s, mem, memory_mask,
+            caches = {id(layer): per_layer for layer, per_layer in zip(self.layers, cache)}
+            state = self.run_layers(state, lambda layer, h, mem: layer(h, r, s, mem, memory_mask,
                                                                         cache=caches[id(layer)]), memory)
         else:
-            state = self.run_layers(state, lambda layer, h, mem: layer(h, co.r, co.s, mem, memory_mask), memory)
+            state = self.run_layers(state, lambda layer, h, mem: layer(h, r, s, mem, memory_mask), memory)
         y = self.finish(state, self.ends)
         if project and self.output is not None:
             return self.output(y)

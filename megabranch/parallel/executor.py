@@ -143,7 +143,7 @@ class PipelineExecutor:
         for stack in (self.chunks[v].encoder, self.chunks[v].decoder):
             if len(stack.layers):
                 self.audit.append((phase, self.specs[v].index, mb, "encoder" if stack is self.chunks[v].encoder
-                                   else "decoder", float(stack.coeffs.s)))
+                                   else "decoder", float(stack.coeffs.branch_scale)))
 
     def _forward(self, v: int, mb: "MicroBatch", inputs: tuple) -> tuple:
         """Chunk v's forward: -> what it sends on, or (loss_sum, nll_sum) on the last chunk."""

@@ -91,7 +91,7 @@ def _sublayer(x, f, p, name, cfg, stack, layer, alpha_t):
     if res == "t_fixup":
         return x + f(x)
     if res == "r_fixup":
-        return x + p[f"{name}.branch_scale"] * f(x + p[f"{name}.pre_block_bias"])
+        return x + p[f"{name}.fixup_scale"] * f(x + p[f"{name}.fixup_bias"])
     raise AssertionError(res)
 
 
