@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from megabranch.config import RESIDUALS
 from megabranch.generate import beam_search, greedy_decode
 from megabranch.model import build_model
 from megabranch.residual import set_step
@@ -22,7 +23,7 @@ def _model(residual="branchnorm", vocab=40, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("residual,embeddings", [("post_ln", {}), ("pre_ln", {}), ("deepnorm", {}), ("branchnorm", {}),
+@pytest.mark.parametrize("residual,embeddings", [(r, {}) for r in RESIDUALS] + [
     ("deepnorm", dict(positions="learned", position_offset=2, embed_scale=1.0))])  # torchscale's conventions
 def test_incremental_decoding_equals_full_recomputation(residual, embeddings):
     model = _model(residual, decoder_layers=3, **embeddings)

@@ -407,3 +407,39 @@ def test_regional_compile_runs_every_new_scheme_in_one_graph_per_layer_kind():
                 assert q.grad is None or not q.grad.any(), (residual, name)
             elif not name.endswith("k_proj.bias"):  # 0 in exact arithmetic (softmax's shift invariance): noise only
                 assert _rel(q.grad, p.grad) < 1e-5, (residual, name)
+
+
+@pytest.mark.parametrize("residual", RESIDUALS)
+def test_the_analyses_measure_every_scheme(residual):
+    """megabranch.analysis (adjacent-layer cosine, FFN activity, per-layer gradient norms) on every scheme: one
+    number per layer and stack; DLCL's layers are measured on their combined input, R-Fixup's FFN activity includes
+    its scalar bias."""
+    from megabranch.analysis import analyze_model
+
+    cfg = tiny_model_cfg(residual=residual, encoder_layers=3, decoder_layers=2)
+    model = build_model(cfg, V, seed=0)
+    set_step(model, 10**6)  # BranchNorm's alpha at 1: its branches reach the loss
+    _perturb(model)
+    src, prev = _batch(5)
+    stats = analyze_model(model, {"src_tokens": src, "prev_output_tokens": prev, "target": prev})
+    for stack, n in (("encoder", 3), ("decoder", 2)):
+        for key in ("cosine", "ffn_nonzero", "grad_norm"):
+            values = stats[stack][key]
+            assert len(values) == n and all(math.isfinite(v) for v in values), (residual, stack, key)
+        assert all(0 <= v <= 1 for v in stats[stack]["ffn_nonzero"]) and all(v > 0 for v in stats[stack]["grad_norm"])
+
+
+def test_the_fused_residual_layernorm_serves_the_schemes_of_its_shape():
+    """model.fused_kernels puts LN(r x + s F) through megabranch.ops for post_ln, deepnorm, branchnorm and ds_init
+    (scalar r, s) and leaves every other scheme on the plain ops; ds_init's fused model gives the eager logits."""
+    from megabranch.model.layers import Residual
+
+    for residual in RESIDUALS:
+        model = build_model(tiny_model_cfg(residual=residual, fused_kernels=True), V, seed=0)
+        flags = {m.fused for m in model.modules() if isinstance(m, Residual)}
+        assert flags == {residual in ("post_ln", "deepnorm", "branchnorm", "ds_init")}, residual
+    src, prev = _batch(6)
+    fused = build_model(tiny_model_cfg(residual="ds_init", fused_kernels=True), V, seed=0).eval()
+    plain = build_model(tiny_model_cfg(residual="ds_init"), V, seed=0).eval()
+    with torch.no_grad():
+        assert _rel(fused(src, prev), plain(src, prev)) < 1e-5
