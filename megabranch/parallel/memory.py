@@ -12,13 +12,13 @@ copies and tensor-parallel shards included (the rank reported is tensor-parallel
     optimizer           AdamW exp_avg + exp_avg_sq, fp32 = 8 bytes/param; divided by dp with ZeRO-1
     act/mb              activations one micro-batch of `tokens` target tokens keeps for its backward, with the
                         configured parallel.recompute (and, for comparison, without recomputation)
-    sent/mb             bytes the stage's chunks send on for one micro-batch (their input gradients come back
-                        the same size); under DLCL every hidden is the stack's history so far (model/span.py)
     total               weights + grads + optimizer + act/mb: what the layout decides, and what is balanced
     peak                total with every micro-batch the schedule has in flight on that stage (1F1B: stage r
                         holds pp - r of them); under a split backward (zb-h1, zb-v) a micro-batch holds its
                         activations from F to B and what B leaves for W (cost_model.chunk_weight_grad_bytes)
                         from B to W, so the W's a stage postpones count too
+    sent/mb             bytes the stage's chunks send on for one micro-batch (their input gradients come back
+                        the same size); under DLCL every hidden is the stack's history so far (model/span.py)
 """
 
 from __future__ import annotations
@@ -116,10 +116,10 @@ def fmt_mb(b: float) -> str:
 def print_table(rows, out=None) -> None:
     out = out or sys.stdout
     head = ["stage", "layers", "params (M)", "weights MB", "grads MB", "optim MB", "act/mb MB", "act/mb no-rc MB",
-            "sent/mb MB", "total MB", "peak MB"]
+            "total MB", "peak MB", "sent/mb MB"]
     body = [[str(r.rank), r.layers if len(r.layers) <= 28 else r.layers[:25] + "...", f"{r.params / 1e6:,.2f}",
-             fmt_mb(r.weights), fmt_mb(r.grads), fmt_mb(r.optim), fmt_mb(r.act), fmt_mb(r.act_full), fmt_mb(r.sent),
-             fmt_mb(r.total), fmt_mb(r.peak)] for r in rows]
+             fmt_mb(r.weights), fmt_mb(r.grads), fmt_mb(r.optim), fmt_mb(r.act), fmt_mb(r.act_full), fmt_mb(r.total),
+             fmt_mb(r.peak), fmt_mb(r.sent)] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
 
     def line(cells):
