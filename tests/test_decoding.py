@@ -80,8 +80,8 @@ def test_bf16_weights_decode_close_to_fp32_with_exact_coefficients():
     fp32 = _model("deepnorm")
     bf16 = prepare(_model("deepnorm"), torch.device("cpu"), "bf16")
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
-    coeffs = [(m.r, m.s) for m in bf16.modules() if isinstance(m, ResidualCoefficients)]
-    ref = [(m.r, m.s) for m in fp32.modules() if isinstance(m, ResidualCoefficients)]
+    coeffs = [(m.shortcut_scale, m.branch_scale) for m in bf16.modules() if isinstance(m, ResidualCoefficients)]
+    ref = [(m.shortcut_scale, m.branch_scale) for m in fp32.modules() if isinstance(m, ResidualCoefficients)]
     assert all(r.dtype == s.dtype == torch.float32 for r, s in coeffs)
     assert all(torch.equal(a, b) for pair, want in zip(coeffs, ref) for a, b in zip(pair, want))
     assert float(ref[0][0]) != 1.0  # DeepNorm's alpha: would be rounded by a bf16 cast
