@@ -85,7 +85,7 @@ class _Recorder:
                 self.handles.append(layer.register_forward_hook(self._output_hook(stack, i + 1)))
                 ffn = [m for m in layer.modules() if isinstance(m, FeedForward)]
                 if ffn:
-                    self.handles.append(ffn[0].fc1.register_forward_hook(self._act_hook(stack, i, ffn[0].act)))
+                    self.handles.append(ffn[0].fc1.register_forward_hook(self._act_hook(stack, i, ffn[0])))
 
     def _input_hook(self, stack):
         def hook(module, args):
@@ -97,9 +97,10 @@ class _Recorder:
             self.reps[stack][i] = out.detach()
         return hook
 
-    def _act_hook(self, stack, i, act):
-        def hook(module, args, out):
-            self.acts[stack][i] = act(out.detach())
+    def _act_hook(self, stack, i, ffn):
+        def hook(module, args, out):  # the activation's input: fc1's output (+ R-Fixup's scalar bias)
+            h = out.detach() if ffn.pre_act_bias is None else out.detach() + ffn.pre_act_bias.detach()
+            self.acts[stack][i] = ffn.act(h)
         return hook
 
     def remove(self):

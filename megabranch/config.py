@@ -19,7 +19,11 @@ import yaml
 
 from .errors import UserError
 
-RESIDUALS = ("post_ln", "pre_ln", "deepnorm", "branchnorm")
+# the residual schemes (megabranch/residual.py: what each computes; README's table: the equations)
+RESIDUALS = ("post_ln", "pre_ln", "deepnorm", "branchnorm", "ds_init", "admin", "rezero", "r_fixup", "t_fixup", "dlcl",
+             "normformer", "subln")
+# the schemes whose paper prescribes the initialisation: model.deepnorm_init=true does not apply to them
+RESIDUALS_WITH_OWN_INIT = ("ds_init", "r_fixup", "t_fixup", "subln")
 SCHEDULES = ("linear", "exp", "sigmoid")
 # pipeline schedules (megabranch/parallel/schedules.py), plus "auto" (planning/schedule_choice.py decides)
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
@@ -27,7 +31,7 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 
 @dataclass
 class ModelConfig:
-    residual: str = "branchnorm"  # post_ln | pre_ln | deepnorm | branchnorm
+    residual: str = "branchnorm"  # one of RESIDUALS
     encoder_layers: int = 6
     decoder_layers: int = 6
     d_model: int = 512
@@ -48,7 +52,7 @@ class ModelConfig:
     # BranchNorm: alpha_t = schedule(t / T), clipped to 1.
     alpha_schedule: str = "linear"  # linear | exp | sigmoid
     alpha_warmup_steps: int = 4000  # T
-    deepnorm_init: bool | None = None  # None: on for deepnorm and branchnorm, off otherwise
+    deepnorm_init: bool | None = None  # None: on for deepnorm and branchnorm, off otherwise (not for own-init schemes)
     fused_kernels: bool = False  # use megabranch.ops.residual_layernorm (C++/CUDA) for LN(r*x + s*F)
     compile: bool = False  # torch.compile each encoder / decoder layer (model/regional_compile.py)
     compile_backend: str = "inductor"  # the torch.compile backend: inductor, aot_eager (debugging), ...
@@ -138,6 +142,8 @@ class Config:
             RANGES[key].check(key, value)
         m = self.model
         _check(m.residual in RESIDUALS, "model.residual", m.residual, f"one of {', '.join(RESIDUALS)}")
+        _check(m.deepnorm_init is not True or m.residual not in RESIDUALS_WITH_OWN_INIT, "model.deepnorm_init",
+               m.deepnorm_init, f"unset or false with model.residual={m.residual} (it has its own initialisation)")
         _check(m.alpha_schedule in SCHEDULES, "model.alpha_schedule", m.alpha_schedule, f"one of {', '.join(SCHEDULES)}")
         _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
         _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")

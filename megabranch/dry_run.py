@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from .backends.deepspeed.layers import check_scheme
 from .backends.deepspeed.partition import ds_parts
 from .config import ints
 from .errors import UserError
@@ -68,6 +69,8 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
         src_v, tgt_v, where = data_vocab(cfg.data.data_dir)
     if mc.share_all_embeddings and src_v != tgt_v:
         raise UserError(f"model.share_all_embeddings needs one joint vocabulary ({where}: {src_v} vs {tgt_v})")
+    if backend == "deepspeed":
+        check_scheme(mc)
     if backend == "deepspeed" and (p.tp != 1 or p.vpp != 1):
         raise UserError(f"--backend deepspeed runs pipeline x data parallelism only: set parallel.tp=1 and "
                         f"parallel.vpp=1 (got tp={p.tp}, vpp={p.vpp})")
@@ -108,6 +111,7 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     print_table(rows, out)
     info = {"world_size": world, "dp": dp, "layout": str(layout), "parameters": total,
             "stage_parameters": [r.params for r in rows], "peak_bytes": [r.peak for r in rows],
+            "sent_bytes": [r.sent for r in rows],
             "effective_tokens": tokens, "schedule": kind, "vpp": p.vpp, "micro_batches": m,
             "max_tokens": planned_cfg.data.max_tokens, "bubble": None}
     if schedule_plan is not None:

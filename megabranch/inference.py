@@ -43,6 +43,6 @@ def prepare(model: nn.Module, device: torch.device, precision: str = "fp32") -> 
     model = model.to(device=device, dtype=PRECISIONS[precision])
     for m in model.modules():
         if isinstance(m, ResidualCoefficients):
-            m.r, m.s = m.r.float(), m.s.float()
+            m.shortcut_scale, m.branch_scale = m.shortcut_scale.float(), m.branch_scale.float()
             m.reset()  # recomputed from the step, not rounded through the cast
     return model.eval()

@@ -69,7 +69,7 @@ def test_cosine_matches_a_manual_layer_by_layer_pass():
     with torch.no_grad():
         mask = b["src_tokens"].ne(PAD)
         x = model.encoder.embed(b["src_tokens"])
-        r, s = model.encoder.coeffs.r, model.encoder.coeffs.s
+        r, s = model.encoder.coeffs.shortcut_scale, model.encoder.coeffs.branch_scale
         expect = []
         for layer in model.encoder.layers:
             y = layer(x, r, s, key_mask=mask)

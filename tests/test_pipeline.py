@@ -14,6 +14,7 @@ import torch
 from megabranch import memory_plan
 from megabranch.config import Config
 from megabranch.errors import UserError
+from megabranch.model.span import Carried
 from megabranch.planning.cost_model import CostModel
 from megabranch.parallel.layout import Layout, parse_layout
 from megabranch.planning.partition import balanced_bounds, imbalance, plan_layout
@@ -37,12 +38,13 @@ def test_layout_string_round_trip_and_placement():
     assert str(lay) == "E0-3|E4-5,D0|D1-3|D4-5"
     assert [c.rank for c in lay.chunks] == [0, 1, 0, 1] and [c.virtual for c in lay.chunks] == [0, 0, 1, 1]
     c0, c1, c2, c3 = lay.chunks
-    assert c0.src_embed and not c0.tgt_embed and c0.sends == "x"
-    assert c1.ends_encoder and c1.tgt_embed and c1.receives == "x" and c1.sends == "memory+y"
-    assert c2.receives == "memory+y" and c3.output and c3.sends == ""
+    hidden, memory, y = Carried.ENCODER_HIDDEN, Carried.MEMORY, Carried.DECODER_HIDDEN
+    assert c0.src_embed and not c0.tgt_embed and c0.sends == (hidden,)
+    assert c1.ends_encoder and c1.tgt_embed and c1.receives == (hidden,) and c1.sends == (memory, y)
+    assert c2.receives == (memory, y) and c3.output and c3.sends == ()
     assert lay.ranks_holding("src_embed") == [0] and lay.ranks_holding("output") == [1]
     edge = parse_layout("E0-1|D0-1", 2, 2, pp=2, vpp=1)  # the cut exactly at the encoder's end
-    assert edge.chunks[0].sends == "memory" and edge.chunks[1].receives == "memory"
+    assert edge.chunks[0].sends == (memory,) and edge.chunks[1].receives == (memory,)
     assert Layout.from_bounds(lay.bounds(), 2, 2, 6, 6) == lay
 
 

@@ -22,7 +22,15 @@ from ..errors import UserError
 from ..model.embeddings import embed_scale
 
 TORCHSCALE_RESIDUALS = {"deepnorm": dict(deepnorm=True, subln=False), "post_ln": dict(deepnorm=False, subln=False),
-                        "pre_ln": dict(deepnorm=False, subln=False, normalize_before=True)}
+                        "pre_ln": dict(deepnorm=False, subln=False, normalize_before=True),
+                        "subln": dict(deepnorm=False, subln=True, normalize_before=True)}
+
+
+def check_torchscale_scheme(mc: ModelConfig) -> None:
+    """One line naming the scheme when torchscale's EncoderDecoder cannot hold it."""
+    if mc.residual not in TORCHSCALE_RESIDUALS:
+        raise UserError(f"model.residual={mc.residual}: torchscale has no counterpart (valid: "
+                        f"{', '.join(TORCHSCALE_RESIDUALS)})")
 
 
 def _timm_drop_path() -> None:
@@ -73,9 +81,7 @@ def torchscale_model(mc: ModelConfig, vocab: int, tgt_vocab: int, state: dict, p
     """torchscale's EncoderDecoder of the same shape as `mc` (`source_args`, the EncoderDecoderConfig arguments
     the source was built with, override what `mc` says), holding the torchscale-named `state`, in eval mode."""
     EncoderDecoder, EncoderDecoderConfig, TextEmbedding, PositionalEmbedding = torchscale()
-    if mc.residual not in TORCHSCALE_RESIDUALS:
-        raise UserError(f"model.residual={mc.residual}: torchscale has no counterpart (valid: "
-                        f"{', '.join(TORCHSCALE_RESIDUALS)})")
+    check_torchscale_scheme(mc)
     scale = embed_scale(mc)
     if scale not in (1.0, mc.d_model**0.5):
         raise UserError(f"model.embed_scale={mc.embed_scale}: torchscale scales embeddings by 1 or sqrt(d_model) only")

@@ -12,7 +12,7 @@ from ...config import Config, ModelConfig
 from ...errors import UserError
 from ...model import meta_model
 from ...model.transformer import DECODER_TABLE, SHARED_TABLE
-from .layers import layer_plan, unit_state_keys
+from .layers import check_scheme, layer_plan, unit_state_keys
 
 EXPORT_TAG = "megabranch"
 
@@ -53,6 +53,7 @@ def export_deepspeed(model_state: dict, cfg, out_dir: str, vocab: int | None = N
     mp_rank_00_model_states.pt with no optimizer state, and out_dir/latest. The layer files do not depend on the
     pipeline size, so any pp loads them. cfg: a Config or ModelConfig. Returns the files."""
     mc = cfg.model if isinstance(cfg, Config) else cfg
+    check_scheme(mc)  # a scheme the DeepSpeed backend cannot run is not written for it
     vocab, tgt_vocab = _vocabs(model_state, vocab, tgt_vocab)
     aliases = _aliases(mc)
     used, files = set(), []
