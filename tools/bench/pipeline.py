@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from megabranch.model.span import Carried
 from megabranch.parallel.executor import MicroBatch, PipelineExecutor
 from megabranch.parallel.layout import chunk_rank, chunk_virtual
 from megabranch.parallel.schedules import placement_of, simulate
@@ -83,11 +84,16 @@ class UniformChunk(nn.Module):
     """Stands in for a model slice: receives and sends one (B, S, D) tensor, the last chunk returns its output for
     the executor's loss (a zero-weight sum here)."""
 
+    cfg = SimpleNamespace(residual="post_ln")  # what the executor reads of a model slice's config
+
     def __init__(self, seconds: float, mode: str, clock: list):
         super().__init__()
         self.w = nn.Parameter(torch.ones(()))
         self.seconds, self.mode, self.clock = seconds, mode, clock
         self.store = None  # the executor's WeightGradStore
+
+    def needs_admin_profile(self) -> bool:  # what the executor asks a model slice before the first step
+        return False
 
     def forward(self, src_tokens, prev_tokens, *inputs):
         x = inputs[0] if inputs else torch.ones(B, S, D)
@@ -100,10 +106,12 @@ def _zero_loss(out, mb):
 
 
 def _spec(index: int, k: int, pp: int, placement: str) -> SimpleNamespace:
-    """What the executor reads of a layout Chunk."""
+    """What the executor reads of a layout Chunk: one (B, S, D) hidden in, one out."""
+    hidden = (Carried.ENCODER_HIDDEN,)
     return SimpleNamespace(index=index, rank=chunk_rank(index, pp, placement), virtual=chunk_virtual(index, pp),
-                           output=index == k - 1, receives="" if index == 0 else "x",
-                           sends="" if index == k - 1 else "x")
+                           output=index == k - 1, receives=() if index == 0 else hidden,
+                           sends=() if index == k - 1 else hidden, runs_decoder=False,
+                           message_shapes=lambda incoming, b, s, t, d, history=False: [(b, s, d)])
 
 
 SCHEDULES = (("1f1b", 1), ("interleaved", None), ("zb-h1", 1), ("zb-v", 2))  # None: --vpp
