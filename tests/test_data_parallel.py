@@ -249,7 +249,7 @@ def _grad_bytes_held(tr) -> int:
 
 
 def _trainer_with_grad_probe(cfg):
-    """A ParallelTrainer whose optimizer records _grad_bytes_held when it steps (all gradients complete)."""
+    """A Trainer whose optimizer records _grad_bytes_held when it steps (all gradients complete)."""
     from megabranch.training.engine import Trainer
 
     tr = Trainer(cfg, PIPE_VOCAB)

@@ -65,11 +65,11 @@ def _references(tmp_path, layouts: dict) -> dict:
 
 
 def _body(rank, world, layouts, refs):
-    from megabranch.training.parallel_engine import ParallelTrainer
+    from megabranch.training.engine import Trainer
 
     for residual in SCHEMES:
         for name, (m, dp, parallel) in layouts.items():
-            tr = ParallelTrainer(_cfg(residual, m, parallel), VOCAB)
+            tr = Trainer(_cfg(residual, m, parallel), VOCAB)
             assert tr.grid.dp == dp
             losses = parallel_losses(tr, STEPS)
             ref = torch.load(refs[(residual, name)])
