@@ -25,6 +25,7 @@ The modules, one job each (this package re-exports their public functions: `chec
                         the single-process view
     averaging.py        fairseq-style averaging of several checkpoints
     lock.py             one writer per save directory (an flock held for the run's life)
+    paths.py            every path a checkpoint's metadata names stays inside its directory
     space.py            a full disk during a save: what is needed, what is free, the one-line error
 
 This package knows files, layouts and tensors; nothing about the training loop.
@@ -38,6 +39,7 @@ from .optimizer_state import (
     optimizer_to_canonical,
     restore,
 )
+from .paths import contained
 from .publication import atomic_write, atomic_write_bytes, prune, save_step, versions, write_step_dir
 from .reading import (
     FORMAT_VERSION,
@@ -68,8 +70,9 @@ from .resharding import (
 from .slice_reader import StepReader
 
 __all__ = [
-    "FORMAT_VERSION", "LOCK_NAME", "META", "READABLE_FORMATS", "SaveDirLock", "StepReader", "atomic_write",
-    "atomic_write_bytes", "average", "consolidate", "cut", "cut_optimizer", "has_checkpoints", "is_zero",
+    "FORMAT_VERSION", "LOCK_NAME", "META", "READABLE_FORMATS", "SaveDirLock", "StepReader",
+    "atomic_write", "atomic_write_bytes", "average", "consolidate", "contained", "cut", "cut_optimizer",
+    "has_checkpoints", "is_zero",
     "load_checkpoint", "load_file", "load_for_rank", "load_optimizer", "load_shard", "one_writer",
     "optimizer_to_canonical", "prune", "read_meta", "read_pointer", "resolve", "restore", "safe_load", "save_step",
     "sha256_file", "shard_files", "shard_name", "single_layout", "single_process_files", "step_dirs",
