@@ -16,8 +16,9 @@ import torch
 from . import checkpoint
 from .config import FINITE, Config, ints
 from .data import load_split
+from .device import resolve_device
 from .errors import UserError, cli_main
-from .inference import add_device_arguments, prepare, resolve_device, sentence_batches
+from .inference import add_device_arguments, prepare, sentence_batches
 from .model import PAD, build_model_from
 
 

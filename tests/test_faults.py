@@ -41,6 +41,7 @@ from tests.helpers.checkpoints import tiny_single
 from tests.helpers.dist import free_port, run_workers
 from tests.helpers.env import ROOT, load_tool, subprocess_env
 from tests.helpers.logs import records_by_step
+from tests.helpers.mounts import tmpfs_unavailable, with_tmpfs
 
 STEPS = 30
 TIMEOUT_S = 3  # parallel.timeout_s of the stalled-rank case
@@ -143,6 +144,54 @@ def test_convert_refuses_an_existing_sidecar(tmp_path, capsys):
     assert _exit_code(main, [save_dir, str(tmp_path / "model.safetensors")]) == EXIT_USER_ERROR
     assert f"{sidecar} already exists" in _one_line(capsys, "megabranch-convert: error:")
     assert sidecar.read_text() == '{"mine": 1}\n' and not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.unit
+def test_a_save_dir_that_cannot_be_created_is_one_line(tiny_corpus, tmp_path, capsys):
+    from megabranch.train import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory\n")
+    cfg = _config(tiny_corpus, str(blocker / "run"))
+    cfg["parallel"] = {}
+    assert _exit_code(main, ["--config", _write_config(tmp_path, "cfg", cfg)]) == EXIT_USER_ERROR
+    assert _one_line(capsys) == (f"megabranch-train: error: log.save_dir={blocker}/run cannot be created or written: "
+                                 f"{blocker} is a file, not a directory; set log.save_dir to a writable directory")
+
+
+@pytest.mark.unit
+def test_a_save_dir_on_a_read_only_filesystem_is_one_line(tiny_corpus, tmp_path):
+    why = tmpfs_unavailable()
+    if why:
+        pytest.skip(why)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    cfg = _config(tiny_corpus, str(read_only / "run"))
+    cfg["parallel"] = {}
+    argv = [sys.executable, "-m", "megabranch.train", "--config", _write_config(tmp_path, "cfg", cfg)]
+    done = subprocess.run(with_tmpfs(str(read_only), "ro", argv), env=subprocess_env(), cwd=ROOT, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == EXIT_USER_ERROR and _one_line(done.stderr) == (
+        f"megabranch-train: error: log.save_dir={read_only}/run cannot be created or written: Read-only file "
+        "system; set log.save_dir to a writable directory"), done.stderr
+
+
+@pytest.mark.unit
+def test_a_device_that_cannot_be_used_is_one_line_for_train_and_generate(tiny_corpus, tmp_path, capsys):
+    from megabranch.generate import main as generate
+    from megabranch.train import main as train
+
+    cfg = _config(tiny_corpus, str(tmp_path / "run"))
+    cfg["parallel"] = {}
+    path = _write_config(tmp_path, "cfg", cfg)
+    missing_gpu = ("cuda:99", "CUDA device") if torch.cuda.is_available() else ("cuda", "this torch is built without CUDA")
+    for device, needle in [missing_gpu, ("gpu0", "'gpu0' is not a device: use cpu, cuda or cuda:N"),
+                           ("meta", "megabranch runs on cpu or cuda (cuda:N), not meta")]:
+        assert _exit_code(train, ["--config", path, "--device", device]) == EXIT_USER_ERROR
+        assert needle in _one_line(capsys), (device, needle)
+        assert _exit_code(generate, ["--checkpoint", str(tmp_path / "nowhere"), "--device", device]) == EXIT_USER_ERROR
+        assert needle in _one_line(capsys, "megabranch-generate: error:"), (device, needle)
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written
 
 
 # --- one process: a full disk ----------------------------------------------------------------------------------
