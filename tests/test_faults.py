@@ -194,20 +194,21 @@ def test_a_device_that_cannot_be_used_is_one_line_for_train_and_generate(tiny_co
     assert not os.path.exists(tmp_path / "run")  # refused before anything was written
 
 
-# --- one process: a full disk ----------------------------------------------------------------------------------
+# --- one process: a save that fails ----------------------------------------------------------------------------
 
 
 class _FullDisk:
-    """Stands in for a disk that fills up during the save of step 4: the shard writer (safetensors' save_file)
-    writes part of a file under a path with `fills` in it, then fails as it does on a full filesystem (measured on
-    a 64 KiB tmpfs: SafetensorError "... No space left on device (os error 28)")."""
+    """Stands in for a disk that fills up during the saves whose paths contain one of `fills`: the shard writer
+    (safetensors' save_file) writes part of a file, then fails as it does on a full filesystem (measured on a 64 KiB
+    tmpfs: SafetensorError "... No space left on device (os error 28)"). The distributed test below fills a real
+    tmpfs."""
 
-    def __init__(self, fills: str, room: int):
+    def __init__(self, *fills: str, room: int = 4096):
         self.fills, self.room, self.failed = fills, room, 0
         self.real = shard_format.save_file
 
     def save_file(self, tensors, path, *args, **kwargs):
-        if self.fills not in str(path):
+        if not any(f in str(path) for f in self.fills):
             return self.real(tensors, path, *args, **kwargs)
         with open(path, "wb") as fh:
             fh.write(b"\0" * self.room)
@@ -216,9 +217,13 @@ class _FullDisk:
                                           f"(os error {errno.ENOSPC})")
 
 
+def _warnings(err: str) -> list[str]:
+    assert "Traceback" not in err, err
+    return [x for x in err.splitlines() if x.startswith("warning:")]
+
+
 @pytest.mark.unit
-def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tiny_corpus, tmp_path, capsys,
-                                                                              monkeypatch):
+def test_a_failed_save_is_one_line_and_training_goes_on_and_saves_again(tiny_corpus, tmp_path, capsys, monkeypatch):
     from megabranch.train import main
 
     save_dir = str(tmp_path / "run")
@@ -226,16 +231,34 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     cfg["parallel"] = {}
     cfg["optim"]["max_updates"] = 6
     cfg["log"]["valid_interval"] = 2
-    disk = _FullDisk("step_4", room=4096)
+    disk = _FullDisk("run/step_4")
     monkeypatch.setattr(shard_format, "save_file", disk.save_file)  # the shard writes, nothing else
-    # the save of step 4 runs in the background (log.async_save): its failure surfaces at the save of step 6
-    assert _exit_code(main, ["--config", _write_config(tmp_path, "cfg", cfg)]) == EXIT_USER_ERROR
-    line = _one_line(capsys)
-    assert disk.failed and "no space left on the device of" in line and "step_4.tmp-" in line, line
-    assert "files need about" in line and "the previous checkpoint is untouched" in line
-    assert checkpoint.read_pointer(save_dir, "latest") == "step_2"
-    assert sorted(os.listdir(save_dir)) == ["best", "latest", "log.jsonl", "run.lock", "step_2"]
-    checkpoint.verify(os.path.join(save_dir, "step_2"))  # every file's sha256, and each loads
+    # the save of step 4 runs in the background (log.async_save): its failure is known at the save of step 6
+    assert main(["--config", _write_config(tmp_path, "cfg", cfg)]) == 0
+    [line] = _warnings(capsys.readouterr().err)
+    assert re.fullmatch(rf"warning: checkpoint not saved, step_4: no space left on the device of {save_dir}/step_4\."
+                        rf"tmp-\d+ while saving a checkpoint \(this rank's files need about 0\.\d MB, [\d,.]+ MB free\); "
+                        rf"{save_dir}/latest still names step_2; training goes on and the next save tries again \(1 "
+                        r"of log.max_failed_saves=3 failures in a row\)", line), line
+    assert disk.failed == 1 and checkpoint.read_pointer(save_dir, "latest") == "step_6"
+    assert sorted(os.listdir(save_dir)) == ["best", "latest", "log.jsonl", "run.lock", "step_2", "step_6"]
+    checkpoint.verify(os.path.join(save_dir, "step_6"))  # every file's sha256, and each loads
+    assert sorted(_records(save_dir)) == list(range(1, 7))
+
+    # log.max_failed_saves failures in a row end the run (synchronous saves: each failure is known at once)
+    save_dir = str(tmp_path / "run2")
+    cfg["log"].update(save_dir=save_dir, async_save=False, max_failed_saves=2)
+    cfg["optim"]["max_updates"] = 10
+    monkeypatch.setattr(disk, "fills", ("run2/step_4", "run2/step_6"))
+    assert _exit_code(main, ["--config", _write_config(tmp_path, "cfg2", cfg)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert len(_warnings(err)) == 1 and "step_4: no space left" in _warnings(err)[0]
+    line = [x for x in err.splitlines() if x.startswith("megabranch-train:")]
+    assert len(line) == 1 and line[0].startswith("megabranch-train: error: 2 checkpoint saves in a row failed "
+                                                 "(log.max_failed_saves=2), the last of step_6: no space left"), line
+    assert line[0].endswith(f"stopping; {save_dir}/latest still names step_2; the previous checkpoint is untouched: "
+                            "free some space or set log.save_dir elsewhere, then --resume"), line
+    assert checkpoint.read_pointer(save_dir, "latest") == "step_2" and sorted(_records(save_dir)) == list(range(1, 7))
     # a filesystem that has too little room from the start: refused before anything is written
     assert space.shortfall(save_dir, 2**62) is not None and "need about" in space.shortfall(save_dir, 2**62)
     assert space.shortfall(save_dir, 1) is None
@@ -247,7 +270,7 @@ def test_full_disk_during_a_conversion_is_one_line_and_leaves_nothing(tmp_path, 
 
     save_dir = tiny_single(tmp_path, steps=(2,))
     out = str(tmp_path / "split")
-    disk = _FullDisk("split", room=4096)
+    disk = _FullDisk("split")
     monkeypatch.setattr(shard_format, "save_file", disk.save_file)
     assert _exit_code(main, [save_dir, out, "--tp", "2"]) == EXIT_USER_ERROR
     line = _one_line(capsys, "megabranch-convert: error:")
@@ -433,6 +456,52 @@ def test_a_stalled_rank_makes_the_others_exit_within_the_timeout(tiny_corpus, tm
         where = re.search(rf"rank {r}, (step|the stop decision after step) (\d+): ", line)
         assert where and f"parallel.timeout_s={TIMEOUT_S} s" in line, line
         assert int(where.group(2)) in range(stalled_from, stalled_from + 3), (line, stalled_from)
+
+
+# two ranks of megabranch-train ("$0": the interpreter), each rank's stderr in $ERR<rank>, then what the tmpfs
+# holds copied to $KEEP (the tmpfs goes with the namespace) and both exit codes printed
+_TWO_RANKS = ('RANK=0 LOCAL_RANK=0 "$0" -m megabranch.train "$@" 2>"$ERR0" & first=$!; '
+              'RANK=1 LOCAL_RANK=1 "$0" -m megabranch.train "$@" 2>"$ERR1"; second=$?; '
+              'wait "$first"; first=$?; cp -a "$SAVE" "$KEEP"; echo "$first $second"')
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_saves_that_fill_a_tmpfs_leave_latest_and_training_goes_on_until_max_failed_saves(reference, tmp_path):
+    why = tmpfs_unavailable()
+    if why:
+        pytest.skip(why)
+    cfg_path, want, _ = reference
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    # room for one checkpoint (90 pages of 4 KiB for this model over two stages), the log and half a checkpoint
+    # more: step_8 fits, step_16 fills the tmpfs while its shards are written (each rank's files fit the free space
+    # by themselves, so the check before writing lets them start), and so do step_24 and the last one, step_30
+    argv = ["sh", "-c", _TWO_RANKS, sys.executable, "--config", cfg_path, "--set", f"log.save_dir={save_dir}"]
+    err = [tmp_path / f"rank{r}.err" for r in range(2)]
+    env = subprocess_env(WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(),
+                         ERR0=err[0], ERR1=err[1], SAVE=save_dir, KEEP=tmp_path / "kept")
+    done = subprocess.run(with_tmpfs(str(save_dir), "size=576k", argv), env=env, cwd=ROOT, text=True,
+                          capture_output=True, timeout=600)
+    texts = [e.read_text() for e in err]
+    assert done.stdout.split() == ["2", "2"], done.stdout + done.stderr + texts[0][-3000:] + texts[1][-3000:]
+    kept = f"{save_dir}/latest still names step_8"
+    for r, text in enumerate(texts):
+        warnings = [w for w in _warnings(text) if "checkpoint not saved" in w]  # (a log write may wait too)
+        assert [w.split(": no space left")[0] for w in warnings] == [
+            f"warning: rank {r}: checkpoint not saved, step_{s}" for s in (16, 24)], warnings
+        assert all(kept in w and "training goes on" in w for w in warnings), warnings
+        assert [w.split("(")[-1] for w in warnings] == [f"{k} of log.max_failed_saves=3 failures in a row)" for k in (1, 2)]
+        line = _one_line("\n".join(x for x in text.splitlines() if not x.startswith("warning:")))
+        assert line.startswith("megabranch-train: error: 3 checkpoint saves in a row failed (log.max_failed_saves=3),"
+                               " the last of step_30: no space left on the device of ") and kept in line, line
+    # nothing of the failed saves is left, and training went on to the last step with the uninterrupted losses
+    kept_dir = str(tmp_path / "kept")
+    got = _records(kept_dir)
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(got[s] == want[s] for s in got)
+    assert checkpoint.read_pointer(kept_dir, "latest") == "step_8"
+    assert sorted(os.listdir(kept_dir)) == ["best", "latest", "log.jsonl", "run.lock", "step_8"]
+    checkpoint.verify(os.path.join(kept_dir, "step_8"))
 
 
 GLOO_TIMEOUT = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv operation")

@@ -26,7 +26,7 @@ The modules, one job each (this package re-exports their public functions: `chec
     averaging.py        fairseq-style averaging of several checkpoints
     lock.py             one writer per save directory (an flock held for the run's life)
     paths.py            every path a checkpoint's metadata names stays inside its directory
-    space.py            a full disk during a save: what is needed, what is free, the one-line error
+    space.py            a save that cannot be written (a full disk, a read-only or vanished filesystem): the line
 
 This package knows files, layouts and tensors; nothing about the training loop.
 """
@@ -40,7 +40,7 @@ from .optimizer_state import (
     restore,
 )
 from .paths import contained
-from .publication import atomic_write, atomic_write_bytes, prune, save_step, versions, write_step_dir
+from .publication import SaveFailed, atomic_write, atomic_write_bytes, prune, save_step, versions, write_step_dir
 from .reading import (
     FORMAT_VERSION,
     META,
@@ -70,7 +70,7 @@ from .resharding import (
 from .slice_reader import StepReader
 
 __all__ = [
-    "FORMAT_VERSION", "LOCK_NAME", "META", "READABLE_FORMATS", "SaveDirLock", "StepReader",
+    "FORMAT_VERSION", "LOCK_NAME", "META", "READABLE_FORMATS", "SaveDirLock", "SaveFailed", "StepReader",
     "atomic_write", "atomic_write_bytes", "average", "consolidate", "contained", "cut", "cut_optimizer",
     "has_checkpoints", "is_zero",
     "load_checkpoint", "load_file", "load_for_rank", "load_optimizer", "load_shard", "one_writer",
