@@ -1,14 +1,23 @@
 """The fault drill (issue 13): what a cluster does to a run, and what the run must do about it.
 
 In one process: every bad input is one line and exit code 2 (config values, --set, megabranch-generate's
-arguments and output path, an existing safetensors sidecar); a full disk during a save is one line that leaves
-the previous checkpoint as it was; a second run on a save directory is refused naming the holder's pid and host,
-and the lock of a killed run is taken over; the stale-directory cleanup never touches a live writer's files.
+arguments and output path, an existing safetensors sidecar, a save_dir below a regular file or on a read-only
+filesystem, a --device this torch cannot use, for megabranch-train and megabranch-generate alike); a save that
+fails (a stand-in for the shard writer fills the disk) is one line, leaves the previous checkpoint as it was, and
+training goes on, the next save succeeding; log.max_failed_saves failures in a row end the run in one line; a
+second run on a save directory is refused naming the holder's pid and host, and the lock of a killed run is
+taken over; the stale-directory cleanup never touches a live writer's files.
 
 In several processes (gloo, a 2L-2L d=16 model over two pipeline stages, 30 steps; every run is compared with
 one uninterrupted run, record by record, bit for bit):
-  - SIGUSR1 to rank 1, then (after --resume auto) SIGTERM to rank 0: every rank finishes its step, one
-    checkpoint is saved, rank 0 prints one line, both exit 75; the resumed run logs the uninterrupted losses;
+  - SIGUSR1 to rank 1, then (after --resume auto) SIGTERM to rank 0 followed by SIGTERM and SIGUSR1 to both
+    ranks every 5 ms until they exit: every rank finishes its step, one checkpoint is saved, rank 0 prints one
+    line, both exit 75; the resumed run logs the uninterrupted losses;
+  - a tmpfs (a private mount namespace) with room for one checkpoint: the next saves fill it while they are
+    written, one line on every rank each, latest stays, training goes on with the uninterrupted losses, and the
+    third failure in a row ends the run on every rank;
+  - scancel through launch/torchrun_single.sh (SIGTERM to torchrun and to each worker): one checkpoint, exit 75
+    from the launcher, no traceback;
   - SIGSTOP of the middle rank of three: the other two exit within parallel.timeout_s (plus a minute), one line
     each naming the step and the timeout (a rank that only saw the other survivor's connection close names the
     first rank's timeout, shared through the store: unit-tested with a HashStore and over a real process group);
@@ -376,6 +385,19 @@ def _when_logged(save_dir: str, steps: int, procs, timeout: float = 300) -> None
         time.sleep(0.005)
 
 
+def _keep_signalling(procs) -> int:
+    """SIGTERM and SIGUSR1 in turn to every process still running, every 5 ms, until all have exited -> how many
+    rounds were sent (Popen.send_signal never reaches a pid that was reused: it sends only to its own unreaped
+    child)."""
+    rounds = 0
+    while any(p.poll() is None for p in procs):
+        for p in procs:
+            p.send_signal((signal.SIGTERM, signal.SIGUSR1)[rounds % 2])
+        rounds += 1
+        time.sleep(0.005)
+    return rounds
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_corpus, tmp_path_factory):
     """The uninterrupted 2-rank run: its config file and its records."""
@@ -400,19 +422,25 @@ def test_sigusr1_and_sigterm_save_one_checkpoint_that_resumes_bit_for_bit(refere
     save_dir = str(tmp_path / "run")
     args = ["--config", cfg_path, "--set", f"log.save_dir={save_dir}", "--resume", "auto"]
     stopped_at = []
-    for sig, target, after in ((signal.SIGUSR1, 1, 3), (signal.SIGTERM, 0, 4)):
+    for sig, target, after, again in ((signal.SIGUSR1, 1, 3, False), (signal.SIGTERM, 0, 4, True)):
         ranks = Ranks(tmp_path, sig.name, 2, args)
         try:
             _when_logged(save_dir, after, ranks.procs)
             ranks.procs[target].send_signal(sig)  # one rank only: the other learns it at the end of the step
+            # the second time, SIGTERM and SIGUSR1 to every rank again and again until they have exited (scancel,
+            # torchrun's forwarding, an impatient user): still one checkpoint and exit code 75, never a death (143)
+            sent = _keep_signalling(ranks.procs) if again else 0
             codes = ranks.wait()
         finally:
             ranks.kill()
         assert codes == [EXIT_REQUEUE] * 2, (sig.name, codes, ranks.stderr(0)[-2000:], ranks.stderr(1)[-2000:])
+        assert sent > 10 or not again, sent
         line = [x for x in ranks.stderr(0).splitlines() if x.startswith("megabranch-train:")]
         step = max(_records(save_dir))
-        assert line == [f"megabranch-train: stopped after step {step} on {sig.name}: saved a checkpoint of it in "
-                        f"{save_dir}; run the same command with --resume auto to continue"], line
+        names = ("SIGTERM", "SIGUSR1") if again else (sig.name,)  # (a rank may see a SIGUSR1 first)
+        assert len(line) == 1 and any(line[0] == f"megabranch-train: stopped after step {step} on {name}: saved a "
+                                      f"checkpoint of it in {save_dir}; run the same command with --resume auto to "
+                                      "continue" for name in names), line
         assert "Traceback" not in ranks.stderr(0) + ranks.stderr(1) and not ranks.stderr(1).strip()
         assert _latest_step(save_dir) == step and step < STEPS
         step_dir = os.path.join(save_dir, f"step_{step}")
@@ -502,6 +530,43 @@ def test_saves_that_fill_a_tmpfs_leave_latest_and_training_goes_on_until_max_fai
     assert checkpoint.read_pointer(kept_dir, "latest") == "step_8"
     assert sorted(os.listdir(kept_dir)) == ["best", "latest", "log.jsonl", "run.lock", "step_8"]
     checkpoint.verify(os.path.join(kept_dir, "step_8"))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_scancel_through_torchrun_saves_once_and_gives_the_scheduler_75_without_a_traceback(reference, tmp_path):
+    cfg_path, _, _ = reference
+    save_dir = str(tmp_path / "run")
+    err = tmp_path / "torchrun.err"
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "torchrun_single.sh"), "--config", cfg_path,
+                             "--set", f"log.save_dir={save_dir}", "--device", "cpu"], cwd=ROOT,
+                            env=subprocess_env(GPUS=2), stdout=subprocess.DEVNULL, stderr=open(err, "w"))
+    workers = []
+    try:
+        _when_logged(save_dir, 3, [proc])
+        workers += [os.pidfd_open(int(p)) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        assert len(workers) == 2
+        # scancel: SIGTERM to every process of the job step, torchrun and each worker (which torchrun forwards
+        # its own to: two per worker); a pidfd never reaches a reused pid
+        proc.send_signal(signal.SIGTERM)
+        for fd in workers:
+            signal.pidfd_send_signal(fd, signal.SIGTERM)
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for fd in workers:
+            os.close(fd)
+    text = err.read_text()
+    assert code == EXIT_REQUEUE and "Traceback" not in text, text[-3000:]
+    stopped = [x for x in text.splitlines() if x.startswith("megabranch-train:")]
+    assert len(stopped) == 1 and re.fullmatch(r"megabranch-train: stopped after step (\d+) on SIGTERM: saved a "
+                                              r"checkpoint of it in .*", stopped[0]), stopped
+    assert "# torchrun: all 2 workers saved a checkpoint and stopped: exit code 75" in text
+    step = int(re.search(r"after step (\d+)", stopped[0]).group(1))
+    assert _latest_step(save_dir) == step == max(_records(save_dir))
+    checkpoint.verify(os.path.join(save_dir, f"step_{step}"))
 
 
 GLOO_TIMEOUT = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv operation")
