@@ -65,6 +65,9 @@ case "${MAX_RESTARTS:-0}" in '' | *[!0-9]*) mb_die "MAX_RESTARTS='${MAX_RESTARTS
 mb_need_int SHUTDOWN_TIMEOUT "${SHUTDOWN_TIMEOUT:-300}"
 MB_TORCHRUN_FAULT=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
   --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}" --max-restarts "${MAX_RESTARTS:-0}")
+# torchrun itself: launch/torchrun.py, which exits 75 (not torchrun's traceback and exit 1) when every worker
+# saved a checkpoint and stopped to be requeued (SIGTERM / SIGUSR1, --exit-duration-mins)
+MB_TORCHRUN=("$PYTHON" "$_MB_ROOT/launch/torchrun.py")
 # torchrun shares its rendezvous store with the workers by default, and a restarted worker then reads the
 # addresses of the previous attempt's peers and cannot connect (pytorch/pytorch#135712): give each attempt its own
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"

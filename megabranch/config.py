@@ -108,6 +108,7 @@ class LogConfig:
     bleu_beam: int = 1
     keep_last: int = 2
     async_save: bool = True  # native engines: snapshot to host memory, write and publish in the background
+    max_failed_saves: int = 3  # native engines: saves that may fail in a row (training goes on) before the run stops
     tensorboard: bool = True
     health: bool = True  # per-layer gradient norms / update ratios, and a warning when a stack stops learning
     progress: str = "auto"  # auto (bar on a terminal) | bar | none
@@ -233,7 +234,7 @@ RANGES: dict[str, Range] = {
     "optim.label_smoothing": FRACTION, "optim.max_updates": ints(1), "optim.update_freq": ints(1),
     "data.max_tokens": ints(1), "data.max_sentences": ints(0), "data.sampling_temperature": POSITIVE,
     "log.log_interval": ints(1), "log.valid_interval": ints(1), "log.bleu_sentences": ints(0),
-    "log.bleu_beam": ints(1), "log.keep_last": ints(0),
+    "log.bleu_beam": ints(1), "log.keep_last": ints(0), "log.max_failed_saves": ints(1),
 }
 
 

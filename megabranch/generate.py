@@ -17,7 +17,8 @@ from . import checkpoint
 from .config import FINITE, ints
 from .data import load_split, sentence_batches
 from .errors import UserError, cli_main
-from .inference import add_device_arguments, prepare, resolve_device
+from .device import resolve_device
+from .inference import add_device_arguments, prepare
 from .model import PAD
 
 

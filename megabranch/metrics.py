@@ -8,6 +8,7 @@ written as null, never as the NaN / Infinity that only Python reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,6 @@ import time
 
 import numpy as np
 
-from .checkpoint.space import is_disk_full
 from .errors import UserError
 
 
@@ -29,6 +29,16 @@ def strict_json(value):
     if isinstance(value, (list, tuple)):
         return [strict_json(v) for v in value]
     return value
+
+
+def _size(path: str) -> int | None:
+    """The size of a file (0: none yet), or None when even that cannot be read."""
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
 
 
 class MetricsLogger:
@@ -47,17 +57,14 @@ class MetricsLogger:
                 print("warning: tensorboard not installed; TensorBoard scalars are off", file=sys.stderr)
         self.start = time.time()
         self._health: list[dict] = []  # the run's health records, for TensorBoard's heatmap
+        self._unwritten: list[str] = []  # records log.jsonl could not take yet (a full or failing filesystem)
+        self._refused = False
 
     def log(self, record: dict, tag: str = "train", echo: bool = True) -> None:
         """Append `record` to log.jsonl (and TensorBoard); echo: also print it (unless the bar shows it)."""
         record = {"tag": tag, **record, "wall": round(time.time() - self.start, 3)}
-        try:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
-        except OSError as e:
-            if not is_disk_full(e):
-                raise
-            raise UserError(f"no space left on the device of {self.path} (writing the training log)") from None
+        self._unwritten.append(json.dumps(strict_json(record), allow_nan=False) + "\n")
+        self._append()
         if self.writer is not None:
             step = record["step"]
             for k, v in record.items():
@@ -92,6 +99,26 @@ class MetricsLogger:
                                   dataformats="HWC")
         self.writer.flush()
 
+    def _append(self) -> None:
+        """Append the records not yet in log.jsonl. A filesystem that refuses (full, read-only, gone) does not end
+        the run: the records wait in memory for the next try (said once per outage), and a partly written one is
+        cut off again, so the file holds whole lines only."""
+        size = _size(self.path)
+        try:
+            with open(self.path, "a") as fh:
+                fh.write("".join(self._unwritten))
+        except OSError as e:
+            if size is not None:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, size)
+            if not self._refused:
+                print(f"warning: cannot write {self.path} ({e.strerror or e}): its records wait in memory until it "
+                      "can be written", file=sys.stderr)
+            self._refused = True
+            return
+        self._unwritten.clear()
+        self._refused = False
+
     def progress(self, step: int, loss: float, alpha: float) -> None:
         if not self.bar:
             return
@@ -111,6 +138,10 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._clear()
+        if self._unwritten:
+            self._append()
+            if self._unwritten:
+                print(f"warning: {len(self._unwritten)} records could not be written to {self.path}", file=sys.stderr)
         if self.writer is not None:
             self.writer.close()
 

@@ -17,6 +17,7 @@ import types
 
 import torch
 
+from ..checkpoint import safe_load
 from ..config import ModelConfig
 from ..errors import UserError
 from ..model.embeddings import embed_scale
@@ -147,7 +148,7 @@ def fairseq_dictionary(path: str):
 
 
 def fairseq_checkpoint(path: str) -> tuple[dict, argparse.Namespace]:
-    """A fairseq checkpoint -> (its model state dict, its model args). Loaded with weights_only=True, allowing
+    """A fairseq checkpoint -> (its model state dict, its model args). Loaded by checkpoint.safe_load, allowing
     only the plain classes fairseq's checkpoints hold besides tensors (argparse.Namespace, fairseq's meters)."""
     _fairseq()
     from fairseq.logging import meters
@@ -156,12 +157,7 @@ def fairseq_checkpoint(path: str) -> tuple[dict, argparse.Namespace]:
                                      if isinstance(getattr(meters, n), type) and n.endswith(("Meter", "MetersDict"))]
     if not os.path.isfile(path):
         raise UserError(f"fairseq checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(allowed):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - anything else pickled in it, or a broken file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"cannot load fairseq checkpoint {path}: {first}") from None
+    state = safe_load(path, allowed=tuple(allowed))
     cfg = state.get("cfg") or {}
     args = cfg.get("model") if isinstance(cfg, dict) else None
     args = args if args is not None else state.get("args")

@@ -9,7 +9,8 @@ when the layout splits it and it fits: parallel/gather.py), a checkpoint after e
 `on_step` says so). Nothing here knows how an engine steps or saves.
 
 Ending early (training/stopping.py): after every step the ranks agree whether any of them got SIGTERM / SIGUSR1
-or passed --exit-duration-mins; if so they save one checkpoint of that step and raise RunEnded (exit code 75). A
+or passed --exit-duration-mins; if so they save one checkpoint of that step and raise RunEnded (exit code 75),
+ignoring any further stop signal from then on (so a second SIGTERM cannot turn the exit 75 into a death). A
 peer that stalls or dies ends the run with one line per surviving rank naming the step (parallel/failures.py).
 log.jsonl gets a "start" record at the step each run starts from (metrics.read_log drops the replayed steps before
 it) and a "stop" record when a run stops early.
@@ -76,8 +77,9 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
 
     loop_state: what engine.resume() returned (data position, best validation loss). valid_batches: this rank's
     validation batches (default: the whole valid split in data.pair_batches). on_step(stats) -> True stops the
-    run after that step (no validation or save for it). save=False writes no checkpoints. stop: when to end early (default: on
-    SIGTERM / SIGUSR1), by raising RunEnded after saving."""
+    run after that step (no validation or save for it). save=False writes no checkpoints. stop: when to end early
+    (default: on SIGTERM / SIGUSR1), by raising RunEnded after saving; SIGTERM and SIGUSR1 then stay ignored in
+    this process, which is expected to exit."""
     o, lg = cfg.optim, cfg.log
     itr = EpochBatchIterator(data.train_set, cfg.data.max_tokens, seed=cfg.seed,
                              max_sentences=cfg.data.max_sentences or None, shuffle=cfg.data.shuffle,
@@ -148,6 +150,7 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
             phase = f"the stop decision after step {step}"
             code = 0 if last else engine.max_over_ranks(stop.code())
             if code:
+                stop.ending()  # more signals (scancel, then torchrun's forwarding) change nothing from here
                 if interval["loss"]:  # the steps since the last record
                     logger.log(_interval_record(step, itr.epoch, interval, stats, time.time() - t0))
                 phase = f"saving step {step}"
