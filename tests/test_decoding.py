@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from megabranch.generate import beam_search, greedy_decode
+from megabranch.decoding import beam_search, greedy_decode
 from megabranch.model import build_model
 from megabranch.residual import set_step
 from tests.helpers.configs import tiny_model_cfg
