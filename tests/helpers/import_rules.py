@@ -27,6 +27,9 @@ LOCAL_IMPORT_ALLOWED = {
     "torch.utils.cpp_extension": "only to JIT-build a kernel; it imports setuptools",
     "torchscale": "optional (test extras); only to check a conversion against the real model",
     "fairseq": "optional (test extras); only to read and check a fairseq checkpoint; about 3.5 s to import",
+    "omegaconf": "fairseq's config library; only with fairseq",
+    "ctranslate2": "optional (requirements-peers.txt); only to export to and check against CTranslate2",
+    "transformers": "optional (requirements-peers.txt); only to export to and check against MarianMT; about 2 s",
 }
 
 
