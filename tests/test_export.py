@@ -227,6 +227,22 @@ def _has(name: str) -> bool:
     return True
 
 
+@pytest.mark.slow
+def test_an_int8_export_leaves_the_folded_weights_alone(copy_data, tmp_path, tmp_path_factory, capsys):
+    """ctranslate2 quantizes the spec's arrays in place: the export hands it copies, so a later export of the same
+    folded weights (tools/bench/decode.py writes several) is unchanged."""
+    _package("ctranslate2")
+    from megabranch.convert.serving import prepare
+    from megabranch.convert.targets import export
+
+    ck = checkpoint.load_checkpoint(_trained("deepnorm", copy_data, tmp_path_factory))
+    ex = prepare(checkpoint_config(ck), ck, ck["model"], None)
+    before = {k: v.clone() for k, v in ex.folded.params.items()}
+    export("ctranslate2", ex, str(tmp_path / "int8"), "int8")
+    assert "not enforced" in capsys.readouterr().out
+    assert all(torch.equal(before[k], v) for k, v in ex.folded.params.items())
+
+
 def test_an_unknown_scheme_is_refused_in_one_line():
     mc = ModelConfig(encoder_layers=1, decoder_layers=1, d_model=8, n_heads=2, ffn_dim=8)
     with pytest.raises(UserError, match=r"^model.residual=admin: the export rewrites post_ln, pre_ln, deepnorm"):

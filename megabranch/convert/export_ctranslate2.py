@@ -37,7 +37,8 @@ def ctranslate2():
 
 
 def _np(t) -> np.ndarray:
-    return t.detach().float().contiguous().numpy()
+    """A copy: ctranslate2's int8 quantization scales the spec's arrays in place."""
+    return t.detach().float().numpy().copy()
 
 
 def build_spec(folded: Folded, mc, positions: dict, scale: float, source_vocab: list[str],
