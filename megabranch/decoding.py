@@ -44,8 +44,9 @@ def _keep_rows(cache: list, rows: torch.Tensor, cross: bool) -> None:
     keys too when `cross` (a sentence leaving the batch), which are otherwise identical across its beams."""
     for layer_cache in cache:
         for kind in ("self", "cross") if cross else ("self",):
-            c = layer_cache[kind]
-            c["k"], c["v"] = c["k"].index_select(0, rows), c["v"].index_select(0, rows)
+            c = layer_cache.get(kind)
+            if c and "k" in c:  # a layer that keeps no cache of this kind has nothing to reorder
+                c["k"], c["v"] = c["k"].index_select(0, rows), c["v"].index_select(0, rows)
 
 
 @torch.inference_mode()  # about 10% faster than no_grad at beam 4 (no version counters)
