@@ -61,24 +61,25 @@ def copy_data(tmp_path_factory):
 _TRAINED: dict = {}
 
 
-def _trained(scheme: str, copy_data: str, tmp_path_factory) -> str:
+def _trained(scheme: str, copy_data: str, tmp_path_factory, extra: tuple = ()) -> str:
     """A 3L-3L d=32 model of `scheme` trained STEPS updates on the copy task -> its step directory."""
-    if scheme not in _TRAINED:
+    key = (scheme, extra)
+    if key not in _TRAINED:
         from megabranch.config import load_config
         from megabranch.train import run
 
-        save = str(tmp_path_factory.mktemp(f"run_{scheme}") / "run")
+        save = str(tmp_path_factory.mktemp(f"run_{scheme}{len(_TRAINED)}") / "run")
         overrides = [f"model.residual={scheme}", "model.encoder_layers=3", "model.decoder_layers=3",
                      "model.d_model=32", "model.n_heads=4", "model.ffn_dim=64", "model.dropout=0.0",
                      "model.max_positions=64", *(f"model.{k}={v}" for k, v in SCHEMES[scheme].items()),
                      "optim.lr=0.004", "optim.warmup_updates=30", f"optim.max_updates={STEPS}", "optim.clip_norm=1.0",
                      f"data.data_dir={copy_data}", "data.max_tokens=400", f"log.save_dir={save}",
                      f"log.valid_interval={STEPS}", "log.log_interval=1000", "log.bleu_sentences=0",
-                     "log.tensorboard=false", "log.progress=none"]
+                     "log.tensorboard=false", "log.progress=none", *extra]
         with one_thread():
             run(load_config(None, overrides))
-        _TRAINED[scheme] = checkpoint.resolve(save)
-    return _TRAINED[scheme]
+        _TRAINED[key] = checkpoint.resolve(save)
+    return _TRAINED[key]
 
 
 def _decode_split(step_dir: str, data_dir: str, decode_fn) -> tuple[list, list, list, list]:
@@ -174,6 +175,29 @@ def checkpoint_config(ck: dict):
     from megabranch.config import Config
 
     return Config.from_dict(ck["config"], where="test")
+
+
+UNTIED = ("model.share_all_embeddings=false", "model.share_decoder_input_output_embed=false",
+          "model.positions=learned", "model.position_offset=2", "model.embed_scale=1.0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["ctranslate2", "hf", "fairseq"])
+def test_untied_tables_learned_positions_an_offset_and_another_scale_carry_over(target, copy_data, tmp_path,
+                                                                                tmp_path_factory, capsys):
+    """Three tables, torchscale's conventions (learned positions from 2, embeddings unscaled), DeepNorm."""
+    _package(target)
+    step_dir = _trained("deepnorm", copy_data, tmp_path_factory, UNTIED)
+    assert convert_main([step_dir, str(tmp_path / "served"), "--to", target]) == 0
+    checks = [line for line in capsys.readouterr().out.splitlines() if line.startswith("check (export")]
+    assert len(checks) == 2 and all(line.endswith(": OK") for line in checks)
+    logits_fn, decode_fn = _loaded(target, str(tmp_path / "served"))
+    ours, other, limits = _decode_split(step_dir, copy_data, decode_fn)[2]
+    for beam in (1, 4):
+        differ = [i for i in ours[beam] if ours[beam][i] != other[beam][i]
+                  and not (target in ("ctranslate2", "hf") and beam > 1
+                           and limits[i] - 1 in (len(ours[beam][i]), len(other[beam][i])))]
+        assert not differ
 
 
 @pytest.mark.slow

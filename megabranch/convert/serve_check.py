@@ -44,7 +44,7 @@ def source_model(ex: Export):
 
 
 @torch.no_grad()
-def check_export(what: str, ex: Export, logits_fn, decode_fn, enforce: bool = True,
+def check_export(what: str, package: str, ex: Export, logits_fn, decode_fn, enforce: bool = True,
                  limit_differs: bool = False) -> dict:
     """Runs the comparisons, prints what was compared, raises UserError on a difference when `enforce`
     (a quantized export prints its differences only); -> the numbers, for megabranch.json."""
@@ -55,7 +55,7 @@ def check_export(what: str, ex: Export, logits_fn, decode_fn, enforce: bool = Tr
     rel = relative_difference(ours[keep], logits_fn(src, prev)[keep])
     ok = rel < EXPORT_TOLERANCE
     padded = int(src.eq(PAD).sum() + prev.eq(PAD).sum())
-    print(f"check ({what}): logits against {what.split()[-1]}'s own forward on a fixed batch of {src.shape[0]} "
+    print(f"check ({what}): logits against {package} own forward on a fixed batch of {src.shape[0]} "
           f"sentences ({padded} padded positions), fp32: max relative difference {rel:.3g} "
           f"{'<' if ok else '>='} {EXPORT_TOLERANCE:g}: {'OK' if ok else 'FAILED' if enforce else 'not enforced'}")
     if enforce and not ok:

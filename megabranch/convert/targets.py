@@ -55,7 +55,7 @@ def _ctranslate2(ex: Export, out: str, quantization: str | None) -> dict:
 
     def checked(path: str, what: str, enforce: bool) -> dict:
         tr = ct2.translator(path, compute_type="float32" if enforce else "default")
-        return check_export(what, ex, lambda s, p: ct2.logits(tr, pieces, s, p),
+        return check_export(what, "ctranslate2's", ex, lambda s, p: ct2.logits(tr, pieces, s, p),
                             lambda s, b, lp, n: ct2.decode(tr, pieces, s, b, lp, n), enforce, limit_differs=True)
 
     if quantization in (None, "float32"):
@@ -75,12 +75,12 @@ def _ctranslate2(ex: Export, out: str, quantization: str | None) -> dict:
 def _hf(ex: Export, out: str, quantization: str | None) -> dict:
     export_hf.write(ex, out)
     model, _ = export_hf.load(out)
-    return check_export("export -> transformers", ex, lambda s, p: export_hf.logits(model, s, p),
+    return check_export("export -> transformers", "transformers'", ex, lambda s, p: export_hf.logits(model, s, p),
                         lambda s, b, lp, n: export_hf.decode(model, s, b, lp, n), limit_differs=True)
 
 
 def _fairseq(ex: Export, out: str, quantization: str | None) -> dict:
     export_fairseq.write(ex, out)
     hub = export_fairseq.load(out)
-    return check_export("export -> fairseq", ex, lambda s, p: export_fairseq.logits(hub, s, p),
+    return check_export("export -> fairseq", "fairseq's", ex, lambda s, p: export_fairseq.logits(hub, s, p),
                         lambda s, b, lp, n: export_fairseq.decode(hub, s, b, lp, n))
