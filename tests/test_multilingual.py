@@ -187,7 +187,7 @@ class CopyModel:
 
 
 def test_per_direction_bleu_is_sacrebleu_on_each_directions_files(corpus):
-    from megabranch.generate import per_direction_bleu
+    from megabranch.decoding import per_direction_bleu
 
     _, dest, text = corpus
     ds, (tok, _), _ = load_split(dest, "valid")
@@ -240,7 +240,7 @@ def test_train_then_generate_reports_every_direction(corpus, tmp_path, capsys):
     capsys.readouterr()
     # validation BLEU during training: per direction and their average, as per_direction_bleu scores the model
     from megabranch import checkpoint
-    from megabranch.generate import per_direction_bleu
+    from megabranch.decoding import per_direction_bleu
 
     valid = [json.loads(x) for x in (save / "log.jsonl").read_text().splitlines() if '"valid"' in x][-1]
     ck = checkpoint.load_checkpoint(str(save))

@@ -20,7 +20,7 @@ def _body(rank, world, data_dir, save_dir):
     from megabranch import checkpoint
     from megabranch.config import Config
     from megabranch.data import load_split
-    from megabranch.generate import quick_bleu
+    from megabranch.decoding import quick_bleu
     from megabranch.model import build_model_from
     from megabranch.training import engine as engine_module
     from megabranch.training.engine import Trainer

@@ -30,7 +30,8 @@ from megabranch.checkpoint import atomic_write_bytes
 from megabranch.config import load_config
 from megabranch.data import load_split, pair_batches
 from megabranch.errors import UserError, cli_main
-from megabranch.generate import meta_vocab_hash, quick_bleu
+from megabranch.decoding import quick_bleu
+from megabranch.generate import meta_vocab_hash
 from megabranch.train import build_engine
 from megabranch.training.loop import RunData, train
 

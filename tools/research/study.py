@@ -32,7 +32,7 @@ import sacrebleu
 import torch
 
 from megabranch import analysis, checkpoint, metrics
-from megabranch import generate as gen
+from megabranch import decoding as gen
 from megabranch import train as megatrain
 from megabranch.config import ints, load_config
 from megabranch.data import load_split, pair_batches
