@@ -220,9 +220,9 @@ def main(argv=None):
     state = checkpoint.load_checkpoint(args.checkpoint, prefer="best")  # shards of any layout, consolidated
     cfg = Config.from_dict(state["config"], where=args.checkpoint)
     data_dir = args.data_dir or cfg.data.data_dir
-    dataset, tok, meta = load_split(data_dir, args.split)
-    src_tok, tgt_tok = (tok, tok) if not isinstance(tok, tuple) else tok
-    if state.get("vocab_sha256") and state["vocab_sha256"] != meta_vocab_hash(meta):
+    split = load_split(data_dir, args.split)
+    dataset, src_tok, tgt_tok = split.dataset, split.src_tok, split.tgt_tok
+    if state.get("vocab_sha256") and state["vocab_sha256"] != meta_vocab_hash(split.meta):
         raise UserError(f"vocabulary of {data_dir} differs from the one {args.checkpoint} was trained with")
     model = build_model_from(cfg.model, state["vocab_size"], state.get("tgt_vocab_size"), state["model"],
                              state["step"], state["step_dir"])

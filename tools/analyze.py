@@ -94,7 +94,7 @@ def main(argv=None):
         raise UserError(f"--data {args.data}: no meta.json there; run megabranch-preprocess first")
     from megabranch.data import load_split
 
-    dataset, _, _ = load_split(args.data, args.split)
+    dataset = load_split(args.data, args.split).dataset
     batches = analysis.sentence_batches(dataset, args.sentences, args.max_tokens)
     models = {}
     for path, label in zip(args.checkpoints, labels):
