@@ -320,10 +320,15 @@ class Config:
     seed: int = setting(1, Range(0, 2**63 - 1, integer=True))
     """Seeds initialization, dropout and the batch order."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor, pipeline and data parallelism."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, schedule, loss and precision."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The data directory and batching."""
     log: LogConfig = field(default_factory=LogConfig)
+    """Outputs, logging, validation and saving."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

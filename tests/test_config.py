@@ -107,7 +107,7 @@ def test_every_field_declares_its_rule_once_with_a_docstring():
         node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
         body = node.body
         for i, stmt in enumerate(body):
-            if not isinstance(stmt, ast.AnnAssign) or dataclasses.is_dataclass(getattr(Config(), stmt.target.id, 0)):
+            if not isinstance(stmt, ast.AnnAssign):
                 continue
             doc = body[i + 1] if i + 1 < len(body) else None
             assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and doc.value.value.strip(), \
