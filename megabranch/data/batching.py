@@ -7,7 +7,7 @@ import numpy as np
 from megabranch.errors import UserError
 
 
-_SORT_CHUNK = 1 << 20  # examples sorted per step by _sort_by_length (its scratch memory: ~30 bytes each)
+_SORT_CHUNK = 1 << 18  # examples sorted per step by _sort_by_length (its scratch memory: ~60 bytes each)
 
 
 class Batches:
@@ -66,24 +66,30 @@ def make_batches(src_sizes, tgt_sizes, max_tokens: int, max_sentences: int | Non
         raise UserError(f"max_sentences {max_sentences}: must be a positive integer or unset")
     if required_multiple < 1:
         raise UserError(f"required_multiple {required_multiple}: must be >= 1")
-    lengths = np.maximum(src_sizes, tgt_sizes)
-    if lengths.size and lengths.min() < 0:
-        raise ValueError("sizes must be >= 0")
-    if lengths.size and lengths.max() > max_tokens:
-        i = int(lengths.argmax())
-        raise UserError(
-            f"example {i} has {int(lengths[i])} tokens (eos included) but max_tokens is {max_tokens}; "
-            f"raise max_tokens or filter long pairs with a smaller --max-len"
-        )
-    n = len(lengths)
-    lengths = lengths.astype(np.uint16 if max_tokens < 1 << 16 else np.int64)  # (every length <= max_tokens)
+    n = len(src_sizes)
+    # max(src, tgt) a chunk at a time, straight into the smallest type (every length <= max_tokens once checked)
+    lengths = np.empty(n, dtype=np.uint16 if max_tokens < 1 << 16 else np.int64)
+    counts = np.zeros(1, dtype=np.int64)  # examples of each length
+    for c in range(0, n, _SORT_CHUNK):
+        chunk = np.maximum(src_sizes[c : c + _SORT_CHUNK], tgt_sizes[c : c + _SORT_CHUNK])
+        if chunk.min() < 0:
+            raise ValueError("sizes must be >= 0")
+        if chunk.max() > max_tokens:
+            i = c + int(chunk.argmax())
+            raise UserError(
+                f"example {i} has {int(chunk.max())} tokens (eos included) but max_tokens is {max_tokens}; "
+                f"raise max_tokens or filter long pairs with a smaller --max-len"
+            )
+        lengths[c : c + len(chunk)] = chunk
+        here = np.bincount(chunk)  # (np.bincount widens its input to int64: one chunk, never the whole array)
+        counts = np.pad(counts, (0, max(0, len(here) - len(counts))))
+        counts[: len(here)] += here
 
     rng = np.random.default_rng([seed, epoch])
     perm = None
     if shuffle:
         perm = np.arange(n, dtype=np.int32 if n < 1 << 31 else np.int64)
         rng.shuffle(perm)  # the very permutation (and RNG state after it) of rng.permutation(n), in int32
-    counts = np.bincount(lengths, minlength=1) if n else np.zeros(1, np.int64)
     order = _sort_by_length(lengths, perm, counts)
     del perm
     starts, ends = _cut(counts, n, max_tokens, max_sentences or n or 1, required_multiple)
