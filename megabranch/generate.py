@@ -58,9 +58,9 @@ def main(argv=None):
 
     loaded = checkpoint.load_model(args.checkpoint, prefer="best")  # shards of any layout, consolidated
     data_dir = args.data_dir or loaded.config.data.data_dir
-    dataset, tok, meta = load_split(data_dir, args.split)
-    src_tok, tgt_tok = (tok, tok) if not isinstance(tok, tuple) else tok
-    if loaded.vocab_sha256 and loaded.vocab_sha256 != meta_vocab_hash(meta):
+    split = load_split(data_dir, args.split)
+    dataset, src_tok, tgt_tok = split.dataset, split.src_tok, split.tgt_tok
+    if loaded.vocab_sha256 and loaded.vocab_sha256 != meta_vocab_hash(split.meta):
         raise UserError(f"vocabulary of {data_dir} differs from the one {args.checkpoint} was trained with")
     model = prepare(loaded.model, device, args.precision)
     del loaded

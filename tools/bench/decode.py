@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     ck = checkpoint.load_checkpoint(step_dir)
     cfg = Config.from_dict(ck["config"], where=step_dir)
     ex = prepare(cfg, ck, ck["model"], args.data_dir)
-    dataset, (_, tok), _ = load_split(args.data_dir or cfg.data.data_dir, args.split)
+    split = load_split(args.data_dir or cfg.data.data_dir, args.split)
+    dataset, tok = split.dataset, split.tgt_tok
     n = min(args.limit or len(dataset), len(dataset))
     batches = [(idx, dataset.collater([dataset[i] for i in idx])["src_tokens"])
                for idx in sentence_batches(dataset.src_sizes, n, args.max_tokens, args.max_sentences)]
