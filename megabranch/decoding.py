@@ -7,6 +7,8 @@ recomputes the prefix. Hypotheses are scored fairseq-style: sum of log-probs / l
 
 from __future__ import annotations
 
+from typing import Iterator, NamedTuple
+
 import sacrebleu
 import torch
 
@@ -175,10 +177,27 @@ def bleu(hyps: list[str], refs: list[str]):
     return score, str(metric.get_signature())
 
 
+REFERENCE_SOURCES = {
+    "raw": "the reference file as written (kept by megabranch-preprocess)",
+    "ids": "the target token ids decoded (sentencepiece-normalised text)",
+}
+
+
+def references(dataset, tokenizer, n: int, source: str = "raw") -> tuple[list[str], str]:
+    """The first n references of `dataset` and which they are (a key of REFERENCE_SOURCES). "raw", the text as the
+    reference file has it, is what makes sacreBLEU comparable across papers; a directory preprocessed before the
+    raw text was kept beside the binarized files has only "ids", which is also what source="ids" asks for."""
+    raw = getattr(dataset, "references", None)
+    if source == "raw" and raw is not None:
+        return raw[:n], "raw"
+    return [tokenizer.decode(dataset.target_tokens(i)) for i in range(n)], "ids"
+
+
 def quick_bleu(model, dataset, tokenizer, beam: int, limit: int, device="cpu") -> float:
-    """sacreBLEU (2 decimals) of decoding the first `limit` sentences of `dataset`: training's validation BLEU."""
+    """sacreBLEU (2 decimals) of decoding the first `limit` sentences of `dataset` against its raw references
+    (where kept): training's validation BLEU."""
     hyps = translate(model, dataset, tokenizer, beam, 0.6, limit=limit, device=device)
-    refs = [tokenizer.decode(dataset.target_tokens(i)) for i in range(len(hyps))]
+    refs, _ = references(dataset, tokenizer, len(hyps))
     return round(bleu(hyps, refs)[0].score, 2)
 
 
@@ -188,21 +207,34 @@ def directions_of(dataset) -> list[tuple[str, object]]:
     return [(n, dataset.direction(n)) for n in names] if names else [("all", dataset)]
 
 
+class Scored(NamedTuple):
+    """One direction decoded and scored: its name and dataset, hypotheses, references (and which: a key of
+    REFERENCE_SOURCES), the sacreBLEU score and signature."""
+
+    name: str
+    part: object
+    hyps: list
+    refs: list
+    reference_source: str
+    score: object
+    signature: str
+
+
 def score_directions(model, dataset, tokenizer, beam, lenpen, max_sentences=64, limit=0, device="cpu",
-                      max_tokens: int = 0):
-    """Yield (name, its dataset, hypotheses, references, sacreBLEU score, signature) for every direction."""
+                     max_tokens: int = 0, reference_source: str = "raw") -> Iterator[Scored]:
+    """Decode and score every direction of `dataset` (one for a single pair) in turn."""
     for name, part in directions_of(dataset):
         hyps = translate(model, part, tokenizer, beam, lenpen, max_sentences, limit, device, max_tokens)
-        refs = [tokenizer.decode(part.target_tokens(i)) for i in range(len(hyps))]
+        refs, used = references(part, tokenizer, len(hyps), reference_source)
         score, sig = bleu(hyps, refs)
-        yield name, part, hyps, refs, score, sig
+        yield Scored(name, part, hyps, refs, used, score, sig)
 
 
 def per_direction_bleu(model, dataset, tokenizer, beam: int = 1, limit: int = 0, device="cpu",
                        lenpen: float = 0.6) -> tuple[dict, float]:
     """({direction: sacreBLEU}, their unweighted average): the first `limit` sentences (0: all) of every
     direction decoded and scored on its own, e.g. a multilingual validation set during training."""
-    scores = {name: score.score for name, _, _, _, score, _ in
+    scores = {d.name: d.score.score for d in
               score_directions(model, dataset, tokenizer, beam, lenpen, limit=limit, device=device)}
     return scores, sum(scores.values()) / len(scores)
 

@@ -10,7 +10,7 @@ import sys
 from . import checkpoint
 from .config import FINITE, ints
 from .data import load_split
-from .decoding import bleu, score_directions, translate
+from .decoding import REFERENCE_SOURCES, bleu, score_directions
 from .device import resolve_device
 from .errors import UserError, cli_main
 from .inference import add_device_arguments, prepare
@@ -20,21 +20,32 @@ from .inference import add_device_arguments, prepare
 def _report_directions(model, dataset, src_tok, tgt_tok, args, device="cpu") -> None:
     """megabranch-generate on a multilingual split: BLEU per direction and their average."""
     all_hyps, scores, sig = [], {}, ""
-    for name, part, hyps, refs, score, sig in score_directions(model, dataset, tgt_tok, args.beam, args.lenpen,
-                                                                args.max_sentences, args.limit, device,
-                                                                args.max_tokens):
-        scores[name] = score.score
-        all_hyps += hyps
-        print(f"{args.split} {name}: {len(hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}")
-        print(f"{name} BLEU = {score.score:.2f}  ({score})")
+    for d in score_directions(model, dataset, tgt_tok, args.beam, args.lenpen, args.max_sentences, args.limit, device,
+                              args.max_tokens, args.references):
+        scores[d.name] = d.score.score
+        all_hyps += d.hyps
+        sig = d.signature
+        print(f"{args.split} {d.name}: {len(d.hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}")
+        print(f"{d.name} BLEU = {d.score.score:.2f}  ({d.score})")
+        print(f"{d.name} references: {_describe(d.reference_source, args.references)}")
         if args.copy_baseline:
-            srcs = [src_tok.decode(part.source_tokens(i)) for i in range(len(hyps))]
-            print(f"{name} copy-the-source baseline BLEU = {bleu(srcs, refs)[0].score:.2f}")
+            srcs = [src_tok.decode(d.part.source_tokens(i)) for i in range(len(d.hyps))]
+            print(f"{d.name} copy-the-source baseline BLEU = {bleu(srcs, d.refs)[0].score:.2f}")
     print(f"average BLEU over {len(scores)} directions = {sum(scores.values()) / len(scores):.2f}")
     print(f"signature: {sig}")
-    if args.output:
-        with open(args.output, "w") as fh:
-            fh.writelines(h + "\n" for h in all_hyps)
+    _write_hypotheses(args.output, all_hyps)
+
+
+def _describe(used: str, wanted: str) -> str:
+    """Which references a score was computed against, and why when not the ones asked for."""
+    note = "" if used == wanted else " (this data directory keeps no raw references: preprocess it again to get them)"
+    return REFERENCE_SOURCES[used] + note
+
+
+def _write_hypotheses(path: str | None, hyps: list[str]) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.writelines(h + "\n" for h in hyps)
 
 
 @cli_main
@@ -51,6 +62,9 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="decode only the first N sentences (of each direction)")
     ap.add_argument("--output", help="write hypotheses here, one per line (multilingual: every direction in turn)")
     ap.add_argument("--copy-baseline", action="store_true", help="also score the source copied as the hypothesis")
+    ap.add_argument("--references", choices=tuple(REFERENCE_SOURCES), default="raw",
+                    help="score against the reference file as written (raw, the default: what makes sacreBLEU "
+                         "comparable across papers) or the target token ids decoded (ids: sentencepiece-normalised)")
     add_device_arguments(ap)
     args = ap.parse_args(argv)
     check_arguments(args)
@@ -67,19 +81,17 @@ def main(argv=None):
     if getattr(dataset, "directions", None):
         _report_directions(model, dataset, src_tok, tgt_tok, args, device)
         return 0
-    hyps = translate(model, dataset, tgt_tok, args.beam, args.lenpen, args.max_sentences, args.limit, device,
-                     args.max_tokens)
-    refs = [tgt_tok.decode(dataset.target_tokens(i)) for i in range(len(hyps))]
-    score, sig = bleu(hyps, refs)
-    if args.output:
-        with open(args.output, "w") as fh:
-            fh.writelines(h + "\n" for h in hyps)
-    print(f"{args.split}: {len(hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}, {device.type} {args.precision}")
-    print(f"BLEU = {score.score:.2f}  ({score})")
-    print(f"signature: {sig}")
+    d = next(score_directions(model, dataset, tgt_tok, args.beam, args.lenpen, args.max_sentences, args.limit,
+                              device, args.max_tokens, args.references))
+    _write_hypotheses(args.output, d.hyps)
+    print(f"{args.split}: {len(d.hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}, {device.type} "
+          f"{args.precision}")
+    print(f"BLEU = {d.score.score:.2f}  ({d.score})")
+    print(f"references: {_describe(d.reference_source, args.references)}")
+    print(f"signature: {d.signature}")
     if args.copy_baseline:
-        srcs = [src_tok.decode(dataset.source_tokens(i)) for i in range(len(hyps))]
-        copy, _ = bleu(srcs, refs)
+        srcs = [src_tok.decode(dataset.source_tokens(i)) for i in range(len(d.hyps))]
+        copy, _ = bleu(srcs, d.refs)
         print(f"copy-the-source baseline BLEU = {copy.score:.2f}")
     return 0
 

@@ -398,6 +398,51 @@ def test_preprocess_end_to_end(tmp_path, capsys):
     assert batches_equal(ds1.collate(range(40)), ds2.collate(range(40)))
 
 
+def test_bleu_references_are_the_file_as_written(tmp_path):
+    """preprocess keeps the valid/test target lines as written (one per kept pair, in order, skips dropped), so
+    BLEU scores against them; sentencepiece's normalisation (NFKC folds the ligature, spaces collapse) shows in
+    the decoded-ids form only, which stays an option and is what a directory without the file gives."""
+    from megabranch.decoding import references
+
+    src, tgt = sentences(60, 1), sentences(60, 2)
+    write_lines(tmp_path / "train.a", src)
+    write_lines(tmp_path / "train.b", tgt)
+    vsrc, vtgt = sentences(6, 3), sentences(6, 4)
+    vtgt[1] = "the  ﬁrst   day"  # two spaces, a ligature, three spaces
+    vsrc[3] = " ".join(["in"] * 90)  # over --max-len: the pair is skipped, its reference too
+    write_lines(tmp_path / "valid.a", vsrc)
+    write_lines(tmp_path / "valid.b", vtgt)
+    dest = tmp_path / "bin"
+    assert preprocess_main(["-s", "a", "-t", "b", "--trainpref", str(tmp_path / "train"), "--validpref",
+                            str(tmp_path / "valid"), "--destdir", str(dest), "--vocab-size", "60",
+                            "--max-len", "64"]) == 0
+    meta = json.loads((dest / "meta.json").read_text())
+    assert meta["splits"]["valid"]["a-b"]["references"] == "valid.a-b.b.ref"
+    assert "references" not in meta["splits"]["train"]["a-b"] and not (dest / "train.a-b.b.ref").exists()
+    valid = load_split(dest, "valid")
+    kept = vtgt[:3] + vtgt[4:]
+    assert valid.dataset.references == kept
+    assert load_split(dest, "train").dataset.references is None
+    raw, used = references(valid.dataset, valid.tgt_tok, 5)
+    assert (raw, used) == (kept, "raw")
+    ids, used = references(valid.dataset, valid.tgt_tok, 5, source="ids")
+    assert used == "ids" and ids[1] == "the first day" and ids[0] == kept[0]
+
+    meta["splits"]["valid"]["a-b"]["references"] = "../valid.b"  # a path out of the directory: refused
+    (dest / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="not a file name inside"):
+        load_split(dest, "valid")
+    del meta["splits"]["valid"]["a-b"]["references"]  # a directory from before the file was kept
+    (dest / "meta.json").write_text(json.dumps(meta))
+    old = load_split(dest, "valid").dataset
+    assert old.references is None and references(old, valid.tgt_tok, 5)[1] == "ids"
+    (dest / "valid.a-b.b.ref").write_text("one line\n")
+    meta["splits"]["valid"]["a-b"]["references"] = "valid.a-b.b.ref"
+    (dest / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="1 lines but the split has 5 pairs"):
+        load_split(dest, "valid")
+
+
 def test_preprocess_no_joint_trains_two_models(tmp_path):
     make_corpus(tmp_path)
     dest = tmp_path / "bin"

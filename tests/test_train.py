@@ -298,7 +298,11 @@ def test_generate_reads_a_save_directory(uninterrupted, capsys):
     from megabranch.generate import main as generate_main
 
     assert generate_main(["--checkpoint", ref_dir, "--split", "valid", "--beam", "2", "--limit", "4"]) == 0
-    assert "BLEU =" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "BLEU =" in out and "references: the reference file as written" in out
+    assert generate_main(["--checkpoint", ref_dir, "--split", "valid", "--beam", "2", "--limit", "4",
+                          "--references", "ids"]) == 0
+    assert "references: the target token ids decoded" in capsys.readouterr().out
 
 
 @pytest.mark.unit

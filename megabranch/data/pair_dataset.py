@@ -15,14 +15,19 @@ class LanguagePairDataset:
     """Pairs item i of `src` with item i of `tgt`; both get an eos appended.
 
     `src_prefix` (a target-language tag's id in a multilingual directory) is put before every source.
+    `references` (valid and test splits of directories preprocessed since it was kept): the target side's lines as
+    written in the input file, item i's at i: what BLEU is scored against (megabranch.decoding.references).
     `src_sizes` / `tgt_sizes` are the collated lengths (token count + 1 for eos, + 1 for the prefix);
     pass them to `make_batches` so the max_tokens budget counts exactly what ends up in the tensors.
     """
 
     def __init__(self, src: IndexedDataset, tgt: IndexedDataset, pad: int = PAD, bos: int = BOS,
-                 eos: int = EOS, pad_to_multiple: int = 1, src_prefix: int | None = None):
-        if len(src) != len(tgt):
-            raise ValueError(f"source has {len(src)} items but target has {len(tgt)}")
+                 eos: int = EOS, pad_to_multiple: int = 1, src_prefix: int | None = None,
+                 references: list[str] | None = None):
+        if len(src) != len(tgt) or (references is not None and len(references) != len(tgt)):
+            raise ValueError(f"source has {len(src)} items, target {len(tgt)}"
+                             + ("" if references is None else f", references {len(references)}"))
+        self.references = references
         self.src, self.tgt = src, tgt
         self.pad, self.bos, self.eos = pad, bos, eos
         self.pad_to_multiple = pad_to_multiple  # e.g. 8 keeps GEMM shapes tensor-core friendly

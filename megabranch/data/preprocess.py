@@ -2,8 +2,10 @@
 
 Input: PREFIX.LANG (or PREFIX.LANG.gz) per split and language, one sentence per line, the two
 languages line-aligned. Output (in --destdir): spm.model (or spm.SRC.model + spm.TGT.model),
-dict.txt (or dict.LANG.txt), {split}.{src}-{tgt}.{lang}.bin/.idx and meta.json (written last,
-so its presence means the directory is complete; its shape: megabranch/data/meta.py).
+dict.txt (or dict.LANG.txt), {split}.{src}-{tgt}.{lang}.bin/.idx, for the valid and test splits
+{split}.{src}-{tgt}.{tgt}.ref (the kept pairs' target lines as written: what BLEU is scored against)
+and meta.json (written last, so its presence means the directory is complete; its shape:
+megabranch/data/meta.py).
 
 One direction with -s/-t, or several with --pairs en-de,de-en,en-fr: one joint sentencepiece model
 over every training file, with the target-language tags <2de>, <2en>, <2fr> as user-defined pieces;
@@ -42,6 +44,7 @@ from megabranch.progress import ProgressBar, bar_wanted
 SPLITS = ("train", "valid", "test")
 _CHUNK = 10_000  # line pairs read, encoded and written at a time
 SKIP_REASONS = ("bad_utf8", "empty", "too_long")
+REFERENCE_SPLITS = ("valid", "test")  # the splits whose raw target text is kept beside the binarized files
 
 
 def _log(msg: str) -> None:
@@ -214,17 +217,19 @@ def _refuse_existing_data(dest: Path, outputs: list[Path], given, overwrite: boo
 
 
 class Encoded(NamedTuple):
-    """One chunk of line pairs, encoded: the kept pairs' ids end to end and their lengths, per side, and how many
-    pairs were skipped for each reason."""
+    """One chunk of line pairs, encoded: the kept pairs' ids end to end and their lengths, per side, how many
+    pairs were skipped for each reason, and (when asked for) the kept pairs' target lines as written."""
 
     ids: tuple[np.ndarray, np.ndarray]
     sizes: tuple[np.ndarray, np.ndarray]
     skipped: dict
+    references: list[str]
 
 
 def encode_chunk(pairs: list[tuple[bytes, bytes]], toks: tuple[Tokenizer, Tokenizer], max_len: int,
-                 threads: int | None = None) -> Encoded:
-    """Decode, filter (bad UTF-8, empty, longer than max_len on a side) and encode a chunk of raw line pairs."""
+                 threads: int | None = None, keep_references: bool = False) -> Encoded:
+    """Decode, filter (bad UTF-8, empty, longer than max_len on a side) and encode a chunk of raw line pairs;
+    keep_references: also hand back the kept pairs' target text unchanged."""
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     texts = []
     for raw_s, raw_t in pairs:
@@ -246,7 +251,8 @@ def encode_chunk(pairs: list[tuple[bytes, bytes]], toks: tuple[Tokenizer, Tokeni
         lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
         ids.append(np.fromiter(chain.from_iterable(kept), dtype=np.int64, count=int(lengths.sum())))
         sizes.append(lengths)
-    return Encoded(tuple(ids), tuple(sizes), skipped)
+    references = [t for (_, t), k in zip(texts, keep) if k] if keep_references else []
+    return Encoded(tuple(ids), tuple(sizes), skipped, references)
 
 
 _worker_state: dict = {}  # a pool worker's tokenizers and max_len (set once by _start_worker)
@@ -257,8 +263,9 @@ def _start_worker(models: tuple[str, str], max_len: int) -> None:
     _worker_state.update(toks=(toks[models[0]], toks[models[1]]), max_len=max_len)
 
 
-def _worker_encode(pairs: list[tuple[bytes, bytes]]) -> Encoded:
-    return encode_chunk(pairs, _worker_state["toks"], _worker_state["max_len"], threads=1)
+def _worker_encode(pairs: list[tuple[bytes, bytes]], keep_references: bool) -> Encoded:
+    return encode_chunk(pairs, _worker_state["toks"], _worker_state["max_len"], threads=1,
+                        keep_references=keep_references)
 
 
 class Encoder:
@@ -273,15 +280,16 @@ class Encoder:
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
             self.pool = ctx.Pool(workers, _start_worker, ((str(toks[0].path), str(toks[1].path)), max_len))
 
-    def map(self, chunks: Iterator[list[tuple[bytes, bytes]]]) -> Iterator[tuple[int, Encoded]]:
+    def map(self, chunks: Iterator[list[tuple[bytes, bytes]]], keep_references: bool = False
+            ) -> Iterator[tuple[int, Encoded]]:
         """(pairs read, their Encoded) for each chunk, in order."""
         if self.pool is None:
             for chunk in chunks:
-                yield len(chunk), encode_chunk(chunk, self.toks, self.max_len)
+                yield len(chunk), encode_chunk(chunk, self.toks, self.max_len, keep_references=keep_references)
             return
         pending: deque = deque()
         for chunk in chunks:
-            pending.append((len(chunk), self.pool.apply_async(_worker_encode, (chunk,))))
+            pending.append((len(chunk), self.pool.apply_async(_worker_encode, (chunk, keep_references))))
             if len(pending) >= 2 * self.workers:
                 n, result = pending.popleft()
                 yield n, result.get()
@@ -301,17 +309,22 @@ def _pair_chunks(inp: Inputs) -> Iterator[list[tuple[bytes, bytes]]]:
 
 
 def _binarize(label: str, inp: Inputs, toks, langs, encoder: Encoder, out_prefix: Path, counts, bar: ProgressBar,
-              done: int) -> dict:
+              done: int, references: Path | None = None) -> dict:
     """Encode and write one split of one direction; returns its stats. `counts` (lang -> array of piece counts,
-    train only) is updated. `done`: lines of earlier splits, for the bar."""
+    train only) is updated. `done`: lines of earlier splits, for the bar. `references`: where the kept pairs'
+    target lines go, as written (published with the binarized files)."""
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     tokens, unks = [0, 0], [0, 0]
     builders = [IndexedDatasetBuilder(f"{out_prefix}.{lang}", best_dtype(tok.vocab_size))
                 for lang, tok in zip(langs, toks)]
+    ref_tmp = references.with_name(references.name + ".tmp") if references else None
+    ref_file = open(ref_tmp, "w", encoding="utf-8", newline="\n") if ref_tmp else None
     total = 0
     try:
-        for n, enc in encoder.map(_pair_chunks(inp)):
+        for n, enc in encoder.map(_pair_chunks(inp), keep_references=ref_file is not None):
             total += n
+            if ref_file is not None:
+                ref_file.writelines(t + "\n" for t in enc.references)
             for reason, k in enc.skipped.items():
                 skipped[reason] += k
             for side, (ids, sizes) in enumerate(zip(enc.ids, enc.sizes)):
@@ -325,9 +338,15 @@ def _binarize(label: str, inp: Inputs, toks, langs, encoder: Encoder, out_prefix
     except BaseException:
         for b in builders:
             b.discard()
+        if ref_file is not None:
+            ref_file.close()
+            ref_tmp.unlink(missing_ok=True)
         raise
     for b in builders:
         b.finalize()
+    if ref_file is not None:
+        ref_file.close()
+        os.replace(ref_tmp, references)
     bar.clear()
     kept = len(builders[0])
     stats = {
@@ -340,6 +359,8 @@ def _binarize(label: str, inp: Inputs, toks, langs, encoder: Encoder, out_prefix
         "unk_pct": {lang: round(100.0 * u / max(n, 1), 4) for lang, u, n in zip(langs, unks, tokens)},
         "max_id": {lang: b.max_id for lang, b in zip(langs, builders)},
     }
+    if references is not None:
+        stats["references"] = references.name
     skip_txt = ", ".join(f"{k} {v}" for k, v in skipped.items())
     tok_txt = ", ".join(f"{lang} {n} ({stats['unk_pct'][lang]:.2f}% unk)" for lang, n in zip(langs, tokens))
     _log(f"{label}: kept {kept}/{total} pairs (skipped: {skip_txt}); tokens: {tok_txt}")
@@ -347,6 +368,10 @@ def _binarize(label: str, inp: Inputs, toks, langs, encoder: Encoder, out_prefix
         raise UserError(f"{inp.src}: every pair of the {label} split was skipped ({skip_txt}); "
                         f"check the files or raise --max-len")
     return stats
+
+
+def _references_path(dest: Path, split: str, name: str, direction: dict) -> Path:
+    return dest / f"{split}.{name}.{direction['target_lang']}.ref"
 
 
 def _write_dict(path: Path, tok: Tokenizer, counts: np.ndarray) -> None:
@@ -400,6 +425,8 @@ def main(argv=None):
     outputs += [dest / _dict_name(joint, lang) for lang in langs] if "train" in inputs else []
     outputs += [dest / f"{split}.{name}.{lang}.{ext}" for split in inputs for name, d in zip(names, directions)
                 for lang in (d["source_lang"], d["target_lang"]) for ext in ("bin", "idx")]
+    outputs += [_references_path(dest, split, name, d) for split in inputs if split in REFERENCE_SPLITS
+                for name, d in zip(names, directions)]
     _refuse_existing_data(dest, list(dict.fromkeys(outputs)), given, args.overwrite)
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -431,8 +458,9 @@ def main(argv=None):
                 key = (models[pair[0]], models[pair[1]])
                 if key not in encoders:
                     encoders[key] = Encoder(pair_toks, args.max_len, args.workers)
+                refs = _references_path(dest, split, name, d) if split in REFERENCE_SPLITS else None
                 stats[split][name] = _binarize(label, inp, pair_toks, pair, encoders[key], dest / f"{split}.{name}",
-                                               counts if split == "train" else None, bar, done)
+                                               counts if split == "train" else None, bar, done, refs)
                 done += inp.lines
     finally:
         for encoder in encoders.values():

@@ -11,7 +11,7 @@ from megabranch.data.indexed import IndexedDataset
 from megabranch.data.meta import direction_name, read_meta
 from megabranch.data.multilingual import MultilingualDataset, check_temperature
 from megabranch.data.pair_dataset import LanguagePairDataset
-from megabranch.data.tokenizer import Tokenizer
+from megabranch.data.tokenizer import Tokenizer, iter_lines
 from megabranch.errors import UserError
 
 
@@ -61,8 +61,9 @@ def load_split(destdir: str | os.PathLike, split: str, sampling_temperature: flo
                 raise UserError(f"{toks[src].path}: the language tag {d['tag']} of direction {name} "
                                 f"(meta.json) is not in the vocabulary; {hint} again")
         tok_s, tok_t = toks[src], toks[tgt]
+        refs = _references(dest, stats["references"], len(sides[1]), hint) if "references" in stats else None
         parts.append((name, LanguagePairDataset(sides[0], sides[1], pad=tok_s.pad, bos=tok_t.bos, eos=tok_t.eos,
-                                                src_prefix=tag)))
+                                                src_prefix=tag, references=refs)))
     first = directions[0]
     src_tok, tgt_tok = toks[first["source_lang"]], toks[first["target_lang"]]
     if len(parts) == 1 and "tag" not in first:
@@ -81,6 +82,23 @@ def _tokenizers(dest: Path, meta: dict, hint: str) -> dict[str, Tokenizer]:
             raise UserError(f"{path}: sha256 differs from meta.json (model replaced after binarizing); {hint} again")
         toks[lang] = by_path[path]
     return toks
+
+
+def _references(dest: Path, name: str, kept: int, hint: str) -> list[str]:
+    """The raw reference lines megabranch-preprocess kept (a file of `dest`, by meta.json), refused unless there
+    is one per binarized pair."""
+    path = dest / str(name)
+    if Path(str(name)).name != name or name in ("", ".", ".."):
+        raise UserError(f"{dest / 'meta.json'}: references {name!r} is not a file name inside {dest}; {hint} again")
+    if not path.is_file():
+        raise UserError(f"{path}: missing (meta.json names it as the split's references); {hint} again")
+    try:
+        refs = [line.decode("utf-8") for line in iter_lines(path)]
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; {hint} again") from None
+    if len(refs) != kept:
+        raise UserError(f"{path}: {len(refs)} lines but the split has {kept} pairs; {hint} again")
+    return refs
 
 
 def _checked_side(prefix: str, lang: str, stats: dict, tok: Tokenizer, hint: str) -> IndexedDataset:

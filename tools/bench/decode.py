@@ -34,7 +34,7 @@ from megabranch.convert.check import build_single
 from megabranch.convert.serving import prepare
 from megabranch.convert.targets import export
 from megabranch.data import load_split, sentence_batches
-from megabranch.decoding import beam_search, bleu, max_length
+from megabranch.decoding import beam_search, bleu, max_length, references
 from megabranch.vocab import BOS, EOS
 
 from .machine import cpu_name, load_average
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     n = min(args.limit or len(dataset), len(dataset))
     batches = [(idx, dataset.collater([dataset[i] for i in idx])["src_tokens"])
                for idx in sentence_batches(dataset.src_sizes, n, args.max_tokens, args.max_sentences)]
-    refs = [tok.decode(dataset.target_tokens(i)) for i in range(n)]
+    refs, _ = references(dataset, tok, n)
     length_model = build_single(ex.mc, ex.vocab, ex.tgt_vocab, ex.params, ex.step)
     mc = ex.mc
     load_before = load_average()
