@@ -10,7 +10,8 @@ One shape (format_version 2), whatever the number of directions:
                   its fairseq-style dict file (dict None without a train split)
     model_type, max_len                   how sentencepiece was trained (None: a given model), the length cap
     splits        {split: {"SRC-TGT": stats}}: per direction, the input files, lines read, pairs kept, skips,
-                  and per language the tokens, unknown pieces and the largest token id written ("max_id")
+                  and per language the tokens, unknown pieces and the largest token id written ("max_id");
+                  valid and test also "references": the file of the kept pairs' target lines as written
 
 Directories written before it (format_version 1) still load: `read_meta` gives them this shape. A one-direction
 directory then had source_lang / target_lang at the top and its splits' stats unnested; a --pairs directory had
