@@ -61,6 +61,9 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     tp: int = 1
+    # with tp > 1: the LayerNorm / dropout / residual activations split along the sequence over the tp ranks
+    # (Megatron's --sequence-parallel; parallel/sequence_parallel.py)
+    sequence_parallel: bool = False
     pp: int = 1
     vpp: int = 1
     schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb-h1 | zb-v | auto (parallel/schedules.py, planning.py)
@@ -156,6 +159,14 @@ class Config:
         _check(p.schedule in PIPELINE_SCHEDULES + ("auto",), "parallel.schedule", p.schedule,
                ", ".join(PIPELINE_SCHEDULES + ("auto",)))
         _check(p.balance in ("time", "memory"), "parallel.balance", p.balance, "time or memory")
+        if p.sequence_parallel:
+            _check(p.tp > 1, "parallel.sequence_parallel", True,
+                   "false with parallel.tp=1 (it splits the sequence over the tensor-parallel ranks)")
+            _check(m.residual != "admin", "parallel.sequence_parallel", True,
+                   "false with model.residual=admin (Admin's profiling pass takes variances over whole sequences, "
+                   "which sequence parallelism splits over the tensor-parallel ranks)")
+            _check(m.max_positions % p.tp == 0, "model.max_positions", m.max_positions,
+                   f"a multiple of parallel.tp={p.tp} with parallel.sequence_parallel (sequences are padded to one)")
 
 
 class InvalidValue(UserError):

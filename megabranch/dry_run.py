@@ -86,7 +86,7 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     p, o = planned_cfg.parallel, planned_cfg.optim
     kind = schedule_kind(planned_cfg)
     layout = plan_layout(mc, p.pp, p.vpp, src_v, tgt_v, p.tp, layout=p.layout, by=p.balance, recompute=p.recompute,
-                         placement=placement_of(kind))
+                         placement=placement_of(kind), sequence_parallel=p.sequence_parallel)
     planned = copy.deepcopy(planned_cfg)
     planned.parallel.layout = str(layout)
     m = o.update_freq
@@ -97,7 +97,8 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     print(f"# dry run ({backend} backend): {mc.residual} {mc.encoder_layers}L-{mc.decoder_layers}L d={mc.d_model} "
           f"ffn={mc.ffn_dim} heads={mc.n_heads}; vocab {src_v}/{tgt_v} ({where})", file=out)
     print(f"world size {world} = tp {p.tp} x pp {p.pp} x dp {dp}; vpp {p.vpp}; schedule {kind}; "
-          f"recompute {p.recompute}; {o.precision}{'; ZeRO-1' if p.zero else ''}", file=out)
+          f"recompute {p.recompute}; {o.precision}{'; ZeRO-1' if p.zero else ''}"
+          f"{'; sequence parallel' if p.sequence_parallel else ''}", file=out)
     print(f"parameters: {total:,} ({total / 1e6:.1f}M, single-process model, tied tables once)", file=out)
     print(f"stage layout: {layout}", file=out)
     if backend == "deepspeed":
