@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from .backends.deepspeed.layers import check_scheme
+from .backends.deepspeed.layers import check_layout, check_scheme
 from .backends.deepspeed.partition import ds_parts
 from .config import ints
 from .errors import UserError
@@ -71,9 +71,7 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
         raise UserError(f"model.share_all_embeddings needs one joint vocabulary ({where}: {src_v} vs {tgt_v})")
     if backend == "deepspeed":
         check_scheme(mc)
-    if backend == "deepspeed" and (p.tp != 1 or p.vpp != 1):
-        raise UserError(f"--backend deepspeed runs pipeline x data parallelism only: set parallel.tp=1 and "
-                        f"parallel.vpp=1 (got tp={p.tp}, vpp={p.vpp})")
+        check_layout(cfg, world)
     asked = p.schedule
     if backend == "deepspeed":
         if asked == "auto":

@@ -267,3 +267,40 @@ def test_the_memory_plan_and_dry_run_count_it():
     assert "; sequence parallel" in out.getvalue().splitlines()[1]
     assert [a * 2 for a in info["sent_bytes"]] == plain["sent_bytes"]
     assert all(a < b for a, b in zip(info["peak_bytes"], plain["peak_bytes"]))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "parallel.sequence_parallel=true"], "parallel.sequence_parallel=True is invalid: must be false with "
+                                                   "parallel.tp=1"),
+    (["--backend", "deepspeed", "--set", "parallel.tp=2", "--set", "parallel.pp=2", "--world-size", "6"],
+     "world size 6 does not fit parallel.tp . parallel.pp = 2 . 2 = 4"),
+    (["--backend", "deepspeed", "--set", "parallel.tp=2", "--set", "parallel.sequence_parallel=true"],
+     "parallel.sequence_parallel is the native engine's"),
+])
+def test_the_train_command_refuses_bad_combinations_in_one_line(argv, message, capsys):
+    """megabranch-train --dry-run (what the launch scripts run first): one line on stderr, exit status 2."""
+    import re
+
+    from megabranch.train import main
+
+    ds_json = os.path.join(os.path.dirname(__file__), "..", "launch", "configs", "ds_fp32.json")
+    extra = ["--deepspeed_config", ds_json] if "deepspeed" in argv else []
+    with pytest.raises(SystemExit) as e:
+        main(argv + extra + ["--dry-run", "--vocab", "40"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+@pytest.mark.unit
+def test_dry_run_plans_deepspeed_with_tensor_parallelism(capsys):
+    """--backend deepspeed over tp 2 x pp 2 x dp 2: DeepSpeed's layer parts are the native stage layout of the
+    tensor-parallel cost model (E0-5 and D0-4 with the target embedding at index 7, then D5 and the output)."""
+    from megabranch.train import main
+
+    ds_json = os.path.join(os.path.dirname(__file__), "..", "launch", "configs", "ds_fp32.json")
+    assert main(["--backend", "deepspeed", "--deepspeed_config", ds_json, "--set", "parallel.tp=2", "--set",
+                 "parallel.pp=2", "--world-size", "8", "--dry-run", "--vocab", "32000"]) == 0
+    out = capsys.readouterr().out
+    assert "world size 8 = tp 2 x pp 2 x dp 2" in out and "stage layout: E0-5,D0-4|D5" in out, out
+    assert "deepspeed layer parts: [0, 13, 15]" in out, out
