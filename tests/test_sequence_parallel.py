@@ -10,6 +10,8 @@ micro-batches (batch size, source and target lengths 3..9: odd lengths are padde
     tp 2 x dp 2                    the activation bytes each encoder layer saves for its backward, measured with
                                    saved-tensor hooks: the replicated regions' (the residual LayerNorm's input and
                                    statistics, the column-parallel linears' input) exactly 1/2, the rest unchanged
+  2 processes: tp 2, what one step all-reduces: no hidden state but the embeddings' lookups with it (every
+               row-parallel output and column-parallel input gradient without it)
   2 processes: the twelve residual schemes at tp 2 (Admin refused in one line), 3 steps each with recompute, and
                regional compile (aot_eager)
 """
@@ -155,6 +157,56 @@ def _main_refs(tmp_path) -> dict:
 @pytest.mark.slow
 def test_sequence_parallel_matches_single_process_and_splits_messages_and_activations(tmp_path):
     run_workers(_main_body, 4, _main_refs(tmp_path))
+
+
+# --- what the tensor-parallel group sends ------------------------------------------------------------------------
+
+def _activation_all_reduces(tr) -> tuple[list, int]:
+    """The shapes of the (B, L, d) activations one training step all-reduces, and how many lookups the
+    vocabulary-parallel embeddings made. Plain tensor parallelism all-reduces every row-parallel output and
+    column-parallel input gradient; sequence parallelism reduce-scatters and all-gathers those (half an
+    all-reduce's bytes each) and all-reduces only the embeddings' lookups (summed over the vocabulary shards,
+    then sliced: Embedder computes its output whole)."""
+    import torch.distributed as dist
+
+    from megabranch.parallel.tensor_parallel import VocabParallelEmbedding
+
+    shapes, lookups, original = [], [], dist.all_reduce
+
+    def counting(t, *args, **kwargs):
+        if t.dim() == 3 and t.shape[-1] == tr.cfg.model.d_model:
+            shapes.append(tuple(t.shape))
+        return original(t, *args, **kwargs)
+
+    for chunk in tr.model:
+        for m in chunk.modules():
+            if isinstance(m, VocabParallelEmbedding):
+                m.register_forward_hook(lambda mod, args, out: lookups.append(1))
+    dist.all_reduce = counting
+    try:
+        tr.train_step(synthetic_batches(0, 2))
+    finally:
+        dist.all_reduce = original
+    return shapes, len(lookups)
+
+
+def _collectives_body(rank, world):
+    from megabranch.training.engine import Trainer
+
+    got = {sp: _activation_all_reduces(Trainer(_cfg(2, dict(tp=2), sequence_parallel=sp), VOCAB))
+           for sp in (False, True)}
+    (plain, lookups), (split, split_lookups) = got[False], got[True]
+    assert lookups == split_lookups == 4, got  # 2 micro-batches x (source, target)
+    assert len(split) == split_lookups and len(plain) > 4 * lookups, got
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sequence_parallelism_all_reduces_no_activation():
+    """tp 2: no hidden state is all-reduced under sequence parallelism but the embeddings' lookups, so an
+    all-reduce where it reduce-scatters (even one that keeps only this rank's slice afterwards, numerically the
+    same) is caught by what the group is sent."""
+    run_workers(_collectives_body, 2)
 
 
 # --- the twelve schemes, recomputation, regional compile --------------------------------------------------------
