@@ -84,7 +84,7 @@ mb_run() {
 
 # mb_prepare_wmt SRC TGT DEST VOCAB: the WMT recipes (launch/prepare_wmt*.sh). $RAW holds train/valid(/test).{SRC,TGT}
 # (plain or .gz); a joint sentencepiece BPE of VOCAB entries; DEST, VOCAB, MAX_LEN, WORKERS and INPUT_SENTENCE_SIZE
-# from the environment override the defaults.
+# from the environment override the defaults; OVERWRITE=1 replaces what DEST already holds (refused otherwise).
 mb_prepare_wmt() {
   local src="$1" tgt="$2" f
   [ -n "${RAW:-}" ] || mb_die "set RAW=/path/to/text holding train.{$src,$tgt}, valid.{$src,$tgt}, test.{$src,$tgt}"
@@ -96,5 +96,6 @@ mb_prepare_wmt() {
   mb_run "$PYTHON" -m megabranch.data.preprocess --source-lang "$src" --target-lang "$tgt" \
     --trainpref "$RAW/train" --validpref "$RAW/valid" "${test[@]}" \
     --destdir "${DEST:-$3}" --joint --model-type bpe --vocab-size "${VOCAB:-$4}" \
-    --max-len "${MAX_LEN:-256}" --input-sentence-size "${INPUT_SENTENCE_SIZE:-2000000}" --workers "${WORKERS:-8}"
+    --max-len "${MAX_LEN:-256}" --input-sentence-size "${INPUT_SENTENCE_SIZE:-2000000}" --workers "${WORKERS:-8}" \
+    ${OVERWRITE:+--overwrite}
 }

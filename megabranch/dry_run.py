@@ -6,13 +6,13 @@ start a job)."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 
 from .backends.deepspeed.layers import check_layout, check_scheme
 from .backends.deepspeed.partition import ds_parts
 from .config import ints
+from .data.meta import META, read_meta
 from .errors import UserError
 from .model import count_parameters, meta_model
 from .planning.memory import plan, print_table, schedule_kind
@@ -23,14 +23,13 @@ from .parallel.schedules import check_schedule, placement_of
 
 def data_vocab(data_dir: str, default: int = 32000) -> tuple[int, int, str]:
     """(source vocab, target vocab, where it came from): data_dir/meta.json when it exists, else `default`."""
-    path = os.path.join(data_dir, "meta.json")
+    path = os.path.join(data_dir, META)
     if os.path.isfile(path):
         try:
-            with open(path) as fh:
-                meta = json.load(fh)
-            sizes = meta["vocab_size"]
-            return int(sizes[meta["source_lang"]]), int(sizes[meta["target_lang"]]), path
-        except (ValueError, KeyError, TypeError):
+            meta = read_meta(data_dir)
+            first, sizes = meta["directions"][0], meta["vocab_size"]
+            return int(sizes[first["source_lang"]]), int(sizes[first["target_lang"]]), path
+        except (UserError, KeyError, TypeError, ValueError):
             pass
     return default, default, f"default {default} (no {path})"
 

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from .errors import UserError
+from .progress import ProgressBar, bar_wanted
 
 
 def strict_json(value):
@@ -46,7 +47,7 @@ class MetricsLogger:
         os.makedirs(save_dir, exist_ok=True)
         self.path = os.path.join(save_dir, "log.jsonl")
         self.total = total_steps
-        self.bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+        self.bar = ProgressBar(total_steps, bar_wanted(progress))
         self.writer = None
         if tensorboard:
             try:
@@ -73,7 +74,7 @@ class MetricsLogger:
             self.writer.flush()
         if not echo:
             return
-        if tag != "train" or not self.bar:
+        if tag != "train" or not self.bar.enabled:
             shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "tag")
             self._clear()
             print(f"[{tag}] {shown}", file=sys.stderr, flush=True)
@@ -120,21 +121,10 @@ class MetricsLogger:
         self._refused = False
 
     def progress(self, step: int, loss: float, alpha: float) -> None:
-        if not self.bar:
-            return
-        width = 30
-        done = int(width * step / max(self.total, 1))
-        elapsed = time.time() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
-        sys.stderr.write(
-            f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {loss:.3f} alpha {alpha:.3f} "
-            f"eta {eta:5.0f}s "
-        )
-        sys.stderr.flush()
+        self.bar.show(step, f"loss {loss:.3f} alpha {alpha:.3f}")
 
     def _clear(self) -> None:
-        if self.bar:
-            sys.stderr.write("\r" + " " * 100 + "\r")
+        self.bar.clear()
 
     def close(self) -> None:
         self._clear()

@@ -107,14 +107,13 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None, backe
         join_process_group(cfg, backend)
         with checkpoint.one_writer(cfg.log.save_dir):
             resume = _resume_choice(resume, engine_cls.has_checkpoints(cfg.log.save_dir), cfg.log.save_dir)
-            train_set, tok, meta = load_split(cfg.data.data_dir, "train", cfg.data.sampling_temperature)
-            valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
-            src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
-            cfg = plan_schedule(cfg, src_tok.vocab_size, tgt_tok.vocab_size, backend, device, gpu_memory_gb)
-            engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device,
-                                  backend, ds_config)
+            data = load_split(cfg.data.data_dir, "train", cfg.data.sampling_temperature)
+            valid = load_split(cfg.data.data_dir, "valid")
+            src_v, tgt_v = data.src_tok.vocab_size, data.tgt_tok.vocab_size
+            cfg = plan_schedule(cfg, src_v, tgt_v, backend, device, gpu_memory_gb)
+            engine = build_engine(cfg, src_v, tgt_v, meta_vocab_hash(data.meta), device, backend, ds_config)
             loop_state = engine.resume(resume) if resume is not None else None
-            return train(engine, cfg, RunData(train_set, valid_set, tgt_tok), loop_state, stop=stop,
+            return train(engine, cfg, RunData(data.dataset, valid.dataset, data.tgt_tok), loop_state, stop=stop,
                          on_step=on_step)
     except Exception as e:
         if is_comm_failure(e):  # (the loop names the step of its own failures)

@@ -266,8 +266,8 @@ def test_analyze_run_analysis_writes_csv_and_png(tiny_data, tmp_path, capsys):
     from megabranch.config import load_config
     from megabranch.data import load_split, pair_batches
 
-    dataset, tok, _ = load_split(tiny_data, "valid")
-    vocab = (tok[0] if isinstance(tok, tuple) else tok).vocab_size
+    valid = load_split(tiny_data, "valid")
+    dataset, vocab = valid.dataset, valid.src_tok.vocab_size
     batches = pair_batches(dataset, 64, 8)
     assert sum(b["nsentences"] for b in batches) == 8 and len(batches) > 1
     models = {}

@@ -138,9 +138,9 @@ def test_the_run_loop_logs_the_compile_and_warns_when_nothing_compiled(tiny_corp
     cfg.optim.max_updates, cfg.optim.update_freq = 2, 1
     lg = cfg.log
     lg.save_dir, lg.tensorboard, lg.progress, lg.bleu_sentences, lg.valid_interval = str(tmp_path), False, "none", 4, 2
-    train_set, tok, _ = load_split(tiny_corpus, "train")
-    tok = tok[1] if isinstance(tok, tuple) else tok  # the target side
-    valid_set, _, _ = load_split(tiny_corpus, "valid")
+    data = load_split(tiny_corpus, "train")
+    train_set, tok = data.dataset, data.tgt_tok
+    valid_set = load_split(tiny_corpus, "valid").dataset
     tr = single_trainer(cfg, seed=1)
     try:
         with one_thread():

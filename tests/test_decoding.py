@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megabranch.config import RESIDUALS
-from megabranch.generate import beam_search, greedy_decode
+from megabranch.decoding import beam_search, greedy_decode
 from megabranch.model import build_model
 from megabranch.residual import set_step
 from tests.helpers.configs import tiny_model_cfg

@@ -127,11 +127,11 @@ def _train_run(tmp_path, data_dir: str, residual: str, lr: float, warmup: int, c
     cfg.data.data_dir, cfg.data.max_tokens = data_dir, 200
     lg.save_dir, lg.log_interval, lg.valid_interval = str(tmp_path / residual), 5, steps
     lg.bleu_sentences, lg.tensorboard, lg.progress, lg.async_save = 0, False, "none", False
-    train_set, tok, _ = load_split(data_dir, "train")
-    valid_set, _, _ = load_split(data_dir, "valid")
+    data = load_split(data_dir, "train")
+    valid_set = load_split(data_dir, "valid").dataset
     tr = single_trainer(cfg, seed=1)
     with one_thread():
-        train(tr, cfg, RunData(train_set, valid_set, tok[1] if isinstance(tok, tuple) else tok))
+        train(tr, cfg, RunData(data.dataset, valid_set, data.tgt_tok))
     with open(os.path.join(lg.save_dir, "log.jsonl")) as fh:
         return [r for r in map(json.loads, fh) if r["tag"] == "health"]
 

@@ -246,6 +246,9 @@ def test_preprocessing_recipes_run_on_tiny_text(tmp_path, script, pair):
     assert r.returncode == 0, r.stderr
     meta = json.loads((dest / "meta.json").read_text())
     assert meta["joint"] and meta["vocab_size"] == {pair[0]: 30, pair[1]: 30}
-    assert meta["splits"]["train"]["kept"] == 120 and "test" not in meta["splits"]
+    assert meta["splits"]["train"][f"{pair[0]}-{pair[1]}"]["kept"] == 120 and "test" not in meta["splits"]
+    r = _bash(script, [], RAW=raw, DEST=dest, VOCAB=30)  # a second run into the same directory: refused
+    assert r.returncode == 2 and "already holds preprocessed data" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert _bash(script, [], RAW=raw, DEST=dest, VOCAB=30, OVERWRITE=1).returncode == 0
     r = _bash(script, [], RAW=tmp_path / "missing")
     assert r.returncode == 2 and "not found" in r.stderr.strip().splitlines()[-1]

@@ -265,7 +265,7 @@ def part_decode(p: Part) -> None:
     import torch
 
     from megabranch.config import ModelConfig
-    from megabranch.generate import beam_search
+    from megabranch.decoding import beam_search
     from megabranch.inference import prepare
     from megabranch.model import build_model
     from megabranch.residual import set_step

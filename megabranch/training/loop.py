@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ..config import Config
 from ..data import EpochBatchIterator, pair_batches
 from ..errors import EXIT_REQUEUE, RunEnded
-from ..generate import validation_bleu
+from ..decoding import validation_bleu
 from ..metrics import MetricsLogger, SilentLogger
 from ..model.regional_compile import eager
 from ..parallel.failures import comm_failure_ended, is_comm_failure

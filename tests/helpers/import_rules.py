@@ -37,6 +37,9 @@ LOCAL_IMPORT_ALLOWED = {
     "fairseq": "optional (test extras); only to read and check a fairseq checkpoint; about 3.5 s to import",
     "torch.distributed.pipelining": "torch's own B/W split (a private module some torch versions lack): only what "
                                     "tools.bench.backward_split times against ours",
+    "omegaconf": "fairseq's config library; only with fairseq",
+    "ctranslate2": "optional (requirements-peers.txt); only to export to and check against CTranslate2",
+    "transformers": "optional (requirements-peers.txt); only to export to and check against MarianMT; about 2 s",
 }
 # Modules whose every function may import anything locally, and why.
 LOCAL_IMPORT_MODULES = {

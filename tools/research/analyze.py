@@ -73,7 +73,7 @@ def main(argv=None):
         raise UserError(f"--labels has {len(labels)} names for {len(args.checkpoints)} checkpoints")
     if not os.path.isfile(os.path.join(args.data, "meta.json")):
         raise UserError(f"--data {args.data}: no meta.json there; run megabranch-preprocess first")
-    dataset, _, _ = load_split(args.data, args.split)
+    dataset = load_split(args.data, args.split).dataset
     batches = pair_batches(dataset, args.max_tokens, args.sentences)
     models = {}
     for path, label in zip(args.checkpoints, labels):

@@ -30,7 +30,8 @@ from megabranch.checkpoint import atomic_write_bytes
 from megabranch.config import load_config
 from megabranch.data import load_split, pair_batches
 from megabranch.errors import UserError, cli_main
-from megabranch.generate import meta_vocab_hash, quick_bleu
+from megabranch.decoding import quick_bleu
+from megabranch.generate import meta_vocab_hash
 from megabranch.train import build_engine
 from megabranch.training.loop import RunData, train
 
@@ -78,10 +79,10 @@ def train_one(spec: RunSpec, args, log=print) -> dict:
     sets = overrides(spec, args) + [f"log.save_dir={log_dir}", f"log.valid_interval={spec.steps}",
                                     "log.bleu_sentences=0", "log.tensorboard=false", "log.progress=none"]
     cfg = load_config(None, sets)
-    train_set, tok, meta = load_split(cfg.data.data_dir, "train")
-    valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
-    src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
-    engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device="cpu")
+    data = load_split(cfg.data.data_dir, "train")
+    train_set, src_tok, tgt_tok = data.dataset, data.src_tok, data.tgt_tok
+    valid_set = load_split(cfg.data.data_dir, "valid").dataset
+    engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(data.meta), device="cpu")
     vb = pair_batches(valid_set, cfg.data.max_tokens, args.valid_sentences)
     watch = Watch(args.blowup, args.progress_every, spec.steps, log)
     t0 = time.time()

@@ -32,7 +32,7 @@ import sacrebleu
 import torch
 
 from megabranch import analysis, checkpoint, metrics
-from megabranch import generate as gen
+from megabranch import decoding as gen
 from megabranch import train as megatrain
 from megabranch.config import ints, load_config
 from megabranch.data import load_split, pair_batches
@@ -128,8 +128,8 @@ def train_and_evaluate(args, variant: str, sets: list[str], seed: int, log) -> d
     if status == "ok":
         loaded = checkpoint.load_model(os.path.join(save_dir, "latest"), fused_kernels=False)
         model, mcfg = loaded.model, loaded.config
-        test_set, tok, _ = load_split(mcfg.data.data_dir, args.test_split)
-        tgt_tok = tok[1] if isinstance(tok, tuple) else tok
+        test = load_split(mcfg.data.data_dir, args.test_split)
+        test_set, tgt_tok = test.dataset, test.tgt_tok
         scores = test_scores(model, test_set, tgt_tok, args.beam, args.lenpen)
         for direction, sc in scores.items():
             suffix = "" if direction == "all" else f".{direction}"
@@ -138,7 +138,7 @@ def train_and_evaluate(args, variant: str, sets: list[str], seed: int, log) -> d
         result["test"] = {"split": args.test_split, "beam": args.beam, "lenpen": args.lenpen,
                           "bleu": statistics.mean(s["bleu"] for s in scores.values()),
                           "chrf": statistics.mean(s["chrf"] for s in scores.values()), "directions": scores}
-        valid_set, _, _ = load_split(mcfg.data.data_dir, "valid")
+        valid_set = load_split(mcfg.data.data_dir, "valid").dataset
         batches = pair_batches(valid_set, mcfg.data.max_tokens, args.analysis_sentences)
         result["analysis"] = analysis.analyze_batches(model, batches, mcfg.optim.label_smoothing)
     result["seconds_this_invocation"] = round(time.time() - t0, 1)

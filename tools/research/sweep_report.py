@@ -36,10 +36,10 @@ def init_grad_norms(runs: list[dict]) -> dict:
         cfg = Config.from_dict(r["config"])
         cfg.model.fused_kernels = False
         try:
-            valid_set, tok, _ = load_split(cfg.data.data_dir, "valid")
+            valid = load_split(cfg.data.data_dir, "valid")
         except Exception:  # noqa: BLE001 - report without this table when the data moved
             return {}
-        src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
+        valid_set, src_tok, tgt_tok = valid.dataset, valid.src_tok, valid.tgt_tok
         n = r.get("valid_sentences", 300)
         vb = pair_batches(valid_set, cfg.data.max_tokens, n)
         model = build_model(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, seed=draw_init_seed(cfg.seed))
