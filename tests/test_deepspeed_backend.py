@@ -280,7 +280,7 @@ def test_the_other_schemes_on_the_deepspeed_pipeline_match_single_process():
 
 # --- three dimensions: tp x pp x dp ---------------------------------------------------------------------------------
 
-STEPS_3D = 3
+STEPS_3D = 20
 
 
 def _three_d_cfg():
@@ -352,9 +352,9 @@ def _three_d_body(rank, world, ref, tmp, exported_loss):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_deepspeed_tensor_x_pipeline_x_data_parallel_matches_single_process(tmp_path):
-    """tp 2 x pp 2 x dp 2 (8 processes): DeepSpeed's PipelineModule of tensor-parallel units over a three-
-    dimensional topology, against the single-process Trainer (losses, gradient norms, parameters); its checkpoints
-    convert both ways (import_deepspeed of its own save, export_deepspeed(tp=2) loaded by it)."""
+    """tp 2 x pp 2 x dp 2 (8 processes), 20 steps: DeepSpeed's PipelineModule of tensor-parallel units over a
+    three-dimensional topology, against the single-process Trainer (losses, gradient norms, parameters); its
+    checkpoints convert both ways (import_deepspeed of its own save, export_deepspeed(tp=2) loaded by it)."""
     from megabranch.backends.deepspeed import export_deepspeed
     from megabranch.model import build_model, draw_init_seed
     from tests.helpers.reference import single_trainer
