@@ -13,17 +13,18 @@ the tensor-parallel ones:
 (forward; each is the other in the backward), instead of the identity / all-reduce pair of plain tensor
 parallelism: the same bytes on the wire, 1/tp of the activations. The column-parallel linears keep their input's
 sequence slice for the backward and gather it again there (tensor_parallel.layers.sequence_gathered_linear).
-What changes here, module by module (the model's code does not change):
+What changes here, module by module (the model's code knows nothing of it):
 
     ColumnParallelLinear, VocabParallelOutput   .sequence_parallel: the input is gathered along the sequence
     RowParallelLinear                          .sequence_parallel: the output is reduce-scattered to it
-    Embedder                                   its output (computed whole, dropout included) keeps this rank's
-                                               slice (scatter_to_sequence; the gradient is all-gathered back)
-    Residual                                   its dropout draws from the tensor-parallel RNG stream (each rank
-                                               its own positions), as the split attention / FFN regions do
+    VocabParallelEmbedding                     .sequence_parallel: the lookup is reduce-scattered to it
+    Embedder                                   places this rank's slice of the lookup at its positions (scale,
+                                               positions, dropout on L / tp positions; Embedder.place)
+    Residual, Embedder                         their dropout draws from the tensor-parallel RNG stream (each
+                                               rank its own positions), as the split attention / FFN regions do
 
 Every replicated parameter used on split activations (the LayerNorms of the sub-layers, the final norms,
-row-parallel biases, NormFormer's norm after out_proj, Admin's omegas, ReZero's / Fixup's scalars, DLCL's
+row-parallel biases, NormFormer's norm after out_proj, learned positions, Admin's omegas, ReZero's / Fixup's scalars, DLCL's
 combination weights) then gets only this rank's positions' share of its gradient: it carries
 `sequence_parallel = True`, and `reduce_sequence_parallel_grads` sums those over the tp group after the backward.
 Parameters inside the tensor-parallel regions (Sub-LN's and NormFormer's norms over split features, R-Fixup's FFN
@@ -50,24 +51,31 @@ from .tensor_parallel import (
     VocabParallelEmbedding,
     VocabParallelOutput,
     install_rng_fork,
-    scatter_to_sequence,
 )
 
 # the hidden states are (B, L, d): the sequence is dimension 1
 SEQUENCE_DIM = 1
 
 # modules whose parameters see the whole sequence (inside a tensor-parallel region, or computed before the split)
-_WHOLE_SEQUENCE = (MultiheadAttention, FeedForward, Embedder, VocabParallelEmbedding, VocabParallelOutput)
+_WHOLE_SEQUENCE = (MultiheadAttention, FeedForward, VocabParallelEmbedding, VocabParallelOutput)
 
 
 def _residual_draws(m: Residual) -> bool:
     return m.dropout_p > 0
 
 
-def _split_embedding(group):
-    def hook(module, args, out):
-        return scatter_to_sequence(out, group, SEQUENCE_DIM)
-    return hook
+def _embedding_draws(m: Embedder) -> bool:
+    return m.dropout.p > 0
+
+
+def _split_embedding(embedder: Embedder, tp_rank: int):
+    """Embedder.forward on this rank's slice of the sequence: the table's lookup arrives reduce-scattered (L / tp
+    positions, VocabParallelEmbedding.sequence_parallel), placed at this slice's positions."""
+    def forward(tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        embedder.check_length(offset + tokens.shape[1])
+        looked_up = embedder.table(tokens)
+        return embedder.place(looked_up, offset + tp_rank * looked_up.shape[SEQUENCE_DIM])
+    return forward
 
 
 def apply_sequence_parallel(module: nn.Module, grid) -> nn.Module:
@@ -78,7 +86,7 @@ def apply_sequence_parallel(module: nn.Module, grid) -> nn.Module:
         return module
     whole, partial = set(), []
     for m in module.modules():
-        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelOutput)):
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelOutput, VocabParallelEmbedding)):
             m.sequence_parallel = True
         if isinstance(m, RowParallelLinear) and m.bias is not None:
             partial.append(m.bias)  # added after the reduce-scatter
@@ -87,7 +95,8 @@ def apply_sequence_parallel(module: nn.Module, grid) -> nn.Module:
         if isinstance(m, _WHOLE_SEQUENCE):
             whole |= {id(p) for p in m.parameters()}
         if isinstance(m, Embedder) and not getattr(m, "_megabranch_sequence_split", False):
-            m.register_forward_hook(_split_embedding(grid.tp_group))
+            m.forward = _split_embedding(m, grid.tp_rank)
+            install_rng_fork(m, _embedding_draws)
             m._megabranch_sequence_split = True
         if isinstance(m, Residual):
             install_rng_fork(m, _residual_draws)

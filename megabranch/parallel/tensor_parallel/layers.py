@@ -208,6 +208,7 @@ class VocabParallelEmbedding(nn.Module):
             self.local_padding_idx = padding_idx - self.vocab_start
         self.weight = mark_shard(nn.Parameter(torch.empty(per, embedding_dim, device=device, dtype=dtype)), 0,
                                   self.tp_size, self.tp_rank, (num_embeddings, embedding_dim))
+        self.sequence_parallel = False  # reduce-scatter the lookup along the sequence (parallel/sequence_parallel)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -216,6 +217,8 @@ class VocabParallelEmbedding(nn.Module):
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight, self.local_padding_idx)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence(out, self.group)
         return reduce_from_tp(out, self.group)
 
     def extra_repr(self) -> str:
