@@ -430,3 +430,25 @@ def test_deepspeed_bf16_over_tensor_x_pipeline_x_data_parallel_matches_fp32_sing
     single = single_trainer(cfg, seed=draw_init_seed(cfg.seed))
     stats = [single.train_step(synthetic_batches(s, 4)) for s in range(BF16_STEPS)]
     run_workers(_three_d_bf16_body, 8, [(s["loss"], s["gnorm"]) for s in stats])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("tp", [1, 2])
+def test_import_refuses_tied_copies_that_differ(tmp_path, tp):
+    """share_all_embeddings: every layer index that uses the table holds a copy; copies that differ are one line
+    naming the table and the layer index, never silently one of them."""
+    from megabranch.backends.deepspeed import export_deepspeed, import_deepspeed, layer_plan
+    from megabranch.errors import UserError
+    from megabranch.model import build_model
+
+    mc = tiny_model_cfg(encoder_layers=1, decoder_layers=1, share_all_embeddings=True)
+    export_deepspeed(build_model(mc, 40, seed=5).state_dict(), mc, str(tmp_path), tp=tp)
+    last = len(layer_plan(mc)) - 1  # the output projection's copy
+    path = tmp_path / "megabranch" / (f"layer_{last:02d}-model_00-model_states.pt" if tp > 1 else
+                                      f"layer_{last:02d}-model_states.pt")
+    layer = torch.load(path)
+    layer["encoder.embed.table.weight"] += 1
+    torch.save(layer, path)
+    with pytest.raises(UserError, match=f"the tied encoder.embed.table.weight differs between layer files .at layer "
+                                        f"{last}."):
+        import_deepspeed(str(tmp_path), mc)

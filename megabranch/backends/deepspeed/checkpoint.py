@@ -146,7 +146,7 @@ def import_deepspeed(in_dir: str, cfg, vocab: int | None = None, tgt_vocab: int 
         for key, t in layer.items():
             name = aliases.get(key, key)
             if name in state and not torch.equal(state[name], t):
-                raise UserError(f"import_deepspeed: the tied {name} differs between layer files (at {path})")
+                raise UserError(f"import_deepspeed: the tied {name} differs between layer files (at layer {idx})")
             state[name] = t
     for alias, name in aliases.items():
         state[alias] = state[name]
