@@ -227,6 +227,10 @@ class ParallelConfig:
 
     tp: int = setting(1, ints(1))
     """Tensor-parallel size: each layer's matrices split over this many ranks."""
+    sequence_parallel: bool = setting(False, FLAG)
+    """With tp > 1: the LayerNorm / dropout / residual activations (what tensor parallelism replicates) split
+    along the sequence over the tensor-parallel ranks, 1/tp each (Megatron's --sequence-parallel;
+    parallel/sequence_parallel.py). Native engine only; not with model.residual=admin."""
     pp: int = setting(1, ints(1))
     """Pipeline-parallel size: the layers split into this many stages."""
     vpp: int = setting(1, ints(1))
@@ -369,6 +373,18 @@ class Config:
         if m.d_model % m.n_heads:
             raise InvalidValue("model.n_heads", f"model.n_heads={m.n_heads!r} is invalid: must be a divisor of "
                                                 f"model.d_model={m.d_model}")
+        p = self.parallel
+        if p.sequence_parallel and p.tp == 1:
+            raise InvalidValue("parallel.sequence_parallel", "parallel.sequence_parallel=True is invalid: must be "
+                               "false with parallel.tp=1 (it splits the sequence over the tensor-parallel ranks)")
+        if p.sequence_parallel and m.residual == "admin":
+            raise InvalidValue("parallel.sequence_parallel", "parallel.sequence_parallel=True is invalid: must be "
+                               "false with model.residual=admin (Admin's profiling pass takes variances over whole "
+                               "sequences, which sequence parallelism splits over the tensor-parallel ranks)")
+        if p.sequence_parallel and m.max_positions % p.tp:
+            raise InvalidValue("model.max_positions", f"model.max_positions={m.max_positions} is invalid: must be a "
+                               f"multiple of parallel.tp={p.tp} with parallel.sequence_parallel (sequences are "
+                               f"padded to one)")
 
 
 class Setting(NamedTuple):

@@ -9,7 +9,7 @@ import copy
 import os
 import sys
 
-from .backends.deepspeed.layers import check_scheme
+from .backends.deepspeed.layers import check_layout, check_scheme
 from .backends.deepspeed.partition import ds_parts
 from .config import ints
 from .data.meta import META, read_meta
@@ -70,9 +70,7 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
         raise UserError(f"model.share_all_embeddings needs one joint vocabulary ({where}: {src_v} vs {tgt_v})")
     if backend == "deepspeed":
         check_scheme(mc)
-    if backend == "deepspeed" and (p.tp != 1 or p.vpp != 1):
-        raise UserError(f"--backend deepspeed runs pipeline x data parallelism only: set parallel.tp=1 and "
-                        f"parallel.vpp=1 (got tp={p.tp}, vpp={p.vpp})")
+        check_layout(cfg, world)
     asked = p.schedule
     if backend == "deepspeed":
         if asked == "auto":
@@ -85,7 +83,7 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     p, o = planned_cfg.parallel, planned_cfg.optim
     kind = schedule_kind(planned_cfg)
     layout = plan_layout(mc, p.pp, p.vpp, src_v, tgt_v, p.tp, layout=p.layout, by=p.balance, recompute=p.recompute,
-                         placement=placement_of(kind))
+                         placement=placement_of(kind), sequence_parallel=p.sequence_parallel)
     planned = copy.deepcopy(planned_cfg)
     planned.parallel.layout = str(layout)
     m = o.update_freq
@@ -96,7 +94,8 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     print(f"# dry run ({backend} backend): {mc.residual} {mc.encoder_layers}L-{mc.decoder_layers}L d={mc.d_model} "
           f"ffn={mc.ffn_dim} heads={mc.n_heads}; vocab {src_v}/{tgt_v} ({where})", file=out)
     print(f"world size {world} = tp {p.tp} x pp {p.pp} x dp {dp}; vpp {p.vpp}; schedule {kind}; "
-          f"recompute {p.recompute}; {o.precision}{'; ZeRO-1' if p.zero else ''}", file=out)
+          f"recompute {p.recompute}; {o.precision}{'; ZeRO-1' if p.zero else ''}"
+          f"{'; sequence parallel' if p.sequence_parallel else ''}", file=out)
     print(f"parameters: {total:,} ({total / 1e6:.1f}M, single-process model, tied tables once)", file=out)
     print(f"stage layout: {layout}", file=out)
     if backend == "deepspeed":

@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     mc, p = cfg.model, cfg.parallel
     print(f"# memory plan: {mc.residual} {mc.encoder_layers}L-{mc.decoder_layers}L d={mc.d_model} ffn={mc.ffn_dim} "
           f"heads={mc.n_heads} vocab={args.vocab}; tp={p.tp} pp={p.pp} vpp={p.vpp} dp={args.dp}"
-          f"{' zero-1' if args.zero else ''}; recompute={p.recompute}; {args.tokens} tokens per micro-batch; "
+          f"{' zero-1' if args.zero else ''}{' sequence-parallel' if p.sequence_parallel else ''}; "
+          f"recompute={p.recompute}; {args.tokens} tokens per micro-batch; "
           f"schedule {kind} with {m} micro-batches; {cfg.optim.precision}; tensor-parallel rank 0 of each stage")
     print_table(rows)
     totals = [r.total for r in rows]

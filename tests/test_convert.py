@@ -125,14 +125,17 @@ def test_consolidate_split_reshard_chain(tmp_path, capsys):
     assert torch.equal(shard, full[32:])
 
 
-def test_deepspeed_export_import_round_trip(tmp_path, capsys):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_deepspeed_export_import_round_trip(tmp_path, capsys, tp):
     ds = pytest.importorskip("megabranch.backends.deepspeed")
     if not hasattr(ds, "export_deepspeed") or not hasattr(ds, "import_deepspeed"):
         pytest.skip("megabranch.backends.deepspeed has no export/import yet")
     save_dir = tiny_single(tmp_path, steps=(2,))
     out = str(tmp_path / "ds")
-    assert convert_main([save_dir, out, "--to", "deepspeed"]) == 0
+    assert convert_main([save_dir, out, "--to", "deepspeed", "--tp", str(tp)]) == 0
     assert os.path.isfile(os.path.join(out, "latest"))
+    rank = "model_01-" if tp == 2 else ""  # a file per tensor-parallel rank
+    assert os.path.isfile(os.path.join(out, "megabranch", f"layer_01-{rank}model_states.pt"))
     cfg_path = tmp_path / "cfg.json"
     import json
 

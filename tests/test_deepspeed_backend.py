@@ -276,3 +276,179 @@ def test_the_other_schemes_on_the_deepspeed_pipeline_match_single_process():
     """Every scheme DeepSpeed's layer list can run, 2 stages cut after D0 (memory and the decoder hidden cross),
     20 steps each against the single-process Trainer."""
     run_workers(_schemes_body, 2, {r: reference_run(_scheme_cfg(r), 20)[0] for r in SCHEMES})
+
+
+# --- three dimensions: tp x pp x dp ---------------------------------------------------------------------------------
+
+STEPS_3D = 20
+
+
+def _three_d_cfg():
+    return make_cfg(2, 2, m=2, tp=2, pp=2, layout="E0-1|D0-1")
+
+
+def _shards_match(tr, full: dict, what: str) -> None:
+    """This rank's parameters (tensor-parallel shards, single-process names) equal the slices of `full`."""
+    from megabranch.backends.deepspeed import local_layers
+    from megabranch.model import canonical_parameters
+    from megabranch.parallel.parallelize import shard_of
+
+    params = canonical_parameters([f for _, f in local_layers(tr.module)], tr.cfg.model)
+    assert params
+    for name, p in params.items():
+        assert torch.equal(p.detach(), shard_of(full[name], p)), f"{what}: {name}"
+
+
+def _three_d_body(rank, world, ref, tmp, exported_loss):
+    import torch.distributed as dist
+
+    from megabranch.backends.deepspeed import import_deepspeed
+    from megabranch.backends.deepspeed.layers import check_layout
+    from megabranch.errors import UserError
+    from tests.helpers.reference import assert_matches
+
+    cfg = _three_d_cfg()
+    tr = _ds_trainer(cfg)
+    g, ds_grid = tr.grid, tr.engine.grid
+    # DeepSpeed's topology and megabranch's grid number the ranks the same way
+    assert (tr.dp, g.dp) == (2, 2)
+    assert (ds_grid.get_slice_parallel_rank(), ds_grid.get_data_parallel_rank(), ds_grid.get_stage_id()) == \
+        (g.tp_rank, g.dp_rank, g.pp_rank), (rank, g)
+    assert tr.module.loss_fn.tp_group is g.tp_group is not None
+    losses, gnorms = [], []
+    for s in range(STEPS_3D):
+        st = tr.train_step(synthetic_batches(s, 2 * tr.dp)[tr.dp_rank::tr.dp])
+        losses.append(st["loss"])
+        gnorms.append(st["gnorm"])
+    ref_losses, ref_params, ref_gnorms = ref
+    # the gradient norm counts every element once (tp shards, replicated tensors, the tied table over pp) and
+    # clipping was on in the comparison
+    for s, (a, b) in enumerate(zip(gnorms, ref_gnorms)):
+        assert abs(a - b) <= 1e-5 * b, f"step {s}: deepspeed tp2 x pp2 x dp2 gnorm {a} single-process {b}"
+    assert max(ref_gnorms) > cfg.optim.clip_norm
+    from types import SimpleNamespace
+
+    from megabranch.backends.deepspeed import local_layers
+
+    shards = SimpleNamespace(cfg=cfg, model=[f for _, f in local_layers(tr.module)])  # what assert_matches reads
+    assert_matches(shards, losses, (ref_losses, ref_params), "deepspeed tp2 x pp2 x dp2")
+
+    # DeepSpeed's own checkpoint (a file per layer index and tensor-parallel rank) imports as the whole model
+    tr.engine.save_checkpoint(os.path.join(tmp, "ds3d"), tag="s3")
+    dist.barrier()
+    files = sorted(f for f in os.listdir(os.path.join(tmp, "ds3d", "s3")) if f.startswith("layer_"))
+    assert files == [f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(7) for r in range(2)], files
+    _shards_match(tr, import_deepspeed(os.path.join(tmp, "ds3d"), cfg), "saved by DeepSpeed, imported")
+    # a single-process state dict exported for tp 2 loads into the running engine, and gives its loss
+    path, _ = tr.engine.load_checkpoint(os.path.join(tmp, "exported3d"), load_module_only=True)
+    assert path is not None
+    _shards_match(tr, torch.load(os.path.join(tmp, "exported3d_state.pt")), "exported for tp 2, loaded")
+    got = tr.valid_loss(synthetic_batches(99, 2))["loss"]
+    assert abs(got - exported_loss) <= 1e-5 * abs(exported_loss), (got, exported_loss)
+    with pytest.raises(UserError, match="world size 6 is not a multiple of parallel.tp . parallel.pp = 2 . 2 = 4"):
+        check_layout(cfg, 6)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_deepspeed_tensor_x_pipeline_x_data_parallel_matches_single_process(tmp_path):
+    """tp 2 x pp 2 x dp 2 (8 processes), 20 steps: DeepSpeed's PipelineModule of tensor-parallel units over a
+    three-dimensional topology, against the single-process Trainer (losses, gradient norms, parameters); its
+    checkpoints convert both ways (import_deepspeed of its own save, export_deepspeed(tp=2) loaded by it)."""
+    from megabranch.backends.deepspeed import export_deepspeed
+    from megabranch.model import build_model, draw_init_seed
+    from tests.helpers.reference import single_trainer
+
+    cfg = _three_d_cfg()
+    single = single_trainer(cfg, seed=draw_init_seed(cfg.seed))
+    stats = [single.train_step(synthetic_batches(s, 4)) for s in range(STEPS_3D)]
+    ref = ([s["loss"] for s in stats], {k: v.detach().clone() for k, v in single.named_params().items()},
+           [s["gnorm"] for s in stats])
+    other = build_model(cfg.model, VOCAB, seed=4321)
+    torch.save(other.state_dict(), tmp_path / "exported3d_state.pt")
+    export_deepspeed(other.state_dict(), cfg, str(tmp_path / "exported3d"), tp=2)
+    loss = _single_process_loss(other, synthetic_batches(99, 2), STEPS_3D)
+    run_workers(_three_d_body, 8, ref, str(tmp_path), loss)
+
+
+@pytest.mark.unit
+def test_export_for_tensor_parallelism_round_trips(tmp_path):
+    """export_deepspeed(tp=2) writes each layer index's two shards (the heads, FFN columns and vocabulary rows of
+    one rank each; a replicated norm in both); import_deepspeed joins them back into the same state dict."""
+    from megabranch.backends.deepspeed import export_deepspeed, import_deepspeed, layer_plan
+    from megabranch.model import build_model
+
+    mc = tiny_model_cfg(encoder_layers=2, decoder_layers=1, share_all_embeddings=False, residual="pre_ln")
+    sd = build_model(mc, 40, 32, seed=5).state_dict()
+    export_deepspeed(sd, mc, str(tmp_path), tp=2)
+    n = len(layer_plan(mc))
+    names = sorted(os.listdir(tmp_path / "megabranch"))
+    assert names == sorted([f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(n) for r in range(2)]
+                           + ["mp_rank_00_model_states.pt"])
+    enc0 = [torch.load(tmp_path / "megabranch" / f"layer_01-model_{r:02d}-model_states.pt") for r in range(2)]
+    q = "encoder.layers.0.self_attn.block.q_proj.weight"
+    assert torch.equal(torch.cat([enc0[0][q], enc0[1][q]]), sd[q]) and enc0[0][q].shape[0] == mc.d_model // 2
+    norm = "encoder.layers.0.ffn.norm.weight"
+    assert torch.equal(enc0[0][norm], sd[norm]) and torch.equal(enc0[1][norm], sd[norm])
+    back = import_deepspeed(str(tmp_path), mc)
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    # a replicated tensor that differs between the ranks' files is not silently taken from one of them
+    enc0[1][norm] = enc0[1][norm] + 1
+    torch.save(enc0[1], tmp_path / "megabranch" / "layer_01-model_01-model_states.pt")
+    from megabranch.errors import UserError
+
+    with pytest.raises(UserError, match="differs between the tensor-parallel files of layer 1"):
+        import_deepspeed(str(tmp_path), mc)
+
+
+BF16_STEPS = 5
+
+
+def _three_d_bf16_body(rank, world, ref):
+    from megabranch.backends.deepspeed.config import load_ds_config
+    from tests.test_precision import BF16_VS_FP32
+
+    cfg = _three_d_cfg()
+    tr = _ds_trainer(cfg, ds_config=load_ds_config(os.path.join(ROOT, "launch", "configs", "ds_bf16.json"), cfg))
+    for s, (ref_loss, ref_gnorm) in enumerate(ref):
+        st = tr.train_step(synthetic_batches(s, 2 * tr.dp)[tr.dp_rank::tr.dp])
+        # DeepSpeed's BF16_Optimizer measures the norm: each tensor-parallel shard on every tp rank, a replicated
+        # parameter on tp rank 0 only (the `model_parallel` marks)
+        assert abs(st["gnorm"] - ref_gnorm) <= BF16_VS_FP32 * ref_gnorm, (s, st["gnorm"], ref_gnorm)
+        assert abs(st["loss"] - ref_loss) <= BF16_VS_FP32 * ref_loss, (s, st["loss"], ref_loss)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_deepspeed_bf16_over_tensor_x_pipeline_x_data_parallel_matches_fp32_single_process():
+    """launch/configs/ds_bf16.json over tp 2 x pp 2 x dp 2: losses and gradient norms within bf16's tolerance of
+    the fp32 single process over 5 steps."""
+    from megabranch.model import draw_init_seed
+    from tests.helpers.reference import single_trainer
+
+    cfg = _three_d_cfg()
+    single = single_trainer(cfg, seed=draw_init_seed(cfg.seed))
+    stats = [single.train_step(synthetic_batches(s, 4)) for s in range(BF16_STEPS)]
+    run_workers(_three_d_bf16_body, 8, [(s["loss"], s["gnorm"]) for s in stats])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("tp", [1, 2])
+def test_import_refuses_tied_copies_that_differ(tmp_path, tp):
+    """share_all_embeddings: every layer index that uses the table holds a copy; copies that differ are one line
+    naming the table and the layer index, never silently one of them."""
+    from megabranch.backends.deepspeed import export_deepspeed, import_deepspeed, layer_plan
+    from megabranch.errors import UserError
+    from megabranch.model import build_model
+
+    mc = tiny_model_cfg(encoder_layers=1, decoder_layers=1, share_all_embeddings=True)
+    export_deepspeed(build_model(mc, 40, seed=5).state_dict(), mc, str(tmp_path), tp=tp)
+    last = len(layer_plan(mc)) - 1  # the output projection's copy
+    path = tmp_path / "megabranch" / (f"layer_{last:02d}-model_00-model_states.pt" if tp > 1 else
+                                      f"layer_{last:02d}-model_states.pt")
+    layer = torch.load(path)
+    layer["encoder.embed.table.weight"] += 1
+    torch.save(layer, path)
+    with pytest.raises(UserError, match=f"the tied encoder.embed.table.weight differs between layer files .at layer "
+                                        f"{last}."):
+        import_deepspeed(str(tmp_path), mc)

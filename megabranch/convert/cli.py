@@ -3,8 +3,8 @@
     megabranch-convert SRC OUT --tp T --pp P [--vpp V] [--layout STR]     reshard (optimizer state too)
     megabranch-convert SRC model.safetensors                              consolidate for inference (+ model.json)
     megabranch-convert model.safetensors OUT --tp T --pp P                split back into a step directory
-    megabranch-convert SRC OUT --to deepspeed                             DeepSpeed pipeline layer files
-    megabranch-convert DS_DIR OUT --from deepspeed --config CFG           and back
+    megabranch-convert SRC OUT --to deepspeed [--tp T]                    DeepSpeed pipeline layer files (per tp rank)
+    megabranch-convert DS_DIR OUT --from deepspeed --config CFG           and back (any tp)
     megabranch-convert ts.pt OUT --from torchscale --config CFG           a torchscale encoder-decoder state dict
     megabranch-convert ckpt.pt OUT --from fairseq --fairseq-dict dict.txt --spm spm.model     fairseq transformer
     megabranch-convert SRC ts.pt --to torchscale                          torchscale EncoderDecoder names
@@ -165,10 +165,10 @@ def convert(args) -> None:
         print(f"wrote {out} (resume with --set parallel.tp={args.tp} --set parallel.pp={args.pp} "
               f"--set parallel.vpp={args.vpp} --resume {out})")
     elif to == "deepspeed":
-        ds.export_deepspeed(model, cfg, args.out, vocab=vocab, tgt_vocab=tgt)
+        ds.export_deepspeed(model, cfg, args.out, vocab=vocab, tgt_vocab=tgt, tp=args.tp)
         back = ds.import_deepspeed(args.out, cfg, vocab=vocab, tgt_vocab=tgt)
-        check("export -> DeepSpeed pipeline layer files", mc, vocab, tgt, model, back, step)
-        print(f"wrote {args.out}")
+        check(f"export -> DeepSpeed pipeline layer files, tp {args.tp}", mc, vocab, tgt, model, back, step)
+        print(f"wrote {args.out} (for --backend deepspeed with parallel.tp={args.tp}, any parallel.pp)")
     elif to == "torchscale":
         export_torchscale_file(model, cfg, args.out, step)
         print(f"wrote {args.out}")
@@ -244,7 +244,8 @@ def main(argv=None):
                     "float16, bfloat16, ...; default: float32)")
     ap.add_argument("--data-dir", help="--to ctranslate2/hf/fairseq: the preprocessed directory whose sentencepiece "
                     "model(s) go with the export (default: the one the model was trained on)")
-    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the step directory, or with --to "
+                    "deepspeed of the DeepSpeed layer files")
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--vpp", type=int, default=1)
     ap.add_argument("--layout", default="", help="explicit stage layout (parallel.layout syntax)")

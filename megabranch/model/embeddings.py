@@ -49,9 +49,16 @@ class Embedder(nn.Module):
         self.positions = sinusoidal_table(*self.positions.shape).to(self.positions.device)
 
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        length = tokens.shape[1]
-        if offset + length > self.max_positions:
-            raise ValueError(f"sequence of {offset + length} tokens exceeds model.max_positions={self.max_positions}")
-        lo, hi = self.first + offset, self.first + offset + length
+        self.check_length(offset + tokens.shape[1])
+        return self.place(self.table(tokens), offset)
+
+    def check_length(self, end: int) -> None:
+        if end > self.max_positions:
+            raise ValueError(f"sequence of {end} tokens exceeds model.max_positions={self.max_positions}")
+
+    def place(self, looked_up: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """dropout(scale * looked_up + P[first + offset + i]) for the looked-up tokens (B, L, d) at positions
+        offset .. offset + L - 1 (a slice of a sequence: the position of its first token)."""
+        lo, hi = self.first + offset, self.first + offset + looked_up.shape[1]
         pos = self.positions[lo:hi] if self.learned_positions is None else self.learned_positions.weight[lo:hi]
-        return self.dropout(self.table(tokens) * self.scale + pos)
+        return self.dropout(looked_up * self.scale + pos)

@@ -54,20 +54,32 @@ class MicroBatch:
     prev_tokens: torch.Tensor
     target: torch.Tensor
     ntokens: int
+    seq_split: int = 1  # sequence parallelism: the hiddens hold 1/seq_split of each sequence (the tp size)
     key_mask: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         self.key_mask = self.src_tokens.ne(PAD)
 
     @classmethod
-    def from_batch(cls, i: int, batch: dict, device) -> "MicroBatch":
-        return cls(i, batch["src_tokens"].to(device), batch["prev_output_tokens"].to(device),
-                   batch["target"].to(device), int(batch["ntokens"]))
+    def from_batch(cls, i: int, batch: dict, device, seq_split: int = 1) -> "MicroBatch":
+        """seq_split > 1: source and target padded to a multiple of it with padding tokens, which change nothing
+        (masked keys, positions after every real one under causal attention, targets the loss ignores)."""
+        src, prev, target = (_pad_to(batch[k].to(device), seq_split)
+                             for k in ("src_tokens", "prev_output_tokens", "target"))
+        return cls(i, src, prev, target, int(batch["ntokens"]), seq_split)
 
     def shapes(self, span, incoming: bool, d: int, history: bool) -> list[tuple]:
-        """The shapes of what `span` receives (incoming) or sends for this micro-batch (model/span.py)."""
+        """The shapes of what `span` receives (incoming) or sends for this micro-batch (model/span.py); under
+        sequence parallelism this rank's slice of each sequence."""
         b, s = self.src_tokens.shape
-        return span.message_shapes(incoming, b, s, self.prev_tokens.shape[1], d, history)
+        k = self.seq_split
+        return span.message_shapes(incoming, b, s // k, self.prev_tokens.shape[1] // k, d, history)
+
+
+def _pad_to(tokens: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(B, L) tokens with PAD columns appended up to a multiple of `multiple` positions."""
+    extra = -tokens.shape[1] % multiple
+    return tokens if extra == 0 else torch.nn.functional.pad(tokens, (0, extra), value=PAD)
 
 
 class _SendReaper:

@@ -18,6 +18,7 @@ from ..model import Transformer, canonical_parameters
 from ..model.init import fill_initial_values
 from .parallelize import apply_tensor_parallel, full_shape, shard_of
 from .layout import Layout
+from .sequence_parallel import apply_sequence_parallel
 from .tensor_parallel import checkpoint as tp_checkpoint
 
 
@@ -57,9 +58,11 @@ def _mark_duplicate_tables(chunks: nn.ModuleList, cfg: ModelConfig, layout: Layo
 
 
 def build_stage(cfg: ModelConfig, layout: Layout, grid, vocab: int, tgt_vocab: int | None = None,
-                seed: int | None = 0, device: str | torch.device = "cpu", recompute: int = 0) -> nn.ModuleList:
+                seed: int | None = 0, device: str | torch.device = "cpu", recompute: int = 0,
+                sequence_parallel: bool = False) -> nn.ModuleList:
     """This rank's chunks (Transformer slices, in virtual order) as a ModuleList, tensor-parallel sharded for
-    grid.tp. device="meta" stops before allocating (memory planning, converters)."""
+    grid.tp (sequence-parallel too with `sequence_parallel`). device="meta" stops before allocating (memory
+    planning, converters)."""
     tgt_vocab = tgt_vocab or vocab
     tables: dict = {}
     with torch.device("meta"):
@@ -67,6 +70,8 @@ def build_stage(cfg: ModelConfig, layout: Layout, grid, vocab: int, tgt_vocab: i
                                for c in layout.chunks_of_rank(grid.pp_rank))
     _mark_duplicate_tables(chunks, cfg, layout, grid.pp_rank)
     chunks = apply_tensor_parallel(chunks, grid)
+    if sequence_parallel:
+        apply_sequence_parallel(chunks, grid)
     for ch in chunks:
         for stack in (ch.encoder, ch.decoder):
             stack.recompute = recompute

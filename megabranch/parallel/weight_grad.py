@@ -15,7 +15,9 @@ gradient at once and, while a store collects, leaves the weight (and bias) gradi
 references to the two tensors that product needs. So B is one autograd pass with the weight-gradient GEMMs
 taken out (about a third of the backward's FLOPs), and W is exactly those GEMMs: nothing is computed twice.
 Everything else (LayerNorm and embedding gradients, attention, the tensor-parallel all-reduces, the encoder
-output's gradient through every cross-attention) stays in B, so W needs no communication. Under recomputation
+output's gradient through every cross-attention) stays in B, so W needs no communication, except under sequence
+parallelism: a column-parallel linear keeps its input's sequence slice until W and W gathers it again over the
+tp group (parallel/sequence_parallel.py; every tp rank runs the same W's in the same order). Under recomputation
 (parallel.recompute) the segment is recomputed once, in B; the recomputed linear inputs then live until W.
 
 W adds its sums through autograd's own AccumulateGrad (torch.autograd.backward on the parameters), so a .grad that
@@ -41,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..model.transformer import OutputProjection
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelOutput
+from .tensor_parallel.layers import autocast_operands, weight_grads
 
 # the modules whose forward applies a trained weight with F.linear
 LINEAR_MODULES = (nn.Linear, ColumnParallelLinear, RowParallelLinear, OutputProjection, VocabParallelOutput)
@@ -69,9 +72,9 @@ class WeightGradStore:
         self._pending[self.collecting].append((x, g, weight, bias))
 
     def defer(self, params, work) -> None:
-        """Other weight-gradient work for the running B's W (an op with a split of its own, e.g.
-        tools/bench/pipeline.py's stand-in chunks): `work()` -> [(parameter, gradient)], parameters among
-        `params`."""
+        """Other weight-gradient work for the running B's W (an op with a split of its own: a sequence-parallel
+        column linear, tensor_parallel.layers.sequence_gathered_linear, or tools/bench/pipeline.py's stand-in
+        chunks): `work()` -> [(parameter, gradient)], parameters among `params`."""
         self._pending[self.collecting].append(_Work(tuple(params), work))
 
     def param_ids(self, key) -> set[int]:
@@ -95,11 +98,11 @@ class WeightGradStore:
                     _add(sums, p, grad)
                 continue
             x, g, weight, bias = entry
-            g2 = g.reshape(-1, g.shape[-1])
+            gw, gb = weight_grads(x, g, weight is not None, bias is not None)
             if weight is not None:
-                _add(sums, weight, g2.t().mm(x.reshape(-1, x.shape[-1])))
+                _add(sums, weight, gw)
             if bias is not None:
-                _add(sums, bias, g2.sum(0))
+                _add(sums, bias, gb)
         if sums:
             params = [p for p, _ in sums.values()]
             torch.autograd.backward(params, [s.to(p.dtype) for p, s in sums.values()])
@@ -124,15 +127,8 @@ class DeferredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, store):
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        if dtype is not None and x.is_floating_point():  # autocast's own casts for linear
-            x = x.to(dtype)
-            w = weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
-        else:
-            w, b = weight, bias
-        with torch.autocast(dev, enabled=False):
+        x, w, b = autocast_operands(x, weight, bias)  # autocast's own casts for linear
+        with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x, w, b)
         ctx.save_for_backward(x)
         # the parameters themselves, not saved copies: W accumulates into them and the reducer knows them by id (a
@@ -150,9 +146,7 @@ class DeferredLinear(torch.autograd.Function):
         if store is not None and store.collecting is not None:
             store.put(x, g, weight if need_w else None, ctx.bias if need_b else None)
             return gx, None, None, None
-        g2 = g.reshape(-1, g.shape[-1])
-        gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
-        gb = g2.sum(0) if need_b else None
+        gw, gb = weight_grads(x, g, need_w, need_b)
         return gx, gw, gb, None
 
 
@@ -182,6 +176,8 @@ def defer_weight_grads(module: nn.Module, store: WeightGradStore) -> int:
         if isinstance(m, LINEAR_MODULES) and not getattr(m, "_megabranch_deferred", False):
             m.forward = _routed(m.forward, store)
             m._megabranch_deferred = True
+            if hasattr(m, "weight_grad_store"):  # its sequence-parallel form defers through its own Function
+                m.weight_grad_store = store
             count += 1
     return count
 

@@ -45,13 +45,17 @@ class CostModel:
     and log-sum-exp, LayerNorm inputs, the ReLU output), in `act_size`-byte elements; `w_bytes` what a split
     backward keeps from its B to its W (weight_grad.py: each linear's input and output gradient; the encoder
     output a cross-attention reads is counted once, with the chunk); with tensor parallelism the head / FFN /
-    vocabulary dimensions are divided by tp.
+    vocabulary dimensions are divided by tp, and with sequence parallelism (parallel/sequence_parallel.py) so is
+    everything of the replicated regions (`self.sp`): the linears' (B, L, d) inputs (a column-parallel linear
+    keeps its input's sequence slice, from F to B and from B to W), the LayerNorm inputs, the hidden states,
+    the embeddings' outputs, the encoder output and what crosses a stage.
     """
 
     def __init__(self, cfg, vocab: int, tgt_vocab: int | None = None, tp: int = 1, tokens: int = 4096,
                  src_len: int = 64, tgt_len: int = 64, act_size: int = 4, recompute: int = 0,
-                 state_bytes_per_param: float = 16.0):
+                 state_bytes_per_param: float = 16.0, sequence_parallel: bool = False):
         self.cfg, self.tp, self.act = cfg, tp, act_size
+        self.sp = tp if sequence_parallel else 1  # what the replicated regions' (B, L, d) tensors are divided by
         self.recompute = recompute
         self.state_bytes = state_bytes_per_param  # fp32 weights + grads + Adam moments
         self._cache: dict = {}
@@ -64,28 +68,30 @@ class CostModel:
         proj = 2 * d * d / tp * (2 * q_tokens + 2 * kv_tokens)  # q, out on queries; k, v on keys
         span = kv_len / 2 if causal else kv_len
         scores = 2 * 2 * q_tokens * span * d / tp  # QK^T and AV
-        act = (q_tokens * (d + 2 * d / tp + h / tp + d)  # input, q + attention out, lse, LN input
+        sp = self.sp
+        act = (q_tokens * (d / sp + 2 * d / tp + h / tp + d / sp)  # input, q + attention out, lse, LN input
                + kv_tokens * 2 * d / tp)  # k, v
         params = (4 * d * d + 3 * d) / tp + d + 2 * d  # weights, q/k/v biases sharded, out bias + LN replicated
         # B -> W: the query input (the key/value input too under self-attention), out_proj's input; the output
         # gradients of q, k, v and out_proj
-        w_in = q_tokens * (d + d / tp)
+        w_in = q_tokens * (d / sp + d / tp)
         w_grad = q_tokens * (d / tp + d) + kv_tokens * 2 * d / tp
         return Cost(flops=3 * (proj + scores), params=params, act_bytes=act * self.act, w_flops=proj,
                     w_bytes=(w_in + w_grad) * self.act)
 
     def _ffn(self, tokens: float) -> Cost:
-        d, f, tp = self.cfg.d_model, self.cfg.ffn_dim, self.tp
+        d, f, tp, sp = self.cfg.d_model, self.cfg.ffn_dim, self.tp, self.sp
         return Cost(flops=3 * 2 * 2 * d * f / tp * tokens, params=(2 * d * f + f) / tp + d + 2 * d,
-                    act_bytes=tokens * (d + f / tp + d) * self.act, w_flops=2 * 2 * d * f / tp * tokens,
-                    w_bytes=tokens * 2 * (d + f / tp) * self.act)  # fc1 / fc2 inputs and output gradients
+                    act_bytes=tokens * (d / sp + f / tp + d / sp) * self.act,  # input, ReLU output, LN input
+                    w_flops=2 * 2 * d * f / tp * tokens,
+                    w_bytes=tokens * (d / sp + 2 * f / tp + d) * self.act)  # fc1 / fc2 inputs and output gradients
 
     def encoder_layer(self) -> Cost:
         if "enc" in self._cache:
             return self._cache["enc"]
         n = self.src_tokens
         c = self._attn(n, n, self.S, False) + self._ffn(n)
-        c.boundary_bytes = n * self.cfg.d_model * self.act
+        c.boundary_bytes = self.hidden_bytes(n)
         self._cache["enc"] = c
         return c
 
@@ -94,16 +100,21 @@ class CostModel:
             return self._cache["dec"]
         n = self.tokens
         c = self._attn(n, n, self.T, True) + self._attn(n, self.src_tokens, self.S, False) + self._ffn(n)
-        c.boundary_bytes = n * self.cfg.d_model * self.act
+        c.boundary_bytes = self.hidden_bytes(n)
         self._cache["dec"] = c
         return c
+
+    def hidden_bytes(self, tokens: float) -> float:
+        """Bytes of one (B, L, d) hidden state of `tokens` positions on this rank (1/tp of them under sequence
+        parallelism)."""
+        return tokens * self.cfg.d_model * self.act / self.sp
 
     def embedding(self, vocab: int, tokens: float) -> Cost:
         d, tp = self.cfg.d_model, self.tp
         rows = math.ceil(vocab / tp)
         # gather + scale + positions forward; a dense (rows x d) gradient is zeroed and scattered into backward
         traffic = 4 * (3 * tokens * d + rows * d + tokens * d)
-        return Cost(traffic=traffic, params=rows * d, kept_bytes=tokens * d * self.act)
+        return Cost(traffic=traffic, params=rows * d, kept_bytes=self.hidden_bytes(tokens))
 
     def output(self) -> Cost:
         d, tp, n = self.cfg.d_model, self.tp, self.tokens
@@ -111,12 +122,12 @@ class CostModel:
         tied = self.cfg.share_decoder_input_output_embed
         # logits in float32 for the loss: log-softmax keeps its output; ~6 passes over them
         return Cost(flops=3 * 2 * n * d * rows, traffic=6 * 4 * n * rows, params=0 if tied else rows * d,
-                    kept_bytes=n * d * self.act + 2 * n * rows * 4, w_flops=2 * n * d * rows,
-                    w_bytes=n * (d + rows) * self.act)  # the hidden input and the logits' gradient
+                    kept_bytes=self.hidden_bytes(n) + 2 * n * rows * 4, w_flops=2 * n * d * rows,
+                    w_bytes=self.hidden_bytes(n) + n * rows * self.act)  # the hidden input, the logits' gradient
 
     def final_norm(self, tokens: float) -> Cost:
         d = self.cfg.d_model
-        return Cost(traffic=4 * 4 * tokens * d, params=2 * d, kept_bytes=tokens * d * self.act)
+        return Cost(traffic=4 * 4 * tokens * d, params=2 * d, kept_bytes=self.hidden_bytes(tokens))
 
     def units(self) -> list[Cost]:
         """The cost of each layer of the sequence E0..E(N-1) D0..D(M-1), extras folded into their layer."""
@@ -146,7 +157,7 @@ class CostModel:
         cfg, d = self.cfg, self.cfg.d_model
         extras = sum(x.kept_bytes for x in self._extras(chunk))
         if chunk.has_decoder:
-            extras += self.src_tokens * d * self.act  # the encoder output, input of every cross-attention
+            extras += self.hidden_bytes(self.src_tokens)  # the encoder output, input of every cross-attention
         runs = [(chunk.enc_hi - chunk.enc_lo, self.encoder_layer()),
                 (chunk.dec_hi - chunk.dec_lo, self.decoder_layer())]
         layers = 0.0
@@ -173,19 +184,19 @@ class CostModel:
         received = (chunk.enc_lo if chunk.has_encoder and not chunk.src_embed else 0) * self.src_tokens + \
             (chunk.dec_lo if chunk.has_decoder and not chunk.tgt_embed else 0) * self.tokens
         own = 2 * ((chunk.enc_hi - chunk.enc_lo) * self.src_tokens + (chunk.dec_hi - chunk.dec_lo) * self.tokens)
-        return (received + own) * d * self.act
+        return (received + own) * d * self.act / self.sp
 
     def message_bytes(self, chunk: Chunk) -> float:
         """Bytes `chunk` sends to the next chunk for one micro-batch (its input gradient travels back with the same
         size): the encoder hidden, the encoder output, or the encoder output and the decoder hidden, each hidden
-        DLCL's whole history so far (model/span.py)."""
+        DLCL's whole history so far (model/span.py); 1/tp of each sequence under sequence parallelism."""
         d = self.cfg.d_model
         dense = self.cfg.residual == "dlcl"
         shapes = chunk.message_shapes(False, 1, 1, 1, d, dense)  # per token: scaled by the tokens below
         total = 0.0
         for what, shape in zip(chunk.sends, shapes):
             tokens = self.tokens if what.name == "DECODER_HIDDEN" else self.src_tokens
-            total += math.prod(shape) * tokens * self.act
+            total += math.prod(shape) * tokens * self.act / self.sp
         return total
 
     def _extras(self, chunk: Chunk) -> list[Cost]:
@@ -208,7 +219,7 @@ class CostModel:
         recomputation: the recomputed linear inputs live until W)."""
         runs = (chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().w_bytes + \
             (chunk.dec_hi - chunk.dec_lo) * self.decoder_layer().w_bytes
-        extra = self.src_tokens * self.cfg.d_model * self.act if chunk.has_decoder else 0.0  # the encoder output
+        extra = self.hidden_bytes(self.src_tokens) if chunk.has_decoder else 0.0  # the encoder output
         return runs + extra + sum(x.w_bytes for x in self._extras(chunk))
 
     def chunk_phase_times(self, layout: Layout) -> list[tuple[float, float, float]]:

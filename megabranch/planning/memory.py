@@ -11,14 +11,16 @@ copies and tensor-parallel shards included (the rank reported is tensor-parallel
                         .grad is a view into them, no second copy), with dp == 1 autograd's own .grad tensors
     optimizer           AdamW exp_avg + exp_avg_sq, fp32 = 8 bytes/param; divided by dp with ZeRO-1
     act/mb              activations one micro-batch of `tokens` target tokens keeps for its backward, with the
-                        configured parallel.recompute (and, for comparison, without recomputation)
+                        configured parallel.recompute (and, for comparison, without recomputation); under
+                        parallel.sequence_parallel the replicated regions' share of it is 1/tp
     total               weights + grads + optimizer + act/mb: what the layout decides, and what is balanced
     peak                total with every micro-batch the schedule has in flight on that stage (1F1B: stage r
                         holds pp - r of them); under a split backward (zb-h1, zb-v) a micro-batch holds its
                         activations from F to B and what B leaves for W (cost_model.chunk_weight_grad_bytes)
                         from B to W, so the W's a stage postpones count too
     sent/mb             bytes the stage's chunks send on for one micro-batch (their input gradients come back
-                        the same size); under DLCL every hidden is the stack's history so far (model/span.py)
+                        the same size); under DLCL every hidden is the stack's history so far (model/span.py);
+                        1/tp of each sequence under parallel.sequence_parallel
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def cost_model(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, dp: int
     p = cfg.parallel
     act_size = 2 if cfg.optim.precision in ("bf16", "fp16") else 4
     return CostModel(cfg.model, vocab, tp=p.tp, tokens=tokens, src_len=src_len, tgt_len=tgt_len, act_size=act_size,
-                     recompute=p.recompute, state_bytes_per_param=4 + 4 + 8 / (dp if zero else 1))
+                     recompute=p.recompute, state_bytes_per_param=4 + 4 + 8 / (dp if zero else 1),
+                     sequence_parallel=p.sequence_parallel)
 
 
 def plan(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, balance: str, dp: int, zero: bool, m: int):

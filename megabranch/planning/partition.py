@@ -222,7 +222,8 @@ def unit_weights(cm: CostModel, by: str = "time") -> np.ndarray:
 
 def plan_layout(cfg, pp: int, vpp: int = 1, vocab: int = 32000, tgt_vocab: int | None = None, tp: int = 1,
                 layout: str = "", cost_model: CostModel | None = None, by: str = "time",
-                max_imbalance: float = MAX_IMBALANCE, recompute: int = 0, placement: str = "interleaved") -> Layout:
+                max_imbalance: float = MAX_IMBALANCE, recompute: int = 0, placement: str = "interleaved",
+                sequence_parallel: bool = False) -> Layout:
     """The layout for `parallel.layout` when given, else the balanced split of the cost model's units; chunks
     are placed on ranks by `placement` (layout.PLACEMENTS; the schedule decides it).
 
@@ -239,7 +240,7 @@ def plan_layout(cfg, pp: int, vpp: int = 1, vocab: int = 32000, tgt_vocab: int |
             f"parallel.pp * parallel.vpp = {pp} * {vpp} = {k} stages but the model has only {n}+{m} layers; "
             f"lower pp or vpp"
         )
-    cm = cost_model or CostModel(cfg, vocab, tgt_vocab, tp, recompute=recompute)
+    cm = cost_model or CostModel(cfg, vocab, tgt_vocab, tp, recompute=recompute, sequence_parallel=sequence_parallel)
     if by == "memory":  # per-chunk terms (table copies, the encoder output, one recomputed group) are not additive
         bounds = balanced_bounds_fn(n + m, k, cm.memory_of_span)
     else:

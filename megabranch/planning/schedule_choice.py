@@ -81,7 +81,8 @@ def options(cfg, vocab: int, tgt_vocab: int | None, dp: int) -> list[Option]:
     for kind, vpp in cands:
         try:
             layout = plan_layout(mc, p.pp, vpp, vocab, tgt_vocab, p.tp, layout=p.layout if vpp == p.vpp else "",
-                                 by=p.balance, recompute=p.recompute, placement=placement_of(kind))
+                                 by=p.balance, recompute=p.recompute, placement=placement_of(kind),
+                                 sequence_parallel=p.sequence_parallel)
         except UserError:  # too many stages for the layers, or too uneven a split
             continue
         for m in micro_batch_counts(cfg.data.max_tokens, o.update_freq):

@@ -13,7 +13,8 @@ One optimizer step, top to bottom (Trainer.train_step; every rank runs the same 
      gradients is armed for the last micro-batch (overlapped with its backward, or under a zero-bubble schedule
      with its W, the weight-gradient half of the backward: parallel/weight_grad.py);
   4. reduce_gradients: the buckets finish, and tied embedding tables held by several pipeline stages get their
-     gradients summed over the embedding group;
+     gradients summed over the embedding group; under sequence parallelism (parallel/sequence_parallel.py) the
+     replicated parameters used on sequence slices (the norms, ...) get theirs summed over the tp group;
   5. clip_and_step: the loss scale is taken off, the global gradient norm (tp x pp, each element once) is
      measured and clipped; global rank 0 decides whether the step is skipped (non-finite norm) and broadcasts
      that decision; the loss scaler learns it; the optimizer steps (AdamW, or ZeRO-1 ShardedAdamW with
@@ -51,6 +52,7 @@ from ..parallel.grid import Grid, build_grid, rank_of
 from ..parallel.layout import Layout
 from ..planning.partition import plan_layout
 from ..parallel.schedules import check_schedule, placement_of
+from ..parallel.sequence_parallel import reduce_sequence_parallel_grads
 from ..parallel.stage import build_stage
 from ..parallel.tensor_parallel import model_parallel_seed
 from ..residual import current_alpha, set_step
@@ -82,11 +84,13 @@ class Trainer:
         self.vocab_sizes = (vocab, tgt_vocab)
         self.rank, self.data_shards, self.data_shard = g.rank, g.dp, g.dp_rank
         self.layout: Layout = plan_layout(cfg.model, g.pp, g.vpp, vocab, tgt_vocab, g.tp, layout=p.layout,
-                                          by=p.balance, recompute=p.recompute, placement=placement_of(p.schedule))
+                                          by=p.balance, recompute=p.recompute, placement=placement_of(p.schedule),
+                                          sequence_parallel=p.sequence_parallel)
         if init_seed is None:
             init_seed = draw_init_seed(cfg.seed)
         self.model = build_stage(cfg.model, self.layout, g, vocab, tgt_vocab, seed=init_seed, device=self.device,
-                                 recompute=p.recompute)
+                                 recompute=p.recompute, sequence_parallel=p.sequence_parallel)
+        self.seq_split = g.tp if p.sequence_parallel else 1  # the hiddens hold 1/seq_split of each sequence
         model_parallel_seed(cfg.seed, g)  # dropout streams: same on a tp group, distinct per stage / replica
         if cfg.model.compile:
             compile_layers(self.model, cfg.model.compile_backend, self.device, cfg.model.fused_kernels)
@@ -193,7 +197,7 @@ class Trainer:
         return self.step
 
     def _microbatches(self, batches: list[dict]) -> list[MicroBatch]:
-        return [MicroBatch.from_batch(i, b, self.device) for i, b in enumerate(batches)]
+        return [MicroBatch.from_batch(i, b, self.device, self.seq_split) for i, b in enumerate(batches)]
 
     def _global_tokens(self, batches: list[dict]) -> int:
         """Target tokens of the step's batches over every data-parallel replica."""
@@ -207,7 +211,9 @@ class Trainer:
         return self._sum([loss_sum, nll_sum] if owns else [0.0, 0.0])
 
     def reduce_gradients(self) -> None:
-        """Finish the data-parallel buckets; sum the tied tables over their embedding groups, then reduce them."""
+        """Finish the data-parallel buckets; sum the tied tables over their embedding groups, then reduce them;
+        under sequence parallelism sum over the tp group the gradients of the replicated parameters that each tp
+        rank used on its own positions only (the norms, row-parallel biases, ...: parallel/sequence_parallel.py)."""
         for reducer in self.reducers:
             reducer.finish()
         for param, group in self.embedding_groups:
@@ -215,6 +221,8 @@ class Trainer:
                 param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad, group=group)
         self.shared_reducer.finish()
+        if self.seq_split > 1:
+            reduce_sequence_parallel_grads(self.params, self.grid.tp_group)
 
     def clip_and_step(self) -> tuple[float, bool]:
         """Unscale, measure and clip the global gradient norm, skip the update when it is not finite (global rank

@@ -1,6 +1,9 @@
 """Checkpoints in DeepSpeed's pipeline layout: `layer_XX-model_states.pt` per layer index (layers.layer_plan), keys
-as that unit's state_dict, which are single-process parameter names. A megabranch checkpoint exported here loads
-with engine.load_checkpoint(dir, load_module_only=True), and a DeepSpeed one imports back."""
+as that unit's state_dict, which are single-process parameter names; with tensor parallelism (parallel.tp > 1)
+`layer_XX-model_RR-model_states.pt` per layer index and tensor-parallel rank RR, each holding that rank's shards
+(what PipelineModule.save_state_dict writes over a PipeModelDataParallelTopology). A megabranch checkpoint exported
+here loads with engine.load_checkpoint(dir, load_module_only=True), and a DeepSpeed one imports back (its tensor-
+parallel shards joined along the dimensions parallelize splits)."""
 
 from __future__ import annotations
 
@@ -13,13 +16,26 @@ from ...config import Config, ModelConfig
 from ...errors import UserError
 from ...model import meta_model
 from ...model.transformer import DECODER_TABLE, SHARED_TABLE
-from .layers import check_scheme, layer_plan, unit_state_keys
+from ...parallel.parallelize import shard_of
+from .layers import check_scheme, layer_plan, unit_shards
 
 EXPORT_TAG = "megabranch"
 
 
-def _layer_file(directory: str, idx: int) -> str:
-    return os.path.join(directory, f"layer_{idx:02d}-model_states.pt")
+def _layer_file(directory: str, idx: int, tp_rank: int | None = None) -> str:
+    """A layer index's file; tp_rank: that tensor-parallel rank's (DeepSpeed's rank repr "model_RR")."""
+    rank = "" if tp_rank is None else f"model_{tp_rank:02d}-"
+    return os.path.join(directory, f"layer_{idx:02d}-{rank}model_states.pt")
+
+
+def _tensor_parallel_size(directory: str) -> int:
+    """How many tensor-parallel files the first layer index has (1: the pipeline x data layout's one file)."""
+    if os.path.isfile(_layer_file(directory, 0)):
+        return 1
+    tp = 0
+    while os.path.isfile(_layer_file(directory, 0, tp)):
+        tp += 1
+    return tp
 
 
 def _tag_dir(path: str) -> str:
@@ -58,12 +74,13 @@ def _vocabs(model_state: dict, vocab, tgt_vocab):
 
 
 def export_deepspeed(model_state: dict, cfg, out_dir: str, vocab: int | None = None,
-                     tgt_vocab: int | None = None, tag: str = EXPORT_TAG) -> list[str]:
+                     tgt_vocab: int | None = None, tag: str = EXPORT_TAG, tp: int = 1) -> list[str]:
     """Write the single-process state dict (canonical names) as a DeepSpeed pipeline checkpoint:
     out_dir/<tag>/layer_XX-model_states.pt, one per layer index (what PipelineModule.save_state_dict writes with
-    pipeline x data parallelism; a tied table is written by every index that uses it), an
-    mp_rank_00_model_states.pt with no optimizer state, and out_dir/latest. The layer files do not depend on the
-    pipeline size, so any pp loads them. cfg: a Config or ModelConfig. Returns the files."""
+    pipeline x data parallelism; a tied table is written by every index that uses it), or with tp > 1
+    layer_XX-model_RR-model_states.pt per layer index and tensor-parallel rank (a run with parallel.tp = tp loads
+    them), an mp_rank_00_model_states.pt with no optimizer state, and out_dir/latest. The layer files do not
+    depend on the pipeline size, so any pp loads them. cfg: a Config or ModelConfig. Returns the files."""
     mc = cfg.model if isinstance(cfg, Config) else cfg
     check_scheme(mc)  # a scheme the DeepSpeed backend cannot run is not written for it
     vocab, tgt_vocab = _vocabs(model_state, vocab, tgt_vocab)
@@ -72,16 +89,17 @@ def export_deepspeed(model_state: dict, cfg, out_dir: str, vocab: int | None = N
     tag_dir = os.path.join(out_dir, tag)
     os.makedirs(tag_dir, exist_ok=True)
     for idx, entry in enumerate(layer_plan(mc)):
-        layer = {}
-        for key in unit_state_keys(mc, entry, vocab, tgt_vocab):
-            name = aliases.get(key, key)
-            if name not in model_state:
-                raise UserError(f"export_deepspeed: the state dict has no {name} (needed by DeepSpeed layer {idx}); "
-                                f"is it a build_model state dict for this model config?")
-            layer[key] = model_state[name].detach().clone().contiguous()
-            used.add(name)
-        files.append(_layer_file(tag_dir, idx))
-        torch.save(layer, files[-1])
+        for rank, shapes in enumerate(unit_shards(mc, entry, vocab, tgt_vocab, tp)):
+            layer = {}
+            for key, meta in shapes.items():
+                name = aliases.get(key, key)
+                if name not in model_state:
+                    raise UserError(f"export_deepspeed: the state dict has no {name} (needed by DeepSpeed layer "
+                                    f"{idx}); is it a build_model state dict for this model config?")
+                layer[key] = shard_of(model_state[name].detach(), meta).clone().contiguous()
+                used.add(name)
+            files.append(_layer_file(tag_dir, idx, rank if tp > 1 else None))
+            torch.save(layer, files[-1])
     for alias, name in aliases.items():  # the whole model's state dict lists a shared table under both names
         if alias in model_state and not torch.equal(model_state[alias], model_state[name]):
             raise UserError(f"export_deepspeed: {alias} differs from {name}, but model.share_all_embeddings ties them")
@@ -109,34 +127,59 @@ def import_deepspeed(in_dir: str, cfg, vocab: int | None = None, tgt_vocab: int 
     if not os.path.isdir(in_dir):
         raise UserError(f"import_deepspeed: {in_dir} is not a directory")
     in_dir = _tag_dir(in_dir)
-    first = _layer_file(in_dir, 0)
-    if not os.path.isfile(first):
-        raise UserError(f"import_deepspeed: {first} not found; pass a DeepSpeed pipeline checkpoint folder (holding "
-                        f"`latest`, or layer_XX-model_states.pt; tensor-parallel layer files are not supported)")
+    tp = _tensor_parallel_size(in_dir)
+    if tp == 0:
+        raise UserError(f"import_deepspeed: {_layer_file(in_dir, 0)} not found; pass a DeepSpeed pipeline checkpoint "
+                        f"folder (holding `latest`, or layer_XX-model_states.pt / layer_XX-model_RR-model_states.pt)")
     plan = layer_plan(mc)
-    vocab = vocab or _layer(first, SHARED_TABLE).shape[0]
+
+    def size(idx: int, key: str) -> int:  # the full vocabulary of a table: its rows over the tp files
+        return sum(_layer(_layer_file(in_dir, idx, r if tp > 1 else None), key).shape[0] for r in range(tp))
+
+    vocab = vocab or size(0, SHARED_TABLE)
     if tgt_vocab is None:
-        tgt_vocab = vocab if mc.share_all_embeddings else \
-            _layer(_layer_file(in_dir, mc.encoder_layers + 1), DECODER_TABLE).shape[0]
+        tgt_vocab = vocab if mc.share_all_embeddings else size(mc.encoder_layers + 1, DECODER_TABLE)
     aliases = _aliases(mc)
     state: dict = {}
     for idx, entry in enumerate(plan):
-        path = _layer_file(in_dir, idx)
-        if not os.path.isfile(path):
-            raise UserError(f"import_deepspeed: {path} not found; the checkpoint does not hold a "
-                            f"{mc.encoder_layers}L-{mc.decoder_layers}L model ({len(plan)} layer files expected)")
-        layer = _layer(path)
-        want = set(unit_state_keys(mc, entry, vocab, tgt_vocab))
-        if set(layer) != want:
-            missing, unexpected = sorted(want - set(layer)), sorted(set(layer) - want)
-            raise UserError(f"import_deepspeed: {path} does not match the model config (missing {missing[:2]}, "
-                            f"unexpected {unexpected[:2]})")
+        layer = _read_layer(in_dir, idx, mc, entry, vocab, tgt_vocab, tp, len(plan))
         for key, t in layer.items():
             name = aliases.get(key, key)
             if name in state and not torch.equal(state[name], t):
-                raise UserError(f"import_deepspeed: the tied {name} differs between layer files (at {path})")
+                raise UserError(f"import_deepspeed: the tied {name} differs between layer files (at layer {idx})")
             state[name] = t
     for alias, name in aliases.items():
         state[alias] = state[name]
     order = list(meta_model(mc, vocab, tgt_vocab).state_dict().keys())
     return {k: state[k] for k in order}
+
+
+def _read_layer(in_dir: str, idx: int, mc: ModelConfig, entry, vocab: int, tgt_vocab: int, tp: int,
+                n_layers: int) -> dict:
+    """Layer index `idx`'s state (full tensors by unit key): its one file, or its tp files' shards joined along
+    the dimension each is split on (a replicated tensor must be the same in every file)."""
+    shards = unit_shards(mc, entry, vocab, tgt_vocab, tp)
+    parts = []
+    for rank in range(tp):
+        path = _layer_file(in_dir, idx, rank if tp > 1 else None)
+        if not os.path.isfile(path):
+            raise UserError(f"import_deepspeed: {path} not found; the checkpoint does not hold a "
+                            f"{mc.encoder_layers}L-{mc.decoder_layers}L model over tp {tp} ({n_layers} layer "
+                            f"indices expected)")
+        layer = _layer(path)
+        if set(layer) != set(shards[rank]):
+            missing, unexpected = sorted(set(shards[rank]) - set(layer)), sorted(set(layer) - set(shards[rank]))
+            raise UserError(f"import_deepspeed: {path} does not match the model config (missing {missing[:2]}, "
+                            f"unexpected {unexpected[:2]})")
+        parts.append(layer)
+    out = {}
+    for key in parts[0]:
+        dim = getattr(shards[0][key], "tp_split_dim", None)
+        if dim is not None:
+            out[key] = torch.cat([p[key] for p in parts], dim=dim)
+            continue
+        if any(not torch.equal(p[key], parts[0][key]) for p in parts[1:]):
+            raise UserError(f"import_deepspeed: {key} differs between the tensor-parallel files of layer {idx}, "
+                            f"though tensor parallelism replicates it")
+        out[key] = parts[0][key]
+    return out

@@ -19,6 +19,11 @@ unit (its gradient accumulated unit by unit), and the last decoder layer drops i
 alone. Shapes change from micro-batch to micro-batch (token batching): the module is built with
 dynamic_shape=True.
 
+With parallel.tp > 1 every unit is tensor-parallel (parallel.parallelize.apply_tensor_parallel over the megabranch
+grid built on the same three-dimensional rank order as DeepSpeed's PipeModelDataParallelTopology): the same
+column / row-parallel linears and vocabulary-parallel tables as the native engine, inside DeepSpeed's layers; the
+output unit returns vocabulary-sharded logits (trainer.TokenLoss takes the vocabulary-parallel loss).
+
 Tied tables (share_all_embeddings / share_decoder_input_output_embed) are one `TiedLayerSpec` key whose unit holds
 every role of the table (its span is their union) and takes the role from what it receives: (src, prev) -> the
 source embedding, a 3-tuple -> the target embedding, a tensor -> the output projection. No forward_fn is used, so
@@ -36,6 +41,8 @@ from ...config import ModelConfig
 from ...errors import UserError
 from ...model import Span, Transformer
 from ...model.span import Carried
+from ...parallel.grid import Grid
+from ...parallel.parallelize import apply_tensor_parallel
 
 
 # schemes DeepSpeed's pipeline cannot run as this layer list, and why (one line each, refused before building)
@@ -52,6 +59,22 @@ def check_scheme(cfg: ModelConfig) -> None:
     if cfg.residual in UNSUPPORTED_SCHEMES:
         raise UserError(f"model.residual={cfg.residual} is not supported by --backend deepspeed: "
                         f"{UNSUPPORTED_SCHEMES[cfg.residual]}")
+
+
+def check_layout(cfg, world: int) -> int:
+    """-> dp for --backend deepspeed: a UserError naming what it does not run (vpp, sequence parallelism) or a
+    world size that parallel.tp * parallel.pp does not divide."""
+    p = cfg.parallel
+    if p.vpp != 1:
+        raise UserError(f"--backend deepspeed runs one pipeline chunk per stage (DeepSpeed's own 1F1B): set "
+                        f"parallel.vpp=1 (got {p.vpp})")
+    if p.sequence_parallel:
+        raise UserError("parallel.sequence_parallel is the native engine's (--backend native): DeepSpeed's pipeline "
+                        "sends each stage's output whole; set it false for --backend deepspeed")
+    if world % (p.tp * p.pp):
+        raise UserError(f"--backend deepspeed: world size {world} is not a multiple of parallel.tp * parallel.pp = "
+                        f"{p.tp} * {p.pp} = {p.tp * p.pp} (tp x pp x dp processes)")
+    return world // (p.tp * p.pp)
 
 
 @dataclass(frozen=True)
@@ -72,10 +95,13 @@ def _union(roles: tuple) -> Span:
 
 
 class PipeUnit(Transformer):
-    """A slice of the model on DeepSpeed's tuple protocol (see the module docstring)."""
+    """A slice of the model on DeepSpeed's tuple protocol (see the module docstring); with a `grid` of tp > 1 its
+    tensor-parallel shard for grid.tp_rank."""
 
-    def __init__(self, cfg: ModelConfig, vocab: int, tgt_vocab: int, roles: tuple):
+    def __init__(self, cfg: ModelConfig, vocab: int, tgt_vocab: int, roles: tuple, grid=None):
         super().__init__(cfg, vocab, tgt_vocab, span=_union(roles), init=False)
+        if grid is not None and grid.tp > 1:
+            apply_tensor_parallel(self, grid)
         self.roles = roles
         self.holds_layers = self.span.has_encoder or self.span.has_decoder
         self.drops_memory = self.span.ends_decoder  # the output unit only needs y
@@ -141,12 +167,17 @@ def layer_plan(cfg: ModelConfig) -> list[Entry]:
     return plan
 
 
-def unit_module(cfg: ModelConfig, entry: Entry, vocab: int, tgt_vocab: int) -> PipeUnit:
-    return PipeUnit(cfg, vocab, tgt_vocab, entry.unit)
+def unit_module(cfg: ModelConfig, entry: Entry, vocab: int, tgt_vocab: int, grid=None) -> PipeUnit:
+    return PipeUnit(cfg, vocab, tgt_vocab, entry.unit, grid)
 
 
-def unit_state_keys(cfg: ModelConfig, entry: Entry, vocab: int, tgt_vocab: int) -> list[str]:
-    """The state_dict keys of the unit at `entry` (built on the meta device: nothing is allocated); they are
-    single-process parameter names."""
-    with torch.device("meta"):
-        return list(unit_module(cfg, entry, vocab, tgt_vocab).state_dict().keys())
+def unit_shards(cfg: ModelConfig, entry: Entry, vocab: int, tgt_vocab: int, tp: int = 1) -> list[dict]:
+    """Per tensor-parallel rank, the unit at `entry` built on the meta device for that rank (nothing is
+    allocated): state_dict key (a single-process parameter name) -> its tensor there (a parameter carries
+    parallelize's split attributes, so parallelize.shard_of cuts a full tensor to it)."""
+    out = []
+    for rank in range(tp):
+        with torch.device("meta"):
+            unit = unit_module(cfg, entry, vocab, tgt_vocab, Grid(tp=tp, tp_rank=rank) if tp > 1 else None)
+        out.append(dict(unit.state_dict(keep_vars=True)))
+    return out

@@ -14,7 +14,7 @@ def ds_parts(cfg: Config, pp: int, vocab: int, tgt_vocab: int | None = None) -> 
     output projection with the last decoder layer (as in the native engine)."""
     p, mc = cfg.parallel, cfg.model
     n, m = mc.encoder_layers, mc.decoder_layers
-    layout = plan_layout(mc, pp, 1, vocab, tgt_vocab, tp=1, layout=p.layout, by=p.balance, recompute=p.recompute)
+    layout = plan_layout(mc, pp, 1, vocab, tgt_vocab, tp=p.tp, layout=p.layout, by=p.balance, recompute=p.recompute)
 
     def index(b: int) -> int:
         if b == 0:

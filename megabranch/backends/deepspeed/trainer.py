@@ -15,10 +15,18 @@ DeepSpeed config has an "optimizer" section. Loss: each micro-batch's label-smoo
 step's target tokens over all micro-batches and data-parallel replicas (and multiplied by the gradient
 accumulation steps and dp, which DeepSpeed divides by), so the gradients are the single-process ones.
 
-Gradient clipping: DeepSpeed's fp32 `clip_grad_norm_` sums squared norms over its model-parallel group (all stages
-of a replica) but counts only parameters marked `model_parallel` on ranks other than the group's rank 0; unmarked,
-only the first stage's gradients would enter the norm. Every parameter a stage owns is therefore marked
-`model_parallel = True`, except the tied copies DeepSpeed marks `ds_pipe_replicated` (counted once, by their owner).
+Three dimensions (parallel.tp x parallel.pp x dp): the megabranch grid (parallel/grid.py) and DeepSpeed's
+PipeModelDataParallelTopology number the ranks the same way (tensor-parallel rank fastest, then data, then pipeline),
+so DeepSpeed's pipeline and data-parallel groups, built from the topology, and megabranch's tensor-parallel groups,
+which the units' column / row-parallel layers use (layers.PipeUnit), are one grid. A world that tp * pp does not
+divide is refused in one line.
+
+Gradient norm and clipping: every parameter is marked `model_parallel` when tensor parallelism splits it
+(DeepSpeed's bf16 / ZeRO optimizers count an unmarked one on tensor-parallel rank 0 only, as the native engine
+counts a replicated one), and the tied copies DeepSpeed marks `ds_pipe_replicated` are the native engine's
+`pp_duplicate` (counted once, by their owner). On the fp32 path DeepSpeed's `clip_grad_norm_` would count an
+unmarked parameter on the first stage's tensor-parallel rank 0 only, so the norm there is megabranch's own
+(parallel/clip.py over the same grid: grad_norm.py).
 
 Checkpoints are DeepSpeed's own (engine.save_checkpoint into log.save_dir); checkpoint.py converts between them
 and megabranch step directories.
@@ -38,13 +46,15 @@ from ...config import Config
 from ...errors import UserError
 from ...model import canonical_name, canonical_parameters, draw_init_seed, label_smoothed_nll_loss
 from ...model.init import fill_initial_values
-from ...parallel.grid import process_group_timeout
+from ...parallel.grid import Grid, build_grid, process_group_timeout
+from ...parallel.parallelize import full_shape, shard_of
+from ...parallel.tensor_parallel import model_parallel_seed, vocab_parallel_label_smoothed_nll_loss
 from ...residual import alpha_at, set_step
 from ...training.optimizer import build_optimizer, set_lr
 from ...vocab import PAD
 from .config import load_ds_config
 from .grad_norm import keep_fp32_grad_norm
-from .layers import PipeUnit, check_scheme, layer_plan
+from .layers import PipeUnit, check_layout, check_scheme, layer_plan
 from .partition import PARTITIONS, ds_parts
 
 
@@ -84,17 +94,21 @@ def init_distributed(timeout_s: float | None = None) -> None:
 
 class TokenLoss:
     """loss_fn(logits, target): this micro-batch's label-smoothed loss sum times `scale` (set per step). Keeps the
-    micro-batches' (loss, nll) sums of the step in `sums` for logging."""
+    micro-batches' (loss, nll) sums of the step in `sums` for logging. tp_group: the logits are vocabulary-parallel
+    over it (the vocabulary-parallel loss; every rank of the group gets the whole loss)."""
 
     __name__ = "label_smoothed_nll_loss"
 
-    def __init__(self, epsilon: float):
-        self.epsilon = epsilon
+    def __init__(self, epsilon: float, tp_group=None):
+        self.epsilon, self.tp_group = epsilon, tp_group
         self.scale = 1.0
         self.sums = [0.0, 0.0]
 
     def __call__(self, logits, target):
-        loss, nll = label_smoothed_nll_loss(logits, target, self.epsilon, PAD)
+        if self.tp_group is not None:
+            loss, nll = vocab_parallel_label_smoothed_nll_loss(logits, target, self.epsilon, PAD, self.tp_group)
+        else:
+            loss, nll = label_smoothed_nll_loss(logits, target, self.epsilon, PAD)
         self.sums[0] += float(loss.detach())
         self.sums[1] += float(nll.detach())
         return loss * self.scale
@@ -112,26 +126,30 @@ def canonical_state(module) -> dict:
 
 def build_pipeline_module(cfg: Config, vocab: int, tgt_vocab: int | None = None, num_stages: int | None = None,
                           partition: str = "megabranch", seed: int | None = None, loss_fn=None,
-                          activation_checkpoint_interval: int | None = None):
+                          activation_checkpoint_interval: int | None = None, grid: Grid | None = None):
     """The PipelineModule for this process (init_distributed must have run). seed: the init seed (build_model's);
     None draws it from cfg.seed like every engine. partition: 'megabranch' (the cost-model layout, or
-    parallel.layout), or a DeepSpeed partition_method ('parameters', 'uniform', 'type:<regex>')."""
+    parallel.layout), or a DeepSpeed partition_method ('parameters', 'uniform', 'type:<regex>'). grid: the
+    megabranch grid of this tp x pp x dp job (needed for parallel.tp > 1: its tensor-parallel groups)."""
     import_deepspeed_package()
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # optional dependency
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # optional dependency
 
     mc = cfg.model
     tgt_vocab = tgt_vocab or vocab
     pp = num_stages or cfg.parallel.pp
-    if cfg.parallel.tp != 1 or cfg.parallel.vpp != 1:
-        raise UserError(f"--backend deepspeed runs pipeline x data parallelism only: set parallel.tp=1 and "
-                        f"parallel.vpp=1 (got tp={cfg.parallel.tp}, vpp={cfg.parallel.vpp})")
+    tp = cfg.parallel.tp
+    dp = check_layout(cfg, dist.get_world_size())
+    if tp > 1 and (grid is None or grid.tp != tp):
+        raise ValueError(f"parallel.tp={tp} needs the job's megabranch grid (grid=build_grid(tp, pp))")
     specs = []
     for e in layer_plan(mc):
         if e.tie:
             table = "encoder.embed.table.weight" if mc.share_all_embeddings else "decoder.embed.table.weight"
-            specs.append(TiedLayerSpec(e.tie, PipeUnit, mc, vocab, tgt_vocab, e.unit, tied_weight_attr=[table]))
+            specs.append(TiedLayerSpec(e.tie, PipeUnit, mc, vocab, tgt_vocab, e.unit, grid,
+                                       tied_weight_attr=[table]))
         else:
-            specs.append(LayerSpec(PipeUnit, mc, vocab, tgt_vocab, e.unit))
+            specs.append(LayerSpec(PipeUnit, mc, vocab, tgt_vocab, e.unit, grid))
     parts = None
     method = partition
     if partition in ("megabranch", "best", "", None):
@@ -151,17 +169,23 @@ def build_pipeline_module(cfg: Config, vocab: int, tgt_vocab: int | None = None,
             return all(getattr(f, "holds_layers", False) for f in funcs)
 
     interval = cfg.parallel.recompute if activation_checkpoint_interval is None else activation_checkpoint_interval
+    # the same rank order as megabranch's grid: model (tp) fastest, then data, then pipe
+    where = dict(topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)) if tp > 1 else \
+        dict(num_stages=pp)
+    loss_fn = loss_fn or TokenLoss(cfg.optim.label_smoothing, grid.tp_group if tp > 1 else None)
     try:
-        module = MegabranchPipe(layers=specs, num_stages=pp, loss_fn=loss_fn or TokenLoss(cfg.optim.label_smoothing),
-                                partition_method=method, activation_checkpoint_interval=interval, dynamic_shape=True)
+        module = MegabranchPipe(layers=specs, loss_fn=loss_fn, partition_method=method,
+                                activation_checkpoint_interval=interval, dynamic_shape=True, **where)
     except NotImplementedError as e:
         raise UserError(f"deepspeed pipeline partition {partition!r}: {e} (use one of {', '.join(PARTITIONS)})") from None
     if seed is None:
         seed = draw_init_seed(cfg.seed)
-    fill_initial_values(canonical_parameters([f for _, f in local_layers(module)], mc), mc, seed)
-    for p in module.parameters():  # see the module docstring: DeepSpeed's fp32 clipping over pipeline stages
-        if not getattr(p, "ds_pipe_replicated", False):
-            p.model_parallel = True
+    fill_initial_values(canonical_parameters([f for _, f in local_layers(module)], mc), mc, seed,
+                        full_shape=full_shape, shard=shard_of)
+    for p in module.parameters():  # see the module docstring: the gradient norm
+        p.model_parallel = not getattr(p, "tp_replicated", False)
+        if getattr(p, "ds_pipe_replicated", False):
+            p.pp_duplicate = True
     return module
 
 
@@ -178,17 +202,19 @@ class DeepSpeedTrainer:
             raise UserError("the DeepSpeed config enables fp16, which needs CUDA devices; use a bf16 or fp32 "
                             "DeepSpeed config on the CPU")
         partition = partition or ds.get("pipeline", {}).get("partition", "megabranch")
-        pp = cfg.parallel.pp
-        world = dist.get_world_size()
-        if world % pp:
-            raise UserError(f"world size {world} is not a multiple of parallel.pp={pp}")
-        self.loss_fn = TokenLoss(cfg.optim.label_smoothing)
-        self.module = build_pipeline_module(cfg, vocab_size, tgt_vocab_size, pp, partition, init_seed, self.loss_fn)
+        p = cfg.parallel
+        check_layout(cfg, dist.get_world_size())
+        self.grid = build_grid(p.tp, p.pp, 1, p.timeout_s)  # DeepSpeed's topology, megabranch's groups
+        if p.tp > 1:
+            model_parallel_seed(cfg.seed, self.grid)  # dropout streams of the tensor-parallel regions
+        self.loss_fn = TokenLoss(cfg.optim.label_smoothing, self.grid.tp_group)
+        self.module = build_pipeline_module(cfg, vocab_size, tgt_vocab_size, p.pp, partition, init_seed, self.loss_fn,
+                                            grid=self.grid)
         o = cfg.optim
         optimizer = None if "optimizer" in ds else build_optimizer(self.module.parameters(), o)
         self.own_lr = "scheduler" not in ds
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds)
-        keep_fp32_grad_norm(self.engine)
+        keep_fp32_grad_norm(self.engine, self.grid)
         self.dp = self.engine.grid.get_data_parallel_world_size()
         self.dp_rank = self.engine.grid.get_data_parallel_rank()
         self.dp_group = self.engine.grid.get_data_parallel_group()
@@ -207,7 +233,7 @@ class DeepSpeedTrainer:
     def describe(self) -> str:
         m = self.cfg.model
         return (f"{m.residual} {m.encoder_layers}L-{m.decoder_layers}L d={m.d_model}; deepspeed pipeline "
-                f"pp={self.cfg.parallel.pp} dp={self.dp}, layer parts {self.parts}")
+                f"tp={self.cfg.parallel.tp} pp={self.cfg.parallel.pp} dp={self.dp}, layer parts {self.parts}")
 
     def _broadcast_step(self) -> int:
         t = torch.tensor([float(self.engine.global_steps)], dtype=torch.float64)
@@ -227,7 +253,9 @@ class DeepSpeedTrainer:
         return ntokens
 
     def _world_sums(self) -> list[float]:
-        t = torch.tensor(self.loss_fn.sums if self.engine.is_last_stage() else [0.0, 0.0], dtype=torch.float64)
+        """The step's (loss, nll) sums over the world: the last stage's tensor-parallel rank 0 of each replica."""
+        owns = self.engine.is_last_stage() and self.grid.tp_rank == 0
+        t = torch.tensor(self.loss_fn.sums if owns else [0.0, 0.0], dtype=torch.float64)
         self.dist.all_reduce(t)
         return t.tolist()
 

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from .mappings import all_gather_along, copy_to_tp, gather_from_tp, reduce_from_tp, reduce_scatter_along, \
+    reduce_scatter_to_sequence, scatter_to_tp
 
 
 def _resolve(group, tp_size, tp_rank) -> tuple[int, int]:
@@ -44,6 +45,74 @@ def mark_shard(p: nn.Parameter, dim: int, tp_size: int, tp_rank: int, full_shape
     return p
 
 
+def autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(x, weight, bias) cast as autocast casts a linear's operands (unchanged when autocast is off), for an
+    autograd Function that computes F.linear with autocast disabled inside."""
+    dev = x.device.type
+    if not (torch.is_autocast_enabled(dev) and x.is_floating_point()):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(dev)
+    return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+
+
+def weight_grads(x: torch.Tensor, g: torch.Tensor, need_w: bool, need_b: bool):
+    """A linear's weight and bias gradients from its input and output gradient: (g^T x, sum g)."""
+    g2 = g.reshape(-1, g.shape[-1])
+    gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+    return gw, g2.sum(0) if need_b else None
+
+
+class _SequenceGatheredLinear(torch.autograd.Function):
+    """F.linear(all-gather of x along the sequence, weight, bias) that saves x, this rank's sequence slice, not the
+    gathered input: the backward gathers it again for the weight gradient (Korthikanti et al. 2022, Sec. 4.2.2;
+    Megatron's ColumnParallelLinear under --sequence-parallel), and reduce-scatters the input gradient.
+
+    `store`: a zero-bubble schedule's weight-gradient store (parallel/weight_grad.py): while it collects, the
+    weight and bias gradients are left to its W, which gathers the slice again then (so from B to W a linear
+    keeps 1/tp of its input, as from F to B)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, dim, store):
+        full, w, b = autocast_operands(all_gather_along(x, group, dim), weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(full, w, b)
+        ctx.save_for_backward(x)
+        # the parameters themselves (as DeferredLinear keeps them): W accumulates into them by identity
+        ctx.weight, ctx.bias, ctx.group, ctx.dim, ctx.store = weight, bias, group, dim, store
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,), weight = ctx.saved_tensors, ctx.weight
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = None
+        if need_x:
+            gx = reduce_scatter_along(g.matmul(weight.to(g.dtype)).to(x.dtype), ctx.group, ctx.dim)
+        if not (need_w or need_b):
+            return gx, None, None, None, None, None
+        bias, group, dim = ctx.bias, ctx.group, ctx.dim
+
+        @torch.no_grad()
+        def grads():
+            return weight_grads(all_gather_along(x, group, dim).to(g.dtype), g, need_w, need_b)
+
+        store = ctx.store
+        if store is None or store.collecting is None:
+            gw, gb = grads()
+            return gx, gw, gb, None, None, None
+        # W keeps the slice and gathers it when it runs (every tp rank runs the same W's in the same order)
+        params = [q for q, need in ((weight, need_w), (bias, need_b)) if need]
+        store.defer(params, lambda: [(q, gr) for q, gr in zip((weight, bias), grads()) if gr is not None])
+        return gx, None, None, None, None, None
+
+
+def sequence_gathered_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group,
+                             dim: int = 1, store=None) -> torch.Tensor:
+    """A column-parallel linear whose input is split along the sequence (dimension `dim`): all-gather, linear;
+    backward: reduce-scatter the input gradient, the weight gradient from the input gathered again."""
+    return _SequenceGatheredLinear.apply(x, weight, bias, group, dim % x.dim(), store)
+
+
 class ColumnParallelLinear(nn.Module):
     """Linear layer whose output features are split over the tensor-parallel group (weight rows, bias split).
 
@@ -60,6 +129,8 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.full_out_features = in_features, out_features
         self.out_features = _divide(out_features, self.tp_size, "out_features")
         self.gather_output = gather_output
+        self.sequence_parallel = False  # input split along the sequence (parallel/sequence_parallel.py)
+        self.weight_grad_store = None  # a zero-bubble schedule's (parallel/weight_grad.py)
         kw = dict(device=device, dtype=dtype)
         self.weight = mark_shard(nn.Parameter(torch.empty(self.out_features, in_features, **kw)), 0,
                                   self.tp_size, self.tp_rank, (out_features, in_features))
@@ -69,7 +140,10 @@ class ColumnParallelLinear(nn.Module):
                                     self.tp_rank, (out_features,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        if self.sequence_parallel:
+            y = sequence_gathered_linear(x, self.weight, self.bias, self.group, store=self.weight_grad_store)
+        else:
+            y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -92,6 +166,7 @@ class RowParallelLinear(nn.Module):
         self.full_in_features, self.out_features = in_features, out_features
         self.in_features = _divide(in_features, self.tp_size, "in_features")
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = False  # output reduce-scattered along the sequence (parallel/sequence_parallel.py)
         kw = dict(device=device, dtype=dtype)
         self.weight = mark_shard(nn.Parameter(torch.empty(out_features, self.in_features, **kw)), 1,
                                   self.tp_size, self.tp_rank, (out_features, in_features))
@@ -103,7 +178,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -132,6 +208,7 @@ class VocabParallelEmbedding(nn.Module):
             self.local_padding_idx = padding_idx - self.vocab_start
         self.weight = mark_shard(nn.Parameter(torch.empty(per, embedding_dim, device=device, dtype=dtype)), 0,
                                   self.tp_size, self.tp_rank, (num_embeddings, embedding_dim))
+        self.sequence_parallel = False  # reduce-scatter the lookup along the sequence (parallel/sequence_parallel)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -140,6 +217,8 @@ class VocabParallelEmbedding(nn.Module):
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight, self.local_padding_idx)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence(out, self.group)
         return reduce_from_tp(out, self.group)
 
     def extra_repr(self) -> str:
@@ -163,6 +242,8 @@ class VocabParallelOutput(nn.Module):
         self.d_model, self.vocab_size = d_model, vocab_size
         per = _divide(vocab_size, self.tp_size, "vocab_size")
         self.gather_output = gather_output
+        self.sequence_parallel = False  # input split along the sequence (parallel/sequence_parallel.py)
+        self.weight_grad_store = None  # a zero-bubble schedule's (parallel/weight_grad.py)
         self._tied_table = []
         self.weight = None
         if tied_to is not None:
@@ -180,7 +261,10 @@ class VocabParallelOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight if self.tied_to is None else self.tied_to.weight
-        logits = F.linear(copy_to_tp(x, self.group), w)
+        if self.sequence_parallel:
+            logits = sequence_gathered_linear(x, w, None, self.group, store=self.weight_grad_store)
+        else:
+            logits = F.linear(copy_to_tp(x, self.group), w)
         return gather_from_tp(logits, self.group) if self.gather_output else logits
 
     def extra_repr(self) -> str:

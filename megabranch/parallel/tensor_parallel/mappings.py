@@ -22,6 +22,12 @@ import torch
 import torch.distributed as dist
 
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn); older torch (2.11 on the GPU image) has
+# only the old ones
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER_SINGLE = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -44,25 +50,34 @@ def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 
 def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Every rank's `x` concatenated along `dim` (one single-tensor all-gather over the leading dimension)."""
     n = _size(group)
-    x = x.contiguous()
-    if dim == 0:
-        out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x, group=group)
-        return out
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
+    front = x.movedim(dim, 0).contiguous()
+    out = torch.empty((n * front.shape[0],) + tuple(front.shape[1:]), dtype=x.dtype, device=x.device)
+    _ALL_GATHER_SINGLE(out, front, group=group)
+    return out.movedim(0, dim) if dim == 0 else out.movedim(0, dim).contiguous()
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """The sum over ranks of `x`, this rank's part of it along `dim` (one single-tensor reduce-scatter)."""
     n = _size(group)
     if x.shape[dim] % n:
         raise ValueError(f"cannot reduce-scatter dimension {dim} of size {x.shape[dim]} over {n} ranks")
-    parts = [p.contiguous() for p in x.chunk(n, dim=dim)]
-    out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
-    return out
+    front = x.movedim(dim, 0).contiguous()
+    out = torch.empty((front.shape[0] // n,) + tuple(front.shape[1:]), dtype=x.dtype, device=x.device)
+    _REDUCE_SCATTER_SINGLE(out, front, group=group)
+    return out if dim == 0 else out.movedim(0, dim).contiguous()
+
+
+def all_gather_along(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """The all-gather along `dim` itself, no autograd (for autograd Functions that call it in their backward);
+    group None: x."""
+    return x if group is None else _all_gather(x, group, dim)
+
+
+def reduce_scatter_along(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """The reduce-scatter along `dim` itself, no autograd; group None: x."""
+    return x if group is None else _reduce_scatter(x, group, dim)
 
 
 class _CopyToTP(torch.autograd.Function):

@@ -53,6 +53,7 @@ class RNGTracker:
 
     def __init__(self):
         self._states: dict[str, dict] = {}
+        self._forked: set[str] = set()  # the states swapped in now (a fork inside a fork of one name: no-op)
 
     def reset(self) -> None:
         self._states = {}
@@ -77,6 +78,11 @@ class RNGTracker:
 
     @contextlib.contextmanager
     def fork(self, name: str = "tp"):
+        """Reentrant: inside a fork of `name` (sequence parallelism forks a whole sub-layer, whose attention or FFN
+        forks again), the inner one draws on from the same state instead of restarting it."""
+        if name in self._forked:
+            yield
+            return
         if name not in self._states:
             raise RuntimeError(
                 f"no RNG state {name!r}: call megabranch.parallel.tensor_parallel.model_parallel_seed(seed, grid) "
@@ -88,9 +94,11 @@ class RNGTracker:
         torch.set_rng_state(state["cpu"])
         if saved_cuda is not None:
             torch.cuda.set_rng_state(state["cuda"])
+        self._forked.add(name)
         try:
             yield
         finally:
+            self._forked.discard(name)
             state["cpu"] = torch.get_rng_state()
             torch.set_rng_state(saved_cpu)
             if saved_cuda is not None:
