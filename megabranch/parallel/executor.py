@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from typing import Any, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -138,7 +139,7 @@ class PipelineExecutor:
         self.ranks = [c.rank for c in layout.chunks]  # pipeline rank of each chunk (the layout's placement)
         # callback(v, ready) right before the last gradient work of chunk v in a step: the backward of the last
         # micro-batch, or under a split schedule its W; `ready` = the parameters whose gradients are already final
-        self.on_last_backward = None
+        self.on_last_backward: Callable[[int, Any], None] | None = None
         self.split = splits_backward(kind)
         self.weight_grads = WeightGradStore()
         if self.split:

@@ -96,7 +96,10 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         # default since 2.2; set here so an inherited 0 cannot turn a dead peer into a hang)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     timeout = process_group_timeout(timeout_s)
-    dist.init_process_group(backend, **({"timeout": timeout} if timeout is not None else {}))
+    if timeout is None:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
 
 
 def build_grid(tp: int = 1, pp: int = 1, vpp: int = 1, timeout_s: float | None = None) -> Grid:

@@ -103,10 +103,9 @@ class Trainer:
                                          dtype=self.precision.activation_dtype, label_smoothing=o.label_smoothing)
         self.executor.on_last_backward = lambda v, ready: self.reducers[v].arm(ready)
         m = cfg.model
-        self.health = (HealthMonitor(list(self.named_params()), m.encoder_layers, m.decoder_layers, g, self.device)
-                       if cfg.log.health else None)
-        if self.health is not None and self.rank != 0:
-            self.health.warn = lambda line: None  # rank 0 says it
+        quiet = None if self.rank == 0 else (lambda line: None)  # rank 0 says it
+        self.health = (HealthMonitor(list(self.named_params()), m.encoder_layers, m.decoder_layers, g, self.device,
+                                     quiet) if cfg.log.health else None)
         self.checkpoints = NativeCheckpoints(cfg, self.model, self.optimizer, self.precision, self.position(),
                                              self.vocab_sizes, vocab_sha256, self.rank)
         self.step = 0
@@ -242,11 +241,11 @@ class Trainer:
         skipped = bool(skip)
         self.precision.update(skipped)  # the same decision on every rank: every scaler keeps the same state
         measure = health is not None and health.measure_next and not skipped
-        if measure:
+        if measure and health is not None:
             health.before_update(self.params)
         if not skipped:
             self.optimizer.step()
-        if measure:
+        if measure and health is not None:
             health.after_update(self.params, self.grid.tp_rank)
         for reducer in self.reducers + [self.shared_reducer]:  # every parameter is in exactly one
             reducer.zero_grad()  # dp > 1: one fill_ per bucket (the .grad are views into it); dp == 1: None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -74,8 +75,9 @@ class HealthMonitor:
     the engine's (its tp and pp groups). Collective over tp and pp once, to learn which groups exist anywhere."""
 
     def __init__(self, names: list[str], encoder_layers: int, decoder_layers: int, grid=None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", warn: Callable[[str], None] | None = None):
         self.grid = grid
+        self.warn = warn or _to_stderr  # where a warning goes (rank 0's stderr; the engine silences the others)
         self.groups = group_names(encoder_layers, decoder_layers)
         index = {g: i for i, g in enumerate(self.groups)}
         self.group_of = [index[group_name(n)] for n in names]  # parameter i -> its group
@@ -171,9 +173,9 @@ class HealthMonitor:
                 w.said = True
                 self.warn(stack_warning(stack, len(idx), bottom, top, w.intervals, step))
 
-    def warn(self, line: str) -> None:
-        """Where a warning goes (rank 0's stderr; the engine silences the other ranks)."""
-        print(line, file=sys.stderr)
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def stack_warning(stack: str, layers: int, bottom: float, top: float, intervals: int, step: int) -> str:

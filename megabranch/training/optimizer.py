@@ -18,10 +18,10 @@ def build_optimizer(params, o: OptimConfig, dp_group=None, zero: bool = False) -
     """AdamW with the config's hyper-parameters (the learning rate is set per step by set_lr); zero=True shards
     its state over dp_group."""
     params = list({id(p): p for p in params}.values())
-    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay)
+    betas = (float(o.betas[0]), float(o.betas[1]))
     if zero:
-        return ShardedAdamW(params, dp_group, **kw)
-    return torch.optim.AdamW(params, **kw)
+        return ShardedAdamW(params, dp_group, lr=o.lr, betas=betas, eps=o.adam_eps, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=betas, eps=o.adam_eps, weight_decay=o.weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, o: OptimConfig) -> float:
