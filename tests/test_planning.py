@@ -89,7 +89,7 @@ def test_micro_batch_counts_keep_the_tokens_per_update():
 @pytest.mark.unit
 def test_auto_picks_the_least_bubble_that_fits_and_refuses_in_one_line():
     cfg = load_config(os.path.join(RECIPES, "base_500L-500L.yaml"), ["parallel.schedule=auto"])
-    for gb in (80, 40, 32):
+    for gb in (80, 48, 40):
         plan_ = resolve(cfg, 32000, 32000, 8, gb)
         fitting = [o for o in plan_.options if o.peak <= budget_bytes(gb)]
         assert plan_.chosen.bubble == min(o.bubble for o in fitting) and plan_.chosen.peak <= budget_bytes(gb)
@@ -97,11 +97,11 @@ def test_auto_picks_the_least_bubble_that_fits_and_refuses_in_one_line():
         assert (c.parallel.schedule, c.parallel.vpp, c.optim.update_freq, c.data.max_tokens) == \
             (plan_.chosen.schedule, plan_.chosen.vpp, plan_.chosen.m, plan_.chosen.max_tokens)
         assert c.optim.update_freq * c.data.max_tokens == 16384  # the tokens per update never change
-    assert resolve(cfg, 32000, 32000, 8, 32).chosen.schedule != resolve(cfg, 32000, 32000, 8, 80).chosen.schedule
+    assert resolve(cfg, 32000, 32000, 8, 40).chosen.schedule != resolve(cfg, 32000, 32000, 8, 80).chosen.schedule
     with pytest.raises(UserError) as e:
-        resolve(cfg, 32000, 32000, 8, 16)
+        resolve(cfg, 32000, 32000, 8, 32)
     msg = str(e.value)
-    assert "parallel.schedule=auto: no schedule of this pipeline fits --gpu-memory-gb 16" in msg and "\n" not in msg
+    assert "parallel.schedule=auto: no schedule of this pipeline fits --gpu-memory-gb 32" in msg and "\n" not in msg
     assert "parallel.recompute=1" in msg and "the least memory is" in msg
     # an explicit schedule that does not fit names one that does
     explicit = load_config(os.path.join(RECIPES, "base_500L-500L.yaml"),
@@ -133,11 +133,11 @@ def test_pipelined_recipes_are_what_auto_picks_for_80_gb(name):
 def test_trainer_and_dry_run_take_the_same_decision(monkeypatch):
     cfg = load_config(os.path.join(RECIPES, "base_250L-250L.yaml"), ["parallel.schedule=auto"])
     monkeypatch.setenv("WORLD_SIZE", "16")
-    trained = plan_schedule(cfg, 32000, 32000, device="cpu", gpu_memory_gb=24)
-    info = dry_run(cfg, 16, vocab=32000, out=io.StringIO(), gpu_memory_gb=24)
+    trained = plan_schedule(cfg, 32000, 32000, device="cpu", gpu_memory_gb=32)
+    info = dry_run(cfg, 16, vocab=32000, out=io.StringIO(), gpu_memory_gb=32)
     assert (trained.parallel.schedule, trained.parallel.vpp, trained.optim.update_freq, trained.data.max_tokens) == \
         (info["schedule"], info["vpp"], info["micro_batches"], info["max_tokens"])
-    assert max(info["peak_bytes"]) <= budget_bytes(24) and info["bubble"] <= 0.10
+    assert max(info["peak_bytes"]) <= budget_bytes(32) and info["bubble"] <= 0.10
     assert choose([], 1.0) is None and GiB == 2**30
     with pytest.raises(UserError, match="parallel.schedule=auto plans the native engine"):
         plan_schedule(cfg, 32000, 32000, backend="deepspeed")
