@@ -200,16 +200,16 @@ class CostModel:
     def _messages(self, chunk: Chunk) -> float:
         """Bytes of the tensors a chunk keeps from its forward to its backward besides its layers': what it
         received (the executor keeps a message until its B; the first layer's linears read it without a copy),
-        and an encoder output it sends on (a low-precision copy; float32 without autocast, then also what its
-        cross-attentions read)."""
+        and an encoder output it makes: the low-precision copy it sends on, the float32 tensor itself where its
+        cross-attentions read it without autocast or recomputation keeps it as an input."""
         d, c = self.cfg.d_model, self.act
         n_src, n = self.src_tokens, self.tokens
         got = self.received_bytes(chunk) - {"x": self._reads(n_src, 3), "memory+y": self._reads(n, 3)}.get(
             chunk.receives, 0.0)
         if chunk.ends_encoder and chunk.has_decoder:  # the encoder output is made here
-            if not self._casts:
+            if not self._casts or self.recompute > 0:  # read as is (float32), or kept for the recomputations
                 got += n_src * d * STREAM_BYTES
-            elif not chunk.output:
+            if self._casts and not chunk.output:
                 got += n_src * d * c
         return got
 
@@ -224,19 +224,21 @@ class CostModel:
         """Activation bytes one micro-batch keeps on `chunk` until its backward (with recompute every k layers: the
         input of each k-layer group, plus one group's full activations while it is being recomputed), the
         messages it keeps included. Embeddings, final norms and the loss are not recomputed."""
+        return self.chunk_held_bytes(chunk, recompute) + self._recomputed(chunk, recompute)
+
+    def chunk_held_bytes(self, chunk: Chunk, recompute: int | None = None) -> float:
+        """What one micro-batch's forward leaves held on `chunk` until its backward: chunk_activation_bytes
+        without the group a recomputation rebuilds inside the backward (chunk_transients counts that)."""
         k = self.recompute if recompute is None else recompute
         extras = sum(x.kept_bytes for x in self._extras(chunk))
-        layers = 0.0
-        transient = 0.0
-        for n, cost in self._runs(chunk):
-            if n == 0:
-                continue
-            if k <= 0:
-                layers += n * cost.act_bytes
-            else:
-                layers += math.ceil(n / k) * cost.boundary_bytes
-                transient = max(transient, min(k, n) * cost.act_bytes)
-        return layers + transient + extras + self._messages(chunk)
+        layers = sum(n * cost.act_bytes if k <= 0 else math.ceil(n / k) * cost.boundary_bytes
+                     for n, cost in self._runs(chunk) if n)
+        return layers + extras + self._messages(chunk)
+
+    def _recomputed(self, chunk: Chunk, recompute: int | None = None) -> float:
+        """The full activations of the largest layer group a recomputation rebuilds at once (0 without)."""
+        k = self.recompute if recompute is None else recompute
+        return max([min(k, n) * cost.act_bytes for n, cost in self._runs(chunk) if n and k > 0], default=0.0)
 
     def _extras(self, chunk: Chunk) -> list[Cost]:
         out = []
@@ -284,7 +286,10 @@ class CostModel:
             rows = math.ceil(self.tgt_vocab / tp)
             f = max(f, self.tokens * rows * (c + (4 if c < 4 else 0)))  # the logits (and their float32 copy)
             b = max(b, (2 if tp == 1 else 4) * self.tokens * rows * 4)
-        act = self.chunk_activation_bytes(chunk)
+        if self.recompute > 0:  # a recomputed group while its backward runs (the loss's part is freed by then)
+            freed = self.output().kept_bytes if chunk.output else 0.0
+            b = max(b, self._recomputed(chunk) + 4 * stream - freed)
+        act = self.chunk_held_bytes(chunk)
         for embedded, vocab in ((chunk.src_embed, self.vocab), (chunk.tgt_embed, self.tgt_vocab)):
             if embedded:  # the table's dense gradient comes last, once B has freed most of the activations
                 left = self.chunk_weight_grad_bytes(chunk) if split else 0.0

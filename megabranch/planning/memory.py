@@ -64,7 +64,7 @@ def stage_peak(cm: CostModel, layout, kind: str, m: int, rank: int, static: floa
     schedule; or, when more, the optimizer step's: one float32 copy of the parameters (the multi-tensor AdamW's
     temporary, ZeRO-1's all-gathered vector)."""
     chunks = layout.chunks_of_rank(rank)
-    act = [cm.chunk_activation_bytes(c) for c in chunks]
+    act = [cm.chunk_held_bytes(c) for c in chunks]
     w_act = [cm.chunk_weight_grad_bytes(c) for c in chunks]
     during = [cm.chunk_transients(c, splits_backward(kind)) for c in chunks]
     sent = [cm.received_bytes(c) if c.index > 0 and layout.chunks[c.index - 1].rank != rank else 0.0
