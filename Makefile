@@ -35,19 +35,19 @@ $(DEV_STAMP): $(STAMP) requirements-dev.txt requirements-peers.txt
 $(DATA_BIN)/meta.json: $(STAMP)
 	$(VENV)/bin/megabranch-preprocess --source-lang kjv --target-lang web \
 	  --trainpref data/kjv_web/train --validpref data/kjv_web/valid --testpref data/kjv_web/test \
-	  --destdir $(DATA_BIN) --vocab-size 8000
+	  --destdir $(DATA_BIN) --vocab-size 8000 --overwrite
 
 # The real pair data/en_es (WEB -> Reina-Valera 1909): en -> es alone (configs/translate.yaml), and both
 # directions in one directory with target-language tags (configs/multilingual_demo.yaml).
 $(EN_ES)/meta.json: $(STAMP)
 	$(VENV)/bin/megabranch-preprocess --source-lang en --target-lang es \
 	  --trainpref data/en_es/train --validpref data/en_es/valid --testpref data/en_es/test \
-	  --destdir $(EN_ES) --vocab-size 8000
+	  --destdir $(EN_ES) --vocab-size 8000 --overwrite
 
 $(EN_ES_MULTI)/meta.json: $(STAMP)
 	$(VENV)/bin/megabranch-preprocess --pairs en-es,es-en \
 	  --trainpref data/en_es/train --validpref data/en_es/valid --testpref data/en_es/test \
-	  --destdir $(EN_ES_MULTI) --vocab-size 8000
+	  --destdir $(EN_ES_MULTI) --vocab-size 8000 --overwrite
 
 preprocess: $(DATA_BIN)/meta.json $(EN_ES)/meta.json $(EN_ES_MULTI)/meta.json
 

@@ -65,6 +65,9 @@ case "${MAX_RESTARTS:-0}" in '' | *[!0-9]*) mb_die "MAX_RESTARTS='${MAX_RESTARTS
 mb_need_int SHUTDOWN_TIMEOUT "${SHUTDOWN_TIMEOUT:-300}"
 MB_TORCHRUN_FAULT=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
   --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}" --max-restarts "${MAX_RESTARTS:-0}")
+# torchrun itself: launch/torchrun.py, which exits 75 (not torchrun's traceback and exit 1) when every worker
+# saved a checkpoint and stopped to be requeued (SIGTERM / SIGUSR1, --exit-duration-mins)
+MB_TORCHRUN=("$PYTHON" "$_MB_ROOT/launch/torchrun.py")
 # torchrun shares its rendezvous store with the workers by default, and a restarted worker then reads the
 # addresses of the previous attempt's peers and cannot connect (pytorch/pytorch#135712): give each attempt its own
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
@@ -81,7 +84,7 @@ mb_run() {
 
 # mb_prepare_wmt SRC TGT DEST VOCAB: the WMT recipes (launch/prepare_wmt*.sh). $RAW holds train/valid(/test).{SRC,TGT}
 # (plain or .gz); a joint sentencepiece BPE of VOCAB entries; DEST, VOCAB, MAX_LEN, WORKERS and INPUT_SENTENCE_SIZE
-# from the environment override the defaults.
+# from the environment override the defaults; OVERWRITE=1 replaces what DEST already holds (refused otherwise).
 mb_prepare_wmt() {
   local src="$1" tgt="$2" f
   [ -n "${RAW:-}" ] || mb_die "set RAW=/path/to/text holding train.{$src,$tgt}, valid.{$src,$tgt}, test.{$src,$tgt}"
@@ -93,5 +96,6 @@ mb_prepare_wmt() {
   mb_run "$PYTHON" -m megabranch.data.preprocess --source-lang "$src" --target-lang "$tgt" \
     --trainpref "$RAW/train" --validpref "$RAW/valid" "${test[@]}" \
     --destdir "${DEST:-$3}" --joint --model-type bpe --vocab-size "${VOCAB:-$4}" \
-    --max-len "${MAX_LEN:-256}" --input-sentence-size "${INPUT_SENTENCE_SIZE:-2000000}" --workers "${WORKERS:-8}"
+    --max-len "${MAX_LEN:-256}" --input-sentence-size "${INPUT_SENTENCE_SIZE:-2000000}" --workers "${WORKERS:-8}" \
+    ${OVERWRITE:+--overwrite}
 }

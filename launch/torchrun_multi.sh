@@ -24,6 +24,6 @@ WORLD=$((NNODES * GPUS_PER_NODE))
 echo "# torchrun_multi: node $NODE_RANK of $NNODES x $GPUS_PER_NODE processes, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
 mb_check_layout "$WORLD" "$@"
 mb_auto_resume "$@"
-mb_run env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PYTHON" -m torch.distributed.run \
+mb_run env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "${MB_TORCHRUN[@]}" \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${MB_TORCHRUN_FAULT[@]}" -m megabranch.train "${MB_ARGS[@]}"

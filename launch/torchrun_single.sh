@@ -21,5 +21,5 @@ echo "# torchrun_single: 1 node x $GPUS processes" >&2
 mb_check_layout "$GPUS" "$@"
 mb_auto_resume "$@"
 # shellcheck disable=SC2086
-mb_run env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "$PYTHON" -m torch.distributed.run --standalone \
+mb_run env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "${MB_TORCHRUN[@]}" --standalone \
   --nproc_per_node "$GPUS" "${MB_TORCHRUN_FAULT[@]}" -m megabranch.train "${MB_ARGS[@]}"

@@ -85,7 +85,7 @@ class _Recorder:
                 self.handles.append(layer.register_forward_hook(self._output_hook(stack, i + 1)))
                 ffn = [m for m in layer.modules() if isinstance(m, FeedForward)]
                 if ffn:
-                    self.handles.append(ffn[0].fc1.register_forward_hook(self._act_hook(stack, i, ffn[0].act)))
+                    self.handles.append(ffn[0].fc1.register_forward_hook(self._act_hook(stack, i, ffn[0])))
 
     def _input_hook(self, stack):
         def hook(module, args):
@@ -97,9 +97,10 @@ class _Recorder:
             self.reps[stack][i] = out.detach()
         return hook
 
-    def _act_hook(self, stack, i, act):
-        def hook(module, args, out):
-            self.acts[stack][i] = act(out.detach())
+    def _act_hook(self, stack, i, ffn):
+        def hook(module, args, out):  # the activation's input: fc1's output (+ R-Fixup's scalar bias)
+            h = out.detach() if ffn.pre_act_bias is None else out.detach() + ffn.pre_act_bias.detach()
+            self.acts[stack][i] = ffn.act(h)
         return hook
 
     def remove(self):
@@ -191,21 +192,6 @@ def analyze_batches(model, batches: list[dict], label_smoothing: float = 0.1) ->
             cols = zip(*(st[stack][key] for st in per_batch))
             out[stack][key] = [sum(v * wi for v, wi in zip(col, w)) / sum(w) for col in cols]
     return out
-
-
-def sentence_batches(dataset, n: int, max_tokens: int) -> list[dict]:
-    """The first n items of a LanguagePairDataset, length-sorted, cut into batches of <= max_tokens padded tokens."""
-    idx = sorted(range(min(n, len(dataset))), key=lambda i: max(dataset.src_sizes[i], dataset.tgt_sizes[i]))
-    batches, cur = [], []
-    for i in idx:
-        longest = max(dataset.src_sizes[i], dataset.tgt_sizes[i])
-        if cur and (len(cur) + 1) * longest > max_tokens:
-            batches.append(dataset.collate(cur))
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(dataset.collate(cur))
-    return batches
 
 
 def analysis_rows(stats: dict, label: str = "") -> list[dict]:

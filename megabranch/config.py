@@ -1,9 +1,12 @@
 """Typed configuration: dataclasses for model / parallel / optim / data / logging.
 
-Configs load from YAML or JSON and take `--set section.key=value` overrides; unknown keys are user errors,
-so a typo never silently falls back to a default. Every numeric field has its valid range in RANGES (one entry
-per field; tests/test_config.py walks every field): a non-finite or out-of-range value is a one-line error naming
-the field and where it came from (the file or --set). `Config.to_dict()` is what checkpoints and logs record.
+Each field is declared once: its type, its default and the rule of its valid values (`setting(default, rule)`:
+a Range for numbers, a Choice or a Text for strings, FLAG for booleans), with a docstring under it saying what
+it means (Megatron-core documents its config dataclasses the same way). Configs load from YAML or JSON and take
+`--set section.key=value` overrides; unknown keys are user errors, so a typo never silently falls back to a
+default. A value is checked where it enters: an empty or null value of a field that is not optional, a value
+of the wrong type, a non-finite or out-of-range number or an unknown choice is a one-line error naming the
+field and where it came from (the file or --set). `Config.to_dict()` is what checkpoints and logs record.
 """
 
 from __future__ import annotations
@@ -13,141 +16,20 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from .errors import UserError
 
-RESIDUALS = ("post_ln", "pre_ln", "deepnorm", "branchnorm")
+# the residual schemes (megabranch/residual.py: what each computes; README's table: the equations)
+RESIDUALS = ("post_ln", "pre_ln", "deepnorm", "branchnorm", "ds_init", "admin", "rezero", "r_fixup", "t_fixup", "dlcl",
+             "normformer", "subln")
+# the schemes whose paper prescribes the initialisation: model.deepnorm_init=true does not apply to them
+RESIDUALS_WITH_OWN_INIT = ("ds_init", "r_fixup", "t_fixup", "subln")
 SCHEDULES = ("linear", "exp", "sigmoid")
 # pipeline schedules (megabranch/parallel/schedules.py), plus "auto" (planning/schedule_choice.py decides)
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
-
-
-@dataclass
-class ModelConfig:
-    residual: str = "branchnorm"  # post_ln | pre_ln | deepnorm | branchnorm
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    d_model: int = 512
-    n_heads: int = 8
-    ffn_dim: int = 2048
-    dropout: float = 0.1  # on every sub-layer output F(x) before the residual, and on embeddings
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    activation: str = "relu"
-    share_all_embeddings: bool = True  # one table for source, target and output (joint vocabulary)
-    share_decoder_input_output_embed: bool = True
-    max_positions: int = 1024
-    # embeddings, as the model was trained (imported torchscale / fairseq models set them; defaults: megabranch's)
-    embed_scale: float | None = None  # token embeddings times this; None: sqrt(d_model) (fairseq's default)
-    positions: str = "sinusoidal"  # sinusoidal (fixed, fairseq's table) | learned (a trained table)
-    position_offset: int = 0  # the first token's position index (fairseq and torchscale count from pad + 1 = 2)
-    ln_eps: float = 1e-5
-    # BranchNorm: alpha_t = schedule(t / T), clipped to 1.
-    alpha_schedule: str = "linear"  # linear | exp | sigmoid
-    alpha_warmup_steps: int = 4000  # T
-    deepnorm_init: bool | None = None  # None: on for deepnorm and branchnorm, off otherwise
-    fused_kernels: bool = False  # use megabranch.ops.residual_layernorm (C++/CUDA) for LN(r*x + s*F)
-    compile: bool = False  # torch.compile each encoder / decoder layer (model/regional_compile.py)
-    compile_backend: str = "inductor"  # the torch.compile backend: inductor, aot_eager (debugging), ...
-
-
-@dataclass
-class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb-h1 | zb-v | auto (parallel/schedules.py, planning.py)
-    layout: str = ""  # explicit chunk layout in pipeline order, e.g. "E0-3|E4-5,D0|D1-3|D4-5" (see parallel/layout.py)
-    balance: str = "time"  # what the automatic split balances: time | memory
-    recompute: int = 0  # 0: off; k: checkpoint activations every k layers
-    zero: bool = False  # ZeRO-1: shard the Adam state over the data-parallel replicas
-    bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
-    overlap: bool = True  # launch each bucket's all-reduce as soon as its gradients are ready
-    timeout_s: float = 600.0  # bound on every wait for another rank (start-up, collectives, pipeline messages)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4
-    betas: tuple = (0.9, 0.98)
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0001
-    warmup_updates: int = 4000
-    warmup_init_lr: float = 1e-7
-    clip_norm: float = 0.0  # 0: no clipping (the gradient norm is still measured and logged)
-    label_smoothing: float = 0.1
-    max_updates: int = 1000
-    update_freq: int = 1  # gradient accumulation: batches per optimizer step
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (CUDA only, dynamic loss scaling)
-
-
-@dataclass
-class DataConfig:
-    data_dir: str = "data-bin/kjv_web"
-    max_tokens: int = 4096
-    max_sentences: int = 0  # 0: unlimited
-    shuffle: bool = True
-    # multilingual data: direction i is drawn with probability ~ n_i^(1/T); 1 = in proportion to the data
-    # (every pair once an epoch), 5 = OPUS-100 / mBART. A single-pair directory ignores it.
-    sampling_temperature: float = 1.0
-
-
-@dataclass
-class LogConfig:
-    save_dir: str = "runs/default"
-    log_interval: int = 10
-    valid_interval: int = 200  # steps between validation loss (and checkpoint saves)
-    bleu_sentences: int = 100  # validation subset decoded for BLEU at each validation; 0: off
-    bleu_beam: int = 1
-    keep_last: int = 2
-    async_save: bool = True  # native engines: snapshot to host memory, write and publish in the background
-    tensorboard: bool = True
-    progress: str = "auto"  # auto (bar on a terminal) | bar | none
-
-
-@dataclass
-class Config:
-    seed: int = 1
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "Config":
-        cfg = cls()
-        _apply(cfg, d, where)
-        try:
-            cfg.validate()
-        except InvalidValue as e:
-            raise UserError(f"{where}: {e}") from None
-        return cfg
-
-    def validate(self) -> None:
-        """Every numeric field within RANGES, then the choices and the relations between fields; InvalidValue
-        (a UserError naming the field) on the first one that is not."""
-        for key, value in numeric_fields(self):
-            RANGES[key].check(key, value)
-        m = self.model
-        _check(m.residual in RESIDUALS, "model.residual", m.residual, f"one of {', '.join(RESIDUALS)}")
-        _check(m.alpha_schedule in SCHEDULES, "model.alpha_schedule", m.alpha_schedule, f"one of {', '.join(SCHEDULES)}")
-        _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
-        _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")
-        _check(m.positions in ("sinusoidal", "learned"), "model.positions", m.positions, "sinusoidal or learned")
-        o = self.optim
-        _check(o.precision in ("fp32", "bf16", "fp16"), "optim.precision", o.precision, "fp32, bf16 or fp16")
-        _check(self.log.progress in ("auto", "bar", "none"), "log.progress", self.log.progress, "auto, bar or none")
-        p = self.parallel
-        _check(p.schedule in PIPELINE_SCHEDULES + ("auto",), "parallel.schedule", p.schedule,
-               ", ".join(PIPELINE_SCHEDULES + ("auto",)))
-        _check(p.balance in ("time", "memory"), "parallel.balance", p.balance, "time or memory")
 
 
 class InvalidValue(UserError):
@@ -159,10 +41,28 @@ class InvalidValue(UserError):
         self.key = key
 
 
+class Rule:
+    """The values a field may take: `ok(value)` says whether one is valid, `describe()` says which are (the end of
+    "must be ..."), `empty` is what an empty or null value becomes (None: refused)."""
+
+    empty: Any = None
+
+    def ok(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def check(self, key: str, value: Any) -> None:
+        """InvalidValue naming `key` unless `value` is valid."""
+        if not self.ok(value):
+            raise InvalidValue(key, f"{key}={value!r} is invalid: must be {self.describe()}")
+
+
 @dataclass(frozen=True)
-class Range:
+class Range(Rule):
     """The values a numeric field may take: finite, and within [lo, hi] (an end None: unbounded; open ends
-    excluded). integer: whole numbers only (the field is an int)."""
+    excluded). integer: whole numbers only (the field is an int). A tuple field's entries each."""
 
     lo: float | None = None
     hi: float | None = None
@@ -170,7 +70,15 @@ class Range:
     hi_open: bool = False
     integer: bool = False
 
-    def ok(self, v: float) -> bool:
+    def ok(self, v: Any) -> bool:
+        if isinstance(v, tuple):
+            return all(self.ok(x) for x in v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        try:
+            v = float(v)
+        except OverflowError:  # an int beyond any float (10**400)
+            return False
         if not math.isfinite(v) or (self.integer and not v.is_integer()):
             return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
@@ -195,12 +103,51 @@ class Range:
             raise UserError(f"{flag} {shown} is invalid: must be {self.describe()}{note}")
 
     def check(self, key: str, value: Any) -> None:
-        if value is None:  # an optional field left unset
-            return
-        for v in value if isinstance(value, tuple) else (value,):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not self.ok(float(v)):
-                raise InvalidValue(key, f"{key}={value!r} is invalid: must be {self.describe()}"
-                                        + (" (each)" if isinstance(value, tuple) else ""))
+        if not self.ok(value):
+            raise InvalidValue(key, f"{key}={value!r} is invalid: must be {self.describe()}"
+                                    + (" (each)" if isinstance(value, tuple) else ""))
+
+
+@dataclass(frozen=True)
+class Choice(Rule):
+    """One of a few names."""
+
+    names: tuple[str, ...]
+
+    def ok(self, value: Any) -> bool:
+        return value in self.names
+
+    def describe(self) -> str:
+        return f"one of {', '.join(self.names)}"
+
+
+@dataclass(frozen=True)
+class Text(Rule):
+    """Free text (a path, a backend's name); empty only where `empty_ok` (then a null value means "")."""
+
+    what: str = "a non-empty string"
+    empty_ok: bool = False
+
+    @property
+    def empty(self) -> str | None:
+        return "" if self.empty_ok else None
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, str) and (self.empty_ok or bool(value.strip()))
+
+    def describe(self) -> str:
+        return self.what
+
+
+@dataclass(frozen=True)
+class Flag(Rule):
+    """true or false."""
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+    def describe(self) -> str:
+        return "true or false"
 
 
 def ints(lo: int) -> Range:
@@ -208,46 +155,250 @@ def ints(lo: int) -> Range:
     return Range(lo=lo, integer=True)
 
 
-# the ranges most fields (and command-line numbers: Range.check_flag) take
+# the rules most fields (and command-line numbers: Range.check_flag) take
 POSITIVE, NON_NEGATIVE, FRACTION, FINITE = Range(lo=0, lo_open=True), Range(lo=0), Range(0, 1, hi_open=True), Range()
-
-# the valid values of every numeric field (ints and floats; a tuple's entries each): config.validate checks them
-RANGES: dict[str, Range] = {
-    "seed": Range(0, 2**63 - 1, integer=True),
-    "model.encoder_layers": ints(1), "model.decoder_layers": ints(1), "model.d_model": ints(1),
-    "model.n_heads": ints(1), "model.ffn_dim": ints(1), "model.dropout": FRACTION,
-    "model.attention_dropout": FRACTION, "model.activation_dropout": FRACTION, "model.max_positions": ints(1),
-    "model.ln_eps": POSITIVE, "model.alpha_warmup_steps": ints(0), "model.embed_scale": POSITIVE,
-    "model.position_offset": ints(0),
-    "parallel.tp": ints(1), "parallel.pp": ints(1), "parallel.vpp": ints(1), "parallel.recompute": ints(0),
-    "parallel.bucket_mb": POSITIVE, "parallel.timeout_s": POSITIVE,
-    "optim.lr": POSITIVE, "optim.betas": FRACTION, "optim.adam_eps": POSITIVE, "optim.weight_decay": NON_NEGATIVE,
-    "optim.warmup_updates": ints(0), "optim.warmup_init_lr": NON_NEGATIVE, "optim.clip_norm": NON_NEGATIVE,
-    "optim.label_smoothing": FRACTION, "optim.max_updates": ints(1), "optim.update_freq": ints(1),
-    "data.max_tokens": ints(1), "data.max_sentences": ints(0), "data.sampling_temperature": POSITIVE,
-    "log.log_interval": ints(1), "log.valid_interval": ints(1), "log.bleu_sentences": ints(0),
-    "log.bleu_beam": ints(1), "log.keep_last": ints(0),
-}
+FLAG, PATH = Flag(), Text("a non-empty path")
 
 
-def numeric_fields(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of every int, float or tuple-of-numbers field of a config, nested sections included,
-    optional ones (`float | None`) too, with their value None when unset (bools are not numbers here)."""
+def setting(default: Any, rule: Rule) -> Any:
+    """A config field: its default and the rule its values follow (one declaration; validate() and the loaders
+    read the rule from the field's metadata)."""
+    return field(default=default, metadata={"rule": rule})
+
+
+@dataclass
+class ModelConfig:
+    """The network: depth and width, the residual scheme, embeddings, dropout and how the layers run."""
+
+    residual: str = setting("branchnorm", Choice(RESIDUALS))
+    """The residual scheme, one of RESIDUALS (megabranch/residual.py says what each computes; the README's table
+    gives the equations)."""
+    encoder_layers: int = setting(6, ints(1))
+    """Encoder layers N."""
+    decoder_layers: int = setting(6, ints(1))
+    """Decoder layers M."""
+    d_model: int = setting(512, ints(1))
+    """Hidden size (embeddings, attention, residual stream)."""
+    n_heads: int = setting(8, ints(1))
+    """Attention heads; must divide d_model."""
+    ffn_dim: int = setting(2048, ints(1))
+    """Inner size of the feed-forward sub-layer."""
+    dropout: float = setting(0.1, FRACTION)
+    """Dropout on every sub-layer output F(x) before the residual, and on the embeddings."""
+    attention_dropout: float = setting(0.0, FRACTION)
+    """Dropout on the attention probabilities."""
+    activation_dropout: float = setting(0.0, FRACTION)
+    """Dropout after the feed-forward activation."""
+    activation: str = setting("relu", Choice(("relu", "gelu")))
+    """The feed-forward activation."""
+    share_all_embeddings: bool = setting(True, FLAG)
+    """One table for source, target and output (a joint vocabulary)."""
+    share_decoder_input_output_embed: bool = setting(True, FLAG)
+    """The output projection is the decoder's input embedding."""
+    max_positions: int = setting(1024, ints(1))
+    """Longest sequence (tokens, eos included) the position table covers."""
+    embed_scale: float | None = setting(None, POSITIVE)
+    """Token embeddings times this; None: sqrt(d_model) (fairseq's default). Imported torchscale / fairseq models
+    set it to how they were trained."""
+    positions: str = setting("sinusoidal", Choice(("sinusoidal", "learned")))
+    """sinusoidal (fixed, fairseq's table) or learned (a trained table)."""
+    position_offset: int = setting(0, ints(0))
+    """The first token's position index (fairseq and torchscale count from pad + 1 = 2)."""
+    ln_eps: float = setting(1e-5, POSITIVE)
+    """LayerNorm epsilon."""
+    alpha_schedule: str = setting("linear", Choice(SCHEDULES))
+    """BranchNorm: alpha_t = schedule(t / T), clipped to 1."""
+    alpha_warmup_steps: int = setting(4000, ints(0))
+    """BranchNorm: T, the optimizer steps until alpha_t reaches 1."""
+    deepnorm_init: bool | None = setting(None, FLAG)
+    """DeepNorm's beta-scaled initialization; None: on for deepnorm and branchnorm, off otherwise. The schemes in
+    RESIDUALS_WITH_OWN_INIT refuse true."""
+    fused_kernels: bool = setting(False, FLAG)
+    """Use megabranch.ops.residual_layernorm (C++/CUDA) for LN(r * x + s * F)."""
+    compile: bool = setting(False, FLAG)
+    """torch.compile each encoder / decoder layer (model/regional_compile.py)."""
+    compile_backend: str = setting("inductor", Text("a torch.compile backend's name"))
+    """The torch.compile backend: inductor, aot_eager (debugging), ..."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over processes: tensor, pipeline and data parallelism."""
+
+    tp: int = setting(1, ints(1))
+    """Tensor-parallel size: each layer's matrices split over this many ranks."""
+    pp: int = setting(1, ints(1))
+    """Pipeline-parallel size: the layers split into this many stages."""
+    vpp: int = setting(1, ints(1))
+    """Virtual pipeline chunks per stage (interleaved schedules)."""
+    schedule: str = setting("1f1b", Choice(PIPELINE_SCHEDULES + ("auto",)))
+    """The pipeline schedule (parallel/schedules.py); auto: the one planning/schedule_choice.py picks."""
+    layout: str = setting("", Text("a chunk layout", empty_ok=True))
+    """Explicit chunk layout in pipeline order, e.g. "E0-3|E4-5,D0|D1-3|D4-5" (parallel/layout.py); empty: the
+    automatic split."""
+    balance: str = setting("time", Choice(("time", "memory")))
+    """What the automatic split balances."""
+    recompute: int = setting(0, ints(0))
+    """Activation checkpointing: 0 off; k: every k layers."""
+    zero: bool = setting(False, FLAG)
+    """ZeRO-1: shard the Adam state over the data-parallel replicas."""
+    bucket_mb: float = setting(25.0, POSITIVE)
+    """Data-parallel gradient all-reduce bucket size (MB)."""
+    overlap: bool = setting(True, FLAG)
+    """Launch each bucket's all-reduce as soon as its gradients are ready."""
+    timeout_s: float = setting(600.0, POSITIVE)
+    """Bound on every wait for another rank (start-up, collectives, pipeline messages), seconds."""
+
+
+@dataclass
+class OptimConfig:
+    """Adam, the inverse-sqrt learning-rate schedule, the loss and the precision."""
+
+    lr: float = setting(5e-4, POSITIVE)
+    """Peak learning rate (reached after warmup_updates)."""
+    betas: tuple = setting((0.9, 0.98), FRACTION)
+    """Adam's (beta1, beta2)."""
+    adam_eps: float = setting(1e-8, POSITIVE)
+    """Adam's epsilon."""
+    weight_decay: float = setting(0.0001, NON_NEGATIVE)
+    """Decoupled weight decay (AdamW)."""
+    warmup_updates: int = setting(4000, ints(0))
+    """Linear warmup from warmup_init_lr to lr, then lr * sqrt(warmup / step)."""
+    warmup_init_lr: float = setting(1e-7, NON_NEGATIVE)
+    """The learning rate at step 0."""
+    clip_norm: float = setting(0.0, NON_NEGATIVE)
+    """Gradient-norm clipping; 0: none (the norm is still measured and logged)."""
+    label_smoothing: float = setting(0.1, FRACTION)
+    """Label smoothing of the cross-entropy loss."""
+    max_updates: int = setting(1000, ints(1))
+    """Optimizer steps to train."""
+    update_freq: int = setting(1, ints(1))
+    """Gradient accumulation: batches per optimizer step."""
+    precision: str = setting("fp32", Choice(("fp32", "bf16", "fp16")))
+    """fp32, bf16 (autocast) or fp16 (CUDA only, dynamic loss scaling)."""
+
+
+@dataclass
+class DataConfig:
+    """The preprocessed data directory and how it is batched."""
+
+    data_dir: str = setting("data-bin/kjv_web", PATH)
+    """A directory megabranch-preprocess wrote."""
+    max_tokens: int = setting(4096, ints(1))
+    """Padded tokens per batch (fairseq's --max-tokens)."""
+    max_sentences: int = setting(0, ints(0))
+    """Sentences per batch at most; 0: unlimited."""
+    shuffle: bool = setting(True, FLAG)
+    """Shuffle the training batches every epoch."""
+    sampling_temperature: float = setting(1.0, POSITIVE)
+    """Multilingual data: direction i is drawn with probability ~ n_i^(1/T); 1 = in proportion to the data
+    (every pair once an epoch), 5 = OPUS-100 / mBART. A single-pair directory ignores it."""
+
+
+@dataclass
+class LogConfig:
+    """Where the run writes, how often it logs, validates and saves."""
+
+    save_dir: str = setting("runs/default", PATH)
+    """Checkpoints, log.jsonl and TensorBoard events go here."""
+    log_interval: int = setting(10, ints(1))
+    """Steps between training log records."""
+    valid_interval: int = setting(200, ints(1))
+    """Steps between validation loss (and checkpoint saves)."""
+    bleu_sentences: int = setting(100, ints(0))
+    """Validation subset decoded for BLEU at each validation; 0: off."""
+    bleu_beam: int = setting(1, ints(1))
+    """Beam size of that decoding."""
+    keep_last: int = setting(2, ints(0))
+    """Checkpoints kept besides the best; 0: every one."""
+    async_save: bool = setting(True, FLAG)
+    """Native engines: snapshot to host memory, write and publish in the background."""
+    max_failed_saves: int = setting(3, ints(1))
+    """Native engines: saves that may fail in a row (training goes on, the previous checkpoint stays latest)
+    before the run stops with exit 2."""
+    tensorboard: bool = setting(True, FLAG)
+    """Write TensorBoard scalars next to log.jsonl."""
+    health: bool = setting(True, FLAG)
+    """Per-layer gradient norms and update ratios at log intervals (training/health.py), and a warning when a
+    stack's bottom layers stop learning."""
+    progress: str = setting("auto", Choice(("auto", "bar", "none")))
+    """auto (a bar on a terminal), bar or none."""
+
+
+@dataclass
+class Config:
+    """A whole run: the seed and one section per concern."""
+
+    seed: int = setting(1, Range(0, 2**63 - 1, integer=True))
+    """Seeds initialization, dropout and the batch order."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor, pipeline and data parallelism."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, schedule, loss and precision."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data directory and batching."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Outputs, logging, validation and saving."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "Config":
+        cfg = cls()
+        _apply(cfg, d, where)
+        try:
+            cfg.validate()
+        except InvalidValue as e:
+            raise UserError(f"{where}: {e}") from None
+        return cfg
+
+    def validate(self) -> None:
+        """Every field by its declared rule, then the relations between fields; InvalidValue (a UserError naming
+        the field) on the first one that is not valid."""
+        for s in settings(self):
+            if not (s.value is None and s.optional):
+                s.rule.check(s.key, s.value)
+        m = self.model
+        if m.deepnorm_init is True and m.residual in RESIDUALS_WITH_OWN_INIT:
+            raise InvalidValue("model.deepnorm_init", f"model.deepnorm_init=True is invalid: must be unset or false "
+                                                      f"with model.residual={m.residual} (it has its own "
+                                                      f"initialisation)")
+        if m.d_model % m.n_heads:
+            raise InvalidValue("model.n_heads", f"model.n_heads={m.n_heads!r} is invalid: must be a divisor of "
+                                                f"model.d_model={m.d_model}")
+
+
+class Setting(NamedTuple):
+    """One field of a config as declared: dotted key, current value, rule, and whether None (unset) is valid."""
+
+    key: str
+    value: Any
+    rule: Rule
+    optional: bool
+
+
+def settings(obj: Any, prefix: str = "") -> list[Setting]:
+    """Every field of a config (a Config or one section), nested sections walked, in declaration order."""
     out = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            out += numeric_fields(value, f"{prefix}{f.name}.")
-        elif isinstance(value, (int, float, tuple)) and not isinstance(value, bool):
-            out.append((f"{prefix}{f.name}", value))
-        elif value is None and any(t in str(f.type) for t in ("int", "float")) and "bool" not in str(f.type):
-            out.append((f"{prefix}{f.name}", value))
+            out += settings(value, f"{prefix}{f.name}.")
+        else:
+            out.append(_setting(f, value, prefix))
     return out
 
 
-def _check(ok: bool, key: str, value: Any, valid: str) -> None:
-    if not ok:
-        raise InvalidValue(key, f"{key}={value!r} is invalid: must be {valid}")
+def _setting(f: dataclasses.Field, value: Any, prefix: str) -> Setting:
+    return Setting(f"{prefix}{f.name}", value, f.metadata["rule"], "None" in str(f.type))
+
+
+def ranges() -> dict[str, Range]:
+    """{dotted key: Range} of every numeric field (what command-line checks and tests/test_config.py read)."""
+    return {s.key: s.rule for s in settings(Config()) if isinstance(s.rule, Range)}
 
 
 def _apply(obj: Any, d: dict, where: str, prefix: str = "") -> None:
@@ -260,13 +411,27 @@ def _apply(obj: Any, d: dict, where: str, prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _apply(current, value, where, f"{prefix}{key}.")
+        elif value is None:  # YAML's null, and `--set key=` (nothing after the =)
+            setattr(obj, key, _empty(_setting(fields[key], current, prefix), where))
         else:
             setattr(obj, key, _coerce(value, current, f"{prefix}{key}", where))
 
 
+def _empty(s: Setting, where: str) -> Any:
+    """What an empty or null value of a field becomes: None for an optional field, the rule's empty value (a
+    layout's ""), else a one-line UserError naming the field (checked here, where the value enters, so no caller
+    ever sees a None it did not allow)."""
+    if s.optional:
+        return None
+    if s.rule.empty is None:
+        each = " (each)" if isinstance(s.value, tuple) else ""
+        raise UserError(f"{where}: {s.key} is empty: must be {s.rule.describe()}{each}")
+    return s.rule.empty
+
+
 def _coerce(value: Any, current: Any, key: str, where: str) -> Any:
-    """Coerce a YAML/JSON/--set value to the type of the field's default."""
-    if current is None or value is None:
+    """Coerce a YAML/JSON/--set value (not None) to the type of the field's default."""
+    if current is None:
         return value
     try:
         if isinstance(current, bool):

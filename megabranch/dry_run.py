@@ -6,12 +6,13 @@ start a job)."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 
+from .backends.deepspeed.layers import check_scheme
 from .backends.deepspeed.partition import ds_parts
 from .config import ints
+from .data.meta import META, read_meta
 from .errors import UserError
 from .model import count_parameters, meta_model
 from .planning.memory import plan, print_table, schedule_kind
@@ -22,14 +23,13 @@ from .parallel.schedules import check_schedule, placement_of
 
 def data_vocab(data_dir: str, default: int = 32000) -> tuple[int, int, str]:
     """(source vocab, target vocab, where it came from): data_dir/meta.json when it exists, else `default`."""
-    path = os.path.join(data_dir, "meta.json")
+    path = os.path.join(data_dir, META)
     if os.path.isfile(path):
         try:
-            with open(path) as fh:
-                meta = json.load(fh)
-            sizes = meta["vocab_size"]
-            return int(sizes[meta["source_lang"]]), int(sizes[meta["target_lang"]]), path
-        except (ValueError, KeyError, TypeError):
+            meta = read_meta(data_dir)
+            first, sizes = meta["directions"][0], meta["vocab_size"]
+            return int(sizes[first["source_lang"]]), int(sizes[first["target_lang"]]), path
+        except (UserError, KeyError, TypeError, ValueError):
             pass
     return default, default, f"default {default} (no {path})"
 
@@ -68,6 +68,8 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
         src_v, tgt_v, where = data_vocab(cfg.data.data_dir)
     if mc.share_all_embeddings and src_v != tgt_v:
         raise UserError(f"model.share_all_embeddings needs one joint vocabulary ({where}: {src_v} vs {tgt_v})")
+    if backend == "deepspeed":
+        check_scheme(mc)
     if backend == "deepspeed" and (p.tp != 1 or p.vpp != 1):
         raise UserError(f"--backend deepspeed runs pipeline x data parallelism only: set parallel.tp=1 and "
                         f"parallel.vpp=1 (got tp={p.tp}, vpp={p.vpp})")
@@ -108,6 +110,7 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     print_table(rows, out)
     info = {"world_size": world, "dp": dp, "layout": str(layout), "parameters": total,
             "stage_parameters": [r.params for r in rows], "peak_bytes": [r.peak for r in rows],
+            "sent_bytes": [r.sent for r in rows],
             "effective_tokens": tokens, "schedule": kind, "vpp": p.vpp, "micro_batches": m,
             "max_tokens": planned_cfg.data.max_tokens, "bubble": None}
     if schedule_plan is not None:

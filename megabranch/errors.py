@@ -4,9 +4,14 @@ Exit codes of the command-line tools:
 
     0   done
     1   failed: a peer rank stalled or died (one line per surviving rank), or a bug (a traceback)
-    2   bad input: a file, a config value, an argument, a checkpoint, a full disk (UserError)
+    2   bad input: a file, a config value, an argument, a checkpoint, an unusable save_dir or device; checkpoint
+        saves that keep failing (a full disk: log.max_failed_saves) (UserError)
     75  stopped on purpose after saving a checkpoint (SIGTERM, SIGUSR1, --exit-duration-mins): run the same
         command with --resume auto to continue. 75 is EX_TEMPFAIL of sysexits.h ("try again later").
+
+torchrun reports any worker that exits non-zero as a failure (a traceback, exit code 1). So a worker that exits
+75 also leaves a file named after its local rank in $MEGABRANCH_STOPPED_DIR when that is set (launch/torchrun.py
+sets it), and the launcher, finding every worker's, exits 75 itself.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_REQUEUE = 75
+STOPPED_DIR_ENV = "MEGABRANCH_STOPPED_DIR"
 
 
 class UserError(Exception):
@@ -33,6 +39,19 @@ class RunEnded(Exception):
     def __init__(self, message: str, exit_code: int, abrupt: bool = False):
         super().__init__(message)
         self.exit_code, self.abrupt = exit_code, abrupt
+
+
+def note_stopped() -> None:
+    """Leave this worker's file in $MEGABRANCH_STOPPED_DIR (if set): it stops to be requeued. Its content is the
+    node's worker count, so the launcher knows when it has all of them."""
+    where = os.environ.get(STOPPED_DIR_ENV)
+    if not where:
+        return
+    try:
+        with open(os.path.join(where, f"local_rank_{os.environ.get('LOCAL_RANK', '0')}"), "w") as fh:
+            fh.write(os.environ.get("LOCAL_WORLD_SIZE", "1") + "\n")
+    except OSError:  # the launcher then reports torchrun's own outcome: nothing else is lost
+        pass
 
 
 def cli_main(fn=None, *, prog: str | None = None):
@@ -60,6 +79,8 @@ def cli_main(fn=None, *, prog: str | None = None):
         except RunEnded as e:
             if str(e):
                 print(f"{name()}: {e}", file=sys.stderr)
+            if e.exit_code == EXIT_REQUEUE:
+                note_stopped()
             if e.abrupt:
                 sys.stdout.flush()
                 sys.stderr.flush()

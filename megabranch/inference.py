@@ -1,5 +1,5 @@
-"""Where and how `megabranch-generate` decodes: the device (cuda where torch sees one), the precision of the
-weights (fp32, or bf16: half the memory, tensor-core speed on a GPU), and batches cut by a token budget.
+"""How `megabranch-generate` decodes: its device arguments (checked by device.resolve_device) and the precision of
+the weights (fp32, or bf16: half the memory, tensor-core speed on a GPU). Its batches are data.sentence_batches.
 
 bf16 casts the parameters, not autocast: a 1000-layer model then needs half the device memory. The residual
 coefficients (r, s) stay float32, so DeepNorm's alpha and BranchNorm's alpha_t are not rounded; the logits are
@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 from torch import nn
 
-from .data import make_batches
-from .errors import UserError
 from .residual import ResidualCoefficients
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def add_device_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--device", choices=("cpu", "cuda"), help="where to decode (default: cuda when available)")
+    ap.add_argument("--device", help="where to decode: cpu, cuda or cuda:N (default: cuda when available)")
     ap.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                     help="the weights' precision: fp32, or bf16 (half the memory)")
     ap.add_argument("--max-tokens", type=int, default=4096,
@@ -30,33 +27,11 @@ def add_device_arguments(ap: argparse.ArgumentParser) -> None:
                          "0: batches of --max-sentences")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """--device -> a torch.device; None: cuda where torch sees a GPU, else cpu."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        why = "this torch is built without CUDA" if not torch.version.cuda else "no CUDA device is visible"
-        raise UserError(f"--device cuda: {why} (torch {torch.__version__}); use --device cpu")
-    return torch.device(name)
-
-
 def prepare(model: nn.Module, device: torch.device, precision: str = "fp32") -> nn.Module:
     """The model on `device` with its weights in `precision`, in eval mode; residual coefficients in float32."""
     model = model.to(device=device, dtype=PRECISIONS[precision])
     for m in model.modules():
         if isinstance(m, ResidualCoefficients):
-            m.r, m.s = m.r.float(), m.s.float()
+            m.shortcut_scale, m.branch_scale = m.shortcut_scale.float(), m.branch_scale.float()
             m.reset()  # recomputed from the step, not rounded through the cast
     return model.eval()
-
-
-def sentence_batches(src_sizes, n: int, max_tokens: int, max_sentences: int) -> list[list[int]]:
-    """The first n sentences, sorted by source length, cut into batches of at most max_tokens padded source
-    tokens (0: no token budget) and max_sentences sentences; every sentence once."""
-    if n == 0:
-        return []
-    sizes = np.asarray(src_sizes[:n], dtype=np.int64)
-    budget = max_tokens if max_tokens > 0 else int(sizes.max()) * max(1, max_sentences)
-    sizes = np.minimum(sizes, budget)  # a sentence longer than the budget is decoded alone, not refused
-    batches = make_batches(sizes, sizes, budget, max_sentences or None, shuffle=False)
-    return [b.tolist() for b in batches]

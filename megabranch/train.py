@@ -27,6 +27,7 @@ from .backends.deepspeed import DeepSpeedTrainer, load_ds_config
 from .backends.deepspeed import init_distributed as init_deepspeed_distributed
 from .config import POSITIVE, Config, load_config
 from .data import load_split
+from .device import resolve_device
 from .dry_run import dry_run, resolve_world_size
 from .errors import UserError, cli_main
 from .generate import meta_vocab_hash
@@ -54,15 +55,14 @@ def join_process_group(cfg: Config, backend: str = "native") -> None:
         init_distributed(timeout_s=cfg.parallel.timeout_s)
 
 
-def build_engine(cfg: Config, vocab: int, tgt_vocab: int, vocab_sha256: str | None, device: str | None = None,
-                 backend: str = "native", ds_config: dict | None = None):
-    """The engine for `cfg` (joining the process group first where it needs one)."""
+def build_engine(cfg: Config, vocab: int, tgt_vocab: int, vocab_sha256: str | None,
+                 device: str | torch.device | None = None, backend: str = "native", ds_config: dict | None = None):
+    """The engine for `cfg` (joining the process group first where it needs one); device: as --device."""
     join_process_group(cfg, backend)
     if backend == "deepspeed":
         return DeepSpeedTrainer(cfg, vocab, tgt_vocab, ds_config)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # the init seed comes from cfg.seed alone (Trainer draws it), so every layout builds the same weights
-    return Trainer(cfg, vocab, tgt_vocab, dev, vocab_sha256=vocab_sha256)
+    return Trainer(cfg, vocab, tgt_vocab, resolve_device(device), vocab_sha256=vocab_sha256)
 
 
 def plan_schedule(cfg: Config, vocab: int, tgt_vocab: int, backend: str = "native", device: str | None = None,
@@ -101,20 +101,20 @@ def run(cfg: Config, resume: str | None = None, device: str | None = None, backe
     since `started` (default: now), save and stop. Stopping early (that, SIGTERM, SIGUSR1) raises RunEnded with
     exit code 75, after the checkpoint; a stalled or dead peer RunEnded with exit code 1. on_step(step stats) -> True
     stops the run after that step (training.loop.train)."""
+    device = resolve_device(device)  # before anything is started or written
     stop = StopRequest(exit_duration_mins, started)
     engine_cls = DeepSpeedTrainer if backend == "deepspeed" else Trainer
     try:
         join_process_group(cfg, backend)
         with checkpoint.one_writer(cfg.log.save_dir):
             resume = _resume_choice(resume, engine_cls.has_checkpoints(cfg.log.save_dir), cfg.log.save_dir)
-            train_set, tok, meta = load_split(cfg.data.data_dir, "train", cfg.data.sampling_temperature)
-            valid_set, _, _ = load_split(cfg.data.data_dir, "valid")
-            src_tok, tgt_tok = tok if isinstance(tok, tuple) else (tok, tok)
-            cfg = plan_schedule(cfg, src_tok.vocab_size, tgt_tok.vocab_size, backend, device, gpu_memory_gb)
-            engine = build_engine(cfg, src_tok.vocab_size, tgt_tok.vocab_size, meta_vocab_hash(meta), device,
-                                  backend, ds_config)
+            data = load_split(cfg.data.data_dir, "train", cfg.data.sampling_temperature)
+            valid = load_split(cfg.data.data_dir, "valid")
+            src_v, tgt_v = data.src_tok.vocab_size, data.tgt_tok.vocab_size
+            cfg = plan_schedule(cfg, src_v, tgt_v, backend, device, gpu_memory_gb)
+            engine = build_engine(cfg, src_v, tgt_v, meta_vocab_hash(data.meta), device, backend, ds_config)
             loop_state = engine.resume(resume) if resume is not None else None
-            return train(engine, cfg, RunData(train_set, valid_set, tgt_tok), loop_state, stop=stop,
+            return train(engine, cfg, RunData(data.dataset, valid.dataset, data.tgt_tok), loop_state, stop=stop,
                          on_step=on_step)
     except Exception as e:
         if is_comm_failure(e):  # (the loop names the step of its own failures)
@@ -134,7 +134,7 @@ def main(argv=None):
     ap.add_argument("--exit-duration-mins", type=float, metavar="MINUTES",
                     help="save a checkpoint and stop (exit code 75) once this many minutes have passed since the "
                          "start, before a scheduler's wall-clock limit")
-    ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     ap.add_argument("--backend", choices=("native", "deepspeed"), default="native",
                     help="native (megabranch's engines) or deepspeed (a DeepSpeed PipelineModule; needs --deepspeed_config)")

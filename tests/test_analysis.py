@@ -1,4 +1,5 @@
-"""Analysis measurements (megabranch.analysis), the depth sweep and the training benchmark at toy size."""
+"""Analysis measurements (megabranch.analysis), the depth sweep (tools.research) and the training benchmark
+(tools.bench.train) at toy size."""
 
 import json
 import math
@@ -13,7 +14,10 @@ from megabranch import analysis
 from megabranch.model import PAD, build_model, label_smoothed_nll_loss
 from tests.helpers.configs import tiny_model_cfg
 from tests.helpers.corpus import preprocessed
-from tests.helpers.env import load_tool
+from tools.bench import train as bench_train
+from tools.bench.reference_transformer import ReferenceTransformer
+from tools.research import analyze, depth_sweep
+from tools.research.results import gnorm_stats
 
 pytestmark = pytest.mark.unit
 
@@ -65,7 +69,7 @@ def test_cosine_matches_a_manual_layer_by_layer_pass():
     with torch.no_grad():
         mask = b["src_tokens"].ne(PAD)
         x = model.encoder.embed(b["src_tokens"])
-        r, s = model.encoder.coeffs.r, model.encoder.coeffs.s
+        r, s = model.encoder.coeffs.shortcut_scale, model.encoder.coeffs.branch_scale
         expect = []
         for layer in model.encoder.layers:
             y = layer(x, r, s, key_mask=mask)
@@ -178,8 +182,6 @@ def _sweep_argv(data, out):
 
 
 def test_depth_sweep_two_runs_end_to_end_and_resume(tiny_data, tmp_path, capsys):
-    depth_sweep = load_tool("depth_sweep")
-
     out = str(tmp_path / "sweep")
     assert depth_sweep.main(_sweep_argv(tiny_data, out)) == 0
     runs = sorted(os.listdir(os.path.join(out, "runs")))
@@ -201,8 +203,6 @@ def test_depth_sweep_two_runs_end_to_end_and_resume(tiny_data, tmp_path, capsys)
 
 
 def test_depth_sweep_user_errors(tiny_data, tmp_path, capsys):
-    depth_sweep = load_tool("depth_sweep")
-
     with pytest.raises(SystemExit) as e:
         depth_sweep.main(["--data", tiny_data, "--schemes", "postln", "--out", str(tmp_path)])
     err = capsys.readouterr().err
@@ -213,7 +213,7 @@ def test_depth_sweep_user_errors(tiny_data, tmp_path, capsys):
 
 
 def test_gnorm_stats_hand_computed():
-    g = load_tool("sweep_plan").gnorm_stats([1.0, 2.0, 4.0, float("nan"), 100.0], first=3)
+    g = gnorm_stats([1.0, 2.0, 4.0, float("nan"), 100.0], first=3)
     assert g["n"] == 3 and g["max"] == 4.0 and g["max_over_median"] == pytest.approx(2.0)
     assert g["mean_abs_dlog"] == pytest.approx(math.log(2))
 
@@ -221,8 +221,6 @@ def test_gnorm_stats_hand_computed():
 # ---------------------------------------------------------------- benchmark runs (no timing asserts)
 
 def test_bench_train_one_tiny_iteration(capsys):
-    bench_train = load_tool("bench_train")
-
     res = bench_train.main(["--d-model", "16", "--heads", "2", "--layers", "1", "--tokens", "32", "--seq-len", "8",
                             "--vocab", "64", "--steps", "1", "--rounds", "1", "--warmup", "1", "--no-memory",
                             "--compile-backend", "aot_eager"])  # inductor's compile is the slow part of a tiny run
@@ -246,9 +244,6 @@ def test_bench_train_flop_count_equals_torch_flop_counter(impl):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    bench_train = load_tool("bench_train")
-    ReferenceTransformer = load_tool("reference_transformer").ReferenceTransformer
-
     d, ffn, vocab, layers, bsz, seq = 32, 96, 300, 2, 3, 7
     if impl == "megabranch":
         from megabranch.config import load_config
@@ -269,13 +264,11 @@ def test_bench_train_flop_count_equals_torch_flop_counter(impl):
 
 def test_analyze_run_analysis_writes_csv_and_png(tiny_data, tmp_path, capsys):
     from megabranch.config import load_config
-    from megabranch.data import load_split
+    from megabranch.data import load_split, pair_batches
 
-    analyze = load_tool("analyze")
-
-    dataset, tok, _ = load_split(tiny_data, "valid")
-    vocab = (tok[0] if isinstance(tok, tuple) else tok).vocab_size
-    batches = analysis.sentence_batches(dataset, 8, 64)
+    valid = load_split(tiny_data, "valid")
+    dataset, vocab = valid.dataset, valid.src_tok.vocab_size
+    batches = pair_batches(dataset, 64, 8)
     assert sum(b["nsentences"] for b in batches) == 8 and len(batches) > 1
     models = {}
     for res in ("deepnorm", "branchnorm"):
@@ -292,32 +285,7 @@ def test_analyze_run_analysis_writes_csv_and_png(tiny_data, tmp_path, capsys):
 
 
 def test_analyze_missing_checkpoint_is_a_one_line_error(tiny_data, tmp_path, capsys):
-    analyze = load_tool("analyze")
-
     with pytest.raises(SystemExit) as e:
         analyze.main([str(tmp_path / "nope.pt"), "--data", tiny_data, "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "nope.pt" in err and len(err.strip().splitlines()) == 1
-
-
-def test_analyze_loads_a_step_dir_through_megabranch_checkpoint(tmp_path):
-    """analyze.load_model goes through megabranch.checkpoint's single-process loader and restores the step."""
-    from megabranch import checkpoint
-    from megabranch.config import load_config
-    from megabranch.residual import current_alpha
-
-    analyze = load_tool("analyze")
-
-    if not hasattr(checkpoint, "save_step"):
-        pytest.skip("this megabranch.checkpoint has no step-directory writer")
-    cfg = load_config(None, ["model.residual=branchnorm", "model.d_model=16", "model.n_heads=2", "model.ffn_dim=32",
-                             "model.encoder_layers=2", "model.decoder_layers=2", "model.alpha_warmup_steps=10"])
-    model = build_model(cfg.model, 50, seed=3)
-    state = {k: v for k, v in model.state_dict().items()}
-    meta = {"layout": checkpoint.single_layout(), "config": cfg.to_dict(), "vocab_size": 50, "tgt_vocab_size": 50,
-            "vocab_sha256": "test"}
-    checkpoint.save_step(str(tmp_path / "ck"), 5, checkpoint.single_process_files(state, 5), meta)
-    loaded, loaded_cfg = analyze.load_model(str(tmp_path / "ck"))
-    assert loaded_cfg.model.residual == "branchnorm" and current_alpha(loaded) == pytest.approx(0.5)
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k

@@ -119,6 +119,37 @@ def _round_trip_body(rank, world, root):
         _close(_single_losses(zdir, MORE, dp=2), refz, "ZeRO-1 (dp 2, pp 2) -> single process")
 
 
+@pytest.mark.unit
+def test_load_model_is_the_single_process_model_at_its_step(tmp_path):
+    """checkpoint.load_model (megabranch-generate, the analysis) and model_from_weights (the conversions' check):
+    the saved weights at the saved step's alpha, in eval mode, the kernel override in model and config alike, and
+    weights that do not fit the config refused in one line naming the step directory."""
+    from megabranch.config import load_config
+    from megabranch.model import build_model
+    from megabranch.residual import current_alpha
+
+    cfg = load_config(None, ["model.residual=branchnorm", "model.d_model=16", "model.n_heads=2", "model.ffn_dim=32",
+                             "model.encoder_layers=2", "model.decoder_layers=2", "model.alpha_warmup_steps=10",
+                             "model.fused_kernels=true"])
+    model = build_model(cfg.model, 50, seed=3)
+    meta = {"layout": checkpoint.single_layout(), "config": cfg.to_dict(), "vocab_size": 50, "tgt_vocab_size": 50,
+            "vocab_sha256": "abc"}
+    checkpoint.save_step(str(tmp_path / "ck"), 5, checkpoint.single_process_files(model.state_dict(), 5), meta)
+    loaded = checkpoint.load_model(str(tmp_path / "ck"), fused_kernels=False)
+    assert (loaded.step, loaded.vocab_sha256, os.path.basename(loaded.step_dir)) == (5, "abc", "step_5")
+    assert current_alpha(loaded.model) == pytest.approx(0.5) and not loaded.model.training
+    assert loaded.config.model.residual == "branchnorm" and loaded.config.model.fused_kernels is False
+    assert loaded.model.cfg.fused_kernels is False
+    assert checkpoint.load_model(str(tmp_path / "ck")).config.model.fused_kernels is True
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    cfg.model.d_model = 32
+    checkpoint.save_step(str(tmp_path / "bad"), 1, checkpoint.single_process_files(model.state_dict(), 1),
+                         {**meta, "config": cfg.to_dict()})
+    with pytest.raises(UserError, match="step_1 does not match its model config"):
+        checkpoint.load_model(str(tmp_path / "bad"))
+
+
 @pytest.mark.distributed
 def test_layout_round_trip_identical_outputs_and_training(tmp_path):
     run_workers(_round_trip_body, 4, str(tmp_path))

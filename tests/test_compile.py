@@ -45,8 +45,11 @@ def test_each_layer_kind_compiles_once_and_the_alpha_ramp_recompiles_nothing():
         after_first = compiled_graphs()
         alphas = []
         for step in range(1, WARMUP + 3):
-            # the same shapes every step: a new graph could only come from the new alpha
+            # the same shapes every step: a new graph could only come from the new alpha (or from the health
+            # monitor, which measures every step's update here)
+            tr.health.measure_next = True
             alphas.append(tr.train_step(synthetic_batches(0, 1))["alpha"])
+            assert tr.health.take_interval(step)["update_ratio"]
     assert first["graphs"] == 2 and first["compile_s"] > 0, first  # one per layer kind, for 6 layers
     assert alphas == pytest.approx([alpha_at(t, WARMUP) for t in range(1, WARMUP + 3)], rel=1e-7)
     assert len(set(alphas)) == WARMUP
@@ -135,9 +138,9 @@ def test_the_run_loop_logs_the_compile_and_warns_when_nothing_compiled(tiny_corp
     cfg.optim.max_updates, cfg.optim.update_freq = 2, 1
     lg = cfg.log
     lg.save_dir, lg.tensorboard, lg.progress, lg.bleu_sentences, lg.valid_interval = str(tmp_path), False, "none", 4, 2
-    train_set, tok, _ = load_split(tiny_corpus, "train")
-    tok = tok[1] if isinstance(tok, tuple) else tok  # the target side
-    valid_set, _, _ = load_split(tiny_corpus, "valid")
+    data = load_split(tiny_corpus, "train")
+    train_set, tok = data.dataset, data.tgt_tok
+    valid_set = load_split(tiny_corpus, "valid").dataset
     tr = single_trainer(cfg, seed=1)
     try:
         with one_thread():

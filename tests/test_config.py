@@ -65,15 +65,15 @@ def _bad_values(rng) -> list:
 
 
 def test_every_numeric_field_rejects_non_finite_and_out_of_range_values(tmp_path):
-    """Walks every int / float / tuple field of the config: each has a range, its default is inside it, and every
-    value outside it (inf, -inf, nan, just below / above) is one line naming the field and --set."""
-    from megabranch.config import RANGES, Config, numeric_fields
+    """Walks every int / float / tuple field of the config: each declares a range, its default is inside it, and
+    every value outside it (inf, -inf, nan, just below / above) is one line naming the field and --set."""
+    from megabranch.config import Config, Range, settings
 
-    fields = dict(numeric_fields(Config()))
-    assert set(fields) == set(RANGES), f"fields without a range: {set(fields) - set(RANGES)}; ranges without a " \
-                                       f"field: {set(RANGES) - set(fields)}"
-    for key, default in fields.items():
-        rng = RANGES[key]
+    numeric = [s for s in settings(Config()) if s.value is None and isinstance(s.rule, Range)
+               or isinstance(s.value, (int, float, tuple)) and not isinstance(s.value, bool)]
+    assert len(numeric) == 38
+    for key, default, rng, _ in numeric:
+        assert isinstance(rng, Range), f"{key}: a number without a range ({rng})"
         for v in default if isinstance(default, tuple) else (() if default is None else (default,)):
             assert rng.ok(float(v)), f"{key}: the default {default} is outside its own range"
         for bad in _bad_values(rng):
@@ -88,6 +88,79 @@ def test_every_numeric_field_rejects_non_finite_and_out_of_range_values(tmp_path
     path.write_text("optim:\n  lr: .nan\n")
     with pytest.raises(UserError, match=f"^{path}: optim.lr=nan is invalid: must be a finite number > 0$"):
         load_config(str(path))
+
+
+def test_every_field_declares_its_rule_once_with_a_docstring():
+    """Each field of every section is one declaration: type, default and rule (`setting(...)`), then a docstring
+    (read from the source, as Sphinx would); a name field's bad value is refused naming the valid ones."""
+    import ast
+    import dataclasses
+    import inspect
+
+    from megabranch import config
+    from megabranch.config import Choice, Config, Flag, Range, Text, settings
+
+    tree = ast.parse(inspect.getsource(config))
+    sections = [type(Config())] + [type(getattr(Config(), f.name)) for f in dataclasses.fields(Config)
+                                    if dataclasses.is_dataclass(getattr(Config(), f.name))]
+    for cls in sections:
+        node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+        body = node.body
+        for i, stmt in enumerate(body):
+            if not isinstance(stmt, ast.AnnAssign):
+                continue
+            doc = body[i + 1] if i + 1 < len(body) else None
+            assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and doc.value.value.strip(), \
+                f"{cls.__name__}.{stmt.target.id} has no docstring under it"
+    kinds = {bool: Flag, str: (Choice, Text), int: Range, float: Range, tuple: Range}
+    for s in settings(Config()):
+        if s.value is not None:
+            assert isinstance(s.rule, kinds[type(s.value)]), (s.key, s.rule)
+            assert s.rule.ok(s.value), f"{s.key}: the default {s.value!r} breaks its own rule"
+        if isinstance(s.rule, Choice):
+            with pytest.raises(UserError, match=f"^--set {s.key}='nope' is invalid: must be one of "
+                                                f"{', '.join(s.rule.names)}$"):
+                load_config(None, [f"{s.key}=nope"])
+
+
+@pytest.mark.parametrize("where, text, needle", [
+    ("--set", "log.save_dir=", "--set: log.save_dir is empty: must be a non-empty path"),
+    ("--set", "model.d_model=", "--set: model.d_model is empty: must be an integer >= 1"),
+    ("--set", "data.data_dir=null", "--set: data.data_dir is empty: must be a non-empty path"),
+    ("--set", "log.tensorboard=", "--set: log.tensorboard is empty: must be true or false"),
+    ("--set", "optim.betas=~", "--set: optim.betas is empty: must be a finite number in [0, 1) (each)"),
+    ("--set", "data.data_dir=''", "--set data.data_dir='' is invalid: must be a non-empty path"),
+    ("file", "data:\n  data_dir: null\n", "c.yaml: data.data_dir is empty: must be a non-empty path"),
+    ("file", "log:\n  save_dir: ''\n", "c.yaml: log.save_dir='' is invalid: must be a non-empty path"),
+    ("file", "model:\n  n_heads:\n", "c.yaml: model.n_heads is empty: must be an integer >= 1"),
+])
+def test_an_empty_or_null_value_is_one_line_naming_the_field(tmp_path, where, text, needle):
+    """Red before the loader checked it: the None went through (every check skipped it) and a TypeError came
+    from the first caller that used the value."""
+    path = tmp_path / "c.yaml"
+    if where == "file":
+        path.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_config(str(path), []) if where == "file" else load_config(None, [text])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_null_means_unset_for_optional_fields_and_empty_for_a_layout():
+    from megabranch.config import Config, settings
+
+    cfg = load_config(None, ["model.embed_scale=2", "model.embed_scale=", "parallel.layout=", "model.deepnorm_init=~"])
+    assert (cfg.model.embed_scale, cfg.parallel.layout, cfg.model.deepnorm_init) == (None, "", None)
+    for s in settings(Config()):  # every other field refuses an empty value, naming itself
+        if not s.optional and s.key != "parallel.layout":
+            with pytest.raises(UserError, match=f"^--set: {s.key} is empty: must be "):
+                load_config(None, [f"{s.key}="])
+
+
+def test_cli_refuses_an_empty_value_in_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "megabranch.train", "--set", "log.save_dir=", "--print-config"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip() == \
+        "megabranch-train: error: --set: log.save_dir is empty: must be a non-empty path", p.stderr
 
 
 @pytest.mark.parametrize("name", ["demo", "deep100", "translate", "multilingual_demo"])

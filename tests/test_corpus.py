@@ -76,7 +76,7 @@ def test_en_es_is_aligned_where_the_rv1909_moved_chapter_boundaries():
 
 @pytest.fixture(scope="module")
 def builder():
-    spec = importlib.util.spec_from_file_location("build_bible_corpus", os.path.join(ROOT, "tools", "build_bible_corpus.py"))
+    spec = importlib.util.spec_from_file_location("build_bible_corpus", os.path.join(ROOT, "data", "build_bible_corpus.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -10,7 +10,7 @@ import torch
 
 from megabranch.data import (
     BOS, EOS, PAD, UNK, EpochBatchIterator, IndexedDataset, IndexedDatasetBuilder,
-    LanguagePairDataset, Tokenizer, best_dtype, make_batches, train_sentencepiece,
+    LanguagePairDataset, Tokenizer, best_dtype, make_batches, pair_batches, train_sentencepiece,
 )
 from megabranch.data import load_split
 from megabranch.data.preprocess import main as preprocess_main
@@ -78,6 +78,35 @@ def test_indexed_round_trip(tmp_path, vocab, itemsize):
         assert ds[i].dtype == np.int64 and ds[i].tolist() == list(it)
     assert (tmp_path / "d.bin").stat().st_size == sum(map(len, items)) * itemsize
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_decreasing_offset_is_found_in_any_chunk(tmp_path, monkeypatch):
+    import megabranch.data.indexed as indexed
+
+    monkeypatch.setattr(indexed, "_CHUNK_ITEMS", 3)  # chunks [0..3], [3..6], [6..9], [9, 10]
+    build(tmp_path / "d", [[5, 6]] * 10, np.uint16)
+    good = (tmp_path / "d.idx").read_bytes()
+    assert IndexedDataset(tmp_path / "d").sizes.tolist() == [2] * 10
+    for i in (3, 4, 6, 9):  # at and between chunk ends
+        raw = bytearray(good)
+        raw[indexed._HEADER.size + 8 * i : indexed._HEADER.size + 8 * (i + 1)] = np.int64(1).tobytes()
+        (tmp_path / "d.idx").write_bytes(bytes(raw))
+        with pytest.raises(UserError, match="offsets are not increasing"):
+            IndexedDataset(tmp_path / "d")
+
+
+def test_index_bytes_keep_the_format_old_directories_have(tmp_path):
+    """The builder streams the offsets now; the bytes are still header + n + 1 int64 offsets."""
+    import struct
+
+    with IndexedDatasetBuilder(tmp_path / "d", np.uint16) as b:
+        b.add_item([5, 6, 7])
+        b.add_items(np.array([9, 8]), [0, 2])
+    assert (tmp_path / "d.idx").read_bytes() == (b"MBIDX\x00\x00\x00" + struct.pack("<IB3xq", 1, 1, 3)
+                                                 + np.array([0, 3, 3, 5], "<i8").tobytes())
+    assert (tmp_path / "d.bin").read_bytes() == np.array([5, 6, 7, 9, 8], "<u2").tobytes() and b.max_id == 9
+    ds = IndexedDataset(tmp_path / "d")
+    assert ds.sizes.tolist() == [3, 0, 2] and ds.max_id() == 9 and ds[2].tolist() == [9, 8]
 
 
 def test_indexed_corrupt_files(tmp_path):
@@ -167,6 +196,95 @@ def test_make_batches_determinism_and_errors():
         make_batches([5, 300], [5, 5], 256)
 
 
+def test_pair_batches_by_the_longer_side_with_long_pairs_alone():
+    """Hand-made sizes: sorted by each pair's longer side (ties in index order), cut when one more pair would
+    pass 12 padded tokens; the 13-token pair is a batch of its own."""
+    class Sizes:
+        src_sizes, tgt_sizes = np.array([2, 5, 1, 13, 3, 4]), np.array([3, 1, 6, 2, 3, 4])
+
+        def __len__(self):
+            return 6
+
+        def collate(self, idx):
+            return list(idx)
+
+    # longer sides: 3 5 6 13 3 4 -> order 0 4 5 1 2 3
+    assert pair_batches(Sizes(), 12) == [[0, 4, 5], [1, 2], [3]]
+    assert pair_batches(Sizes(), 12, n=3) == [[0, 1], [2]]
+    assert pair_batches(Sizes(), 12, shards=2, shard=1) == [[1, 2]]
+    with pytest.raises(UserError, match="no sentence pairs"):
+        pair_batches(Sizes(), 12, n=0)
+
+
+def test_validation_batches_are_the_unshuffled_epoch_batches(tmp_path):
+    """The validation loss reads the batches it read before the evaluation batcher had one home: the epoch
+    iterator's unshuffled batches (any seed), batch i on data-parallel replica i % shards."""
+    ds = pair_dataset(tmp_path)
+    before = list(EpochBatchIterator(ds, 300, seed=5, shuffle=False).next_epoch_itr())
+    assert len(before) > 5
+    for shards in (1, 2, 3):
+        for shard in range(shards):
+            now = pair_batches(ds, 300, shards=shards, shard=shard)
+            assert len(now) == len(before[shard::shards])
+            assert all(batches_equal(a, b) for a, b in zip(now, before[shard::shards]))
+
+
+def _greedy_reference(src_sizes, tgt_sizes, max_tokens, max_sentences=None, seed=1, epoch=1, shuffle=True,
+                      required_multiple=1):
+    """fairseq-style greedy batching one example at a time: what make_batches computed until it walked runs of
+    equal length instead (kept here as the reference: checkpoints' data positions depend on these batches)."""
+    lengths = np.maximum(np.asarray(src_sizes, dtype=np.int64), np.asarray(tgt_sizes, dtype=np.int64))
+    rng = np.random.default_rng([seed, epoch])
+    if shuffle:
+        perm = rng.permutation(len(lengths))
+        order = perm[np.argsort(lengths[perm], kind="stable")]
+    else:
+        order = np.argsort(lengths, kind="stable")
+    cap = max_sentences or len(order) or 1
+    batches, start, end = [], 0, 0
+    while end < len(order):
+        bsz = end - start
+        if bsz > 0 and (bsz + 1 > cap or (bsz + 1) * lengths[order[end]] > max_tokens):
+            keep = max(required_multiple * (bsz // required_multiple), bsz % required_multiple)
+            batches.append(order[start : start + keep])
+            start += keep
+            continue
+        end += 1
+    if start < len(order):
+        batches.append(order[start:])
+    if shuffle:
+        batches = [batches[j] for j in rng.permutation(len(batches))]
+    return batches
+
+
+def test_make_batches_are_the_greedy_batches_one_example_at_a_time(monkeypatch):
+    import megabranch.data.batching as batching
+
+    monkeypatch.setattr(batching, "_SORT_CHUNK", 37)  # the chunked counting sort crosses many chunk ends
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        n, hi = int(rng.integers(0, 400)), int(rng.integers(1, 80))
+        src, tgt = rng.integers(0 if trial % 7 == 0 else 1, hi + 1, n), rng.integers(1, hi + 1, n)
+        max_tokens, max_sentences = int(rng.integers(hi, 600)), [None, int(rng.integers(1, 20))][trial % 2]
+        for shuffle in (True, False):
+            for multiple in (1, 3, 8):
+                args = (src, tgt, max_tokens, max_sentences, trial, 2, shuffle, multiple)
+                want, got = _greedy_reference(*args), make_batches(*args)
+                assert len(got) == len(want) and all(g.dtype == np.int64 for g in got)
+                assert all(np.array_equal(g, w) for g, w in zip(got, want)), args
+
+
+def test_count_lines_counts_what_iter_lines_yields(tmp_path):
+    from megabranch.data.tokenizer import count_lines, iter_line_chunks, iter_lines
+
+    for k, data in enumerate([b"", b"a", b"a\n", b"a\nb", b"\n\n", b"a\r\nb\r\n", b"\xef\xbb\xbfx\ny\rz"]):
+        for path in (tmp_path / f"f{k}", tmp_path / f"f{k}.gz"):
+            path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+            lines = list(iter_lines(path))
+            assert count_lines(path) == len(lines) and [x for c in iter_line_chunks(path, 2) for x in c] == lines
+    assert list(iter_lines(tmp_path / "f5")) == [b"a", b"b"] and list(iter_lines(tmp_path / "f6")) == [b"x", b"y\rz"]
+
+
 def batches_equal(x, y):
     return x.keys() == y.keys() and all(
         torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x)
@@ -245,7 +363,7 @@ def test_preprocess_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train: kept 297/300" in err and "valid: kept 40/40" in err
     meta = json.loads((dest / "meta.json").read_text())
-    tr = meta["splits"]["train"]
+    tr = meta["splits"]["train"]["kjv-web"]
     assert tr["kept"] == 297 and tr["skipped"] == {"bad_utf8": 1, "empty": 1, "too_long": 1}
     assert meta["joint"] and meta["spm"] == {"kjv": "spm.model", "web": "spm.model"}
     assert meta["vocab_size"] == {"kjv": 60, "web": 60}
@@ -256,8 +374,9 @@ def test_preprocess_end_to_end(tmp_path, capsys):
     for f in ("train.kjv-web.kjv.bin", "train.kjv-web.web.idx", "valid.kjv-web.web.bin"):
         assert (dest / f).is_file()
 
-    ds, (tok_s, tok_t), meta2 = load_split(dest, "train")
-    assert meta2 == meta and tok_s is tok_t and len(ds) == 297
+    train = load_split(dest, "train")
+    ds, tok_s, tok_t = train.dataset, train.src_tok, train.tgt_tok
+    assert train.meta == meta and tok_s is tok_t and len(ds) == 297
     kept_src = [s for i, s in enumerate(src) if i not in (5, 9, 20)]
     kept_tgt = [t for i, t in enumerate(tgt) if i not in (5, 9, 20)]
     item = ds[0]
@@ -274,8 +393,8 @@ def test_preprocess_end_to_end(tmp_path, capsys):
                      "--src-spm-model", str(dest / "spm.model"), "--tgt-spm-model", str(dest / "spm.model")])
     m2 = json.loads((dest2 / "meta.json").read_text())
     assert not m2["joint"] and m2["spm"]["web"] == "spm.web.model" and m2["spm_sha256"] == meta["spm_sha256"]
-    ds2, _, _ = load_split(dest2, "valid")
-    ds1, _, _ = load_split(dest, "valid")
+    ds2 = load_split(dest2, "valid").dataset
+    ds1 = load_split(dest, "valid").dataset
     assert batches_equal(ds1.collate(range(40)), ds2.collate(range(40)))
 
 
@@ -287,7 +406,8 @@ def test_preprocess_no_joint_trains_two_models(tmp_path):
     meta = json.loads((dest / "meta.json").read_text())
     assert meta["spm"] == {"kjv": "spm.kjv.model", "web": "spm.web.model"}
     assert (dest / "dict.kjv.txt").is_file() and (dest / "dict.web.txt").is_file()
-    _, (tok_s, tok_t), _ = load_split(dest, "train")
+    train = load_split(dest, "train")
+    tok_s, tok_t = train.src_tok, train.tgt_tok
     assert tok_s is not tok_t and tok_s.sha256 != tok_t.sha256
 
 
@@ -304,3 +424,161 @@ def test_preprocess_user_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         preprocess_main(["-s", "kjv", "-t", "xx", "--trainpref", str(tmp_path / "train"), "--destdir", str(tmp_path / "o")])
     assert e.value.code == 2 and "train.xx: input file not found" in capsys.readouterr().err
+
+
+def test_workers_write_byte_identical_output(tmp_path, monkeypatch):
+    """--workers 3 (chunks encoded in three processes, handed back in order) writes exactly what one worker writes:
+    every file, meta.json and the dict counts included. Small chunks, so each worker gets several."""
+    import megabranch.data.preprocess as preprocess
+
+    make_corpus(tmp_path)
+    monkeypatch.setattr(preprocess, "_CHUNK", 7)
+    for workers in (1, 3):
+        assert preprocess_main(["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--validpref",
+                                str(tmp_path / "valid"), "--destdir", str(tmp_path / f"w{workers}"), "--vocab-size",
+                                "60", "--max-len", "64", "--workers", str(workers)]) == 0
+    one, three = sorted((tmp_path / "w1").iterdir()), sorted((tmp_path / "w3").iterdir())
+    assert [p.name for p in one] == [p.name for p in three] and len(one) == 11
+    for a, b in zip(one, three):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    with pytest.raises(SystemExit) as e:
+        preprocess_main(["-s", "kjv", "-t", "web", "--validpref", str(tmp_path / "valid"), "--workers", "0",
+                         "--destdir", str(tmp_path / "w0"), "--spm-model", str(tmp_path / "w1" / "spm.model")])
+    assert e.value.code == 2
+
+
+def test_progress_bar_counts_lines_with_the_time_left(tmp_path, capsys):
+    make_corpus(tmp_path)
+    preprocess_main(["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--validpref",
+                     str(tmp_path / "valid"), "--destdir", str(tmp_path / "bin"), "--vocab-size", "60",
+                     "--max-len", "64", "--progress", "bar"])
+    err = capsys.readouterr().err
+    assert "] 300/340 train eta" in err and "] 340/340 valid eta" in err  # lines of every split: 300 + 40
+
+
+def test_a_directory_that_holds_data_is_refused_unless_overwrite(tmp_path, capsys):
+    """As fairseq-preprocess refuses: a second run into the same directory (or into one an interrupted run left
+    files in) is one line naming --overwrite, and nothing there changes. Red before: the spm model, dict and
+    meta.json were replaced silently."""
+    make_corpus(tmp_path)
+    dest = tmp_path / "bin"
+    args = ["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--destdir", str(dest),
+            "--vocab-size", "60", "--max-len", "64"]
+    (tmp_path / "bin").mkdir()
+    (dest / "notes.txt").write_text("not preprocessed data")  # other files do not count
+    assert preprocess_main(args) == 0
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        preprocess_main([*args[:-4], "--vocab-size", "50"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"megabranch-preprocess: error: --destdir {dest} already holds preprocessed data "
+                          f"(meta.json and 6 more of its files); pass --overwrite to replace it")
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    (dest / "meta.json").unlink()  # what an interrupted run leaves
+    with pytest.raises(SystemExit):
+        preprocess_main(args)
+    assert "(spm.model and 5 more of its files)" in capsys.readouterr().err
+    # applying the directory's own model to a new split is fine: nothing it holds is written over
+    assert preprocess_main(["-s", "kjv", "-t", "web", "--validpref", str(tmp_path / "valid"), "--destdir",
+                            str(dest), "--spm-model", str(dest / "spm.model")]) == 0
+    assert (dest / "spm.model").read_bytes() == before["spm.model"]
+    assert preprocess_main([*args[:-4], "--vocab-size", "50", "--overwrite"]) == 0
+    assert json.loads((dest / "meta.json").read_text())["vocab_size"] == {"kjv": 50, "web": 50}
+
+
+def test_binarized_files_of_another_vocabulary_are_refused_when_loaded(tmp_path):
+    """Train files copied from another data directory (same text, so the same line counts; a larger vocabulary):
+    one line naming the file, when the split is opened. Red before: they loaded, and the first step failed with an
+    IndexError in the embedding."""
+    import shutil
+
+    make_corpus(tmp_path)
+    small, big = tmp_path / "small", tmp_path / "big"
+    for dest, vocab in ((small, 40), (big, 90)):
+        preprocess_main(["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--destdir", str(dest),
+                         "--vocab-size", str(vocab), "--max-len", "2000"])
+    for f in big.glob("train.*"):
+        shutil.copyfile(f, small / f.name)
+    with pytest.raises(UserError, match=r"train\.kjv-web\.kjv\.bin: \d+ tokens but meta\.json says \d+ \(the file is "
+                                        r"not the one preprocessed here\)"):
+        load_split(small, "train")
+    # ... and with counts that happen to match, the ids themselves: recorded by preprocess, or read from the file
+    meta_path = small / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    theirs = json.loads((big / "meta.json").read_text())["splits"]["train"]["kjv-web"]
+    stats = meta["splits"]["train"]["kjv-web"]
+    stats["tokens"] = theirs["tokens"]
+    for recorded in (theirs["max_id"], None):
+        if recorded is None:
+            del stats["max_id"]  # a directory from before max_id was recorded
+        else:
+            stats["max_id"] = recorded
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(UserError) as e:
+            load_split(small, "train")
+        assert str(e.value).startswith(f"{small / 'train.kjv-web.kjv'}.bin: token id {theirs['max_id']['kjv']} is "
+                                       f"outside the vocabulary of spm.model (40 pieces)"), str(e.value)
+    assert 40 <= theirs["max_id"]["kjv"] < 90
+
+
+def test_old_data_directories_still_load():
+    """Both meta.json shapes written before there was one (a one-direction directory: source_lang / target_lang at
+    the top; a --pairs directory) read as the current shape and load, their token ids checked by reading them."""
+    import os
+
+    from megabranch.data.meta import read_meta, upgrade
+    from tests.helpers.env import ROOT
+
+    fixtures = os.path.join(ROOT, "tests", "fixtures")
+    single = os.path.join(fixtures, "old_main", "data-bin")
+    raw = json.loads(open(os.path.join(single, "meta.json")).read())
+    assert raw["format_version"] == 1 and "directions" not in raw
+    meta = read_meta(single)
+    assert meta == upgrade(raw) and meta["format_version"] == 2
+    assert meta["directions"] == [{"source_lang": "src", "target_lang": "tgt"}]
+    assert meta["splits"]["train"] == {"src-tgt": raw["splits"]["train"]} and meta["spm_sha256"] == raw["spm_sha256"]
+    train = load_split(single, "train")
+    assert type(train.dataset).__name__ == "LanguagePairDataset" and len(train.dataset) == 120
+    assert int(train.dataset.src.num_tokens) == raw["splits"]["train"]["tokens"]["src"]
+
+    pairs = os.path.join(fixtures, "old_data", "pairs")
+    raw = json.loads(open(os.path.join(pairs, "meta.json")).read())
+    assert raw["format_version"] == 1 and "max_id" not in raw["splits"]["train"]["aa-bb"]
+    valid = load_split(pairs, "valid")
+    assert valid.dataset.directions == ["aa-bb", "bb-aa"] and valid.src_tok is valid.tgt_tok
+    tok = valid.src_tok
+    for name in ("aa-bb", "bb-aa"):
+        src, tgt = name.split("-")
+        part = valid.dataset.direction(name)
+        text = {lang: open(os.path.join(fixtures, "old_data", "text", f"{name}.{lang}")).read().splitlines()
+                for lang in (src, tgt)}
+        assert [tok.decode(part.source_tokens(i)) for i in range(len(part))] == text[src]
+        assert [tok.decode(part.target_tokens(i)) for i in range(len(part))] == text[tgt]
+        assert part[0]["source"][0] == tok.piece_id(f"<2{tgt}>")
+
+
+def test_the_synthetic_corpus_tool_is_seeded_and_line_aligned(tmp_path, monkeypatch, capsys):
+    """tools/data/synthetic_corpus.py (what docs/benchmarks.md measures at 36M pairs): the same seed, the same
+    bytes (chunks drawn independently, so a chunk end changes nothing); as many lines on both sides; and
+    tools/data/measure_startup.py reports a directory's start-up."""
+    import os
+
+    from tests.helpers.env import ROOT
+    from tools.data import measure_startup, synthetic_corpus
+
+    monkeypatch.setattr(synthetic_corpus, "CHUNK", 700)
+    monkeypatch.setattr(synthetic_corpus, "VOCAB", 3000)
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert synthetic_corpus.main(["--pairs", "1500", "--valid-pairs", "10", "--out", str(tmp_path / name),
+                                      "--seed", str(seed)]) == 0
+    a, b, c = ((tmp_path / n / "train.fr").read_bytes() for n in "abc")
+    assert a == b and a != c and (tmp_path / "a" / "train.en").read_bytes() == (tmp_path / "b" / "train.en").read_bytes()
+    en, fr = ((tmp_path / "a" / f"train.{lang}").read_text().split("\n") for lang in ("en", "fr"))
+    assert len(en) == len(fr) == 1501 and en[-1] == fr[-1] == ""  # every line ends with a newline
+    assert all(s and t and len(t.split()) >= len(s.split()) for s, t in zip(en[:-1], fr[:-1]))
+    assert measure_startup.main(["--data", os.path.join(ROOT, "tests", "fixtures", "old_main", "data-bin"),
+                                 "--max-tokens", "200", "--ranks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "120 training pairs" in out and "| batch epoch 1 (14 batches of this rank) |" in out

@@ -14,8 +14,8 @@ from megabranch.parallel.zero import ShardedAdamW
 from tests.helpers.configs import VOCAB as PIPE_VOCAB
 from tests.helpers.configs import make_cfg, tiny_model_cfg
 from tests.helpers.dist import run_workers
-from tests.helpers.env import load_tool
 from tests.helpers.reference import assert_matches, assert_rel, parallel_losses, reference_run
+from tools.bench import grad_reducer
 
 VOCAB = 24
 
@@ -249,7 +249,7 @@ def _grad_bytes_held(tr) -> int:
 
 
 def _trainer_with_grad_probe(cfg):
-    """A ParallelTrainer whose optimizer records _grad_bytes_held when it steps (all gradients complete)."""
+    """A Trainer whose optimizer records _grad_bytes_held when it steps (all gradients complete)."""
     from megabranch.training.engine import Trainer
 
     tr = Trainer(cfg, PIPE_VOCAB)
@@ -315,10 +315,9 @@ def test_engine_gradients_are_bucket_views_and_the_plan_counts_them():
 
 @pytest.mark.distributed
 def test_bench_baseline_is_the_copy_reducer():
-    """tools/bench_grad_reducer.py at toy size: its copy baseline trains exactly like GradReducer and holds two
+    """tools.bench.grad_reducer at toy size: its copy baseline trains exactly like GradReducer and holds two
     gradient buffers where the views hold one (4 bytes per parameter)."""
-    bench = load_tool("bench_grad_reducer")
-    parse_args, run_variant = bench.parse_args, bench.run_variant
+    parse_args, run_variant = grad_reducer.parse_args, grad_reducer.run_variant
 
     args = parse_args(["--d-model", "16", "--layers", "1", "--vocab", "64", "--steps", "2", "--warmup", "0",
                        "--bucket-mb", "0.01"])

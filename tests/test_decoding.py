@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from megabranch.generate import beam_search, greedy_decode
+from megabranch.config import RESIDUALS
+from megabranch.decoding import beam_search, greedy_decode
 from megabranch.model import build_model
 from megabranch.residual import set_step
 from tests.helpers.configs import tiny_model_cfg
@@ -22,7 +23,7 @@ def _model(residual="branchnorm", vocab=40, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("residual,embeddings", [("post_ln", {}), ("pre_ln", {}), ("deepnorm", {}), ("branchnorm", {}),
+@pytest.mark.parametrize("residual,embeddings", [(r, {}) for r in RESIDUALS] + [
     ("deepnorm", dict(positions="learned", position_offset=2, embed_scale=1.0))])  # torchscale's conventions
 def test_incremental_decoding_equals_full_recomputation(residual, embeddings):
     model = _model(residual, decoder_layers=3, **embeddings)
@@ -79,8 +80,8 @@ def test_bf16_weights_decode_close_to_fp32_with_exact_coefficients():
     fp32 = _model("deepnorm")
     bf16 = prepare(_model("deepnorm"), torch.device("cpu"), "bf16")
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
-    coeffs = [(m.r, m.s) for m in bf16.modules() if isinstance(m, ResidualCoefficients)]
-    ref = [(m.r, m.s) for m in fp32.modules() if isinstance(m, ResidualCoefficients)]
+    coeffs = [(m.shortcut_scale, m.branch_scale) for m in bf16.modules() if isinstance(m, ResidualCoefficients)]
+    ref = [(m.shortcut_scale, m.branch_scale) for m in fp32.modules() if isinstance(m, ResidualCoefficients)]
     assert all(r.dtype == s.dtype == torch.float32 for r, s in coeffs)
     assert all(torch.equal(a, b) for pair, want in zip(coeffs, ref) for a, b in zip(pair, want))
     assert float(ref[0][0]) != 1.0  # DeepNorm's alpha: would be rounded by a bf16 cast
@@ -96,7 +97,7 @@ def test_bf16_weights_decode_close_to_fp32_with_exact_coefficients():
 def test_sentence_batches_respect_the_token_budget():
     import numpy as np
 
-    from megabranch.inference import sentence_batches
+    from megabranch.data import sentence_batches
 
     sizes = np.random.default_rng(0).integers(1, 12, 50)
     sizes[7] = 30  # longer than the budget: decoded alone

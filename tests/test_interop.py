@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from megabranch import checkpoint
-from megabranch.config import ModelConfig
-from megabranch.convert import build_single, fixed_batch, main as convert_main
+from megabranch.config import Config, ModelConfig
+from megabranch.convert import build_single, fixed_batch, main as convert_main, write_layout
+from megabranch.model import build_model
 from megabranch.vocab import PAD
 
 pytestmark = pytest.mark.unit
@@ -135,6 +136,46 @@ def test_torchscale_fairseq_sinusoids_and_the_embedding_scale(tmp_path, capsys):
     # without its arguments a state dict does not say its scale: torchscale's default (1) is assumed, and said
     assert convert_main([src_pt, str(tmp_path / "y"), "--from", "torchscale", "--config", cfg]) == 0
     assert "no --source-args: torchscale's defaults assumed" in capsys.readouterr().out
+
+
+def test_torchscale_subln_import_export_and_logits(tmp_path, capsys):
+    """model.residual=subln is torchscale 0.3.0's subln (Magneto): Pre-LN with a LayerNorm before each
+    self-attention's out_proj and before each fc2, none in the cross-attention. A real torchscale EncoderDecoder,
+    its norms moved off 1 / 0 so a mis-mapped one shows, imports, gives torchscale's own logits, and exports back
+    to exactly its state dict; a scheme torchscale cannot hold is refused in one line before anything is written."""
+    subln = dict(subln=True, deepnorm=False, encoder_normalize_before=True, decoder_normalize_before=True)
+    model, state = _torchscale_model(subln, sinusoidal=False)
+    assert any("inner_attn_ln" in k for k in state) and not any("encoder_attn.inner_attn_ln" in k for k in state)
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.1 * torch.randn(v.shape, generator=g) if ("ln" in k or "layernorm" in k or "layer_norm" in k)
+             else v for k, v in state.items()}
+    model.load_state_dict(state)
+    src_pt, out, back = str(tmp_path / "ts.pt"), str(tmp_path / "imported"), str(tmp_path / "back.pt")
+    torch.save({"model": state}, src_pt)
+    assert convert_main([src_pt, out, "--from", "torchscale", "--config", _cfg_file(tmp_path, residual="subln")]) == 0
+    assert _checks(capsys.readouterr().out)[0].endswith("OK")
+    src, prev = fixed_batch(V, V, 64)
+    keep = prev.ne(PAD)
+    assert _rel(peers.torchscale_logits(model, src, prev, PAD)[keep], _ours(out, src, prev)[keep]) < 1e-5
+    assert convert_main([out, back, "--to", "torchscale"]) == 0
+    assert _checks(capsys.readouterr().out)[0].endswith("OK")
+    exported = torch.load(back, weights_only=True)
+    assert set(exported) == set(state) and all(torch.equal(exported[k], state[k]) for k in state)
+    # the same weights read as pre_ln lose the inner norms: the check names the unmapped tensors' difference
+    ck = checkpoint.load_checkpoint(out)
+    mc = ModelConfig(**{**ck["config"]["model"], "residual": "pre_ln"})
+    with torch.no_grad():
+        plain = build_single(mc, V, V, {k: v for k, v in ck["model"].items() if "inner_norm" not in k
+                                        and "hidden_norm" not in k})(src, prev)
+    assert _rel(peers.torchscale_logits(model, src, prev, PAD)[keep], plain[keep]) > 1e-2
+    cfg = Config.from_dict({"model": {**json.load(open(_cfg_file(tmp_path, residual="rezero")))["model"]}})
+    made = write_layout(str(tmp_path / "rezero"), cfg, {"vocab_size": V, "tgt_vocab_size": V, "step": 0},
+                        dict(build_model(cfg.model, V, seed=0).named_parameters()), None, 1, 1, 1)
+    with pytest.raises(SystemExit) as e:
+        convert_main([made, str(tmp_path / "x.pt"), "--to", "torchscale"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "model.residual=rezero" in err
+    assert not os.path.exists(tmp_path / "x.pt")
 
 
 def test_what_torchscale_has_and_megabranch_does_not_is_refused_by_name(tmp_path, capsys):

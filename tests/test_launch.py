@@ -169,16 +169,18 @@ def test_scripts_print_the_layout_and_command(tmp_path):
 
 
 @pytest.mark.unit
-def test_slurm_script_passes_usr1_on_and_requeues_the_job(tmp_path):
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_slurm_script_passes_usr1_on_and_requeues_the_job(tmp_path, sig):
     """SLURM's warning before the time limit (--signal=B:USR1@300) reaches only the batch script: it must pass it
-    on to the job step (srun), wait for the step to end and requeue the job."""
+    on to the job step (srun), wait for the step to end and requeue the job. On TERM (scancel, preemption) it waits
+    for the step the same way and exits with its code, 75, without requeueing."""
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(tiny_pp2_yaml("/nonexistent"))
     calls, stub = tmp_path / "calls", tmp_path / "bin"
     stub.mkdir()
     (stub / "scontrol").write_text(f'#!/bin/sh\nif [ "$1" = show ]; then echo node-1; else echo "scontrol $*" >> {calls}; fi\n')
-    # a job step that runs until it gets USR1, then saves and exits 75 as megabranch-train does
-    (stub / "srun").write_text(f'#!/bin/bash\ntrap \'echo "srun: USR1" >> {calls}; kill $S; exit 75\' USR1\n'
+    # a job step that runs until it gets USR1 or TERM, then saves and exits 75 as megabranch-train does
+    (stub / "srun").write_text(f'#!/bin/bash\nfor s in USR1 TERM; do trap "echo srun: $s >> {calls}; kill \\$S; exit 75" $s; done\n'
                                f'sleep 120 & S=$!\necho "srun: started" >> {calls}\nwait $S\n')
     for f in ("scontrol", "srun"):
         (stub / f).chmod(0o755)
@@ -194,15 +196,16 @@ def test_slurm_script_passes_usr1_on_and_requeues_the_job(tmp_path):
         while not (calls.exists() and "srun: started" in calls.read_text()):
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no srun"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGUSR1)  # what SLURM sends to the batch shell
+        proc.send_signal(getattr(signal, f"SIG{sig}"))  # what SLURM sends to the batch shell
         code = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     err = proc.stderr.read()
     assert code == 75, err
-    assert calls.read_text().splitlines() == ["srun: started", "srun: USR1", "scontrol requeue 42"]
-    assert "requeueing job 42" in err
+    requeue = ["scontrol requeue 42"] if sig == "USR1" else []
+    assert calls.read_text().splitlines() == ["srun: started", f"srun: {sig}"] + requeue
+    assert ("requeueing job 42" in err) == (sig == "USR1"), err
 
 
 @pytest.mark.unit
@@ -243,6 +246,9 @@ def test_preprocessing_recipes_run_on_tiny_text(tmp_path, script, pair):
     assert r.returncode == 0, r.stderr
     meta = json.loads((dest / "meta.json").read_text())
     assert meta["joint"] and meta["vocab_size"] == {pair[0]: 30, pair[1]: 30}
-    assert meta["splits"]["train"]["kept"] == 120 and "test" not in meta["splits"]
+    assert meta["splits"]["train"][f"{pair[0]}-{pair[1]}"]["kept"] == 120 and "test" not in meta["splits"]
+    r = _bash(script, [], RAW=raw, DEST=dest, VOCAB=30)  # a second run into the same directory: refused
+    assert r.returncode == 2 and "already holds preprocessed data" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert _bash(script, [], RAW=raw, DEST=dest, VOCAB=30, OVERWRITE=1).returncode == 0
     r = _bash(script, [], RAW=tmp_path / "missing")
     assert r.returncode == 2 and "not found" in r.stderr.strip().splitlines()[-1]

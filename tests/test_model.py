@@ -28,7 +28,7 @@ def test_init_is_a_function_of_seed_and_name_only():
 def test_shared_embeddings_and_pad_row():
     model = build_model(tiny_model_cfg(), 50, seed=1)
     assert model.encoder.embed.table is model.decoder.embed.table
-    assert model.decoder.output.weight is None and model.decoder.output._tied[0] is model.encoder.embed.table
+    assert model.decoder.output.weight is None and model.decoder.output.tied_to is model.encoder.embed.table
     assert torch.count_nonzero(model.encoder.embed.table.weight[0]) == 0
     sep = build_model(tiny_model_cfg(share_all_embeddings=False, share_decoder_input_output_embed=False), 50, 60, seed=1)
     assert sep.encoder.embed.table is not sep.decoder.embed.table and sep.decoder.output.weight.shape == (60, 32)

@@ -74,7 +74,8 @@ def test_tags_are_pieces_and_lead_every_source(corpus):
     assert meta["directions"] == [{"source_lang": "aa", "target_lang": "bb", "tag": "<2bb>"},
                                   {"source_lang": "bb", "target_lang": "aa", "tag": "<2aa>"},
                                   {"source_lang": "aa", "target_lang": "cc", "tag": "<2cc>"}]
-    ds, (tok, tok_t), _ = load_split(dest, "train")
+    train = load_split(dest, "train")
+    ds, tok, tok_t = train.dataset, train.src_tok, train.tgt_tok
     assert tok is tok_t and ds.directions == list(SIZES) and len(ds) == sum(SIZES.values())
     for name in SIZES:
         tag = "<2" + name.split("-")[1] + ">"
@@ -102,14 +103,14 @@ def test_tags_are_pieces_and_lead_every_source(corpus):
 
 
 def test_single_pair_directories_are_unchanged(corpus, tmp_path):
-    """-s/-t still writes the old meta.json (no directions, no tags) and loads a plain LanguagePairDataset."""
+    """-s/-t writes the same meta.json shape with one untagged direction and loads a plain LanguagePairDataset."""
     root, _, _ = corpus
     dest = tmp_path / "single"
     preprocess_main(["-s", "aa", "-t", "bb", "--trainpref", str(root / "train" / "aa-bb"), "--destdir", str(dest),
                      "--vocab-size", "40"])
     meta = json.loads((dest / "meta.json").read_text())
-    assert "directions" not in meta and meta["source_lang"] == "aa"
-    ds, _, _ = load_split(dest, "train", sampling_temperature=5.0)  # ignored for one pair
+    assert meta["directions"] == [{"source_lang": "aa", "target_lang": "bb"}] and list(meta["splits"]["train"]) == ["aa-bb"]
+    ds = load_split(dest, "train", sampling_temperature=5.0).dataset  # ignored for one pair
     assert type(ds).__name__ == "LanguagePairDataset" and ds.src_prefix is None
     assert EpochBatchIterator(ds, 100).batches_for_epoch(1)[0].dtype == np.int64
 
@@ -128,7 +129,7 @@ def test_temperature_probs_formula():
 @pytest.mark.parametrize("temperature", [1.0, 5.0, 100.0])
 def test_sampling_draws_directions_in_the_stated_proportions(corpus, temperature):
     _, dest, _ = corpus
-    ds, _, _ = load_split(dest, "train", sampling_temperature=temperature)
+    ds = load_split(dest, "train", sampling_temperature=temperature).dataset
     n = np.array([SIZES[k] for k in SIZES], dtype=np.float64)
     q = (n / n.sum()) ** (1 / temperature)
     q /= q.sum()
@@ -149,7 +150,7 @@ def test_sampling_draws_directions_in_the_stated_proportions(corpus, temperature
 
 def test_sampled_epochs_resume_exactly(corpus):
     _, dest, _ = corpus
-    ds, _, _ = load_split(dest, "train", sampling_temperature=5.0)
+    ds = load_split(dest, "train", sampling_temperature=5.0).dataset
     a = EpochBatchIterator(ds, max_tokens=64, seed=2)
     it = a.next_epoch_itr()
     for _ in range(3):
@@ -187,10 +188,11 @@ class CopyModel:
 
 
 def test_per_direction_bleu_is_sacrebleu_on_each_directions_files(corpus):
-    from megabranch.generate import per_direction_bleu
+    from megabranch.decoding import per_direction_bleu
 
     _, dest, text = corpus
-    ds, (tok, _), _ = load_split(dest, "valid")
+    valid = load_split(dest, "valid")
+    ds, tok = valid.dataset, valid.src_tok
     scores, avg = per_direction_bleu(CopyModel(tok.vocab_size), ds, tok, beam=1)
     assert list(scores) == list(SIZES)
     for name, score in scores.items():
@@ -240,13 +242,13 @@ def test_train_then_generate_reports_every_direction(corpus, tmp_path, capsys):
     capsys.readouterr()
     # validation BLEU during training: per direction and their average, as per_direction_bleu scores the model
     from megabranch import checkpoint
-    from megabranch.generate import per_direction_bleu
+    from megabranch.decoding import per_direction_bleu
 
     valid = [json.loads(x) for x in (save / "log.jsonl").read_text().splitlines() if '"valid"' in x][-1]
     ck = checkpoint.load_checkpoint(str(save))
     model = build_model_from(cfg.model, ck["vocab_size"], ck["tgt_vocab_size"], ck["model"], ck["step"], "run").eval()
-    valid_set, tok, _ = load_split(dest, "valid")
-    want, avg = per_direction_bleu(model, valid_set, tok[1], 1, 3)
+    valid_split = load_split(dest, "valid")
+    want, avg = per_direction_bleu(model, valid_split.dataset, valid_split.tgt_tok, 1, 3)
     assert {k: valid[f"bleu_{k}"] for k in SIZES} == {k: round(v, 2) for k, v in want.items()}
     assert valid["bleu"] == round(avg, 2)
     out_file = tmp_path / "hyps.txt"

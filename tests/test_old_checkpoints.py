@@ -98,7 +98,7 @@ def test_old_checkpoint_valid_loss_is_reproduced(copy):
     ck = checkpoint.load_checkpoint(os.path.join(FIXTURE, "single"))
     cfg = Config.from_dict(ck["config"])
     model = build_model_from(cfg.model, ck["vocab_size"], ck["tgt_vocab_size"], ck["model"], ck["step"], "fixture").eval()
-    valid, _, _ = load_split(str(copy / "data-bin"), "valid")
+    valid = load_split(str(copy / "data-bin"), "valid").dataset
     loss = ntok = 0.0
     with torch.no_grad():
         for b in EpochBatchIterator(valid, cfg.data.max_tokens, seed=cfg.seed, shuffle=False).next_epoch_itr():

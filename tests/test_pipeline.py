@@ -11,15 +11,16 @@ import random
 import pytest
 import torch
 
+from megabranch import memory_plan
 from megabranch.config import Config
 from megabranch.errors import UserError
+from megabranch.model.span import Carried
 from megabranch.planning.cost_model import CostModel
 from megabranch.parallel.layout import Layout, parse_layout
 from megabranch.planning.partition import balanced_bounds, imbalance, plan_layout
 from megabranch.parallel.schedules import check_schedule, schedule_actions, simulate
 from tests.helpers.configs import VOCAB, make_cfg, tiny_model_cfg
 from tests.helpers.dist import run_workers
-from tests.helpers.env import load_tool
 from tests.helpers.reference import (
     AlphaAudit,
     assert_matches,
@@ -37,12 +38,13 @@ def test_layout_string_round_trip_and_placement():
     assert str(lay) == "E0-3|E4-5,D0|D1-3|D4-5"
     assert [c.rank for c in lay.chunks] == [0, 1, 0, 1] and [c.virtual for c in lay.chunks] == [0, 0, 1, 1]
     c0, c1, c2, c3 = lay.chunks
-    assert c0.src_embed and not c0.tgt_embed and c0.sends == "x"
-    assert c1.ends_encoder and c1.tgt_embed and c1.receives == "x" and c1.sends == "memory+y"
-    assert c2.receives == "memory+y" and c3.output and c3.sends == ""
+    hidden, memory, y = Carried.ENCODER_HIDDEN, Carried.MEMORY, Carried.DECODER_HIDDEN
+    assert c0.src_embed and not c0.tgt_embed and c0.sends == (hidden,)
+    assert c1.ends_encoder and c1.tgt_embed and c1.receives == (hidden,) and c1.sends == (memory, y)
+    assert c2.receives == (memory, y) and c3.output and c3.sends == ()
     assert lay.ranks_holding("src_embed") == [0] and lay.ranks_holding("output") == [1]
     edge = parse_layout("E0-1|D0-1", 2, 2, pp=2, vpp=1)  # the cut exactly at the encoder's end
-    assert edge.chunks[0].sends == "memory" and edge.chunks[1].receives == "memory"
+    assert edge.chunks[0].sends == (memory,) and edge.chunks[1].receives == (memory,)
     assert Layout.from_bounds(lay.bounds(), 2, 2, 6, 6) == lay
 
 
@@ -323,12 +325,12 @@ def test_two_stage_pipeline_matches_single_process():
     run_workers(_two_stage_body, 2, refs, lag_refs)
 
 
-# --- tools/memory_plan.py ----------------------------------------------------------------------------------
+# --- megabranch.memory_plan -------------------------------------------------------------------------------
 
 @pytest.mark.unit
 def test_memory_plan_default_example_is_balanced(capsys):
     """500L-500L d=512 on pp=64 x tp=8, built on the meta device: heaviest stage within 10% of the lightest."""
-    assert load_tool("memory_plan").main([]) == 0
+    assert memory_plan.main([]) == 0
     out = capsys.readouterr().out
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 64
@@ -341,8 +343,6 @@ def test_memory_plan_default_example_is_balanced(capsys):
 def test_memory_plan_counts_match_the_model_and_flags_imbalance(capsys):
     from megabranch.config import load_config
     from megabranch.model import build_model, count_parameters
-
-    memory_plan = load_tool("memory_plan")
 
     sets = ["model.encoder_layers=3", "model.decoder_layers=3", "model.d_model=32", "model.n_heads=4",
             "model.ffn_dim=64", "parallel.pp=2", "parallel.layout=E0-2|D0-2"]

@@ -50,12 +50,12 @@ def test_alpha_schedules():
 
 def test_alpha_is_one_tensor_per_stack_updated_in_place():
     model = build_model(tiny_model_cfg(residual="branchnorm", alpha_warmup_steps=10), 50)
-    s_before = model.encoder.coeffs.s
+    s_before = model.encoder.coeffs.branch_scale
     set_step(model, 5)
-    assert model.encoder.coeffs.s is s_before  # same storage: graphs that captured it see the new value
-    assert float(model.encoder.coeffs.s) == 0.5 and float(model.decoder.coeffs.s) == 0.5
+    assert model.encoder.coeffs.branch_scale is s_before  # same storage: graphs that captured it see the new value
+    assert float(model.encoder.coeffs.branch_scale) == 0.5 and float(model.decoder.coeffs.branch_scale) == 0.5
     assert current_alpha(model) == 0.5
-    assert "coeffs.s" not in " ".join(model.state_dict())  # derived from the step, never stored
+    assert "coeffs.branch_scale" not in " ".join(model.state_dict())  # derived from the step, never stored
 
 
 def _inputs(vocab=50):
@@ -83,7 +83,7 @@ def test_residual_formulas_against_hand_written_layer():
         model = build_model(tiny_model_cfg(residual=residual, alpha_warmup_steps=4), 50)
         set_step(model, 1)
         sub = model.encoder.layers[0].ffn
-        r, s = model.encoder.coeffs.r, model.encoder.coeffs.s
+        r, s = model.encoder.coeffs.shortcut_scale, model.encoder.coeffs.branch_scale
         x = torch.randn(2, 5, 32, dtype=torch.float64)
         sub.double()
         if residual == "deepnorm":  # r is the stack's alpha, stored once in float32

@@ -1,4 +1,4 @@
-"""tools/study.py at toy size: variants x seeds, a stopped study resumes bit for bit, test BLEU / chrF as
+"""tools.research.study at toy size: variants x seeds, a stopped study resumes bit for bit, test BLEU / chrF as
 megabranch-generate and sacreBLEU compute them, the report's means and spreads."""
 
 import json
@@ -11,8 +11,9 @@ import sacrebleu
 
 from megabranch import generate
 from tests.helpers.corpus import preprocessed
-from tests.helpers.env import load_tool, one_thread
+from tests.helpers.env import one_thread
 from tests.helpers.logs import records_by_step
+from tools.research import study
 
 pytestmark = pytest.mark.unit
 
@@ -42,7 +43,6 @@ def _argv(cfg, out, variants=("post_ln:model.residual=post_ln", "branchnorm"), s
 
 
 def test_study_resumes_where_it_stopped_and_scores_like_generate(study_setup, tmp_path, monkeypatch, capsys):
-    study = load_tool("study")
     cfg, refs_path = study_setup
     calls = []
 
@@ -112,7 +112,6 @@ def test_study_resumes_where_it_stopped_and_scores_like_generate(study_setup, tm
 
 
 def test_mean_sd_and_loss_rise_hand_computed():
-    study = load_tool("study")
     assert study.mean_sd([1.0, 2.0, 4.0]) == "2.33 ± 1.53"
     assert study.mean_sd([3.0, None, float("nan")]) == "3.00" and study.mean_sd([]) == "—"
     # 10-step means 5, 5, 6 (rise 1 above the minimum 5), then 4: the largest rise is 1
@@ -130,7 +129,6 @@ def test_mean_sd_and_loss_rise_hand_computed():
     (["--variant", "a:model.residual=postln"], "model.residual='postln' is invalid"),
 ])
 def test_study_user_errors_are_one_line(argv, message, tmp_path, capsys):
-    study = load_tool("study")
     with pytest.raises(SystemExit) as e:
         study.main(argv + ["--out", str(tmp_path), "--dry-run"])
     err = capsys.readouterr().err

@@ -78,7 +78,7 @@ def _check_model_equivalence(grid, case):
     assert attn.out_proj.weight.shape == (cfg.d_model, cfg.d_model // tp)
     assert (tp_model.encoder.embed.table is tp_model.decoder.embed.table) == share_all
     out = tp_model.decoder.output
-    assert (out._tied is not None and out._tied[0] is tp_model.decoder.embed.table) == tie_out
+    assert (out.tied_to is tp_model.decoder.embed.table) == tie_out
     assert [n for n, _ in tp_model.named_parameters()] == [n for n, _ in ref.named_parameters()]
 
     src, prev, tgt = make_batch(vocab, tgt_vocab)
@@ -217,7 +217,8 @@ def _check_dropout(grid):
     for use_ckpt in (False, True):
         model_parallel_seed(11, grid)
         x = x0.clone().requires_grad_()
-        y = checkpoint(layer, x, coeffs.r, coeffs.s) if use_ckpt else layer(x, coeffs.r, coeffs.s)
+        r, s = coeffs.shortcut_scale, coeffs.branch_scale
+        y = checkpoint(layer, x, r, s) if use_ckpt else layer(x, r, s)
         layer.zero_grad()
         (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
         results.append((y.detach(), x.grad, [p.grad.clone() for p in layer.parameters()]))
@@ -327,7 +328,7 @@ def test_meta_device_apply_allocates_nothing():
     assert ffn.fc1.weight.shape == (256, 512) and ffn.fc2.weight.shape == (512, 256)
     table = model.encoder.embed.table
     assert table.weight.shape == (4000, 512) and (table.vocab_start, table.vocab_end) == (12000, 16000)
-    assert model.decoder.embed.table is table and model.decoder.output._tied[0] is table
+    assert model.decoder.embed.table is table and model.decoder.output.tied_to is table
     assert full_numel(model) == total
     assert sharded_numel(model) < total / 4
 
@@ -342,11 +343,11 @@ def test_partial_apply_keeps_the_tie_across_calls():
     last = torch.nn.ModuleDict(dict(layers=model.decoder.layers, output=model.decoder.output))
     last = apply_tensor_parallel(last, grid)
     first = apply_tensor_parallel(model.encoder, grid)
-    assert last.output._tied[0] is first.embed.table
+    assert last.output.tied_to is first.embed.table
     assert torch.equal(first.embed.table.weight, ref.encoder.embed.table.weight[24:])
     assert torch.equal(last.layers[1].ffn.block.fc2.weight, ref.decoder.layers[1].ffn.block.fc2.weight[:, 32:])
     # attributes set by the engine before sharding survive it
     model2 = build_model(cfg, 48, seed=2)
-    model2.decoder.output._tied[0].weight.pp_duplicate = True
+    model2.decoder.output.tied_to.weight.pp_duplicate = True
     out = apply_tensor_parallel(model2.decoder.output, grid)
-    assert out._tied[0].weight.pp_duplicate is True
+    assert out.tied_to.weight.pp_duplicate is True

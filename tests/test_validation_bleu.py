@@ -20,7 +20,7 @@ def _body(rank, world, data_dir, save_dir):
     from megabranch import checkpoint
     from megabranch.config import Config
     from megabranch.data import load_split
-    from megabranch.generate import quick_bleu
+    from megabranch.decoding import quick_bleu
     from megabranch.model import build_model_from
     from megabranch.training import engine as engine_module
     from megabranch.training.engine import Trainer
@@ -31,9 +31,9 @@ def _body(rank, world, data_dir, save_dir):
     o, lg = cfg.optim, cfg.log
     o.max_updates, lg.valid_interval, lg.bleu_sentences, lg.bleu_beam = 3, 3, 6, 2
     lg.save_dir, lg.tensorboard, lg.progress = save_dir, False, "none"
-    train_set, tok, _ = load_split(data_dir, "train")
-    tok = tok[1] if isinstance(tok, tuple) else tok  # the target side
-    valid_set, _, _ = load_split(data_dir, "valid")
+    data = load_split(data_dir, "train")
+    train_set, tok = data.dataset, data.tgt_tok
+    valid_set = load_split(data_dir, "valid").dataset
     tr = Trainer(cfg, tok.vocab_size)
     stats = train(tr, cfg, RunData(train_set, valid_set, tok))
     assert ("bleu" in stats) == (rank == 0), stats  # decoded on rank 0 only

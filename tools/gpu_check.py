@@ -15,8 +15,8 @@ so, and the next part starts. The parts:
     env              GPU, driver, torch, CUDA, nvcc, triton, apex
     build            the fused residual LayerNorm's CUDA extension (JIT build, cached for the parts after it)
     kernel_tests     tests/test_kernels.py's CUDA tests (model.fused_kernels on CUDA and the fallback rules)
-    bench_kernels    tools/bench_kernels.py on the GPU, GB/s against a measured device-to-device copy
-    bench_train_512  tools/bench_train.py MFU at d=512, bf16: eager, fused, compiled
+    bench_kernels    tools.bench.kernels on the GPU, GB/s against a measured device-to-device copy
+    bench_train_512  tools.bench.train MFU at d=512, bf16: eager, fused, compiled
     bench_train_1024 the same at d=1024
     deep             a 100L-100L BranchNorm model trained 50 steps in bf16: loss curve, peak memory against the
                      memory plan (megabranch.planning.memory)
@@ -80,12 +80,13 @@ def _device(smoke: bool) -> str:
 
 
 def _run_tool(p: Part, cmd: list[str]) -> int:
-    """A tool of this tree in a subprocess; its stdout goes into the report, the tail of its stderr on failure."""
-    out = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+    """A module of this tree (`tools.bench.train`) in a subprocess from the repository root; its stdout goes into
+    the report, the tail of its stderr on failure."""
+    out = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=True, text=True)
     p.w(out.stdout.rstrip())
     if out.returncode != 0:
-        p.w(f"\n`{' '.join(cmd)}` exited {out.returncode}:\n\n```\n" + "\n".join(out.stderr.splitlines()[-15:])
-            + "\n```")
+        tail = "\n".join(out.stderr.splitlines()[-15:])
+        p.w(f"\n`python -m {' '.join(cmd)}` exited {out.returncode}:\n\n```\n{tail}\n```")
     return out.returncode
 
 
@@ -169,7 +170,7 @@ def part_bench_kernels(p: Part) -> None:
     else:
         args = ["--device", "cuda", "--hidden", "1024", "4096", "--rows", "16384", "65536", "--dtype", "float32",
                 "bfloat16", "--copy-reference"]
-    p.data["rc"] = _run_tool(p, ["tools/bench_kernels.py", *args])
+    p.data["rc"] = _run_tool(p, ["tools.bench.kernels", *args])
 
 
 def _bench_train(p: Part, d: int) -> None:
@@ -181,7 +182,7 @@ def _bench_train(p: Part, d: int) -> None:
         args = ["--device", "cuda", "--precision", "bf16", "--d-model", str(d), "--heads", str(d // 64), "--layers",
                 "6", "--tokens", "16384", "--seq-len", "64", "--rounds", "3", "--steps", "5", "--warmup", "2"]
     js = str(p.path) + ".bench.json"
-    p.data["rc"] = _run_tool(p, ["tools/bench_train.py", *args, "--no-memory", "--json", js,
+    p.data["rc"] = _run_tool(p, ["tools.bench.train", *args, "--no-memory", "--json", js,
                                  "--impls", "megabranch-eager,megabranch-fused,megabranch-compiled"])
     if os.path.exists(js):
         with open(js) as fh:
@@ -264,7 +265,7 @@ def part_decode(p: Part) -> None:
     import torch
 
     from megabranch.config import ModelConfig
-    from megabranch.generate import beam_search
+    from megabranch.decoding import beam_search
     from megabranch.inference import prepare
     from megabranch.model import build_model
     from megabranch.residual import set_step

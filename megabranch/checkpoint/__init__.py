@@ -24,21 +24,26 @@ The modules, one job each (this package re-exports their public functions: `chec
     resharding.py       load_for_rank (slices only), consolidate (the whole model), cut / cut_optimizer,
                         the single-process view
     averaging.py        fairseq-style averaging of several checkpoints
+    model_loading.py    the single-process model from a checkpoint (load_model) or from weights
     lock.py             one writer per save directory (an flock held for the run's life)
-    space.py            a full disk during a save: what is needed, what is free, the one-line error
+    paths.py            every path a checkpoint's metadata names stays inside its directory
+    space.py            a save that cannot be written (a full disk, a read-only or vanished filesystem): the line
 
-This package knows files, layouts and tensors; nothing about the training loop.
+This package knows files, layouts and tensors, and builds the single-process model from them; nothing about the
+training loop.
 """
 
 from .averaging import average
 from .lock import LOCK_NAME, SaveDirLock, one_writer
+from .model_loading import LoadedModel, load_model, model_from_weights
 from .optimizer_state import (
     is_zero,
     load_optimizer,
     optimizer_to_canonical,
     restore,
 )
-from .publication import atomic_write, atomic_write_bytes, prune, save_step, versions, write_step_dir
+from .paths import contained
+from .publication import SaveFailed, atomic_write, atomic_write_bytes, prune, save_step, versions, write_step_dir
 from .reading import (
     FORMAT_VERSION,
     META,
@@ -68,10 +73,11 @@ from .resharding import (
 from .slice_reader import StepReader
 
 __all__ = [
-    "FORMAT_VERSION", "LOCK_NAME", "META", "READABLE_FORMATS", "SaveDirLock", "StepReader", "atomic_write",
-    "atomic_write_bytes", "average", "consolidate", "cut", "cut_optimizer", "has_checkpoints", "is_zero",
-    "load_checkpoint", "load_file", "load_for_rank", "load_optimizer", "load_shard", "one_writer",
-    "optimizer_to_canonical", "prune", "read_meta", "read_pointer", "resolve", "restore", "safe_load", "save_step",
+    "FORMAT_VERSION", "LOCK_NAME", "META", "READABLE_FORMATS", "LoadedModel", "SaveDirLock", "SaveFailed",
+    "StepReader", "atomic_write", "atomic_write_bytes", "average", "consolidate", "contained", "cut", "cut_optimizer",
+    "has_checkpoints", "is_zero", "load_checkpoint", "load_file", "load_for_rank", "load_model", "load_optimizer",
+    "load_shard", "model_from_weights", "one_writer", "optimizer_to_canonical", "prune", "read_meta", "read_pointer",
+    "resolve", "restore", "safe_load", "save_step",
     "sha256_file", "shard_files", "shard_name", "single_layout", "single_process_files", "step_dirs",
     "verify", "versions", "write_step_dir",
 ]

@@ -25,6 +25,19 @@ LOCK_NAME = "run.lock"
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
+def _unusable(save_dir: str, e: OSError) -> str:
+    """The one line saying why save_dir cannot be created or written (a regular file on its path, a read-only
+    filesystem, no permission)."""
+    blocker = save_dir
+    while blocker and not os.path.exists(blocker):
+        blocker = os.path.dirname(blocker.rstrip(os.sep))
+    if blocker and not os.path.isdir(blocker):
+        why = f"{blocker} is a file, not a directory"
+    else:
+        why = e.strerror or str(e)
+    return f"log.save_dir={save_dir} cannot be created or written: {why}; set log.save_dir to a writable directory"
+
+
 def _holder_line() -> str:
     return f"pid {os.getpid()} host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
 
@@ -41,8 +54,14 @@ class SaveDirLock:
         self.save_dir, self.path, self.fd = save_dir, os.path.join(save_dir, LOCK_NAME), None
 
     def acquire(self) -> str | None:
-        os.makedirs(self.save_dir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self.save_dir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(_unusable(self.save_dir, e)) from None
+        if not os.access(self.save_dir, os.W_OK | os.X_OK):  # the lock file may be writable, its directory not
+            os.close(fd)
+            raise UserError(_unusable(self.save_dir, PermissionError(errno.EACCES, os.strerror(errno.EACCES))))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

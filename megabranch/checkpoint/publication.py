@@ -4,9 +4,10 @@ Publication: every rank writes into `step_<N>.tmp-<id>`; the ranks then exchange
 is the barrier: rank 0 goes on only when every rank has finished writing), rank 0 writes meta.json, renames the
 directory to step_<N>, then rewrites `latest` (and `best`) atomically, last. A kill at any moment leaves
 `latest` pointing at a complete step directory; stale `.tmp-*` directories are removed by the next save (never
-one whose writer is alive). keep-last-K cleanup never removes what `latest` or `best` point to. A full disk
-(space.py) is one UserError on every rank, with the step's temporary directory removed and the previous
-checkpoint as it was.
+one whose writer is alive). keep-last-K cleanup never removes what `latest` or `best` point to. A write that
+fails on any rank (a full disk, a read-only or vanished filesystem: space.py) is one SaveFailed on every rank,
+the same line everywhere (the failure travels with the sha exchange), with the step's temporary directory removed
+and the previous checkpoint as it was.
 
 save_step is three steps, each its own function: _open_step (rank 0 clears a killed save's leftovers and makes
 the temporary directory), _write_files (this rank's shards, shard_format.py), _finish_step (the sha exchange,
@@ -20,6 +21,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 from typing import Callable
 
 import torch
@@ -30,6 +32,15 @@ from ..errors import UserError
 from . import space
 from .reading import FORMAT_VERSION, META, read_pointer, step_dirs
 from .shard_format import write_shard
+
+
+class SaveFailed(UserError):
+    """A checkpoint that could not be written (space.write_failure): nothing of it was published and the previous
+    one is untouched. `reason` is the line without the advice that follows it."""
+
+    def __init__(self, reason: str, advice: str = space.RESUME_ADVICE):
+        super().__init__(f"{reason}; {advice}")
+        self.reason = reason
 
 
 def _dist_world(group=None) -> tuple[int, int]:
@@ -89,11 +100,12 @@ def write_step_dir(final: str, files: dict, meta: dict) -> str:
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    written = _write_or_full(tmp, files, space.WRITE_ADVICE)
-    if written["error"]:  # a full disk: one line, nothing left behind (as save_step)
+    written = _write_or_fail(tmp, files)
+    error = written["error"] or _publish_or_fail(parent, tmp, final, dict(meta, files=written["files"],
+                                                                         holds=written["holds"]), pointers=())
+    if error:  # a full disk, a read-only filesystem: one line, nothing left behind (as save_step)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(written["error"])
-    _publish(tmp, final, dict(meta, files=written["files"], holds=written["holds"]))
+        raise SaveFailed(error, space.WRITE_ADVICE)
     return final
 
 
@@ -134,26 +146,31 @@ def save_step(save_dir: str, step: int, files: dict, meta: dict, is_best: bool =
     """Collective over `group` (default: the whole job) when torch.distributed is initialised: every rank
     passes its own shards (name -> shard object, possibly none). Returns the published step directory."""
     tmp = _open_step(save_dir, step, group)
-    return _finish_step(save_dir, step, tmp, _write_or_full(tmp, files), meta, is_best, keep_last, group)
+    return _finish_step(save_dir, step, tmp, _write_or_fail(tmp, files), meta, is_best, keep_last, group)
 
 
 def _open_step(save_dir: str, step: int, group=None) -> str:
-    """Collective: rank 0 removes a killed save's leftovers and makes step_<N>.tmp-<pid> -> its path, on every rank."""
+    """Collective: rank 0 removes a killed save's leftovers and makes step_<N>.tmp-<pid> -> its path, on every
+    rank (or the same SaveFailed everywhere when it cannot)."""
     rank, world = _dist_world(group)
+    names = [None, None]  # the temporary directory, or why it could not be made
     if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        pointed = {read_pointer(save_dir, "latest"), read_pointer(save_dir, "best")}
-        for stale in glob.glob(os.path.join(save_dir, "step_*.tmp-*")) + glob.glob(os.path.join(save_dir, "step_*.old-*")):
-            # a killed save's leftovers (never what a pointer names, never a live writer's)
-            if os.path.basename(stale) not in pointed and not _writer_alive(stale):
-                shutil.rmtree(stale, ignore_errors=True)
         tmp = f"{os.path.join(save_dir, f'step_{step}')}.tmp-{os.getpid()}"
-        os.makedirs(tmp)
-        names = [tmp]
-    else:
-        names = [None]
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            pointed = {read_pointer(save_dir, "latest"), read_pointer(save_dir, "best")}
+            for stale in glob.glob(os.path.join(save_dir, "step_*.tmp-*")) + glob.glob(os.path.join(save_dir, "step_*.old-*")):
+                # a killed save's leftovers (never what a pointer names, never a live writer's)
+                if os.path.basename(stale) not in pointed and not _writer_alive(stale):
+                    shutil.rmtree(stale, ignore_errors=True)
+            os.makedirs(tmp)
+            names[0] = tmp
+        except OSError as e:
+            names[1] = space.write_failure(tmp, e)
     if world > 1:
         dist.broadcast_object_list(names, src=_global_rank0(group), group=group)
+    if names[1]:
+        raise SaveFailed(names[1])
     return names[0]
 
 
@@ -173,54 +190,67 @@ def _finish_step(save_dir: str, step: int, tmp: str, mine: dict, meta: dict, is_
     else:
         gathered = [mine]
     failed = [part["error"] for part in gathered if part.get("error")]
-    if failed:  # a full disk on some rank: nothing is published, every rank says so
+    if failed:  # a write failed on some rank: nothing is published, every rank says so
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(failed[0])
+        raise SaveFailed(failed[0])
     outcome = [None]
     if rank == 0:
         shas, holds = {}, {}
         for part in gathered:
             shas.update(part["files"])
             holds.update(part["holds"])
-        outcome = [_publish_or_full(save_dir, tmp, final, dict(meta, step=step, files=shas, holds=holds), is_best)]
-        if keep_last > 0 and outcome[0] is None:
-            prune(save_dir, keep_last)
+        outcome = [_publish_or_fail(save_dir, tmp, final, dict(meta, step=step, files=shas, holds=holds),
+                                    ("latest", "best") if is_best else ("latest",))]
+        if outcome[0]:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif keep_last > 0:
+            _prune_after_save(save_dir, keep_last)
     if world > 1:
         dist.broadcast_object_list(outcome, src=_global_rank0(group), group=group)  # rank 0's outcome
         dist.barrier(group=group)
     if outcome[0]:
-        raise UserError(outcome[0])
+        raise SaveFailed(outcome[0])
     return final
 
 
-def _write_or_full(tmp: str, files: dict, advice: str = space.RESUME_ADVICE) -> dict:
-    """_write_files, or when the disk is (or would be) full no files and the one-line error under "error"."""
+def _write_or_fail(tmp: str, files: dict) -> dict:
+    """_write_files, or when the disk is (or would be) full, or the filesystem refuses the write, no files and
+    the one-line reason under "error"."""
     need = space.payload_bytes(files)
-    short = space.shortfall(tmp, need, advice)
+    short = space.shortfall(tmp, need)
     if short is None:
         try:
             return dict(_write_files(tmp, files), error=None)
         except Exception as e:  # noqa: BLE001 - safetensors reports ENOSPC as its own error type
-            if not space.is_disk_full(e):
+            short = space.write_failure(tmp, e, need)
+            if short is None:
                 raise
-            short = space.disk_full_message(tmp, need, advice)
     return {"files": {}, "holds": {}, "error": short}
 
 
-def _publish_or_full(save_dir: str, tmp: str, final: str, meta: dict, is_best: bool) -> str | None:
-    """Rank 0: meta.json, the rename, the pointers -> None, or the one-line error of a full disk."""
+def _publish_or_fail(save_dir: str, tmp: str, final: str, meta: dict, pointers: tuple) -> str | None:
+    """meta.json, the rename, then the `pointers` ("latest", "best") of save_dir -> None, or the one-line reason
+    they could not be written (the caller removes `tmp`)."""
     try:
         _publish(tmp, final, meta)
-        _set_pointer(save_dir, "latest", os.path.basename(final))
-        if is_best:
-            _set_pointer(save_dir, "best", os.path.basename(final))
-    except Exception as e:  # noqa: BLE001 - see _write_or_full
-        if not space.is_disk_full(e):
+        for name in pointers:
+            _set_pointer(save_dir, name, os.path.basename(final))
+    except Exception as e:  # noqa: BLE001 - see _write_or_fail
+        reason = space.write_failure(save_dir, e)
+        if reason is None:
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        return space.disk_full_message(save_dir, None)
+        return reason
     return None
+
+
+def _prune_after_save(save_dir: str, keep_last: int) -> None:
+    """prune(), after a published save: a filesystem that refuses the deletion leaves old checkpoints (said in
+    one line), never fails the save that is already published."""
+    try:
+        prune(save_dir, keep_last)
+    except OSError as e:
+        print(f"warning: could not remove old checkpoints of {save_dir}: {e.strerror or e}", file=sys.stderr)
 
 
 def _writer_alive(path: str) -> bool:

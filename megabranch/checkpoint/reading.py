@@ -4,8 +4,11 @@ Format 3 (written since issue 14) keeps each shard as a safetensors data file pl
 (shard_format.py): nothing is unpickled, and what is read is checked block by block. Format 2 step directories
 (one torch.save .pt file per shard) are still read: only with `torch.load(weights_only=True)` (plain tensors,
 numbers, strings, lists, dicts), never arbitrary pickle, after the file's sha256 is checked against meta.json.
-Any problem is a one-line UserError naming the file. The names of a save directory's files (FORMAT_VERSION,
-META, shard_name, step_<N>, the latest/best pointers) are defined here, once, for the writer too.
+Any problem is a one-line UserError naming the file. Every file a reader opens is first resolved inside its
+directory (paths.py): a pointer, meta.json or an index naming `../../x` or `/etc/passwd` is refused. Every
+pickle-based file megabranch reads (format 2, torchscale, fairseq, DeepSpeed) goes through safe_load. The names
+of a save directory's files (FORMAT_VERSION, META, shard_name, step_<N>, the latest/best pointers) are defined
+here, once, for the writer too.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import re
 import torch
 
 from ..errors import UserError
+from .paths import contained
 from .shard_format import DATA, INDEX, ShardFile, check_data_file, sha256_file
 
 FORMAT_VERSION = 3
 READABLE_FORMATS = (2, 3)
 META = "meta.json"
 _STEP_RE = re.compile(r"step_(\d+)")
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")  # the class torch's weights_only unpickler refused
 
 
 def shard_name(tp_rank: int, pp_rank: int, dp_rank: int = 0) -> str:
@@ -66,8 +71,8 @@ def resolve(path: str, prefer: str = "latest") -> str:
     """A step directory, a save directory (-> its `prefer` pointer, then the other one), or a `latest` /
     `best` pointer file -> the step directory."""
     if os.path.isfile(path) and os.path.basename(path) in ("latest", "best"):
-        target = read_pointer(os.path.dirname(path) or ".", os.path.basename(path))
-        return _check_target(os.path.join(os.path.dirname(path) or ".", target or ""), path)
+        save_dir = os.path.dirname(path) or "."
+        return _check_target(save_dir, read_pointer(save_dir, os.path.basename(path)) or "", path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, META)):
             return path
@@ -75,7 +80,7 @@ def resolve(path: str, prefer: str = "latest") -> str:
         for name in order:
             target = read_pointer(path, name)
             if target:
-                return _check_target(os.path.join(path, target), os.path.join(path, name))
+                return _check_target(path, target, os.path.join(path, name))
         complete = [p for _, p in step_dirs(path) if os.path.isfile(os.path.join(p, META))]
         if complete:  # a kill between the first save's rename and its pointer: the newest complete one
             return complete[-1]
@@ -88,8 +93,9 @@ def resolve(path: str, prefer: str = "latest") -> str:
     raise UserError(f"checkpoint not found: {path}")
 
 
-def _check_target(step_dir: str, pointer: str) -> str:
-    if not os.path.isfile(os.path.join(step_dir, META)):
+def _check_target(save_dir: str, target: str, pointer: str) -> str:
+    step_dir = contained(save_dir, target, pointer) if target else save_dir
+    if not target or not os.path.isfile(os.path.join(step_dir, META)):
         raise UserError(f"{pointer} points at {step_dir}, which is missing or incomplete")
     return step_dir
 
@@ -98,6 +104,7 @@ def read_meta(step_dir: str) -> dict:
     path = os.path.join(step_dir, META)
     if not os.path.isfile(path):
         raise UserError(f"{step_dir} is not a megabranch checkpoint: {META} missing")
+    contained(step_dir, META)
     try:
         with open(path) as fh:
             meta = json.load(fh)
@@ -113,7 +120,7 @@ def load_file(step_dir: str, name: str, meta: dict | None = None, mmap: bool = F
     """One format-2 .pt file, its sha256 checked against meta.json, loaded with weights_only=True (mmap: its
     tensors stay memory-mapped, read when touched)."""
     meta = meta if meta is not None else read_meta(step_dir)
-    path = os.path.join(step_dir, name)
+    path = contained(step_dir, name, os.path.join(step_dir, META))
     want = meta["files"].get(name)
     if want is None:
         raise UserError(f"{path} is not listed in {os.path.join(step_dir, META)}")
@@ -133,24 +140,37 @@ def load_shard(step_dir: str, name: str, meta: dict | None = None) -> dict:
     return load_file(step_dir, name + ".pt", meta)
 
 
-def safe_load(path: str, mmap: bool = False):
-    """torch.load(weights_only=True); any failure is a one-line UserError naming the file."""
+def safe_load(path: str, mmap: bool = False, allowed: tuple = ()) -> dict:
+    """The one way megabranch unpickles a file (format-2 shards, torchscale and fairseq checkpoints, DeepSpeed
+    layer files): torch.load(weights_only=True), which builds tensors, numbers, strings, lists and dicts and
+    refuses any other class (nothing in the file can run code), plus the plain classes in `allowed` (fairseq's
+    argparse.Namespace). The file must hold a dict. Any failure is a one-line UserError naming the file and what
+    is wrong; torch's own text, which advises weights_only=False, is never passed on."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(list(allowed)):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, bit rot: all the file's fault
-        if "Weights only load failed" in str(e):  # torch's message goes on to advise weights_only=False: never
-            raise UserError(f"refusing to load {path}: it holds pickled objects other than tensors and plain data "
-                            "(code could run on loading); megabranch loads only tensors, numbers, strings, lists "
-                            "and dicts") from None
+        if "Weights only load failed" in str(e):
+            found = _GLOBAL_RE.search(str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise UserError(f"refusing to load {path}: it holds pickled objects other than tensors and plain data"
+                            f"{what}, and code could run on loading; megabranch loads only tensors, numbers, "
+                            "strings, lists and dicts") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"cannot load checkpoint file {path} (corrupt or truncated): {first}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"cannot use {path}: it holds a {type(obj).__name__}, not a dict of tensors (a state dict "
+                        "or a checkpoint)")
+    return obj
 
 
 def verify(step_dir: str) -> dict:
     """Check every file's sha256 and that each loads safely (format 3: every block against its index); -> meta."""
     meta = read_meta(step_dir)
     for name in sorted(meta["files"]):
-        path = os.path.join(step_dir, name)
+        path = contained(step_dir, name, os.path.join(step_dir, META))
         if not os.path.isfile(path):
             raise UserError(f"checkpoint shard missing: {path}")
         if meta["format"] < 3:

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import UserError
+from .paths import contained
 
 BLOCK_BYTES = 1 << 16
 DATA, INDEX = ".safetensors", ".json"
@@ -134,6 +135,41 @@ def write_shard(directory: str, base: str, obj: dict) -> dict:
 _WHOLE = object()
 
 
+def _entry_ok(e) -> bool:
+    """Whether one tensor's index entry is what write_shard writes: a known dtype, a shape, its lead dim, and row
+    size, block count and byte range that agree with them (rows() relies on each)."""
+    try:
+        shape, lead, per, (a, b) = e["shape"], e["lead"], e["block_rows"], e["bytes"]
+        if not all(isinstance(x, int) and x >= 0 for x in [*shape, lead, per, a, b]) or per < 1:
+            return False
+        if not (lead < len(shape) or (not shape and lead == 0)):
+            return False
+        stored = [shape[lead]] + shape[:lead] + shape[lead + 1:] if shape else []
+        n, row = (stored[0] if stored else 1), _TORCH[e["dtype"]].itemsize * math.prod(stored[1:])
+        blocks = math.ceil(n / per) if n * row else 0
+        return e["row_bytes"] == row and b - a == n * row and len(e["blocks"]) == blocks and \
+            all(isinstance(h, str) for h in e["blocks"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return False
+
+
+def _parsed_index(blob: bytes, path: str) -> dict:
+    """A shard index, checked for the structure the reader relies on: meta.json's sha256 proves the index is the
+    one meta.json names, not that it is well formed (both may come from a stranger)."""
+    try:
+        index = json.loads(blob)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"checkpoint shard index {path} is not JSON: {str(e)[:120]}") from None
+    tensors = index.get("tensors") if isinstance(index, dict) else None
+    if not (isinstance(tensors, dict) and isinstance(index.get("data"), str) and isinstance(index.get("tree"), dict)):
+        raise UserError(f"checkpoint shard index {path} is malformed: it needs a tree, a data file name and tensors")
+    bad = next((k for k, e in tensors.items() if not _entry_ok(e)), None)
+    if bad is not None:
+        raise UserError(f"checkpoint shard index {path} is malformed: the entry of {bad!r} does not describe a "
+                        "tensor as megabranch writes it (dtype, shape, rows, blocks and byte range agree)")
+    return index
+
+
 class ShardFile:
     """One format-3 shard: its index (checked against meta.json's sha256 of it) and its data file, opened on
     first use. `counter["bytes"]` grows by every byte read (index and data blocks), counter["metadata"] by the
@@ -146,6 +182,7 @@ index's."""
             raise UserError(f"{self.path_index} is not listed in {os.path.join(step_dir, 'meta.json')}")
         if not os.path.isfile(self.path_index):
             raise UserError(f"checkpoint shard missing: {self.path_index}")
+        contained(step_dir, base + INDEX)
         with open(self.path_index, "rb") as fh:
             blob = fh.read()
         counter["bytes"] += len(blob)
@@ -153,25 +190,33 @@ index's."""
         if hashlib.sha256(blob).hexdigest() != want:
             raise UserError(f"checkpoint shard {self.path_index} is corrupt: its sha256 differs from meta.json "
                             "(truncated or modified)")
-        index = json.loads(blob)
+        index = _parsed_index(blob, self.path_index)
         self.tree, self.entries = index["tree"], index["tensors"]
-        self.path_data = os.path.join(step_dir, index["data"])
+        self.path_data = contained(step_dir, index["data"], self.path_index)
         self.counter = counter
         self._fh, self._size = None, 0
 
     def _file(self):
+        """The data file, opened once its size is the one its index describes: a truncated (or appended-to) file
+        is refused before any byte of it is read, also when the part a reader needs is intact."""
         if self._fh is None:
             if not os.path.isfile(self.path_data):
                 raise UserError(f"checkpoint shard missing: {self.path_data}")
-            self._fh = open(self.path_data, "rb")  # noqa: SIM115 - kept open while the reader lives
-            self._size = os.fstat(self._fh.fileno()).st_size
+            fh = open(self.path_data, "rb")  # noqa: SIM115 - kept open while the reader lives
+            size, want = os.fstat(fh.fileno()).st_size, data_size(self.entries)
+            if want is not None and size != want:
+                fh.close()
+                how = "truncated" if size < want else "longer than its index says (appended to or replaced)"
+                raise UserError(f"checkpoint shard {self.path_data} is {how}: {size:,} bytes, its index "
+                                f"{os.path.basename(self.path_index)} describes {want:,}")
+            self._fh, self._size = fh, size
         return self._fh
 
     def rows(self, key: str, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
         """Rows [lo, hi) of the stored tensor `key` (stored layout: its lead dim first), a fresh copy; only the
         blocks that hold them are mapped and read, each checked against its sha256, and unmapped again (so the
         pages read do not stay in this process's memory)."""
-        e = self.entries[key]
+        e = self._entry(key)
         shape = list(e["shape"])
         lead = e["lead"]
         stored = [shape[lead]] + shape[:lead] + shape[lead + 1:] if shape else []
@@ -200,9 +245,14 @@ index's."""
         self.counter["bytes"] += b - a
         return torch.frombuffer(data, dtype=dtype).reshape([hi - lo] + stored[1:])
 
+    def _entry(self, key: str) -> dict:
+        if key not in self.entries:
+            raise UserError(f"checkpoint shard index {self.path_index} refers to a tensor {key!r} it does not describe")
+        return self.entries[key]
+
     def tensor(self, key: str) -> torch.Tensor:
         """The whole tensor `key` in its logical layout."""
-        e = self.entries[key]
+        e = self._entry(key)
         t = self.rows(key)
         return t.movedim(0, e["lead"]) if e["shape"] else t.reshape(())
 
@@ -222,10 +272,16 @@ index's."""
         return node
 
     def shape(self, key: str) -> tuple:
-        return tuple(self.entries[key]["shape"])
+        return tuple(self._entry(key)["shape"])
 
     def lead(self, key: str) -> int:
-        return self.entries[key]["lead"]
+        return self._entry(key)["lead"]
+
+
+def data_size(entries: dict) -> int | None:
+    """The size of a data file from its index: safetensors stores the tensors back to back after its header,
+    so the file ends where the last tensor does (None for a shard without tensors)."""
+    return max((e["bytes"][1] for e in entries.values()), default=None)
 
 
 def tensor_key(node) -> str | None:

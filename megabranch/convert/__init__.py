@@ -11,6 +11,11 @@ The modules, one job each:
     fairseq_import.py    a fairseq checkpoint's arguments and dictionary -> ModelConfig and sentencepiece ids
     peers.py             the real torchscale and fairseq (optional): build their models, run them
     interop.py           the torchscale / fairseq conversions, each checked against the real package
+    folding.py           every residual scheme rewritten as the plain Transformer the serving packages run
+    serving.py           what every serving export shares (vocabulary, positions, sentencepiece, its directory)
+    export_ctranslate2.py / export_hf.py / export_fairseq.py    one serving package each: write, load, run
+    targets.py           --to ctranslate2 | hf | fairseq: write, check against the package, publish
+    serve_check.py       the serving exports' check: logits and hypotheses next to megabranch's
 
 `python -m megabranch.convert ...` is the same command (see cli.py for its usage).
 """

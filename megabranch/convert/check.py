@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from ..checkpoint import model_from_weights
 from ..config import ModelConfig
 from ..errors import UserError
-from ..model import build_model_from
 from ..vocab import PAD
 
 TOLERANCE = 1e-6
@@ -17,8 +17,7 @@ SOURCE_TOLERANCE = 1e-5  # another implementation: other summation orders, fp32 
 
 def build_single(mc: ModelConfig, vocab: int, tgt_vocab: int | None, params: dict, step: int = 0):
     """The single-process model (eager kernels, eval mode) holding `params`; a mismatch is a UserError."""
-    mc = ModelConfig(**{**vars(mc), "fused_kernels": False})
-    return build_model_from(mc, vocab, tgt_vocab, params, step, "the weights").eval()
+    return model_from_weights(mc, vocab, tgt_vocab, params, step, "the weights", fused_kernels=False)
 
 
 def fixed_batch(vocab: int, tgt_vocab: int | None, max_positions: int):

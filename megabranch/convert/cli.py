@@ -8,6 +8,9 @@
     megabranch-convert ts.pt OUT --from torchscale --config CFG           a torchscale encoder-decoder state dict
     megabranch-convert ckpt.pt OUT --from fairseq --fairseq-dict dict.txt --spm spm.model     fairseq transformer
     megabranch-convert SRC ts.pt --to torchscale                          torchscale EncoderDecoder names
+    megabranch-convert SRC OUT --to ctranslate2 [--quantization int8]     serve it: CTranslate2, Hugging Face
+    megabranch-convert SRC OUT --to hf                                    MarianMT, or fairseq; every scheme is
+    megabranch-convert SRC OUT --to fairseq                               folded into a plain Transformer
     megabranch-convert average SAVE_DIR --last K --out OUT                fairseq-style checkpoint averaging
 
 SRC for megabranch checkpoints: a save directory (its latest), a step_<N> directory or a latest/best pointer.
@@ -15,7 +18,9 @@ Every conversion checks itself: the written result is read back from disk, built
 and run on a fixed batch next to the source; the largest relative difference of the logits (fp32) must be under
 1e-6, and the tool prints it. Imports from (and the export to) torchscale and fairseq also run that package's own
 model on the same batch, some rows padded, and compare the logits at every position that is not padding (under
-1e-5); what megabranch cannot represent is refused in one line naming the field.
+1e-5); what megabranch cannot represent is refused in one line naming the field. The serving exports
+(ctranslate2, hf, fairseq) run the target package on the written files next to megabranch: logits within 1e-4
+relative, greedy and beam-4 hypotheses identical; OUT appears only when the check passed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from .check import check
 from .interop import export_torchscale_file, load_fairseq, load_torchscale
 from .layouts import write_layout
 from .safetensors_io import load_safetensors, save_safetensors
+from .serving import prepare
+from .targets import TARGETS, check_quantization, export
 
 
 def _detect(path: str) -> str:
@@ -165,8 +172,10 @@ def convert(args) -> None:
     elif to == "torchscale":
         export_torchscale_file(model, cfg, args.out, step)
         print(f"wrote {args.out}")
+    elif to in TARGETS:
+        export(to, prepare(cfg, clean, model, args.data_dir), args.out, args.quantization)
     else:
-        raise UserError(f"--to {to}: must be megabranch, safetensors, deepspeed or torchscale")
+        raise UserError(f"--to {to}: must be {', '.join(DESTINATIONS)}")
 
 
 def average_command(args) -> None:
@@ -189,6 +198,9 @@ def average_command(args) -> None:
     check(f"average of {len(chosen)}", cfg.model, meta["vocab_size"], meta.get("tgt_vocab_size"), avg, back,
           int(meta["step"]))
     print(f"averaged {', '.join(clean['averaged'])} -> {out}")
+
+
+DESTINATIONS = ("megabranch", "safetensors", "deepspeed", "torchscale", *TARGETS)
 
 
 def _destination_format(args) -> str:
@@ -226,8 +238,12 @@ def main(argv=None):
     ap.add_argument("--from", dest="source_format",
                     choices=("megabranch", "safetensors", "deepspeed", "torchscale", "fairseq"),
                     help="source format (default: guessed from SRC)")
-    ap.add_argument("--to", choices=("megabranch", "safetensors", "deepspeed", "torchscale"),
-                    help="destination format (default: safetensors for *.safetensors, else megabranch)")
+    ap.add_argument("--to", help=f"destination format: {', '.join(DESTINATIONS)} (default: safetensors for "
+                    "*.safetensors, else megabranch)")
+    ap.add_argument("--quantization", help="--to ctranslate2: ctranslate2's weight type (int8, int8_float32, "
+                    "float16, bfloat16, ...; default: float32)")
+    ap.add_argument("--data-dir", help="--to ctranslate2/hf/fairseq: the preprocessed directory whose sentencepiece "
+                    "model(s) go with the export (default: the one the model was trained on)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--vpp", type=int, default=1)
@@ -244,8 +260,14 @@ def main(argv=None):
     for k in ("tp", "pp", "vpp"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k} {getattr(args, k)}: must be >= 1")
+    to = _destination_format(args)
+    if to not in DESTINATIONS:
+        raise UserError(f"--to {to}: unknown destination; valid: {', '.join(DESTINATIONS)}")
+    check_quantization(to, args.quantization)
+    if to in TARGETS:
+        args.no_optimizer = True  # a served model has no use for it
     _refuse_existing(args.out)
-    if _destination_format(args) == "safetensors":
+    if to == "safetensors":
         _refuse_existing(_sidecar(args.out))  # the config JSON written next to it
     convert(args)
     return 0

@@ -109,6 +109,7 @@ def export_torchscale_file(params: dict, cfg: Config, out: str, step: int) -> No
     """megabranch weights -> a torchscale EncoderDecoder state dict at `out`, read back and run in torchscale
     next to the megabranch model (token ids unchanged: megabranch's)."""
     mc = cfg.model
+    peers.check_torchscale_scheme(mc)  # before anything is written
     if mc.positions == "sinusoidal" and mc.position_offset == 0:
         raise UserError("model.position_offset=0 with sinusoidal positions: torchscale (fairseq's sinusoids) starts "
                         "at pad + 1 >= 1; only models trained with model.position_offset >= 1 export")

@@ -17,12 +17,21 @@ import types
 
 import torch
 
+from ..checkpoint import safe_load
 from ..config import ModelConfig
 from ..errors import UserError
 from ..model.embeddings import embed_scale
 
 TORCHSCALE_RESIDUALS = {"deepnorm": dict(deepnorm=True, subln=False), "post_ln": dict(deepnorm=False, subln=False),
-                        "pre_ln": dict(deepnorm=False, subln=False, normalize_before=True)}
+                        "pre_ln": dict(deepnorm=False, subln=False, normalize_before=True),
+                        "subln": dict(deepnorm=False, subln=True, normalize_before=True)}
+
+
+def check_torchscale_scheme(mc: ModelConfig) -> None:
+    """One line naming the scheme when torchscale's EncoderDecoder cannot hold it."""
+    if mc.residual not in TORCHSCALE_RESIDUALS:
+        raise UserError(f"model.residual={mc.residual}: torchscale has no counterpart (valid: "
+                        f"{', '.join(TORCHSCALE_RESIDUALS)})")
 
 
 def _timm_drop_path() -> None:
@@ -73,9 +82,7 @@ def torchscale_model(mc: ModelConfig, vocab: int, tgt_vocab: int, state: dict, p
     """torchscale's EncoderDecoder of the same shape as `mc` (`source_args`, the EncoderDecoderConfig arguments
     the source was built with, override what `mc` says), holding the torchscale-named `state`, in eval mode."""
     EncoderDecoder, EncoderDecoderConfig, TextEmbedding, PositionalEmbedding = torchscale()
-    if mc.residual not in TORCHSCALE_RESIDUALS:
-        raise UserError(f"model.residual={mc.residual}: torchscale has no counterpart (valid: "
-                        f"{', '.join(TORCHSCALE_RESIDUALS)})")
+    check_torchscale_scheme(mc)
     scale = embed_scale(mc)
     if scale not in (1.0, mc.d_model**0.5):
         raise UserError(f"model.embed_scale={mc.embed_scale}: torchscale scales embeddings by 1 or sqrt(d_model) only")
@@ -141,7 +148,7 @@ def fairseq_dictionary(path: str):
 
 
 def fairseq_checkpoint(path: str) -> tuple[dict, argparse.Namespace]:
-    """A fairseq checkpoint -> (its model state dict, its model args). Loaded with weights_only=True, allowing
+    """A fairseq checkpoint -> (its model state dict, its model args). Loaded by checkpoint.safe_load, allowing
     only the plain classes fairseq's checkpoints hold besides tensors (argparse.Namespace, fairseq's meters)."""
     _fairseq()
     from fairseq.logging import meters
@@ -150,12 +157,7 @@ def fairseq_checkpoint(path: str) -> tuple[dict, argparse.Namespace]:
                                      if isinstance(getattr(meters, n), type) and n.endswith(("Meter", "MetersDict"))]
     if not os.path.isfile(path):
         raise UserError(f"fairseq checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(allowed):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - anything else pickled in it, or a broken file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"cannot load fairseq checkpoint {path}: {first}") from None
+    state = safe_load(path, allowed=tuple(allowed))
     cfg = state.get("cfg") or {}
     args = cfg.get("model") if isinstance(cfg, dict) else None
     args = args if args is not None else state.get("args")

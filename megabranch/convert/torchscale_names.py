@@ -1,11 +1,12 @@
 """torchscale EncoderDecoder / fairseq `transformer` parameter names <-> megabranch's, and what the source's
 tensors say about its embeddings.
 
-Maps Post-LN / Pre-LN / DeepNorm encoder-decoders: self_attn / encoder_attn / the FFN (torchscale's `ffn.fc1`,
-fairseq's `fc1`) and their layer norms, the token tables, learned positions (`embed_positions.weight`), the
-output projection, the final norms. fairseq's non-parameter buffers (`embed_positions._float_tensor`, the
-sinusoidal positions' marker, and `version`) are ignored. What has no counterpart (layernorm_embedding,
-Magneto's sub-LN, MoE, relative position biases, ...) is refused by name.
+Maps Post-LN / Pre-LN / DeepNorm / Sub-LN encoder-decoders: self_attn / encoder_attn / the FFN (torchscale's
+`ffn.fc1`, fairseq's `fc1`) and their layer norms, Sub-LN's inner norms (`self_attn.inner_attn_ln`,
+`ffn.ffn_layernorm`), the token tables, learned positions (`embed_positions.weight`), the output projection, the
+final norms. fairseq's non-parameter buffers (`embed_positions._float_tensor`, the sinusoidal positions' marker,
+and `version`) are ignored. What has no counterpart (layernorm_embedding, MoE, relative position biases, ...) is
+refused by name.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ _TS_TOP = {"encoder.embed_tokens.weight": "encoder.embed.table.weight",
            "encoder.layer_norm.weight": "encoder.final_norm.weight", "encoder.layer_norm.bias": "encoder.final_norm.bias",
            "decoder.layer_norm.weight": "decoder.final_norm.weight", "decoder.layer_norm.bias": "decoder.final_norm.bias"}
 _TS_PARAMS = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
-              "out_proj.weight", "out_proj.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "weight", "bias")
+              "out_proj.weight", "out_proj.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "weight", "bias",
+              "inner_attn_ln.weight", "inner_attn_ln.bias", "ffn_layernorm.weight", "ffn_layernorm.bias")
+_TS_INNER_NORMS = {"inner_attn_ln.": "inner_norm.", "ffn_layernorm.": "hidden_norm."}  # Sub-LN's, inside the block
 SINUSOIDAL_MARK = "embed_positions._float_tensor"  # fairseq 0.12's sinusoidal positions: a buffer, no weights
 
 
@@ -53,6 +56,11 @@ def torchscale_name(name: str) -> str | None:
                 return None
             if ts in _TS_SUBLAYERS and not ts.endswith("layer_norm.") and tail in ("weight", "bias"):
                 return None
+            for inner, mine in _TS_INNER_NORMS.items():
+                if tail.startswith(inner):
+                    if (inner == "inner_attn_ln.") != (ts == "self_attn.") and not (inner == "ffn_layernorm." and ts == "ffn."):
+                        return None
+                    tail = mine + tail[len(inner):]
             return f"{parts[0]}.layers.{parts[2]}.{ours}{tail}"
     return None
 
@@ -113,7 +121,11 @@ def export_torchscale(params: dict, mc: ModelConfig) -> dict:
         rest = ".".join(parts[3:])
         for ours, ts in inv_sub.items():
             if rest.startswith(ours):
-                back[f"{parts[0]}.layers.{parts[2]}.{ts}{rest[len(ours):]}"] = t
+                tail = rest[len(ours):]
+                for inner, mine in _TS_INNER_NORMS.items():
+                    if tail.startswith(mine):
+                        tail = inner + tail[len(mine):]
+                back[f"{parts[0]}.layers.{parts[2]}.{ts}{tail}"] = t
                 break
     if mc.share_all_embeddings:
         back["decoder.embed_tokens.weight"] = back["encoder.embed_tokens.weight"]

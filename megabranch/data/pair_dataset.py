@@ -28,8 +28,9 @@ class LanguagePairDataset:
         self.pad_to_multiple = pad_to_multiple  # e.g. 8 keeps GEMM shapes tensor-core friendly
         self.src_prefix = src_prefix
         self._prefix = np.array([] if src_prefix is None else [src_prefix], dtype=np.int64)
-        self.src_sizes = np.asarray(src.sizes, dtype=np.int64) + 1 + len(self._prefix)
-        self.tgt_sizes = np.asarray(tgt.sizes, dtype=np.int64) + 1
+        # int32: half of int64 at tens of millions of pairs, and products with a batch size stay exact
+        self.src_sizes = np.asarray(src.sizes, dtype=np.int32) + np.int32(1 + len(self._prefix))
+        self.tgt_sizes = np.asarray(tgt.sizes, dtype=np.int32) + np.int32(1)
 
     def __len__(self) -> int:
         return len(self.src_sizes)

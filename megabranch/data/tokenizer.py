@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import re
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -33,7 +34,19 @@ def open_text_bytes(path: str | os.PathLike):
 
 
 def iter_lines(path: str | os.PathLike) -> Iterator[bytes]:
-    """Yield raw lines without the trailing newline.
+    """Yield raw lines without the trailing newline (iter_line_chunks, one line at a time)."""
+    for chunk in iter_line_chunks(path):
+        yield from chunk
+
+
+def _strip_newline(line: bytes) -> bytes:
+    if line.endswith(b"\n"):
+        line = line[:-1]
+    return line[:-1] if line.endswith(b"\r") else line
+
+
+def iter_line_chunks(path: str | os.PathLike, n: int = 10_000) -> Iterator[list[bytes]]:
+    """Yield the raw lines, without the trailing newline, in lists of `n` (the last one shorter).
 
     Splits on b"\\n" only: str.splitlines() would also split on U+2028 etc. and silently
     misalign parallel files. A UTF-8 BOM on the first line is dropped.
@@ -41,18 +54,27 @@ def iter_lines(path: str | os.PathLike) -> Iterator[bytes]:
     try:
         with open_text_bytes(path) as f:
             first = True
-            for line in f:
-                if line.endswith(b"\n"):
-                    line = line[:-1]
-                if line.endswith(b"\r"):
-                    line = line[:-1]
+            while chunk := [_strip_newline(line) for line in islice(f, n)]:
                 if first:
                     first = False
-                    if line.startswith(b"\xef\xbb\xbf"):
-                        line = line[3:]
-                yield line
+                    if chunk[0].startswith(b"\xef\xbb\xbf"):
+                        chunk[0] = chunk[0][3:]
+                yield chunk
     except (OSError, EOFError) as e:  # corrupt gzip, unreadable file
         raise UserError(f"{path}: cannot read ({e})") from None
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """How many lines iter_lines yields, counted a block at a time (no line is built)."""
+    n, last = 0, b"\n"
+    try:
+        with open_text_bytes(path) as f:
+            while block := f.read(1 << 22):
+                n += block.count(b"\n")
+                last = block[-1:]
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    return n + (last != b"\n")
 
 
 def _usable_lines(files: Sequence[str | os.PathLike]) -> Iterator[str]:
@@ -177,9 +199,9 @@ class Tokenizer:
         """Piece ids of `text`, without bos/eos (the dataset adds those)."""
         return self._sp.encode(text, out_type=int)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """encode() of many lines at once (sentencepiece spreads the work over threads)."""
-        return self._sp.encode(texts, out_type=int) if texts else []
+    def encode_batch(self, texts: list[str], threads: int | None = None) -> list[list[int]]:
+        """encode() of many lines at once (sentencepiece spreads the work over `threads`; None: its default)."""
+        return self._sp.encode(texts, out_type=int, num_threads=threads) if texts else []
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, stopping at the first eos and skipping pad/bos (list, array or tensor)."""

@@ -2,6 +2,11 @@
 
 The number of heads is derived from the projection widths (`q_proj.out_features // head_dim`), so tensor
 parallelism can swap the projections for column/row-parallel ones holding a slice of the heads.
+
+Options some residual schemes add (megabranch.residual), all off by default:
+    head_scale    NormFormer's per-head scale of each head's output before out_proj (a parameter of n_heads)
+    inner_norm    Sub-LN's LayerNorm over the concatenated heads before out_proj
+    output_norm   NormFormer's LayerNorm after out_proj
 """
 
 from __future__ import annotations
@@ -10,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norm import LayerNorm
+from .shards import UNSHARDED
+
 
 class MultiheadAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float, cross: bool = False):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, cross: bool = False, *, head_scale: bool = False,
+                 inner_norm: bool = False, output_norm: bool = False, eps: float = 1e-5):
         super().__init__()
         self.head_dim = d_model // n_heads
         self.cross = cross
@@ -21,6 +30,10 @@ class MultiheadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self.head_scale = nn.Parameter(torch.ones(n_heads)) if head_scale else None
+        self.inner_norm = LayerNorm(d_model, eps) if inner_norm else None
+        self.output_norm = LayerNorm(d_model, eps) if output_norm else None
+        self.shards = UNSHARDED  # the heads are split over tensor-parallel ranks (parallel.parallelize)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, h*dh) -> (B, h, L, dh)
         b, length, _ = x.shape
@@ -59,5 +72,11 @@ class MultiheadAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal and mask is None
         )
+        if self.head_scale is not None:
+            out = out * self.head_scale[:, None, None].to(out.dtype)
         b, _, length, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, -1))
+        out = out.transpose(1, 2).reshape(b, length, -1)
+        if self.inner_norm is not None:
+            out = self.shards.scatter(self.inner_norm(self.shards.gather(out)))
+        out = self.out_proj(out)
+        return out if self.output_norm is None else self.output_norm(out)

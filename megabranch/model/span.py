@@ -11,17 +11,28 @@ is what the next span needs. A final norm belongs to the last layer of its stack
 put the embeddings with E0 / D0 and the output with D(M-1); DeepSpeed's layer list gives each embedding and the
 output a span of its own. Both are slices of the one model.
 
-What travels between spans:
+What travels between spans (`receives` / `sends`, a tuple of `Carried`):
 
-    "x"          (B, S, d)   the encoder hidden, inside the encoder
-    "memory"     (B, S, d)   the finished encoder output, before the decoder starts
-    "memory+y"   (B, S, d), (B, T, d)   the encoder output and the decoder hidden
-    ""           nothing (the first span reads tokens; the last one returns logits)
+    (ENCODER_HIDDEN,)           (B, S, d)   the encoder hidden, inside the encoder
+    (MEMORY,)                   (B, S, d)   the finished encoder output, before the decoder starts
+    (MEMORY, DECODER_HIDDEN)    (B, S, d), (B, T, d)   the encoder output and the decoder hidden
+    ()                          nothing (the first span reads tokens; the last one returns logits)
+
+Under DLCL (model.residual=dlcl) a hidden is the stack's history instead, every entry a later layer combines:
+(h, B, S, d) / (h, B, T, d) with h = 1 + the layers of that stack before the boundary (the embedding, then each
+layer's normalised output); `message_shapes` gives the shapes either way.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class Carried(enum.Enum):
+    ENCODER_HIDDEN = "encoder hidden"
+    MEMORY = "memory"
+    DECODER_HIDDEN = "decoder hidden"
 
 
 @dataclass(frozen=True)
@@ -77,33 +88,48 @@ class Span:
         return self.has_decoder and self.dec_hi == self.n_dec
 
     @property
-    def receives(self) -> str:
+    def receives(self) -> tuple[Carried, ...]:
         if self.src_embed:
-            return ""
+            return ()
         if self.has_encoder:
-            return "x"
-        return "memory" if self.tgt_embed else "memory+y"
+            return (Carried.ENCODER_HIDDEN,)
+        return (Carried.MEMORY,) if self.tgt_embed else (Carried.MEMORY, Carried.DECODER_HIDDEN)
 
     @property
-    def sends(self) -> str:
+    def sends(self) -> tuple[Carried, ...]:
         if self.output:
-            return ""
+            return ()
         if self.runs_decoder:
-            return "memory+y"
-        return "memory" if self.ends_encoder else "x"
+            return (Carried.MEMORY, Carried.DECODER_HIDDEN)
+        return (Carried.MEMORY,) if self.ends_encoder else (Carried.ENCODER_HIDDEN,)
+
+    def message_shapes(self, incoming: bool, b: int, s: int, t: int, d: int, history: bool = False) -> list[tuple]:
+        """The shapes of what this span receives (incoming) or sends, for a micro-batch of b sentences, s source
+        and t target tokens; history: DLCL's, whose hiddens carry every earlier layer's output (docstring)."""
+        out = []
+        for what in self.receives if incoming else self.sends:
+            if what is Carried.MEMORY:
+                out.append((b, s, d))
+                continue
+            encoder = what is Carried.ENCODER_HIDDEN
+            shape = (b, s, d) if encoder else (b, t, d)
+            layers_before = (self.enc_lo if incoming else self.enc_hi) if encoder else (
+                self.dec_lo if incoming else self.dec_hi)
+            out.append((layers_before + 1, *shape) if history else shape)
+        return out
 
     def describe(self) -> str:
         """E.g. 'E0-3', 'E4-5,D0', 'D6-11' (layer ranges; the embeddings and output are implied by the layers
         in a native chunk), or 'src_embed' / 'tgt_embed' / 'output' for a span holding only that."""
         parts = []
         if self.has_encoder:
-            parts.append(_rng("E", self.enc_lo, self.enc_hi))
+            parts.append(_layer_range("E", self.enc_lo, self.enc_hi))
         if self.has_decoder:
-            parts.append(_rng("D", self.dec_lo, self.dec_hi))
+            parts.append(_layer_range("D", self.dec_lo, self.dec_hi))
         if not parts:
             parts = [n for n in ("src_embed", "tgt_embed", "output") if getattr(self, n)]
         return ",".join(parts)
 
 
-def _rng(kind: str, lo: int, hi: int) -> str:
-    return f"{kind}{lo}" if hi - lo == 1 else f"{kind}{lo}-{hi - 1}"
+def _layer_range(stack: str, lo: int, hi: int) -> str:
+    return f"{stack}{lo}" if hi - lo == 1 else f"{stack}{lo}-{hi - 1}"

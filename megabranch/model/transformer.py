@@ -18,13 +18,13 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import UserError
-from ..residual import ResidualCoefficients, set_step
+from ..residual import SCHEMES, ResidualCoefficients, set_step
 from ..vocab import PAD
 from .embeddings import Embedder
 from .init import fill_initial_values
-from .layers import DecoderLayer, EncoderLayer
+from .layers import AdminProfile, DecoderLayer, DenseCombination, EncoderLayer, Residual
 from .norm import LayerNorm
-from .span import Span
+from .span import Carried, Span
 
 # the single-process name of a table shared by both stacks (model.share_all_embeddings) is the encoder's
 SHARED_TABLE = "encoder.embed.table.weight"
@@ -46,31 +46,74 @@ class LayerStack(nn.ModuleDict):
 
 
 class _Stack(nn.Module):
-    """What the encoder and the decoder share: coefficients, held layers, optional final norm, recomputation."""
+    """What the encoder and the decoder share: coefficients, held layers, what ends the stack (the final norm of
+    the Pre-LN family, DLCL's last combination, R-Fixup's scalar bias and scale), recomputation, and how the
+    hidden state travels (under DLCL: the history list of every entry later layers combine)."""
 
     def __init__(self, cfg: ModelConfig, stack: str, layer_cls, lo: int, hi: int, ends: bool, embed: nn.Module | None):
         super().__init__()
         self.embed = embed  # registered first: the parameter order (optimizer, ZeRO, buckets) is the checkpoints'
         self.coeffs = ResidualCoefficients.for_stack(cfg, stack)
-        self.layers = LayerStack({i: layer_cls(cfg, cfg.fused_kernels) for i in range(lo, hi)})
-        self.final_norm = LayerNorm(cfg.d_model, cfg.ln_eps) if ends and cfg.residual == "pre_ln" else None
+        self.layers = LayerStack({i: layer_cls(cfg, cfg.fused_kernels, i) for i in range(lo, hi)})
+        self.dense = cfg.residual == "dlcl"
+        n_layers = cfg.encoder_layers if stack == "encoder" else cfg.decoder_layers
+        # DLCL: the stack's output is one more combination, of the embedding and every layer's normalised output
+        self.output_combine = DenseCombination(n_layers + 1) if ends and self.dense else None
+        self.final_norm = LayerNorm(cfg.d_model, cfg.ln_eps) if ends and SCHEMES[cfg.residual].final_norm else None
+        fixup_end = ends and cfg.residual == "r_fixup"  # Fixup's reference code: encoder (x + b) * m, decoder x + b
+        self.final_bias = nn.Parameter(torch.zeros(1)) if fixup_end else None
+        self.final_scale = nn.Parameter(torch.ones(1)) if fixup_end and stack == "encoder" else None
         # activation recomputation: every `recompute` layers form one checkpointed segment (0: off). The engine
         # may swap `checkpoint` for one that also replays tensor-parallel dropout streams.
         self.recompute = 0
         self.checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
-    def run_layers(self, h: torch.Tensor, call, *extra) -> torch.Tensor:
-        """h through every held layer, `call(layer, h, *extra)` each; `extra` tensors are passed explicitly so a
-        recomputed segment's graph sees them."""
+    def start(self, embedded: torch.Tensor):
+        """The state after the embedding: the hidden, or DLCL's history [embedding] (not normalised)."""
+        return [embedded] if self.dense else embedded
+
+    def received(self, carried: torch.Tensor):
+        """The state a previous slice sent: the hidden, or DLCL's stacked history as a list."""
+        return list(carried.unbind(0)) if self.dense else carried
+
+    def finish(self, state, ends: bool) -> torch.Tensor:
+        """The stack's output (the final combination, norm or Fixup scalars applied) when the slice ends it, else
+        what travels on (DLCL: the history stacked into one tensor)."""
+        if not ends:
+            return torch.stack(state) if self.dense else state
+        h = self.output_combine(state) if self.dense else state
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.final_bias is not None:
+            h = h + self.final_bias
+            if self.final_scale is not None:
+                h = h * self.final_scale
+        return h
+
+    def run_layers(self, state, call, *extra):
+        """The state through every held layer, `call(layer, h, *extra)` each; `extra` tensors are passed
+        explicitly so a recomputed segment's graph sees them."""
         layers = list(self.layers)
         k = self.recompute
-        if k <= 0 or not torch.is_grad_enabled():
-            for layer in layers:
-                h = call(layer, h, *extra)
-            return h
+        recompute = k > 0 and torch.is_grad_enabled()
+        if self.dense:
+            if not recompute:
+                return state + list(_dense_segment(layers, call, len(state), *state, *extra))
+            for start in range(0, len(layers), k):
+                state = state + list(self.checkpoint(_dense_segment, layers[start:start + k], call, len(state),
+                                                     *state, *extra))
+            return state
+        if not recompute:
+            return _segment(layers, call, state, *extra)
         for start in range(0, len(layers), k):
-            h = self.checkpoint(_segment, layers[start : start + k], call, h, *extra)
-        return h
+            state = self.checkpoint(_segment, layers[start : start + k], call, state, *extra)
+        return state
+
+    def set_admin_profile(self, profile: AdminProfile | None) -> None:
+        """Admin: every sub-layer of the stack visits `profile` in its next forward (None: back to training)."""
+        for m in self.layers.modules():
+            if isinstance(m, Residual):
+                m.admin_profile = profile
 
 
 def _segment(layers, call, h, *extra):
@@ -79,28 +122,40 @@ def _segment(layers, call, h, *extra):
     return h
 
 
+def _dense_segment(layers, call, n_history, *tensors):
+    """DLCL: each layer's input is its combination of the history so far; its normalised output joins the
+    history. -> the new entries."""
+    history, extra = list(tensors[:n_history]), tensors[n_history:]
+    new = []
+    for layer in layers:
+        y = call(layer, layer.combine(history), *extra)
+        entry = layer.history_norm(y)
+        history.append(entry)
+        new.append(entry)
+    return tuple(new)
+
+
 class Encoder(_Stack):
     def __init__(self, cfg: ModelConfig, table: nn.Embedding | None, span: Span):
         embed = Embedder(table, cfg) if span.src_embed else None
         super().__init__(cfg, "encoder", EncoderLayer, span.enc_lo, span.enc_hi, span.ends_encoder, embed)
+        self.ends = span.ends_encoder
 
     def forward(self, src_tokens: torch.Tensor, x: torch.Tensor | None = None, key_mask: torch.Tensor | None = None):
         """-> (hidden (B, S, d), key mask (B, S) True on real tokens). x=None: embed src_tokens first, else
-        continue from hidden x (a later slice of the encoder)."""
+        continue from what the previous slice sent (the hidden; DLCL: its stacked history)."""
         key_mask = src_tokens.ne(PAD) if key_mask is None else key_mask
-        if x is None:
-            x = self.embed(src_tokens)
-        co = self.coeffs
-        x = self.run_layers(x, lambda layer, h: layer(h, co.r, co.s, key_mask=key_mask))
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x, key_mask
+        state = self.start(self.embed(src_tokens)) if x is None else self.received(x)
+        r, s = self.coeffs.shortcut_scale, self.coeffs.branch_scale
+        state = self.run_layers(state, lambda layer, h: layer(h, r, s, key_mask=key_mask))
+        return self.finish(state, self.ends), key_mask
 
 
 class Decoder(_Stack):
     def __init__(self, cfg: ModelConfig, table: nn.Embedding | None, span: Span, vocab_size: int):
         embed = Embedder(table, cfg) if span.tgt_embed else None
         super().__init__(cfg, "decoder", DecoderLayer, span.dec_lo, span.dec_hi, span.ends_decoder, embed)
+        self.ends = span.ends_decoder
         tied = cfg.share_decoder_input_output_embed
         self.output = OutputProjection(cfg.d_model, vocab_size, table if tied else None) if span.output else None
         if span.output and tied and embed is None:
@@ -110,19 +165,19 @@ class Decoder(_Stack):
 
     def forward(self, prev_tokens, memory, memory_mask, y=None, cache: list | None = None, offset: int = 0,
                 project: bool = True):
-        """-> logits (B, T, V), or the hidden (B, T, d) on a slice without the output projection (or with
-        project=False). y=None: embed prev_tokens first, else continue from hidden y. With `cache` (a list of
-        per-layer dicts), only the new tokens are run (incremental decoding, `offset` = tokens already done)."""
-        if y is None:
-            y = self.embed(prev_tokens, offset)
-        co = self.coeffs
+        """-> logits (B, T, V), or what travels on (the hidden (B, T, d); DLCL: the stacked history) on a slice
+        that does not end the decoder, or the final hidden with project=False. y=None: embed prev_tokens first,
+        else continue from what the previous slice sent. With `cache` (a list of per-layer dicts), only the new
+        tokens are run (incremental decoding, `offset` = tokens already done)."""
+        state = self.start(self.embed(prev_tokens, offset)) if y is None else self.received(y)
+        r, s = self.coeffs.shortcut_scale, self.coeffs.branch_scale
         if cache is not None:
-            for layer, c in zip(self.layers, cache):
-                y = layer(y, co.r, co.s, memory, memory_mask, cache=c)
+            caches = {id(layer): per_layer for layer, per_layer in zip(self.layers, cache)}
+            state = self.run_layers(state, lambda layer, h, mem: layer(h, r, s, mem, memory_mask,
+                                                                        cache=caches[id(layer)]), memory)
         else:
-            y = self.run_layers(y, lambda layer, h, mem: layer(h, co.r, co.s, mem, memory_mask), memory)
-        if self.final_norm is not None:
-            y = self.final_norm(y)
+            state = self.run_layers(state, lambda layer, h, mem: layer(h, r, s, mem, memory_mask), memory)
+        y = self.finish(state, self.ends)
         if project and self.output is not None:
             return self.output(y)
         return y
@@ -133,16 +188,18 @@ class OutputProjection(nn.Module):
 
     def __init__(self, d_model: int, vocab_size: int, tied_to: nn.Embedding | None = None):
         super().__init__()
-        # a list, so the tied table is not registered twice (it belongs to the embedding)
-        self._tied = [tied_to] if tied_to is not None else None
+        # in a list, so the tied table is not registered twice (it belongs to the embedding)
+        self._tied_table = [tied_to] if tied_to is not None else []
         self.weight = None if tied_to is not None else nn.Parameter(torch.empty(vocab_size, d_model))
 
     @property
     def tied_to(self) -> nn.Embedding | None:
-        return self._tied[0] if self._tied else None
+        """The embedding table whose weight projects (None: untied, `weight` is the projection's own)."""
+        return self._tied_table[0] if self._tied_table else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self._tied[0].weight if self._tied else self.weight)
+        table = self.tied_to
+        return nn.functional.linear(x, self.weight if table is None else table.weight)
 
 
 class Transformer(nn.Module):
@@ -171,22 +228,23 @@ class Transformer(nn.Module):
         tgt_table = table("decoder", tgt_vocab_size) if needs_tgt else None
         self.encoder = Encoder(cfg, src_table, sp)
         self.decoder = Decoder(cfg, tgt_table, sp, tgt_vocab_size)
+        # Admin's omegas come from a profiling pass before the first step (a checkpoint holds them afterwards)
+        self.admin_profiled = False
         if init:
             self.reset_parameters(seed)
 
     def forward(self, src_tokens, prev_output_tokens, *carry, span: Span | None = None):
         """The whole model: logits (B, T, V). A slice: runs the pieces it holds over `carry` (what the previous
-        slice returned: span.receives) and returns what the next one needs (span.sends): (x,), (memory,),
-        (memory, y), or the logits. `span` runs only that part of what this module holds (DeepSpeed's tied
-        embedding module serves several roles)."""
+        slice returned: span.receives) and returns what the next one needs (span.sends): (encoder hidden,),
+        (memory,), (memory, decoder hidden), or the logits. `span` runs only that part of what this module holds
+        (DeepSpeed's tied embedding module serves several roles). Admin's profiling pass runs first when a whole
+        model trains its first step unprofiled (a pipeline's executor runs it stage by stage instead)."""
         sp = span or self.span
-        x = memory = y = None
-        if sp.receives == "x":
-            (x,) = carry
-        elif sp.receives == "memory":
-            (memory,) = carry
-        elif sp.receives == "memory+y":
-            memory, y = carry
+        if sp == Span.full(sp.n_enc, sp.n_dec) and self.needs_admin_profile():
+            self.profile_admin(src_tokens, prev_output_tokens)
+        received = dict(zip(sp.receives, carry))
+        x, memory = received.get(Carried.ENCODER_HIDDEN), received.get(Carried.MEMORY)
+        y = received.get(Carried.DECODER_HIDDEN)
         key_mask = None if src_tokens is None else src_tokens.ne(PAD)  # None: a slice that only projects
         if sp.runs_encoder:
             x, _ = self.encoder(src_tokens, x, key_mask)
@@ -197,6 +255,32 @@ class Transformer(nn.Module):
                 return (memory,)
         out = self.decoder(prev_output_tokens, memory, key_mask, y, project=sp.output)
         return out if sp.output else (memory, out)
+
+    # --- Admin's profiling pass (model.residual=admin) ----------------------------------------------------------
+    def needs_admin_profile(self) -> bool:
+        """Admin, training, about to take step 0, and not profiled yet in this process."""
+        return (self.cfg.residual == "admin" and self.training and torch.is_grad_enabled()
+                and not self.admin_profiled and self.encoder.coeffs.step == 0)
+
+    @torch.no_grad()
+    def profile_admin(self, src_tokens, prev_output_tokens, *carry, ratios: tuple = (1.0, 1.0)) -> tuple:
+        """Admin's profiling (Liu et al. 2020b): one forward (eval mode, no dropout) in which every sub-layer, in
+        order, sets its omega from the running ratio of its stack (layers.AdminProfile). `carry` and `ratios`
+        (encoder, decoder) are what the previous pipeline stage's pass returned. -> (what this slice returns,
+        the ratios after it), for the next stage."""
+        profiles = (AdminProfile(ratios[0]), AdminProfile(ratios[1]))
+        was_training = self.training
+        self.eval()
+        self.encoder.set_admin_profile(profiles[0])
+        self.decoder.set_admin_profile(profiles[1])
+        try:
+            self.admin_profiled = True  # the forward below must not start another pass
+            out = self.forward(src_tokens, prev_output_tokens, *carry)
+        finally:
+            self.encoder.set_admin_profile(None)
+            self.decoder.set_admin_profile(None)
+            self.train(was_training)
+        return out, (profiles[0].ratio, profiles[1].ratio)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:

@@ -33,12 +33,18 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model import label_smoothed_nll_loss
+from ..model.span import Carried
 from ..vocab import PAD
 from .failures import wait_for
 from .layout import Layout
 from .schedules import schedule_actions, splits_backward
 from .tensor_parallel import vocab_parallel_label_smoothed_nll_loss
 from .weight_grad import WeightGradStore, defer_weight_grads
+
+
+# what a point-to-point message carries (part of its tag): a chunk's output forward, the gradient of a chunk's
+# input backward, or Admin's profiling pass (its output and the running ratios)
+ACTIVATION, GRADIENT, PROFILE = 0, 1, 2
 
 
 @dataclass
@@ -58,10 +64,10 @@ class MicroBatch:
         return cls(i, batch["src_tokens"].to(device), batch["prev_output_tokens"].to(device),
                    batch["target"].to(device), int(batch["ntokens"]))
 
-    def shapes(self, what: str, d: int) -> list[tuple]:
+    def shapes(self, span, incoming: bool, d: int, history: bool) -> list[tuple]:
+        """The shapes of what `span` receives (incoming) or sends for this micro-batch (model/span.py)."""
         b, s = self.src_tokens.shape
-        t = self.prev_tokens.shape[1]
-        return {"x": [(b, s, d)], "memory": [(b, s, d)], "memory+y": [(b, s, d), (b, t, d)], "": []}[what]
+        return span.message_shapes(incoming, b, s, self.prev_tokens.shape[1], d, history)
 
 
 class _SendReaper:
@@ -109,6 +115,8 @@ class PipelineExecutor:
         self.chunks, self.layout, self.grid, self.kind = chunks, layout, grid, kind
         self.specs = layout.chunks_of_rank(grid.pp_rank)  # the layout's Chunk of each local slice
         self.d, self.dtype = d_model, dtype
+        cfg = chunks[0].cfg
+        self.history = cfg.residual == "dlcl"  # the hiddens that travel are DLCL's stacked histories
         self.label_smoothing = label_smoothing
         self.loss_group = grid.tp_group if grid.tp > 1 else None  # the output is vocabulary-parallel
         self.loss_fn = self.token_loss  # (last chunk's output, micro-batch) -> (loss_sum, nll_sum)
@@ -126,7 +134,7 @@ class PipelineExecutor:
         self.weight_grads = WeightGradStore()
         if self.split:
             defer_weight_grads(chunks, self.weight_grads)
-        self._local: dict = {}  # tensors handed to a chunk on this rank: (kind, sending chunk, mb) -> list
+        self._local: dict = {}  # tensors handed to a chunk on this rank: (what, sending chunk, mb) -> list
         # freed_early_bytes: activation bytes freed while the step was still running (not by the final drain)
         self.stats = {"sent_bytes": 0, "freed_bytes": 0, "freed_early_bytes": 0}
         self._reaper: _SendReaper | None = None  # started on the first send of a tensor to free
@@ -152,19 +160,20 @@ class PipelineExecutor:
     def _is_local(self, chunk_index: int) -> bool:
         return self.ranks[chunk_index] == self.grid.pp_rank
 
-    def _tag(self, kind: int, chunk_index: int, mb: int, j: int, m: int) -> int:
-        return ((chunk_index * m + mb) * 2 + kind) * 2 + j
+    def _tag(self, what: int, chunk_index: int, mb: int, j: int, m: int) -> int:
+        """what: ACTIVATION, GRADIENT or PROFILE; j: the tensor's place in the message (at most 3)."""
+        return ((chunk_index * m + mb) * 3 + what) * 4 + j
 
-    def _send(self, tensors, dst_chunk: int, src_chunk: int, kind: int, mb: int, m: int, free: list[bool]):
+    def _send(self, tensors, dst_chunk: int, src_chunk: int, what: int, mb: int, m: int, free: list[bool]):
         if self._is_local(dst_chunk):  # the receiving chunk is ours: the same storage, no message, nothing freed
-            self._local[(kind, src_chunk, mb)] = [t.detach() for t in tensors]
+            self._local[(what, src_chunk, mb)] = [t.detach() for t in tensors]
             return
         for j, (t, fr) in enumerate(zip(tensors, free)):
             t = t.detach()
             if not t.is_contiguous():
                 t = t.contiguous()
             peer = self._peer(dst_chunk)
-            work = dist.isend(t, peer, tag=self._tag(kind, src_chunk, mb, j, m))
+            work = dist.isend(t, peer, tag=self._tag(what, src_chunk, mb, j, m))
             self.stats["sent_bytes"] += t.numel() * t.element_size()
             if not fr:  # nothing to free early: waited for at the end of the step
                 self._unreaped.append((work, t, peer))
@@ -173,20 +182,47 @@ class PipelineExecutor:
                 self._reaper = _SendReaper(self.stats)
             self._reaper.put(work, t, peer)
 
-    def _recv(self, shapes, src_chunk: int, kind: int, mb: int, m: int) -> list[torch.Tensor]:
+    def _recv(self, shapes, src_chunk: int, what: int, mb: int, m: int, dtypes=None) -> list[torch.Tensor]:
         if self._is_local(src_chunk):
-            return self._local.pop((kind, src_chunk, mb))
-        bufs = [torch.empty(s, dtype=self.dtype, device=self.device) for s in shapes]
+            return self._local.pop((what, src_chunk, mb))
+        dtypes = dtypes or [self.dtype] * len(shapes)
+        bufs = [torch.empty(s, dtype=dt, device=self.device) for s, dt in zip(shapes, dtypes)]
         peer = self._peer(src_chunk)
-        works = [dist.irecv(b, peer, tag=self._tag(kind, src_chunk, mb, j, m)) for j, b in enumerate(bufs)]
+        works = [dist.irecv(b, peer, tag=self._tag(what, src_chunk, mb, j, m)) for j, b in enumerate(bufs)]
         for w in works:
             wait_for(w, peer)  # bounded by the process group's timeout; a failure names the peer
         return bufs
+
+    def profile_admin(self, mb: MicroBatch) -> None:
+        """Admin's profiling pass (model.residual=admin, before the first step) over the pipeline, stage by stage:
+        each chunk receives the previous chunk's output and the running (encoder, decoder) ratios, sets its
+        omegas (model.Transformer.profile_admin) and sends both on. `mb` is the first micro-batch of data-parallel
+        replica 0, which is the single process's first; the other replicas take replica 0's omegas."""
+        for v, c in enumerate(self.specs):  # this rank's chunks, in pipeline order
+            inputs, ratios = [], (1.0, 1.0)
+            if c.index > 0:
+                shapes = mb.shapes(c, True, self.d, self.history)
+                *inputs, carried = self._recv(shapes + [(2,)], c.index - 1, PROFILE, 0, 1,
+                                              dtypes=[self.dtype] * len(shapes) + [torch.float64])
+                ratios = tuple(carried.tolist())
+            out, ratios = self.chunks[v].profile_admin(mb.src_tokens, mb.prev_tokens, *inputs, ratios=ratios)
+            if not c.output:
+                msg = [o.to(self.dtype) for o in out] + [torch.tensor(ratios, dtype=torch.float64, device=self.device)]
+                self._send(msg, c.index + 1, c.index, PROFILE, 0, 1, [False] * len(msg))
+        for work, _, peer in self._unreaped:
+            wait_for(work, peer)
+        self._unreaped = []
+        if self.grid.dp > 1:
+            with torch.no_grad():
+                for p in (p for ch in self.chunks for n, p in ch.named_parameters() if n.endswith(".omega")):
+                    dist.broadcast(p, self.grid.dp_ranks[0], group=self.grid.dp_group)
 
     def run(self, mbs: list[MicroBatch], loss_scale: float, forward_only: bool = False) -> tuple[float, float]:
         """Forward (+ backward, loss * loss_scale) of every micro-batch. -> (loss_sum, nll_sum) of the micro-batches
         whose loss this rank computes (the last stage; 0 elsewhere)."""
         m = len(mbs)
+        if not forward_only and any(ch.needs_admin_profile() for ch in self.chunks):
+            self.profile_admin(mbs[0])
         actions = (
             [("F", v, i) for i in range(m) for v in range(self.vpp)] if forward_only
             else schedule_actions(self.kind, self.pp, self.vpp, m, self.grid.pp_rank)
@@ -204,7 +240,8 @@ class PipelineExecutor:
                 if op == "F":
                     inputs = ()
                     if c.index > 0:
-                        inputs = tuple(self._recv(mb.shapes(c.receives, self.d), c.index - 1, 0, i, m))
+                        shapes = mb.shapes(c, True, self.d, self.history)
+                        inputs = tuple(self._recv(shapes, c.index - 1, ACTIVATION, i, m))
                         if not forward_only:
                             for t in inputs:
                                 t.requires_grad_(True)
@@ -216,11 +253,12 @@ class PipelineExecutor:
                             saved[(v, i)] = (inputs, (loss * loss_scale,))
                     else:
                         outs = tuple(o if o.dtype == self.dtype else o.to(self.dtype) for o in outs)
-                        # free what only the next stage needs once it has it: the hidden state (x or y), and a
-                        # finished encoder output that no local decoder layer reads. Inside the decoder, memory is
-                        # this chunk's input or read by its cross-attention: it stays.
-                        free = [not (c.sends == "memory+y" and j == 0) for j in range(len(outs))]
-                        self._send(outs, c.index + 1, c.index, 0, i, m, free)
+                        # free what only the next stage needs once it has it: the hidden state (or DLCL's stacked
+                        # history, a fresh tensor no op saves), and a finished encoder output that no local decoder
+                        # layer reads. Inside the decoder, memory is this chunk's input or read by its
+                        # cross-attention: it stays.
+                        free = [what is not Carried.MEMORY or not c.runs_decoder for what in c.sends]
+                        self._send(outs, c.index + 1, c.index, ACTIVATION, i, m, free)
                         if not forward_only:
                             saved[(v, i)] = (inputs, outs)
                     if forward_only:
@@ -234,12 +272,12 @@ class PipelineExecutor:
                         if c.output:
                             torch.autograd.backward(outs[0])
                         else:
-                            grads = self._recv(mb.shapes(c.sends, self.d), c.index + 1, 1, i, m)
+                            grads = self._recv(mb.shapes(c, False, self.d, self.history), c.index + 1, GRADIENT, i, m)
                             pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
                             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                     if c.index > 0:
                         gin = [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs]
-                        self._send(gin, c.index - 1, c.index, 1, i, m, [False] * len(gin))
+                        self._send(gin, c.index - 1, c.index, GRADIENT, i, m, [False] * len(gin))
                     del inputs, outs
                 else:  # W: the weight gradients the B of (v, i) left
                     if self.on_last_backward is not None and i == m - 1:

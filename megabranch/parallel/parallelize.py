@@ -12,6 +12,10 @@ Replacements (the module tree and every parameter NAME stay the same, so checkpo
                                                 shared by encoder and decoder is converted once)
     OutputProjection                         -> VocabParallelOutput, tied to the parallel version of the table
                                                 it was tied to, untied with its own weight shard otherwise
+    MultiheadAttention.head_scale            -> my heads' slice (NormFormer)
+    MultiheadAttention / FeedForward.shards  -> TensorParallelShards: a LayerNorm over the split heads or hidden
+                                                units (Sub-LN, NormFormer) gathers, normalises and scatters; a
+                                                scalar used on split units (R-Fixup) sums its gradient over them
 
 Each new parameter is the slice of the existing full one (so the single-process model, sharded) and keeps the
 old parameter's attributes (e.g. pp_duplicate) and requires_grad. On a meta-device model nothing is allocated:
@@ -37,12 +41,14 @@ from ..model.attention import MultiheadAttention
 from ..model.embeddings import Embedder
 from ..model.ffn import FeedForward
 from ..model.transformer import OutputProjection
+from .tensor_parallel.mappings import copy_to_tp, gather_from_tp, scatter_to_tp
 from .tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelOutput,
     install_rng_fork,
+    mark_shard,
 )
 
 _REPLACEMENT = "_megabranch_tp_replacement"
@@ -65,8 +71,8 @@ def _tables_and_outputs(module: nn.Module):
             tables[id(m)] = m
         elif isinstance(m, OutputProjection):
             outputs.append(m)
-            if m._tied and isinstance(m._tied[0], nn.Embedding):
-                tables[id(m._tied[0])] = m._tied[0]
+            if isinstance(m.tied_to, nn.Embedding):
+                tables[id(m.tied_to)] = m.tied_to
     return list(tables.values()), outputs
 
 
@@ -188,8 +194,8 @@ def _table(emb: nn.Embedding, grid) -> VocabParallelEmbedding:
 
 
 def _output(out: OutputProjection, grid) -> VocabParallelOutput:
-    if out._tied:
-        old = out._tied[0]
+    if out.tied_to is not None:
+        old = out.tied_to
         table = old if isinstance(old, VocabParallelEmbedding) else _table(old, grid)
         return VocabParallelOutput(table.embedding_dim, table.num_embeddings, group=grid.tp_group, tp_size=grid.tp,
                                    tp_rank=grid.tp_rank, tied_to=table)
@@ -198,6 +204,30 @@ def _output(out: OutputProjection, grid) -> VocabParallelOutput:
                               device=w.device, dtype=w.dtype)
     _fill(new.weight, w)
     return new
+
+
+def _head_slice(scale: nn.Parameter, grid) -> nn.Parameter:
+    """NormFormer's per-head scales: this rank's heads (the same contiguous block as its q/k/v rows)."""
+    new = nn.Parameter(torch.empty(scale.shape[0] // grid.tp, device=scale.device, dtype=scale.dtype))
+    mark_shard(new, 0, grid.tp, grid.tp_rank, tuple(scale.shape))
+    _fill(new, scale)
+    return new
+
+
+class TensorParallelShards:
+    """model.shards.Unsharded over the tensor-parallel group: the features a block holds a slice of."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_from_tp(x, self.group)
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        return scatter_to_tp(x, self.group)
+
+    def replicated(self, p: torch.Tensor) -> torch.Tensor:
+        return copy_to_tp(p, self.group)
 
 
 def _attention_draws(m: MultiheadAttention) -> bool:
@@ -229,6 +259,9 @@ def apply_tensor_parallel(module: nn.Module, grid, fork_rng: bool = True) -> nn.
                         setattr(m, name, _column(getattr(m, name), grid))
                 if isinstance(m.out_proj, nn.Linear):
                     m.out_proj = _row(m.out_proj, grid)
+                if m.head_scale is not None and getattr(m.head_scale, "tp_split_dim", None) is None:
+                    m.head_scale = _head_slice(m.head_scale, grid)
+                m.shards = TensorParallelShards(grid.tp_group)
                 if fork_rng:
                     install_rng_fork(m, _attention_draws)
             elif isinstance(m, FeedForward):
@@ -236,6 +269,7 @@ def apply_tensor_parallel(module: nn.Module, grid, fork_rng: bool = True) -> nn.
                     m.fc1 = _column(m.fc1, grid)
                 if isinstance(m.fc2, nn.Linear):
                     m.fc2 = _row(m.fc2, grid)
+                m.shards = TensorParallelShards(grid.tp_group)
                 if fork_rng:
                     install_rng_fork(m, _ffn_draws)
             elif isinstance(m, Embedder) and isinstance(m.table, nn.Embedding):
@@ -262,6 +296,8 @@ def natural_split_dims(modules) -> dict:
                 for lin in [getattr(m, c) for c in column]:  # column-parallel: output rows (and their biases)
                     dims.update({id(lin.weight): 0, **({id(lin.bias): 0} if lin.bias is not None else {})})
                 dims[id(getattr(m, row).weight)] = 1  # row-parallel: input columns
+                if getattr(m, "head_scale", None) is not None:  # split with the heads
+                    dims[id(m.head_scale)] = 0
             elif isinstance(m, nn.Embedding) or isinstance(m, OutputProjection) and m.weight is not None:
                 dims[id(m.weight)] = 0
         for p in module.parameters():  # what is already split says so itself

@@ -24,7 +24,7 @@ is a data-parallel bucket view is added to in place and post-accumulate-grad hoo
 torch.distributed.pipelining splits at the autograd-graph level instead (stage_backward_input /
 stage_backward_weight: capture the gradients at the nodes where the weight paths leave the input path, re-enter
 the graph from there once per parameter group). That needs no model hook, but every re-entry walks the graph
-below it, so its W grows with the square of a chunk's depth (tools/bench_backward_split.py: 3.2 s for a
+below it, so its W grows with the square of a chunk's depth (tools/bench/backward_split.py: 3.2 s for a
 99-layer chunk whose plain backward takes 0.06 s), and with recomputation every segment is recomputed a second
 time in W. docs/design.md ("Zero-bubble schedules") has the rest.
 """
@@ -70,7 +70,7 @@ class WeightGradStore:
 
     def defer(self, params, work) -> None:
         """Other weight-gradient work for the running B's W (an op with a split of its own, e.g.
-        tools/bench_pipeline.py's stand-in chunks): `work()` -> [(parameter, gradient)], parameters among
+        tools/bench/pipeline.py's stand-in chunks): `work()` -> [(parameter, gradient)], parameters among
         `params`."""
         self._pending[self.collecting].append(_Work(tuple(params), work))
 

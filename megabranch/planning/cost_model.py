@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from ..parallel.layout import Chunk, Layout
+from ..residual import SCHEMES
 
 MACHINE_BALANCE = 150.0  # FLOPs per byte of memory traffic (about an H100's bf16 peak / HBM bandwidth)
 
@@ -178,7 +179,7 @@ class CostModel:
         out = [enc + Cost() for _ in range(n)] + [dec + Cost() for _ in range(m)]
         out[0] = out[0] + self.embedding(self.vocab, self.src_tokens)
         out[n] = out[n] + self.embedding(self.tgt_vocab, self.tokens)
-        if cfg.residual == "pre_ln":
+        if SCHEMES[cfg.residual].final_norm:
             out[n - 1] = out[n - 1] + self.final_norm(self.src_tokens)
             out[n + m - 1] = out[n + m - 1] + self.final_norm(self.tokens)
         out[n + m - 1] = out[n + m - 1] + self.output()
@@ -233,12 +234,39 @@ class CostModel:
         extras = sum(x.kept_bytes for x in self._extras(chunk))
         layers = sum(n * cost.act_bytes if k <= 0 else math.ceil(n / k) * cost.boundary_bytes
                      for n, cost in self._runs(chunk) if n)
-        return layers + extras + self._messages(chunk)
+        return layers + extras + self._messages(chunk) + self.history_bytes(chunk)
 
     def _recomputed(self, chunk: Chunk, recompute: int | None = None) -> float:
         """The full activations of the largest layer group a recomputation rebuilds at once (0 without)."""
         k = self.recompute if recompute is None else recompute
         return max([min(k, n) * cost.act_bytes for n, cost in self._runs(chunk) if n and k > 0], default=0.0)
+
+    def history_bytes(self, chunk: Chunk) -> float:
+        """DLCL's extra activation bytes for one micro-batch on `chunk`: the history entries it receives beyond
+        the one hidden any scheme receives (model/span.py: all earlier layers' normalised outputs of the stack),
+        and per layer it holds two hiddens more than Pre-LN keeps: its normalised output (read by every later
+        layer) and its output itself (the input of that norm, while the next layer's input is a new tensor, the
+        combination). Recomputation keeps them too: they are the segments' outputs. 0 for other schemes."""
+        if self.cfg.residual != "dlcl":
+            return 0.0
+        d = self.cfg.d_model
+        received = (chunk.enc_lo if chunk.has_encoder and not chunk.src_embed else 0) * self.src_tokens + \
+            (chunk.dec_lo if chunk.has_decoder and not chunk.tgt_embed else 0) * self.tokens
+        own = 2 * ((chunk.enc_hi - chunk.enc_lo) * self.src_tokens + (chunk.dec_hi - chunk.dec_lo) * self.tokens)
+        return (received + own) * d * self.act
+
+    def message_bytes(self, chunk: Chunk) -> float:
+        """Bytes `chunk` sends to the next chunk for one micro-batch (its input gradient travels back with the same
+        size): the encoder hidden, the encoder output, or the encoder output and the decoder hidden, each hidden
+        DLCL's whole history so far (model/span.py)."""
+        d = self.cfg.d_model
+        dense = self.cfg.residual == "dlcl"
+        shapes = chunk.message_shapes(False, 1, 1, 1, d, dense)  # per token: scaled by the tokens below
+        total = 0.0
+        for what, shape in zip(chunk.sends, shapes):
+            tokens = self.tokens if what.name == "DECODER_HIDDEN" else self.src_tokens
+            total += math.prod(shape) * tokens * self.act
+        return total
 
     def _extras(self, chunk: Chunk) -> list[Cost]:
         out = []
@@ -246,7 +274,7 @@ class CostModel:
             out.append(self.embedding(self.vocab, self.src_tokens))
         if chunk.tgt_embed:
             out.append(self.embedding(self.tgt_vocab, self.tokens))
-        if self.cfg.residual == "pre_ln":
+        if SCHEMES[self.cfg.residual].final_norm:
             if chunk.ends_encoder:
                 out.append(self.final_norm(self.src_tokens))
             if chunk.output:
@@ -340,7 +368,7 @@ class CostModel:
                 tables.add("tgt")
             if chunk.output:
                 tables.add("tgt" if cfg.share_decoder_input_output_embed else "out")
-            if cfg.residual == "pre_ln":
+            if SCHEMES[cfg.residual].final_norm:
                 n += 2 * d * (int(chunk.ends_encoder) + int(chunk.output))
         if cfg.share_all_embeddings:
             tables = {"src" if t == "tgt" else t for t in tables}

@@ -1,5 +1,5 @@
 """Per-stage memory and parameters of a pipeline x tensor-parallel layout, from a meta-device build (nothing is
-allocated). Used by tools/memory_plan.py (the report with its imbalance check) and `megabranch-train --dry-run`.
+allocated). Used by megabranch.memory_plan (the report with its imbalance check) and `megabranch-train --dry-run`.
 
 Every pipeline rank's stage modules are built on the meta device with the trainer's own code
 (megabranch.parallel.stage.build_stage + apply_tensor_parallel), so the parameter counts are exact, tied-table
@@ -17,6 +17,8 @@ copies and tensor-parallel shards included (the rank reported is tensor-parallel
                         holds pp - r of them); under a split backward (zb-h1, zb-v) a micro-batch holds its
                         activations from F to B and what B leaves for W (cost_model.chunk_weight_grad_bytes)
                         from B to W, so the W's a stage postpones count too
+    sent/mb             bytes the stage's chunks send on for one micro-batch (their input gradients come back
+                        the same size); under DLCL every hidden is the stack's history so far (model/span.py)
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def plan(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, balance: str,
         act_full = [cm.chunk_activation_bytes(c, recompute=0) for c in chunks]
         rows.append(SimpleNamespace(
             rank=r, layers="|".join(c.describe() for c in chunks), params=st.params, weights=st.weights,
-            grads=st.grads, optim=st.optim, buffers=st.buffers, act=sum(act), act_full=sum(act_full), total=st.static + sum(act),
+            grads=st.grads, optim=st.optim, buffers=st.buffers, act=sum(act), act_full=sum(act_full),
+            total=st.static + sum(act),
+            sent=sum(cm.message_bytes(c) for c in chunks),
             peak=stage_peak(cm, layout, kind, m, r, st.static),
             time=sum(times[c.index].time for c in chunks),
         ))
@@ -135,10 +139,10 @@ def fmt_mb(b: float) -> str:
 def print_table(rows, out=None) -> None:
     out = out or sys.stdout
     head = ["stage", "layers", "params (M)", "weights MB", "grads MB", "optim MB", "act/mb MB", "act/mb no-rc MB",
-            "total MB", "peak MB"]
+            "total MB", "peak MB", "sent/mb MB"]
     body = [[str(r.rank), r.layers if len(r.layers) <= 28 else r.layers[:25] + "...", f"{r.params / 1e6:,.2f}",
              fmt_mb(r.weights), fmt_mb(r.grads), fmt_mb(r.optim), fmt_mb(r.act), fmt_mb(r.act_full), fmt_mb(r.total),
-             fmt_mb(r.peak)] for r in rows]
+             fmt_mb(r.peak), fmt_mb(r.sent)] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
 
     def line(cells):

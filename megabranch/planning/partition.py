@@ -227,7 +227,7 @@ def plan_layout(cfg, pp: int, vpp: int = 1, vocab: int = 32000, tgt_vocab: int |
     are placed on ranks by `placement` (layout.PLACEMENTS; the schedule decides it).
 
     by='time' (the default: a pipeline runs at the pace of its slowest stage) or 'memory' (what
-    tools/memory_plan.py balances; paste the layout it prints into parallel.layout)."""
+    megabranch.memory_plan balances; paste the layout it prints into parallel.layout)."""
     n, m = cfg.encoder_layers, cfg.decoder_layers
     if vpp > 1 and pp == 1:
         raise UserError(f"parallel.vpp={vpp} needs parallel.pp > 1")

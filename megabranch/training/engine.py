@@ -43,7 +43,7 @@ from .. import checkpoint
 from ..config import Config
 from ..model import build_model_from, canonical_parameters, count_parameters, draw_init_seed
 from ..model.regional_compile import FirstStepTimer, compile_layers
-from ..parallel.clip import clip_grad_norm_
+from ..parallel.clip import clip_by_norm_, global_sums_of_squares
 from ..parallel.data_parallel import GradReducer
 from ..parallel.executor import MicroBatch, PipelineExecutor
 from ..parallel.gather import fits_on_rank0, free_memory_bytes, full_model_bytes, gather_to_rank0
@@ -54,6 +54,7 @@ from ..parallel.schedules import check_schedule, placement_of
 from ..parallel.stage import build_stage
 from ..parallel.tensor_parallel import model_parallel_seed
 from ..residual import current_alpha, set_step
+from .health import HealthMonitor
 from .native_checkpoint import NativeCheckpoints
 from .optimizer import build_optimizer, set_lr
 from .precision import Precision
@@ -97,6 +98,11 @@ class Trainer:
         self.executor = PipelineExecutor(self.model, self.layout, g, p.schedule, cfg.model.d_model,
                                          dtype=self.precision.activation_dtype, label_smoothing=o.label_smoothing)
         self.executor.on_last_backward = lambda v, ready: self.reducers[v].arm(ready)
+        m = cfg.model
+        self.health = (HealthMonitor(list(self.named_params()), m.encoder_layers, m.decoder_layers, g, self.device)
+                       if cfg.log.health else None)
+        if self.health is not None and self.rank != 0:
+            self.health.warn = lambda line: None  # rank 0 says it
         self.checkpoints = NativeCheckpoints(cfg, self.model, self.optimizer, self.precision, self.position(),
                                              self.vocab_sizes, vocab_sha256, self.rank)
         self.step = 0
@@ -212,15 +218,28 @@ class Trainer:
 
     def clip_and_step(self) -> tuple[float, bool]:
         """Unscale, measure and clip the global gradient norm, skip the update when it is not finite (global rank
-        0's decision, shared by every rank), step the optimizer, clear the gradients -> (norm, skipped)."""
-        o = self.cfg.optim
+        0's decision, shared by every rank), step the optimizer, clear the gradients -> (norm, skipped). The
+        norm's per-layer parts feed the health monitor (training/health.py), which also measures the update of
+        the steps the loop logs."""
+        o, health = self.cfg.optim, self.health
         self.precision.unscale_(self.params)
-        gnorm = clip_grad_norm_(self.params, o.clip_norm if o.clip_norm > 0 else float("inf"), self.grid)
+        if health is None:
+            sums = global_sums_of_squares(self.params, self.grid)
+        else:
+            sums = global_sums_of_squares(self.params, self.grid, health.group_of, len(health.groups))
+            health.observe_gradients(sums)
+        gnorm = math.sqrt(float(sums.sum()))  # inf and nan pass through
+        clip_by_norm_(self.params, gnorm, o.clip_norm if o.clip_norm > 0 else float("inf"))
         (skip,) = self._broadcast([0.0 if math.isfinite(gnorm) else 1.0])
         skipped = bool(skip)
         self.precision.update(skipped)  # the same decision on every rank: every scaler keeps the same state
+        measure = health is not None and health.measure_next and not skipped
+        if measure:
+            health.before_update(self.params)
         if not skipped:
             self.optimizer.step()
+        if measure:
+            health.after_update(self.params, self.grid.tp_rank)
         for reducer in self.reducers + [self.shared_reducer]:  # every parameter is in exactly one
             reducer.zero_grad()  # dp > 1: one fill_ per bucket (the .grad are views into it); dp == 1: None
         return gnorm, skipped

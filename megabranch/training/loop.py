@@ -9,10 +9,11 @@ when the layout splits it and it fits: parallel/gather.py), a checkpoint after e
 `on_step` says so). Nothing here knows how an engine steps or saves.
 
 Ending early (training/stopping.py): after every step the ranks agree whether any of them got SIGTERM / SIGUSR1
-or passed --exit-duration-mins; if so they save one checkpoint of that step and raise RunEnded (exit code 75). A
+or passed --exit-duration-mins; if so they save one checkpoint of that step and raise RunEnded (exit code 75),
+ignoring any further stop signal from then on (so a second SIGTERM cannot turn the exit 75 into a death). A
 peer that stalls or dies ends the run with one line per surviving rank naming the step (parallel/failures.py).
-log.jsonl gets a "start" record at the step each run starts from (plot_logs drops the replayed steps before it)
-and a "stop" record when a run stops early.
+log.jsonl gets a "start" record at the step each run starts from (metrics.read_log drops the replayed steps before
+it) and a "stop" record when a run stops early.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import time
 from dataclasses import dataclass
 
 from ..config import Config
-from ..data import EpochBatchIterator
+from ..data import EpochBatchIterator, pair_batches
 from ..errors import EXIT_REQUEUE, RunEnded
-from ..generate import validation_bleu
+from ..decoding import validation_bleu
 from ..metrics import MetricsLogger, SilentLogger
 from ..model.regional_compile import eager
 from ..parallel.failures import comm_failure_ended, is_comm_failure
@@ -45,12 +46,6 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def valid_batches_of(valid_set, cfg: Config, shards: int = 1, shard: int = 0) -> list[dict]:
-    """The validation split in token batches, this data-parallel replica's share."""
-    batches = list(EpochBatchIterator(valid_set, cfg.data.max_tokens, seed=cfg.seed, shuffle=False).next_epoch_itr())
-    return batches[shard::shards]
-
-
 def _interval_record(step: int, epoch: int, interval: dict, stats: dict, elapsed: float) -> dict:
     record = {"step": step, "epoch": epoch, "loss": _mean(interval["loss"]), "nll_loss": _mean(interval["nll_loss"]),
               "lr": stats["lr"], "alpha": stats["alpha"]}
@@ -58,6 +53,11 @@ def _interval_record(step: int, epoch: int, interval: dict, stats: dict, elapsed
         record.update(gnorm=_mean(interval["gnorm"]), gnorm_max=max(interval["gnorm"]))
     record.update(skipped=interval["skipped"], tokens_per_s=round(interval["ntokens"] / max(elapsed, 1e-9), 1))
     return record
+
+
+def _logs_at(step: int, log_interval: int, max_updates: int) -> bool:
+    """Whether the interval record is written after `step`."""
+    return step % log_interval == 0 or step == max_updates
 
 
 def _new_interval() -> dict:
@@ -76,9 +76,10 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
     """Train `engine` until optim.max_updates -> the last validation stats ({} if it stopped before any).
 
     loop_state: what engine.resume() returned (data position, best validation loss). valid_batches: this rank's
-    validation batches (default: the whole valid split). on_step(stats) -> True stops the run after that step
-    (no validation or save for it). save=False writes no checkpoints. stop: when to end early (default: on
-    SIGTERM / SIGUSR1), by raising RunEnded after saving."""
+    validation batches (default: the whole valid split in data.pair_batches). on_step(stats) -> True stops the
+    run after that step (no validation or save for it). save=False writes no checkpoints. stop: when to end early
+    (default: on SIGTERM / SIGUSR1), by raising RunEnded after saving; SIGTERM and SIGUSR1 then stay ignored in
+    this process, which is expected to exit."""
     o, lg = cfg.optim, cfg.log
     itr = EpochBatchIterator(data.train_set, cfg.data.max_tokens, seed=cfg.seed,
                              max_sentences=cfg.data.max_sentences or None, shuffle=cfg.data.shuffle,
@@ -93,7 +94,8 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
     if loop_state is None and engine.rank == 0:
         print(f"model: {engine.describe()}, {len(data.train_set)} training pairs", file=sys.stderr)
     if valid_batches is None:
-        valid_batches = valid_batches_of(data.valid_set, cfg, engine.data_shards, engine.data_shard)
+        valid_batches = pair_batches(data.valid_set, cfg.data.max_tokens, shards=engine.data_shards,
+                                     shard=engine.data_shard)
     groups = itr.update_groups(o.update_freq)
     interval = _new_interval()
     t0 = time.time()
@@ -102,8 +104,11 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
     logger.log({"step": engine.step, "resumed": loop_state is not None}, tag="start", echo=False)
     phase = "start"
     try:
+        health = getattr(engine, "health", None)  # per-layer gradient norms (training/health.py)
         while engine.step < o.max_updates:
             phase = f"step {engine.step + 1}"
+            if health is not None:  # the steps that are logged also measure their update-to-weight ratios
+                health.measure_next = _logs_at(engine.step + 1, lg.log_interval, o.max_updates)
             stats = engine.train_step(next(groups))
             interval["loss"].append(stats["loss"])
             interval["nll_loss"].append(stats["nll_loss"])
@@ -116,8 +121,10 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
             if "compile_s" in stats:  # model.compile: the first step compiled the layers
                 _log_compile(logger, step, stats)
             last = step == o.max_updates
-            if step % lg.log_interval == 0 or last:
+            if _logs_at(step, lg.log_interval, o.max_updates):
                 logger.log(_interval_record(step, itr.epoch, interval, stats, time.time() - t0))
+                if health is not None and (record := health.take_interval(step)) is not None:
+                    logger.log_health(record)
                 interval = _new_interval()
                 t0 = time.time()
             if on_step is not None and on_step(stats):
@@ -143,6 +150,7 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
             phase = f"the stop decision after step {step}"
             code = 0 if last else engine.max_over_ranks(stop.code())
             if code:
+                stop.ending()  # more signals (scancel, then torchrun's forwarding) change nothing from here
                 if interval["loss"]:  # the steps since the last record
                     logger.log(_interval_record(step, itr.epoch, interval, stats, time.time() - t0))
                 phase = f"saving step {step}"

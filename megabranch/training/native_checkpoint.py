@@ -7,6 +7,12 @@ save. The file format and its publication protocol are megabranch.checkpoint's.
 
 With log.async_save (the default) a save copies this rank's state into host memory and publishes it in the
 background (checkpoint.async_save); the run loop calls finish() (through the engine's finish_saves) at the end.
+
+A save that fails (a full disk, a read-only or vanished filesystem: checkpoint.SaveFailed, the same on every rank)
+does not end the run: every rank says so in one line, `latest` still names the previous checkpoint, training goes
+on and the next save tries again. log.max_failed_saves failures in a row end the run (a UserError: exit code 2),
+and so does a failure of the last save (finish()). A background save's failure is known when the next save (or
+finish()) waits for it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from .. import checkpoint
 from ..config import Config
+from ..checkpoint import space
 from ..checkpoint.async_save import AsyncSaver, host_copy, snapshot
 from ..errors import UserError
 from ..model import canonical_parameters
@@ -68,6 +75,10 @@ class NativeCheckpoints:
         self.cfg, self.model, self.optimizer, self.precision = cfg, model, optimizer, precision
         self.position, self.vocab_sizes, self.vocab_sha256, self.rank = position, vocab_sizes, vocab_sha256, rank
         self._saver: AsyncSaver | None = None
+        self._in_flight: tuple[str, int] | None = None  # (save_dir, step) of the background save being written
+        self._failed = 0  # saves failed in a row
+        self._failure: str | None = None  # why the most recent save failed; None once one is published
+        self._published: int | None = None  # the step this run last published
 
     def named_params(self) -> dict:
         """This rank's parameters by single-process name (tensor-parallel slices)."""
@@ -119,16 +130,67 @@ class NativeCheckpoints:
         files, meta = self.files(step, alpha, data_state), self.meta(step, alpha, valid_loss, best)
         lg = self.cfg.log
         if not lg.async_save:
-            return checkpoint.save_step(save_dir, step, files, meta, is_best, lg.keep_last)
+            try:
+                path = checkpoint.save_step(save_dir, step, files, meta, is_best, lg.keep_last)
+            except checkpoint.SaveFailed as e:
+                self._count(save_dir, step, e)
+                return os.path.join(save_dir, f"step_{step}")
+            self._count(save_dir, step, None)
+            return path
         if self._saver is None:
             self._saver = AsyncSaver(self.cfg.parallel.timeout_s)
+        self._wait()
         self._saver.save(save_dir, step, snapshot(files), meta, is_best, lg.keep_last)
+        self._in_flight = (save_dir, step)
         return os.path.join(save_dir, f"step_{step}")
 
     def finish(self) -> None:
-        """Collective at the end of a run: every background save published (its failure raised here)."""
-        if self._saver is not None:
+        """Collective at the end of a run: every background save published; a UserError when the last save
+        failed (the run's end, or a stop, has no checkpoint of its own step)."""
+        in_flight = self._in_flight
+        self._wait(last=True)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None  # said once, also when an error path calls finish() again
+            save_dir = in_flight[0] if in_flight else self.cfg.log.save_dir
+            raise UserError(f"the last checkpoint was not saved, {failure}; {self._kept(save_dir)}; "
+                            f"{space.RESUME_ADVICE}")
+
+    def _wait(self, last: bool = False) -> None:
+        """Collective: the background save in flight (if any) published, or its failure counted."""
+        if self._in_flight is None:
+            return
+        (save_dir, step), self._in_flight = self._in_flight, None
+        try:
             self._saver.wait()
+        except checkpoint.SaveFailed as e:
+            self._count(save_dir, step, e, last)
+        else:
+            self._count(save_dir, step, None)
+
+    def _count(self, save_dir: str, step: int, error: checkpoint.SaveFailed | None, last: bool = False) -> None:
+        """Keep count of the saves failed in a row: one line per failure on every rank, a UserError at
+        log.max_failed_saves (every rank counts the same failures: a SaveFailed is raised on all of them)."""
+        if error is None:
+            self._failed, self._failure, self._published = 0, None, step
+            return
+        self._failed += 1
+        self._failure = f"step_{step}: {error.reason}"
+        limit = self.cfg.log.max_failed_saves
+        if self._failed >= limit:  # (said here: finish() on the way out has nothing left to say)
+            failure, self._failure = self._failure, None
+            raise UserError(f"{self._failed} checkpoint saves in a row failed (log.max_failed_saves={limit}), the "
+                            f"last of {failure}; stopping; {self._kept(save_dir)}; {space.RESUME_ADVICE}")
+        if not last:  # (the last one is finish()'s error)
+            who = f"rank {self.rank}: " if self.position["tp"] * self.position["pp"] * self.position["dp"] > 1 else ""
+            print(f"warning: {who}checkpoint not saved, {self._failure}; {self._kept(save_dir)}; training goes on "
+                  f"and the next save tries again ({self._failed} of log.max_failed_saves={limit} failures in a "
+                  "row)", file=sys.stderr, flush=True)
+
+    def _kept(self, save_dir: str) -> str:
+        """What `latest` names after a failed save (never read from the failing filesystem)."""
+        if self._published is None:
+            return f"{save_dir}/latest is as it was"
+        return f"{save_dir}/latest still names step_{self._published}"
 
     # --- restoring -------------------------------------------------------------------------------------------
     @torch.no_grad()

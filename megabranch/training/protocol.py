@@ -19,6 +19,7 @@ class Engine(Protocol):
     rank: int  # this process's global rank: rank 0 logs
     data_shards: int  # the data is split into this many shards (data-parallel replicas) ...
     data_shard: int  # ... and this rank reads this one
+    health: object | None  # the training health monitor (training/health.py), None where the engine has none
 
     def describe(self) -> str:
         """One line for the start of a run: the model and how it is laid out."""

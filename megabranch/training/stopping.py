@@ -6,6 +6,10 @@ reason code, so a signal that reached a single rank stops them all at the same s
 checkpoint and the run ends with exit code 75 (errors.EXIT_REQUEUE): run the same command with --resume auto
 to continue. A rank blocked in a wait notices the flag when the wait returns (every wait is bounded by
 parallel.timeout_s).
+
+The stop is re-entrant: once the ranks have agreed to stop (`ending()`), the stop signals are ignored until the
+process exits, however many arrive (SLURM's scancel and torchrun's forwarding each send one; an impatient user
+more): they never interrupt the checkpoint, and the default action (death, 143) is never restored before exit 75.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class StopRequest:
         self.deadline = None if exit_duration_mins is None else self.started + 60.0 * exit_duration_mins
         self.signal: str | None = None
         self._previous: dict = {}
+        self._ending = False
 
     def _handle(self, signum, frame) -> None:
         self.signal = self.signal or signal.Signals(signum).name
@@ -41,9 +46,20 @@ class StopRequest:
         return self
 
     def uninstall(self) -> None:
+        """Put the previous handlers back (not after ending(): the process is on its way out)."""
+        if self._ending:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    def ending(self) -> None:
+        """The run stops now (saves, then exits 75): from here the stop signals are ignored (SIG_IGN, which,
+        unlike a Python handler, Python's own shutdown leaves in place) until the process exits."""
+        self._ending = True
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
 
     def code(self) -> int:
         """Whether (> 0) and why this rank wants to stop now; the loop takes the largest over the ranks."""

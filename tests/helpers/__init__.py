@@ -1,6 +1,6 @@
 """What several test modules share, one module per kind of thing; no test module imports another.
 
-    env          the repository root, the environment of a subprocess, one torch thread, loading a tools/ script
+    env          the repository root, the environment of a subprocess, one torch thread
     configs      tiny model configs, the pipeline harness config, the tiny pp=2 YAML of the launch tests
     corpus       tiny corpora, and a tiny preprocessed data directory
     dist         free ports and the gloo worker runner (N processes standing in for N GPUs)

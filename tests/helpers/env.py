@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import sys
 
@@ -30,11 +29,3 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def load_tool(name: str):
-    """A script of tools/ as a module (tools/ is not a package; its scripts import each other by plain name)."""
-    tools = os.path.join(ROOT, "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    return importlib.import_module(name)

@@ -6,15 +6,23 @@
      way to a module are not edges of their own.
   b) no private name (one leading underscore; dunders are fine) of one module used by another, imported
      (`from pkg.mod import _name`) or as an attribute of an imported module (`mod._name`).
-  c) no function-local import except of an optional or heavy dependency in LOCAL_IMPORT_ALLOWED.
+  c) no function-local import except of an optional or heavy dependency in LOCAL_IMPORT_ALLOWED (or in a module
+     of LOCAL_IMPORT_MODULES, for the reason given there).
+  d) no change of the import path (sys.path.insert / append / extend, an assignment to sys.path, site.addsitedir):
+     a module is imported by its package name, never found by patching where Python looks.
+  e) no module of the package imported by a bare name (`import sweep_plan` next to sweep_plan.py): that works
+     only with the module's own folder on sys.path; import it relatively or by its full name.
 
-check_package(path) returns a Report; report.message() lists every violation, one per line.
+check_package(path, uses=...) returns a Report; report.message() lists every violation, one per line. `uses`
+names other packages the checked one imports (tools/ uses megabranch/): their modules are known, so a private
+name of theirs counts as another module's, but their files are not checked.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -27,7 +35,18 @@ LOCAL_IMPORT_ALLOWED = {
     "torch.utils.cpp_extension": "only to JIT-build a kernel; it imports setuptools",
     "torchscale": "optional (test extras); only to check a conversion against the real model",
     "fairseq": "optional (test extras); only to read and check a fairseq checkpoint; about 3.5 s to import",
+    "torch.distributed.pipelining": "torch's own B/W split (a private module some torch versions lack): only what "
+                                    "tools.bench.backward_split times against ours",
+    "omegaconf": "fairseq's config library; only with fairseq",
+    "ctranslate2": "optional (requirements-peers.txt); only to export to and check against CTranslate2",
+    "transformers": "optional (requirements-peers.txt); only to export to and check against MarianMT; about 2 s",
 }
+# Modules whose every function may import anything locally, and why.
+LOCAL_IMPORT_MODULES = {
+    "tools.gpu_check": "its parts run in child processes, each under a time budget; the driver imports neither "
+                       "torch nor megabranch, so a broken or hanging import is one part's failure, not the report's",
+}
+PATH_CHANGES = {"sys.path.insert", "sys.path.append", "sys.path.extend", "site.addsitedir"}
 
 
 def _allowed_local(name: str) -> bool:
@@ -57,14 +76,17 @@ class Report:
     edges: dict[tuple[str, str], list[Site]] = field(default_factory=dict)  # every import edge, with its sites
     private: list[str] = field(default_factory=list)
     local: list[str] = field(default_factory=list)
+    path_changes: list[str] = field(default_factory=list)
+    bare: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.cycles or self.private or self.local)
+        return not (self.cycles or self.private or self.local or self.path_changes or self.bare)
 
     def message(self, title: str = "import rules broken") -> str:
         out = [f"{title}: {len(self.cycles)} import cycle(s), {len(self.private)} private name(s) used across "
-               f"modules, {len(self.local)} function-local import(s) outside the allowlist"]
+               f"modules, {len(self.local)} function-local import(s) outside the allowlist, "
+               f"{len(self.path_changes)} change(s) of sys.path, {len(self.bare)} module(s) imported by a bare name"]
         if self.cycles:
             out.append("import cycles (the shortest through each of their edges):")
             out += ["  " + " -> ".join(c) for c in self.cycles]
@@ -77,12 +99,22 @@ class Report:
         if self.local:
             out.append("function-local imports (allowed only of " + ", ".join(LOCAL_IMPORT_ALLOWED) + "):")
             out += ["  " + x for x in self.local]
+        if self.path_changes:
+            out.append("changes of the import path (import by the package name instead):")
+            out += ["  " + x for x in self.path_changes]
+        if self.bare:
+            out.append("modules of the package imported by a bare name (import them relatively):")
+            out += ["  " + x for x in self.bare]
         return "\n".join(out)
 
 
-def check_package(root: str) -> Report:
-    """Apply the three rules to the package whose directory is `root` (its name is the directory's name)."""
+def check_package(root: str, uses: tuple[str, ...] = ()) -> Report:
+    """Apply the rules to the package whose directory is `root` (its name is the directory's name); `uses`: the
+    directories of other packages it imports, known but not checked."""
     modules = _modules(root)
+    known = dict(modules)
+    for other in uses:
+        known.update(_modules(other))
     top = os.path.dirname(os.path.abspath(root))
     report = Report()
     for module, path in modules.items():
@@ -92,10 +124,11 @@ def check_package(root: str) -> Report:
         walker = _Walker()
         walker.visit(tree)
         is_package = path.endswith("__init__.py")
-        _check_imports(module, is_package, rel, walker.imports, modules, report)
-        _check_attributes(module, is_package, rel, walker, modules, report)
-    report.private.sort()
-    report.local.sort()
+        _check_imports(module, is_package, rel, walker.imports, known, report)
+        _check_attributes(module, is_package, rel, walker, known, report)
+        report.path_changes += [f"{rel}:{node.lineno}: {ast.unparse(node)}" for node in walker.path_changes]
+    for found in (report.private, report.local, report.path_changes, report.bare):
+        found.sort()
     report.cycles = _cycles(set(report.edges))
     return report
 
@@ -116,13 +149,14 @@ def _modules(root: str) -> dict[str, str]:
 
 
 class _Walker(ast.NodeVisitor):
-    """Import statements with the function they stand in ("" at module level or in a class body), and every
-    attribute expression."""
+    """Import statements with the function they stand in ("" at module level or in a class body), every
+    attribute expression, and every change of sys.path."""
 
     def __init__(self):
         self.scope: list[tuple[str, bool]] = []  # (name, is a function), from the module down
         self.imports: list[tuple[ast.Import | ast.ImportFrom, str]] = []
         self.attributes: list[ast.Attribute] = []
+        self.path_changes: list[ast.AST] = []
 
     def _enter(self, node, is_function: bool):
         self.scope.append((node.name, is_function))
@@ -147,6 +181,21 @@ class _Walker(ast.NodeVisitor):
         self.attributes.append(node)
         self.generic_visit(node)
 
+    def visit_Call(self, node):
+        if isinstance(node.func, ast.Attribute) and ".".join(_chain(node.func) or []) in PATH_CHANGES:
+            self.path_changes.append(node)
+        self.generic_visit(node)
+
+    def _assign(self, node):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        for t in targets:
+            t = t.value if isinstance(t, ast.Subscript) else t  # sys.path[:0] = [...]
+            if isinstance(t, ast.Attribute) and _chain(t) == ["sys", "path"]:
+                self.path_changes.append(node)
+        self.generic_visit(node)
+
+    visit_Assign = visit_AugAssign = _assign
+
 
 def _from_base(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     """The absolute module a `from ... import` reads from."""
@@ -160,7 +209,9 @@ def _from_base(module: str, is_package: bool, node: ast.ImportFrom) -> str:
 
 
 def _check_imports(module, is_package, rel, imports, modules, report) -> None:
-    """One module's edges (rule a), private names imported (rule b) and function-local imports (rule c)."""
+    """One module's edges (rule a), private names imported (rule b), function-local imports (rule c) and modules
+    of its own package imported by a bare name (rule e). `modules`: every module known, by dotted name."""
+    own = module if is_package else module.rpartition(".")[0]  # the package its bare names would resolve in
 
     def edge(target: str, site: Site) -> None:
         sites = report.edges.setdefault((module, target), []) if target != module else [site]
@@ -169,6 +220,12 @@ def _check_imports(module, is_package, rel, imports, modules, report) -> None:
 
     for node, function in imports:
         site = Site(rel, node.lineno, function)
+        absolute = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if node.level == 0 else []
+        for name in absolute:  # a stdlib name is the stdlib's, whatever lies beside the module
+            first = name.split(".")[0]
+            if own and f"{own}.{first}" in modules and first not in sys.stdlib_module_names:
+                report.bare.append(f"{site}: {ast.unparse(node)} (the module {own}.{first})")
         if isinstance(node, ast.Import):
             loads = [a.name for a in node.names]
             for name in loads:
@@ -188,7 +245,7 @@ def _check_imports(module, is_package, rel, imports, modules, report) -> None:
                         report.private.append(f"{site}: {ast.unparse(node)} ({base}.{a.name})")
             # `from torch.utils import cpp_extension` loads the allowed torch.utils.cpp_extension
             loads = [base] if _allowed_local(base) else [f"{base}.{a.name}" for a in node.names]
-        if function and not all(_allowed_local(name) for name in loads):
+        if function and module not in LOCAL_IMPORT_MODULES and not all(_allowed_local(name) for name in loads):
             report.local.append(f"{rel}:{node.lineno} in {function}: {ast.unparse(node)}")
 
 

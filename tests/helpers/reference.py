@@ -114,7 +114,7 @@ class AlphaAudit:
         for name in ("encoder", "decoder"):
             stack = getattr(chunk, name)
             if len(stack.layers):
-                self.records.append((phase, self.specs[v].index, name, float(stack.coeffs.s)))
+                self.records.append((phase, self.specs[v].index, name, float(stack.coeffs.branch_scale)))
 
     def _hook(self, v: int):
         def hook(chunk, args, out):

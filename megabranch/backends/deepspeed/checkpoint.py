@@ -8,11 +8,12 @@ import os
 
 import torch
 
+from ...checkpoint import contained, safe_load
 from ...config import Config, ModelConfig
 from ...errors import UserError
 from ...model import meta_model
 from ...model.transformer import DECODER_TABLE, SHARED_TABLE
-from .layers import layer_plan, unit_state_keys
+from .layers import check_scheme, layer_plan, unit_state_keys
 
 EXPORT_TAG = "megabranch"
 
@@ -22,12 +23,23 @@ def _layer_file(directory: str, idx: int) -> str:
 
 
 def _tag_dir(path: str) -> str:
-    """A DeepSpeed checkpoint root (with `latest`) -> its latest tag folder; a tag folder -> itself."""
+    """A DeepSpeed checkpoint root (with `latest`) -> its latest tag folder (which must lie inside it); a tag
+    folder -> itself."""
     latest = os.path.join(path, "latest")
     if not os.path.isfile(_layer_file(path, 0)) and os.path.isfile(latest):
         with open(latest) as fh:
-            return os.path.join(path, fh.read().strip())
+            return contained(path, fh.read().strip(), latest)
     return path
+
+
+def _layer(path: str, key: str | None = None):
+    """One layer file (checkpoint.safe_load: tensors and plain data only); with `key`, that tensor of it."""
+    layer = safe_load(path)
+    if key is None:
+        return layer
+    if key not in layer:
+        raise UserError(f"import_deepspeed: {path} has no {key}; is it a megabranch model's DeepSpeed checkpoint?")
+    return layer[key]
 
 
 def _aliases(mc: ModelConfig) -> dict:
@@ -53,6 +65,7 @@ def export_deepspeed(model_state: dict, cfg, out_dir: str, vocab: int | None = N
     mp_rank_00_model_states.pt with no optimizer state, and out_dir/latest. The layer files do not depend on the
     pipeline size, so any pp loads them. cfg: a Config or ModelConfig. Returns the files."""
     mc = cfg.model if isinstance(cfg, Config) else cfg
+    check_scheme(mc)  # a scheme the DeepSpeed backend cannot run is not written for it
     vocab, tgt_vocab = _vocabs(model_state, vocab, tgt_vocab)
     aliases = _aliases(mc)
     used, files = set(), []
@@ -101,10 +114,10 @@ def import_deepspeed(in_dir: str, cfg, vocab: int | None = None, tgt_vocab: int 
         raise UserError(f"import_deepspeed: {first} not found; pass a DeepSpeed pipeline checkpoint folder (holding "
                         f"`latest`, or layer_XX-model_states.pt; tensor-parallel layer files are not supported)")
     plan = layer_plan(mc)
-    vocab = vocab or torch.load(first, map_location="cpu", weights_only=True)[SHARED_TABLE].shape[0]
+    vocab = vocab or _layer(first, SHARED_TABLE).shape[0]
     if tgt_vocab is None:
-        tgt_vocab = vocab if mc.share_all_embeddings else torch.load(
-            _layer_file(in_dir, mc.encoder_layers + 1), map_location="cpu", weights_only=True)[DECODER_TABLE].shape[0]
+        tgt_vocab = vocab if mc.share_all_embeddings else \
+            _layer(_layer_file(in_dir, mc.encoder_layers + 1), DECODER_TABLE).shape[0]
     aliases = _aliases(mc)
     state: dict = {}
     for idx, entry in enumerate(plan):
@@ -112,7 +125,7 @@ def import_deepspeed(in_dir: str, cfg, vocab: int | None = None, tgt_vocab: int 
         if not os.path.isfile(path):
             raise UserError(f"import_deepspeed: {path} not found; the checkpoint does not hold a "
                             f"{mc.encoder_layers}L-{mc.decoder_layers}L model ({len(plan)} layer files expected)")
-        layer = torch.load(path, map_location="cpu", weights_only=True)
+        layer = _layer(path)
         want = set(unit_state_keys(mc, entry, vocab, tgt_vocab))
         if set(layer) != want:
             missing, unexpected = sorted(want - set(layer)), sorted(set(layer) - want)

@@ -33,7 +33,25 @@ from dataclasses import dataclass, replace
 import torch
 
 from ...config import ModelConfig
+from ...errors import UserError
 from ...model import Span, Transformer
+from ...model.span import Carried
+
+
+# schemes DeepSpeed's pipeline cannot run as this layer list, and why (one line each, refused before building)
+UNSUPPORTED_SCHEMES = {
+    "dlcl": "every DLCL layer reads all earlier layers' outputs, which DeepSpeed's fixed tuple of one hidden "
+            "per layer does not carry (the native pipeline carries the history: --backend native)",
+    "admin": "Admin's profiling pass runs stage by stage before the first step in the native pipeline only "
+             "(--backend native)",
+}
+
+
+def check_scheme(cfg: ModelConfig) -> None:
+    """A UserError naming the scheme when --backend deepspeed cannot run it."""
+    if cfg.residual in UNSUPPORTED_SCHEMES:
+        raise UserError(f"model.residual={cfg.residual} is not supported by --backend deepspeed: "
+                        f"{UNSUPPORTED_SCHEMES[cfg.residual]}")
 
 
 @dataclass(frozen=True)
@@ -76,10 +94,10 @@ class PipeUnit(Transformer):
         src = prev = None
         if torch.is_tensor(inputs):  # the output projection after the last decoder layer
             carry = (None, inputs)
-        elif role.receives == "":
+        elif not role.receives:
             src, prev = inputs
             carry = ()
-        elif role.receives in ("x", "memory"):
+        elif len(role.receives) == 1:  # the encoder hidden, or the finished encoder output
             h, src, prev = inputs
             carry = (h,)
         else:
@@ -91,7 +109,7 @@ class PipeUnit(Transformer):
         # DeepSpeed's bf16 / fp16 engines cast the parameters, not the fp32 position table: keep their dtype
         dtype = next(self.parameters()).dtype
         out = tuple(t.to(dtype) for t in out)
-        if role.sends == "memory+y":
+        if role.sends == (Carried.MEMORY, Carried.DECODER_HIDDEN):
             memory, y = out
             return y if self.drops_memory else (memory, y, src)
         (h,) = out

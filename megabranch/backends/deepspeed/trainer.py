@@ -44,7 +44,7 @@ from ...training.optimizer import build_optimizer, set_lr
 from ...vocab import PAD
 from .config import load_ds_config
 from .grad_norm import keep_fp32_grad_norm
-from .layers import PipeUnit, layer_plan
+from .layers import PipeUnit, check_scheme, layer_plan
 from .partition import PARTITIONS, ds_parts
 
 
@@ -170,6 +170,7 @@ class DeepSpeedTrainer:
 
     def __init__(self, cfg: Config, vocab_size: int, tgt_vocab_size: int | None = None, ds_config: dict | None = None,
                  partition: str | None = None, init_seed: int | None = None):
+        check_scheme(cfg.model)
         deepspeed = import_deepspeed_package()
         self.cfg, self.dist = cfg, dist
         ds = load_ds_config(None, cfg) if ds_config is None else ds_config
@@ -193,6 +194,7 @@ class DeepSpeedTrainer:
         self.dp_group = self.engine.grid.get_data_parallel_group()
         self.gas = self.engine.gradient_accumulation_steps()
         self.rank, self.data_shards, self.data_shard = dist.get_rank(), self.dp, self.dp_rank
+        self.health = None  # DeepSpeed computes and clips the gradient norm itself
 
     @property
     def step(self) -> int:

@@ -10,7 +10,7 @@ names, so callers write `from megabranch.parallel.tensor_parallel import ColumnP
 """
 
 from .cross_entropy import vocab_parallel_label_smoothed_nll_loss
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelOutput
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelOutput, mark_shard
 from .mappings import (
     copy_to_tp,
     gather_from_sequence,
@@ -25,6 +25,6 @@ from .random import RNGTracker, checkpoint, get_rng_tracker, install_rng_fork, m
 __all__ = [
     "ColumnParallelLinear", "RNGTracker", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelOutput",
     "checkpoint", "copy_to_tp", "gather_from_sequence", "gather_from_tp", "get_rng_tracker", "install_rng_fork",
-    "model_parallel_seed", "reduce_from_tp", "reduce_scatter_to_sequence", "scatter_to_sequence", "scatter_to_tp",
+    "mark_shard", "model_parallel_seed", "reduce_from_tp", "reduce_scatter_to_sequence", "scatter_to_sequence", "scatter_to_tp",
     "vocab_parallel_label_smoothed_nll_loss",
 ]

@@ -38,7 +38,8 @@ def _divide(n: int, k: int, what: str) -> int:
     return n // k
 
 
-def _mark_shard(p: nn.Parameter, dim: int, tp_size: int, tp_rank: int, full_shape: tuple) -> nn.Parameter:
+def mark_shard(p: nn.Parameter, dim: int, tp_size: int, tp_rank: int, full_shape: tuple) -> nn.Parameter:
+    """Record on `p` that it is slice tp_rank of tp_size along `dim` of a parameter shaped `full_shape`."""
     p.tp_split_dim, p.tp_size, p.tp_rank, p.tp_full_shape = dim, tp_size, tp_rank, tuple(full_shape)
     return p
 
@@ -60,11 +61,11 @@ class ColumnParallelLinear(nn.Module):
         self.out_features = _divide(out_features, self.tp_size, "out_features")
         self.gather_output = gather_output
         kw = dict(device=device, dtype=dtype)
-        self.weight = _mark_shard(nn.Parameter(torch.empty(self.out_features, in_features, **kw)), 0,
+        self.weight = mark_shard(nn.Parameter(torch.empty(self.out_features, in_features, **kw)), 0,
                                   self.tp_size, self.tp_rank, (out_features, in_features))
         self.bias = None
         if bias:
-            self.bias = _mark_shard(nn.Parameter(torch.empty(self.out_features, **kw)), 0, self.tp_size,
+            self.bias = mark_shard(nn.Parameter(torch.empty(self.out_features, **kw)), 0, self.tp_size,
                                     self.tp_rank, (out_features,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ class RowParallelLinear(nn.Module):
         self.in_features = _divide(in_features, self.tp_size, "in_features")
         self.input_is_parallel = input_is_parallel
         kw = dict(device=device, dtype=dtype)
-        self.weight = _mark_shard(nn.Parameter(torch.empty(out_features, self.in_features, **kw)), 1,
+        self.weight = mark_shard(nn.Parameter(torch.empty(out_features, self.in_features, **kw)), 1,
                                   self.tp_size, self.tp_rank, (out_features, in_features))
         self.bias = None
         if bias:
@@ -129,7 +130,7 @@ class VocabParallelEmbedding(nn.Module):
         self.local_padding_idx = None
         if padding_idx is not None and self.vocab_start <= padding_idx < self.vocab_end:
             self.local_padding_idx = padding_idx - self.vocab_start
-        self.weight = _mark_shard(nn.Parameter(torch.empty(per, embedding_dim, device=device, dtype=dtype)), 0,
+        self.weight = mark_shard(nn.Parameter(torch.empty(per, embedding_dim, device=device, dtype=dtype)), 0,
                                   self.tp_size, self.tp_rank, (num_embeddings, embedding_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -162,21 +163,25 @@ class VocabParallelOutput(nn.Module):
         self.d_model, self.vocab_size = d_model, vocab_size
         per = _divide(vocab_size, self.tp_size, "vocab_size")
         self.gather_output = gather_output
-        self._tied = None
+        self._tied_table = []
         self.weight = None
         if tied_to is not None:
             if tuple(tied_to.weight.shape) != (per, d_model) or tied_to.tp_rank != self.tp_rank:
                 raise ValueError(f"cannot tie a ({per}, {d_model}) output shard of rank {self.tp_rank} to "
                                  f"{tuple(tied_to.weight.shape)} of rank {tied_to.tp_rank}")
-            self._tied = [tied_to]
+            self._tied_table = [tied_to]
         else:
-            self.weight = _mark_shard(nn.Parameter(torch.empty(per, d_model, device=device, dtype=dtype)), 0,
+            self.weight = mark_shard(nn.Parameter(torch.empty(per, d_model, device=device, dtype=dtype)), 0,
                                       self.tp_size, self.tp_rank, (vocab_size, d_model))
 
+    @property
+    def tied_to(self) -> VocabParallelEmbedding | None:
+        return self._tied_table[0] if self._tied_table else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._tied[0].weight if self._tied else self.weight
+        w = self.weight if self.tied_to is None else self.tied_to.weight
         logits = F.linear(copy_to_tp(x, self.group), w)
         return gather_from_tp(logits, self.group) if self.gather_output else logits
 
     def extra_repr(self) -> str:
-        return f"{self.d_model} -> {self.vocab_size} / {self.tp_size}, tied={self._tied is not None}"
+        return f"{self.d_model} -> {self.vocab_size} / {self.tp_size}, tied={self.tied_to is not None}"

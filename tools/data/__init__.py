@@ -1,0 +1,1 @@
+"""Data tools: corpora made for measuring the data pipeline at full scale."""
