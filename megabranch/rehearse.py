@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .config import ints
 from .dry_run import data_vocab, resolve_world_size
 from .errors import UserError
 from .parallel.executor import MicroBatch
@@ -283,6 +284,7 @@ def rehearse(cfg, world_size: int | None = None, ranks: str | None = None, gpu: 
     `ranks` ("0,8,17"; default one per pipeline stage), priced for `gpu`. Prints the tables to `out` (None:
     stdout; False: nothing) and returns the numbers."""
     spec = gpu_named(gpu)
+    ints(1).check_flag("--vocab", vocab, " (a vocabulary size)")
     world, dp = resolve_world_size(cfg, world_size)
     chosen = parse_ranks(ranks, world)
     if vocab:

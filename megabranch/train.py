@@ -170,6 +170,8 @@ def main(argv=None):
         ds = load_ds_config(args.deepspeed_config, cfg)
     if args.dry_run:
         dry_run(cfg, args.world_size, args.backend, ds, args.vocab, gpu_memory_gb=args.gpu_memory_gb)
+    if args.ranks is not None and not args.rehearse:
+        raise UserError("--ranks chooses the ranks --rehearse rehearses: add --rehearse")
     if args.rehearse:
         if args.backend != "native":
             raise UserError("--rehearse runs the native engine (--backend native)")

@@ -175,12 +175,20 @@ def test_bad_input_is_one_line(capsys):
     assert gpu_named("h100") is GPUS["H100"]
     from megabranch.train import main
 
-    with pytest.raises(SystemExit) as e:
-        main(["--set", "parallel.tp=2", "--set", "parallel.pp=2", "--rehearse", "--world-size", "8", "--ranks", "8",
-              "--vocab", "40"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.strip() == \
-        "megabranch-train: error: --ranks: rank 8 is outside the world of 8 ranks (0-7)", err
+    layout = ["--set", "parallel.tp=2", "--set", "parallel.pp=2", "--vocab", "40"]
+    for argv, message in [
+        (["--rehearse", "--world-size", "8", "--ranks", "8"], "--ranks: rank 8 is outside the world of 8 ranks (0-7)"),
+        (["--rehearse", "--world-size", "6"], "world size 6 does not fit parallel.tp * parallel.pp = 2 * 2 = 4: it "
+                                             "must be a positive multiple of 4 (nodes x GPUs per node = tp * pp * dp)"),
+        (["--rehearse", "--world-size", "2"], "world size 2 does not fit parallel.tp * parallel.pp = 2 * 2 = 4"),
+        (["--rehearse", "--gpu", "V100"], "--gpu 'V100' is unknown: choose one of A100, H100"),
+        (["--ranks", "0"], "--ranks chooses the ranks --rehearse rehearses: add --rehearse"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(layout + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"megabranch-train: error: {message}"), (argv, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, err
 
 
 # --- the planner against the rehearsal --------------------------------------------------------------------------
