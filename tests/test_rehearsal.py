@@ -181,6 +181,8 @@ def test_bad_input_is_one_line(capsys):
         (["--rehearse", "--world-size", "6"], "world size 6 does not fit parallel.tp * parallel.pp = 2 * 2 = 4: it "
                                              "must be a positive multiple of 4 (nodes x GPUs per node = tp * pp * dp)"),
         (["--rehearse", "--world-size", "2"], "world size 2 does not fit parallel.tp * parallel.pp = 2 * 2 = 4"),
+        (["--rehearse", "--world-size", "8", "--set", "parallel.layout=E0|E1|D0"],
+         "parallel.layout='E0|E1|D0' has 3 stages but parallel.pp * parallel.vpp = 2 * 1 = 2"),
         (["--rehearse", "--gpu", "V100"], "--gpu 'V100' is unknown: choose one of A100, H100"),
         (["--ranks", "0"], "--ranks chooses the ranks --rehearse rehearses: add --rehearse"),
     ]:
