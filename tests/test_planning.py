@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 
 import pytest
@@ -48,6 +49,21 @@ def test_cost_model_stage_parameters_are_the_meta_build(tp, pp, vpp, placement, 
     statics = stage_statics(cfg.model, layout, 40, tp, 2, False, 0)
     cm = cost_model(cfg, 40, 512, 64, 64, 2, False)
     assert [cm.params_of(layout.chunks_of_rank(r)) for r in range(pp)] == [s.params for s in statics]
+
+
+@pytest.mark.unit
+def test_cost_model_messages_are_the_executors():
+    """What the memory plan prices as a chunk's received message is what the executor receives for it
+    (model/span.py's message shapes, in the compute dtype) and what the chunk before it sends: the encoder hidden,
+    the encoder output, the encoder output and the decoder hidden."""
+    cfg = make_cfg(6, 6)
+    cfg.optim.precision = "bf16"
+    layout = plan_layout(cfg.model, 4, 1, 40, layout="E0-2|E3-5|D0-2|D3-5")
+    cm = cost_model(cfg, 40, 512, 64, 64, 1, False)
+    received = [cm.received_bytes(c) for c in layout.chunks]
+    shapes = [c.message_shapes(True, 8, 64, 64, cfg.model.d_model) for c in layout.chunks]
+    assert received == [2.0 * sum(math.prod(x) for x in s) for s in shapes]
+    assert received[1:] == [cm.message_bytes(c) for c in layout.chunks[:-1]] and 0 not in received[1:]
 
 
 @pytest.mark.unit

@@ -7,10 +7,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..model.span import Carried
 from ..parallel.layout import Chunk, Layout
 from ..residual import SCHEMES
 
 MACHINE_BALANCE = 150.0  # FLOPs per byte of memory traffic (about an H100's bf16 peak / HBM bandwidth)
+
+# what a chunk receives (model/span.py): the encoder hidden, the encoder output, or that and the decoder hidden
+HIDDEN = (Carried.ENCODER_HIDDEN,)
+MEMORY = (Carried.MEMORY,)
+MEMORY_AND_HIDDEN = (Carried.MEMORY, Carried.DECODER_HIDDEN)
 
 
 @dataclass
@@ -205,7 +211,7 @@ class CostModel:
         cross-attentions read it without autocast or recomputation keeps it as an input."""
         d, c = self.cfg.d_model, self.act
         n_src, n = self.src_tokens, self.tokens
-        got = self.received_bytes(chunk) - {"x": self._reads(n_src, 3), "memory+y": self._reads(n, 3)}.get(
+        got = self.received_bytes(chunk) - {HIDDEN: self._reads(n_src, 3), MEMORY_AND_HIDDEN: self._reads(n, 3)}.get(
             chunk.receives, 0.0)
         if chunk.ends_encoder and chunk.has_decoder:  # the encoder output is made here
             if not self._casts or self.recompute > 0:  # read as is (float32), or kept for the recomputations
@@ -218,7 +224,7 @@ class CostModel:
         """Bytes of what the chunk receives for one micro-batch (in the compute dtype: the executor's message
         dtype), and of the gradient it sends back for it."""
         d = self.cfg.d_model
-        tokens = {"x": self.src_tokens, "memory": self.src_tokens, "memory+y": self.src_tokens + self.tokens}
+        tokens = {HIDDEN: self.src_tokens, MEMORY: self.src_tokens, MEMORY_AND_HIDDEN: self.src_tokens + self.tokens}
         return tokens.get(chunk.receives, 0.0) * d * self.act
 
     def chunk_activation_bytes(self, chunk: Chunk, recompute: int | None = None) -> float:
@@ -290,11 +296,11 @@ class CostModel:
         without a copy."""
         d, c = self.cfg.d_model, self.act
         held = sum(n * cost.w_bytes for n, cost in self._runs(chunk)) + sum(x.w_bytes for x in self._extras(chunk))
-        if chunk.receives == "x":
+        if chunk.receives == HIDDEN:
             held += self.src_tokens * d * c - self._reads(self.src_tokens, 3)
-        elif chunk.receives == "memory+y":
+        elif chunk.receives == MEMORY_AND_HIDDEN:
             held += self.tokens * d * c - self._reads(self.tokens, 3)
-        if chunk.has_decoder and chunk.receives in ("memory", "memory+y"):
+        if chunk.has_decoder and chunk.receives in (MEMORY, MEMORY_AND_HIDDEN):
             held += self.src_tokens * d * c
         elif chunk.ends_encoder and chunk.has_decoder and not self._casts:
             held += self.src_tokens * d * STREAM_BYTES
