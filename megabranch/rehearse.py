@@ -235,13 +235,14 @@ def forward_held(cfg, rank: int, world: int, vocab: int, tgt_vocab: int, device:
         (batch,) = fake_batches(cfg, vocab, tgt_vocab)[:1]
         mb = MicroBatch.from_batch(0, batch, engine.device)
         engine.model.train()
+        ex = engine.executor
         for v, chunk in enumerate(engine.layout.chunks_of_rank(engine.grid.pp_rank)):
             inputs = [torch.empty(shape, dtype=engine.precision.activation_dtype, device=engine.device,
-                                  requires_grad=True) for shape in mb.shapes(chunk.receives, cfg.model.d_model)]
+                                  requires_grad=True) for shape in mb.shapes(chunk, True, ex.d, ex.history)]
             kept = _Storages()
             with torch.autograd.graph.saved_tensors_hooks(kept.add, lambda t: t), autocast_of(engine.precision):
                 out = engine.model[v](mb.src_tokens, mb.prev_tokens, *inputs)
-                out = engine.executor.token_loss(out, mb) if chunk.output else out
+                out = ex.token_loss(out, mb) if chunk.output else out
             for t in out:
                 kept.add(t)
             held.append(kept.bytes())
