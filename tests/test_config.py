@@ -71,7 +71,7 @@ def test_every_numeric_field_rejects_non_finite_and_out_of_range_values(tmp_path
 
     numeric = [s for s in settings(Config()) if s.value is None and isinstance(s.rule, Range)
                or isinstance(s.value, (int, float, tuple)) and not isinstance(s.value, bool)]
-    assert len(numeric) == 38
+    assert len(numeric) == 39
     for key, default, rng, _ in numeric:
         assert isinstance(rng, Range), f"{key}: a number without a range ({rng})"
         for v in default if isinstance(default, tuple) else (() if default is None else (default,)):

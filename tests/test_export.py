@@ -88,7 +88,8 @@ def _decode_split(step_dir: str, data_dir: str, decode_fn) -> tuple[list, list, 
     ck = checkpoint.load_checkpoint(step_dir)
     mc = ModelConfig(**ck["config"]["model"])
     model = build_single(mc, ck["vocab_size"], ck["tgt_vocab_size"], ck["model"], ck["step"])
-    dataset, (_, tok), _ = load_split(data_dir, "test")
+    test = load_split(data_dir, "test")
+    dataset, tok = test.dataset, test.tgt_tok
     ours, theirs, limits = {1: {}, 4: {}}, {1: {}, 4: {}}, {}
     for idx in sentence_batches(dataset.src_sizes, len(dataset), 0, 8):
         src = dataset.collater([dataset[i] for i in idx])["src_tokens"]
