@@ -57,7 +57,8 @@ def _real_step(rank, world, out_dir):
 
 def _numbers(r) -> dict:
     return {"rank": r.rank, "params": r.params, "static": r.static, "peak": r.peak.total, "kinds": r.peak.kinds,
-            "held": r.held, "optimizer": r.high["after"], "flops": r.model_flops, "syncs": [r.syncs.inside_loop(), r.syncs.outside_loop()],
+            "held": r.held, "optimizer": r.high["after"], "flops": r.model_flops,
+            "syncs": [r.syncs.inside_loop(), r.syncs.outside_loop()],
             "lines": r.syncs.lines()}
 
 
@@ -67,8 +68,8 @@ def test_rehearsed_ranks_match_the_real_run(tmp_path):
     """pp2 x tp2 x dp2, ZeRO-1, zb-v: the rehearsal of every pipeline stage (fake tensors, fake world of 8)
     against the real 8-process gloo run. Parameter, gradient and optimizer bytes exact (and equal to what the
     parameter count gives); every chunk's activations per micro-batch, the peak's activations and the peak during
-    the optimizer step within 10%; FLOPs and device-to-host reads equal; a stage's tensor- and data-parallel ranks hold what its first rank
-    holds (why the rehearsal's default ranks stand for them)."""
+    the optimizer step within 10%; FLOPs and device-to-host reads equal; a stage's tensor- and data-parallel
+    ranks hold what its first rank holds (why the rehearsal's default ranks stand for them)."""
     run_workers(_real_step, 8, str(tmp_path))
     real = {}
     for r in range(8):
@@ -178,8 +179,9 @@ def test_bad_input_is_one_line(capsys):
     layout = ["--set", "parallel.tp=2", "--set", "parallel.pp=2", "--vocab", "40"]
     for argv, message in [
         (["--rehearse", "--world-size", "8", "--ranks", "8"], "--ranks: rank 8 is outside the world of 8 ranks (0-7)"),
-        (["--rehearse", "--world-size", "6"], "world size 6 does not fit parallel.tp * parallel.pp = 2 * 2 = 4: it "
-                                             "must be a positive multiple of 4 (nodes x GPUs per node = tp * pp * dp)"),
+        (["--rehearse", "--world-size", "6"], ("world size 6 does not fit parallel.tp * parallel.pp = 2 * 2 = 4: "
+                                              "it must be a positive multiple of 4 (nodes x GPUs per node = tp * pp "
+                                              "* dp)")),
         (["--rehearse", "--world-size", "2"], "world size 2 does not fit parallel.tp * parallel.pp = 2 * 2 = 4"),
         (["--rehearse", "--world-size", "8", "--set", "parallel.layout=E0|E1|D0"],
          "parallel.layout='E0|E1|D0' has 3 stages but parallel.pp * parallel.vpp = 2 * 1 = 2"),
