@@ -34,6 +34,7 @@ from .generate import meta_vocab_hash
 from .parallel.failures import comm_failure_ended, is_comm_failure
 from .parallel.grid import init_distributed
 from .planning.schedule_choice import GiB, resolve
+from .rehearse import rehearse
 from .training.loop import RunData, train
 from .training.engine import Trainer
 from .training.stopping import StopRequest
@@ -140,8 +141,17 @@ def main(argv=None):
     ap.add_argument("--deepspeed_config", "--deepspeed-config", help="DeepSpeed JSON config (see launch/configs/)")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the stage layout, parameters per stage, memory plan and effective batch, then exit")
-    ap.add_argument("--world-size", type=int, help="--dry-run: processes (default $WORLD_SIZE, else tp * pp)")
-    ap.add_argument("--vocab", type=int, help="--dry-run: vocabulary size when data.data_dir has no meta.json")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="build every rank's stage at full size on fake tensors over a fake world of --world-size "
+                         "ranks and run one training step of its own schedule on this CPU: memory by kind, FLOPs, "
+                         "device-to-host reads and a roofline prediction per rank beside the plan, then exit")
+    ap.add_argument("--ranks", metavar="R,R,...", help="--rehearse: the global ranks to rehearse (default: one per "
+                                                      "pipeline stage)")
+    ap.add_argument("--gpu", default="H100", help="--rehearse: the GPU the roofline prices for (A100 or H100)")
+    ap.add_argument("--world-size", type=int,
+                    help="--dry-run / --rehearse: processes (default $WORLD_SIZE, else tp * pp)")
+    ap.add_argument("--vocab", type=int,
+                    help="--dry-run / --rehearse: vocabulary size when data.data_dir has no meta.json")
     ap.add_argument("--gpu-memory-gb", type=float,
                     help="GiB per GPU that parallel.schedule=auto plans for (default: this GPU's, else 80) and "
                          "that an explicit schedule is checked against")
@@ -160,6 +170,13 @@ def main(argv=None):
         ds = load_ds_config(args.deepspeed_config, cfg)
     if args.dry_run:
         dry_run(cfg, args.world_size, args.backend, ds, args.vocab, gpu_memory_gb=args.gpu_memory_gb)
+    if args.ranks is not None and not args.rehearse:
+        raise UserError("--ranks chooses the ranks --rehearse rehearses: add --rehearse")
+    if args.rehearse:
+        if args.backend != "native":
+            raise UserError("--rehearse runs the native engine (--backend native)")
+        rehearse(cfg, args.world_size, args.ranks, args.gpu, args.vocab, gpu_memory_gb=args.gpu_memory_gb)
+    if args.dry_run or args.rehearse:
         return 0
     run(cfg, resume=args.resume, device=args.device, backend=args.backend, ds_config=ds,
         gpu_memory_gb=args.gpu_memory_gb, exit_duration_mins=args.exit_duration_mins, started=started)

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megabranch.ops import backend, eager_residual_layernorm, fallback_reason, residual_layernorm
 from megabranch.ops import residual_ln_loader as loader
@@ -203,6 +205,52 @@ def test_eager_path_and_custom_op_agree_bitwise(cpu_ext):
         y.backward(dy)
         outs[via] = [y.detach(), x.grad, f.grad, w.grad, b.grad]
     assert all(torch.equal(a, b) for a, b in zip(outs["op"], outs["function"]))
+
+
+class _OpNames(TorchDispatchMode):
+    """The names of the operators dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dx, df", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.bfloat16)], ids=["fp32", "bf16", "fp32+bf16"])
+def test_fake_tensors_take_the_custom_op_with_the_eager_shapes_and_dtypes(cpu_ext, dx, df):
+    """megabranch-train --rehearse runs the model on fake tensors (no storage): the fused path must reach the
+    custom op's fake implementation (the eager fast path would hand the kernels no data) and give what the eager
+    composition gives on real tensors: the output's and every gradient's shape and dtype; the statistics the
+    forward saves for the backward have the real op's shapes and dtypes."""
+
+    def inputs():
+        x = torch.randn(2, 5, 48, dtype=dx, requires_grad=True)
+        f = torch.randn(2, 5, 48, dtype=df, requires_grad=True)
+        return x, f, torch.ones(48, requires_grad=True), torch.zeros(48, requires_grad=True)
+
+    def run(fn, args):
+        y = fn(*args, torch.tensor(0.9), torch.tensor(0.4), 1e-5, dropout_p=0.1, training=True)
+        y.float().sum().backward()
+        return [(tuple(t.shape), t.dtype) for t in [y] + [a.grad for a in args]]
+
+    def stats(x, w, b):
+        out = torch.ops.megabranch.residual_layernorm_fwd(x, x, w, b, torch.tensor(1.0), torch.tensor(1.0), None,
+                                                          1e-5, 0.0)
+        return [(tuple(t.shape), t.dtype) for t in out]
+
+    want = run(eager_residual_layernorm, inputs())
+    x, _, w, b = (t.detach() for t in inputs())
+    want_stats = stats(x, w, b)
+    with FakeTensorMode(), _OpNames() as ops:
+        got = run(residual_layernorm, inputs())
+        x, _, w, b = (t.detach() for t in inputs())
+        got_stats = stats(x, w, b)
+    assert got == want and got_stats == want_stats
+    assert {"megabranch::residual_layernorm_fwd", "megabranch::residual_layernorm_bwd"} <= ops.seen
 
 
 def test_opcheck(cpu_ext):

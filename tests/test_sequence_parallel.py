@@ -312,10 +312,11 @@ def test_the_memory_plan_and_dry_run_count_it():
     d, tokens = 32, 512
     layer = {sp: CostModel(make_cfg(4, 4).model, 40, tp=2, tokens=tokens, src_len=32, tgt_len=32,
                            sequence_parallel=sp) for sp in (False, True)}
-    # per encoder layer: the input and the LayerNorm input of each of its two sub-layers, at half
-    assert layer[False].encoder_layer().act_bytes - layer[True].encoder_layer().act_bytes == 4 * tokens * d * 4 / 2
+    # per encoder layer: the input, the LayerNorm input and its mean and rstd of each of its two sub-layers, at half
+    sub_layer = tokens * (2 * d * 4 + 8) / 2
+    assert layer[False].encoder_layer().act_bytes - layer[True].encoder_layer().act_bytes == 2 * sub_layer
     # per decoder layer: three sub-layers (the encoder output its cross-attention reads is counted per chunk)
-    assert layer[False].decoder_layer().act_bytes - layer[True].decoder_layer().act_bytes == 6 * tokens * d * 4 / 2
+    assert layer[False].decoder_layer().act_bytes - layer[True].decoder_layer().act_bytes == 3 * sub_layer
     out = io.StringIO()
     cfg = load_config(None, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
                              "model.encoder_layers=4", "model.decoder_layers=4"])

@@ -14,9 +14,11 @@ def label_smoothed_nll_loss(logits: torch.Tensor, target: torch.Tensor, epsilon:
     target = target.unsqueeze(-1)
     nll = -lprobs.gather(-1, target).squeeze(-1)
     smooth = -lprobs.sum(-1)
+    # padding zeroed rather than indexed away: a boolean index's size depends on the data, which makes a GPU wait
+    # for the mask on every micro-batch
     keep = target.squeeze(-1).ne(ignore_index)
-    nll_sum = nll[keep].sum()
-    smooth_sum = smooth[keep].sum()
+    nll_sum = torch.where(keep, nll, 0.0).sum()
+    smooth_sum = torch.where(keep, smooth, 0.0).sum()
     eps_i = epsilon / (lprobs.size(-1) - 1)
     loss = (1.0 - epsilon - eps_i) * nll_sum + eps_i * smooth_sum
     return loss, nll_sum

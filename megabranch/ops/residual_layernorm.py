@@ -86,7 +86,9 @@ def residual_layernorm(x: Tensor, f: Tensor, weight: Tensor, bias: Tensor, r, s,
         bias = bias.to(x.dtype)
     args = (x.contiguous(), f.contiguous(), weight.contiguous(), bias.contiguous(),
             scalar_tensor(r, x), scalar_tensor(s, x), seed, float(eps), p)
-    if torch.compiler.is_compiling():  # the custom op: traceable, with fake implementations
+    if torch.compiler.is_compiling() or type(x) is not Tensor:
+        # the custom op: traceable, with fake implementations; also what a tensor without plain storage takes
+        # (the fake tensors of megabranch-train --rehearse): it dispatches to that tensor's implementation
         return torch.ops.megabranch.residual_layernorm_fwd(*args)[0]
     # Eager: the same kernels behind a plain autograd.Function. The custom op's Python dispatch costs
     # about 100 us per forward+backward, more than the kernels themselves at d_model 64-512 x 1k rows.

@@ -140,6 +140,9 @@ class PipelineExecutor:
         # callback(v, ready) right before the last gradient work of chunk v in a step: the backward of the last
         # micro-batch, or under a split schedule its W; `ready` = the parameters whose gradients are already final
         self.on_last_backward: Callable[[int, Any], None] | None = None
+        # callback(op, v, i) right before each action of a step, and ("end", None, None) after the last: where a
+        # step is, for observers such as the rehearsal's memory timeline (planning/rehearsal.py)
+        self.on_action = None
         self.split = splits_backward(kind)
         self.weight_grads = WeightGradStore()
         if self.split:
@@ -238,11 +241,13 @@ class PipelineExecutor:
             else schedule_actions(self.kind, self.pp, self.vpp, m, self.grid.pp_rank)
         )
         saved: dict = {}
-        loss_sum = nll_sum = 0.0
+        sums = []  # (loss, nll) of each micro-batch whose loss this rank computes, read after the loop (no host sync)
         freed_at_start = self.stats["freed_bytes"]
         ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
         with ctx:
             for op, v, i in actions:
+                if self.on_action is not None:
+                    self.on_action(op, v, i)
                 c = self.specs[v]
                 mb = mbs[i]
                 if op == "F":
@@ -256,8 +261,7 @@ class PipelineExecutor:
                     outs = self._forward(v, mb, inputs)
                     if c.output:
                         loss, nll = outs
-                        loss_sum += float(loss.detach())
-                        nll_sum += float(nll.detach())
+                        sums.append(torch.stack((loss.detach(), nll.detach())))
                         if not forward_only:
                             saved[(v, i)] = (inputs, (loss * loss_scale,))
                     else:
@@ -293,6 +297,8 @@ class PipelineExecutor:
                         later = self.weight_grads.param_ids((v, i))
                         self.on_last_backward(v, [p for p in self.chunks[v].parameters() if id(p) not in later])
                     self.weight_grads.run((v, i))
+        if self.on_action is not None:
+            self.on_action("end", None, None)
         self.stats["freed_early_bytes"] += self.stats["freed_bytes"] - freed_at_start
         for work, _, peer in self._unreaped:
             wait_for(work, peer)
@@ -302,4 +308,7 @@ class PipelineExecutor:
         assert not saved, f"unfinished micro-batches: {sorted(saved)}"
         pending = self.weight_grads.pending()
         assert not pending, f"weight gradients never computed (no W) for (chunk, micro-batch) {pending}"
+        if not sums:
+            return 0.0, 0.0
+        loss_sum, nll_sum = torch.stack(sums).double().sum(0).tolist()  # float64, as Python's float sums were
         return loss_sum, nll_sum

@@ -31,7 +31,9 @@ def _materialize(module: nn.Module, device) -> None:
                 continue
             if id(p) not in memo:
                 new = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-                new.__dict__.update(p.__dict__)
+                # the attributes megabranch set (tp_full_shape, pp_duplicate, ...), not the ones a tensor
+                # subclass keeps for itself (a fake tensor's device)
+                new.__dict__.update({k: v for k, v in p.__dict__.items() if k not in new.__dict__})
                 memo[id(p)] = new
             m._parameters[name] = memo[id(p)]
         for name, b in list(m._buffers.items()):

@@ -39,21 +39,43 @@ MB = 2**20
 
 
 def peak_in_flight(kind: str, pp: int, vpp: int, m: int, rank: int, act: list[float],
-                   w_act: list[float] | None = None) -> float:
+                   w_act: list[float] | None = None, during: list | None = None,
+                   sent: list[float] | None = None) -> float:
     """Most activation bytes rank `rank` holds at once under the schedule (act[v]: one micro-batch of chunk v from
-    its forward to its backward; w_act[v]: from a split backward's B to its W, default act[v])."""
+    its forward to its backward; w_act[v]: from a split backward's B to its W, default act[v]; during[v]: the
+    (F, B, W) bytes one action of chunk v reaches above what was held before it, cost_model.chunk_transients;
+    sent[v]: the gradient a B of chunk v sends to another rank, which the executor holds until the step ends)."""
     w_act = act if w_act is None else w_act
     split = splits_backward(kind)
     held, peak = 0.0, 0.0
     for op, v, _ in schedule_actions(kind, pp, vpp, m, rank):
+        if during is not None:
+            peak = max(peak, held + during[v]["FBW".index(op)])
         if op == "F":
             held += act[v]
         elif op == "B":
-            held += (w_act[v] - act[v]) if split else -act[v]
+            held += ((w_act[v] - act[v]) if split else -act[v]) + (sent[v] if sent is not None else 0.0)
         else:
             held -= w_act[v]
         peak = max(peak, held)
     return peak
+
+
+def stage_peak(cm: CostModel, layout, kind: str, m: int, rank: int, static: float) -> float:
+    """Planned peak bytes of pipeline rank `rank`: its `static` bytes (weights, gradients, optimizer state) plus
+    the most the schedule holds at once (activations in flight, each action's transients) and, for a schedule
+    that does not split its backward, the low-precision copies autocast keeps of the weights for the whole
+    schedule; or, when more, the optimizer step's: one float32 copy of the parameters (the multi-tensor AdamW's
+    temporary, ZeRO-1's all-gathered vector)."""
+    chunks = layout.chunks_of_rank(rank)
+    act = [cm.chunk_held_bytes(c) for c in chunks]
+    w_act = [cm.chunk_weight_grad_bytes(c) for c in chunks]
+    during = [cm.chunk_transients(c, splits_backward(kind)) for c in chunks]
+    sent = [cm.received_bytes(c) if c.index > 0 and layout.chunks[c.index - 1].rank != rank else 0.0
+            for c in chunks]
+    cached = 0.0 if splits_backward(kind) or cm.act >= 4 else cm.act * sum(cm.chunk_linear_params(c) for c in chunks)
+    schedule = cached + peak_in_flight(kind, layout.pp, layout.vpp, m, rank, act, w_act, during, sent)
+    return static + max(schedule, 4.0 * cm.params_of(chunks))
 
 
 def schedule_kind(cfg) -> str:
@@ -64,7 +86,7 @@ def schedule_kind(cfg) -> str:
 
 def stage_statics(mc, layout, vocab: int, tp: int, dp: int, zero: bool, recompute: int) -> list[SimpleNamespace]:
     """Per pipeline rank: parameters and the bytes that do not depend on the micro-batch (weights, gradients,
-    optimizer state), from the rank's stage built on the meta device."""
+    optimizer state, buffers), from the rank's stage built on the meta device."""
     out = []
     for r in range(layout.pp):
         grid = Grid(tp=tp, pp=layout.pp, dp=dp, vpp=layout.vpp, pp_rank=r, tp_rank=0)
@@ -73,8 +95,9 @@ def stage_statics(mc, layout, vocab: int, tp: int, dp: int, zero: bool, recomput
         params = sum(q.numel() for q in unique)
         weights, grads = 4.0 * params, float(gradient_bytes(unique))
         optim = 8.0 * params / (dp if zero else 1)
-        out.append(SimpleNamespace(params=params, weights=weights, grads=grads, optim=optim,
-                                   static=weights + grads + optim))
+        buffers = float(sum(b.numel() * b.element_size() for b in stage.buffers()))
+        out.append(SimpleNamespace(params=params, weights=weights, grads=grads, optim=optim, buffers=buffers,
+                                   static=weights + grads + optim + buffers))
     return out
 
 
@@ -101,12 +124,12 @@ def plan(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, balance: str,
         chunks = layout.chunks_of_rank(r)
         act = [cm.chunk_activation_bytes(c) for c in chunks]
         act_full = [cm.chunk_activation_bytes(c, recompute=0) for c in chunks]
-        w_act = [cm.chunk_weight_grad_bytes(c) for c in chunks]
         rows.append(SimpleNamespace(
             rank=r, layers="|".join(c.describe() for c in chunks), params=st.params, weights=st.weights,
-            grads=st.grads, optim=st.optim, act=sum(act), act_full=sum(act_full), total=st.static + sum(act),
+            grads=st.grads, optim=st.optim, buffers=st.buffers, act=sum(act), act_full=sum(act_full),
+            total=st.static + sum(act),
             sent=sum(cm.message_bytes(c) for c in chunks),
-            peak=st.static + peak_in_flight(kind, pp, vpp, m, r, act, w_act),
+            peak=stage_peak(cm, layout, kind, m, r, st.static),
             time=sum(times[c.index].time for c in chunks),
         ))
     return layout, rows, kind

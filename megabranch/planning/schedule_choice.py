@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..config import POSITIVE
 from ..errors import UserError
-from .memory import cost_model, peak_in_flight
+from .memory import cost_model, stage_peak
 from .partition import plan_layout
 from ..parallel.schedules import check_schedule, placement_of, simulated_bubble
 
@@ -99,15 +99,13 @@ def options(cfg, vocab: int, tgt_vocab: int | None, dp: int) -> list[Option]:
 
 
 def stage_peaks(cm, layout, kind: str, m: int) -> list[float]:
-    """Planned peak bytes of every pipeline stage: its parameters' weights, gradients and optimizer state
-    (cost model, equal to the meta-device build) plus the schedule's activations in flight."""
+    """Planned peak bytes of every pipeline stage (memory.stage_peak): its parameters' weights, gradients and
+    optimizer state and its buffers (cost model, equal to the meta-device build), plus the schedule's."""
     peaks = []
     for r in range(layout.pp):
         chunks = layout.chunks_of_rank(r)
-        act = [cm.chunk_activation_bytes(c) for c in chunks]
-        w_act = [cm.chunk_weight_grad_bytes(c) for c in chunks]
-        peaks.append(cm.params_of(chunks) * cm.state_bytes
-                     + peak_in_flight(kind, layout.pp, layout.vpp, m, r, act, w_act))
+        static = cm.params_of(chunks) * cm.state_bytes + cm.buffer_bytes(chunks)
+        peaks.append(stage_peak(cm, layout, kind, m, r, static))
     return peaks
 
 
