@@ -25,6 +25,9 @@ RESIDUALS = ("post_ln", "pre_ln", "deepnorm", "branchnorm", "ds_init", "admin", 
 # the schemes whose paper prescribes the initialisation: model.deepnorm_init=true does not apply to them
 RESIDUALS_WITH_OWN_INIT = ("ds_init", "r_fixup", "t_fixup", "subln")
 SCHEDULES = ("linear", "exp", "sigmoid")
+# DeepNorm's encoder beta in an encoder-decoder, c * (N^4 M)^(-1/16): the DeepNet paper's c = 0.87 or
+# torchscale 0.3.0's c = 1.15 (residual.ENCODER_BETA_FACTOR; docs/design.md)
+DEEPNORM_BETAS = ("paper", "torchscale")
 # pipeline schedules (megabranch/parallel/schedules.py), plus "auto" (planning/schedule_choice.py decides)
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 
@@ -53,6 +56,7 @@ class ModelConfig:
     alpha_schedule: str = "linear"  # linear | exp | sigmoid
     alpha_warmup_steps: int = 4000  # T
     deepnorm_init: bool | None = None  # None: on for deepnorm and branchnorm, off otherwise (not for own-init schemes)
+    deepnorm_beta: str = "paper"  # one of DEEPNORM_BETAS: the encoder beta of DeepNorm's init
     fused_kernels: bool = False  # use megabranch.ops.residual_layernorm (C++/CUDA) for LN(r*x + s*F)
     compile: bool = False  # torch.compile each encoder / decoder layer (model/regional_compile.py)
     compile_backend: str = "inductor"  # the torch.compile backend: inductor, aot_eager (debugging), ...
@@ -145,6 +149,7 @@ class Config:
         _check(m.residual in RESIDUALS, "model.residual", m.residual, f"one of {', '.join(RESIDUALS)}")
         _check(m.deepnorm_init is not True or m.residual not in RESIDUALS_WITH_OWN_INIT, "model.deepnorm_init",
                m.deepnorm_init, f"unset or false with model.residual={m.residual} (it has its own initialisation)")
+        _check(m.deepnorm_beta in DEEPNORM_BETAS, "model.deepnorm_beta", m.deepnorm_beta, " or ".join(DEEPNORM_BETAS))
         _check(m.alpha_schedule in SCHEDULES, "model.alpha_schedule", m.alpha_schedule, f"one of {', '.join(SCHEDULES)}")
         _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
         _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")

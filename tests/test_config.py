@@ -29,6 +29,7 @@ def test_yaml_json_and_overrides(tmp_path):
         (["model.encoder_layer=3"], "unknown config key model.encoder_layer"),
         (["model.encoder_layers=0"], "model.encoder_layers=0 is invalid"),
         (["model.residual=postln"], "model.residual='postln' is invalid"),
+        (["model.deepnorm_beta=fairseq"], "model.deepnorm_beta='fairseq' is invalid: must be paper or torchscale"),
         (["model.n_heads=3"], "model.n_heads=3 is invalid: must be a divisor of model.d_model=512"),
         (["model.dropout=1.5"], "model.dropout=1.5"),
         (["optim.lr=fast"], "optim.lr='fast' is not a valid float"),
