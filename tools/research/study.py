@@ -85,10 +85,10 @@ def read_log(save_dir: str) -> tuple[dict, dict]:
 
 
 def health_profile(save_dir: str, last: int = 100) -> dict:
-    """What the training health monitor recorded (log.jsonl "health" records), per stack: the mean gradient norm
-    of every layer over the last `last` records (bottom first), its bottom / top ratio, and the first step at
-    which the monitor's warning rule held (bottom over monitor.WARN_RATIO below the top for WARN_INTERVALS records
-    in a row; None: never)."""
+    """What the training health monitor recorded (log.jsonl "health" records), per stack: the median gradient
+    norm of every layer over the last `last` records (bottom first; the median, since a few spikes would carry a
+    mean), its bottom / top ratio, and the first step at which the monitor's warning rule held (bottom over
+    monitor.WARN_RATIO below the top for WARN_INTERVALS records in a row; None: never)."""
     path = os.path.join(save_dir, "log.jsonl")
     rows = metrics.read_log(path, "health") if os.path.isfile(path) else []
     out = {}
@@ -97,7 +97,7 @@ def health_profile(save_dir: str, last: int = 100) -> dict:
         if not series:
             continue
         tail = np.array([g for _, g in series[-last:]], dtype=np.float64)
-        profile = [float(x) for x in np.nanmean(np.where(np.isfinite(tail), tail, np.nan), axis=0)]
+        profile = [float(x) for x in np.nanmedian(np.where(np.isfinite(tail), tail, np.nan), axis=0)]
         starved_at, run = None, 0
         for step, g in series:
             run = run + 1 if (g[-1] > 0 and math.isfinite(g[-1]) and g[0] * monitor.WARN_RATIO < g[-1]) else 0
@@ -318,7 +318,7 @@ def health_table(groups: dict[str, list[dict]], names: list[str]) -> list[str]:
     if not rows:
         return []
     last = max(h[stack]["last"] for rs in groups.values() for r in rs for h in [r.get("health", {})] for stack in h)
-    return [f"Health monitor, training gradients (mean of the last {last} records per layer; geometric mean over "
+    return [f"Health monitor, training gradients (median of the last {last} records per layer; geometric mean over "
             f"seeds of bottom layer / top layer) and the seeds on which its warning rule held (bottom more than "
             f"{monitor.WARN_RATIO:.0e} below the top for {monitor.WARN_INTERVALS} records in a row: seed@first step):\n",
             "| variant | enc bottom/top | enc warned | dec bottom/top | dec warned |", "|---|---|---|---|---|",
@@ -446,7 +446,14 @@ def main_study(args, log=None) -> str:
         for k, (name, sets, seed) in enumerate(runs, 1):
             print(f"{k:3d} {name}-seed{seed}  {' '.join(sets)}")
         return ""
-    results = load_results(args.out, "results", "study") if args.report_only else run_study(args, log)
+    if args.report_only:  # the monitor's profile read again from each run's log, where the run is still there
+        results = load_results(args.out, "results", "study")
+        for r in results:
+            run_dir = os.path.join(args.out, "runs", r["name"])
+            if os.path.isfile(os.path.join(run_dir, "log.jsonl")):
+                r["health"] = health_profile(run_dir)
+    else:
+        results = run_study(args, log)
     text = report(results, args.out, args.img_dir, [n for n, _ in args.variants])
     log(f"report: {os.path.join(args.out, 'report.md')}")
     return text
