@@ -1,7 +1,7 @@
 """A multi-seed study over `megabranch-train`: variants x seeds, each a checkpointed, resumable training run, then
 the final checkpoint's test BLEU / chrF and Figures 8-9 analysis; a report with means and spreads over seeds.
 
-    python -m tools.research.study --config configs/translate.yaml --out runs/study --seeds 1,2,3 \
+    python -m tools.research.study --config configs/en_es_depth_study.yaml --out runs/study --seeds 1,2,3 \
         --variant post_ln:model.residual=post_ln \
         --variant deepnorm:model.residual=deepnorm,model.deepnorm_init=true \
         --variant branchnorm
