@@ -91,16 +91,22 @@ def test_every_numeric_field_rejects_non_finite_and_out_of_range_values(tmp_path
         load_config(str(path))
 
 
-@pytest.mark.parametrize("name", ["demo", "deep100", "translate", "multilingual_demo"])
+@pytest.mark.parametrize("name", ["demo", "deep100", "translate", "en_es_depth_study", "multilingual_demo"])
 def test_shipped_configs_load_and_say_what_the_readme_says(name):
     """The configs users start from load, validate, and keep the settings their comments and the README state."""
     import os
 
     cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml"))
     m = cfg.model
-    if name == "translate":
+    o = cfg.optim
+    if name == "translate":  # the demo's 6L-6L model and optimizer on the real pair
+        assert (m.residual, m.encoder_layers, m.decoder_layers, m.d_model, m.dropout) == ("branchnorm", 6, 6, 64, 0.0)
+        assert (o.lr, o.warmup_updates, o.clip_norm, o.max_updates) == (0.002, 400, 1.0, 7000)
+        assert cfg.data.data_dir == "data-bin/en_es"
+    if name == "en_es_depth_study":  # the sweep's setting under which the encoders keep learning
         assert (m.residual, m.encoder_layers, m.decoder_layers, m.alpha_warmup_steps) == ("branchnorm", 18, 18, 800)
-        assert cfg.data.data_dir == "data-bin/en_es" and cfg.optim.max_updates == 2000
+        assert (o.lr, o.warmup_updates, o.clip_norm, o.max_updates) == (0.001, 400, 1.0, 2000)
+        assert cfg.data.data_dir == "data-bin/en_es"
     if name == "multilingual_demo":
         assert cfg.data.data_dir == "data-bin/en_es_multi" and (m.encoder_layers, m.decoder_layers) == (6, 6)
 
