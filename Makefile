@@ -15,7 +15,7 @@ DEMO_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 MULTI_DIR := runs/demo-multilingual-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo demo-multilingual test test-unit test-fast venv preprocess
+.PHONY: demo demo-multilingual test test-unit test-fast lint venv preprocess
 
 venv: $(STAMP)
 
@@ -63,8 +63,14 @@ demo-multilingual: $(EN_ES_MULTI)/meta.json
 
 # DeepSpeed's CPU communication op is JIT-built once (about 40 s) into .cache/ and reused by later runs.
 PYTEST := TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(PY) -m pytest -q
-test: $(DEV_STAMP)
+test: lint
 	$(PYTEST) tests
+
+# ruff (lint and format) and mypy over the typed core, as configured in pyproject.toml; `make test` runs it first.
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # For developers: the in-process tests under about 10 s each (no gloo workers, torchrun or deepspeed launcher),
 # or everything but the slow ones (markers in pytest.ini).

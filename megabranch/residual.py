@@ -79,12 +79,18 @@ def fused_applies(residual: str) -> bool:
 
 # --- DeepNet (arXiv 2203.00555) constants -------------------------------------------------------------------
 
-def deepnorm_constants(encoder_layers: int, decoder_layers: int) -> dict[str, tuple[float, float]]:
-    """(alpha, beta) per stack. Pass 0 layers for the missing stack of an encoder-only / decoder-only model."""
+# the encoder beta's c in c * (N^4 M)^(-1/16): the paper's Table 1 (0.87), torchscale 0.3.0's encoder.py, which
+# divides by (N^4 M)^(1/16) / 1.15 (config.DEEPNORM_BETAS names them)
+ENCODER_BETA_FACTOR = {"paper": 0.87, "torchscale": 1.15}
+
+
+def deepnorm_constants(encoder_layers: int, decoder_layers: int, beta: str = "paper") -> dict[str, tuple[float, float]]:
+    """(alpha, beta) per stack. Pass 0 layers for the missing stack of an encoder-only / decoder-only model;
+    `beta` picks the encoder-decoder's encoder beta (ENCODER_BETA_FACTOR)."""
     n, m = encoder_layers, decoder_layers
     if n > 0 and m > 0:
         return {
-            "encoder": (0.81 * (n**4 * m) ** (1 / 16), 0.87 * (n**4 * m) ** (-1 / 16)),
+            "encoder": (0.81 * (n**4 * m) ** (1 / 16), ENCODER_BETA_FACTOR[beta] * (n**4 * m) ** (-1 / 16)),
             "decoder": ((3 * m) ** (1 / 4), (12 * m) ** (-1 / 4)),
         }
     if n > 0:

@@ -29,6 +29,7 @@ def test_yaml_json_and_overrides(tmp_path):
         (["model.encoder_layer=3"], "unknown config key model.encoder_layer"),
         (["model.encoder_layers=0"], "model.encoder_layers=0 is invalid"),
         (["model.residual=postln"], "model.residual='postln' is invalid"),
+        (["model.deepnorm_beta=fairseq"], "model.deepnorm_beta='fairseq' is invalid: must be paper or torchscale"),
         (["model.n_heads=3"], "model.n_heads=3 is invalid: must be a divisor of model.d_model=512"),
         (["model.dropout=1.5"], "model.dropout=1.5"),
         (["optim.lr=fast"], "optim.lr='fast' is not a valid float"),
@@ -90,6 +91,7 @@ def test_every_numeric_field_rejects_non_finite_and_out_of_range_values(tmp_path
         load_config(str(path))
 
 
+<<<<<<< HEAD
 def test_every_field_declares_its_rule_once_with_a_docstring():
     """Each field of every section is one declaration: type, default and rule (`setting(...)`), then a docstring
     (read from the source, as Sphinx would); a name field's bad value is refused naming the valid ones."""
@@ -164,15 +166,24 @@ def test_cli_refuses_an_empty_value_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["demo", "deep100", "translate", "multilingual_demo"])
+=======
+@pytest.mark.parametrize("name", ["demo", "deep100", "translate", "en_es_depth_study", "multilingual_demo"])
+>>>>>>> h-studies
 def test_shipped_configs_load_and_say_what_the_readme_says(name):
     """The configs users start from load, validate, and keep the settings their comments and the README state."""
     import os
 
     cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml"))
     m = cfg.model
-    if name == "translate":
+    o = cfg.optim
+    if name == "translate":  # the demo's 6L-6L model and optimizer on the real pair
+        assert (m.residual, m.encoder_layers, m.decoder_layers, m.d_model, m.dropout) == ("branchnorm", 6, 6, 64, 0.0)
+        assert (o.lr, o.warmup_updates, o.clip_norm, o.max_updates) == (0.002, 400, 1.0, 7000)
+        assert cfg.data.data_dir == "data-bin/en_es"
+    if name == "en_es_depth_study":  # the sweep's setting under which the encoders keep learning
         assert (m.residual, m.encoder_layers, m.decoder_layers, m.alpha_warmup_steps) == ("branchnorm", 18, 18, 800)
-        assert cfg.data.data_dir == "data-bin/en_es" and cfg.optim.max_updates == 2000
+        assert (o.lr, o.warmup_updates, o.clip_norm, o.max_updates) == (0.001, 400, 1.0, 2000)
+        assert cfg.data.data_dir == "data-bin/en_es"
     if name == "multilingual_demo":
         assert cfg.data.data_dir == "data-bin/en_es_multi" and (m.encoder_layers, m.decoder_layers) == (6, 6)
 

@@ -123,30 +123,57 @@ def test_initialisations_follow_the_papers(residual):
         assert len(rows) == n + m + 2 and all(torch.allclose(r, torch.full_like(r, 1 / len(r))) for r in rows)
 
 
+def _torchscale_or_skip():
+    peers = pytest.importorskip("megabranch.convert.peers")
+    try:
+        return peers.torchscale()
+    except Exception as e:  # noqa: BLE001 - not installed
+        pytest.skip(f"torchscale not importable: {e}")
+
+
+def _torchscale_params(n: int, m: int, subln: bool, deepnorm: bool, pre_ln: bool) -> dict:
+    """A torchscale 0.3.0 EncoderDecoder's parameters (d=32, seed 0), so two builds differ only by their options."""
+    ed, edc, te, pe = _torchscale_or_skip()
+    torch.manual_seed(0)
+    args = edc(encoder_embed_dim=32, decoder_embed_dim=32, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_embed_dim=64, decoder_ffn_embed_dim=64, encoder_layers=n, decoder_layers=m, vocab_size=V,
+               subln=subln, deepnorm=deepnorm, encoder_normalize_before=pre_ln, decoder_normalize_before=pre_ln)
+    return dict(ed(args, te(V, 32, PAD), pe(66, 32), te(V, 32, PAD), pe(66, 32)).named_parameters())
+
+
 def test_subln_gains_are_torchscales():
     """torchscale 0.3.0 built twice from one seed, with and without subln: its weights differ by exactly the
     factors megabranch's init applies (encoder and decoder, the cross-attention unscaled)."""
-    peers = pytest.importorskip("megabranch.convert.peers")
-    try:
-        ed, edc, te, pe = peers.torchscale()
-    except Exception as e:  # noqa: BLE001 - not installed
-        pytest.skip(f"torchscale not importable: {e}")
     n, m = 4, 3
-
-    def build(subln):
-        torch.manual_seed(0)
-        args = edc(encoder_embed_dim=32, decoder_embed_dim=32, encoder_attention_heads=4, decoder_attention_heads=4,
-                   encoder_ffn_embed_dim=64, decoder_ffn_embed_dim=64, encoder_layers=n, decoder_layers=m, vocab_size=V,
-                   subln=subln, deepnorm=False, encoder_normalize_before=True, decoder_normalize_before=True)
-        return dict(ed(args, te(V, 32, PAD), pe(66, 32), te(V, 32, PAD), pe(66, 32)).named_parameters())
-
-    with_subln, plain = build(True), build(False)
+    with_subln, plain = (_torchscale_params(n, m, subln=s, deepnorm=False, pre_ln=True) for s in (True, False))
     for name in ("encoder.layers.2.ffn.fc1.weight", "encoder.layers.0.self_attn.v_proj.weight",
                  "decoder.layers.1.self_attn.out_proj.weight", "decoder.layers.2.ffn.fc2.weight",
                  "decoder.layers.0.encoder_attn.v_proj.weight"):
         ratio = float((with_subln[name] / plain[name]).mean())
         ours = _expected_gain("subln", name.replace("encoder_attn", "cross_attn"), n, m)
         assert ratio == pytest.approx(ours, rel=1e-6), name
+
+
+def test_deepnorm_torchscale_beta_is_torchscales():
+    """torchscale 0.3.0 built twice from one seed, with and without deepnorm: its encoder weights differ by
+    1.15 (N^4 M)^(-1/16), which model.deepnorm_beta=torchscale gives megabranch's; the paper's is 0.87 (...)."""
+    n, m = 4, 3
+    def ours(beta, init):
+        cfg = tiny_model_cfg(residual="deepnorm", encoder_layers=n, decoder_layers=m, deepnorm_init=init, deepnorm_beta=beta)
+        return dict(build_model(cfg, V, seed=3).named_parameters())
+
+    with_deepnorm, without = (_torchscale_params(n, m, subln=False, deepnorm=d, pre_ln=False) for d in (True, False))
+    ts_ratio = {k: float((w / without[k]).mean()) for k, w in with_deepnorm.items() if k.endswith(("v_proj.weight", "fc2.weight"))}
+    plain, paper, ts = ours("paper", False), ours("paper", True), ours("torchscale", True)
+    for name in ("encoder.layers.2.ffn.fc2.weight", "encoder.layers.0.self_attn.v_proj.weight",
+                 "decoder.layers.1.ffn.fc2.weight", "decoder.layers.0.self_attn.v_proj.weight"):
+        want, k = ts_ratio[name], name.replace(".ffn.", ".ffn.block.").replace(".self_attn.", ".self_attn.block.")
+        assert float((ts[k] / plain[k]).mean()) == pytest.approx(want, rel=1e-6), name
+        if name.startswith("encoder."):
+            assert want == pytest.approx(1.15 * (n**4 * m) ** (-1 / 16), rel=1e-6)
+            assert float((paper[k] / plain[k]).mean()) == pytest.approx(0.87 * (n**4 * m) ** (-1 / 16), rel=1e-6)
+        else:  # the decoder's beta is the same in both
+            assert torch.equal(ts[k], paper[k])
 
 
 def test_admin_profiling_is_the_authors_recursion():

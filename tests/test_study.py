@@ -103,12 +103,42 @@ def test_study_resumes_where_it_stopped_and_scores_like_generate(study_setup, tm
         assert cells[col] == f"{statistics.mean(means):.2f} ± {statistics.stdev(means):.2f}", (col, cells[col], means)
     assert os.path.getsize(os.path.join(out, "study_gnorm_loss.png")) > 1000
     assert os.path.getsize(os.path.join(out, "study_layers.png")) > 1000
+    # the health monitor's profile: per layer, the median of the run's health records (all 4 steps here)
+    health = [rec for rec in map(json.loads, open(os.path.join(stopped_dir, "log.jsonl"))) if rec["tag"] == "health"]
+    last = {rec["step"]: rec["grad_norm"]["encoder"] for rec in health}  # the resumed steps once
+    assert r["health"]["encoder"]["profile"] == pytest.approx([statistics.median(g[i] for g in last.values()) for i in (0, 1)])
+    assert r["health"]["encoder"]["records"] == 4 and "| post_ln |" in report.split("Health monitor")[1]
+    assert os.path.getsize(os.path.join(out, "study_health.png")) > 1000
 
     # a finished study trains nothing when run again
     mtime = os.path.getmtime(os.path.join(out, "results", "post_ln-seed1.json"))
     study.main_study(study.parse_args(_argv(cfg, out)))
     assert "4 runs, 4 already finished (skipped)" in capsys.readouterr().err
     assert os.path.getmtime(os.path.join(out, "results", "post_ln-seed1.json")) == mtime
+
+
+def test_no_test_skips_decoding_only(study_setup, tmp_path):
+    cfg, _ = study_setup
+    out = str(tmp_path / "no_test")
+    with one_thread():
+        study.main_study(study.parse_args(_argv(cfg, out, ["branchnorm"], "1") + ["--no-test"]))
+    r = json.load(open(os.path.join(out, "results", "branchnorm-seed1.json")))
+    assert "test" not in r and r["status"] == "ok" and len(r["analysis"]["decoder"]["cosine"]) == 2
+    assert not os.path.exists(os.path.join(out, "runs", "branchnorm-seed1", "test.hyp"))
+
+
+def test_health_profile_applies_the_monitors_warning_rule(tmp_path):
+    """Bottom / top ratios 1e-5 at steps 2-4 (three records in a row under 1e-4: the rule holds at step 4), then a
+    recovery; the profile is the median of the last records."""
+    bottoms = {1: 1.0, 2: 1e-5, 3: 1e-5, 4: 1e-5, 5: 1.0, 6: 0.5}
+    with open(tmp_path / "log.jsonl", "w") as fh:
+        for step, b in bottoms.items():
+            fh.write(json.dumps({"tag": "health", "step": step, "grad_norm": {"encoder": [b, 0.5, 1.0], "decoder": [1.0, 1.0]}}) + "\n")
+    h = study.health_profile(str(tmp_path), last=3)
+    assert h["encoder"]["starved_at"] == 4 and h["decoder"]["starved_at"] is None
+    assert h["encoder"]["profile"] == pytest.approx([0.5, 0.5, 1.0]) and h["encoder"]["last"] == 3
+    assert h["encoder"]["bottom_over_top"] == pytest.approx(0.5)
+    assert study.health_profile(str(tmp_path / "none")) == {}
 
 
 def test_mean_sd_and_loss_rise_hand_computed():

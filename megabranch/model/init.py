@@ -34,7 +34,7 @@ def _layer_number(name: str) -> int:
 
 
 def _scheme_gain(name: str, cfg: ModelConfig) -> float:
-    """What the scheme multiplies linear weight `name`'s fairseq initialisation by (docs/design.md, the papers)."""
+    """What the scheme multiplies linear weight `name`'s xavier initialisation by (docs/design.md, the papers)."""
     res, stack = cfg.residual, "encoder" if name.startswith("encoder.") else "decoder"
     n, m = cfg.encoder_layers, cfg.decoder_layers
     branch_output = name.endswith(("out_proj.weight", "fc2.weight"))
@@ -50,15 +50,17 @@ def _scheme_gain(name: str, cfg: ModelConfig) -> float:
     if res == "subln":  # torchscale leaves the decoder's cross-attention at its plain initialisation
         return subln_gains(n, m)[stack] if scaled and ".cross_attn." not in name else 1.0
     use_beta = cfg.deepnorm_init if cfg.deepnorm_init is not None else res in ("deepnorm", "branchnorm")
-    return deepnorm_constants(n, m)[stack][1] if use_beta and scaled else 1.0
+    return deepnorm_constants(n, m, cfg.deepnorm_beta)[stack][1] if use_beta and scaled else 1.0
 
 
 def initial_value(name: str, shape: tuple, cfg: ModelConfig, seed: int) -> torch.Tensor:
     """The initial value of the full (unsharded) parameter `name` of the single-process model.
 
-    fairseq's init: xavier_uniform (q/k/v with gain 1/sqrt(2)), zero biases, unit LayerNorm, N(0, d^-1/2)
-    embeddings with a zero pad row (learned positions: N(0, d^-1/2) too); with DeepNorm init (default for
-    deepnorm and branchnorm) v/out/fc1/fc2 are scaled by the stack's beta. The schemes with their own init
+    The DeepNet paper's init: xavier on every linear weight (drawn uniform; q/k/v with fairseq's gain 1/sqrt(2)),
+    zero biases, unit LayerNorm, N(0, d^-1/2) embeddings with a zero pad row (learned positions: N(0, d^-1/2)
+    too); with DeepNorm init (default for deepnorm and branchnorm) v/out/fc1/fc2 are scaled by the stack's beta
+    (model.deepnorm_beta: the paper's encoder beta or torchscale's). It is not fairseq 0.12's (nor torchscale's):
+    they leave fc1/fc2 at nn.Linear's default and every bias but out_proj's non-zero (docs/design.md). The schemes with their own init
     scale the linear weights as their papers say (`_scheme_gain`); T-Fixup also scales the token tables, R-Fixup
     zeroes an untied output projection. The schemes' scalars: ReZero's a_l 0, R-Fixup's biases 0 and scales 1,
     Admin's omega 1 (its profiling pass sets it), NormFormer's head scales 1, DLCL's combination rows their mean.

@@ -1,7 +1,7 @@
 """A multi-seed study over `megabranch-train`: variants x seeds, each a checkpointed, resumable training run, then
 the final checkpoint's test BLEU / chrF and Figures 8-9 analysis; a report with means and spreads over seeds.
 
-    python -m tools.research.study --config configs/translate.yaml --out runs/study --seeds 1,2,3 \
+    python -m tools.research.study --config configs/en_es_depth_study.yaml --out runs/study --seeds 1,2,3 \
         --variant post_ln:model.residual=post_ln \
         --variant deepnorm:model.residual=deepnorm,model.deepnorm_init=true \
         --variant branchnorm
@@ -37,6 +37,7 @@ from megabranch import train as megatrain
 from megabranch.config import ints, load_config
 from megabranch.data import load_split, pair_batches
 from megabranch.errors import UserError, cli_main
+from megabranch.training import health as monitor
 
 from .results import gnorm_stats, load_results
 
@@ -83,12 +84,37 @@ def read_log(save_dir: str) -> tuple[dict, dict]:
     return by_step("train"), by_step("valid")
 
 
+def health_profile(save_dir: str, last: int = 100) -> dict:
+    """What the training health monitor recorded (log.jsonl "health" records), per stack: the median gradient
+    norm of every layer over the last `last` records (bottom first; the median, since a few spikes would carry a
+    mean), its bottom / top ratio, and the first step at which the monitor's warning rule held (bottom over
+    monitor.WARN_RATIO below the top for WARN_INTERVALS records in a row; None: never)."""
+    path = os.path.join(save_dir, "log.jsonl")
+    rows = metrics.read_log(path, "health") if os.path.isfile(path) else []
+    out = {}
+    for stack in monitor.STACKS:
+        series = [(r["step"], r["grad_norm"][stack]) for r in rows if stack in r.get("grad_norm", {})]
+        if not series:
+            continue
+        tail = np.array([g for _, g in series[-last:]], dtype=np.float64)
+        profile = [float(x) for x in np.nanmedian(np.where(np.isfinite(tail), tail, np.nan), axis=0)]
+        starved_at, run = None, 0
+        for step, g in series:
+            run = run + 1 if (g[-1] > 0 and math.isfinite(g[-1]) and g[0] * monitor.WARN_RATIO < g[-1]) else 0
+            if run >= monitor.WARN_INTERVALS:
+                starved_at = step
+                break
+        out[stack] = {"profile": profile, "bottom_over_top": profile[0] / profile[-1] if profile[-1] > 0 else None,
+                      "starved_at": starved_at, "records": len(series), "last": min(last, len(series))}
+    return out
+
+
 def test_scores(model, dataset, tokenizer, beam: int, lenpen: float) -> dict:
     """{direction: {"bleu", "chrf", "hyps"}} of decoding each direction of `dataset` whole (sacreBLEU defaults)."""
     out = {}
     for name, part in gen.directions_of(dataset):
         hyps = gen.translate(model, part, tokenizer, beam, lenpen)
-        refs = [tokenizer.decode(part.target_tokens(i)) for i in range(len(hyps))]
+        refs, _ = gen.references(part, tokenizer, len(hyps))
         out[name] = {"bleu": gen.bleu(hyps, refs)[0].score,
                      "chrf": sacrebleu.metrics.CHRF().corpus_score(hyps, [refs]).score, "hyps": hyps}
     return out
@@ -124,25 +150,32 @@ def train_and_evaluate(args, variant: str, sets: list[str], seed: int, log) -> d
         "gnorm_stats": gnorm_stats(gnorms, args.gnorm_steps),
         "max_loss_rise": max_loss_rise(losses),
         "valid": {str(s): {k: v for k, v in r.items() if k not in ("tag", "step", "wall")} for s, r in valid_log.items()},
+        "health": health_profile(save_dir),
     }
     if status == "ok":
         loaded = checkpoint.load_model(os.path.join(save_dir, "latest"), fused_kernels=False)
         model, mcfg = loaded.model, loaded.config
-        test = load_split(mcfg.data.data_dir, args.test_split)
-        test_set, tgt_tok = test.dataset, test.tgt_tok
-        scores = test_scores(model, test_set, tgt_tok, args.beam, args.lenpen)
-        for direction, sc in scores.items():
-            suffix = "" if direction == "all" else f".{direction}"
-            with open(os.path.join(save_dir, f"{args.test_split}{suffix}.hyp"), "w") as fh:
-                fh.writelines(h + "\n" for h in sc.pop("hyps"))
-        result["test"] = {"split": args.test_split, "beam": args.beam, "lenpen": args.lenpen,
-                          "bleu": statistics.mean(s["bleu"] for s in scores.values()),
-                          "chrf": statistics.mean(s["chrf"] for s in scores.values()), "directions": scores}
+        if not args.no_test:
+            result["test"] = evaluate_test(args, model, mcfg, save_dir)
         valid_set = load_split(mcfg.data.data_dir, "valid").dataset
         batches = pair_batches(valid_set, mcfg.data.max_tokens, args.analysis_sentences)
         result["analysis"] = analysis.analyze_batches(model, batches, mcfg.optim.label_smoothing)
     result["seconds_this_invocation"] = round(time.time() - t0, 1)
     return result
+
+
+def evaluate_test(args, model, mcfg, save_dir: str) -> dict:
+    """The test split decoded whole (hypotheses written beside the run), BLEU / chrF averaged over directions."""
+    test = load_split(mcfg.data.data_dir, args.test_split)
+    test_set, tgt_tok = test.dataset, test.tgt_tok
+    scores = test_scores(model, test_set, tgt_tok, args.beam, args.lenpen)
+    for direction, sc in scores.items():
+        suffix = "" if direction == "all" else f".{direction}"
+        with open(os.path.join(save_dir, f"{args.test_split}{suffix}.hyp"), "w") as fh:
+            fh.writelines(h + "\n" for h in sc.pop("hyps"))
+    return {"split": args.test_split, "beam": args.beam, "lenpen": args.lenpen,
+            "bleu": statistics.mean(s["bleu"] for s in scores.values()),
+            "chrf": statistics.mean(s["chrf"] for s in scores.values()), "directions": scores}
 
 
 def max_loss_rise(losses: list[float], window: int = 10) -> float | None:
@@ -252,9 +285,11 @@ def report(results: list[dict], out: str, img_dir: str | None = None, order: lis
                       for i in (0, -1)]
             md.append(f"| {n} | " + " | ".join(cells) + " |")
         md.append("")
+    md += health_table(groups, names)
     img_dir = img_dir or out
     os.makedirs(img_dir, exist_ok=True)
     _plot_curves(groups, names, out, os.path.join(img_dir, "study_gnorm_loss.png"))
+    _plot_health_profiles(groups, names, os.path.join(img_dir, "study_health.png"))
     if means:
         analysis.plot_analysis({n: means[n] for n in names if n in means}, os.path.join(img_dir, "study_layers.png"),
                                "trained checkpoints, per-layer means over seeds (Figs. 8-9 style)")
@@ -262,6 +297,32 @@ def report(results: list[dict], out: str, img_dir: str | None = None, order: lis
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write(text + "\n")
     return text
+
+
+def health_table(groups: dict[str, list[dict]], names: list[str]) -> list[str]:
+    """The monitor's view of training: per variant, each stack's bottom-layer / top-layer gradient norm (mean of
+    the last records, geometric mean over seeds) and the seeds on which the monitor's warning rule held."""
+    rows = []
+    for n in names:
+        hs = [r.get("health", {}) for r in groups[n]]
+        if not any(hs):
+            continue
+        cells = []
+        for stack in monitor.STACKS:
+            ratios = [h[stack]["bottom_over_top"] for h in hs if h.get(stack, {}).get("bottom_over_top")]
+            cells.append(f"{math.exp(statistics.mean(math.log(x) for x in ratios)):.1e}" if ratios else "—")
+            starved = [f"{r['seed']}@{r['health'][stack]['starved_at']}" for r, h in zip(groups[n], hs)
+                       if h.get(stack, {}).get("starved_at") is not None]
+            cells.append(", ".join(starved) or "none")
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    last = max(h[stack]["last"] for rs in groups.values() for r in rs for h in [r.get("health", {})] for stack in h)
+    return [f"Health monitor, training gradients (median of the last {last} records per layer; geometric mean over "
+            f"seeds of bottom layer / top layer) and the seeds on which its warning rule held (bottom more than "
+            f"{monitor.WARN_RATIO:.0e} below the top for {monitor.WARN_INTERVALS} records in a row: seed@first step):\n",
+            "| variant | enc bottom/top | enc warned | dec bottom/top | dec warned |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def layer_means(groups: dict[str, list[dict]]) -> dict[str, dict]:
@@ -308,6 +369,35 @@ def _plot_curves(groups, names, out, path, early: int = 400, window: int = 25) -
     plt.close(fig)
 
 
+def _plot_health_profiles(groups, names, path) -> None:
+    """Per variant, the monitor's per-layer training gradient norm at the end of training (mean over seeds of
+    log10), encoder and decoder side by side, bottom layer at the left."""
+    have = [n for n in names if any(r.get("health") for r in groups[n])]
+    if not have:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for n in have:
+        for ax, stack in zip(axes, monitor.STACKS):
+            profiles = [np.log10(np.maximum(r["health"][stack]["profile"], 1e-45)) for r in groups[n]
+                        if stack in r.get("health", {})]
+            if profiles:
+                m = np.mean(profiles, axis=0)
+                ax.plot(np.arange(1, len(m) + 1), m, marker=".", label=n)
+    for ax, stack in zip(axes, monitor.STACKS):
+        ax.set_title(f"{stack}: log10 training gradient norm per layer, end of training (mean over seeds)", fontsize=8)
+        ax.set_xlabel("layer (1 = bottom)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 # --- the command ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -321,6 +411,7 @@ def parse_args(argv=None):
     a("--out", default="runs/study")
     a("--img-dir", help="where the PNGs go (default: --out)")
     a("--test-split", default="test")
+    a("--no-test", action="store_true", help="skip decoding the test split (a sweep that reads valid loss and health)")
     a("--beam", type=int, default=4)
     a("--lenpen", type=float, default=0.6)
     a("--analysis-sentences", type=int, default=200, help="first N valid sentences for the Figures 8-9 analysis")
@@ -355,7 +446,14 @@ def main_study(args, log=None) -> str:
         for k, (name, sets, seed) in enumerate(runs, 1):
             print(f"{k:3d} {name}-seed{seed}  {' '.join(sets)}")
         return ""
-    results = load_results(args.out, "results", "study") if args.report_only else run_study(args, log)
+    if args.report_only:  # the monitor's profile read again from each run's log, where the run is still there
+        results = load_results(args.out, "results", "study")
+        for r in results:
+            run_dir = os.path.join(args.out, "runs", r["name"])
+            if os.path.isfile(os.path.join(run_dir, "log.jsonl")):
+                r["health"] = health_profile(run_dir)
+    else:
+        results = run_study(args, log)
     text = report(results, args.out, args.img_dir, [n for n, _ in args.variants])
     log(f"report: {os.path.join(args.out, 'report.md')}")
     return text
