@@ -35,140 +35,6 @@ DEEPNORM_BETAS = ("paper", "torchscale")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 
 
-<<<<<<< HEAD
-=======
-@dataclass
-class ModelConfig:
-    residual: str = "branchnorm"  # one of RESIDUALS
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    d_model: int = 512
-    n_heads: int = 8
-    ffn_dim: int = 2048
-    dropout: float = 0.1  # on every sub-layer output F(x) before the residual, and on embeddings
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    activation: str = "relu"
-    share_all_embeddings: bool = True  # one table for source, target and output (joint vocabulary)
-    share_decoder_input_output_embed: bool = True
-    max_positions: int = 1024
-    # embeddings, as the model was trained (imported torchscale / fairseq models set them; defaults: megabranch's)
-    embed_scale: float | None = None  # token embeddings times this; None: sqrt(d_model) (fairseq's default)
-    positions: str = "sinusoidal"  # sinusoidal (fixed, fairseq's table) | learned (a trained table)
-    position_offset: int = 0  # the first token's position index (fairseq and torchscale count from pad + 1 = 2)
-    ln_eps: float = 1e-5
-    # BranchNorm: alpha_t = schedule(t / T), clipped to 1.
-    alpha_schedule: str = "linear"  # linear | exp | sigmoid
-    alpha_warmup_steps: int = 4000  # T
-    deepnorm_init: bool | None = None  # None: on for deepnorm and branchnorm, off otherwise (not for own-init schemes)
-    deepnorm_beta: str = "paper"  # one of DEEPNORM_BETAS: the encoder beta of DeepNorm's init
-    fused_kernels: bool = False  # use megabranch.ops.residual_layernorm (C++/CUDA) for LN(r*x + s*F)
-    compile: bool = False  # torch.compile each encoder / decoder layer (model/regional_compile.py)
-    compile_backend: str = "inductor"  # the torch.compile backend: inductor, aot_eager (debugging), ...
-
-
-@dataclass
-class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb-h1 | zb-v | auto (parallel/schedules.py, planning.py)
-    layout: str = ""  # explicit chunk layout in pipeline order, e.g. "E0-3|E4-5,D0|D1-3|D4-5" (see parallel/layout.py)
-    balance: str = "time"  # what the automatic split balances: time | memory
-    recompute: int = 0  # 0: off; k: checkpoint activations every k layers
-    zero: bool = False  # ZeRO-1: shard the Adam state over the data-parallel replicas
-    bucket_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
-    overlap: bool = True  # launch each bucket's all-reduce as soon as its gradients are ready
-    timeout_s: float = 600.0  # bound on every wait for another rank (start-up, collectives, pipeline messages)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4
-    betas: tuple = (0.9, 0.98)
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0001
-    warmup_updates: int = 4000
-    warmup_init_lr: float = 1e-7
-    clip_norm: float = 0.0  # 0: no clipping (the gradient norm is still measured and logged)
-    label_smoothing: float = 0.1
-    max_updates: int = 1000
-    update_freq: int = 1  # gradient accumulation: batches per optimizer step
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (CUDA only, dynamic loss scaling)
-
-
-@dataclass
-class DataConfig:
-    data_dir: str = "data-bin/kjv_web"
-    max_tokens: int = 4096
-    max_sentences: int = 0  # 0: unlimited
-    shuffle: bool = True
-    # multilingual data: direction i is drawn with probability ~ n_i^(1/T); 1 = in proportion to the data
-    # (every pair once an epoch), 5 = OPUS-100 / mBART. A single-pair directory ignores it.
-    sampling_temperature: float = 1.0
-
-
-@dataclass
-class LogConfig:
-    save_dir: str = "runs/default"
-    log_interval: int = 10
-    valid_interval: int = 200  # steps between validation loss (and checkpoint saves)
-    bleu_sentences: int = 100  # validation subset decoded for BLEU at each validation; 0: off
-    bleu_beam: int = 1
-    keep_last: int = 2
-    async_save: bool = True  # native engines: snapshot to host memory, write and publish in the background
-    max_failed_saves: int = 3  # native engines: saves that may fail in a row (training goes on) before the run stops
-    tensorboard: bool = True
-    health: bool = True  # per-layer gradient norms / update ratios, and a warning when a stack stops learning
-    progress: str = "auto"  # auto (bar on a terminal) | bar | none
-
-
-@dataclass
-class Config:
-    seed: int = 1
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "Config":
-        cfg = cls()
-        _apply(cfg, d, where)
-        try:
-            cfg.validate()
-        except InvalidValue as e:
-            raise UserError(f"{where}: {e}") from None
-        return cfg
-
-    def validate(self) -> None:
-        """Every numeric field within RANGES, then the choices and the relations between fields; InvalidValue
-        (a UserError naming the field) on the first one that is not."""
-        for key, value in numeric_fields(self):
-            RANGES[key].check(key, value)
-        m = self.model
-        _check(m.residual in RESIDUALS, "model.residual", m.residual, f"one of {', '.join(RESIDUALS)}")
-        _check(m.deepnorm_init is not True or m.residual not in RESIDUALS_WITH_OWN_INIT, "model.deepnorm_init",
-               m.deepnorm_init, f"unset or false with model.residual={m.residual} (it has its own initialisation)")
-        _check(m.deepnorm_beta in DEEPNORM_BETAS, "model.deepnorm_beta", m.deepnorm_beta, " or ".join(DEEPNORM_BETAS))
-        _check(m.alpha_schedule in SCHEDULES, "model.alpha_schedule", m.alpha_schedule, f"one of {', '.join(SCHEDULES)}")
-        _check(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
-        _check(m.activation in ("relu", "gelu"), "model.activation", m.activation, "relu or gelu")
-        _check(m.positions in ("sinusoidal", "learned"), "model.positions", m.positions, "sinusoidal or learned")
-        o = self.optim
-        _check(o.precision in ("fp32", "bf16", "fp16"), "optim.precision", o.precision, "fp32, bf16 or fp16")
-        _check(self.log.progress in ("auto", "bar", "none"), "log.progress", self.log.progress, "auto, bar or none")
-        p = self.parallel
-        _check(p.schedule in PIPELINE_SCHEDULES + ("auto",), "parallel.schedule", p.schedule,
-               ", ".join(PIPELINE_SCHEDULES + ("auto",)))
-        _check(p.balance in ("time", "memory"), "parallel.balance", p.balance, "time or memory")
-
-
->>>>>>> h-studies
 class InvalidValue(UserError):
     """A config field's value is out of its range; `key` names the field (so the caller can say where the value
     came from)."""
@@ -350,6 +216,9 @@ class ModelConfig:
     deepnorm_init: bool | None = setting(None, FLAG)
     """DeepNorm's beta-scaled initialization; None: on for deepnorm and branchnorm, off otherwise. The schemes in
     RESIDUALS_WITH_OWN_INIT refuse true."""
+    deepnorm_beta: str = setting("paper", Choice(DEEPNORM_BETAS))
+    """The encoder beta of DeepNorm's init: paper, 0.87 (N^4 M)^(-1/16) (the DeepNet paper's), or torchscale,
+    1.15 (N^4 M)^(-1/16) (torchscale 0.3.0's encoder.py)."""
     fused_kernels: bool = setting(False, FLAG)
     """Use megabranch.ops.residual_layernorm (C++/CUDA) for LN(r * x + s * F)."""
     compile: bool = setting(False, FLAG)

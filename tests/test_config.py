@@ -29,7 +29,7 @@ def test_yaml_json_and_overrides(tmp_path):
         (["model.encoder_layer=3"], "unknown config key model.encoder_layer"),
         (["model.encoder_layers=0"], "model.encoder_layers=0 is invalid"),
         (["model.residual=postln"], "model.residual='postln' is invalid"),
-        (["model.deepnorm_beta=fairseq"], "model.deepnorm_beta='fairseq' is invalid: must be paper or torchscale"),
+        (["model.deepnorm_beta=fairseq"], "model.deepnorm_beta='fairseq' is invalid: must be one of paper, torchscale"),
         (["model.n_heads=3"], "model.n_heads=3 is invalid: must be a divisor of model.d_model=512"),
         (["model.dropout=1.5"], "model.dropout=1.5"),
         (["optim.lr=fast"], "optim.lr='fast' is not a valid float"),
@@ -91,7 +91,6 @@ def test_every_numeric_field_rejects_non_finite_and_out_of_range_values(tmp_path
         load_config(str(path))
 
 
-<<<<<<< HEAD
 def test_every_field_declares_its_rule_once_with_a_docstring():
     """Each field of every section is one declaration: type, default and rule (`setting(...)`), then a docstring
     (read from the source, as Sphinx would); a name field's bad value is refused naming the valid ones."""
@@ -165,10 +164,7 @@ def test_cli_refuses_an_empty_value_in_one_line(tmp_path):
         "megabranch-train: error: --set: log.save_dir is empty: must be a non-empty path", p.stderr
 
 
-@pytest.mark.parametrize("name", ["demo", "deep100", "translate", "multilingual_demo"])
-=======
 @pytest.mark.parametrize("name", ["demo", "deep100", "translate", "en_es_depth_study", "multilingual_demo"])
->>>>>>> h-studies
 def test_shipped_configs_load_and_say_what_the_readme_says(name):
     """The configs users start from load, validate, and keep the settings their comments and the README state."""
     import os

@@ -130,9 +130,9 @@ def test_dry_run_numbers_against_the_model(capsys):
         dry_run(cfg, world_size=5, vocab=48)
     with pytest.raises(UserError, match=r"--vocab -5 is invalid: must be an integer >= 1 \(a vocabulary size\)"):
         dry_run(cfg, world_size=6, vocab=-5)
-    with pytest.raises(UserError, match="tp=1"):
+    with pytest.raises(UserError, match="world size 6 does not fit"):  # DeepSpeed's layout divides the world too
         cfg.parallel.tp = 2
-        dry_run(cfg, world_size=4, vocab=48, backend="deepspeed")
+        dry_run(cfg, world_size=6, vocab=48, backend="deepspeed")
 
 
 @pytest.mark.unit

@@ -21,6 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# tensors in a worker's arguments travel as shared-memory file names: a forkserver passes at most ~250 file
+# descriptors to a child, fewer than a reference model's parameters
+mp.set_sharing_strategy("file_system")
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "torch.distributed", "megabranch.training.engine", "tests.helpers.dist"])
 
