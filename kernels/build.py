@@ -272,7 +272,7 @@ def optional_build_ext():
             # toolchain must not fail the install either.
             try:
                 super().build_extensions()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 print(f"megabranch: WARNING: C++/CUDA extensions not built ({first_line(exc)}); "
                       "they will be JIT-built or replaced by the eager PyTorch path at run time")
                 self._megabranch_failed.update(ext.name for ext in self.extensions)
@@ -282,7 +282,7 @@ def optional_build_ext():
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure must not stop pip
+            except Exception as exc:  # any compiler failure must not stop pip
                 print(f"megabranch: WARNING: building {ext.name} failed ({first_line(exc)}); "
                       "it will be JIT-built or replaced by the eager PyTorch path at run time")
                 self._megabranch_failed.add(ext.name)

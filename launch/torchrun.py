@@ -44,8 +44,11 @@ def main(argv=None) -> int:
             n = all_stopped(where)
             if not n:
                 raise
-            print(f"# torchrun: all {n} workers saved a checkpoint and stopped: exit code {EXIT_REQUEUE} (run the "
-                  "same command to continue)", file=sys.stderr)
+            print(
+                f"# torchrun: all {n} workers saved a checkpoint and stopped: exit code {EXIT_REQUEUE} (run the "
+                "same command to continue)",
+                file=sys.stderr,
+            )
             return EXIT_REQUEUE
     finally:
         shutil.rmtree(where, ignore_errors=True)

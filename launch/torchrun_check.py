@@ -55,8 +55,9 @@ def parse_spec(spec: str, nproc: int) -> dict:
     out["layout"] = layout
     if nproc % (out["tp"] * out["pp"]):
         raise SystemExit(f"torchrun_check: {nproc} processes cannot hold tp*pp = {out['tp'] * out['pp']}")
-    return dict(parallel=out, steps=steps, m=m, enc=enc, dec=dec, residual=residual,
-                dp=nproc // (out["tp"] * out["pp"]))
+    return dict(
+        parallel=out, steps=steps, m=m, enc=enc, dec=dec, residual=residual, dp=nproc // (out["tp"] * out["pp"])
+    )
 
 
 def cfg_of(s: dict, parallel: bool):
@@ -76,8 +77,8 @@ def main() -> int:
     if args.mode == "reference":
         torch.save(reference_run(cfg_of(s, False), s["steps"], dp=s["dp"]), args.out)
         return 0
-    from megabranch.training.engine import Trainer
     from megabranch.parallel.grid import init_distributed
+    from megabranch.training.engine import Trainer
 
     init_distributed("gloo")
     torch.set_num_threads(1)
@@ -86,8 +87,10 @@ def main() -> int:
     losses = parallel_losses(tr, s["steps"])
     rank = torch.distributed.get_rank()
     if rank == 0:
-        print(f"{tr.grid.describe()}, schedule {s['parallel']['schedule']}, layout {tr.layout}, "
-              f"{s['m']} micro-batches per replica")
+        print(
+            f"{tr.grid.describe()}, schedule {s['parallel']['schedule']}, layout {tr.layout}, "
+            f"{s['m']} micro-batches per replica"
+        )
         print("step  single-process   parallel         rel.diff")
         for i, (a, b) in enumerate(zip(losses, ref[0])):
             print(f"{i:4d}  {b:.10f}  {a:.10f}  {abs(a - b) / abs(b):.2e}")
@@ -99,8 +102,11 @@ def main() -> int:
         ok.zero_()
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     if rank == 0:
-        print("OK: per-step losses within 1e-5 and parameters equal to the single-process run" if ok.item()
-              else "FAILED: see the messages above")
+        print(
+            "OK: per-step losses within 1e-5 and parameters equal to the single-process run"
+            if ok.item()
+            else "FAILED: see the messages above"
+        )
     torch.distributed.destroy_process_group()
     return 0 if ok.item() else 1
 

@@ -23,8 +23,8 @@ from torch import nn
 from .model import PAD, label_smoothed_nll_loss
 from .model.ffn import FeedForward
 
-
 # --- pure measurement functions (what the tests check on constructed cases) --------------------------------
+
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8) -> float:
     """Mean over tokens (mask True = counted) of cos(a[t], b[t]); a, b are (..., d), mask is a's shape minus d."""
@@ -65,6 +65,7 @@ def module_grad_norms(modules: dict[str, nn.Module]) -> dict[str, float]:
 
 # --- hooks on a megabranch Transformer ----------------------------------------------------------------------
 
+
 def _stacks(model) -> dict[str, nn.ModuleList]:
     return {"encoder": model.encoder.layers, "decoder": model.decoder.layers}
 
@@ -90,17 +91,20 @@ class _Recorder:
     def _input_hook(self, stack):
         def hook(module, args):
             self.reps[stack][0] = args[0].detach()
+
         return hook
 
     def _output_hook(self, stack, i):
         def hook(module, args, out):
             self.reps[stack][i] = out.detach()
+
         return hook
 
     def _act_hook(self, stack, i, ffn):
         def hook(module, args, out):  # the activation's input: fc1's output (+ R-Fixup's scalar bias)
             h = out.detach() if ffn.pre_act_bias is None else out.detach() + ffn.pre_act_bias.detach()
             self.acts[stack][i] = ffn.act(h)
+
         return hook
 
     def remove(self):
@@ -177,8 +181,10 @@ def analyze_batches(model, batches: list[dict], label_smoothing: float = 0.1) ->
     if not batches:
         raise ValueError("no batches to analyze")
     total = analyze_model(model, batches[0], label_smoothing)
-    weights = {"encoder": [int(batches[0]["src_tokens"].ne(PAD).sum())],
-               "decoder": [int(batches[0]["prev_output_tokens"].ne(PAD).sum())]}
+    weights = {
+        "encoder": [int(batches[0]["src_tokens"].ne(PAD).sum())],
+        "decoder": [int(batches[0]["prev_output_tokens"].ne(PAD).sum())],
+    }
     per_batch = [total]
     for b in batches[1:]:
         per_batch.append(representation_stats(model, b["src_tokens"], b["prev_output_tokens"]))
@@ -201,12 +207,17 @@ def analysis_rows(stats: dict, label: str = "") -> list[dict]:
         s = stats[stack]
         for i in range(len(s["cosine"])):
             nz = s["ffn_nonzero"][i]
-            rows.append({
-                "label": label, "stack": stack, "layer": i + 1,
-                "cosine": round(s["cosine"][i], 6),
-                "ffn_nonzero": round(nz, 6), "ffn_sparsity": round(1.0 - nz, 6),
-                "grad_norm": "" if "grad_norm" not in s else float(f"{s['grad_norm'][i]:.6g}"),
-            })
+            rows.append(
+                {
+                    "label": label,
+                    "stack": stack,
+                    "layer": i + 1,
+                    "cosine": round(s["cosine"][i], 6),
+                    "ffn_nonzero": round(nz, 6),
+                    "ffn_sparsity": round(1.0 - nz, 6),
+                    "grad_norm": "" if "grad_norm" not in s else float(f"{s['grad_norm'][i]:.6g}"),
+                }
+            )
     return rows
 
 

@@ -23,8 +23,20 @@ import yaml
 from .errors import UserError
 
 # the residual schemes (megabranch/residual.py: what each computes; README's table: the equations)
-RESIDUALS = ("post_ln", "pre_ln", "deepnorm", "branchnorm", "ds_init", "admin", "rezero", "r_fixup", "t_fixup", "dlcl",
-             "normformer", "subln")
+RESIDUALS = (
+    "post_ln",
+    "pre_ln",
+    "deepnorm",
+    "branchnorm",
+    "ds_init",
+    "admin",
+    "rezero",
+    "r_fixup",
+    "t_fixup",
+    "dlcl",
+    "normformer",
+    "subln",
+)
 # the schemes whose paper prescribes the initialisation: model.deepnorm_init=true does not apply to them
 RESIDUALS_WITH_OWN_INIT = ("ds_init", "r_fixup", "t_fixup", "subln")
 SCHEDULES = ("linear", "exp", "sigmoid")
@@ -107,8 +119,11 @@ class Range(Rule):
 
     def check(self, key: str, value: Any) -> None:
         if not self.ok(value):
-            raise InvalidValue(key, f"{key}={value!r} is invalid: must be {self.describe()}"
-                                    + (" (each)" if isinstance(value, tuple) else ""))
+            raise InvalidValue(
+                key,
+                f"{key}={value!r} is invalid: must be {self.describe()}"
+                + (" (each)" if isinstance(value, tuple) else ""),
+            )
 
 
 @dataclass(frozen=True)
@@ -356,7 +371,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "Config":
+    def from_dict(cls, d: dict, where: str = "config") -> Config:
         cfg = cls()
         _apply(cfg, d, where)
         try:
@@ -373,24 +388,38 @@ class Config:
                 s.rule.check(s.key, s.value)
         m = self.model
         if m.deepnorm_init is True and m.residual in RESIDUALS_WITH_OWN_INIT:
-            raise InvalidValue("model.deepnorm_init", f"model.deepnorm_init=True is invalid: must be unset or false "
-                                                      f"with model.residual={m.residual} (it has its own "
-                                                      f"initialisation)")
+            raise InvalidValue(
+                "model.deepnorm_init",
+                f"model.deepnorm_init=True is invalid: must be unset or false "
+                f"with model.residual={m.residual} (it has its own "
+                f"initialisation)",
+            )
         if m.d_model % m.n_heads:
-            raise InvalidValue("model.n_heads", f"model.n_heads={m.n_heads!r} is invalid: must be a divisor of "
-                                                f"model.d_model={m.d_model}")
+            raise InvalidValue(
+                "model.n_heads",
+                f"model.n_heads={m.n_heads!r} is invalid: must be a divisor of model.d_model={m.d_model}",
+            )
         p = self.parallel
         if p.sequence_parallel and p.tp == 1:
-            raise InvalidValue("parallel.sequence_parallel", "parallel.sequence_parallel=True is invalid: must be "
-                               "false with parallel.tp=1 (it splits the sequence over the tensor-parallel ranks)")
+            raise InvalidValue(
+                "parallel.sequence_parallel",
+                "parallel.sequence_parallel=True is invalid: must be "
+                "false with parallel.tp=1 (it splits the sequence over the tensor-parallel ranks)",
+            )
         if p.sequence_parallel and m.residual == "admin":
-            raise InvalidValue("parallel.sequence_parallel", "parallel.sequence_parallel=True is invalid: must be "
-                               "false with model.residual=admin (Admin's profiling pass takes variances over whole "
-                               "sequences, which sequence parallelism splits over the tensor-parallel ranks)")
+            raise InvalidValue(
+                "parallel.sequence_parallel",
+                "parallel.sequence_parallel=True is invalid: must be "
+                "false with model.residual=admin (Admin's profiling pass takes variances over whole "
+                "sequences, which sequence parallelism splits over the tensor-parallel ranks)",
+            )
         if p.sequence_parallel and m.max_positions % p.tp:
-            raise InvalidValue("model.max_positions", f"model.max_positions={m.max_positions} is invalid: must be a "
-                               f"multiple of parallel.tp={p.tp} with parallel.sequence_parallel (sequences are "
-                               f"padded to one)")
+            raise InvalidValue(
+                "model.max_positions",
+                f"model.max_positions={m.max_positions} is invalid: must be a "
+                f"multiple of parallel.tp={p.tp} with parallel.sequence_parallel (sequences are "
+                f"padded to one)",
+            )
 
 
 class Setting(NamedTuple):
@@ -499,7 +528,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
                 data = json.loads(text)
             else:
                 data = yaml.safe_load(text) or {}
-        except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        except Exception as e:  # any parse failure is the user's file
             raise UserError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
     cfg = Config()
     _apply(cfg, data, path or "config")

@@ -7,7 +7,8 @@ recomputes the prefix. Hypotheses are scored fairseq-style: sum of log-probs / l
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import sacrebleu
 import torch
@@ -34,7 +35,7 @@ def _top_k(x: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torc
         return x.topk(k, dim=1)
     maxima = x[:, : n * block].view(rows, n, block).amax(-1)
     if n * block < width:  # the short last block
-        maxima = torch.cat([maxima, x[:, n * block:].amax(-1, keepdim=True)], 1)
+        maxima = torch.cat([maxima, x[:, n * block :].amax(-1, keepdim=True)], 1)
     _, blocks = maxima.topk(k, dim=1)
     cols = (blocks[:, :, None] * block + torch.arange(block, device=x.device)).view(rows, -1).clamp_max(width - 1)
     values, pos = x.gather(1, cols).topk(k, dim=1)
@@ -83,7 +84,14 @@ def greedy_decode(model, src_tokens, bos: int, eos: int, max_len_a: float = 1.2,
 
 @torch.inference_mode()
 def beam_search(
-    model, src_tokens, bos: int, eos: int, beam: int = 4, lenpen: float = 0.6, max_len_a: float = 1.2, max_len_b: int = 10
+    model,
+    src_tokens,
+    bos: int,
+    eos: int,
+    beam: int = 4,
+    lenpen: float = 0.6,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
 ):
     """-> list (per sentence) of the best hypothesis' tokens (without bos/eos).
 
@@ -152,8 +160,17 @@ def beam_search(
     return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 
 
-def translate(model, dataset, tokenizer, beam: int, lenpen: float, max_sentences: int = 64, limit: int = 0, device="cpu",
-              max_tokens: int = 0):
+def translate(
+    model,
+    dataset,
+    tokenizer,
+    beam: int,
+    lenpen: float,
+    max_sentences: int = 64,
+    limit: int = 0,
+    device="cpu",
+    max_tokens: int = 0,
+):
     """Decode `dataset` (in batches of similar source length, data.sentence_batches: at most max_tokens
     padded source tokens (0: no budget) and max_sentences sentences) -> detokenized strings in dataset order."""
     n = len(dataset) if not limit else min(limit, len(dataset))
@@ -220,8 +237,18 @@ class Scored(NamedTuple):
     signature: str
 
 
-def score_directions(model, dataset, tokenizer, beam, lenpen, max_sentences=64, limit=0, device="cpu",
-                     max_tokens: int = 0, reference_source: str = "raw") -> Iterator[Scored]:
+def score_directions(
+    model,
+    dataset,
+    tokenizer,
+    beam,
+    lenpen,
+    max_sentences=64,
+    limit=0,
+    device="cpu",
+    max_tokens: int = 0,
+    reference_source: str = "raw",
+) -> Iterator[Scored]:
     """Decode and score every direction of `dataset` (one for a single pair) in turn."""
     for name, part in directions_of(dataset):
         hyps = translate(model, part, tokenizer, beam, lenpen, max_sentences, limit, device, max_tokens)
@@ -230,12 +257,15 @@ def score_directions(model, dataset, tokenizer, beam, lenpen, max_sentences=64, 
         yield Scored(name, part, hyps, refs, used, score, sig)
 
 
-def per_direction_bleu(model, dataset, tokenizer, beam: int = 1, limit: int = 0, device="cpu",
-                       lenpen: float = 0.6) -> tuple[dict, float]:
+def per_direction_bleu(
+    model, dataset, tokenizer, beam: int = 1, limit: int = 0, device="cpu", lenpen: float = 0.6
+) -> tuple[dict, float]:
     """({direction: sacreBLEU}, their unweighted average): the first `limit` sentences (0: all) of every
     direction decoded and scored on its own, e.g. a multilingual validation set during training."""
-    scores = {d.name: d.score.score for d in
-              score_directions(model, dataset, tokenizer, beam, lenpen, limit=limit, device=device)}
+    scores = {
+        d.name: d.score.score
+        for d in score_directions(model, dataset, tokenizer, beam, lenpen, limit=limit, device=device)
+    }
     return scores, sum(scores.values()) / len(scores)
 
 

@@ -26,6 +26,8 @@ def resolve_device(name: str | None) -> torch.device:
         raise UserError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu")
     count = torch.cuda.device_count()
     if dev.index is not None and dev.index >= count:
-        raise UserError(f"--device {name}: {count} CUDA device{'s are' if count > 1 else ' is'} visible "
-                        f"(cuda:0 .. cuda:{count - 1})")
+        raise UserError(
+            f"--device {name}: {count} CUDA device{'s are' if count > 1 else ' is'} visible "
+            f"(cuda:0 .. cuda:{count - 1})"
+        )
     return dev

@@ -15,10 +15,10 @@ from .config import ints
 from .data.meta import META, read_meta
 from .errors import UserError
 from .model import count_parameters, meta_model
+from .parallel.schedules import check_schedule, placement_of
 from .planning.memory import plan, print_table, schedule_kind
 from .planning.partition import plan_layout
 from .planning.schedule_choice import GiB, resolve
-from .parallel.schedules import check_schedule, placement_of
 
 
 def data_vocab(data_dir: str, default: int = 32000) -> tuple[int, int, str]:
@@ -48,13 +48,22 @@ def resolve_world_size(cfg, world_size: int | None = None) -> tuple[int, int]:
         env = os.environ.get("WORLD_SIZE", "")
         world_size = int(env) if env.isdigit() and int(env) > 0 else mp
     if world_size < 1 or world_size % mp:
-        raise UserError(f"world size {world_size} does not fit parallel.tp * parallel.pp = {p.tp} * {p.pp} = {mp}: "
-                        f"it must be a positive multiple of {mp} (nodes x GPUs per node = tp * pp * dp)")
+        raise UserError(
+            f"world size {world_size} does not fit parallel.tp * parallel.pp = {p.tp} * {p.pp} = {mp}: "
+            f"it must be a positive multiple of {mp} (nodes x GPUs per node = tp * pp * dp)"
+        )
     return world_size, world_size // mp
 
 
-def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_config: dict | None = None,
-            vocab: int | None = None, out=None, gpu_memory_gb: float | None = None) -> dict:
+def dry_run(
+    cfg,
+    world_size: int | None = None,
+    backend: str = "native",
+    ds_config: dict | None = None,
+    vocab: int | None = None,
+    out=None,
+    gpu_memory_gb: float | None = None,
+) -> dict:
     """Print the stage layout, parameters per stage, the memory plan, the schedule table and the effective batch
     for `cfg`, without training or a process group. Raises UserError for what the trainer would refuse (a
     schedule that does not fit `gpu_memory_gb`, when given, included). Returns the numbers."""
@@ -74,16 +83,29 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     asked = p.schedule
     if backend == "deepspeed":
         if asked == "auto":
-            raise UserError("parallel.schedule=auto plans the native engine's schedules; --backend deepspeed runs "
-                            "DeepSpeed's own 1F1B: set parallel.schedule=1f1b")
+            raise UserError(
+                "parallel.schedule=auto plans the native engine's schedules; --backend deepspeed runs "
+                "DeepSpeed's own 1F1B: set parallel.schedule=1f1b"
+            )
         planned_cfg, schedule_plan = cfg, None
     else:
         schedule_plan = resolve(cfg, src_v, tgt_v, dp, gpu_memory_gb)
         planned_cfg = schedule_plan.cfg
     p, o = planned_cfg.parallel, planned_cfg.optim
     kind = schedule_kind(planned_cfg)
-    layout = plan_layout(mc, p.pp, p.vpp, src_v, tgt_v, p.tp, layout=p.layout, by=p.balance, recompute=p.recompute,
-                         placement=placement_of(kind), sequence_parallel=p.sequence_parallel)
+    layout = plan_layout(
+        mc,
+        p.pp,
+        p.vpp,
+        src_v,
+        tgt_v,
+        p.tp,
+        layout=p.layout,
+        by=p.balance,
+        recompute=p.recompute,
+        placement=placement_of(kind),
+        sequence_parallel=p.sequence_parallel,
+    )
     planned = copy.deepcopy(planned_cfg)
     planned.parallel.layout = str(layout)
     m = o.update_freq
@@ -91,11 +113,17 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
     _, rows, kind = plan(planned, src_v, planned_cfg.data.max_tokens, 64, 64, p.balance, dp, p.zero, m)
     total = model_parameters(mc, src_v, tgt_v)
     tokens = planned_cfg.data.max_tokens * o.update_freq * dp
-    print(f"# dry run ({backend} backend): {mc.residual} {mc.encoder_layers}L-{mc.decoder_layers}L d={mc.d_model} "
-          f"ffn={mc.ffn_dim} heads={mc.n_heads}; vocab {src_v}/{tgt_v} ({where})", file=out)
-    print(f"world size {world} = tp {p.tp} x pp {p.pp} x dp {dp}; vpp {p.vpp}; schedule {kind}; "
-          f"recompute {p.recompute}; {o.precision}{'; ZeRO-1' if p.zero else ''}"
-          f"{'; sequence parallel' if p.sequence_parallel else ''}", file=out)
+    print(
+        f"# dry run ({backend} backend): {mc.residual} {mc.encoder_layers}L-{mc.decoder_layers}L d={mc.d_model} "
+        f"ffn={mc.ffn_dim} heads={mc.n_heads}; vocab {src_v}/{tgt_v} ({where})",
+        file=out,
+    )
+    print(
+        f"world size {world} = tp {p.tp} x pp {p.pp} x dp {dp}; vpp {p.vpp}; schedule {kind}; "
+        f"recompute {p.recompute}; {o.precision}{'; ZeRO-1' if p.zero else ''}"
+        f"{'; sequence parallel' if p.sequence_parallel else ''}",
+        file=out,
+    )
     print(f"parameters: {total:,} ({total / 1e6:.1f}M, single-process model, tied tables once)", file=out)
     print(f"stage layout: {layout}", file=out)
     if backend == "deepspeed":
@@ -104,14 +132,27 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
             print(f"deepspeed layer parts: {ds_parts(cfg, p.pp, src_v, tgt_v)} (LayerSpec indices per stage)", file=out)
         else:
             print(f"deepspeed partition_method: {part} (DeepSpeed splits at start-up)", file=out)
-    print(f"memory plan ({planned_cfg.data.max_tokens} tokens per micro-batch, {m} micro-batches per step, "
-          f"tensor-parallel rank 0 of each stage):", file=out)
+    print(
+        f"memory plan ({planned_cfg.data.max_tokens} tokens per micro-batch, {m} micro-batches per step, "
+        f"tensor-parallel rank 0 of each stage):",
+        file=out,
+    )
     print_table(rows, out)
-    info = {"world_size": world, "dp": dp, "layout": str(layout), "parameters": total,
-            "stage_parameters": [r.params for r in rows], "peak_bytes": [r.peak for r in rows],
-            "sent_bytes": [r.sent for r in rows],
-            "effective_tokens": tokens, "schedule": kind, "vpp": p.vpp, "micro_batches": m,
-            "max_tokens": planned_cfg.data.max_tokens, "bubble": None}
+    info = {
+        "world_size": world,
+        "dp": dp,
+        "layout": str(layout),
+        "parameters": total,
+        "stage_parameters": [r.params for r in rows],
+        "peak_bytes": [r.peak for r in rows],
+        "sent_bytes": [r.sent for r in rows],
+        "effective_tokens": tokens,
+        "schedule": kind,
+        "vpp": p.vpp,
+        "micro_batches": m,
+        "max_tokens": planned_cfg.data.max_tokens,
+        "bubble": None,
+    }
     if schedule_plan is not None:
         print_schedule_table(schedule_plan, out)
         mine = schedule_plan.chosen
@@ -119,8 +160,11 @@ def dry_run(cfg, world_size: int | None = None, backend: str = "native", ds_conf
             info["bubble"] = mine.bubble
             how = "chosen by parallel.schedule=auto" if asked == "auto" else "the configured schedule"
             print(f"simulated bubble: {mine.bubble * 100:.1f}% ({how}: {mine.describe()})", file=out)
-    print(f"effective batch: max_tokens {planned_cfg.data.max_tokens} x update_freq {o.update_freq} x dp {dp} = "
-          f"{tokens:,} tokens per step", file=out)
+    print(
+        f"effective batch: max_tokens {planned_cfg.data.max_tokens} x update_freq {o.update_freq} x dp {dp} = "
+        f"{tokens:,} tokens per step",
+        file=out,
+    )
     return info
 
 
@@ -129,15 +173,28 @@ def print_schedule_table(schedule_plan, out) -> None:
     `=>` marks the one this config runs."""
     budget = schedule_plan.budget
     mine = schedule_plan.chosen
-    print(f"pipeline schedules (same tokens per update; bubble: ideal-machine simulation of the action lists with "
-          f"the cost model's F/B/W times; peak: planned GiB per stage; fits: <= {budget / GiB:.1f} GiB of "
-          f"--gpu-memory-gb {schedule_plan.gpu_memory_gb:g}):", file=out)
+    print(
+        f"pipeline schedules (same tokens per update; bubble: ideal-machine simulation of the action lists with "
+        f"the cost model's F/B/W times; peak: planned GiB per stage; fits: <= {budget / GiB:.1f} GiB of "
+        f"--gpu-memory-gb {schedule_plan.gpu_memory_gb:g}):",
+        file=out,
+    )
     head = ["run", "schedule", "vpp", "micro-batches", "tokens each", "bubble", "fits", "peak GiB per stage"]
     body = []
     for opt in schedule_plan.options:
         peaks = " ".join(f"{x / GiB:.1f}" for x in opt.peaks)
-        body.append(["=>" if opt is mine else "", opt.schedule, str(opt.vpp), str(opt.m), str(opt.max_tokens),
-                     f"{opt.bubble * 100:.1f}%", "yes" if opt.peak <= budget else "no", peaks])
+        body.append(
+            [
+                "=>" if opt is mine else "",
+                opt.schedule,
+                str(opt.vpp),
+                str(opt.m),
+                str(opt.max_tokens),
+                f"{opt.bubble * 100:.1f}%",
+                "yes" if opt.peak <= budget else "no",
+                peaks,
+            ]
+        )
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     for cells in [head, ["-" * w for w in widths]] + body:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |", file=out)

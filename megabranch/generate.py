@@ -16,12 +16,21 @@ from .errors import UserError, cli_main
 from .inference import add_device_arguments, prepare
 
 
-
 def _report_directions(model, dataset, src_tok, tgt_tok, args, device="cpu") -> None:
     """megabranch-generate on a multilingual split: BLEU per direction and their average."""
     all_hyps, scores, sig = [], {}, ""
-    for d in score_directions(model, dataset, tgt_tok, args.beam, args.lenpen, args.max_sentences, args.limit, device,
-                              args.max_tokens, args.references):
+    for d in score_directions(
+        model,
+        dataset,
+        tgt_tok,
+        args.beam,
+        args.lenpen,
+        args.max_sentences,
+        args.limit,
+        device,
+        args.max_tokens,
+        args.references,
+    ):
         scores[d.name] = d.score.score
         all_hyps += d.hyps
         sig = d.signature
@@ -50,10 +59,15 @@ def _write_hypotheses(path: str | None, hyps: list[str]) -> None:
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="megabranch-generate", description="Translate a split and score it with sacreBLEU.")
-    ap.add_argument("--checkpoint", required=True,
-                    help="a save directory (its best checkpoint, else latest), a step_<N> directory of any parallel "
-                         "layout, or a latest/best pointer file, e.g. runs/demo")
+    ap = argparse.ArgumentParser(
+        prog="megabranch-generate", description="Translate a split and score it with sacreBLEU."
+    )
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a save directory (its best checkpoint, else latest), a step_<N> directory of any parallel "
+        "layout, or a latest/best pointer file, e.g. runs/demo",
+    )
     ap.add_argument("--data-dir", help="binarized data directory (default: the one the model was trained on)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--beam", type=int, default=4)
@@ -62,9 +76,13 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="decode only the first N sentences (of each direction)")
     ap.add_argument("--output", help="write hypotheses here, one per line (multilingual: every direction in turn)")
     ap.add_argument("--copy-baseline", action="store_true", help="also score the source copied as the hypothesis")
-    ap.add_argument("--references", choices=tuple(REFERENCE_SOURCES), default="raw",
-                    help="score against the reference file as written (raw, the default: what makes sacreBLEU "
-                         "comparable across papers) or the target token ids decoded (ids: sentencepiece-normalised)")
+    ap.add_argument(
+        "--references",
+        choices=tuple(REFERENCE_SOURCES),
+        default="raw",
+        help="score against the reference file as written (raw, the default: what makes sacreBLEU "
+        "comparable across papers) or the target token ids decoded (ids: sentencepiece-normalised)",
+    )
     add_device_arguments(ap)
     args = ap.parse_args(argv)
     check_arguments(args)
@@ -81,11 +99,24 @@ def main(argv=None):
     if getattr(dataset, "directions", None):
         _report_directions(model, dataset, src_tok, tgt_tok, args, device)
         return 0
-    d = next(score_directions(model, dataset, tgt_tok, args.beam, args.lenpen, args.max_sentences, args.limit,
-                              device, args.max_tokens, args.references))
+    d = next(
+        score_directions(
+            model,
+            dataset,
+            tgt_tok,
+            args.beam,
+            args.lenpen,
+            args.max_sentences,
+            args.limit,
+            device,
+            args.max_tokens,
+            args.references,
+        )
+    )
     _write_hypotheses(args.output, d.hyps)
-    print(f"{args.split}: {len(d.hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}, {device.type} "
-          f"{args.precision}")
+    print(
+        f"{args.split}: {len(d.hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}, {device.type} {args.precision}"
+    )
     print(f"BLEU = {d.score.score:.2f}  ({d.score})")
     print(f"references: {_describe(d.reference_source, args.references)}")
     print(f"signature: {d.signature}")
@@ -98,11 +129,13 @@ def main(argv=None):
 
 def check_arguments(args) -> None:
     """megabranch-generate's arguments and its output path, before anything is loaded or decoded."""
-    for name, rule, note in (("beam", ints(1), ""),
-                             ("lenpen", FINITE, ""),
-                             ("max-sentences", ints(1), ""),
-                             ("max-tokens", ints(0), " (0: batch by --max-sentences)"),
-                             ("limit", ints(0), " (0: every sentence)")):
+    for name, rule, note in (
+        ("beam", ints(1), ""),
+        ("lenpen", FINITE, ""),
+        ("max-sentences", ints(1), ""),
+        ("max-tokens", ints(0), " (0: batch by --max-sentences)"),
+        ("limit", ints(0), " (0: every sentence)"),
+    ):
         rule.check_flag(f"--{name}", getattr(args, name.replace("-", "_")), note)
     if args.output:
         parent = os.path.dirname(os.path.abspath(args.output))

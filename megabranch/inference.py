@@ -20,11 +20,19 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def add_device_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", help="where to decode: cpu, cuda or cuda:N (default: cuda when available)")
-    ap.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                    help="the weights' precision: fp32, or bf16 (half the memory)")
-    ap.add_argument("--max-tokens", type=int, default=4096,
-                    help="source tokens (padding included) per batch, at most --max-sentences sentences each; "
-                         "0: batches of --max-sentences")
+    ap.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="fp32",
+        help="the weights' precision: fp32, or bf16 (half the memory)",
+    )
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=4096,
+        help="source tokens (padding included) per batch, at most --max-sentences sentences each; "
+        "0: batches of --max-sentences",
+    )
 
 
 def prepare(model: nn.Module, device: torch.device, precision: str = "fp32") -> nn.Module:

@@ -35,8 +35,14 @@ from .planning.memory import fmt_mb, plan, print_table
 from .planning.partition import imbalance
 
 DEFAULT_EXAMPLE = [
-    "model.encoder_layers=500", "model.decoder_layers=500", "model.d_model=512", "model.n_heads=8",
-    "model.ffn_dim=2048", "parallel.pp=64", "parallel.tp=8", "parallel.recompute=1",
+    "model.encoder_layers=500",
+    "model.decoder_layers=500",
+    "model.d_model=512",
+    "model.n_heads=8",
+    "model.ffn_dim=2048",
+    "parallel.pp=64",
+    "parallel.tp=8",
+    "parallel.recompute=1",
 ]
 
 
@@ -52,8 +58,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dp", type=int, default=1, help="data-parallel size (divides the optimizer with --zero)")
     ap.add_argument("--zero", action="store_true", help="ZeRO-1: optimizer states sharded over dp")
     ap.add_argument("--micro-batches", type=int, default=0, help="micro-batches per step for the peak (default 4*pp)")
-    ap.add_argument("--balance", choices=("memory", "time"), default="memory",
-                    help="what the automatic layout balances (the trainer's default is time)")
+    ap.add_argument(
+        "--balance",
+        choices=("memory", "time"),
+        default="memory",
+        help="what the automatic layout balances (the trainer's default is time)",
+    )
     ap.add_argument("--max-imbalance", type=float, default=0.10, help="allowed (heaviest - lightest) / lightest")
     ap.add_argument("--allow-imbalance", action="store_true", help="exit 0 even when the stages are uneven")
     args = ap.parse_args(argv)
@@ -63,28 +73,38 @@ def main(argv=None) -> int:
         raise UserError(f"--dp={args.dp}: must be >= 1")
     m = args.micro_batches or 4 * cfg.parallel.pp
     t0 = time.time()
-    layout, rows, kind = plan(cfg, args.vocab, args.tokens, args.src_len, args.tgt_len, args.balance, args.dp,
-                              args.zero, m)
+    layout, rows, kind = plan(
+        cfg, args.vocab, args.tokens, args.src_len, args.tgt_len, args.balance, args.dp, args.zero, m
+    )
     mc, p = cfg.model, cfg.parallel
-    print(f"# memory plan: {mc.residual} {mc.encoder_layers}L-{mc.decoder_layers}L d={mc.d_model} ffn={mc.ffn_dim} "
-          f"heads={mc.n_heads} vocab={args.vocab}; tp={p.tp} pp={p.pp} vpp={p.vpp} dp={args.dp}"
-          f"{' zero-1' if args.zero else ''}{' sequence-parallel' if p.sequence_parallel else ''}; "
-          f"recompute={p.recompute}; {args.tokens} tokens per micro-batch; "
-          f"schedule {kind} with {m} micro-batches; {cfg.optim.precision}; tensor-parallel rank 0 of each stage")
+    print(
+        f"# memory plan: {mc.residual} {mc.encoder_layers}L-{mc.decoder_layers}L d={mc.d_model} ffn={mc.ffn_dim} "
+        f"heads={mc.n_heads} vocab={args.vocab}; tp={p.tp} pp={p.pp} vpp={p.vpp} dp={args.dp}"
+        f"{' zero-1' if args.zero else ''}{' sequence-parallel' if p.sequence_parallel else ''}; "
+        f"recompute={p.recompute}; {args.tokens} tokens per micro-batch; "
+        f"schedule {kind} with {m} micro-batches; {cfg.optim.precision}; tensor-parallel rank 0 of each stage"
+    )
     print_table(rows)
     totals = [r.total for r in rows]
     ratio = imbalance(totals)
     heavy, light = max(rows, key=lambda r: r.total), min(rows, key=lambda r: r.total)
-    print(f"\nheaviest stage {heavy.rank}: {fmt_mb(heavy.total)} MB, "
-          f"lightest stage {light.rank}: {fmt_mb(light.total)} MB: "
-          f"{(ratio - 1) * 100:.1f}% over (limit {args.max_imbalance * 100:.0f}%); balanced on {args.balance}; "
-          f"stage compute time spread {(imbalance([r.time for r in rows]) - 1) * 100:.1f}%")
-    print(f"parameters: {sum(r.params for r in rows) * p.tp / 1e9:.3f}B over all ranks (tied copies included); "
-          f"built on meta in {time.time() - t0:.1f}s")
+    print(
+        f"\nheaviest stage {heavy.rank}: {fmt_mb(heavy.total)} MB, "
+        f"lightest stage {light.rank}: {fmt_mb(light.total)} MB: "
+        f"{(ratio - 1) * 100:.1f}% over (limit {args.max_imbalance * 100:.0f}%); balanced on {args.balance}; "
+        f"stage compute time spread {(imbalance([r.time for r in rows]) - 1) * 100:.1f}%"
+    )
+    print(
+        f"parameters: {sum(r.params for r in rows) * p.tp / 1e9:.3f}B over all ranks (tied copies included); "
+        f"built on meta in {time.time() - t0:.1f}s"
+    )
     print(f"layout: {layout}")
     if ratio - 1 > args.max_imbalance and not args.allow_imbalance:
-        print(f"memory_plan: error: stage {heavy.rank} is {(ratio - 1) * 100:.1f}% heavier than stage {light.rank} "
-              f"(limit {args.max_imbalance * 100:.0f}%); pass --allow-imbalance to accept", file=sys.stderr)
+        print(
+            f"memory_plan: error: stage {heavy.rank} is {(ratio - 1) * 100:.1f}% heavier than stage {light.rank} "
+            f"(limit {args.max_imbalance * 100:.0f}%); pass --allow-imbalance to accept",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -75,7 +75,9 @@ class MetricsLogger:
         if not echo:
             return
         if tag != "train" or not self.bar.enabled:
-            shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "tag")
+            shown = " | ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "tag"
+            )
             self._clear()
             print(f"[{tag}] {shown}", file=sys.stderr, flush=True)
 
@@ -96,8 +98,9 @@ class MetricsLogger:
         self._health.append(record)
         image = heatmap_image(self._health)
         if image is not None:
-            self.writer.add_image("health/grad_norm_log10 (rows: layers, encoder bottom first)", image, step,
-                                  dataformats="HWC")
+            self.writer.add_image(
+                "health/grad_norm_log10 (rows: layers, encoder bottom first)", image, step, dataformats="HWC"
+            )
         self.writer.flush()
 
     def _append(self) -> None:
@@ -113,8 +116,11 @@ class MetricsLogger:
                 with contextlib.suppress(OSError):
                     os.truncate(self.path, size)
             if not self._refused:
-                print(f"warning: cannot write {self.path} ({e.strerror or e}): its records wait in memory until it "
-                      "can be written", file=sys.stderr)
+                print(
+                    f"warning: cannot write {self.path} ({e.strerror or e}): its records wait in memory until it "
+                    "can be written",
+                    file=sys.stderr,
+                )
             self._refused = True
             return
         self._unwritten.clear()
@@ -137,6 +143,7 @@ class MetricsLogger:
 
 
 # --- health records read back (TensorBoard's heatmap, the plots) -----------------------------------------------
+
 
 def depth_rows(record: dict, key: str = "grad_norm") -> tuple[list[str], list[float]]:
     """One record's per-layer values in depth order, encoder bottom first, then the decoder: (labels, values)."""

@@ -26,8 +26,11 @@ class ProgressBar:
             return
         filled = int(self.WIDTH * done / max(self.total, 1))
         eta = (time.time() - self.start) / max(done, 1) * (self.total - done)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{self.total} "
-                         + (f"{note} " if note else "") + f"eta {eta:5.0f}s ")
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{self.total} "
+            + (f"{note} " if note else "")
+            + f"eta {eta:5.0f}s "
+        )
         sys.stderr.flush()
 
     def clear(self) -> None:

@@ -128,9 +128,14 @@ def fake_batches(cfg, vocab: int, tgt_vocab: int) -> list[dict]:
     b = max(1, cfg.data.max_tokens // TGT_LEN)
     out = []
     for _ in range(cfg.optim.update_freq):
-        out.append({"src_tokens": torch.randint(4, vocab, (b, SRC_LEN)),
-                    "prev_output_tokens": torch.randint(4, tgt_vocab, (b, TGT_LEN)),
-                    "target": torch.randint(4, tgt_vocab, (b, TGT_LEN)), "ntokens": b * TGT_LEN})
+        out.append(
+            {
+                "src_tokens": torch.randint(4, vocab, (b, SRC_LEN)),
+                "prev_output_tokens": torch.randint(4, tgt_vocab, (b, TGT_LEN)),
+                "target": torch.randint(4, tgt_vocab, (b, TGT_LEN)),
+                "ntokens": b * TGT_LEN,
+            }
+        )
     return out
 
 
@@ -195,14 +200,16 @@ def measure_step(cfg, vocab: int, tgt_vocab: int, gpu: GPU, granule: int = GRANU
             if q.grad is not None:
                 timeline.retag(q.grad, "grads")
 
-        hooks = [p.register_post_accumulate_grad_hook(gradient)
-                 for p in {id(q): q for q in engine.params}.values() if p.requires_grad]
+        hooks = [
+            p.register_post_accumulate_grad_hook(gradient)
+            for p in {id(q): q for q in engine.params}.values()
+            if p.requires_grad
+        ]
         batches = fake_batches(cfg, vocab, tgt_vocab)
         engine.executor.on_action = timeline.action
         timeline.at("the step, before the schedule")
         timeline.reset_peak()
-        for kept in (timeline.flops, timeline.seconds, timeline.held, timeline.actions, timeline.rise,
-                     timeline.high):
+        for kept in (timeline.flops, timeline.seconds, timeline.held, timeline.actions, timeline.rise, timeline.high):
             kept.clear()
         syncs.counts.clear()
         engine.train_step(batches)
@@ -214,10 +221,23 @@ def measure_step(cfg, vocab: int, tgt_vocab: int, gpu: GPU, granule: int = GRANU
         params = sum(p.numel() for p in {id(q): q for q in engine.model.parameters()}.values())
     held = {ph: timeline.held[ph] / n for ph, n in timeline.actions.items()}
     static = {k: timeline.at_end[k] for k in ("params", "grads", "optim")}
-    return RankReport(g.rank, g.tp_rank, g.pp_rank, g.dp_rank, layers, params, timeline.peak, static,
-                      dict(timeline.flops), dict(timeline.seconds), syncs, held=held, rise=dict(timeline.rise),
-                      high=dict(timeline.high),
-                      vpp=g.vpp)
+    return RankReport(
+        g.rank,
+        g.tp_rank,
+        g.pp_rank,
+        g.dp_rank,
+        layers,
+        params,
+        timeline.peak,
+        static,
+        dict(timeline.flops),
+        dict(timeline.seconds),
+        syncs,
+        held=held,
+        rise=dict(timeline.rise),
+        high=dict(timeline.high),
+        vpp=g.vpp,
+    )
 
 
 def forward_held(cfg, rank: int, world: int, vocab: int, tgt_vocab: int, device: str) -> list[int]:
@@ -229,16 +249,23 @@ def forward_held(cfg, rank: int, world: int, vocab: int, tgt_vocab: int, device:
     held = []
     kernels = gpu_kernels() if device == "cpu" else contextlib.nullcontext()
     reads = HostReads(SyncLog())
-    with fake_world(rank, world), FakeTensorMode(allow_non_fake_inputs=True), reads, \
-            MemoryTimeline(GPUS["H100"], 1, reads), kernels:
+    with (
+        fake_world(rank, world),
+        FakeTensorMode(allow_non_fake_inputs=True),
+        reads,
+        MemoryTimeline(GPUS["H100"], 1, reads),
+        kernels,
+    ):
         engine = Trainer(cfg, vocab, tgt_vocab, device, init_seed=0)
         (batch,) = fake_batches(cfg, vocab, tgt_vocab)[:1]
         mb = MicroBatch.from_batch(0, batch, engine.device)
         engine.model.train()
         ex = engine.executor
         for v, chunk in enumerate(engine.layout.chunks_of_rank(engine.grid.pp_rank)):
-            inputs = [torch.empty(shape, dtype=engine.precision.activation_dtype, device=engine.device,
-                                  requires_grad=True) for shape in mb.shapes(chunk, True, ex.d, ex.history)]
+            inputs = [
+                torch.empty(shape, dtype=engine.precision.activation_dtype, device=engine.device, requires_grad=True)
+                for shape in mb.shapes(chunk, True, ex.d, ex.history)
+            ]
             kept = _Storages()
             with torch.autograd.graph.saved_tensors_hooks(kept.add, lambda t: t), autocast_of(engine.precision):
                 out = engine.model[v](mb.src_tokens, mb.prev_tokens, *inputs)
@@ -268,8 +295,18 @@ def planned(cfg, vocab: int, tgt_vocab: int, dp: int):
     FLOPs per pipeline rank for it."""
     p, o = cfg.parallel, cfg.optim
     kind = schedule_kind(cfg)
-    layout = plan_layout(cfg.model, p.pp, p.vpp, vocab, tgt_vocab, p.tp, layout=p.layout, by=p.balance,
-                         recompute=p.recompute, placement=placement_of(kind))
+    layout = plan_layout(
+        cfg.model,
+        p.pp,
+        p.vpp,
+        vocab,
+        tgt_vocab,
+        p.tp,
+        layout=p.layout,
+        by=p.balance,
+        recompute=p.recompute,
+        placement=placement_of(kind),
+    )
     pinned = copy.deepcopy(cfg)
     pinned.parallel.layout = str(layout)
     _, rows, _ = plan(pinned, vocab, cfg.data.max_tokens, SRC_LEN, TGT_LEN, p.balance, dp, p.zero, o.update_freq)
@@ -278,9 +315,16 @@ def planned(cfg, vocab: int, tgt_vocab: int, dp: int):
     return layout, kind, rows, flops
 
 
-def rehearse(cfg, world_size: int | None = None, ranks: str | None = None, gpu: str = "H100",
-             vocab: int | None = None, gpu_memory_gb: float | None = None, granule: int = GRANULE,
-             out=None) -> Rehearsal:
+def rehearse(
+    cfg,
+    world_size: int | None = None,
+    ranks: str | None = None,
+    gpu: str = "H100",
+    vocab: int | None = None,
+    gpu_memory_gb: float | None = None,
+    granule: int = GRANULE,
+    out=None,
+) -> Rehearsal:
     """Rehearse `cfg` on a world of `world_size` ranks (default $WORLD_SIZE, else tp * pp): the ranks of
     `ranks` ("0,8,17"; default one per pipeline stage), priced for `gpu`. Prints the tables to `out` (None:
     stdout; False: nothing) and returns the numbers."""
@@ -333,8 +377,14 @@ def predicted_step(r: Rehearsal) -> float | None:
 def _table(head: list[str], body: list[list[str]], out) -> None:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     for cells in [head, ["-" * w for w in widths]] + body:
-        print("| " + " | ".join(c.rjust(w) if i and c[:1].isdigit() else c.ljust(w)
-                                for i, (c, w) in enumerate(zip(cells, widths))) + " |", file=out)
+        print(
+            "| "
+            + " | ".join(
+                c.rjust(w) if i and c[:1].isdigit() else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            )
+            + " |",
+            file=out,
+        )
 
 
 def _g(n: float) -> str:
@@ -343,46 +393,97 @@ def _g(n: float) -> str:
 
 def print_report(r: Rehearsal, out) -> None:
     cfg, p = r.cfg, r.cfg.parallel
-    print(f"# rehearsal: world {r.world} = tp {p.tp} x pp {p.pp} x dp {r.dp}; schedule {r.kind}"
-          f"{f' vpp {p.vpp}' if p.vpp > 1 else ''}; {r.m} micro-batches of {cfg.data.max_tokens} target tokens; "
-          f"{cfg.optim.precision}{'; ZeRO-1' if p.zero else ''}; recompute {p.recompute}", file=out)
+    print(
+        f"# rehearsal: world {r.world} = tp {p.tp} x pp {p.pp} x dp {r.dp}; schedule {r.kind}"
+        f"{f' vpp {p.vpp}' if p.vpp > 1 else ''}; {r.m} micro-batches of {cfg.data.max_tokens} target tokens; "
+        f"{cfg.optim.precision}{'; ZeRO-1' if p.zero else ''}; recompute {p.recompute}",
+        file=out,
+    )
     print("memory per rank (GiB; fake tensors at full size; peak split by kind; plan: planning/memory.py):", file=out)
     body = []
     for x in r.ranks:
         diff = (x.peak.total - x.planned_peak) / x.planned_peak * 100 if x.planned_peak else float("nan")
-        body.append([str(x.rank), f"tp{x.tp_rank} pp{x.pp_rank} dp{x.dp_rank}", x.layers if len(x.layers) <= 24
-                     else x.layers[:21] + "...", f"{x.params / 1e6:,.1f}"] +
-                    [_g(x.peak.kinds[k]) for k in KINDS] +
-                    [_g(x.peak.total), _g(x.planned_peak), f"{diff:+.1f}%", x.peak.where])
-    _table(["rank", "position", "layers", "params M"] + list(KINDS) + ["peak", "plan", "vs plan", "peak falls in"],
-           body, out)
-    print(f"compute per rank (FLOPs of the step's F, B and W; cost model: planning/cost_model.py; roofline on "
-          f"{r.gpu.name}):", file=out)
+        body.append(
+            [
+                str(x.rank),
+                f"tp{x.tp_rank} pp{x.pp_rank} dp{x.dp_rank}",
+                x.layers if len(x.layers) <= 24 else x.layers[:21] + "...",
+                f"{x.params / 1e6:,.1f}",
+            ]
+            + [_g(x.peak.kinds[k]) for k in KINDS]
+            + [_g(x.peak.total), _g(x.planned_peak), f"{diff:+.1f}%", x.peak.where]
+        )
+    _table(
+        ["rank", "position", "layers", "params M"] + list(KINDS) + ["peak", "plan", "vs plan", "peak falls in"],
+        body,
+        out,
+    )
+    print(
+        f"compute per rank (FLOPs of the step's F, B and W; cost model: planning/cost_model.py; roofline on "
+        f"{r.gpu.name}):",
+        file=out,
+    )
     body = []
     for x in r.ranks:
         f, b, w, rest = phase_totals(x.seconds, x.vpp)
         diff = (x.model_flops - x.planned_flops) / x.planned_flops * 100 if x.planned_flops else float("nan")
-        body.append([str(x.rank), f"{x.model_flops / 1e12:,.2f}", f"{x.planned_flops / 1e12:,.2f}",
-                     f"{diff:+.1f}%", f"{sum(f):.3f}", f"{sum(b):.3f}", f"{sum(w):.3f}", f"{rest:.3f}",
-                     str(x.syncs.inside_loop()), str(x.syncs.outside_loop()), f"{x.wall_s:.1f}"])
-    _table(["rank", "TFLOP/step", "cost model", "vs", "F s", "B s", "W s", "rest s", "syncs in loop",
-            "syncs outside", "rehearsed in s"], body, out)
+        body.append(
+            [
+                str(x.rank),
+                f"{x.model_flops / 1e12:,.2f}",
+                f"{x.planned_flops / 1e12:,.2f}",
+                f"{diff:+.1f}%",
+                f"{sum(f):.3f}",
+                f"{sum(b):.3f}",
+                f"{sum(w):.3f}",
+                f"{rest:.3f}",
+                str(x.syncs.inside_loop()),
+                str(x.syncs.outside_loop()),
+                f"{x.wall_s:.1f}",
+            ]
+        )
+    _table(
+        [
+            "rank",
+            "TFLOP/step",
+            "cost model",
+            "vs",
+            "F s",
+            "B s",
+            "W s",
+            "rest s",
+            "syncs in loop",
+            "syncs outside",
+            "rehearsed in s",
+        ],
+        body,
+        out,
+    )
     if r.step_s is not None:
         per_gpu_tokens = cfg.data.max_tokens * r.m / (p.tp * p.pp)
         model = sum(3 * sum(phase_totals(x.flops, x.vpp)[0]) for x in {x.pp_rank: x for x in r.ranks}.values())
         mfu = model / (p.pp * r.step_s * r.gpu.bf16_flops)
-        print(f"prediction on {r.gpu.name} (roofline: every op at the GPU's peak FLOP/s or bandwidth, the "
-              f"schedule's simulated bubble, no communication time): step {r.step_s:.3f} s, "
-              f"{per_gpu_tokens / r.step_s:,.0f} target tokens/s per GPU, MFU {mfu * 100:.1f}%", file=out)
+        print(
+            f"prediction on {r.gpu.name} (roofline: every op at the GPU's peak FLOP/s or bandwidth, the "
+            f"schedule's simulated bubble, no communication time): step {r.step_s:.3f} s, "
+            f"{per_gpu_tokens / r.step_s:,.0f} target tokens/s per GPU, MFU {mfu * 100:.1f}%",
+            file=out,
+        )
     else:
         print("prediction: rehearse every pipeline stage (the default ranks) for the step time", file=out)
     if r.ranks[0].cuda_held is None:
-        print("fake-CUDA forward: not run (this torch has no CUDA build; where one is installed each stage's "
-              "forward also runs on fake CUDA tensors)", file=out)
+        print(
+            "fake-CUDA forward: not run (this torch has no CUDA build; where one is installed each stage's "
+            "forward also runs on fake CUDA tensors)",
+            file=out,
+        )
     else:
         held = "; ".join(f"rank {x.rank}: " + ", ".join(f"{b / 2**20:,.1f}" for b in x.cuda_held) for x in r.ranks)
-        print(f"fake-CUDA forward: ok, nothing made on the CPU (MiB one micro-batch keeps per local chunk, CUDA's "
-              f"autocast and kernel choice: {held})", file=out)
+        print(
+            f"fake-CUDA forward: ok, nothing made on the CPU (MiB one micro-batch keeps per local chunk, CUDA's "
+            f"autocast and kernel choice: {held})",
+            file=out,
+        )
     first = r.ranks[0]
     print(f"device-to-host reads in rank {first.rank}'s step:", file=out)
     for line in first.syncs.lines():

@@ -57,17 +57,34 @@ SCHEMES: dict[str, Scheme] = {
     "deepnorm": Scheme("deepnorm", "post", "LN(alpha x + F(x)); v, out, fc1, fc2 init x beta"),
     "branchnorm": Scheme("branchnorm", "post", "LN(x + alpha_t F(x)), alpha_t = min(1, t / T)"),
     "ds_init": Scheme("ds_init", "post", "LN(x + F(x)); layer l's weights init x 1 / sqrt(l)"),
-    "admin": Scheme("admin", "post", "LN(omega_i * x + F(x)); omega_i = sqrt(Var[omega_{i-1} x] + Var[F_{i-1}]) profiled"),
+    "admin": Scheme(
+        "admin", "post", "LN(omega_i * x + F(x)); omega_i = sqrt(Var[omega_{i-1} x] + Var[F_{i-1}]) profiled"
+    ),
     "rezero": Scheme("rezero", "none", "x + a_l F(x), a_l learned from 0; no LN"),
-    "r_fixup": Scheme("r_fixup", "none", "x + m F(x + b), scalar b (also inside the FFN) and m; no LN; branch outputs init 0, "
-                              "q/k/v x L^(-1/6), fc1 x L^(-1/2)"),
-    "t_fixup": Scheme("t_fixup", "none", "x + F(x); no LN; v, out, fc1, fc2 init x 0.67 N^(-1/4) (encoder), (9M)^(-1/4) "
-                              "(decoder, embeddings)"),
-    "dlcl": Scheme("dlcl", "pre", "layer input sum_k W_lk LN_k(y_k) over the embedding and all earlier outputs; x + F(LN(x))"),
-    "normformer": Scheme("normformer", "pre", "x + F(LN(x)) with LN after self-attention, per-head scales, LN after the FFN "
-                                "activation; final LN"),
-    "subln": Scheme("subln", "pre", "x + F(LN(x)) with LN before out_proj (self-attention) and fc2; v, out, fc1, fc2 init x "
-                           "gamma; final LN"),
+    "r_fixup": Scheme(
+        "r_fixup",
+        "none",
+        "x + m F(x + b), scalar b (also inside the FFN) and m; no LN; branch outputs init 0, "
+        "q/k/v x L^(-1/6), fc1 x L^(-1/2)",
+    ),
+    "t_fixup": Scheme(
+        "t_fixup",
+        "none",
+        "x + F(x); no LN; v, out, fc1, fc2 init x 0.67 N^(-1/4) (encoder), (9M)^(-1/4) (decoder, embeddings)",
+    ),
+    "dlcl": Scheme(
+        "dlcl", "pre", "layer input sum_k W_lk LN_k(y_k) over the embedding and all earlier outputs; x + F(LN(x))"
+    ),
+    "normformer": Scheme(
+        "normformer",
+        "pre",
+        "x + F(LN(x)) with LN after self-attention, per-head scales, LN after the FFN activation; final LN",
+    ),
+    "subln": Scheme(
+        "subln",
+        "pre",
+        "x + F(LN(x)) with LN before out_proj (self-attention) and fc2; v, out, fc1, fc2 init x gamma; final LN",
+    ),
 }
 assert tuple(SCHEMES) == RESIDUALS, "config.RESIDUALS and residual.SCHEMES must name the same schemes"
 
@@ -102,6 +119,7 @@ def deepnorm_constants(encoder_layers: int, decoder_layers: int, beta: str = "pa
 
 # --- the other schemes' initialisation constants (docs/design.md cites the equations) -------------------------
 
+
 def ds_init_scale(layer: int) -> float:
     """DS-Init (Zhang et al. 2019a, Eq. 9): layer l's (1-based, within its stack) weights times 1 / sqrt(l)."""
     return 1.0 / math.sqrt(layer)
@@ -115,7 +133,7 @@ def fixup_branches(encoder_layers: int, decoder_layers: int) -> int:
 def t_fixup_scales(encoder_layers: int, decoder_layers: int) -> dict[str, float]:
     """T-Fixup (Huang et al. 2020, Sec. 3.3): v, out_proj, fc1, fc2 of the encoder times 0.67 N^(-1/4), of the
     decoder (and both token embeddings) times (9 M)^(-1/4)."""
-    return {"encoder": 0.67 * encoder_layers ** -0.25, "decoder": (9 * decoder_layers) ** -0.25}
+    return {"encoder": 0.67 * encoder_layers**-0.25, "decoder": (9 * decoder_layers) ** -0.25}
 
 
 def subln_gains(encoder_layers: int, decoder_layers: int) -> dict[str, float]:
@@ -143,7 +161,7 @@ def alpha_at(step: int, warmup: int, schedule: str = "linear") -> float:
     if schedule == "exp":
         return (1.0 - math.exp(-_EXP_K * u)) / (1.0 - math.exp(-_EXP_K))
     if schedule == "sigmoid":
-        sig = lambda z: 1.0 / (1.0 + math.exp(-z))  # noqa: E731
+        sig = lambda z: 1.0 / (1.0 + math.exp(-z))
         lo, hi = sig(-_SIG_K / 2), sig(_SIG_K / 2)
         return (sig(_SIG_K * (u - 0.5)) - lo) / (hi - lo)
     raise ValueError(f"unknown alpha schedule {schedule!r}")
@@ -167,7 +185,7 @@ class ResidualCoefficients(nn.Module):
         self.set_step(0)
 
     @classmethod
-    def for_stack(cls, cfg, stack: str) -> "ResidualCoefficients":
+    def for_stack(cls, cfg, stack: str) -> ResidualCoefficients:
         """The coefficients of the "encoder" or "decoder" stack of the model `cfg` (a ModelConfig) describes."""
         alpha = deepnorm_constants(cfg.encoder_layers, cfg.decoder_layers)[stack][0]
         return cls(cfg.residual, alpha, cfg.alpha_schedule, cfg.alpha_warmup_steps)

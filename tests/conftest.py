@@ -15,8 +15,10 @@ def pytest_collection_modifyitems(config, items):
         if len(kinds) != 1:
             bad.append(f"{item.nodeid} ({' and '.join(kinds) or 'neither'})")
     if bad:
-        raise pytest.UsageError("every test must be marked either unit or distributed (pytest.ini says which is "
-                                "which); these are not:\n  " + "\n  ".join(bad))
+        raise pytest.UsageError(
+            "every test must be marked either unit or distributed (pytest.ini says which is "
+            "which); these are not:\n  " + "\n  ".join(bad)
+        )
 
 
 @pytest.fixture(scope="session")

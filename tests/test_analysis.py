@@ -35,6 +35,7 @@ def _batch(vocab=50, bsz=3, s_len=7, t_len=6, seed=0):
 
 # ---------------------------------------------------------------- cosine similarity
 
+
 def test_identical_representations_give_cosine_one():
     x = torch.randn(2, 5, 8)
     assert analysis.adjacent_cosine([x, x.clone(), 3.0 * x]) == pytest.approx([1.0, 1.0], abs=1e-12)
@@ -82,9 +83,11 @@ def test_cosine_matches_a_manual_layer_by_layer_pass():
 
 # ---------------------------------------------------------------- FFN sparsity
 
+
 def test_relu_of_known_inputs_gives_known_nonzero_fraction():
-    pre = torch.tensor([[[-1.0, 2.0, 0.0, 3.0], [5.0, 5.0, 5.0, -5.0]],
-                        [[-1.0, -2.0, -3.0, 4.0], [9.0, 9.0, 9.0, 9.0]]])
+    pre = torch.tensor(
+        [[[-1.0, 2.0, 0.0, 3.0], [5.0, 5.0, 5.0, -5.0]], [[-1.0, -2.0, -3.0, 4.0], [9.0, 9.0, 9.0, 9.0]]]
+    )
     acts = F.relu(pre)
     assert analysis.nonzero_fraction(acts) == pytest.approx(10 / 16)  # 2 + 3 + 1 + 4 positives
     mask = torch.tensor([[True, True], [True, False]])  # drop the all-positive padding token
@@ -112,6 +115,7 @@ def test_ffn_hook_sees_the_post_activation_tensor():
 
 
 # ---------------------------------------------------------------- gradient norms
+
 
 def test_grad_norm_hand_computed():
     lin = nn.Linear(3, 2, bias=False)
@@ -170,15 +174,45 @@ def test_analyze_batches_weights_tokens():
 
 # ---------------------------------------------------------------- depth sweep end to end
 
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return preprocessed(tmp_path_factory.mktemp("corpus"), 60, 80, 12, langs=("kjv", "web"), extra=("--max-len", "64"))
 
 
 def _sweep_argv(data, out):
-    return ["--data", data, "--out", out, "--depths", "2", "--steps", "3", "--schemes", "post_ln,branchnorm_linear",
-            "--lrs", "", "--warmups", "", "--Ts", "", "--d-model", "16", "--n-heads", "2", "--max-tokens", "128",
-            "--valid-sentences", "8", "--bleu-sentences", "4", "--progress-every", "1", "--T", "2"]
+    return [
+        "--data",
+        data,
+        "--out",
+        out,
+        "--depths",
+        "2",
+        "--steps",
+        "3",
+        "--schemes",
+        "post_ln,branchnorm_linear",
+        "--lrs",
+        "",
+        "--warmups",
+        "",
+        "--Ts",
+        "",
+        "--d-model",
+        "16",
+        "--n-heads",
+        "2",
+        "--max-tokens",
+        "128",
+        "--valid-sentences",
+        "8",
+        "--bleu-sentences",
+        "4",
+        "--progress-every",
+        "1",
+        "--T",
+        "2",
+    ]
 
 
 def test_depth_sweep_two_runs_end_to_end_and_resume(tiny_data, tmp_path, capsys):
@@ -220,19 +254,66 @@ def test_gnorm_stats_hand_computed():
 
 # ---------------------------------------------------------------- benchmark runs (no timing asserts)
 
+
 def test_bench_train_one_tiny_iteration(capsys):
-    res = bench_train.main(["--d-model", "16", "--heads", "2", "--layers", "1", "--tokens", "32", "--seq-len", "8",
-                            "--vocab", "64", "--steps", "1", "--rounds", "1", "--warmup", "1", "--no-memory",
-                            "--compile-backend", "aot_eager"])  # inductor's compile is the slow part of a tiny run
+    res = bench_train.main(
+        [
+            "--d-model",
+            "16",
+            "--heads",
+            "2",
+            "--layers",
+            "1",
+            "--tokens",
+            "32",
+            "--seq-len",
+            "8",
+            "--vocab",
+            "64",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "1",
+            "--no-memory",
+            "--compile-backend",
+            "aot_eager",
+        ]
+    )  # inductor's compile is the slow part of a tiny run
     assert set(res["rows"]) == {"megabranch-eager", "megabranch-fused", "megabranch-compiled", "reference"}
     assert all(r["first_step_s"] > 0 for r in res["rows"].values())
     # same sizes: the reference has the parameters megabranch has (megabranch has no output bias either)
     assert res["rows"]["reference"]["params"] == res["rows"]["megabranch-eager"]["params"]
     out = capsys.readouterr().out
     assert "megabranch-eager / reference" in out and "compiled / eager" in out
-    res = bench_train.main(["--d-model", "16", "--heads", "2", "--layers", "1", "--tokens", "32", "--seq-len", "8",
-                            "--vocab", "64", "--steps", "1", "--rounds", "1", "--warmup", "0", "--no-memory",
-                            "--impls", "reference", "--peak-tflops", "0.5"])
+    res = bench_train.main(
+        [
+            "--d-model",
+            "16",
+            "--heads",
+            "2",
+            "--layers",
+            "1",
+            "--tokens",
+            "32",
+            "--seq-len",
+            "8",
+            "--vocab",
+            "64",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--no-memory",
+            "--impls",
+            "reference",
+            "--peak-tflops",
+            "0.5",
+        ]
+    )
     r = res["rows"]["reference"]
     assert r["mfu"] == pytest.approx(res["flops_per_step"] / r["s_per_step"] / 0.5e12)
 
@@ -249,8 +330,17 @@ def test_bench_train_flop_count_equals_torch_flop_counter(impl):
         from megabranch.config import load_config
         from megabranch.model import build_model
 
-        cfg = load_config(None, ["model.residual=post_ln", f"model.d_model={d}", "model.n_heads=4",
-                                 f"model.ffn_dim={ffn}", f"model.encoder_layers={layers}", f"model.decoder_layers={layers}"])
+        cfg = load_config(
+            None,
+            [
+                "model.residual=post_ln",
+                f"model.d_model={d}",
+                "model.n_heads=4",
+                f"model.ffn_dim={ffn}",
+                f"model.encoder_layers={layers}",
+                f"model.decoder_layers={layers}",
+            ],
+        )
         model = build_model(cfg.model, vocab, seed=1)
     else:
         model = ReferenceTransformer(vocab, d, 4, ffn, layers, layers)
@@ -262,6 +352,7 @@ def test_bench_train_flop_count_equals_torch_flop_counter(impl):
 
 # ---------------------------------------------------------------- analyze CLI (models built in-process)
 
+
 def test_analyze_run_analysis_writes_csv_and_png(tiny_data, tmp_path, capsys):
     from megabranch.config import load_config
     from megabranch.data import load_split, pair_batches
@@ -272,12 +363,24 @@ def test_analyze_run_analysis_writes_csv_and_png(tiny_data, tmp_path, capsys):
     assert sum(b["nsentences"] for b in batches) == 8 and len(batches) > 1
     models = {}
     for res in ("deepnorm", "branchnorm"):
-        cfg = load_config(None, [f"model.residual={res}", "model.d_model=16", "model.n_heads=2", "model.ffn_dim=32",
-                                 "model.encoder_layers=3", "model.decoder_layers=2", "model.alpha_warmup_steps=0"])
+        cfg = load_config(
+            None,
+            [
+                f"model.residual={res}",
+                "model.d_model=16",
+                "model.n_heads=2",
+                "model.ffn_dim=32",
+                "model.encoder_layers=3",
+                "model.decoder_layers=2",
+                "model.alpha_warmup_steps=0",
+            ],
+        )
         models[res] = (build_model(cfg.model, vocab, seed=1), cfg)
     out = str(tmp_path / "an")
     results = analyze.run_analysis(models, batches, out)
-    assert len(results["deepnorm"]["encoder"]["cosine"]) == 3 and len(results["branchnorm"]["decoder"]["grad_norm"]) == 2
+    assert (
+        len(results["deepnorm"]["encoder"]["cosine"]) == 3 and len(results["branchnorm"]["decoder"]["grad_norm"]) == 2
+    )
     lines = open(out + ".csv").read().splitlines()
     assert len(lines) == 1 + 2 * (3 + 2)
     assert os.path.getsize(out + ".png") > 1000

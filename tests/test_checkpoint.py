@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from megabranch import checkpoint
-from megabranch.training.loss_scaler import DynamicLossScaler
 from megabranch.errors import UserError
+from megabranch.training.loss_scaler import DynamicLossScaler
 from tests.helpers.checkpoints import SAVED_AT, ckpt_cfg, save_trainer, tiny_single
 from tests.helpers.configs import VOCAB
 from tests.helpers.dist import run_workers
@@ -110,8 +110,11 @@ def _round_trip_body(rank, world, root):
     refz = parallel_losses(trz, SAVED_AT + MORE, SAVED_AT)
     if rank == 0:
         names = sorted(checkpoint.read_meta(zdir)["files"])
-        assert names == sorted(f for s in ("shard_tp0_pp0", "shard_tp0_pp0_dp1", "shard_tp0_pp1", "shard_tp0_pp1_dp1")
-                               for f in checkpoint.shard_files(s)), names
+        assert names == sorted(
+            f
+            for s in ("shard_tp0_pp0", "shard_tp0_pp0_dp1", "shard_tp0_pp1", "shard_tp0_pp1_dp1")
+            for f in checkpoint.shard_files(s)
+        ), names
     trz2, state = _parallel_from(zdir, cfgz)
     assert not state["resharded"] and state["zero"] is not None
     assert parallel_losses(trz2, SAVED_AT + MORE, SAVED_AT) == refz
@@ -128,12 +131,27 @@ def test_load_model_is_the_single_process_model_at_its_step(tmp_path):
     from megabranch.model import build_model
     from megabranch.residual import current_alpha
 
-    cfg = load_config(None, ["model.residual=branchnorm", "model.d_model=16", "model.n_heads=2", "model.ffn_dim=32",
-                             "model.encoder_layers=2", "model.decoder_layers=2", "model.alpha_warmup_steps=10",
-                             "model.fused_kernels=true"])
+    cfg = load_config(
+        None,
+        [
+            "model.residual=branchnorm",
+            "model.d_model=16",
+            "model.n_heads=2",
+            "model.ffn_dim=32",
+            "model.encoder_layers=2",
+            "model.decoder_layers=2",
+            "model.alpha_warmup_steps=10",
+            "model.fused_kernels=true",
+        ],
+    )
     model = build_model(cfg.model, 50, seed=3)
-    meta = {"layout": checkpoint.single_layout(), "config": cfg.to_dict(), "vocab_size": 50, "tgt_vocab_size": 50,
-            "vocab_sha256": "abc"}
+    meta = {
+        "layout": checkpoint.single_layout(),
+        "config": cfg.to_dict(),
+        "vocab_size": 50,
+        "tgt_vocab_size": 50,
+        "vocab_sha256": "abc",
+    }
     checkpoint.save_step(str(tmp_path / "ck"), 5, checkpoint.single_process_files(model.state_dict(), 5), meta)
     loaded = checkpoint.load_model(str(tmp_path / "ck"), fused_kernels=False)
     assert (loaded.step, loaded.vocab_sha256, os.path.basename(loaded.step_dir)) == (5, "abc", "step_5")
@@ -144,8 +162,12 @@ def test_load_model_is_the_single_process_model_at_its_step(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[k], v), k
     cfg.model.d_model = 32
-    checkpoint.save_step(str(tmp_path / "bad"), 1, checkpoint.single_process_files(model.state_dict(), 1),
-                         {**meta, "config": cfg.to_dict()})
+    checkpoint.save_step(
+        str(tmp_path / "bad"),
+        1,
+        checkpoint.single_process_files(model.state_dict(), 1),
+        {**meta, "config": cfg.to_dict()},
+    )
     with pytest.raises(UserError, match="step_1 does not match its model config"):
         checkpoint.load_model(str(tmp_path / "bad"))
 
@@ -171,7 +193,9 @@ def test_a_rank_reads_only_its_own_slices(tmp_path, monkeypatch):
     src = os.path.join(tiny_single(tmp_path, steps=(2,)), "step_2")
     full, opt = checkpoint.consolidate(src)  # the reference: whole tensors
     meta = checkpoint.read_meta(src)
-    d22 = write_layout(str(tmp_path / "tp2pp2"), Config.from_dict(meta["config"]), meta, full, opt, 2, 2, 1, "E0-1|D0-1")
+    d22 = write_layout(
+        str(tmp_path / "tp2pp2"), Config.from_dict(meta["config"]), meta, full, opt, 2, 2, 1, "E0-1|D0-1"
+    )
     cfg = ckpt_cfg()
     for source, (tp, pp, layout) in [(src, (2, 2, "E0-1|D0-1")), (d22, (1, 4, "E0|E1|D0|D1")), (d22, (4, 1, ""))]:
         lay, ranks, _ = rank_params(cfg, VOCAB, VOCAB, tp, pp, 1, layout)
@@ -205,8 +229,9 @@ def test_tensors_are_stored_with_the_dim_tensor_parallelism_splits_leading():
     _, tp2, _ = rank_params(cfg, VOCAB, VOCAB, 2, 1, 1)
     split = {n: getattr(p, "tp_split_dim", None) for n, p in tp2[(0, 0)].items()}
     assert set(split) == set(tp1[(0, 0)])
-    assert {n: d for n, d in split.items() if d is not None} == {n: leads[(0, 0)][n] for n, d in split.items()
-                                                                 if d is not None}
+    assert {n: d for n, d in split.items() if d is not None} == {
+        n: leads[(0, 0)][n] for n, d in split.items() if d is not None
+    }
     assert leads[(0, 0)]["encoder.layers.0.ffn.block.fc2.weight"] == 1  # row-parallel: input columns
     assert sum(d is not None for d in split.values()) > len(split) // 3
 

@@ -60,17 +60,24 @@ def test_every_pickle_reader_refuses_code_and_non_dicts_in_one_line_naming_the_f
     else:
         bad = str(tmp_path / "checkpoint.pt")
         argv = [bad, str(tmp_path / "out"), "--from", source]
-        argv += (["--fairseq-dict", str(tmp_path / "dict.txt"), "--spm", SPM] if source == "fairseq" else
-                 ["--config", _model_cfg_file(tmp_path)])
+        argv += (
+            ["--fairseq-dict", str(tmp_path / "dict.txt"), "--spm", SPM]
+            if source == "fairseq"
+            else ["--config", _model_cfg_file(tmp_path)]
+        )
     torch.save({"model": {"encoder.embed_tokens.weight": _RunsCode(marker)}}, bad)
     line = _convert_error(argv, capsys)
-    assert line.startswith(f"megabranch-convert: error: refusing to load {bad}: it holds pickled objects other "
-                           "than tensors and plain data (posix.system"), line
+    assert line.startswith(
+        f"megabranch-convert: error: refusing to load {bad}: it holds pickled objects other "
+        "than tensors and plain data (posix.system"
+    ), line
     assert "weights_only" not in line and not marker.exists()  # torch's advice to switch it off is never passed on
     torch.save([torch.zeros(2)], bad)  # plain data, but not a dict
     line = _convert_error(argv, capsys)
-    assert line == f"megabranch-convert: error: cannot use {bad}: it holds a list, not a dict of tensors (a state " \
-                   "dict or a checkpoint)", line
+    assert (
+        line == f"megabranch-convert: error: cannot use {bad}: it holds a list, not a dict of tensors (a state "
+        "dict or a checkpoint)"
+    ), line
 
 
 def _rewrite_index(step_dir: str, edit) -> None:
@@ -133,9 +140,12 @@ def test_a_malformed_index_that_meta_json_vouches_for_is_one_line(tmp_path):
     def unknown_tensor(index):
         index["tree"]["model"]["encoder.layers.0.ffn.block.fc1.weight"] = {"__tensor__": "model/nothing"}
 
-    for edit, needle in [("[" * 100_000, "is not JSON"), ('{"tree": 1}', "is malformed: it needs a tree"),
-                         (wider_rows, f"is malformed: the entry of {key!r} does not describe a tensor"),
-                         (unknown_tensor, "refers to a tensor 'model/nothing' it does not describe")]:
+    for edit, needle in [
+        ("[" * 100_000, "is not JSON"),
+        ('{"tree": 1}', "is malformed: it needs a tree"),
+        (wider_rows, f"is malformed: the entry of {key!r} does not describe a tensor"),
+        (unknown_tensor, "refers to a tensor 'model/nothing' it does not describe"),
+    ]:
         _rewrite_index(step_dir, edit)
         with pytest.raises(UserError, match=needle) as e:
             checkpoint.load_checkpoint(save_dir)
@@ -155,8 +165,9 @@ def test_a_shard_cut_short_is_refused_by_its_size_where_the_reader_needs_only_th
     with open(data, "r+b") as fh:
         fh.truncate(model_end)
     # what megabranch-generate reads (the parameters alone), and megabranch-convert without the optimizer
-    with pytest.raises(UserError, match=f"{data} is truncated: {model_end:,} bytes, its index shard_tp0_pp0.json "
-                                        f"describes {size:,}"):
+    with pytest.raises(
+        UserError, match=f"{data} is truncated: {model_end:,} bytes, its index shard_tp0_pp0.json describes {size:,}"
+    ):
         checkpoint.load_checkpoint(save_dir)
     line = _convert_error([save_dir, str(tmp_path / "m.safetensors"), "--no-optimizer"], capsys)
     assert f"{data} is truncated" in line and not os.path.exists(tmp_path / "m.safetensors")

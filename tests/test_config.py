@@ -70,8 +70,14 @@ def test_every_numeric_field_rejects_non_finite_and_out_of_range_values(tmp_path
     every value outside it (inf, -inf, nan, just below / above) is one line naming the field and --set."""
     from megabranch.config import Config, Range, settings
 
-    numeric = [s for s in settings(Config()) if s.value is None and isinstance(s.rule, Range)
-               or isinstance(s.value, (int, float, tuple)) and not isinstance(s.value, bool)]
+    numeric = [
+        s
+        for s in settings(Config())
+        if s.value is None
+        and isinstance(s.rule, Range)
+        or isinstance(s.value, (int, float, tuple))
+        and not isinstance(s.value, bool)
+    ]
     assert len(numeric) == 39
     for key, default, rng, _ in numeric:
         assert isinstance(rng, Range), f"{key}: a number without a range ({rng})"
@@ -102,8 +108,11 @@ def test_every_field_declares_its_rule_once_with_a_docstring():
     from megabranch.config import Choice, Config, Flag, Range, Text, settings
 
     tree = ast.parse(inspect.getsource(config))
-    sections = [type(Config())] + [type(getattr(Config(), f.name)) for f in dataclasses.fields(Config)
-                                    if dataclasses.is_dataclass(getattr(Config(), f.name))]
+    sections = [type(Config())] + [
+        type(getattr(Config(), f.name))
+        for f in dataclasses.fields(Config)
+        if dataclasses.is_dataclass(getattr(Config(), f.name))
+    ]
     for cls in sections:
         node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
         body = node.body
@@ -111,30 +120,35 @@ def test_every_field_declares_its_rule_once_with_a_docstring():
             if not isinstance(stmt, ast.AnnAssign):
                 continue
             doc = body[i + 1] if i + 1 < len(body) else None
-            assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and doc.value.value.strip(), \
+            assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and doc.value.value.strip(), (
                 f"{cls.__name__}.{stmt.target.id} has no docstring under it"
+            )
     kinds = {bool: Flag, str: (Choice, Text), int: Range, float: Range, tuple: Range}
     for s in settings(Config()):
         if s.value is not None:
             assert isinstance(s.rule, kinds[type(s.value)]), (s.key, s.rule)
             assert s.rule.ok(s.value), f"{s.key}: the default {s.value!r} breaks its own rule"
         if isinstance(s.rule, Choice):
-            with pytest.raises(UserError, match=f"^--set {s.key}='nope' is invalid: must be one of "
-                                                f"{', '.join(s.rule.names)}$"):
+            with pytest.raises(
+                UserError, match=f"^--set {s.key}='nope' is invalid: must be one of {', '.join(s.rule.names)}$"
+            ):
                 load_config(None, [f"{s.key}=nope"])
 
 
-@pytest.mark.parametrize("where, text, needle", [
-    ("--set", "log.save_dir=", "--set: log.save_dir is empty: must be a non-empty path"),
-    ("--set", "model.d_model=", "--set: model.d_model is empty: must be an integer >= 1"),
-    ("--set", "data.data_dir=null", "--set: data.data_dir is empty: must be a non-empty path"),
-    ("--set", "log.tensorboard=", "--set: log.tensorboard is empty: must be true or false"),
-    ("--set", "optim.betas=~", "--set: optim.betas is empty: must be a finite number in [0, 1) (each)"),
-    ("--set", "data.data_dir=''", "--set data.data_dir='' is invalid: must be a non-empty path"),
-    ("file", "data:\n  data_dir: null\n", "c.yaml: data.data_dir is empty: must be a non-empty path"),
-    ("file", "log:\n  save_dir: ''\n", "c.yaml: log.save_dir='' is invalid: must be a non-empty path"),
-    ("file", "model:\n  n_heads:\n", "c.yaml: model.n_heads is empty: must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "where, text, needle",
+    [
+        ("--set", "log.save_dir=", "--set: log.save_dir is empty: must be a non-empty path"),
+        ("--set", "model.d_model=", "--set: model.d_model is empty: must be an integer >= 1"),
+        ("--set", "data.data_dir=null", "--set: data.data_dir is empty: must be a non-empty path"),
+        ("--set", "log.tensorboard=", "--set: log.tensorboard is empty: must be true or false"),
+        ("--set", "optim.betas=~", "--set: optim.betas is empty: must be a finite number in [0, 1) (each)"),
+        ("--set", "data.data_dir=''", "--set data.data_dir='' is invalid: must be a non-empty path"),
+        ("file", "data:\n  data_dir: null\n", "c.yaml: data.data_dir is empty: must be a non-empty path"),
+        ("file", "log:\n  save_dir: ''\n", "c.yaml: log.save_dir='' is invalid: must be a non-empty path"),
+        ("file", "model:\n  n_heads:\n", "c.yaml: model.n_heads is empty: must be an integer >= 1"),
+    ],
+)
 def test_an_empty_or_null_value_is_one_line_naming_the_field(tmp_path, where, text, needle):
     """Red before the loader checked it: the None went through (every check skipped it) and a TypeError came
     from the first caller that used the value."""
@@ -158,10 +172,15 @@ def test_null_means_unset_for_optional_fields_and_empty_for_a_layout():
 
 
 def test_cli_refuses_an_empty_value_in_one_line(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "megabranch.train", "--set", "log.save_dir=", "--print-config"],
-                       capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.strip() == \
-        "megabranch-train: error: --set: log.save_dir is empty: must be a non-empty path", p.stderr
+    p = subprocess.run(
+        [sys.executable, "-m", "megabranch.train", "--set", "log.save_dir=", "--print-config"],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        p.returncode == 2
+        and p.stderr.strip() == "megabranch-train: error: --set: log.save_dir is empty: must be a non-empty path"
+    ), p.stderr
 
 
 @pytest.mark.parametrize("name", ["demo", "deep100", "translate", "en_es_depth_study", "multilingual_demo"])
@@ -192,12 +211,14 @@ def test_a_command_line_number_follows_the_config_fields_rule_and_wording():
     count.check_flag("--beam", 4)
     count.check_flag("--beam", None)  # not given
     minutes.check_flag("--exit-duration-mins", 0.5, " (minutes)")
-    for rule, value, want in ((count, 0, "--beam 0 is invalid: must be an integer >= 1"),
-                              (count, 2.5, "--beam 2.5 is invalid: must be an integer >= 1"),
-                              (count, -12345678, "--beam -12345678 is invalid: must be an integer >= 1"),
-                              (minutes, float("nan"), "--exit-duration-mins nan is invalid: must be a finite number > 0 (minutes)"),
-                              (minutes, 0, "--exit-duration-mins 0 is invalid: must be a finite number > 0 (minutes)"),
-                              (Range(), float("inf"), "--lenpen inf is invalid: must be a finite number")):
+    for rule, value, want in (
+        (count, 0, "--beam 0 is invalid: must be an integer >= 1"),
+        (count, 2.5, "--beam 2.5 is invalid: must be an integer >= 1"),
+        (count, -12345678, "--beam -12345678 is invalid: must be an integer >= 1"),
+        (minutes, float("nan"), "--exit-duration-mins nan is invalid: must be a finite number > 0 (minutes)"),
+        (minutes, 0, "--exit-duration-mins 0 is invalid: must be a finite number > 0 (minutes)"),
+        (Range(), float("inf"), "--lenpen inf is invalid: must be a finite number"),
+    ):
         flag = want.split()[0]
         with pytest.raises(UserError) as e:
             rule.check_flag(flag, value, " (minutes)" if rule is minutes else "")

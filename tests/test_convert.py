@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from megabranch import checkpoint
-from megabranch.convert import load_safetensors, main as convert_main, save_safetensors
+from megabranch.convert import load_safetensors, save_safetensors
+from megabranch.convert import main as convert_main
 from megabranch.errors import UserError
 from tests.helpers.checkpoints import ckpt_cfg, tiny_single
 from tests.helpers.configs import VOCAB
@@ -24,8 +25,13 @@ def _ok_lines(out: str) -> list[str]:
 
 def test_safetensors_round_trip_and_malformed_files(tmp_path):
     g = torch.Generator().manual_seed(0)
-    tensors = {"a.weight": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
-               "steps": torch.arange(6).reshape(2, 3), "empty": torch.zeros(0, 4), "h": torch.randn(2, 2).half()}
+    tensors = {
+        "a.weight": torch.randn(3, 5, generator=g),
+        "b": torch.randn(7, generator=g).bfloat16(),
+        "steps": torch.arange(6).reshape(2, 3),
+        "empty": torch.zeros(0, 4),
+        "h": torch.randn(2, 2).half(),
+    }
     path = str(tmp_path / "m.safetensors")
     save_safetensors(tensors, path, {"step": 3})
     back, meta = load_safetensors(path)
@@ -73,11 +79,17 @@ def test_safetensors_from_the_old_hand_written_writer_load():
     path = os.path.join(os.path.dirname(__file__), "fixtures", "old_main", "tensors.safetensors")
     back, meta = load_safetensors(path)
     assert meta == {"format": "megabranch", "step": "4"}
-    want = {"a.weight": torch.arange(15, dtype=torch.float32).reshape(3, 5) / 8 - 0.5,
-            "b": torch.linspace(-2, 2, 7).bfloat16(), "h": (torch.arange(4.0).reshape(2, 2) / 3).half(),
-            "d": torch.arange(3, dtype=torch.float64) / 7, "steps": torch.arange(6).reshape(2, 3),
-            "i32": torch.tensor([-3, 0, 7], dtype=torch.int32), "u8": torch.tensor([0, 255], dtype=torch.uint8),
-            "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4)}
+    want = {
+        "a.weight": torch.arange(15, dtype=torch.float32).reshape(3, 5) / 8 - 0.5,
+        "b": torch.linspace(-2, 2, 7).bfloat16(),
+        "h": (torch.arange(4.0).reshape(2, 2) / 3).half(),
+        "d": torch.arange(3, dtype=torch.float64) / 7,
+        "steps": torch.arange(6).reshape(2, 3),
+        "i32": torch.tensor([-3, 0, 7], dtype=torch.int32),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
     assert set(back) == set(want)
     for k, t in want.items():
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
@@ -109,8 +121,9 @@ def test_consolidate_split_reshard_chain(tmp_path, capsys):
     assert os.path.isfile(str(tmp_path / "model.json"))
     split = str(tmp_path / "tp2pp2")
     assert convert_main([st, split, "--tp", "2", "--pp", "2", "--layout", "E0-1|D0-1"]) == 0
-    assert sorted(os.listdir(split)) == sorted(["meta.json"] + [f for t in (0, 1) for p in (0, 1)
-                                                                for f in checkpoint.shard_files(f"shard_tp{t}_pp{p}")])
+    assert sorted(os.listdir(split)) == sorted(
+        ["meta.json"] + [f for t in (0, 1) for p in (0, 1) for f in checkpoint.shard_files(f"shard_tp{t}_pp{p}")]
+    )
     back = str(tmp_path / "tp1")
     assert convert_main([split, back]) == 0
     out = capsys.readouterr().out

@@ -69,14 +69,18 @@ def test_en_es_is_aligned_where_the_rv1909_moved_chapter_boundaries():
     for split in SPLITS:
         pairs.update(zip(*(_read("en_es", split, lang) for lang in ("en", "es"))))
     assert pairs["Afterward the people traveled from Hazeroth, and encamped in the wilderness of Paran."] == (
-        "Y después movió el pueblo de Haseroth, y asentaron el campo en el desierto de Parán.")
+        "Y después movió el pueblo de Haseroth, y asentaron el campo en el desierto de Parán."
+    )
     assert pairs["Then Jonah prayed to Yahweh, his God, out of the fish\u2019s belly."] == (
-        "Y oró Jonás desde el vientre del pez á Jehová su Dios,")
+        "Y oró Jonás desde el vientre del pez á Jehová su Dios,"
+    )
 
 
 @pytest.fixture(scope="module")
 def builder():
-    spec = importlib.util.spec_from_file_location("build_bible_corpus", os.path.join(ROOT, "data", "build_bible_corpus.py"))
+    spec = importlib.util.spec_from_file_location(
+        "build_bible_corpus", os.path.join(ROOT, "data", "build_bible_corpus.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -86,9 +90,11 @@ def test_gale_church_finds_a_moved_chapter_boundary(builder):
     """Side b numbers the last verse of chapter 1 as 2:1 (and leaves 1:3 empty), like the RV1909's Numbers 12-13."""
     lengths = [40, 120, 75, 200, 60, 150, 90]
     a = [((1, 1), "x" * lengths[0]), ((1, 2), "x" * lengths[1]), ((1, 3), "x" * lengths[2])] + [
-        ((2, v), "x" * n) for v, n in enumerate(lengths[3:], 1)]
+        ((2, v), "x" * n) for v, n in enumerate(lengths[3:], 1)
+    ]
     b = [((1, 1), "y" * lengths[0]), ((1, 2), "y" * lengths[1]), ((1, 3), "")] + [
-        ((2, v), "y" * n) for v, n in enumerate(lengths[2:], 1)]
+        ((2, v), "y" * n) for v, n in enumerate(lengths[2:], 1)
+    ]
     # a 1:3 pairs with b 2:1, and every later verse of a with the next one of b
     assert builder.align_by_length(a, b) == [(0, 0), (1, 1), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]
     # without the move, the key alignment is kept
@@ -98,9 +104,14 @@ def test_gale_church_finds_a_moved_chapter_boundary(builder):
 def test_rv1909_text_fixes(builder):
     assert builder.normal_case_first_capital("EN el principio") == "En el principio"
     assert builder.normal_case_first_capital("Y DESPUÉS movió") == "Y después movió"
-    assert builder.normal_case_first_capital("Salmo de David. JEHOVÁ es mi pastor") == "Salmo de David. Jehová es mi pastor"
-    raw = ('<w a="1">hay allí</w><transChange type="added">también</transChange><w a="2">bdelio</w>, '
-           '<w>sáca</w><transChange type="added">lo</transChange>, <w>Abram</w><transChange>de allí</transChange>.')
+    assert (
+        builder.normal_case_first_capital("Salmo de David. JEHOVÁ es mi pastor")
+        == "Salmo de David. Jehová es mi pastor"
+    )
+    raw = (
+        '<w a="1">hay allí</w><transChange type="added">también</transChange><w a="2">bdelio</w>, '
+        '<w>sáca</w><transChange type="added">lo</transChange>, <w>Abram</w><transChange>de allí</transChange>.'
+    )
     assert builder.clean(builder.space_added_words(raw)) == "hay allí también bdelio, sácalo, Abram de allí."
     a, b = {(3, 0): "A Psalm.", (3, 1): "Yahweh."}, {(3, 1): "Salmo. Jehová."}
     builder.merge_titles(a, b)

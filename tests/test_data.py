@@ -9,10 +9,21 @@ import pytest
 import torch
 
 from megabranch.data import (
-    BOS, EOS, PAD, UNK, EpochBatchIterator, IndexedDataset, IndexedDatasetBuilder,
-    LanguagePairDataset, Tokenizer, best_dtype, make_batches, pair_batches, train_sentencepiece,
+    BOS,
+    EOS,
+    PAD,
+    UNK,
+    EpochBatchIterator,
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    LanguagePairDataset,
+    Tokenizer,
+    best_dtype,
+    load_split,
+    make_batches,
+    pair_batches,
+    train_sentencepiece,
 )
-from megabranch.data import load_split
 from megabranch.data.preprocess import main as preprocess_main
 from megabranch.errors import UserError
 from tests.helpers.corpus import sentences, write_lines
@@ -28,6 +39,7 @@ def spm_model(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- tokenizer
+
 
 def test_spm_round_trip_and_specials(spm_model, tmp_path):
     model, corpus = spm_model
@@ -58,6 +70,7 @@ def test_spm_errors(spm_model, tmp_path):
 
 
 # ---------------------------------------------------------------- indexed dataset
+
 
 def build(prefix, items, dtype):
     with IndexedDatasetBuilder(prefix, dtype) as b:
@@ -102,8 +115,9 @@ def test_index_bytes_keep_the_format_old_directories_have(tmp_path):
     with IndexedDatasetBuilder(tmp_path / "d", np.uint16) as b:
         b.add_item([5, 6, 7])
         b.add_items(np.array([9, 8]), [0, 2])
-    assert (tmp_path / "d.idx").read_bytes() == (b"MBIDX\x00\x00\x00" + struct.pack("<IB3xq", 1, 1, 3)
-                                                 + np.array([0, 3, 3, 5], "<i8").tobytes())
+    assert (tmp_path / "d.idx").read_bytes() == (
+        b"MBIDX\x00\x00\x00" + struct.pack("<IB3xq", 1, 1, 3) + np.array([0, 3, 3, 5], "<i8").tobytes()
+    )
     assert (tmp_path / "d.bin").read_bytes() == np.array([5, 6, 7, 9, 8], "<u2").tobytes() and b.max_id == 9
     ds = IndexedDataset(tmp_path / "d")
     assert ds.sizes.tolist() == [3, 0, 2] and ds.max_id() == 9 and ds[2].tolist() == [9, 8]
@@ -127,6 +141,7 @@ def test_indexed_corrupt_files(tmp_path):
 
 
 # ---------------------------------------------------------------- pairs and collation
+
 
 def pair_dataset(tmp_path, n=200, seed=0):
     rng = np.random.default_rng(seed)
@@ -165,6 +180,7 @@ def test_collate_shapes_and_shift(tmp_path):
 
 # ---------------------------------------------------------------- batching
 
+
 def test_make_batches_budget_and_coverage():
     rng = np.random.default_rng(0)
     src, tgt = rng.integers(1, 60, 1000), rng.integers(1, 60, 1000)
@@ -199,6 +215,7 @@ def test_make_batches_determinism_and_errors():
 def test_pair_batches_by_the_longer_side_with_long_pairs_alone():
     """Hand-made sizes: sorted by each pair's longer side (ties in index order), cut when one more pair would
     pass 12 padded tokens; the 13-token pair is a batch of its own."""
+
     class Sizes:
         src_sizes, tgt_sizes = np.array([2, 5, 1, 13, 3, 4]), np.array([3, 1, 6, 2, 3, 4])
 
@@ -229,8 +246,9 @@ def test_validation_batches_are_the_unshuffled_epoch_batches(tmp_path):
             assert all(batches_equal(a, b) for a, b in zip(now, before[shard::shards]))
 
 
-def _greedy_reference(src_sizes, tgt_sizes, max_tokens, max_sentences=None, seed=1, epoch=1, shuffle=True,
-                      required_multiple=1):
+def _greedy_reference(
+    src_sizes, tgt_sizes, max_tokens, max_sentences=None, seed=1, epoch=1, shuffle=True, required_multiple=1
+):
     """fairseq-style greedy batching one example at a time: what make_batches computed until it walked runs of
     equal length instead (kept here as the reference: checkpoints' data positions depend on these batches)."""
     lengths = np.maximum(np.asarray(src_sizes, dtype=np.int64), np.asarray(tgt_sizes, dtype=np.int64))
@@ -287,7 +305,8 @@ def test_count_lines_counts_what_iter_lines_yields(tmp_path):
 
 def batches_equal(x, y):
     return x.keys() == y.keys() and all(
-        torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x)
+        torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x
+    )
 
 
 def test_epoch_iterator_resume_mid_epoch(tmp_path):
@@ -338,6 +357,7 @@ def test_sharding_disjoint_equal(tmp_path):
 
 # ---------------------------------------------------------------- preprocess CLI
 
+
 def make_corpus(d, n_train=300):
     """train with one empty, one over-long and one invalid UTF-8 line; valid gzipped."""
     src, tgt = sentences(n_train, 10), sentences(n_train, 11)
@@ -356,9 +376,24 @@ def make_corpus(d, n_train=300):
 def test_preprocess_end_to_end(tmp_path, capsys):
     src, tgt = make_corpus(tmp_path)
     dest = tmp_path / "bin"
-    rc = preprocess_main(["--source-lang", "kjv", "--target-lang", "web", "--trainpref", str(tmp_path / "train"),
-                          "--validpref", str(tmp_path / "valid"), "--destdir", str(dest),
-                          "--vocab-size", "60", "--max-len", "64"])
+    rc = preprocess_main(
+        [
+            "--source-lang",
+            "kjv",
+            "--target-lang",
+            "web",
+            "--trainpref",
+            str(tmp_path / "train"),
+            "--validpref",
+            str(tmp_path / "valid"),
+            "--destdir",
+            str(dest),
+            "--vocab-size",
+            "60",
+            "--max-len",
+            "64",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     assert "train: kept 297/300" in err and "valid: kept 40/40" in err
@@ -370,7 +405,10 @@ def test_preprocess_end_to_end(tmp_path, capsys):
     assert meta["spm_sha256"]["kjv"] == hashlib.sha256((dest / "spm.model").read_bytes()).hexdigest()
     dict_lines = (dest / "dict.txt").read_text().splitlines()
     assert len(dict_lines) == 60 - 4
-    assert sum(int(x.split()[1]) for x in dict_lines) == tr["tokens"]["kjv"] + tr["tokens"]["web"] - tr["unk"]["kjv"] - tr["unk"]["web"]
+    assert (
+        sum(int(x.split()[1]) for x in dict_lines)
+        == tr["tokens"]["kjv"] + tr["tokens"]["web"] - tr["unk"]["kjv"] - tr["unk"]["web"]
+    )
     for f in ("train.kjv-web.kjv.bin", "train.kjv-web.web.idx", "valid.kjv-web.web.bin"):
         assert (dest / f).is_file()
 
@@ -389,8 +427,22 @@ def test_preprocess_end_to_end(tmp_path, capsys):
 
     # apply the existing model per language (--no-joint layout) to the valid split only
     dest2 = tmp_path / "bin2"
-    preprocess_main(["-s", "kjv", "-t", "web", "--validpref", str(tmp_path / "valid"), "--destdir", str(dest2),
-                     "--src-spm-model", str(dest / "spm.model"), "--tgt-spm-model", str(dest / "spm.model")])
+    preprocess_main(
+        [
+            "-s",
+            "kjv",
+            "-t",
+            "web",
+            "--validpref",
+            str(tmp_path / "valid"),
+            "--destdir",
+            str(dest2),
+            "--src-spm-model",
+            str(dest / "spm.model"),
+            "--tgt-spm-model",
+            str(dest / "spm.model"),
+        ]
+    )
     m2 = json.loads((dest2 / "meta.json").read_text())
     assert not m2["joint"] and m2["spm"]["web"] == "spm.web.model" and m2["spm_sha256"] == meta["spm_sha256"]
     ds2 = load_split(dest2, "valid").dataset
@@ -413,9 +465,27 @@ def test_bleu_references_are_the_file_as_written(tmp_path):
     write_lines(tmp_path / "valid.a", vsrc)
     write_lines(tmp_path / "valid.b", vtgt)
     dest = tmp_path / "bin"
-    assert preprocess_main(["-s", "a", "-t", "b", "--trainpref", str(tmp_path / "train"), "--validpref",
-                            str(tmp_path / "valid"), "--destdir", str(dest), "--vocab-size", "60",
-                            "--max-len", "64"]) == 0
+    assert (
+        preprocess_main(
+            [
+                "-s",
+                "a",
+                "-t",
+                "b",
+                "--trainpref",
+                str(tmp_path / "train"),
+                "--validpref",
+                str(tmp_path / "valid"),
+                "--destdir",
+                str(dest),
+                "--vocab-size",
+                "60",
+                "--max-len",
+                "64",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((dest / "meta.json").read_text())
     assert meta["splits"]["valid"]["a-b"]["references"] == "valid.a-b.b.ref"
     assert "references" not in meta["splits"]["train"]["a-b"] and not (dest / "train.a-b.b.ref").exists()
@@ -446,8 +516,23 @@ def test_bleu_references_are_the_file_as_written(tmp_path):
 def test_preprocess_no_joint_trains_two_models(tmp_path):
     make_corpus(tmp_path)
     dest = tmp_path / "bin"
-    preprocess_main(["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--destdir", str(dest),
-                     "--vocab-size", "50", "--no-joint", "--model-type", "unigram"])
+    preprocess_main(
+        [
+            "-s",
+            "kjv",
+            "-t",
+            "web",
+            "--trainpref",
+            str(tmp_path / "train"),
+            "--destdir",
+            str(dest),
+            "--vocab-size",
+            "50",
+            "--no-joint",
+            "--model-type",
+            "unigram",
+        ]
+    )
     meta = json.loads((dest / "meta.json").read_text())
     assert meta["spm"] == {"kjv": "spm.kjv.model", "web": "spm.web.model"}
     assert (dest / "dict.kjv.txt").is_file() and (dest / "dict.web.txt").is_file()
@@ -467,7 +552,9 @@ def test_preprocess_user_errors(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("megabranch-preprocess: error:")
     assert "train.kjv has 10 lines" in err and "train.web has 9" in err
     with pytest.raises(SystemExit) as e:
-        preprocess_main(["-s", "kjv", "-t", "xx", "--trainpref", str(tmp_path / "train"), "--destdir", str(tmp_path / "o")])
+        preprocess_main(
+            ["-s", "kjv", "-t", "xx", "--trainpref", str(tmp_path / "train"), "--destdir", str(tmp_path / "o")]
+        )
     assert e.value.code == 2 and "train.xx: input file not found" in capsys.readouterr().err
 
 
@@ -479,24 +566,75 @@ def test_workers_write_byte_identical_output(tmp_path, monkeypatch):
     make_corpus(tmp_path)
     monkeypatch.setattr(preprocess, "_CHUNK", 7)
     for workers in (1, 3):
-        assert preprocess_main(["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--validpref",
-                                str(tmp_path / "valid"), "--destdir", str(tmp_path / f"w{workers}"), "--vocab-size",
-                                "60", "--max-len", "64", "--workers", str(workers)]) == 0
+        assert (
+            preprocess_main(
+                [
+                    "-s",
+                    "kjv",
+                    "-t",
+                    "web",
+                    "--trainpref",
+                    str(tmp_path / "train"),
+                    "--validpref",
+                    str(tmp_path / "valid"),
+                    "--destdir",
+                    str(tmp_path / f"w{workers}"),
+                    "--vocab-size",
+                    "60",
+                    "--max-len",
+                    "64",
+                    "--workers",
+                    str(workers),
+                ]
+            )
+            == 0
+        )
     one, three = sorted((tmp_path / "w1").iterdir()), sorted((tmp_path / "w3").iterdir())
     assert [p.name for p in one] == [p.name for p in three] and len(one) == 12  # valid's references too
     for a, b in zip(one, three):
         assert a.read_bytes() == b.read_bytes(), a.name
     with pytest.raises(SystemExit) as e:
-        preprocess_main(["-s", "kjv", "-t", "web", "--validpref", str(tmp_path / "valid"), "--workers", "0",
-                         "--destdir", str(tmp_path / "w0"), "--spm-model", str(tmp_path / "w1" / "spm.model")])
+        preprocess_main(
+            [
+                "-s",
+                "kjv",
+                "-t",
+                "web",
+                "--validpref",
+                str(tmp_path / "valid"),
+                "--workers",
+                "0",
+                "--destdir",
+                str(tmp_path / "w0"),
+                "--spm-model",
+                str(tmp_path / "w1" / "spm.model"),
+            ]
+        )
     assert e.value.code == 2
 
 
 def test_progress_bar_counts_lines_with_the_time_left(tmp_path, capsys):
     make_corpus(tmp_path)
-    preprocess_main(["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--validpref",
-                     str(tmp_path / "valid"), "--destdir", str(tmp_path / "bin"), "--vocab-size", "60",
-                     "--max-len", "64", "--progress", "bar"])
+    preprocess_main(
+        [
+            "-s",
+            "kjv",
+            "-t",
+            "web",
+            "--trainpref",
+            str(tmp_path / "train"),
+            "--validpref",
+            str(tmp_path / "valid"),
+            "--destdir",
+            str(tmp_path / "bin"),
+            "--vocab-size",
+            "60",
+            "--max-len",
+            "64",
+            "--progress",
+            "bar",
+        ]
+    )
     err = capsys.readouterr().err
     assert "] 300/340 train eta" in err and "] 340/340 valid eta" in err  # lines of every split: 300 + 40
 
@@ -507,8 +645,20 @@ def test_a_directory_that_holds_data_is_refused_unless_overwrite(tmp_path, capsy
     meta.json were replaced silently."""
     make_corpus(tmp_path)
     dest = tmp_path / "bin"
-    args = ["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--destdir", str(dest),
-            "--vocab-size", "60", "--max-len", "64"]
+    args = [
+        "-s",
+        "kjv",
+        "-t",
+        "web",
+        "--trainpref",
+        str(tmp_path / "train"),
+        "--destdir",
+        str(dest),
+        "--vocab-size",
+        "60",
+        "--max-len",
+        "64",
+    ]
     (tmp_path / "bin").mkdir()
     (dest / "notes.txt").write_text("not preprocessed data")  # other files do not count
     assert preprocess_main(args) == 0
@@ -518,16 +668,33 @@ def test_a_directory_that_holds_data_is_refused_unless_overwrite(tmp_path, capsy
         preprocess_main([*args[:-4], "--vocab-size", "50"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
-    assert err.startswith(f"megabranch-preprocess: error: --destdir {dest} already holds preprocessed data "
-                          f"(meta.json and 6 more of its files); pass --overwrite to replace it")
+    assert err.startswith(
+        f"megabranch-preprocess: error: --destdir {dest} already holds preprocessed data "
+        f"(meta.json and 6 more of its files); pass --overwrite to replace it"
+    )
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     (dest / "meta.json").unlink()  # what an interrupted run leaves
     with pytest.raises(SystemExit):
         preprocess_main(args)
     assert "(spm.model and 5 more of its files)" in capsys.readouterr().err
     # applying the directory's own model to a new split is fine: nothing it holds is written over
-    assert preprocess_main(["-s", "kjv", "-t", "web", "--validpref", str(tmp_path / "valid"), "--destdir",
-                            str(dest), "--spm-model", str(dest / "spm.model")]) == 0
+    assert (
+        preprocess_main(
+            [
+                "-s",
+                "kjv",
+                "-t",
+                "web",
+                "--validpref",
+                str(tmp_path / "valid"),
+                "--destdir",
+                str(dest),
+                "--spm-model",
+                str(dest / "spm.model"),
+            ]
+        )
+        == 0
+    )
     assert (dest / "spm.model").read_bytes() == before["spm.model"]
     assert preprocess_main([*args[:-4], "--vocab-size", "50", "--overwrite"]) == 0
     assert json.loads((dest / "meta.json").read_text())["vocab_size"] == {"kjv": 50, "web": 50}
@@ -542,12 +709,29 @@ def test_binarized_files_of_another_vocabulary_are_refused_when_loaded(tmp_path)
     make_corpus(tmp_path)
     small, big = tmp_path / "small", tmp_path / "big"
     for dest, vocab in ((small, 40), (big, 90)):
-        preprocess_main(["-s", "kjv", "-t", "web", "--trainpref", str(tmp_path / "train"), "--destdir", str(dest),
-                         "--vocab-size", str(vocab), "--max-len", "2000"])
+        preprocess_main(
+            [
+                "-s",
+                "kjv",
+                "-t",
+                "web",
+                "--trainpref",
+                str(tmp_path / "train"),
+                "--destdir",
+                str(dest),
+                "--vocab-size",
+                str(vocab),
+                "--max-len",
+                "2000",
+            ]
+        )
     for f in big.glob("train.*"):
         shutil.copyfile(f, small / f.name)
-    with pytest.raises(UserError, match=r"train\.kjv-web\.kjv\.bin: \d+ tokens but meta\.json says \d+ \(the file is "
-                                        r"not the one preprocessed here\)"):
+    with pytest.raises(
+        UserError,
+        match=r"train\.kjv-web\.kjv\.bin: \d+ tokens but meta\.json says \d+ \(the file is "
+        r"not the one preprocessed here\)",
+    ):
         load_split(small, "train")
     # ... and with counts that happen to match, the ids themselves: recorded by preprocess, or read from the file
     meta_path = small / "meta.json"
@@ -563,8 +747,10 @@ def test_binarized_files_of_another_vocabulary_are_refused_when_loaded(tmp_path)
         meta_path.write_text(json.dumps(meta))
         with pytest.raises(UserError) as e:
             load_split(small, "train")
-        assert str(e.value).startswith(f"{small / 'train.kjv-web.kjv'}.bin: token id {theirs['max_id']['kjv']} is "
-                                       f"outside the vocabulary of spm.model (40 pieces)"), str(e.value)
+        assert str(e.value).startswith(
+            f"{small / 'train.kjv-web.kjv'}.bin: token id {theirs['max_id']['kjv']} is "
+            f"outside the vocabulary of spm.model (40 pieces)"
+        ), str(e.value)
     assert 40 <= theirs["max_id"]["kjv"] < 90
 
 
@@ -597,8 +783,10 @@ def test_old_data_directories_still_load():
     for name in ("aa-bb", "bb-aa"):
         src, tgt = name.split("-")
         part = valid.dataset.direction(name)
-        text = {lang: open(os.path.join(fixtures, "old_data", "text", f"{name}.{lang}")).read().splitlines()
-                for lang in (src, tgt)}
+        text = {
+            lang: open(os.path.join(fixtures, "old_data", "text", f"{name}.{lang}")).read().splitlines()
+            for lang in (src, tgt)
+        }
         assert [tok.decode(part.source_tokens(i)) for i in range(len(part))] == text[src]
         assert [tok.decode(part.target_tokens(i)) for i in range(len(part))] == text[tgt]
         assert part[0]["source"][0] == tok.piece_id(f"<2{tgt}>")
@@ -616,14 +804,31 @@ def test_the_synthetic_corpus_tool_is_seeded_and_line_aligned(tmp_path, monkeypa
     monkeypatch.setattr(synthetic_corpus, "CHUNK", 700)
     monkeypatch.setattr(synthetic_corpus, "VOCAB", 3000)
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        assert synthetic_corpus.main(["--pairs", "1500", "--valid-pairs", "10", "--out", str(tmp_path / name),
-                                      "--seed", str(seed)]) == 0
+        assert (
+            synthetic_corpus.main(
+                ["--pairs", "1500", "--valid-pairs", "10", "--out", str(tmp_path / name), "--seed", str(seed)]
+            )
+            == 0
+        )
     a, b, c = ((tmp_path / n / "train.fr").read_bytes() for n in "abc")
-    assert a == b and a != c and (tmp_path / "a" / "train.en").read_bytes() == (tmp_path / "b" / "train.en").read_bytes()
+    assert (
+        a == b and a != c and (tmp_path / "a" / "train.en").read_bytes() == (tmp_path / "b" / "train.en").read_bytes()
+    )
     en, fr = ((tmp_path / "a" / f"train.{lang}").read_text().split("\n") for lang in ("en", "fr"))
     assert len(en) == len(fr) == 1501 and en[-1] == fr[-1] == ""  # every line ends with a newline
     assert all(s and t and len(t.split()) >= len(s.split()) for s, t in zip(en[:-1], fr[:-1]))
-    assert measure_startup.main(["--data", os.path.join(ROOT, "tests", "fixtures", "old_main", "data-bin"),
-                                 "--max-tokens", "200", "--ranks", "2"]) == 0
+    assert (
+        measure_startup.main(
+            [
+                "--data",
+                os.path.join(ROOT, "tests", "fixtures", "old_main", "data-bin"),
+                "--max-tokens",
+                "200",
+                "--ranks",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "120 training pairs" in out and "| batch epoch 1 (14 batches of this rank) |" in out

@@ -234,6 +234,7 @@ def test_single_process_fallbacks():
 
 # --- the engine: views through the pipeline executor, and the memory plan's gradient bytes ------------------
 
+
 def _grad_bytes_held(tr) -> int:
     """Bytes of every distinct storage holding a gradient now: .grad storages and bucket buffers, each once."""
     storages = {}
@@ -319,8 +320,9 @@ def test_bench_baseline_is_the_copy_reducer():
     gradient buffers where the views hold one (4 bytes per parameter)."""
     parse_args, run_variant = grad_reducer.parse_args, grad_reducer.run_variant
 
-    args = parse_args(["--d-model", "16", "--layers", "1", "--vocab", "64", "--steps", "2", "--warmup", "0",
-                       "--bucket-mb", "0.01"])
+    args = parse_args(
+        ["--d-model", "16", "--layers", "1", "--vocab", "64", "--steps", "2", "--warmup", "0", "--bucket-mb", "0.01"]
+    )
     copy_run, view_run = run_variant("copy", args), run_variant("view", args)
     assert copy_run["loss"] == view_run["loss"]
     assert view_run["grad_mb"] * 2**20 == 4 * view_run["params"]

@@ -23,8 +23,10 @@ def _model(residual="branchnorm", vocab=40, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("residual,embeddings", [(r, {}) for r in RESIDUALS] + [
-    ("deepnorm", dict(positions="learned", position_offset=2, embed_scale=1.0))])  # torchscale's conventions
+@pytest.mark.parametrize(
+    "residual,embeddings",
+    [(r, {}) for r in RESIDUALS] + [("deepnorm", dict(positions="learned", position_offset=2, embed_scale=1.0))],
+)  # torchscale's conventions
 def test_incremental_decoding_equals_full_recomputation(residual, embeddings):
     model = _model(residual, decoder_layers=3, **embeddings)
     g = torch.Generator().manual_seed(1)

@@ -28,9 +28,11 @@ if os.path.exists(os.path.join(_BIN, "ninja")) and not os.environ.get("PATH", ""
     os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 try:
     import deepspeed  # noqa: F401
-except Exception as e:  # noqa: BLE001 - any import failure means: no DeepSpeed here
-    pytest.skip(f"deepspeed is not importable ({type(e).__name__}: {e}); pip install -r requirements-dev.txt",
-                allow_module_level=True)
+except Exception as e:  # any import failure means: no DeepSpeed here
+    pytest.skip(
+        f"deepspeed is not importable ({type(e).__name__}: {e}); pip install -r requirements-dev.txt",
+        allow_module_level=True,
+    )
 
 from tests.helpers.configs import VOCAB, make_cfg, tiny_model_cfg, tiny_pp2_yaml  # noqa: E402
 from tests.helpers.dist import free_port, run_workers  # noqa: E402
@@ -54,9 +56,9 @@ def _group_timeouts() -> dict:
 
 def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
     from megabranch.backends.deepspeed import canonical_state
-    from megabranch.training.engine import Trainer
     from megabranch.model import canonical_parameters
     from megabranch.residual import alpha_at
+    from megabranch.training.engine import Trainer
 
     cfg = make_cfg(2, 2, m=2, pp=2, layout="E0-1|D0-1")
     native = Trainer(cfg, VOCAB)
@@ -76,11 +78,15 @@ def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
     for s, (a, b, ref) in enumerate(zip(got, nat, ref_losses)):
         want_alpha = alpha_at(s, 10, "linear")  # alpha_t = t / T, T = 10: a new value every step
         assert a["alpha"] == b["alpha"] and abs(a["alpha"] - want_alpha) < 1e-7, (s, a["alpha"], b["alpha"])
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), f"step {s}: deepspeed {a['loss']} native {b['loss']}"
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (
+            f"step {s}: deepspeed {a['loss']} native {b['loss']}"
+        )
         assert abs(a["loss"] - ref) <= 1e-5 * abs(ref), f"step {s}: deepspeed {a['loss']} single-process {ref}"
         assert abs(a["nll_loss"] - b["nll_loss"]) <= 1e-5 * abs(b["nll_loss"])
         assert a["lr"] == b["lr"]
-        assert abs(a["gnorm"] - b["gnorm"]) <= 1e-5 * b["gnorm"], f"step {s}: deepspeed gnorm {a['gnorm']} native {b['gnorm']}"
+        assert abs(a["gnorm"] - b["gnorm"]) <= 1e-5 * b["gnorm"], (
+            f"step {s}: deepspeed gnorm {a['gnorm']} native {b['gnorm']}"
+        )
     # the alpha buffers every layer of this stage holds now: the last step's
     for m in ds.module.modules():
         if hasattr(m, "coeffs"):
@@ -127,8 +133,11 @@ def _equivalence_body(rank, world, ref_losses, tmp, exported_loss):
     # DeepSpeed's activation checkpointing of every layer
     from megabranch.backends.deepspeed import load_ds_config
 
-    for layout, partition, parts, recompute in (("E0-1,D0|D1", None, [0, 5, 7], 0), ("", "parameters", None, 0),
-                                                ("E0-1|D0-1", None, [0, 3, 7], 1)):
+    for layout, partition, parts, recompute in (
+        ("E0-1,D0|D1", None, [0, 5, 7], 0),
+        ("", "parameters", None, 0),
+        ("E0-1|D0-1", None, [0, 3, 7], 1),
+    ):
         other = make_cfg(2, 2, m=2, pp=2, layout=layout or "E0-1|D0-1")
         ds_config = load_ds_config(None, other)
         ds_config["pipeline"]["activation_checkpoint_interval"] = recompute
@@ -146,8 +155,10 @@ def _single_process_loss(model, batches, step: int) -> float:
     set_step(model, step)
     model.eval()
     with torch.no_grad():
-        total = sum(float(label_smoothed_nll_loss(model(b["src_tokens"], b["prev_output_tokens"]), b["target"], 0.1)[0])
-                    for b in batches)
+        total = sum(
+            float(label_smoothed_nll_loss(model(b["src_tokens"], b["prev_output_tokens"]), b["target"], 0.1)[0])
+            for b in batches
+        )
     return total / sum(b["ntokens"] for b in batches)
 
 
@@ -174,8 +185,11 @@ def test_export_import_round_trip(tmp_path, variant):
     from megabranch.backends.deepspeed import export_deepspeed, import_deepspeed, layer_plan
     from megabranch.model import build_model
 
-    kw = {"shared": {}, "tgt-shared": dict(share_all_embeddings=False),
-          "untied-pre_ln": dict(share_all_embeddings=False, share_decoder_input_output_embed=False, residual="pre_ln")}
+    kw = {
+        "shared": {},
+        "tgt-shared": dict(share_all_embeddings=False),
+        "untied-pre_ln": dict(share_all_embeddings=False, share_decoder_input_output_embed=False, residual="pre_ln"),
+    }
     mc = tiny_model_cfg(encoder_layers=3, decoder_layers=2, d_model=16, n_heads=2, ffn_dim=32, **kw[variant])
     vocab, tgt_vocab = 30, (30 if variant == "shared" else 24)
     sd = build_model(mc, vocab, tgt_vocab, seed=5).state_dict()
@@ -224,12 +238,19 @@ def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tiny_corpus
 
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(tiny_pp2_yaml(tiny_corpus, tmp_path / "run", max_updates=4, update_freq=4, warmup_updates=2))
-    env = subprocess_env(NUM_GPUS=2, DS_CONFIG=os.path.join(ROOT, "launch", "configs", "ds_fp32.json"),
-                         MASTER_PORT=free_port())
+    env = subprocess_env(
+        NUM_GPUS=2, DS_CONFIG=os.path.join(ROOT, "launch", "configs", "ds_fp32.json"), MASTER_PORT=free_port()
+    )
 
     def launch(*extra):
-        r = subprocess.run(["bash", os.path.join(ROOT, "launch", "deepspeed_launcher.sh"), "--config", str(cfg_path),
-                            *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        r = subprocess.run(
+            ["bash", os.path.join(ROOT, "launch", "deepspeed_launcher.sh"), "--config", str(cfg_path), *extra],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return r
 
@@ -245,12 +266,11 @@ def test_deepspeed_launcher_script_trains_with_the_deepspeed_backend(tiny_corpus
     assert state["encoder.embed.table.weight"].shape == (40, 16)
 
     launch("--resume", "global_step2")
-    resumed = read_log(tmp_path / "run" / "log.jsonl")[len(records):]
+    resumed = read_log(tmp_path / "run" / "log.jsonl")[len(records) :]
     again = [x for x in resumed if x["tag"] == "train"]
     assert [x["step"] for x in again] == [3, 4]
     for a, b in zip(again, train[2:]):
         assert (a["loss"], a["alpha"], a["lr"]) == (b["loss"], b["alpha"], b["lr"]), (a, b)
-
 
 
 # --- the other residual schemes on the DeepSpeed pipeline ----------------------------------------------------------
@@ -312,12 +332,15 @@ def _three_d_body(rank, world, ref, tmp, exported_loss):
     g, ds_grid = tr.grid, tr.engine.grid
     # DeepSpeed's topology and megabranch's grid number the ranks the same way
     assert (tr.dp, g.dp) == (2, 2)
-    assert (ds_grid.get_slice_parallel_rank(), ds_grid.get_data_parallel_rank(), ds_grid.get_stage_id()) == \
-        (g.tp_rank, g.dp_rank, g.pp_rank), (rank, g)
+    assert (ds_grid.get_slice_parallel_rank(), ds_grid.get_data_parallel_rank(), ds_grid.get_stage_id()) == (
+        g.tp_rank,
+        g.dp_rank,
+        g.pp_rank,
+    ), (rank, g)
     assert tr.module.loss_fn.tp_group is g.tp_group is not None
     losses, gnorms = [], []
     for s in range(STEPS_3D):
-        st = tr.train_step(synthetic_batches(s, 2 * tr.dp)[tr.dp_rank::tr.dp])
+        st = tr.train_step(synthetic_batches(s, 2 * tr.dp)[tr.dp_rank :: tr.dp])
         losses.append(st["loss"])
         gnorms.append(st["gnorm"])
     ref_losses, ref_params, ref_gnorms = ref
@@ -362,8 +385,11 @@ def test_deepspeed_tensor_x_pipeline_x_data_parallel_matches_single_process(tmp_
     cfg = _three_d_cfg()
     single = single_trainer(cfg, seed=draw_init_seed(cfg.seed))
     stats = [single.train_step(synthetic_batches(s, 4)) for s in range(STEPS_3D)]
-    ref = ([s["loss"] for s in stats], {k: v.detach().clone() for k, v in single.named_params().items()},
-           [s["gnorm"] for s in stats])
+    ref = (
+        [s["loss"] for s in stats],
+        {k: v.detach().clone() for k, v in single.named_params().items()},
+        [s["gnorm"] for s in stats],
+    )
     other = build_model(cfg.model, VOCAB, seed=4321)
     torch.save(other.state_dict(), tmp_path / "exported3d_state.pt")
     export_deepspeed(other.state_dict(), cfg, str(tmp_path / "exported3d"), tp=2)
@@ -383,8 +409,10 @@ def test_export_for_tensor_parallelism_round_trips(tmp_path):
     export_deepspeed(sd, mc, str(tmp_path), tp=2)
     n = len(layer_plan(mc))
     names = sorted(os.listdir(tmp_path / "megabranch"))
-    assert names == sorted([f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(n) for r in range(2)]
-                           + ["mp_rank_00_model_states.pt"])
+    assert names == sorted(
+        [f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(n) for r in range(2)]
+        + ["mp_rank_00_model_states.pt"]
+    )
     enc0 = [torch.load(tmp_path / "megabranch" / f"layer_01-model_{r:02d}-model_states.pt") for r in range(2)]
     q = "encoder.layers.0.self_attn.block.q_proj.weight"
     assert torch.equal(torch.cat([enc0[0][q], enc0[1][q]]), sd[q]) and enc0[0][q].shape[0] == mc.d_model // 2
@@ -411,7 +439,7 @@ def _three_d_bf16_body(rank, world, ref):
     cfg = _three_d_cfg()
     tr = _ds_trainer(cfg, ds_config=load_ds_config(os.path.join(ROOT, "launch", "configs", "ds_bf16.json"), cfg))
     for s, (ref_loss, ref_gnorm) in enumerate(ref):
-        st = tr.train_step(synthetic_batches(s, 2 * tr.dp)[tr.dp_rank::tr.dp])
+        st = tr.train_step(synthetic_batches(s, 2 * tr.dp)[tr.dp_rank :: tr.dp])
         # DeepSpeed's BF16_Optimizer measures the norm: each tensor-parallel shard on every tp rank, a replicated
         # parameter on tp rank 0 only (the `model_parallel` marks)
         assert abs(st["gnorm"] - ref_gnorm) <= BF16_VS_FP32 * ref_gnorm, (s, st["gnorm"], ref_gnorm)
@@ -444,11 +472,15 @@ def test_import_refuses_tied_copies_that_differ(tmp_path, tp):
     mc = tiny_model_cfg(encoder_layers=1, decoder_layers=1, share_all_embeddings=True)
     export_deepspeed(build_model(mc, 40, seed=5).state_dict(), mc, str(tmp_path), tp=tp)
     last = len(layer_plan(mc)) - 1  # the output projection's copy
-    path = tmp_path / "megabranch" / (f"layer_{last:02d}-model_00-model_states.pt" if tp > 1 else
-                                      f"layer_{last:02d}-model_states.pt")
+    path = (
+        tmp_path
+        / "megabranch"
+        / (f"layer_{last:02d}-model_00-model_states.pt" if tp > 1 else f"layer_{last:02d}-model_states.pt")
+    )
     layer = torch.load(path)
     layer["encoder.embed.table.weight"] += 1
     torch.save(layer, path)
-    with pytest.raises(UserError, match=f"the tied encoder.embed.table.weight differs between layer files .at layer "
-                                        f"{last}."):
+    with pytest.raises(
+        UserError, match=f"the tied encoder.embed.table.weight differs between layer files .at layer {last}."
+    ):
         import_deepspeed(str(tmp_path), mc)

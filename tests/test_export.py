@@ -16,12 +16,12 @@ import torch
 
 from megabranch import checkpoint
 from megabranch.config import ModelConfig
-from megabranch.convert import folding, main as convert_main
+from megabranch.convert import folding
+from megabranch.convert import main as convert_main
 from megabranch.convert.check import build_single
-from megabranch.data import load_split
+from megabranch.data import load_split, sentence_batches
 from megabranch.decoding import beam_search, bleu, greedy_decode, max_length
 from megabranch.errors import UserError
-from megabranch.data import sentence_batches
 from megabranch.model import build_model
 from megabranch.residual import set_step
 from megabranch.vocab import BOS, EOS, PAD
@@ -30,8 +30,7 @@ from tests.helpers.env import one_thread
 
 pytestmark = pytest.mark.unit
 
-SCHEMES = {"post_ln": {}, "deepnorm": {"deepnorm_init": False}, "branchnorm": {"alpha_warmup_steps": 500},
-           "pre_ln": {}}
+SCHEMES = {"post_ln": {}, "deepnorm": {"deepnorm_init": False}, "branchnorm": {"alpha_warmup_steps": 500}, "pre_ln": {}}
 STEPS = 200  # BranchNorm's alpha_t is 0.4 then: mid-ramp
 RTOL = 1e-4
 
@@ -52,9 +51,27 @@ def copy_data(tmp_path_factory):
         write_lines(d / f"{split}.src", lines)
         write_lines(d / f"{split}.tgt", lines)
     dest = d / "bin"
-    assert preprocess_main(["--source-lang", "src", "--target-lang", "tgt", "--trainpref", str(d / "train"),
-                            "--validpref", str(d / "valid"), "--testpref", str(d / "test"), "--destdir", str(dest),
-                            "--vocab-size", "60"]) == 0
+    assert (
+        preprocess_main(
+            [
+                "--source-lang",
+                "src",
+                "--target-lang",
+                "tgt",
+                "--trainpref",
+                str(d / "train"),
+                "--validpref",
+                str(d / "valid"),
+                "--testpref",
+                str(d / "test"),
+                "--destdir",
+                str(dest),
+                "--vocab-size",
+                "60",
+            ]
+        )
+        == 0
+    )
     return str(dest)
 
 
@@ -69,13 +86,30 @@ def _trained(scheme: str, copy_data: str, tmp_path_factory, extra: tuple = ()) -
         from megabranch.train import run
 
         save = str(tmp_path_factory.mktemp(f"run_{scheme}{len(_TRAINED)}") / "run")
-        overrides = [f"model.residual={scheme}", "model.encoder_layers=3", "model.decoder_layers=3",
-                     "model.d_model=32", "model.n_heads=4", "model.ffn_dim=64", "model.dropout=0.0",
-                     "model.max_positions=64", *(f"model.{k}={v}" for k, v in SCHEMES[scheme].items()),
-                     "optim.lr=0.004", "optim.warmup_updates=30", f"optim.max_updates={STEPS}", "optim.clip_norm=1.0",
-                     f"data.data_dir={copy_data}", "data.max_tokens=400", f"log.save_dir={save}",
-                     f"log.valid_interval={STEPS}", "log.log_interval=1000", "log.bleu_sentences=0",
-                     "log.tensorboard=false", "log.progress=none", *extra]
+        overrides = [
+            f"model.residual={scheme}",
+            "model.encoder_layers=3",
+            "model.decoder_layers=3",
+            "model.d_model=32",
+            "model.n_heads=4",
+            "model.ffn_dim=64",
+            "model.dropout=0.0",
+            "model.max_positions=64",
+            *(f"model.{k}={v}" for k, v in SCHEMES[scheme].items()),
+            "optim.lr=0.004",
+            "optim.warmup_updates=30",
+            f"optim.max_updates={STEPS}",
+            "optim.clip_norm=1.0",
+            f"data.data_dir={copy_data}",
+            "data.max_tokens=400",
+            f"log.save_dir={save}",
+            f"log.valid_interval={STEPS}",
+            "log.log_interval=1000",
+            "log.bleu_sentences=0",
+            "log.tensorboard=false",
+            "log.progress=none",
+            *extra,
+        ]
         with one_thread():
             run(load_config(None, overrides))
         _TRAINED[key] = checkpoint.resolve(save)
@@ -124,7 +158,9 @@ def _loaded(target: str, out: str):
     from megabranch.convert import export_fairseq
 
     hub = export_fairseq.load(out)
-    return (lambda s, p: export_fairseq.logits(hub, s, p)), (lambda s, b, lp, n: export_fairseq.decode(hub, s, b, lp, n))
+    return (lambda s, p: export_fairseq.logits(hub, s, p)), (
+        lambda s, b, lp, n: export_fairseq.decode(hub, s, b, lp, n)
+    )
 
 
 def _ct2_vocab(out: str) -> list[str]:
@@ -178,14 +214,20 @@ def checkpoint_config(ck: dict):
     return Config.from_dict(ck["config"], where="test")
 
 
-UNTIED = ("model.share_all_embeddings=false", "model.share_decoder_input_output_embed=false",
-          "model.positions=learned", "model.position_offset=2", "model.embed_scale=1.0")
+UNTIED = (
+    "model.share_all_embeddings=false",
+    "model.share_decoder_input_output_embed=false",
+    "model.positions=learned",
+    "model.position_offset=2",
+    "model.embed_scale=1.0",
+)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["ctranslate2", "hf", "fairseq"])
-def test_untied_tables_learned_positions_an_offset_and_another_scale_carry_over(target, copy_data, tmp_path,
-                                                                                tmp_path_factory, capsys):
+def test_untied_tables_learned_positions_an_offset_and_another_scale_carry_over(
+    target, copy_data, tmp_path, tmp_path_factory, capsys
+):
     """Three tables, torchscale's conventions (learned positions from 2, embeddings unscaled), DeepNorm."""
     _package(target)
     step_dir = _trained("deepnorm", copy_data, tmp_path_factory, UNTIED)
@@ -195,17 +237,25 @@ def test_untied_tables_learned_positions_an_offset_and_another_scale_carry_over(
     logits_fn, decode_fn = _loaded(target, str(tmp_path / "served"))
     ours, other, limits = _decode_split(step_dir, copy_data, decode_fn)[2]
     for beam in (1, 4):
-        differ = [i for i in ours[beam] if ours[beam][i] != other[beam][i]
-                  and not (target in ("ctranslate2", "hf") and beam > 1
-                           and limits[i] - 1 in (len(ours[beam][i]), len(other[beam][i])))]
+        differ = [
+            i
+            for i in ours[beam]
+            if ours[beam][i] != other[beam][i]
+            and not (
+                target in ("ctranslate2", "hf")
+                and beam > 1
+                and limits[i] - 1 in (len(ours[beam][i]), len(other[beam][i]))
+            )
+        ]
         assert not differ
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["ctranslate2", "hf", "fairseq"])
 @pytest.mark.parametrize("scheme", ["deepnorm", "branchnorm"])
-def test_without_the_folding_the_check_fails_and_nothing_is_written(target, scheme, copy_data, tmp_path,
-                                                                     tmp_path_factory, capsys, monkeypatch):
+def test_without_the_folding_the_check_fails_and_nothing_is_written(
+    target, scheme, copy_data, tmp_path, tmp_path_factory, capsys, monkeypatch
+):
     _package(target)
     step_dir = _trained(scheme, copy_data, tmp_path_factory)
     monkeypatch.setattr(folding, "BRANCH_OUTPUTS", ())
@@ -240,10 +290,15 @@ def test_bad_input_is_one_line_and_writes_nothing(copy_data, tmp_path, tmp_path_
     os.rmdir(os.path.join(out, "x"))
     os.rmdir(out)
     if _has("transformers"):
-        _fails(capsys, [_trained("pre_ln", copy_data, tmp_path_factory), out, "--to", "hf"],
-               "model.residual=pre_ln: MarianMT", tmp_path)
-    _fails(capsys, [post, out, "--to", "fairseq", "--data-dir", str(tmp_path / "nowhere")], "meta.json not found",
-           tmp_path)
+        _fails(
+            capsys,
+            [_trained("pre_ln", copy_data, tmp_path_factory), out, "--to", "hf"],
+            "model.residual=pre_ln: MarianMT",
+            tmp_path,
+        )
+    _fails(
+        capsys, [post, out, "--to", "fairseq", "--data-dir", str(tmp_path / "nowhere")], "meta.json not found", tmp_path
+    )
 
 
 def _has(name: str) -> bool:
@@ -276,13 +331,23 @@ def test_an_unknown_scheme_is_refused_in_one_line():
         folding.fold({}, dataclasses.replace(mc, residual="admin"), 0)
 
 
-@pytest.mark.parametrize("scheme,step", [("deepnorm", 0), ("branchnorm", 7), ("branchnorm", 0), ("post_ln", 3),
-                                         ("ds_init", 0)])
+@pytest.mark.parametrize(
+    "scheme,step", [("deepnorm", 0), ("branchnorm", 7), ("branchnorm", 0), ("post_ln", 3), ("ds_init", 0)]
+)
 def test_folding_is_the_plain_post_ln_model_in_float64(scheme, step):
     """The folded weights in a post_ln model with each stack's folded eps compute what the scheme computes
     (float64: only rounding differs)."""
-    mc = ModelConfig(residual=scheme, encoder_layers=3, decoder_layers=2, d_model=16, n_heads=2, ffn_dim=32,
-                     dropout=0.0, alpha_warmup_steps=20, max_positions=32)
+    mc = ModelConfig(
+        residual=scheme,
+        encoder_layers=3,
+        decoder_layers=2,
+        d_model=16,
+        n_heads=2,
+        ffn_dim=32,
+        dropout=0.0,
+        alpha_warmup_steps=20,
+        max_positions=32,
+    )
     torch.manual_seed(0)
     model = build_model(mc, 30, seed=3).eval()
     set_step(model, step)  # in float32, as a trained model's coefficients are

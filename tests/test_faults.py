@@ -60,13 +60,27 @@ TIMEOUT_S = 3  # parallel.timeout_s of the stalled-rank case
 def _config(data_dir: str, save_dir: str, **parallel) -> dict:
     return {
         "seed": 5,
-        "model": {"encoder_layers": 2, "decoder_layers": 2, "d_model": 16, "n_heads": 2, "ffn_dim": 32,
-                  "dropout": 0.1, "alpha_warmup_steps": 12, "max_positions": 64},
+        "model": {
+            "encoder_layers": 2,
+            "decoder_layers": 2,
+            "d_model": 16,
+            "n_heads": 2,
+            "ffn_dim": 32,
+            "dropout": 0.1,
+            "alpha_warmup_steps": 12,
+            "max_positions": 64,
+        },
         "parallel": {"pp": 2, "layout": "E0-1|D0-1", **parallel},
         "optim": {"max_updates": STEPS, "warmup_updates": 4, "lr": 0.001, "clip_norm": 1.0},
         "data": {"data_dir": data_dir, "max_tokens": 200},
-        "log": {"save_dir": save_dir, "log_interval": 1, "valid_interval": 8, "bleu_sentences": 0,
-                "tensorboard": False, "progress": "none"},
+        "log": {
+            "save_dir": save_dir,
+            "log_interval": 1,
+            "valid_interval": 8,
+            "bleu_sentences": 0,
+            "tensorboard": False,
+            "progress": "none",
+        },
     }
 
 
@@ -165,8 +179,10 @@ def test_a_save_dir_that_cannot_be_created_is_one_line(tiny_corpus, tmp_path, ca
     cfg = _config(tiny_corpus, str(blocker / "run"))
     cfg["parallel"] = {}
     assert _exit_code(main, ["--config", _write_config(tmp_path, "cfg", cfg)]) == EXIT_USER_ERROR
-    assert _one_line(capsys) == (f"megabranch-train: error: log.save_dir={blocker}/run cannot be created or written: "
-                                 f"{blocker} is a file, not a directory; set log.save_dir to a writable directory")
+    assert _one_line(capsys) == (
+        f"megabranch-train: error: log.save_dir={blocker}/run cannot be created or written: "
+        f"{blocker} is a file, not a directory; set log.save_dir to a writable directory"
+    )
 
 
 @pytest.mark.unit
@@ -179,11 +195,18 @@ def test_a_save_dir_on_a_read_only_filesystem_is_one_line(tiny_corpus, tmp_path)
     cfg = _config(tiny_corpus, str(read_only / "run"))
     cfg["parallel"] = {}
     argv = [sys.executable, "-m", "megabranch.train", "--config", _write_config(tmp_path, "cfg", cfg)]
-    done = subprocess.run(with_tmpfs(str(read_only), "ro", argv), env=subprocess_env(), cwd=ROOT, text=True,
-                          capture_output=True, timeout=300)
+    done = subprocess.run(
+        with_tmpfs(str(read_only), "ro", argv),
+        env=subprocess_env(),
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert done.returncode == EXIT_USER_ERROR and _one_line(done.stderr) == (
         f"megabranch-train: error: log.save_dir={read_only}/run cannot be created or written: Read-only file "
-        "system; set log.save_dir to a writable directory"), done.stderr
+        "system; set log.save_dir to a writable directory"
+    ), done.stderr
 
 
 @pytest.mark.unit
@@ -194,9 +217,14 @@ def test_a_device_that_cannot_be_used_is_one_line_for_train_and_generate(tiny_co
     cfg = _config(tiny_corpus, str(tmp_path / "run"))
     cfg["parallel"] = {}
     path = _write_config(tmp_path, "cfg", cfg)
-    missing_gpu = ("cuda:99", "CUDA device") if torch.cuda.is_available() else ("cuda", "this torch is built without CUDA")
-    for device, needle in [missing_gpu, ("gpu0", "'gpu0' is not a device: use cpu, cuda or cuda:N"),
-                           ("meta", "megabranch runs on cpu or cuda (cuda:N), not meta")]:
+    missing_gpu = (
+        ("cuda:99", "CUDA device") if torch.cuda.is_available() else ("cuda", "this torch is built without CUDA")
+    )
+    for device, needle in [
+        missing_gpu,
+        ("gpu0", "'gpu0' is not a device: use cpu, cuda or cuda:N"),
+        ("meta", "megabranch runs on cpu or cuda (cuda:N), not meta"),
+    ]:
         assert _exit_code(train, ["--config", path, "--device", device]) == EXIT_USER_ERROR
         assert needle in _one_line(capsys), (device, needle)
         assert _exit_code(generate, ["--checkpoint", str(tmp_path / "nowhere"), "--device", device]) == EXIT_USER_ERROR
@@ -223,8 +251,9 @@ class _FullDisk:
         with open(path, "wb") as fh:
             fh.write(b"\0" * self.room)
         self.failed += 1
-        raise safetensors.SafetensorError(f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} "
-                                          f"(os error {errno.ENOSPC})")
+        raise safetensors.SafetensorError(
+            f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} (os error {errno.ENOSPC})"
+        )
 
 
 def _warnings(err: str) -> list[str]:
@@ -246,10 +275,13 @@ def test_a_failed_save_is_one_line_and_training_goes_on_and_saves_again(tiny_cor
     # the save of step 4 runs in the background (log.async_save): its failure is known at the save of step 6
     assert main(["--config", _write_config(tmp_path, "cfg", cfg)]) == 0
     [line] = _warnings(capsys.readouterr().err)
-    assert re.fullmatch(rf"warning: checkpoint not saved, step_4: no space left on the device of {save_dir}/step_4\."
-                        rf"tmp-\d+ while saving a checkpoint \(this rank's files need about 0\.\d MB, [\d,.]+ MB free\); "
-                        rf"{save_dir}/latest still names step_2; training goes on and the next save tries again \(1 "
-                        r"of log.max_failed_saves=3 failures in a row\)", line), line
+    assert re.fullmatch(
+        rf"warning: checkpoint not saved, step_4: no space left on the device of {save_dir}/step_4\."
+        rf"tmp-\d+ while saving a checkpoint \(this rank's files need about 0\.\d MB, [\d,.]+ MB free\); "
+        rf"{save_dir}/latest still names step_2; training goes on and the next save tries again \(1 "
+        r"of log.max_failed_saves=3 failures in a row\)",
+        line,
+    ), line
     assert disk.failed == 1 and checkpoint.read_pointer(save_dir, "latest") == "step_6"
     assert sorted(os.listdir(save_dir)) == ["best", "latest", "log.jsonl", "run.lock", "step_2", "step_6"]
     checkpoint.verify(os.path.join(save_dir, "step_6"))  # every file's sha256, and each loads
@@ -264,10 +296,14 @@ def test_a_failed_save_is_one_line_and_training_goes_on_and_saves_again(tiny_cor
     err = capsys.readouterr().err
     assert len(_warnings(err)) == 1 and "step_4: no space left" in _warnings(err)[0]
     line = [x for x in err.splitlines() if x.startswith("megabranch-train:")]
-    assert len(line) == 1 and line[0].startswith("megabranch-train: error: 2 checkpoint saves in a row failed "
-                                                 "(log.max_failed_saves=2), the last of step_6: no space left"), line
-    assert line[0].endswith(f"stopping; {save_dir}/latest still names step_2; the previous checkpoint is untouched: "
-                            "free some space or set log.save_dir elsewhere, then --resume"), line
+    assert len(line) == 1 and line[0].startswith(
+        "megabranch-train: error: 2 checkpoint saves in a row failed "
+        "(log.max_failed_saves=2), the last of step_6: no space left"
+    ), line
+    assert line[0].endswith(
+        f"stopping; {save_dir}/latest still names step_2; the previous checkpoint is untouched: "
+        "free some space or set log.save_dir elsewhere, then --resume"
+    ), line
     assert checkpoint.read_pointer(save_dir, "latest") == "step_2" and sorted(_records(save_dir)) == list(range(1, 7))
     # a filesystem that has too little room from the start: refused before anything is written
     assert space.shortfall(save_dir, 2**62) is not None and "need about" in space.shortfall(save_dir, 2**62)
@@ -303,8 +339,9 @@ def test_one_writer_per_save_directory(tiny_corpus, tmp_path, capsys):
     from megabranch.train import main
 
     save_dir = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, save_dir], env=subprocess_env(), cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, save_dir], env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         cfg = _config(tiny_corpus, save_dir)
@@ -342,11 +379,24 @@ class Ranks:
         self.err = [tmp_path / f"{name}.rank{r}.err" for r in range(world)]
         self.procs = []
         for r in range(world):
-            env = subprocess_env(RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, LOCAL_WORLD_SIZE=world,
-                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            env = subprocess_env(
+                RANK=r,
+                WORLD_SIZE=world,
+                LOCAL_RANK=r,
+                LOCAL_WORLD_SIZE=world,
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            )
             with open(self.err[r], "w") as fh:
-                self.procs.append(subprocess.Popen([sys.executable, "-m", "megabranch.train", *args], env=env,
-                                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=fh))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "megabranch.train", *args],
+                        env=env,
+                        cwd=ROOT,
+                        stdout=subprocess.DEVNULL,
+                        stderr=fh,
+                    )
+                )
 
     def stderr(self, r: int) -> str:
         return self.err[r].read_text()
@@ -439,9 +489,12 @@ def test_sigusr1_and_sigterm_save_one_checkpoint_that_resumes_bit_for_bit(refere
         line = [x for x in ranks.stderr(0).splitlines() if x.startswith("megabranch-train:")]
         step = max(_records(save_dir))
         names = ("SIGTERM", "SIGUSR1") if again else (sig.name,)  # (a rank may see a SIGUSR1 first)
-        assert len(line) == 1 and any(line[0] == f"megabranch-train: stopped after step {step} on {name}: saved a "
-                                      f"checkpoint of it in {save_dir}; run the same command with --resume auto to "
-                                      "continue" for name in names), line
+        assert len(line) == 1 and any(
+            line[0] == f"megabranch-train: stopped after step {step} on {name}: saved a "
+            f"checkpoint of it in {save_dir}; run the same command with --resume auto to "
+            "continue"
+            for name in names
+        ), line
         assert "Traceback" not in ranks.stderr(0) + ranks.stderr(1) and not ranks.stderr(1).strip()
         assert _latest_step(save_dir) == step and step < STEPS
         step_dir = os.path.join(save_dir, f"step_{step}")
@@ -460,8 +513,13 @@ def test_sigusr1_and_sigterm_save_one_checkpoint_that_resumes_bit_for_bit(refere
     assert not bad, f"stopped at {stopped_at}: steps {bad[:3]} differ, e.g. {got[bad[0]]} vs {want[bad[0]]}"
     assert _records(save_dir, "valid") == want_valid
     starts = [r for r in map(json.loads, open(os.path.join(save_dir, "log.jsonl"))) if r["tag"] in ("start", "stop")]
-    assert [(r["tag"], r["step"]) for r in starts] == [("start", 0), ("stop", stopped_at[0]), ("start", stopped_at[0]),
-                                                       ("stop", stopped_at[1]), ("start", stopped_at[1])]
+    assert [(r["tag"], r["step"]) for r in starts] == [
+        ("start", 0),
+        ("stop", stopped_at[0]),
+        ("start", stopped_at[0]),
+        ("stop", stopped_at[1]),
+        ("start", stopped_at[1]),
+    ]
 
 
 @pytest.mark.distributed
@@ -489,9 +547,11 @@ def test_a_stalled_rank_makes_the_others_exit_within_the_timeout(tiny_corpus, tm
 
 # two ranks of megabranch-train ("$0": the interpreter), each rank's stderr in $ERR<rank>, then what the tmpfs
 # holds copied to $KEEP (the tmpfs goes with the namespace) and both exit codes printed
-_TWO_RANKS = ('RANK=0 LOCAL_RANK=0 "$0" -m megabranch.train "$@" 2>"$ERR0" & first=$!; '
-              'RANK=1 LOCAL_RANK=1 "$0" -m megabranch.train "$@" 2>"$ERR1"; second=$?; '
-              'wait "$first"; first=$?; cp -a "$SAVE" "$KEEP"; echo "$first $second"')
+_TWO_RANKS = (
+    'RANK=0 LOCAL_RANK=0 "$0" -m megabranch.train "$@" 2>"$ERR0" & first=$!; '
+    'RANK=1 LOCAL_RANK=1 "$0" -m megabranch.train "$@" 2>"$ERR1"; second=$?; '
+    'wait "$first"; first=$?; cp -a "$SAVE" "$KEEP"; echo "$first $second"'
+)
 
 
 @pytest.mark.distributed
@@ -508,22 +568,39 @@ def test_saves_that_fill_a_tmpfs_leave_latest_and_training_goes_on_until_max_fai
     # by themselves, so the check before writing lets them start), and so do step_24 and the last one, step_30
     argv = ["sh", "-c", _TWO_RANKS, sys.executable, "--config", cfg_path, "--set", f"log.save_dir={save_dir}"]
     err = [tmp_path / f"rank{r}.err" for r in range(2)]
-    env = subprocess_env(WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(),
-                         ERR0=err[0], ERR1=err[1], SAVE=save_dir, KEEP=tmp_path / "kept")
-    done = subprocess.run(with_tmpfs(str(save_dir), "size=576k", argv), env=env, cwd=ROOT, text=True,
-                          capture_output=True, timeout=600)
+    env = subprocess_env(
+        WORLD_SIZE=2,
+        LOCAL_WORLD_SIZE=2,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=free_port(),
+        ERR0=err[0],
+        ERR1=err[1],
+        SAVE=save_dir,
+        KEEP=tmp_path / "kept",
+    )
+    done = subprocess.run(
+        with_tmpfs(str(save_dir), "size=576k", argv), env=env, cwd=ROOT, text=True, capture_output=True, timeout=600
+    )
     texts = [e.read_text() for e in err]
     assert done.stdout.split() == ["2", "2"], done.stdout + done.stderr + texts[0][-3000:] + texts[1][-3000:]
     kept = f"{save_dir}/latest still names step_8"
     for r, text in enumerate(texts):
         warnings = [w for w in _warnings(text) if "checkpoint not saved" in w]  # (a log write may wait too)
         assert [w.split(": no space left")[0] for w in warnings] == [
-            f"warning: rank {r}: checkpoint not saved, step_{s}" for s in (16, 24)], warnings
+            f"warning: rank {r}: checkpoint not saved, step_{s}" for s in (16, 24)
+        ], warnings
         assert all(kept in w and "training goes on" in w for w in warnings), warnings
-        assert [w.split("(")[-1] for w in warnings] == [f"{k} of log.max_failed_saves=3 failures in a row)" for k in (1, 2)]
+        assert [w.split("(")[-1] for w in warnings] == [
+            f"{k} of log.max_failed_saves=3 failures in a row)" for k in (1, 2)
+        ]
         line = _one_line("\n".join(x for x in text.splitlines() if not x.startswith("warning:")))
-        assert line.startswith("megabranch-train: error: 3 checkpoint saves in a row failed (log.max_failed_saves=3),"
-                               " the last of step_30: no space left on the device of ") and kept in line, line
+        assert (
+            line.startswith(
+                "megabranch-train: error: 3 checkpoint saves in a row failed (log.max_failed_saves=3),"
+                " the last of step_30: no space left on the device of "
+            )
+            and kept in line
+        ), line
     # nothing of the failed saves is left, and training went on to the last step with the uninterrupted losses
     kept_dir = str(tmp_path / "kept")
     got = _records(kept_dir)
@@ -539,9 +616,22 @@ def test_scancel_through_torchrun_saves_once_and_gives_the_scheduler_75_without_
     cfg_path, _, _ = reference
     save_dir = str(tmp_path / "run")
     err = tmp_path / "torchrun.err"
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "torchrun_single.sh"), "--config", cfg_path,
-                             "--set", f"log.save_dir={save_dir}", "--device", "cpu"], cwd=ROOT,
-                            env=subprocess_env(GPUS=2), stdout=subprocess.DEVNULL, stderr=open(err, "w"))
+    proc = subprocess.Popen(
+        [
+            "bash",
+            os.path.join(ROOT, "launch", "torchrun_single.sh"),
+            "--config",
+            cfg_path,
+            "--set",
+            f"log.save_dir={save_dir}",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(GPUS=2),
+        stdout=subprocess.DEVNULL,
+        stderr=open(err, "w"),
+    )
     workers = []
     try:
         _when_logged(save_dir, 3, [proc])
@@ -562,8 +652,11 @@ def test_scancel_through_torchrun_saves_once_and_gives_the_scheduler_75_without_
     text = err.read_text()
     assert code == EXIT_REQUEUE and "Traceback" not in text, text[-3000:]
     stopped = [x for x in text.splitlines() if x.startswith("megabranch-train:")]
-    assert len(stopped) == 1 and re.fullmatch(r"megabranch-train: stopped after step (\d+) on SIGTERM: saved a "
-                                              r"checkpoint of it in .*", stopped[0]), stopped
+    assert len(stopped) == 1 and re.fullmatch(
+        r"megabranch-train: stopped after step (\d+) on SIGTERM: saved a "
+        r"checkpoint of it in .*",
+        stopped[0],
+    ), stopped
     assert "# torchrun: all 2 workers saved a checkpoint and stopped: exit code 75" in text
     step = int(re.search(r"after step (\d+)", stopped[0]).group(1))
     assert _latest_step(save_dir) == step == max(_records(save_dir))
@@ -585,8 +678,10 @@ def test_a_lost_connection_reports_the_first_timeout_of_the_job(monkeypatch):
     assert first.startswith("error: rank 2, step 4: no answer from a peer rank within parallel.timeout_s=3 s"), first
     monkeypatch.setenv("RANK", "0")
     then = str(failures.comm_failure_ended(GLOO_CLOSED, "step 4", 3))
-    assert then.startswith("error: rank 0, step 4: lost the connection to a peer rank after the job's first "
-                           "failure (rank 2, step 4: no answer from a peer rank within parallel.timeout_s=3 s"), then
+    assert then.startswith(
+        "error: rank 0, step 4: lost the connection to a peer rank after the job's first "
+        "failure (rank 2, step 4: no answer from a peer rank within parallel.timeout_s=3 s"
+    ), then
     assert then.endswith("[Connection closed by peer [127.0.0.1]:10664]"), then
     # a second timeout does not replace the first
     failures.comm_failure_ended(GLOO_TIMEOUT, "step 9", 3)
@@ -594,8 +689,7 @@ def test_a_lost_connection_reports_the_first_timeout_of_the_job(monkeypatch):
 
 
 @pytest.mark.unit
-def test_a_lost_connection_without_a_shared_cause_blames_the_dead_peer_and_never_waits_on_a_stuck_store(
-        monkeypatch):
+def test_a_lost_connection_without_a_shared_cause_blames_the_dead_peer_and_never_waits_on_a_stuck_store(monkeypatch):
     monkeypatch.setattr(failures, "STORE_WAIT_S", 0.3)
     monkeypatch.setattr(failures, "_default_store", lambda: torch.distributed.HashStore())
     line = str(failures.comm_failure_ended(GLOO_CLOSED, "step 4", 3))
@@ -637,15 +731,30 @@ def test_the_first_timeout_travels_through_the_process_groups_own_store():
 def test_torchrun_restarts_a_killed_worker_and_the_run_finishes_as_if_uninterrupted(reference, tmp_path):
     cfg_path, want, want_valid = reference
     save_dir = str(tmp_path / "run")
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "torchrun_single.sh"), "--config", cfg_path,
-                             "--set", f"log.save_dir={save_dir}", "--device", "cpu"], cwd=ROOT,
-                            env=subprocess_env(GPUS=2, MAX_RESTARTS=1), stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "torchrun.err", "w"))
+    proc = subprocess.Popen(
+        [
+            "bash",
+            os.path.join(ROOT, "launch", "torchrun_single.sh"),
+            "--config",
+            cfg_path,
+            "--set",
+            f"log.save_dir={save_dir}",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(GPUS=2, MAX_RESTARTS=1),
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "torchrun.err", "w"),
+    )
     try:
         _when_logged(save_dir, 10, [proc])  # after the checkpoint of step 8
         workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
-        rank1 = [p for p in workers if b"RANK=1\x00" in open(f"/proc/{p}/environ", "rb").read().replace(
-            b"LOCAL_RANK=1\x00", b"")]
+        rank1 = [
+            p
+            for p in workers
+            if b"RANK=1\x00" in open(f"/proc/{p}/environ", "rb").read().replace(b"LOCAL_RANK=1\x00", b"")
+        ]
         assert len(rank1) == 1, workers
         os.kill(rank1[0], signal.SIGKILL)
         killed_after = max(_records(save_dir))
@@ -658,8 +767,12 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_finishes_as_if_uninterrup
     assert code == 0, f"killed after step {killed_after}: " + err[-3000:]
     # the survivor's one line (in a pipeline message "to rank 1", in a collective "to a peer rank"), no traceback
     line = [x for x in err.splitlines() if x.startswith("megabranch-train:")]
-    assert len(line) == 1 and line[0].startswith("megabranch-train: error: rank 0, ") and "lost the connection" in \
-        line[0] and "Traceback" not in err, line
+    assert (
+        len(line) == 1
+        and line[0].startswith("megabranch-train: error: rank 0, ")
+        and "lost the connection" in line[0]
+        and "Traceback" not in err
+    ), line
     got = _records(save_dir)
     assert sorted(got) == list(range(1, STEPS + 1)), (killed_after, sorted(got))
     bad = [s for s in want if got[s] != want[s]]

@@ -18,15 +18,25 @@ TOOL = [sys.executable, "tools/gpu_check.py", "--cpu-smoke"]
 
 
 def _run(out, *extra) -> tuple[str, dict]:
-    subprocess.run([*TOOL, "--out", str(out), *extra], cwd=ROOT, env=subprocess_env(), check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [*TOOL, "--out", str(out), *extra], cwd=ROOT, env=subprocess_env(), check=True, capture_output=True, timeout=600
+    )
     return (out / "gpu_check.md").read_text(), json.loads((out / "gpu_check.json").read_text())
 
 
 def test_every_part_runs_at_toy_size(tmp_path):
     report, res = _run(tmp_path)
-    parts = ["env", "build", "kernel_tests", "bench_kernels", "bench_train_512", "bench_train_1024", "deep", "decode",
-             "fp16"]
+    parts = [
+        "env",
+        "build",
+        "kernel_tests",
+        "bench_kernels",
+        "bench_train_512",
+        "bench_train_1024",
+        "deep",
+        "decode",
+        "fp16",
+    ]
     assert list(res) == parts
     assert {n: r["status"] for n, r in res.items()} == dict.fromkeys(parts, "ok")
     assert report.startswith("# megabranch GPU check: no GPU (--cpu-smoke), ")

@@ -64,16 +64,29 @@ def test_per_layer_norms_and_update_ratios_equal_a_direct_computation():
             set_step(twin, step)
             ntokens = sum(b["ntokens"] for b in batches)
             for b in batches:
-                loss, _ = label_smoothed_nll_loss(twin(b["src_tokens"], b["prev_output_tokens"]), b["target"],
-                                                  cfg.optim.label_smoothing)
+                loss, _ = label_smoothed_nll_loss(
+                    twin(b["src_tokens"], b["prev_output_tokens"]), b["target"], cfg.optim.label_smoothing
+                )
                 (loss / ntokens).backward()
             grads = {k: p.grad for k, p in canonical_parameters(twin, cfg.model).items()}
             record = _one_step_record(tr, step, batches)
             after = {k: v.detach() for k, v in tr.named_params().items()}
             want_grad, want_ratio = _direct(before, grads, after)
             got_grad, got_ratio = _flat(record["grad_norm"]), _flat(record["update_ratio"])
-            assert set(got_grad) == set(want_grad) == {"encoder.embed", "encoder.0", "encoder.1", "encoder.2",
-                                                       "decoder.embed", "decoder.0", "decoder.1", "decoder.output"}
+            assert (
+                set(got_grad)
+                == set(want_grad)
+                == {
+                    "encoder.embed",
+                    "encoder.0",
+                    "encoder.1",
+                    "encoder.2",
+                    "decoder.embed",
+                    "decoder.0",
+                    "decoder.1",
+                    "decoder.output",
+                }
+            )
             for g, v in want_grad.items():
                 assert got_grad[g] == pytest.approx(v, rel=REL), (step, g)
                 assert got_ratio[g] == pytest.approx(want_ratio[g], rel=REL), (step, g)
@@ -81,8 +94,18 @@ def test_per_layer_norms_and_update_ratios_equal_a_direct_computation():
 
 @pytest.mark.unit
 def test_groups_come_from_the_config_alone():
-    assert group_names(2, 1) == ["encoder.embed", "encoder.0", "encoder.1", "encoder.final_norm", "encoder.other",
-                                 "decoder.embed", "decoder.0", "decoder.final_norm", "decoder.output", "decoder.other"]
+    assert group_names(2, 1) == [
+        "encoder.embed",
+        "encoder.0",
+        "encoder.1",
+        "encoder.final_norm",
+        "encoder.other",
+        "decoder.embed",
+        "decoder.0",
+        "decoder.final_norm",
+        "decoder.output",
+        "decoder.other",
+    ]
     assert group_name("encoder.layers.7.ffn.block.fc1.weight") == "encoder.7"
     assert group_name("decoder.embed.learned_positions.weight") == "decoder.embed"
     assert group_name("decoder.final_norm.weight") == "decoder.final_norm"

@@ -30,20 +30,25 @@ def _package(tmp_path, files: dict[str, str], name: str = "pkg") -> str:
 
 
 def test_a_cycle_through_a_function_local_import_is_reported(tmp_path):
-    report = check_package(_package(tmp_path, {
-        "__init__.py": "",
-        "a.py": "from . import b\n",  # from pkg import submodule
-        "b.py": """\
+    report = check_package(
+        _package(
+            tmp_path,
+            {
+                "__init__.py": "",
+                "a.py": "from . import b\n",  # from pkg import submodule
+                "b.py": """\
             def f():
                 from pkg.a import x
                 return x
             """,
-        # a longer cycle through a subpackage, `..` and `import p.m as m`
-        "x.py": "from .sub import c\n",
-        "sub/__init__.py": "",
-        "sub/c.py": "from ..y import thing\n",
-        "y.py": "import pkg.x as x\n",
-    }))
+                # a longer cycle through a subpackage, `..` and `import p.m as m`
+                "x.py": "from .sub import c\n",
+                "sub/__init__.py": "",
+                "sub/c.py": "from ..y import thing\n",
+                "y.py": "import pkg.x as x\n",
+            },
+        )
+    )
     assert report.cycles == [["pkg.a", "pkg.b", "pkg.a"], ["pkg.sub.c", "pkg.y", "pkg.x", "pkg.sub.c"]]
     msg = report.message("pkg")
     assert "  pkg.a -> pkg.b -> pkg.a\n" in msg and "  pkg.sub.c -> pkg.y -> pkg.x -> pkg.sub.c\n" in msg
@@ -54,25 +59,33 @@ def test_a_cycle_through_a_function_local_import_is_reported(tmp_path):
 
 def test_a_cycle_through_a_package_init_is_reported(tmp_path):
     """`from pkg import name` where name is no submodule reads pkg's __init__, which imports the importer."""
-    report = check_package(_package(tmp_path, {
-        "__init__.py": "from .a import thing\n",
-        "a.py": "from pkg import other\nthing = 1\n",
-        "b.py": "other = 2\n",
-    }))
+    report = check_package(
+        _package(
+            tmp_path,
+            {
+                "__init__.py": "from .a import thing\n",
+                "a.py": "from pkg import other\nthing = 1\n",
+                "b.py": "other = 2\n",
+            },
+        )
+    )
     assert report.cycles == [["pkg", "pkg.a", "pkg"]]
 
 
 def test_private_names_used_across_modules_are_reported(tmp_path):
-    report = check_package(_package(tmp_path, {
-        "__init__.py": "",
-        "a.py": """\
+    report = check_package(
+        _package(
+            tmp_path,
+            {
+                "__init__.py": "",
+                "a.py": """\
             __version__ = "1"
             _helper = 1
 
             def _own():
                 return _helper  # its own private name: fine
             """,
-        "b.py": """\
+                "b.py": """\
             import pkg.a
             from . import a
             from .a import _helper, __version__
@@ -80,11 +93,13 @@ def test_private_names_used_across_modules_are_reported(tmp_path):
 
             v = a._helper + pkg.a._helper + a.__version__ + a._own.__name__.__len__()
             """,
-        "_impl.py": "",
-        "sub/__init__.py": "",
-        "sub/_inner.py": "",
-        "sub/m.py": "from .. import _impl  # a private module of the package this module is in: fine\n",
-    }))
+                "_impl.py": "",
+                "sub/__init__.py": "",
+                "sub/_inner.py": "",
+                "sub/m.py": "from .. import _impl  # a private module of the package this module is in: fine\n",
+            },
+        )
+    )
     assert report.private == [
         "pkg/b.py:3: from .a import _helper, __version__ (pkg.a._helper)",
         "pkg/b.py:4: from .sub import _inner (private submodule pkg.sub._inner)",
@@ -97,9 +112,12 @@ def test_private_names_used_across_modules_are_reported(tmp_path):
 
 
 def test_function_local_imports_outside_the_allowlist_are_reported(tmp_path):
-    report = check_package(_package(tmp_path, {
-        "__init__.py": "",
-        "a.py": """\
+    report = check_package(
+        _package(
+            tmp_path,
+            {
+                "__init__.py": "",
+                "a.py": """\
             import json
 
 
@@ -124,8 +142,10 @@ def test_function_local_imports_outside_the_allowlist_are_reported(tmp_path):
                     import shutil
                     return shutil
             """,
-        "b.py": "X = 1\n",
-    }))
+                "b.py": "X = 1\n",
+            },
+        )
+    )
     assert report.local == [
         "pkg/a.py:12 in load: import yaml",
         "pkg/a.py:13 in load: from torch.utils import data",
@@ -136,11 +156,14 @@ def test_function_local_imports_outside_the_allowlist_are_reported(tmp_path):
 
 
 def test_changes_of_sys_path_and_bare_name_imports_are_reported(tmp_path):
-    report = check_package(_package(tmp_path, {
-        "__init__.py": "",
-        "sub/__init__.py": "",
-        "sub/plan.py": "X = 1\n",
-        "sub/run.py": """\
+    report = check_package(
+        _package(
+            tmp_path,
+            {
+                "__init__.py": "",
+                "sub/__init__.py": "",
+                "sub/plan.py": "X = 1\n",
+                "sub/run.py": """\
             import os
             import site
             import sys
@@ -158,7 +181,9 @@ def test_changes_of_sys_path_and_bare_name_imports_are_reported(tmp_path):
             from .plan import X as Y
             from pkg.sub import plan as also_fine
             """,
-    }))
+            },
+        )
+    )
     assert report.path_changes == [
         "pkg/sub/run.py:5: sys.path.insert(0, os.path.dirname(__file__))",
         "pkg/sub/run.py:6: sys.path.append('..')",
@@ -166,8 +191,10 @@ def test_changes_of_sys_path_and_bare_name_imports_are_reported(tmp_path):
         "pkg/sub/run.py:8: sys.path += ['x']",
         "pkg/sub/run.py:9: site.addsitedir('.')",
     ]
-    assert report.bare == ["pkg/sub/run.py:12: import plan (the module pkg.sub.plan)",
-                           "pkg/sub/run.py:13: from plan import X (the module pkg.sub.plan)"]
+    assert report.bare == [
+        "pkg/sub/run.py:12: import plan (the module pkg.sub.plan)",
+        "pkg/sub/run.py:13: from plan import X (the module pkg.sub.plan)",
+    ]
     assert not report.cycles and not report.private and not report.local and not report.ok
     msg = report.message()
     assert "5 change(s) of sys.path, 2 module(s) imported by a bare name" in msg.splitlines()[0]
@@ -176,28 +203,41 @@ def test_changes_of_sys_path_and_bare_name_imports_are_reported(tmp_path):
 
 def test_a_used_package_is_known_but_not_checked(tmp_path):
     """tools/ uses megabranch/: an edge into it, and its private names, count; its own files are not checked."""
-    lib = _package(tmp_path, {"__init__.py": "", "core.py": "import sys\n\nsys.path.append('x')\n_secret = 1\n"},
-                   name="lib")
-    report = check_package(_package(tmp_path, {
-        "__init__.py": "",
-        "run.py": "import lib.core as core\nfrom lib.core import _secret\n\nv = core._secret\n",
-    }, name="app"), uses=(lib,))
-    assert report.private == ["app/run.py:2: from lib.core import _secret (lib.core._secret)",
-                              "app/run.py:4: core._secret (lib.core._secret)"]
+    lib = _package(
+        tmp_path, {"__init__.py": "", "core.py": "import sys\n\nsys.path.append('x')\n_secret = 1\n"}, name="lib"
+    )
+    report = check_package(
+        _package(
+            tmp_path,
+            {
+                "__init__.py": "",
+                "run.py": "import lib.core as core\nfrom lib.core import _secret\n\nv = core._secret\n",
+            },
+            name="app",
+        ),
+        uses=(lib,),
+    )
+    assert report.private == [
+        "app/run.py:2: from lib.core import _secret (lib.core._secret)",
+        "app/run.py:4: core._secret (lib.core._secret)",
+    ]
     assert set(report.edges) == {("app.run", "lib.core")} and not report.path_changes
 
 
 def test_a_clean_package_passes(tmp_path):
-    report = check_package(_package(tmp_path, {
-        "__init__.py": "from .core import run\n",
-        "core.py": """\
+    report = check_package(
+        _package(
+            tmp_path,
+            {
+                "__init__.py": "from .core import run\n",
+                "core.py": """\
             from .util import helper
 
 
             def run():
                 return helper()
             """,
-        "util.py": """\
+                "util.py": """\
             import os
 
             try:
@@ -215,12 +255,18 @@ def test_a_clean_package_passes(tmp_path):
             def _mine():
                 return 1
             """,
-        "sub/__init__.py": "",
-        "sub/m.py": "from .. import core\nfrom ..util import helper\n",
-    }))
+                "sub/__init__.py": "",
+                "sub/m.py": "from .. import core\nfrom ..util import helper\n",
+            },
+        )
+    )
     assert report.ok, report.message()
-    assert set(report.edges) == {("pkg", "pkg.core"), ("pkg.core", "pkg.util"), ("pkg.sub.m", "pkg.core"),
-                                 ("pkg.sub.m", "pkg.util")}
+    assert set(report.edges) == {
+        ("pkg", "pkg.core"),
+        ("pkg.core", "pkg.util"),
+        ("pkg.sub.m", "pkg.core"),
+        ("pkg.sub.m", "pkg.util"),
+    }
     assert report.message().startswith("import rules broken: 0 import cycle(s), 0 private name(s)")
 
 

@@ -17,7 +17,8 @@ import torch
 
 from megabranch import checkpoint
 from megabranch.config import Config, ModelConfig
-from megabranch.convert import build_single, fixed_batch, main as convert_main, write_layout
+from megabranch.convert import build_single, fixed_batch, write_layout
+from megabranch.convert import main as convert_main
 from megabranch.model import build_model
 from megabranch.vocab import PAD
 
@@ -31,7 +32,7 @@ SPM = os.path.join(os.path.dirname(__file__), "fixtures", "old_main", "data-bin"
 def _torchscale_or_skip():
     try:
         return peers.torchscale()
-    except Exception as e:  # noqa: BLE001 - not installed: `make test` installs the extras
+    except Exception as e:  # not installed: `make test` installs the extras
         pytest.skip(f"torchscale not importable: {e}")
 
 
@@ -56,9 +57,21 @@ def _torchscale_model(residual_args: dict, sinusoidal: bool):
     """A real torchscale EncoderDecoder (default initialisation: non-zero biases) and its state dict."""
     ED, EDC, TE, PE = _torchscale_or_skip()
     torch.manual_seed(3)
-    args = EDC(encoder_embed_dim=D, decoder_embed_dim=D, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
-               encoder_ffn_embed_dim=FFN, decoder_ffn_embed_dim=FFN, encoder_layers=2, decoder_layers=2,
-               vocab_size=V, share_all_embeddings=True, dropout=0.0, activation_fn="relu", **residual_args)
+    args = EDC(
+        encoder_embed_dim=D,
+        decoder_embed_dim=D,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_embed_dim=FFN,
+        decoder_ffn_embed_dim=FFN,
+        encoder_layers=2,
+        decoder_layers=2,
+        vocab_size=V,
+        share_all_embeddings=True,
+        dropout=0.0,
+        activation_fn="relu",
+        **residual_args,
+    )
 
     def positions():
         return peers.fairseq_sinusoidal(D, PAD, 66) if sinusoidal else PE(66, D)
@@ -66,15 +79,26 @@ def _torchscale_model(residual_args: dict, sinusoidal: bool):
     model = ED(args, TE(V, D, PAD), positions(), None, positions()).eval()
     state = model.state_dict()
     if sinusoidal:  # what fairseq 0.12.2's SinusoidalPositionalEmbedding writes (fairseq-fixed no longer does)
-        state.update({"encoder.embed_positions._float_tensor": torch.zeros(1),
-                      "decoder.embed_positions._float_tensor": torch.zeros(1)})
+        state.update(
+            {
+                "encoder.embed_positions._float_tensor": torch.zeros(1),
+                "decoder.embed_positions._float_tensor": torch.zeros(1),
+            }
+        )
     return model, state
 
 
 def _cfg_file(tmp_path, **model) -> str:
     path = tmp_path / "cfg.json"
-    path.write_text(json.dumps({"model": dict(encoder_layers=2, decoder_layers=2, d_model=D, n_heads=HEADS,
-                                              ffn_dim=FFN, dropout=0.0, **model)}))
+    path.write_text(
+        json.dumps(
+            {
+                "model": dict(
+                    encoder_layers=2, decoder_layers=2, d_model=D, n_heads=HEADS, ffn_dim=FFN, dropout=0.0, **model
+                )
+            }
+        )
+    )
     return str(path)
 
 
@@ -87,7 +111,9 @@ def test_torchscale_learned_positions_deepnorm_import_and_export(tmp_path, capsy
     model, _ = _torchscale_model(dict(deepnorm=True), sinusoidal=False)
     src_pt, out, back = str(tmp_path / "ts.pt"), str(tmp_path / "imported"), str(tmp_path / "back.pt")
     torch.save({"model": state}, src_pt)
-    assert convert_main([src_pt, out, "--from", "torchscale", "--config", _cfg_file(tmp_path, residual="deepnorm")]) == 0
+    assert (
+        convert_main([src_pt, out, "--from", "torchscale", "--config", _cfg_file(tmp_path, residual="deepnorm")]) == 0
+    )
     text = capsys.readouterr().out
     assert "model.positions=learned model.position_offset=2 model.max_positions=64 model.embed_scale=1 " in text
     assert len(_checks(text)) == 1 and _checks(text)[0].endswith("OK"), text
@@ -129,8 +155,20 @@ def test_torchscale_fairseq_sinusoids_and_the_embedding_scale(tmp_path, capsys):
     assert _rel(peers.torchscale_logits(model, src, prev, PAD)[keep], _ours(out, src, prev)[keep]) < 1e-5
     # a config that contradicts the source's arguments is refused naming the field
     with pytest.raises(SystemExit) as e:
-        convert_main([src_pt, str(tmp_path / "x"), "--from", "torchscale", "--config", cfg, "--source-args",
-                      source_args, "--set", "model.embed_scale=1.0"])
+        convert_main(
+            [
+                src_pt,
+                str(tmp_path / "x"),
+                "--from",
+                "torchscale",
+                "--config",
+                cfg,
+                "--source-args",
+                source_args,
+                "--set",
+                "model.embed_scale=1.0",
+            ]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "model.embed_scale=1" in err and "no_scale_embedding" in err
     # without its arguments a state dict does not say its scale: torchscale's default (1) is assumed, and said
@@ -147,8 +185,10 @@ def test_torchscale_subln_import_export_and_logits(tmp_path, capsys):
     model, state = _torchscale_model(subln, sinusoidal=False)
     assert any("inner_attn_ln" in k for k in state) and not any("encoder_attn.inner_attn_ln" in k for k in state)
     g = torch.Generator().manual_seed(0)
-    state = {k: v + 0.1 * torch.randn(v.shape, generator=g) if ("ln" in k or "layernorm" in k or "layer_norm" in k)
-             else v for k, v in state.items()}
+    state = {
+        k: v + 0.1 * torch.randn(v.shape, generator=g) if ("ln" in k or "layernorm" in k or "layer_norm" in k) else v
+        for k, v in state.items()
+    }
     model.load_state_dict(state)
     src_pt, out, back = str(tmp_path / "ts.pt"), str(tmp_path / "imported"), str(tmp_path / "back.pt")
     torch.save({"model": state}, src_pt)
@@ -165,12 +205,21 @@ def test_torchscale_subln_import_export_and_logits(tmp_path, capsys):
     ck = checkpoint.load_checkpoint(out)
     mc = ModelConfig(**{**ck["config"]["model"], "residual": "pre_ln"})
     with torch.no_grad():
-        plain = build_single(mc, V, V, {k: v for k, v in ck["model"].items() if "inner_norm" not in k
-                                        and "hidden_norm" not in k})(src, prev)
+        plain = build_single(
+            mc, V, V, {k: v for k, v in ck["model"].items() if "inner_norm" not in k and "hidden_norm" not in k}
+        )(src, prev)
     assert _rel(peers.torchscale_logits(model, src, prev, PAD)[keep], plain[keep]) > 1e-2
     cfg = Config.from_dict({"model": {**json.load(open(_cfg_file(tmp_path, residual="rezero")))["model"]}})
-    made = write_layout(str(tmp_path / "rezero"), cfg, {"vocab_size": V, "tgt_vocab_size": V, "step": 0},
-                        dict(build_model(cfg.model, V, seed=0).named_parameters()), None, 1, 1, 1)
+    made = write_layout(
+        str(tmp_path / "rezero"),
+        cfg,
+        {"vocab_size": V, "tgt_vocab_size": V, "step": 0},
+        dict(build_model(cfg.model, V, seed=0).named_parameters()),
+        None,
+        1,
+        1,
+        1,
+    )
     with pytest.raises(SystemExit) as e:
         convert_main([made, str(tmp_path / "x.pt"), "--to", "torchscale"])
     err = capsys.readouterr().err
@@ -183,13 +232,24 @@ def test_what_torchscale_has_and_megabranch_does_not_is_refused_by_name(tmp_path
     src_pt = str(tmp_path / "ts.pt")
     torch.save(state, src_pt)
     with pytest.raises(SystemExit) as e:
-        convert_main([src_pt, str(tmp_path / "x"), "--from", "torchscale", "--config", _cfg_file(tmp_path, residual="deepnorm")])
+        convert_main(
+            [src_pt, str(tmp_path / "x"), "--from", "torchscale", "--config", _cfg_file(tmp_path, residual="deepnorm")]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "layernorm_embedding" in err
     _, state = _torchscale_model(dict(deepnorm=True), sinusoidal=False)
     torch.save(state, src_pt)
     with pytest.raises(SystemExit) as e:
-        convert_main([src_pt, str(tmp_path / "y"), "--from", "torchscale", "--config", _cfg_file(tmp_path, residual="branchnorm")])
+        convert_main(
+            [
+                src_pt,
+                str(tmp_path / "y"),
+                "--from",
+                "torchscale",
+                "--config",
+                _cfg_file(tmp_path, residual="branchnorm"),
+            ]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and "model.residual=branchnorm" in err
 
@@ -218,11 +278,34 @@ def _fairseq_checkpoint(tmp_path, extra_args=()):
     dic.finalize(padding_factor=8)
     dict_path = str(tmp_path / "dict.txt")
     dic.save(dict_path)
-    args = options.parse_args_and_arch(options.get_training_parser(), [
-        str(tmp_path), "--task", "translation", "--arch", "transformer", "--share-all-embeddings",
-        "--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", str(D), "--decoder-embed-dim", str(D),
-        "--encoder-ffn-embed-dim", str(FFN), "--decoder-ffn-embed-dim", str(FFN), "--encoder-attention-heads",
-        str(HEADS), "--decoder-attention-heads", str(HEADS), *extra_args])
+    args = options.parse_args_and_arch(
+        options.get_training_parser(),
+        [
+            str(tmp_path),
+            "--task",
+            "translation",
+            "--arch",
+            "transformer",
+            "--share-all-embeddings",
+            "--encoder-layers",
+            "2",
+            "--decoder-layers",
+            "2",
+            "--encoder-embed-dim",
+            str(D),
+            "--decoder-embed-dim",
+            str(D),
+            "--encoder-ffn-embed-dim",
+            str(FFN),
+            "--decoder-ffn-embed-dim",
+            str(FFN),
+            "--encoder-attention-heads",
+            str(HEADS),
+            "--decoder-attention-heads",
+            str(HEADS),
+            *extra_args,
+        ],
+    )
     torch.manual_seed(5)
     model = TransformerModel.build_model(args, types.SimpleNamespace(source_dictionary=dic, target_dictionary=dic))
     with torch.no_grad():  # non-zero biases and LayerNorms, so a mis-mapped tensor shows
@@ -232,8 +315,12 @@ def _fairseq_checkpoint(tmp_path, extra_args=()):
     sd = dict(model.state_dict())  # (holds fairseq's encoder.version / decoder.version buffers)
     if "encoder.embed_positions.weight" not in sd:  # fairseq 0.12.2's sinusoids write it (fairseq-fixed does not)
         sd["encoder.embed_positions._float_tensor"] = torch.zeros(1)
-    state = {"args": None, "cfg": OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True,
-                                                         enum_to_str=True), "model": sd, "optimizer_history": []}
+    state = {
+        "args": None,
+        "cfg": OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True, enum_to_str=True),
+        "model": sd,
+        "optimizer_history": [],
+    }
     path = str(tmp_path / "checkpoint_last.pt")
     checkpoint_utils.torch_persistent_save(state, path)
     return model.eval(), dic, dict_path, path, tok
@@ -247,8 +334,12 @@ def test_fairseq_transformer_import_maps_the_dictionary(tmp_path, capsys):
     assert "model.positions=learned model.position_offset=2" in text and f"embed_scale={D**0.5:g}" in text
     assert "model.residual=post_ln" in text and _checks(text)[0].endswith("OK"), text
     # independently: fairseq's forward in its own ids vs megabranch's in sentencepiece ids, columns mapped
-    to_fs = torch.tensor([dic.index(tok.id_to_piece(i)) if i > 3 else (dic.pad(), dic.unk(), dic.bos(), dic.eos())[i]
-                          for i in range(tok.vocab_size)])
+    to_fs = torch.tensor(
+        [
+            dic.index(tok.id_to_piece(i)) if i > 3 else (dic.pad(), dic.unk(), dic.bos(), dic.eos())[i]
+            for i in range(tok.vocab_size)
+        ]
+    )
     assert to_fs[PAD] == 1 and to_fs[2] == 0  # fairseq: <s> 0, <pad> 1; megabranch: pad 0, bos 2
     src, prev = fixed_batch(tok.vocab_size, tok.vocab_size, 64)
     keep = prev.ne(PAD)

@@ -93,8 +93,9 @@ def _reference(x, f, w, b, r, s, dy, mask=None, eps=1e-5):
 
 @pytest.mark.parametrize("H", HIDDEN)
 @pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)], ids=["1row", "5rows", "2x3rows"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
-                                       (torch.float16, 5e-3)], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 5e-3)], ids=["fp32", "bf16", "fp16"]
+)
 def test_matches_eager(cpu_ext, H, lead, dtype, tol):
     x, f, w, b, dy = _inputs((*lead, H), dtype, seed=H + len(lead))
     r, s = torch.tensor(1.7), torch.tensor(0.45)
@@ -219,8 +220,11 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("dx, df", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                    (torch.float32, torch.bfloat16)], ids=["fp32", "bf16", "fp32+bf16"])
+@pytest.mark.parametrize(
+    "dx, df",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+    ids=["fp32", "bf16", "fp32+bf16"],
+)
 def test_fake_tensors_take_the_custom_op_with_the_eager_shapes_and_dtypes(cpu_ext, dx, df):
     """megabranch-train --rehearse runs the model on fake tensors (no storage): the fused path must reach the
     custom op's fake implementation (the eager fast path would hand the kernels no data) and give what the eager
@@ -238,8 +242,9 @@ def test_fake_tensors_take_the_custom_op_with_the_eager_shapes_and_dtypes(cpu_ex
         return [(tuple(t.shape), t.dtype) for t in [y] + [a.grad for a in args]]
 
     def stats(x, w, b):
-        out = torch.ops.megabranch.residual_layernorm_fwd(x, x, w, b, torch.tensor(1.0), torch.tensor(1.0), None,
-                                                          1e-5, 0.0)
+        out = torch.ops.megabranch.residual_layernorm_fwd(
+            x, x, w, b, torch.tensor(1.0), torch.tensor(1.0), None, 1e-5, 0.0
+        )
         return [(tuple(t.shape), t.dtype) for t in out]
 
     want = run(eager_residual_layernorm, inputs())
@@ -258,8 +263,7 @@ def test_opcheck(cpu_ext):
     r, s = torch.tensor(1.2), torch.tensor(0.7)
     seed = torch.tensor(42, dtype=torch.int64)
     for sd, p in [(None, 0.0), (seed, 0.25)]:
-        torch.library.opcheck(torch.ops.megabranch.residual_layernorm_fwd.default,
-                              (x, f, w, b, r, s, sd, 1e-5, p))
+        torch.library.opcheck(torch.ops.megabranch.residual_layernorm_fwd.default, (x, f, w, b, r, s, sd, 1e-5, p))
 
 
 # ------------------------------------------------------------------------------------------
@@ -341,8 +345,7 @@ def test_dropout_mask_matches_reference_and_rate(cpu_ext):
         if rows * H >= 1000:
             assert abs((~kept).float().mean().item() - p) < 0.02
     assert torch.equal(cpu_ext.dropout_mask(seed, 4, 8, 1.0), torch.zeros(4, 8))
-    assert not torch.equal(cpu_ext.dropout_mask(seed, 16, 64, 0.5),
-                           cpu_ext.dropout_mask(seed + 1, 16, 64, 0.5))
+    assert not torch.equal(cpu_ext.dropout_mask(seed, 16, 64, 0.5), cpu_ext.dropout_mask(seed + 1, 16, 64, 0.5))
 
 
 def test_dropout_reproducible_from_manual_seed(cpu_ext):
@@ -376,8 +379,7 @@ def test_dropout_forward_backward_use_seeded_mask(cpu_ext, p):
     y = residual_layernorm(x, f, w, b, r, s, dropout_p=p, training=True)
     got = (y, *_grads(y, (x, f, w, b), dy))
     mask = philox_keep_multiplier(int(seed), 40, 33, p)
-    for name, a, e in zip(["y", "dx", "df", "dgamma", "dbeta"], got,
-                          _reference(x, f, w, b, r, s, dy, mask=mask)):
+    for name, a, e in zip(["y", "dx", "df", "dgamma", "dbeta"], got, _reference(x, f, w, b, r, s, dy, mask=mask)):
         assert _rel(a, e) < 1e-5, name
     if p < 1.0:  # the mask really drops about p of the branch
         assert abs((mask == 0).float().mean().item() - p) < 0.06
@@ -479,8 +481,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 @needs_cuda
 @pytest.mark.parametrize("H", HIDDEN + [1024, 1536, 4096, 8192, 12288])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
-                                       (torch.float16, 5e-3)], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 5e-3)], ids=["fp32", "bf16", "fp16"]
+)
 def test_cuda_matches_eager(H, dtype, tol):
     if backend("cuda") != "cuda-ext":
         pytest.skip(f"CUDA extension unavailable: {fallback_reason('cuda')}")
@@ -489,8 +492,7 @@ def test_cuda_matches_eager(H, dtype, tol):
     s = torch.tensor(0.45, device="cuda")
     y = residual_layernorm(x, f, w, b, r, s)
     got = (y, *_grads(y, (x, f, w, b), dy))
-    for name, a, e in zip(["y", "dx", "df", "dgamma", "dbeta"], got,
-                          _reference(x, f, w, b, r, s, dy)):
+    for name, a, e in zip(["y", "dx", "df", "dgamma", "dbeta"], got, _reference(x, f, w, b, r, s, dy)):
         assert _rel(a, e) < tol, (name, _rel(a, e))
 
 
@@ -537,8 +539,16 @@ def test_cuda_model_fused_kernels_select_the_cuda_extension(monkeypatch):
     monkeypatch.setattr(loader, "loaded", lambda dev: Counting(real(dev)) if dev == "cuda" else real(dev))
     outs = []
     for fused in (False, True):
-        cfg = ModelConfig(encoder_layers=2, decoder_layers=2, d_model=64, n_heads=4, ffn_dim=128, dropout=0.0,
-                          residual="deepnorm", fused_kernels=fused)
+        cfg = ModelConfig(
+            encoder_layers=2,
+            decoder_layers=2,
+            d_model=64,
+            n_heads=4,
+            ffn_dim=128,
+            dropout=0.0,
+            residual="deepnorm",
+            fused_kernels=fused,
+        )
         model = build_model(cfg, 50, seed=3).cuda()
         src = torch.randint(4, 50, (3, 9), generator=torch.Generator().manual_seed(0)).cuda()
         logits = model(src, src)
@@ -593,8 +603,7 @@ def test_cuda_compile_check_catches_errors(cuda_check, tmp_path):
     assert anchor in source
     bad = tmp_path / "residual_ln_cuda_injected.cu"
     bad.write_text(source.replace(anchor, "const float r = p.r;  // injected type error", 1))
-    res = cuda_check.check_cuda_compile(archs=("8.0",), sources=[str(bad)], binding=False,
-                                        cache=False)
+    res = cuda_check.check_cuda_compile(archs=("8.0",), sources=[str(bad)], binding=False, cache=False)
     assert not res.ok and not res.skipped
     assert "error" in "\n".join(res.logs)
 

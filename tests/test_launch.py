@@ -31,15 +31,28 @@ SUGGESTED = {6: 8, 18: 8, 50: 8, 100: 8, 250: 16, 500: 32}
 
 
 def _bash(script: str, args: list[str], timeout: int = 120, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], cwd=ROOT, env=subprocess_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", os.path.join(LAUNCH, script), *args],
+        cwd=ROOT,
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.unit
 def test_every_script_parses():
-    assert {os.path.basename(s) for s in SCRIPTS} >= {"torchrun_single.sh", "torchrun_multi.sh", "slurm.sbatch",
-                                                      "deepspeed_launcher.sh", "common.sh", "torchrun_check.sh",
-                                                      "prepare_wmt17_en_de.sh", "prepare_wmt14_en_fr.sh"}
+    assert {os.path.basename(s) for s in SCRIPTS} >= {
+        "torchrun_single.sh",
+        "torchrun_multi.sh",
+        "slurm.sbatch",
+        "deepspeed_launcher.sh",
+        "common.sh",
+        "torchrun_check.sh",
+        "prepare_wmt17_en_de.sh",
+        "prepare_wmt14_en_fr.sh",
+    }
     for script in SCRIPTS:
         r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
         assert r.returncode == 0, f"{script}: {r.stderr}"
@@ -80,8 +93,10 @@ def test_every_config_passes_dry_run(path, capsys):
     assert f"{n}L-{n}L d=512" in out and "stage layout:" in out and "peak MB" in out
     cfg = load_config(path)
     pp, dp = cfg.parallel.pp, SUGGESTED[n] // cfg.parallel.pp
-    assert f"effective batch: max_tokens {cfg.data.max_tokens} x update_freq {cfg.optim.update_freq} x dp {dp} = " \
-           f"131,072 tokens per step" in out  # the same batch at every depth
+    assert (
+        f"effective batch: max_tokens {cfg.data.max_tokens} x update_freq {cfg.optim.update_freq} x dp {dp} = "
+        f"131,072 tokens per step" in out
+    )  # the same batch at every depth
     # the recipe's own settings: a simulated bubble <= 10%, within an 80 GB GPU (planning.USABLE of it)
     line = next(x for x in out.splitlines() if x.startswith("simulated bubble: "))
     bubble = float(line.split()[2].rstrip("%"))
@@ -106,8 +121,24 @@ def test_every_deepspeed_config_passes_dry_run(ds, capsys):
     from megabranch.train import main
 
     path = os.path.join(LAUNCH, "configs", "base_50L-50L.yaml")  # one GPU holds it; split over 2 stages here
-    assert main(["--config", path, "--set", "parallel.pp=2", "--dry-run", "--world-size", "8", "--backend",
-                 "deepspeed", "--deepspeed_config", ds]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                path,
+                "--set",
+                "parallel.pp=2",
+                "--dry-run",
+                "--world-size",
+                "8",
+                "--backend",
+                "deepspeed",
+                "--deepspeed_config",
+                ds,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # the cost-model split E0-49,D0-9 | D10-49 as LayerSpec indices: 1 + 50 + 1 + 10 = 62; 50 + 50 + 3 = 103
     assert "stage layout: E0-49,D0-9|D10-49" in out and "deepspeed layer parts: [0, 62, 103]" in out
@@ -115,11 +146,19 @@ def test_every_deepspeed_config_passes_dry_run(ds, capsys):
 
 @pytest.mark.unit
 def test_dry_run_numbers_against_the_model(capsys):
-    from megabranch.model import build_model, count_parameters
     from megabranch.dry_run import dry_run
+    from megabranch.model import build_model, count_parameters
 
-    cfg = load_config(None, ["parallel.pp=2", "parallel.layout=E0-2|D0-2", "data.max_tokens=300",
-                             "optim.update_freq=3", "data.data_dir=/nonexistent"])
+    cfg = load_config(
+        None,
+        [
+            "parallel.pp=2",
+            "parallel.layout=E0-2|D0-2",
+            "data.max_tokens=300",
+            "optim.update_freq=3",
+            "data.data_dir=/nonexistent",
+        ],
+    )
     cfg.model = tiny_model_cfg(encoder_layers=3, decoder_layers=3)
     info = dry_run(cfg, world_size=6, vocab=48)
     assert info["parameters"] == count_parameters(build_model(cfg.model, 48, seed=1))
@@ -142,16 +181,29 @@ def test_scripts_print_the_layout_and_command(tmp_path):
     r = _bash("torchrun_single.sh", ["--config", cfg], GPUS=8, DRY_RUN=1)
     assert r.returncode == 0, r.stderr
     assert "world size 8 = tp 1 x pp 2 x dp 4" in r.stdout and "--standalone --nproc_per_node 8" in r.stdout
-    r = _bash("torchrun_multi.sh", ["--config", cfg], MASTER_ADDR="node0", MASTER_PORT=29500, NNODES=2, NODE_RANK=1,
-              GPUS_PER_NODE=4, DRY_RUN=1)
+    r = _bash(
+        "torchrun_multi.sh",
+        ["--config", cfg],
+        MASTER_ADDR="node0",
+        MASTER_PORT=29500,
+        NNODES=2,
+        NODE_RANK=1,
+        GPUS_PER_NODE=4,
+        DRY_RUN=1,
+    )
     assert r.returncode == 0, r.stderr
     assert "world size 8" in r.stdout and "--nnodes 2 --node_rank 1 --nproc_per_node 4" in r.stdout
     assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 300" in r.stdout
     assert r.stdout.rstrip().endswith("--resume auto")
     r = _bash("torchrun_single.sh", ["--config", cfg, "--resume", "runs/x/step_4"], GPUS=2, DRY_RUN=1)
     assert r.stdout.rstrip().endswith("--resume runs/x/step_4")  # an explicit --resume is kept as it is
-    r = _bash("deepspeed_launcher.sh", ["--config", cfg], HOSTFILE=os.path.join(LAUNCH, "hostfile.example"),
-              DS_CONFIG=os.path.join(LAUNCH, "configs", "ds_bf16_zero1.json"), DRY_RUN=1)
+    r = _bash(
+        "deepspeed_launcher.sh",
+        ["--config", cfg],
+        HOSTFILE=os.path.join(LAUNCH, "hostfile.example"),
+        DS_CONFIG=os.path.join(LAUNCH, "configs", "ds_bf16_zero1.json"),
+        DRY_RUN=1,
+    )
     assert r.returncode == 0, r.stderr
     assert "world size 16 = tp 1 x pp 2 x dp 8" in r.stdout and "deepspeed layer parts" in r.stdout
     assert "--hostfile" in r.stdout and "--module megabranch.train --backend deepspeed" in r.stdout
@@ -161,8 +213,14 @@ def test_scripts_print_the_layout_and_command(tmp_path):
     stub.mkdir()
     (stub / "scontrol").write_text("#!/bin/sh\necho gpu-node-7\necho gpu-node-8\n")
     (stub / "scontrol").chmod(0o755)
-    slurm = dict(SLURM_JOB_NODELIST="gpu-node-[7-8]", SLURM_JOB_NUM_NODES=2, SLURM_GPUS_ON_NODE=4, SLURM_JOB_ID=42,
-                 SLURM_SUBMIT_DIR=ROOT, PATH=f"{stub}:{os.environ['PATH']}")
+    slurm = dict(
+        SLURM_JOB_NODELIST="gpu-node-[7-8]",
+        SLURM_JOB_NUM_NODES=2,
+        SLURM_GPUS_ON_NODE=4,
+        SLURM_JOB_ID=42,
+        SLURM_SUBMIT_DIR=ROOT,
+        PATH=f"{stub}:{os.environ['PATH']}",
+    )
     r = _bash("slurm.sbatch", ["--config", cfg], DRY_RUN=1, **slurm)
     assert r.returncode == 0, r.stderr
     assert "world size 8" in r.stdout and "srun" in r.stdout and "gpu-node-7:20042" in r.stderr
@@ -178,19 +236,35 @@ def test_slurm_script_passes_usr1_on_and_requeues_the_job(tmp_path, sig):
     cfg.write_text(tiny_pp2_yaml("/nonexistent"))
     calls, stub = tmp_path / "calls", tmp_path / "bin"
     stub.mkdir()
-    (stub / "scontrol").write_text(f'#!/bin/sh\nif [ "$1" = show ]; then echo node-1; else echo "scontrol $*" >> {calls}; fi\n')
+    (stub / "scontrol").write_text(
+        f'#!/bin/sh\nif [ "$1" = show ]; then echo node-1; else echo "scontrol $*" >> {calls}; fi\n'
+    )
     # a job step that runs until it gets USR1 or TERM, then saves and exits 75 as megabranch-train does
-    (stub / "srun").write_text(f'#!/bin/bash\nfor s in USR1 TERM; do trap "echo srun: $s >> {calls}; kill \\$S; exit 75" $s; done\n'
-                               f'sleep 120 & S=$!\necho "srun: started" >> {calls}\nwait $S\n')
+    (stub / "srun").write_text(
+        f'#!/bin/bash\nfor s in USR1 TERM; do trap "echo srun: $s >> {calls}; kill \\$S; exit 75" $s; done\n'
+        f'sleep 120 & S=$!\necho "srun: started" >> {calls}\nwait $S\n'
+    )
     for f in ("scontrol", "srun"):
         (stub / f).chmod(0o755)
     with open(os.path.join(LAUNCH, "slurm.sbatch")) as fh:
         head = fh.read()
     assert "#SBATCH --signal=B:USR1@300" in head and "#SBATCH --requeue" in head
-    env = subprocess_env(SLURM_JOB_NODELIST="node-1", SLURM_JOB_NUM_NODES=1, SLURM_GPUS_ON_NODE=2, SLURM_JOB_ID=42,
-                         SLURM_SUBMIT_DIR=ROOT, PATH=f"{stub}:{os.environ['PATH']}")
-    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--config", str(cfg)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = subprocess_env(
+        SLURM_JOB_NODELIST="node-1",
+        SLURM_JOB_NUM_NODES=1,
+        SLURM_GPUS_ON_NODE=2,
+        SLURM_JOB_ID=42,
+        SLURM_SUBMIT_DIR=ROOT,
+        PATH=f"{stub}:{os.environ['PATH']}",
+    )
+    proc = subprocess.Popen(
+        ["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--config", str(cfg)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not (calls.exists() and "srun: started" in calls.read_text()):
@@ -216,8 +290,9 @@ def test_scripts_refuse_a_layout_that_does_not_fit(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("torchrun_single.sh: error: the parallel layout does not fit 3 processes: world size 3")
     assert "Traceback" not in r.stderr
-    r = _bash("torchrun_multi.sh", ["--config", cfg], MASTER_ADDR="n0", MASTER_PORT=1, NNODES=3, NODE_RANK=0,
-              GPUS_PER_NODE=1)
+    r = _bash(
+        "torchrun_multi.sh", ["--config", cfg], MASTER_ADDR="n0", MASTER_PORT=1, NNODES=3, NODE_RANK=0, GPUS_PER_NODE=1
+    )
     assert r.returncode == 2 and "does not fit 3 processes" in r.stderr
     r = _bash("torchrun_multi.sh", ["--config", cfg], MASTER_PORT=1, NNODES=3, NODE_RANK=0)
     assert r.returncode == 2 and "MASTER_ADDR is not set" in r.stderr
@@ -237,7 +312,9 @@ def test_torchrun_single_node_script_trains_two_steps(tiny_corpus, tmp_path):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("script,pair", [("prepare_wmt17_en_de.sh", ("en", "de")), ("prepare_wmt14_en_fr.sh", ("en", "fr"))])
+@pytest.mark.parametrize(
+    "script,pair", [("prepare_wmt17_en_de.sh", ("en", "de")), ("prepare_wmt14_en_fr.sh", ("en", "fr"))]
+)
 def test_preprocessing_recipes_run_on_tiny_text(tmp_path, script, pair):
     raw = tmp_path / "raw"
     write_corpus(raw, 120, 10, pair, lo=2, hi=8)

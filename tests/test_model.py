@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from megabranch.model import build_model, label_smoothed_nll_loss
-from megabranch.model import initial_value
+from megabranch.model import build_model, initial_value, label_smoothed_nll_loss
 from tests.helpers.configs import tiny_model_cfg
 
 pytestmark = pytest.mark.unit
@@ -30,7 +29,9 @@ def test_shared_embeddings_and_pad_row():
     assert model.encoder.embed.table is model.decoder.embed.table
     assert model.decoder.output.weight is None and model.decoder.output.tied_to is model.encoder.embed.table
     assert torch.count_nonzero(model.encoder.embed.table.weight[0]) == 0
-    sep = build_model(tiny_model_cfg(share_all_embeddings=False, share_decoder_input_output_embed=False), 50, 60, seed=1)
+    sep = build_model(
+        tiny_model_cfg(share_all_embeddings=False, share_decoder_input_output_embed=False), 50, 60, seed=1
+    )
     assert sep.encoder.embed.table is not sep.decoder.embed.table and sep.decoder.output.weight.shape == (60, 32)
 
 

@@ -8,9 +8,8 @@ import pytest
 import sacrebleu
 import torch
 
-from megabranch.data import EpochBatchIterator, Tokenizer, train_sentencepiece
+from megabranch.data import EpochBatchIterator, Tokenizer, load_split, train_sentencepiece
 from megabranch.data.multilingual import MultilingualDataset, temperature_probs
-from megabranch.data import load_split
 from megabranch.data.preprocess import main as preprocess_main
 from megabranch.errors import UserError
 from megabranch.model import build_model_from
@@ -51,8 +50,23 @@ def corpus(tmp_path_factory):
     names = ",".join(SIZES)
     prefixes = {split: ",".join(str(root / split / name) for name in SIZES) for split in ("train", "valid")}
     dest = root / "bin"
-    assert preprocess_main(["--pairs", names, "--trainpref", prefixes["train"], "--validpref", prefixes["valid"],
-                            "--destdir", str(dest), "--vocab-size", "40"]) == 0
+    assert (
+        preprocess_main(
+            [
+                "--pairs",
+                names,
+                "--trainpref",
+                prefixes["train"],
+                "--validpref",
+                prefixes["valid"],
+                "--destdir",
+                str(dest),
+                "--vocab-size",
+                "40",
+            ]
+        )
+        == 0
+    )
     return root, dest, text
 
 
@@ -71,9 +85,11 @@ def _one_line_error(capsys, argv, needle):
 def test_tags_are_pieces_and_lead_every_source(corpus):
     root, dest, text = corpus
     meta = json.loads((dest / "meta.json").read_text())
-    assert meta["directions"] == [{"source_lang": "aa", "target_lang": "bb", "tag": "<2bb>"},
-                                  {"source_lang": "bb", "target_lang": "aa", "tag": "<2aa>"},
-                                  {"source_lang": "aa", "target_lang": "cc", "tag": "<2cc>"}]
+    assert meta["directions"] == [
+        {"source_lang": "aa", "target_lang": "bb", "tag": "<2bb>"},
+        {"source_lang": "bb", "target_lang": "aa", "tag": "<2aa>"},
+        {"source_lang": "aa", "target_lang": "cc", "tag": "<2cc>"},
+    ]
     train = load_split(dest, "train")
     ds, tok, tok_t = train.dataset, train.src_tok, train.tgt_tok
     assert tok is tok_t and ds.directions == list(SIZES) and len(ds) == sum(SIZES.values())
@@ -106,10 +122,24 @@ def test_single_pair_directories_are_unchanged(corpus, tmp_path):
     """-s/-t writes the same meta.json shape with one untagged direction and loads a plain LanguagePairDataset."""
     root, _, _ = corpus
     dest = tmp_path / "single"
-    preprocess_main(["-s", "aa", "-t", "bb", "--trainpref", str(root / "train" / "aa-bb"), "--destdir", str(dest),
-                     "--vocab-size", "40"])
+    preprocess_main(
+        [
+            "-s",
+            "aa",
+            "-t",
+            "bb",
+            "--trainpref",
+            str(root / "train" / "aa-bb"),
+            "--destdir",
+            str(dest),
+            "--vocab-size",
+            "40",
+        ]
+    )
     meta = json.loads((dest / "meta.json").read_text())
-    assert meta["directions"] == [{"source_lang": "aa", "target_lang": "bb"}] and list(meta["splits"]["train"]) == ["aa-bb"]
+    assert meta["directions"] == [{"source_lang": "aa", "target_lang": "bb"}] and list(meta["splits"]["train"]) == [
+        "aa-bb"
+    ]
     ds = load_split(dest, "train", sampling_temperature=5.0).dataset  # ignored for one pair
     assert type(ds).__name__ == "LanguagePairDataset" and ds.src_prefix is None
     assert EpochBatchIterator(ds, 100).batches_for_epoch(1)[0].dtype == np.int64
@@ -219,11 +249,27 @@ def test_train_then_generate_reports_every_direction(corpus, tmp_path, capsys):
 
     _, dest, text = corpus
     save = tmp_path / "run"
-    cfg = load_config(None, [
-        f"data.data_dir={dest}", "data.max_tokens=200", "data.sampling_temperature=5", f"log.save_dir={save}",
-        "model.encoder_layers=1", "model.decoder_layers=1", "model.d_model=16", "model.n_heads=2",
-        "model.ffn_dim=32", "model.max_positions=64", "optim.max_updates=2", "optim.warmup_updates=1",
-        "log.valid_interval=2", "log.bleu_sentences=3", "log.tensorboard=false", "log.progress=none"])
+    cfg = load_config(
+        None,
+        [
+            f"data.data_dir={dest}",
+            "data.max_tokens=200",
+            "data.sampling_temperature=5",
+            f"log.save_dir={save}",
+            "model.encoder_layers=1",
+            "model.decoder_layers=1",
+            "model.d_model=16",
+            "model.n_heads=2",
+            "model.ffn_dim=32",
+            "model.max_positions=64",
+            "optim.max_updates=2",
+            "optim.warmup_updates=1",
+            "log.valid_interval=2",
+            "log.bleu_sentences=3",
+            "log.tensorboard=false",
+            "log.progress=none",
+        ],
+    )
     import megabranch.train as train_module
 
     temperatures = []
@@ -252,8 +298,12 @@ def test_train_then_generate_reports_every_direction(corpus, tmp_path, capsys):
     assert {k: valid[f"bleu_{k}"] for k in SIZES} == {k: round(v, 2) for k, v in want.items()}
     assert valid["bleu"] == round(avg, 2)
     out_file = tmp_path / "hyps.txt"
-    assert generate_main(["--checkpoint", str(save), "--split", "valid", "--beam", "1", "--output", str(out_file),
-                          "--copy-baseline"]) == 0
+    assert (
+        generate_main(
+            ["--checkpoint", str(save), "--split", "valid", "--beam", "1", "--output", str(out_file), "--copy-baseline"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     hyps = out_file.read_text(encoding="utf-8").split("\n")[:-1]
     scores, start = {}, 0
@@ -261,7 +311,7 @@ def test_train_then_generate_reports_every_direction(corpus, tmp_path, capsys):
         src, tgt = text["valid", name]
         line = next(x for x in out.splitlines() if x.startswith(f"{name} BLEU = "))
         printed = float(line.split()[3])
-        assert printed == pytest.approx(sacrebleu.corpus_bleu(hyps[start:start + len(tgt)], [tgt]).score, abs=0.005)
+        assert printed == pytest.approx(sacrebleu.corpus_bleu(hyps[start : start + len(tgt)], [tgt]).score, abs=0.005)
         copy = next(x for x in out.splitlines() if x.startswith(f"{name} copy-the-source baseline BLEU = "))
         assert float(copy.split()[-1]) == pytest.approx(sacrebleu.corpus_bleu(src, [tgt]).score, abs=0.005)
         scores[name] = printed
@@ -279,25 +329,43 @@ def test_bad_input_is_one_line_and_exit_2(corpus, tmp_path, capsys):
     train = root / "train"
     base = ["--destdir", str(tmp_path / "o"), "--vocab-size", "40"]
     # a pair whose files are missing
-    _one_line_error(capsys, ["--pairs", "aa-bb,aa-dd", "--trainpref", f"{train / 'aa-bb'},{train / 'aa-dd'}", *base],
-                    "aa-dd.aa: input file not found")
+    _one_line_error(
+        capsys,
+        ["--pairs", "aa-bb,aa-dd", "--trainpref", f"{train / 'aa-bb'},{train / 'aa-dd'}", *base],
+        "aa-dd.aa: input file not found",
+    )
     # misaligned files
     (tmp_path / "mis.aa").write_text("ka ko\nki ku\nsun\n")
     (tmp_path / "mis.dd").write_text("ka ko\nki ku\n")
-    _one_line_error(capsys, ["--pairs", "aa-bb,aa-dd", "--trainpref", f"{train / 'aa-bb'},{tmp_path / 'mis'}", *base],
-                    "mis.aa has 3 lines but")
+    _one_line_error(
+        capsys,
+        ["--pairs", "aa-bb,aa-dd", "--trainpref", f"{train / 'aa-bb'},{tmp_path / 'mis'}", *base],
+        "mis.aa has 3 lines but",
+    )
     # prefixes that do not match the pairs, malformed pairs, -s/-t mixed with --pairs, a per-language vocabulary
-    _one_line_error(capsys, ["--pairs", "aa-bb,bb-aa,aa-cc", "--trainpref", f"{train / 'aa-bb'},{train / 'bb-aa'}",
-                             *base], "2 prefixes for 3 pairs")
+    _one_line_error(
+        capsys,
+        ["--pairs", "aa-bb,bb-aa,aa-cc", "--trainpref", f"{train / 'aa-bb'},{train / 'bb-aa'}", *base],
+        "2 prefixes for 3 pairs",
+    )
     _one_line_error(capsys, ["--pairs", "aa-aa", "--trainpref", str(train / "aa-bb"), *base], "'aa-aa' is not SRC-TGT")
-    _one_line_error(capsys, ["--pairs", "aa-bb", "-s", "aa", "--trainpref", str(train / "aa-bb"), *base],
-                    "--pairs replaces --source-lang")
-    _one_line_error(capsys, ["--pairs", "aa-bb", "--no-joint", "--trainpref", str(train / "aa-bb"), *base],
-                    "one joint sentencepiece model")
+    _one_line_error(
+        capsys,
+        ["--pairs", "aa-bb", "-s", "aa", "--trainpref", str(train / "aa-bb"), *base],
+        "--pairs replaces --source-lang",
+    )
+    _one_line_error(
+        capsys,
+        ["--pairs", "aa-bb", "--no-joint", "--trainpref", str(train / "aa-bb"), *base],
+        "one joint sentencepiece model",
+    )
     # a language tag the vocabulary lacks: a given model trained without tags
     plain = train_sentencepiece([train / "aa-bb.aa", train / "aa-bb.bb"], tmp_path / "plain", 40)
-    _one_line_error(capsys, ["--pairs", "aa-bb", "--trainpref", str(train / "aa-bb"), "--spm-model", str(plain), *base],
-                    "the language tag <2bb> is not in its vocabulary")
+    _one_line_error(
+        capsys,
+        ["--pairs", "aa-bb", "--trainpref", str(train / "aa-bb"), "--spm-model", str(plain), *base],
+        "the language tag <2bb> is not in its vocabulary",
+    )
     # ... and a directory whose meta.json names a tag that is not there
     meta = json.loads((dest / "meta.json").read_text())
     broken = tmp_path / "broken"

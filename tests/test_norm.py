@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from megabranch.config import load_config
-from megabranch.model import build_model
-from megabranch.model import norm
+from megabranch.model import build_model, norm
 
 pytestmark = pytest.mark.unit
 
@@ -36,7 +35,9 @@ def _install_apex(monkeypatch, with_cuda_ext=True, with_normalization=True):
         monkeypatch.setitem(sys.modules, "apex.normalization", normalization)
     else:  # the unrelated PyPI package called "apex"
         monkeypatch.setitem(sys.modules, "apex.normalization", None)
-    monkeypatch.setitem(sys.modules, "fused_layer_norm_cuda", types.ModuleType("fused_layer_norm_cuda") if with_cuda_ext else None)
+    monkeypatch.setitem(
+        sys.modules, "fused_layer_norm_cuda", types.ModuleType("fused_layer_norm_cuda") if with_cuda_ext else None
+    )
     norm.apex_fused_layer_norm.cache_clear()
 
 
@@ -48,8 +49,18 @@ def _fresh_cache():
 
 
 def _model(residual):
-    cfg = load_config(None, [f"model.residual={residual}", "model.d_model=16", "model.n_heads=2", "model.ffn_dim=32",
-                             "model.encoder_layers=2", "model.decoder_layers=2", "model.dropout=0.0"])
+    cfg = load_config(
+        None,
+        [
+            f"model.residual={residual}",
+            "model.d_model=16",
+            "model.n_heads=2",
+            "model.ffn_dim=32",
+            "model.encoder_layers=2",
+            "model.decoder_layers=2",
+            "model.dropout=0.0",
+        ],
+    )
     return build_model(cfg.model, 50, seed=3)
 
 

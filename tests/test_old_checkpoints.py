@@ -41,13 +41,29 @@ def copy(tmp_path_factory):
     return dst
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.unit if LAYOUTS[n][0] == 1 else pytest.mark.distributed)
-                                  for n in sorted(LAYOUTS)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.unit if LAYOUTS[n][0] == 1 else pytest.mark.distributed)
+        for n in sorted(LAYOUTS)
+    ],
+)
 def test_old_checkpoint_resumes_with_the_old_codes_losses(copy, name):
     nproc, sets = LAYOUTS[name]
     save = copy / name
-    launch = [sys.executable, "-m", "megabranch.train"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "megabranch.train"]
+    launch = (
+        [sys.executable, "-m", "megabranch.train"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "megabranch.train",
+        ]
+    )
     args = ["--config", str(copy / "cfg.yaml"), "--set", f"log.save_dir={save}", "--resume"]
     for s in sets:
         args += ["--set", s]
@@ -97,7 +113,9 @@ def test_old_checkpoint_valid_loss_is_reproduced(copy):
 
     ck = checkpoint.load_checkpoint(os.path.join(FIXTURE, "single"))
     cfg = Config.from_dict(ck["config"])
-    model = build_model_from(cfg.model, ck["vocab_size"], ck["tgt_vocab_size"], ck["model"], ck["step"], "fixture").eval()
+    model = build_model_from(
+        cfg.model, ck["vocab_size"], ck["tgt_vocab_size"], ck["model"], ck["step"], "fixture"
+    ).eval()
     valid = load_split(str(copy / "data-bin"), "valid").dataset
     loss = ntok = 0.0
     with torch.no_grad():

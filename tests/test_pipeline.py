@@ -15,10 +15,10 @@ from megabranch import memory_plan
 from megabranch.config import Config
 from megabranch.errors import UserError
 from megabranch.model.span import Carried
-from megabranch.planning.cost_model import CostModel
 from megabranch.parallel.layout import Layout, parse_layout
-from megabranch.planning.partition import balanced_bounds, imbalance, plan_layout
 from megabranch.parallel.schedules import check_schedule, schedule_actions, simulate
+from megabranch.planning.cost_model import CostModel
+from megabranch.planning.partition import balanced_bounds, imbalance, plan_layout
 from tests.helpers.configs import VOCAB, make_cfg, tiny_model_cfg
 from tests.helpers.dist import run_workers
 from tests.helpers.reference import (
@@ -31,6 +31,7 @@ from tests.helpers.reference import (
 )
 
 # --- layout strings --------------------------------------------------------------------------------------
+
 
 @pytest.mark.unit
 def test_layout_string_round_trip_and_placement():
@@ -49,16 +50,19 @@ def test_layout_string_round_trip_and_placement():
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("text, needle", [
-    ("E0-3|E4-5,D0-5", "has 2 stages but parallel.pp * parallel.vpp = 2 * 2 = 4"),
-    ("E0-3||E4-5,D0|D1-5", "stage 1 is empty"),
-    ("E0-3|E4-5,D0|X1|D2-5", "cannot read 'X1'"),
-    ("E0-3|E4-6,D0|D1|D2-5", "past the model's last E layer"),
-    ("E0-2|E4-5,D0|D1|D2-5", "has E4-5 where E3 comes next"),
-    ("E0-3|D0,E4-5|D1|D2-5", "where E4 comes next"),
-    ("E0-3|E4-5,D0|D1|D2-4", "stops before D5"),
-    ("E0-3|E5-4,D0|D1|D2-5", "runs backwards"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("E0-3|E4-5,D0-5", "has 2 stages but parallel.pp * parallel.vpp = 2 * 2 = 4"),
+        ("E0-3||E4-5,D0|D1-5", "stage 1 is empty"),
+        ("E0-3|E4-5,D0|X1|D2-5", "cannot read 'X1'"),
+        ("E0-3|E4-6,D0|D1|D2-5", "past the model's last E layer"),
+        ("E0-2|E4-5,D0|D1|D2-5", "has E4-5 where E3 comes next"),
+        ("E0-3|D0,E4-5|D1|D2-5", "where E4 comes next"),
+        ("E0-3|E4-5,D0|D1|D2-4", "stops before D5"),
+        ("E0-3|E5-4,D0|D1|D2-5", "runs backwards"),
+    ],
+)
 def test_layout_string_errors_are_one_line(text, needle):
     with pytest.raises(UserError) as e:
         parse_layout(text, 6, 6, pp=2, vpp=2)
@@ -67,6 +71,7 @@ def test_layout_string_errors_are_one_line(text, needle):
 
 
 # --- cost model and split --------------------------------------------------------------------------------
+
 
 def _brute_force(costs, k):
     """(min over splits of the heaviest chunk, then max of the lightest) by enumerating every split."""
@@ -102,6 +107,7 @@ def test_cost_model_counts_cross_attention_embeddings_and_output():
     d, f = 64, 256
     assert enc.params == 4 * d * d + 4 * d + 2 * d + 2 * d * f + f + d + 2 * d  # attn + LN, ffn + LN: nn.Module counts
     from megabranch.model.layers import EncoderLayer
+
     assert enc.params == sum(p.numel() for p in EncoderLayer(cfg).parameters())
     units = cm.units()
     assert units[0].params == enc.params + 8000 * d  # the source embedding rides with E0
@@ -130,12 +136,14 @@ def test_auto_layout_balances_or_refuses_loudly():
     with pytest.raises(UserError, match="is uneven .* set parallel.layout to it"):
         plan_layout(tiny_model_cfg(encoder_layers=4, decoder_layers=4), pp=4, vpp=2, vocab=40)
     # the same split, given explicitly, is accepted (the user asked for it)
-    explicit = plan_layout(tiny_model_cfg(encoder_layers=4, decoder_layers=4), pp=4, vpp=2, vocab=40,
-                           layout="E0|E1|E2|E3|D0|D1|D2|D3")
+    explicit = plan_layout(
+        tiny_model_cfg(encoder_layers=4, decoder_layers=4), pp=4, vpp=2, vocab=40, layout="E0|E1|E2|E3|D0|D1|D2|D3"
+    )
     assert explicit.num_chunks == 8
 
 
 # --- schedules -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.unit
 @pytest.mark.parametrize("kind", ["gpipe", "1f1b", "interleaved"])
@@ -187,8 +195,11 @@ def test_interleaved_order_is_torch_pipelinings():
     for pp, vpp, m in ((2, 2, 4), (4, 2, 8), (4, 3, 4), (2, 2, 2), (3, 2, 6)):
         ns = SimpleNamespace(n_local_stages=vpp, microbatches_per_round=pp, pp_group_size=pp, _n_microbatches=m)
         for r in range(pp):
-            theirs = [("F" if "FORWARD" in str(a.computation_type) else "B", a.stage_index // pp, a.microbatch_index)
-                      for a in calc(ns, r) if a is not None]
+            theirs = [
+                ("F" if "FORWARD" in str(a.computation_type) else "B", a.stage_index // pp, a.microbatch_index)
+                for a in calc(ns, r)
+                if a is not None
+            ]
             assert theirs == schedule_actions("interleaved", pp, vpp, m, r), (pp, vpp, m, r)
 
 
@@ -213,8 +224,9 @@ CASES = {  # schedule -> (residual, recompute); untied source / target tables: t
 
 def _case_cfg(kind: str, **parallel) -> Config:
     residual, recompute = CASES[kind]
-    return make_cfg(4, 4, m=3, residual=residual, model={"share_all_embeddings": False}, recompute=recompute,
-                    **parallel)
+    return make_cfg(
+        4, 4, m=3, residual=residual, model={"share_all_embeddings": False}, recompute=recompute, **parallel
+    )
 
 
 def _two_stage_body(rank, world, refs, lag_refs):
@@ -247,8 +259,14 @@ def _two_stage_body(rank, world, refs, lag_refs):
             from megabranch import checkpoint
 
             params = tr.named_params()
-            state = copy.deepcopy({"model": params, "step": tr.step, "zero": None,
-                                   "optimizer": checkpoint.optimizer_to_canonical(tr.optimizer, list(params))})
+            state = copy.deepcopy(
+                {
+                    "model": params,
+                    "step": tr.step,
+                    "zero": None,
+                    "optimizer": checkpoint.optimizer_to_canonical(tr.optimizer, list(params)),
+                }
+            )
             more = parallel_losses(tr, 8, 6)
             tr2 = Trainer(cfg, VOCAB, init_seed=123)
             tr2.load_checkpoint_state(state)
@@ -327,6 +345,7 @@ def test_two_stage_pipeline_matches_single_process():
 
 # --- megabranch.memory_plan -------------------------------------------------------------------------------
 
+
 @pytest.mark.unit
 def test_memory_plan_default_example_is_balanced(capsys):
     """500L-500L d=512 on pp=64 x tp=8, built on the meta device: heaviest stage within 10% of the lightest."""
@@ -344,8 +363,15 @@ def test_memory_plan_counts_match_the_model_and_flags_imbalance(capsys):
     from megabranch.config import load_config
     from megabranch.model import build_model, count_parameters
 
-    sets = ["model.encoder_layers=3", "model.decoder_layers=3", "model.d_model=32", "model.n_heads=4",
-            "model.ffn_dim=64", "parallel.pp=2", "parallel.layout=E0-2|D0-2"]
+    sets = [
+        "model.encoder_layers=3",
+        "model.decoder_layers=3",
+        "model.d_model=32",
+        "model.n_heads=4",
+        "model.ffn_dim=64",
+        "parallel.pp=2",
+        "parallel.layout=E0-2|D0-2",
+    ]
     cfg = load_config(None, sets)
     layout, rows, _ = memory_plan.plan(cfg, 40, 64, 8, 8, "memory", 1, False, 4)
     full = count_parameters(build_model(cfg.model, 40, seed=0))

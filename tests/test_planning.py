@@ -39,8 +39,10 @@ def _tiny(**parallel):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("tp, pp, vpp, placement, share", [(1, 2, 2, "v", True), (2, 2, 2, "interleaved", False),
-                                                          (1, 3, 2, "v", False), (2, 4, 1, "interleaved", True)])
+@pytest.mark.parametrize(
+    "tp, pp, vpp, placement, share",
+    [(1, 2, 2, "v", True), (2, 2, 2, "interleaved", False), (1, 3, 2, "v", False), (2, 4, 1, "interleaved", True)],
+)
 def test_cost_model_stage_parameters_are_the_meta_build(tp, pp, vpp, placement, share):
     """The planner prices every candidate layout with the cost model; its per-rank parameters (each table once
     per rank, also when the V placement puts the first and last chunk together) equal the real build's."""
@@ -110,8 +112,12 @@ def test_auto_picks_the_least_bubble_that_fits_and_refuses_in_one_line():
         fitting = [o for o in plan_.options if o.peak <= budget_bytes(gb)]
         assert plan_.chosen.bubble == min(o.bubble for o in fitting) and plan_.chosen.peak <= budget_bytes(gb)
         c = plan_.cfg
-        assert (c.parallel.schedule, c.parallel.vpp, c.optim.update_freq, c.data.max_tokens) == \
-            (plan_.chosen.schedule, plan_.chosen.vpp, plan_.chosen.m, plan_.chosen.max_tokens)
+        assert (c.parallel.schedule, c.parallel.vpp, c.optim.update_freq, c.data.max_tokens) == (
+            plan_.chosen.schedule,
+            plan_.chosen.vpp,
+            plan_.chosen.m,
+            plan_.chosen.max_tokens,
+        )
         assert c.optim.update_freq * c.data.max_tokens == 16384  # the tokens per update never change
     assert resolve(cfg, 32000, 32000, 8, 40).chosen.schedule != resolve(cfg, 32000, 32000, 8, 80).chosen.schedule
     with pytest.raises(UserError) as e:
@@ -120,8 +126,9 @@ def test_auto_picks_the_least_bubble_that_fits_and_refuses_in_one_line():
     assert "parallel.schedule=auto: no schedule of this pipeline fits --gpu-memory-gb 32" in msg and "\n" not in msg
     assert "parallel.recompute=1" in msg and "the least memory is" in msg
     # an explicit schedule that does not fit names one that does
-    explicit = load_config(os.path.join(RECIPES, "base_500L-500L.yaml"),
-                           ["optim.update_freq=4", "data.max_tokens=4096"])
+    explicit = load_config(
+        os.path.join(RECIPES, "base_500L-500L.yaml"), ["optim.update_freq=4", "data.max_tokens=4096"]
+    )
     with pytest.raises(UserError) as e:
         dry_run(explicit, 32, vocab=32000, out=io.StringIO(), gpu_memory_gb=60)
     msg = str(e.value)
@@ -141,8 +148,12 @@ def test_pipelined_recipes_are_what_auto_picks_for_80_gb(name):
     auto = copy.deepcopy(cfg)
     auto.parallel.schedule = "auto"
     got = resolve(auto, 32000, 32000, 8, 80).cfg
-    assert (got.parallel.schedule, got.parallel.vpp, got.optim.update_freq, got.data.max_tokens) == \
-        (cfg.parallel.schedule, cfg.parallel.vpp, cfg.optim.update_freq, cfg.data.max_tokens)
+    assert (got.parallel.schedule, got.parallel.vpp, got.optim.update_freq, got.data.max_tokens) == (
+        cfg.parallel.schedule,
+        cfg.parallel.vpp,
+        cfg.optim.update_freq,
+        cfg.data.max_tokens,
+    )
 
 
 @pytest.mark.unit
@@ -151,8 +162,12 @@ def test_trainer_and_dry_run_take_the_same_decision(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "16")
     trained = plan_schedule(cfg, 32000, 32000, device="cpu", gpu_memory_gb=32)
     info = dry_run(cfg, 16, vocab=32000, out=io.StringIO(), gpu_memory_gb=32)
-    assert (trained.parallel.schedule, trained.parallel.vpp, trained.optim.update_freq, trained.data.max_tokens) == \
-        (info["schedule"], info["vpp"], info["micro_batches"], info["max_tokens"])
+    assert (trained.parallel.schedule, trained.parallel.vpp, trained.optim.update_freq, trained.data.max_tokens) == (
+        info["schedule"],
+        info["vpp"],
+        info["micro_batches"],
+        info["max_tokens"],
+    )
     assert max(info["peak_bytes"]) <= budget_bytes(32) and info["bubble"] <= 0.10
     assert choose([], 1.0) is None and GiB == 2**30
     with pytest.raises(UserError, match="parallel.schedule=auto plans the native engine"):

@@ -13,6 +13,7 @@ from tools.research import plot_logs
 
 pytestmark = pytest.mark.unit
 
+
 def _write(path, records, junk=False):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
@@ -24,8 +25,15 @@ def _write(path, records, junk=False):
 
 def test_read_log_keeps_the_tag_and_nan(tmp_path, capsys):
     path = str(tmp_path / "post_ln" / "log.jsonl")
-    _write(path, [{"tag": "train", "step": 1, "loss": 9.0}, {"tag": "valid", "step": 1, "loss": 8.5},
-                  {"tag": "train", "step": 2, "loss": float("nan")}], junk=True)
+    _write(
+        path,
+        [
+            {"tag": "train", "step": 1, "loss": 9.0},
+            {"tag": "valid", "step": 1, "loss": 8.5},
+            {"tag": "train", "step": 2, "loss": float("nan")},
+        ],
+        junk=True,
+    )
     rows = read_log(path)
     assert [r["step"] for r in rows] == [1, 2]
     assert math.isnan(rows[1]["loss"])
@@ -44,9 +52,18 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_health_heatmaps_are_drawn_and_a_log_without_them_is_a_one_line_error(tmp_path, capsys):
     path = str(tmp_path / "deep" / "log.jsonl")
-    _write(path, [{"tag": "health", "step": s, "grad_norm": {"encoder": [10.0**-s, 1.0], "decoder": [0.5, 0.4, 0.3],
-                                                             "encoder.embed": 2.0},
-                   "update_ratio": {"encoder": [1e-3, 1e-3], "decoder": [1e-3, 2e-3, 0.0]}} for s in (10, 20)])
+    _write(
+        path,
+        [
+            {
+                "tag": "health",
+                "step": s,
+                "grad_norm": {"encoder": [10.0**-s, 1.0], "decoder": [0.5, 0.4, 0.3], "encoder.embed": 2.0},
+                "update_ratio": {"encoder": [1e-3, 1e-3], "decoder": [1e-3, 2e-3, 0.0]},
+            }
+            for s in (10, 20)
+        ],
+    )
     assert plot_logs.main([path, "--health", "--out", str(tmp_path / "h.png")]) == 0
     with open(tmp_path / "h.png", "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -68,6 +85,7 @@ def test_missing_log_is_a_one_line_error(tmp_path):
 
 def _strict(line: str) -> dict:
     """json.loads that refuses NaN / Infinity, as every JSON reader but Python's does."""
+
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
 

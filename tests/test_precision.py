@@ -130,8 +130,15 @@ def _scaler_reference(path: str) -> None:
     tr = single_trainer(cfg, seed=draw_init_seed(cfg.seed))
     _inject_overflow(tr.model[0].decoder.layers[1].ffn.block.fc2.weight, tr)
     stats = [tr.train_step(synthetic_batches(s, 4)) for s in range(SCALER_STEPS)]
-    torch.save(([s["loss"] for s in stats], {k: v.detach().clone() for k, v in tr.named_params().items()},
-                [s["skipped"] for s in stats], [s["gnorm"] for s in stats]), path)
+    torch.save(
+        (
+            [s["loss"] for s in stats],
+            {k: v.detach().clone() for k, v in tr.named_params().items()},
+            [s["skipped"] for s in stats],
+            [s["gnorm"] for s in stats],
+        ),
+        path,
+    )
 
 
 def _scaler_body(rank, world, ref_path, save_dir):
@@ -145,7 +152,7 @@ def _scaler_body(rank, world, ref_path, save_dir):
     losses, skipped, scales, gnorms = [], [], [], []
     for s in range(SCALER_STEPS):
         scales.append(tr.precision.loss_scale)
-        stats = tr.train_step(synthetic_batches(s, 4)[tr.grid.dp_rank::2])
+        stats = tr.train_step(synthetic_batches(s, 4)[tr.grid.dp_rank :: 2])
         losses.append(stats["loss"])
         skipped.append(stats["skipped"])
         gnorms.append(stats["gnorm"])

@@ -56,10 +56,18 @@ def _real_step(rank, world, out_dir):
 
 
 def _numbers(r) -> dict:
-    return {"rank": r.rank, "params": r.params, "static": r.static, "peak": r.peak.total, "kinds": r.peak.kinds,
-            "held": r.held, "optimizer": r.high["after"], "flops": r.model_flops,
-            "syncs": [r.syncs.inside_loop(), r.syncs.outside_loop()],
-            "lines": r.syncs.lines()}
+    return {
+        "rank": r.rank,
+        "params": r.params,
+        "static": r.static,
+        "peak": r.peak.total,
+        "kinds": r.peak.kinds,
+        "held": r.held,
+        "optimizer": r.high["after"],
+        "flops": r.model_flops,
+        "syncs": [r.syncs.inside_loop(), r.syncs.outside_loop()],
+        "lines": r.syncs.lines(),
+    }
 
 
 @pytest.mark.distributed
@@ -84,8 +92,9 @@ def test_rehearsed_ranks_match_the_real_run(tmp_path):
         for phase, held in want["held"].items():
             if phase.startswith("F"):
                 assert got["held"][phase] == pytest.approx(held, rel=0.10), (x.rank, phase)
-        assert got["kinds"]["acts"] + got["kinds"]["msgs"] == \
-            pytest.approx(want["kinds"]["acts"] + want["kinds"]["msgs"], rel=0.10)
+        assert got["kinds"]["acts"] + got["kinds"]["msgs"] == pytest.approx(
+            want["kinds"]["acts"] + want["kinds"]["msgs"], rel=0.10
+        )
         assert got["peak"] == pytest.approx(want["peak"], rel=0.10)
         assert got["optimizer"] == pytest.approx(want["optimizer"], rel=0.10)  # the update ran (not skipped)
         assert got["flops"] == want["flops"] and got["syncs"] == want["syncs"], (got["lines"], want["lines"])
@@ -133,8 +142,11 @@ def test_cpu_tensors_keep_what_cuda_tensors_keep_under_autocast():
 
     def run(gpu: bool):
         saved = []
-        with gpu_kernels() if gpu else contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with (
+            gpu_kernels() if gpu else contextlib.nullcontext(),
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t),
+        ):
             h = F.linear(x, torch.ones(8, 8, requires_grad=True))
             y = F.layer_norm(h, (8,))
             F.dropout(y, 0.5, training=True)
@@ -166,10 +178,12 @@ def test_memory_timeline_on_real_tensors_is_what_was_allocated():
 @pytest.mark.unit
 def test_bad_input_is_one_line(capsys):
     cfg = _pp2_tp2_dp2()
-    for kw, needle in [({"ranks": "9"}, "--ranks: rank 9 is outside the world of 8 ranks (0-7)"),
-                       ({"ranks": "0,x"}, "expected comma-separated rank numbers"),
-                       ({"world_size": 6}, "world size 6 does not fit parallel.tp * parallel.pp = 2 * 2 = 4"),
-                       ({"gpu": "V100"}, "--gpu 'V100' is unknown: choose one of A100, H100")]:
+    for kw, needle in [
+        ({"ranks": "9"}, "--ranks: rank 9 is outside the world of 8 ranks (0-7)"),
+        ({"ranks": "0,x"}, "expected comma-separated rank numbers"),
+        ({"world_size": 6}, "world size 6 does not fit parallel.tp * parallel.pp = 2 * 2 = 4"),
+        ({"gpu": "V100"}, "--gpu 'V100' is unknown: choose one of A100, H100"),
+    ]:
         with pytest.raises(UserError, match=r".*") as e:
             rehearse(cfg, **{"world_size": 8, **kw}, vocab=VOCAB, out=False)
         assert needle in str(e.value) and "\n" not in str(e.value)
@@ -179,12 +193,19 @@ def test_bad_input_is_one_line(capsys):
     layout = ["--set", "parallel.tp=2", "--set", "parallel.pp=2", "--vocab", "40"]
     for argv, message in [
         (["--rehearse", "--world-size", "8", "--ranks", "8"], "--ranks: rank 8 is outside the world of 8 ranks (0-7)"),
-        (["--rehearse", "--world-size", "6"], ("world size 6 does not fit parallel.tp * parallel.pp = 2 * 2 = 4: "
-                                              "it must be a positive multiple of 4 (nodes x GPUs per node = tp * pp "
-                                              "* dp)")),
+        (
+            ["--rehearse", "--world-size", "6"],
+            (
+                "world size 6 does not fit parallel.tp * parallel.pp = 2 * 2 = 4: "
+                "it must be a positive multiple of 4 (nodes x GPUs per node = tp * pp "
+                "* dp)"
+            ),
+        ),
         (["--rehearse", "--world-size", "2"], "world size 2 does not fit parallel.tp * parallel.pp = 2 * 2 = 4"),
-        (["--rehearse", "--world-size", "8", "--set", "parallel.layout=E0|E1|D0"],
-         "parallel.layout='E0|E1|D0' has 3 stages but parallel.pp * parallel.vpp = 2 * 1 = 2"),
+        (
+            ["--rehearse", "--world-size", "8", "--set", "parallel.layout=E0|E1|D0"],
+            "parallel.layout='E0|E1|D0' has 3 stages but parallel.pp * parallel.vpp = 2 * 1 = 2",
+        ),
         (["--rehearse", "--gpu", "V100"], "--gpu 'V100' is unknown: choose one of A100, H100"),
         (["--ranks", "0"], "--ranks chooses the ranks --rehearse rehearses: add --rehearse"),
     ]:
@@ -197,10 +218,14 @@ def test_bad_input_is_one_line(capsys):
 
 # --- the planner against the rehearsal --------------------------------------------------------------------------
 @pytest.mark.unit
-@pytest.mark.parametrize("parallel", [
-    {"tp": 2, "pp": 2, "vpp": 2, "schedule": "zb-v", "layout": "E0|E1|D0|D1"},
-    {"tp": 1, "pp": 2, "vpp": 1, "schedule": "1f1b", "layout": "E0-1,D0|D1", "recompute": 1},
-], ids=["tp2-zb-v", "pp2-1f1b-recompute"])
+@pytest.mark.parametrize(
+    "parallel",
+    [
+        {"tp": 2, "pp": 2, "vpp": 2, "schedule": "zb-v", "layout": "E0|E1|D0|D1"},
+        {"tp": 1, "pp": 2, "vpp": 1, "schedule": "1f1b", "layout": "E0-1,D0|D1", "recompute": 1},
+    ],
+    ids=["tp2-zb-v", "pp2-1f1b-recompute"],
+)
 def test_the_planner_agrees_with_the_rehearsal(parallel):
     """Planned peak memory per stage within 10% of the rehearsed one, FLOPs per step within 2% of the cost
     model's (the checks every recipe passes at full size: docs/benchmarks.md). Allocations are not rounded up
@@ -234,18 +259,29 @@ print("ok")
 
 @pytest.mark.unit
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(CUDA_PYTHON), reason="no CUDA build of torch in .cache/cuda-venv (python3 -m "
-                    "venv .cache/cuda-venv; .cache/cuda-venv/bin/pip install torch==2.14.1 numpy pyyaml safetensors "
-                    "sentencepiece sacrebleu)")
+@pytest.mark.skipif(
+    not os.path.exists(CUDA_PYTHON),
+    reason="no CUDA build of torch in .cache/cuda-venv (python3 -m "
+    "venv .cache/cuda-venv; .cache/cuda-venv/bin/pip install torch==2.14.1 numpy pyyaml safetensors "
+    "sentencepiece sacrebleu)",
+)
 def test_fake_cuda_forward_makes_nothing_on_the_cpu_and_keeps_what_the_rehearsal_counts():
     """Each stage's forward on fake CUDA tensors under CUDA's own autocast: any tensor made on the CPU (a mask,
     positions, alpha, a seed) fails it, and what autograd keeps equals the CPU rehearsal's bytes (its float32
     layer_norm and boolean dropout masks are CUDA's)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     # tensor parallelism's bias add makes the stream float32 anyway; without it layer_norm's autocast shows
-    layouts = [(_pp2_tp2_dp2().to_dict(), 8, VOCAB),
-               (_tiny(pp=2, schedule="1f1b", layout="E0-1|E2-3,D0-3").to_dict(), 2, VOCAB)]
-    done = subprocess.run([CUDA_PYTHON, "-c", _CUDA_CHECK, json.dumps(layouts)], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+    layouts = [
+        (_pp2_tp2_dp2().to_dict(), 8, VOCAB),
+        (_tiny(pp=2, schedule="1f1b", layout="E0-1|E2-3,D0-3").to_dict(), 2, VOCAB),
+    ]
+    done = subprocess.run(
+        [CUDA_PYTHON, "-c", _CUDA_CHECK, json.dumps(layouts)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
     assert sys.executable != CUDA_PYTHON

@@ -18,16 +18,16 @@ def test_deepnorm_constants_hand_computed():
     assert c["encoder"][0] == pytest.approx(0.81 * 7776 ** (1 / 16))
     assert c["encoder"][0] == pytest.approx(1.41799, abs=1e-4)
     assert c["encoder"][1] == pytest.approx(0.87 / 1.75062, abs=1e-4)
-    assert c["decoder"][0] == pytest.approx(18 ** 0.25)  # 2.0598
+    assert c["decoder"][0] == pytest.approx(18**0.25)  # 2.0598
     assert c["decoder"][0] == pytest.approx(2.05977, abs=1e-4)
-    assert c["decoder"][1] == pytest.approx(72 ** -0.25)  # 0.3433
+    assert c["decoder"][1] == pytest.approx(72**-0.25)  # 0.3433
     # 500L-500L
     c = deepnorm_constants(500, 500)
-    assert c["decoder"] == pytest.approx((1500 ** 0.25, 6000 ** -0.25))
+    assert c["decoder"] == pytest.approx((1500**0.25, 6000**-0.25))
     assert c["encoder"][0] == pytest.approx(0.81 * 500 ** (5 / 16))
     # encoder-only / decoder-only: (2N)^(1/4), (8N)^(-1/4)
-    assert deepnorm_constants(8, 0)["encoder"] == pytest.approx((2.0, 64 ** -0.25))
-    assert deepnorm_constants(0, 32)["decoder"] == pytest.approx((8.0 ** 0.5, 256 ** -0.25))
+    assert deepnorm_constants(8, 0)["encoder"] == pytest.approx((2.0, 64**-0.25))
+    assert deepnorm_constants(0, 32)["decoder"] == pytest.approx((8.0**0.5, 256**-0.25))
 
 
 def test_alpha_schedules():
@@ -88,8 +88,8 @@ def test_residual_formulas_against_hand_written_layer():
         sub.double()
         if residual == "deepnorm":  # r is the stack's alpha, stored once in float32
             assert float(r) == pytest.approx(deepnorm_constants(2, 2)["encoder"][0], rel=1e-7)
-        f = lambda h: sub.block.fc2(torch.relu(sub.block.fc1(h)))  # noqa: E731
-        ln = lambda h: torch.nn.functional.layer_norm(h, (32,), sub.norm.weight, sub.norm.bias, 1e-5)  # noqa: E731
+        f = lambda h: sub.block.fc2(torch.relu(sub.block.fc1(h)))
+        ln = lambda h: torch.nn.functional.layer_norm(h, (32,), sub.norm.weight, sub.norm.bias, 1e-5)
         expect = {
             "post_ln": ln(x + f(x)),
             "deepnorm": ln(float(r) * x + f(x)),
@@ -110,7 +110,7 @@ def test_deepnorm_init_variances(residual):
     for stack in ("encoder", "decoder"):
         beta = consts[stack][1] if residual != "post_ln" else 1.0
         layers = getattr(model, stack).layers
-        w = lambda name: torch.cat([dict(l.named_parameters())[name].flatten() for l in layers])  # noqa: E731
+        w = lambda name: torch.cat([dict(layer.named_parameters())[name].flatten() for layer in layers])
         # xavier_uniform(gain g): var = g^2 * 2 / (fan_in + fan_out)
         assert w("self_attn.block.q_proj.weight").var().item() == pytest.approx(0.5 * 2 / (2 * d), rel=0.05)
         assert w("self_attn.block.v_proj.weight").var().item() == pytest.approx(beta**2 * 0.5 * 2 / (2 * d), rel=0.05)

@@ -11,7 +11,8 @@ layout family loops over the schemes:
                 differences even for post_ln over dp 2)
 
 The model is the harness's 2L-2L; every pipeline cuts both stacks (E0|E1|D0|D1, E0-1,D0|D1), so DLCL's histories
-cross stage boundaries inside the encoder and the decoder and Admin's profiling runs stage by stage. The four older schemes
+cross stage boundaries inside the encoder and the decoder and Admin's profiling runs stage by stage. The four older
+schemes
 have their own layout tests (test_engine.py, test_pipeline.py, test_zero_bubble.py, test_precision.py)."""
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ STEPS = 20
 SCHEMES = ("ds_init", "admin", "rezero", "r_fixup", "t_fixup", "dlcl", "normformer", "subln")
 SPLIT = "E0|E1|D0|D1"
 FOUR = {  # name -> (micro-batches per replica, data-parallel size, parallel settings)
-    "tp2-pp2-vpp2-interleaved-recompute": (2, 1, dict(tp=2, pp=2, vpp=2, schedule="interleaved", recompute=1,
-                                                      layout=SPLIT)),
+    "tp2-pp2-vpp2-interleaved-recompute": (
+        2,
+        1,
+        dict(tp=2, pp=2, vpp=2, schedule="interleaved", recompute=1, layout=SPLIT),
+    ),
     "tp2-pp2-zb-v": (3, 1, dict(tp=2, pp=2, vpp=2, schedule="zb-v", layout=SPLIT)),
 }
 TWO = {
@@ -88,4 +92,3 @@ def test_schemes_tp_pp_interleaved_recompute_and_zero_bubble_v_match_single_proc
 
 def test_schemes_dp_zero1_zero_bubble_h1_and_bf16_pipeline_match_single_process(tmp_path):
     run_workers(_body, 2, TWO, _references(tmp_path, TWO))
-

@@ -70,7 +70,9 @@ def _linear_gains(model) -> dict:
     out = {}
     for name, w in model.named_parameters():
         if name.endswith(("proj.weight", "fc1.weight", "fc2.weight")) and "embed" not in name:
-            plain = _bound(w) / (math.sqrt(2) if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")) else 1)
+            plain = _bound(w) / (
+                math.sqrt(2) if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")) else 1
+            )
             out[name] = float(w.abs().max()) / plain
     return out
 
@@ -97,16 +99,28 @@ def _expected_gain(residual: str, name: str, n: int, m: int) -> float:
     return 1.0
 
 
-@pytest.mark.parametrize("residual", ["ds_init", "r_fixup", "t_fixup", "subln", "rezero", "admin", "dlcl", "normformer"])
+@pytest.mark.parametrize(
+    "residual", ["ds_init", "r_fixup", "t_fixup", "subln", "rezero", "admin", "dlcl", "normformer"]
+)
 def test_initialisations_follow_the_papers(residual):
     n, m = 4, 3
-    cfg = tiny_model_cfg(residual=residual, encoder_layers=n, decoder_layers=m, d_model=64, ffn_dim=128, n_heads=4,
-                         share_all_embeddings=False, share_decoder_input_output_embed=False)
+    cfg = tiny_model_cfg(
+        residual=residual,
+        encoder_layers=n,
+        decoder_layers=m,
+        d_model=64,
+        ffn_dim=128,
+        n_heads=4,
+        share_all_embeddings=False,
+        share_decoder_input_output_embed=False,
+    )
     model = build_model(cfg, 200, seed=0)
     for name, gain in _linear_gains(model).items():
         want = _expected_gain(residual, name, n, m)
         # the largest of 4k+ uniform draws is within 1% of the bound
-        assert want * 0.97 <= gain <= want + 1e-6, f"{residual}: {name} initialised at {gain:.4f} x Xavier, want {want:.4f}"
+        assert want * 0.97 <= gain <= want + 1e-6, (
+            f"{residual}: {name} initialised at {gain:.4f} x Xavier, want {want:.4f}"
+        )
     params = dict(model.named_parameters())
     table_std = float(params["encoder.embed.table.weight"][1:].std())
     want_std = 64**-0.5 * ((9 * m) ** -0.25 if residual == "t_fixup" else 1.0)  # T-Fixup scales x and y embeddings
@@ -127,7 +141,7 @@ def _torchscale_or_skip():
     peers = pytest.importorskip("megabranch.convert.peers")
     try:
         return peers.torchscale()
-    except Exception as e:  # noqa: BLE001 - not installed
+    except Exception as e:  # not installed
         pytest.skip(f"torchscale not importable: {e}")
 
 
@@ -135,9 +149,21 @@ def _torchscale_params(n: int, m: int, subln: bool, deepnorm: bool, pre_ln: bool
     """A torchscale 0.3.0 EncoderDecoder's parameters (d=32, seed 0), so two builds differ only by their options."""
     ed, edc, te, pe = _torchscale_or_skip()
     torch.manual_seed(0)
-    args = edc(encoder_embed_dim=32, decoder_embed_dim=32, encoder_attention_heads=4, decoder_attention_heads=4,
-               encoder_ffn_embed_dim=64, decoder_ffn_embed_dim=64, encoder_layers=n, decoder_layers=m, vocab_size=V,
-               subln=subln, deepnorm=deepnorm, encoder_normalize_before=pre_ln, decoder_normalize_before=pre_ln)
+    args = edc(
+        encoder_embed_dim=32,
+        decoder_embed_dim=32,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_embed_dim=64,
+        decoder_ffn_embed_dim=64,
+        encoder_layers=n,
+        decoder_layers=m,
+        vocab_size=V,
+        subln=subln,
+        deepnorm=deepnorm,
+        encoder_normalize_before=pre_ln,
+        decoder_normalize_before=pre_ln,
+    )
     return dict(ed(args, te(V, 32, PAD), pe(66, 32), te(V, 32, PAD), pe(66, 32)).named_parameters())
 
 
@@ -146,9 +172,13 @@ def test_subln_gains_are_torchscales():
     factors megabranch's init applies (encoder and decoder, the cross-attention unscaled)."""
     n, m = 4, 3
     with_subln, plain = (_torchscale_params(n, m, subln=s, deepnorm=False, pre_ln=True) for s in (True, False))
-    for name in ("encoder.layers.2.ffn.fc1.weight", "encoder.layers.0.self_attn.v_proj.weight",
-                 "decoder.layers.1.self_attn.out_proj.weight", "decoder.layers.2.ffn.fc2.weight",
-                 "decoder.layers.0.encoder_attn.v_proj.weight"):
+    for name in (
+        "encoder.layers.2.ffn.fc1.weight",
+        "encoder.layers.0.self_attn.v_proj.weight",
+        "decoder.layers.1.self_attn.out_proj.weight",
+        "decoder.layers.2.ffn.fc2.weight",
+        "decoder.layers.0.encoder_attn.v_proj.weight",
+    ):
         ratio = float((with_subln[name] / plain[name]).mean())
         ours = _expected_gain("subln", name.replace("encoder_attn", "cross_attn"), n, m)
         assert ratio == pytest.approx(ours, rel=1e-6), name
@@ -158,15 +188,26 @@ def test_deepnorm_torchscale_beta_is_torchscales():
     """torchscale 0.3.0 built twice from one seed, with and without deepnorm: its encoder weights differ by
     1.15 (N^4 M)^(-1/16), which model.deepnorm_beta=torchscale gives megabranch's; the paper's is 0.87 (...)."""
     n, m = 4, 3
+
     def ours(beta, init):
-        cfg = tiny_model_cfg(residual="deepnorm", encoder_layers=n, decoder_layers=m, deepnorm_init=init, deepnorm_beta=beta)
+        cfg = tiny_model_cfg(
+            residual="deepnorm", encoder_layers=n, decoder_layers=m, deepnorm_init=init, deepnorm_beta=beta
+        )
         return dict(build_model(cfg, V, seed=3).named_parameters())
 
     with_deepnorm, without = (_torchscale_params(n, m, subln=False, deepnorm=d, pre_ln=False) for d in (True, False))
-    ts_ratio = {k: float((w / without[k]).mean()) for k, w in with_deepnorm.items() if k.endswith(("v_proj.weight", "fc2.weight"))}
+    ts_ratio = {
+        k: float((w / without[k]).mean())
+        for k, w in with_deepnorm.items()
+        if k.endswith(("v_proj.weight", "fc2.weight"))
+    }
     plain, paper, ts = ours("paper", False), ours("paper", True), ours("torchscale", True)
-    for name in ("encoder.layers.2.ffn.fc2.weight", "encoder.layers.0.self_attn.v_proj.weight",
-                 "decoder.layers.1.ffn.fc2.weight", "decoder.layers.0.self_attn.v_proj.weight"):
+    for name in (
+        "encoder.layers.2.ffn.fc2.weight",
+        "encoder.layers.0.self_attn.v_proj.weight",
+        "decoder.layers.1.ffn.fc2.weight",
+        "decoder.layers.0.self_attn.v_proj.weight",
+    ):
         want, k = ts_ratio[name], name.replace(".ffn.", ".ffn.block.").replace(".self_attn.", ".self_attn.block.")
         assert float((ts[k] / plain[k]).mean()) == pytest.approx(want, rel=1e-6), name
         if name.startswith("encoder."):
@@ -253,10 +294,18 @@ def test_rezero_matches_the_rezero_package():
             layer.resweight.copy_(p[f"{name}.residual_weight"])
         return layer.eval()
 
-    enc = [load(rztx.RZTXEncoderLayer(32, 4, 64, dropout=0.0), f"encoder.layers.{i}", [("self_attn", "self_attn")])
-           for i in range(2)]
-    dec = [load(rztx.RZTXDecoderLayer(32, 4, 64, dropout=0.0), f"decoder.layers.{i}",
-                [("self_attn", "self_attn"), ("multihead_attn", "cross_attn")]) for i in range(2)]
+    enc = [
+        load(rztx.RZTXEncoderLayer(32, 4, 64, dropout=0.0), f"encoder.layers.{i}", [("self_attn", "self_attn")])
+        for i in range(2)
+    ]
+    dec = [
+        load(
+            rztx.RZTXDecoderLayer(32, 4, 64, dropout=0.0),
+            f"decoder.layers.{i}",
+            [("self_attn", "self_attn"), ("multihead_attn", "cross_attn")],
+        )
+        for i in range(2)
+    ]
     with torch.no_grad():
         x = model.encoder.embed(src).transpose(0, 1)  # (S, B, d): torch's sequence-first layout
         for layer in enc:
@@ -291,21 +340,31 @@ def test_normformer_decoder_layer_matches_fairseqs():
         for name, q in ours.named_parameters():
             q.copy_(torch.randn_like(q) * 0.3 + (1.0 if name.endswith("head_scale") else 0.0))
         ours.self_attn.block.head_scale.fill_(1.0)
-        names = {"self_attn.block.": "self_attn.", "self_attn.norm.": "self_attn_layer_norm.",
-                 "self_attn.block.output_norm.": "attn_ln.", "cross_attn.block.": "encoder_attn.",
-                 "cross_attn.norm.": "encoder_attn_layer_norm.", "ffn.block.hidden_norm.": "ffn_layernorm.",
-                 "ffn.block.": "", "ffn.norm.": "final_layer_norm."}
+        names = {
+            "self_attn.block.": "self_attn.",
+            "self_attn.norm.": "self_attn_layer_norm.",
+            "self_attn.block.output_norm.": "attn_ln.",
+            "cross_attn.block.": "encoder_attn.",
+            "cross_attn.norm.": "encoder_attn_layer_norm.",
+            "ffn.block.hidden_norm.": "ffn_layernorm.",
+            "ffn.block.": "",
+            "ffn.norm.": "final_layer_norm.",
+        }
         mine = dict(ours.named_parameters())
         for name, t in theirs.named_parameters():
-            src = next(o + name[len(f):] for o, f in sorted(names.items(), key=lambda kv: -len(kv[1]))
-                       if name.startswith(f) and o + name[len(f):] in mine)
+            src = next(
+                o + name[len(f) :]
+                for o, f in sorted(names.items(), key=lambda kv: -len(kv[1]))
+                if name.startswith(f) and o + name[len(f) :] in mine
+            )
             t.copy_(mine[src])
         x, mem = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
         mem_mask = torch.zeros(2, 7, dtype=torch.bool)
         mem_mask[1, 5:] = True
         one = torch.ones(())
-        fs, _, _ = theirs(x.transpose(0, 1), mem.transpose(0, 1), mem_mask,
-                          self_attn_mask=torch.full((5, 5), float("-inf")).triu(1))
+        fs, _, _ = theirs(
+            x.transpose(0, 1), mem.transpose(0, 1), mem_mask, self_attn_mask=torch.full((5, 5), float("-inf")).triu(1)
+        )
         assert _rel(ours(x, one, one, mem, ~mem_mask), fs.transpose(0, 1)) < 1e-5
 
 
@@ -328,8 +387,8 @@ def test_dlcl_histories_are_what_travels_and_what_the_planner_counts(lo, hi):
     executor's receive buffers); the planner's DLCL extra memory (CostModel.history_bytes) is within 15% of the
     bytes autograd really saves beyond Pre-LN on the same slice, and its sent bytes are the history's."""
     from megabranch.model import Span, Transformer
-    from megabranch.planning.cost_model import CostModel
     from megabranch.parallel.layout import Chunk
+    from megabranch.planning.cost_model import CostModel
 
     b, s, t, d = 4, 24, 20, 32
     measured, planned = {}, {}
@@ -338,8 +397,10 @@ def test_dlcl_histories_are_what_travels_and_what_the_planner_counts(lo, hi):
         cfg = tiny_model_cfg(residual=residual, encoder_layers=6, decoder_layers=6)
         model = Transformer(cfg, V, span=span, seed=0).train()
         src, prev = torch.randint(4, V, (b, s)), torch.randint(4, V, (b, t))
-        inputs = [torch.randn(shape, requires_grad=True)
-                  for shape in span.message_shapes(True, b, s, t, d, residual == "dlcl")]
+        inputs = [
+            torch.randn(shape, requires_grad=True)
+            for shape in span.message_shapes(True, b, s, t, d, residual == "dlcl")
+        ]
         measured[residual], out = _saved_bytes(lambda: model(src, prev, *inputs))
         if not span.output:  # (the last slice returns the logits)
             assert [tuple(o.shape) for o in out] == span.message_shapes(False, b, s, t, d, residual == "dlcl")
@@ -354,14 +415,47 @@ def test_dlcl_histories_are_what_travels_and_what_the_planner_counts(lo, hi):
     assert planned["dlcl"][1] - planned["pre_ln"][1] == history * per_entry
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--set", "model.residual=t_fixup", "--set", "model.deepnorm_init=true"],
-     "model.deepnorm_init=True is invalid: must be unset or false with model.residual=t_fixup"),
-    (["--set", "model.residual=dlcl", "--set", "parallel.pp=2", "--backend", "deepspeed", "--dry-run", "--vocab",
-      "64", "--deepspeed_config", "launch/configs/ds_fp32.json"], "model.residual=dlcl is not supported by --backend deepspeed"),
-    (["--set", "model.residual=admin", "--set", "parallel.pp=2", "--backend", "deepspeed", "--dry-run", "--vocab",
-      "64", "--deepspeed_config", "launch/configs/ds_fp32.json"], "model.residual=admin is not supported by --backend deepspeed"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (
+            ["--set", "model.residual=t_fixup", "--set", "model.deepnorm_init=true"],
+            "model.deepnorm_init=True is invalid: must be unset or false with model.residual=t_fixup",
+        ),
+        (
+            [
+                "--set",
+                "model.residual=dlcl",
+                "--set",
+                "parallel.pp=2",
+                "--backend",
+                "deepspeed",
+                "--dry-run",
+                "--vocab",
+                "64",
+                "--deepspeed_config",
+                "launch/configs/ds_fp32.json",
+            ],
+            "model.residual=dlcl is not supported by --backend deepspeed",
+        ),
+        (
+            [
+                "--set",
+                "model.residual=admin",
+                "--set",
+                "parallel.pp=2",
+                "--backend",
+                "deepspeed",
+                "--dry-run",
+                "--vocab",
+                "64",
+                "--deepspeed_config",
+                "launch/configs/ds_fp32.json",
+            ],
+            "model.residual=admin is not supported by --backend deepspeed",
+        ),
+    ],
+)
 def test_a_scheme_with_an_option_it_does_not_take_is_one_line_and_exit_2(args, needle, capsys):
     from megabranch.train import main
 
@@ -379,8 +473,16 @@ def test_dry_run_counts_dlcls_history_per_stage(capsys):
 
     info = {}
     for residual in ("pre_ln", "dlcl"):
-        cfg = load_config(None, [f"model.residual={residual}", "model.encoder_layers=12", "model.decoder_layers=12",
-                                 "parallel.pp=4", "data.max_tokens=2048"])
+        cfg = load_config(
+            None,
+            [
+                f"model.residual={residual}",
+                "model.encoder_layers=12",
+                "model.decoder_layers=12",
+                "parallel.pp=4",
+                "data.max_tokens=2048",
+            ],
+        )
         info[residual] = dry_run(cfg, vocab=8000)
         text = capsys.readouterr().out
         assert "sent/mb MB" in text
@@ -407,8 +509,17 @@ def test_new_parameters_reshard_by_name(tmp_path):
         _, ranks, _ = rank_params(cfg, V, V, 2, 2, 1, "E0-1|E2,D0-2")
         scales = [q for params in ranks.values() for n, q in params.items() if n.endswith("head_scale")]
         assert all(q.tp_split_dim == 0 and q.shape[0] == 2 for q in scales) and (residual != "normformer" or scales)
-        out = write_layout(str(tmp_path / residual), cfg, {"vocab_size": V, "tgt_vocab_size": V, "step": 3}, full,
-                           None, 2, 2, 1, "E0-1|E2,D0-2")
+        out = write_layout(
+            str(tmp_path / residual),
+            cfg,
+            {"vocab_size": V, "tgt_vocab_size": V, "step": 3},
+            full,
+            None,
+            2,
+            2,
+            1,
+            "E0-1|E2,D0-2",
+        )
         back, _ = checkpoint.consolidate(out)
         assert set(back) == set(full), residual
         assert all(torch.equal(back[k], full[k]) for k in full), residual

@@ -50,8 +50,10 @@ def _cfg(m: int, parallel: dict, residual: str = "branchnorm", sequence_parallel
 def _even(batches: list[dict]) -> list[dict]:
     """The batches padded to even lengths (what sequence parallelism over 2 does itself), so that the same run
     without it holds exactly twice the positions."""
+
     def pad(t):
         return torch.nn.functional.pad(t, (0, t.shape[1] % 2), value=PAD)
+
     return [{**b, **{k: pad(b[k]) for k in ("src_tokens", "prev_output_tokens", "target")}} for b in batches]
 
 
@@ -161,6 +163,7 @@ def test_sequence_parallel_matches_single_process_and_splits_messages_and_activa
 
 # --- what the tensor-parallel group sends ------------------------------------------------------------------------
 
+
 def _activation_all_reduces(tr) -> tuple[list, int]:
     """The shapes of the (B, L, d) activations one training step all-reduces, and how many lookups the
     vocabulary-parallel embeddings made. Plain tensor parallelism all-reduces every embedding lookup, row-parallel
@@ -192,8 +195,9 @@ def _activation_all_reduces(tr) -> tuple[list, int]:
 def _collectives_body(rank, world):
     from megabranch.training.engine import Trainer
 
-    got = {sp: _activation_all_reduces(Trainer(_cfg(2, dict(tp=2), sequence_parallel=sp), VOCAB))
-           for sp in (False, True)}
+    got = {
+        sp: _activation_all_reduces(Trainer(_cfg(2, dict(tp=2), sequence_parallel=sp), VOCAB)) for sp in (False, True)
+    }
     (plain, lookups), (split, split_lookups) = got[False], got[True]
     assert lookups == split_lookups == 4, got  # 2 micro-batches x (source, target)
     assert not split and len(plain) > 4 * lookups, got
@@ -227,8 +231,9 @@ def _schemes_body(rank, world, refs):
         assert_matches(tr, losses, torch.load(refs[residual]), f"{residual} tp2 sequence-parallel, recompute 1")
     # learned positions: each rank adds (and takes the gradient of) the rows of its own slice of the sequence
     tr = Trainer(_scheme_cfg("branchnorm", model=dict(positions="learned")), VOCAB)
-    assert_matches(tr, parallel_losses(tr, SCHEME_STEPS), torch.load(refs["learned"]),
-                   "learned positions, tp2 sequence-parallel")
+    assert_matches(
+        tr, parallel_losses(tr, SCHEME_STEPS), torch.load(refs["learned"]), "learned positions, tp2 sequence-parallel"
+    )
     # regional compile: the layers traced with their gathers and reduce-scatters (aot_eager: Dynamo and
     # AOTAutograd, what decides the graphs, in seconds)
     torch._dynamo.reset()
@@ -255,15 +260,25 @@ def test_every_scheme_with_sequence_parallelism_matches_single_process(tmp_path)
 
 # --- what is refused, in one line ----------------------------------------------------------------------------------
 
+
 @pytest.mark.unit
-@pytest.mark.parametrize("sets, message", [
-    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=True is invalid: must be false with "
-                                          "parallel.tp=1"),
-    (["parallel.sequence_parallel=true", "parallel.tp=2", "model.residual=admin"],
-     "must be false with model.residual=admin .Admin's profiling pass takes variances over whole sequences"),
-    (["parallel.sequence_parallel=true", "parallel.tp=4", "model.max_positions=1026"],
-     "model.max_positions=1026 is invalid: must be a multiple of parallel.tp=4"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (
+            ["parallel.sequence_parallel=true"],
+            "parallel.sequence_parallel=True is invalid: must be false with parallel.tp=1",
+        ),
+        (
+            ["parallel.sequence_parallel=true", "parallel.tp=2", "model.residual=admin"],
+            "must be false with model.residual=admin .Admin's profiling pass takes variances over whole sequences",
+        ),
+        (
+            ["parallel.sequence_parallel=true", "parallel.tp=4", "model.max_positions=1026"],
+            "model.max_positions=1026 is invalid: must be a multiple of parallel.tp=4",
+        ),
+    ],
+)
 def test_bad_combinations_are_one_line_errors(sets, message):
     with pytest.raises(UserError, match=message):
         load_config(None, sets)
@@ -306,37 +321,64 @@ def test_the_memory_plan_and_dry_run_count_it():
     assert rows[False][0].sent > 0
     for plain, split in zip(rows[False], rows[True]):
         assert split.sent * 2 == plain.sent
-        assert (split.params, split.weights, split.grads, split.optim) == \
-            (plain.params, plain.weights, plain.grads, plain.optim)
+        assert (split.params, split.weights, split.grads, split.optim) == (
+            plain.params,
+            plain.weights,
+            plain.grads,
+            plain.optim,
+        )
         assert plain.act_full * 0.5 < split.act_full < plain.act_full and split.peak < plain.peak
     d, tokens = 32, 512
-    layer = {sp: CostModel(make_cfg(4, 4).model, 40, tp=2, tokens=tokens, src_len=32, tgt_len=32,
-                           sequence_parallel=sp) for sp in (False, True)}
+    layer = {
+        sp: CostModel(make_cfg(4, 4).model, 40, tp=2, tokens=tokens, src_len=32, tgt_len=32, sequence_parallel=sp)
+        for sp in (False, True)
+    }
     # per encoder layer: the input, the LayerNorm input and its mean and rstd of each of its two sub-layers, at half
     sub_layer = tokens * (2 * d * 4 + 8) / 2
     assert layer[False].encoder_layer().act_bytes - layer[True].encoder_layer().act_bytes == 2 * sub_layer
     # per decoder layer: three sub-layers (the encoder output its cross-attention reads is counted per chunk)
     assert layer[False].decoder_layer().act_bytes - layer[True].decoder_layer().act_bytes == 3 * sub_layer
     out = io.StringIO()
-    cfg = load_config(None, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
-                             "model.encoder_layers=4", "model.decoder_layers=4"])
+    cfg = load_config(
+        None,
+        [
+            "parallel.tp=2",
+            "parallel.pp=2",
+            "parallel.sequence_parallel=true",
+            "model.encoder_layers=4",
+            "model.decoder_layers=4",
+        ],
+    )
     info = dry_run(cfg, 4, vocab=32000, out=out)
-    plain = dry_run(load_config(None, ["parallel.tp=2", "parallel.pp=2", "model.encoder_layers=4",
-                                       "model.decoder_layers=4"]), 4, vocab=32000, out=io.StringIO())
+    plain = dry_run(
+        load_config(None, ["parallel.tp=2", "parallel.pp=2", "model.encoder_layers=4", "model.decoder_layers=4"]),
+        4,
+        vocab=32000,
+        out=io.StringIO(),
+    )
     assert "; sequence parallel" in out.getvalue().splitlines()[1]
     assert [a * 2 for a in info["sent_bytes"]] == plain["sent_bytes"]
     assert all(a < b for a, b in zip(info["peak_bytes"], plain["peak_bytes"]))
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("argv, message", [
-    (["--set", "parallel.sequence_parallel=true"], "parallel.sequence_parallel=True is invalid: must be false with "
-                                                   "parallel.tp=1"),
-    (["--backend", "deepspeed", "--set", "parallel.tp=2", "--set", "parallel.pp=2", "--world-size", "6"],
-     "world size 6 does not fit parallel.tp . parallel.pp = 2 . 2 = 4"),
-    (["--backend", "deepspeed", "--set", "parallel.tp=2", "--set", "parallel.sequence_parallel=true"],
-     "parallel.sequence_parallel is the native engine's"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--set", "parallel.sequence_parallel=true"],
+            "parallel.sequence_parallel=True is invalid: must be false with parallel.tp=1",
+        ),
+        (
+            ["--backend", "deepspeed", "--set", "parallel.tp=2", "--set", "parallel.pp=2", "--world-size", "6"],
+            "world size 6 does not fit parallel.tp . parallel.pp = 2 . 2 = 4",
+        ),
+        (
+            ["--backend", "deepspeed", "--set", "parallel.tp=2", "--set", "parallel.sequence_parallel=true"],
+            "parallel.sequence_parallel is the native engine's",
+        ),
+    ],
+)
 def test_the_train_command_refuses_bad_combinations_in_one_line(argv, message, capsys):
     """megabranch-train --dry-run (what the launch scripts run first): one line on stderr, exit status 2."""
     import re
@@ -358,8 +400,26 @@ def test_dry_run_plans_deepspeed_with_tensor_parallelism(capsys):
     from megabranch.train import main
 
     ds_json = os.path.join(os.path.dirname(__file__), "..", "launch", "configs", "ds_fp32.json")
-    assert main(["--backend", "deepspeed", "--deepspeed_config", ds_json, "--set", "parallel.tp=2", "--set",
-                 "parallel.pp=2", "--world-size", "8", "--dry-run", "--vocab", "32000"]) == 0
+    assert (
+        main(
+            [
+                "--backend",
+                "deepspeed",
+                "--deepspeed_config",
+                ds_json,
+                "--set",
+                "parallel.tp=2",
+                "--set",
+                "parallel.pp=2",
+                "--world-size",
+                "8",
+                "--dry-run",
+                "--vocab",
+                "32000",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "world size 8 = tp 2 x pp 2 x dp 2" in out and "stage layout: E0-5,D0-4|D5" in out, out
     assert "deepspeed layer parts: [0, 13, 15]" in out, out

@@ -67,7 +67,9 @@ def test_study_resumes_where_it_stopped_and_scores_like_generate(study_setup, tm
     stopped_dir, straight_dir = (os.path.join(o, "runs", "post_ln-seed1") for o in (out, ref_out))
     steps = [json.loads(x)["step"] for x in open(os.path.join(stopped_dir, "log.jsonl")) if '"train"' in x]
     assert steps == [1, 2, 3, 3, 4]  # steps 1-2 ran once: the rerun resumed from the step-2 checkpoint
-    assert records_by_step(stopped_dir, drop=("wall", "tokens_per_s")) == records_by_step(straight_dir, drop=("wall", "tokens_per_s"))
+    assert records_by_step(stopped_dir, drop=("wall", "tokens_per_s")) == records_by_step(
+        straight_dir, drop=("wall", "tokens_per_s")
+    )
     res = {f[:-5]: json.load(open(os.path.join(out, "results", f))) for f in os.listdir(os.path.join(out, "results"))}
     assert sorted(res) == ["branchnorm-seed1", "branchnorm-seed2", "post_ln-seed1", "post_ln-seed2"]
     straight = json.load(open(os.path.join(ref_out, "results", "post_ln-seed1.json")))
@@ -79,7 +81,10 @@ def test_study_resumes_where_it_stopped_and_scores_like_generate(study_setup, tm
 
     # the test scores are megabranch-generate's BLEU and sacreBLEU's chrF of the same hypotheses
     hyp_file = tmp_path / "gen.hyp"
-    assert generate.main(["--checkpoint", os.path.join(stopped_dir, "latest"), "--beam", "2", "--output", str(hyp_file)]) == 0
+    assert (
+        generate.main(["--checkpoint", os.path.join(stopped_dir, "latest"), "--beam", "2", "--output", str(hyp_file)])
+        == 0
+    )
     printed = float(re.search(r"^BLEU = ([0-9.]+)", capsys.readouterr().out, re.M).group(1))
     hyps = open(os.path.join(stopped_dir, "test.hyp")).read().splitlines()
     assert hyps == hyp_file.read_text().splitlines()
@@ -90,15 +95,22 @@ def test_study_resumes_where_it_stopped_and_scores_like_generate(study_setup, tm
     # the report: mean ± sample sd over the seeds of each variant's final valid loss
     report = open(os.path.join(out, "report.md")).read()
     losses = [res[f"branchnorm-seed{s}"]["valid"]["4"]["loss"] for s in (1, 2)]
-    assert f"{statistics.mean(losses):.2f} ± {statistics.stdev(losses):.2f}" in report.split("| branchnorm |")[1].split("\n")[0]
+    assert (
+        f"{statistics.mean(losses):.2f} ± {statistics.stdev(losses):.2f}"
+        in report.split("| branchnorm |")[1].split("\n")[0]
+    )
     assert "| post_ln | 1,2 | 0 |" in report and "step 2 | step 4" in report
     # the Figures 8-9 row: each column the mean over layers, then over seeds, of what its header names
     table = report.split("| variant | enc adjacent")[1].split("\n\n")[0]
     header = "| variant | enc adjacent" + table.splitlines()[0]
     row = next(ln for ln in table.splitlines() if ln.startswith("| branchnorm |"))
     cells = dict(zip(header.split(" | ")[1:5], row.split(" | ")[1:5]))
-    for col, (stack, key) in {"enc adjacent cos": ("encoder", "cosine"), "dec adjacent cos": ("decoder", "cosine"),
-                              "enc FFN non-zero": ("encoder", "ffn_nonzero"), "dec FFN non-zero": ("decoder", "ffn_nonzero")}.items():
+    for col, (stack, key) in {
+        "enc adjacent cos": ("encoder", "cosine"),
+        "dec adjacent cos": ("decoder", "cosine"),
+        "enc FFN non-zero": ("encoder", "ffn_nonzero"),
+        "dec FFN non-zero": ("decoder", "ffn_nonzero"),
+    }.items():
         means = [statistics.mean(res[f"branchnorm-seed{s}"]["analysis"][stack][key]) for s in (1, 2)]
         assert cells[col] == f"{statistics.mean(means):.2f} ± {statistics.stdev(means):.2f}", (col, cells[col], means)
     assert os.path.getsize(os.path.join(out, "study_gnorm_loss.png")) > 1000
@@ -106,7 +118,9 @@ def test_study_resumes_where_it_stopped_and_scores_like_generate(study_setup, tm
     # the health monitor's profile: per layer, the median of the run's health records (all 4 steps here)
     health = [rec for rec in map(json.loads, open(os.path.join(stopped_dir, "log.jsonl"))) if rec["tag"] == "health"]
     last = {rec["step"]: rec["grad_norm"]["encoder"] for rec in health}  # the resumed steps once
-    assert r["health"]["encoder"]["profile"] == pytest.approx([statistics.median(g[i] for g in last.values()) for i in (0, 1)])
+    assert r["health"]["encoder"]["profile"] == pytest.approx(
+        [statistics.median(g[i] for g in last.values()) for i in (0, 1)]
+    )
     assert r["health"]["encoder"]["records"] == 4 and "| post_ln |" in report.split("Health monitor")[1]
     assert os.path.getsize(os.path.join(out, "study_health.png")) > 1000
 
@@ -133,7 +147,12 @@ def test_health_profile_applies_the_monitors_warning_rule(tmp_path):
     bottoms = {1: 1.0, 2: 1e-5, 3: 1e-5, 4: 1e-5, 5: 1.0, 6: 0.5}
     with open(tmp_path / "log.jsonl", "w") as fh:
         for step, b in bottoms.items():
-            fh.write(json.dumps({"tag": "health", "step": step, "grad_norm": {"encoder": [b, 0.5, 1.0], "decoder": [1.0, 1.0]}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {"tag": "health", "step": step, "grad_norm": {"encoder": [b, 0.5, 1.0], "decoder": [1.0, 1.0]}}
+                )
+                + "\n"
+            )
     h = study.health_profile(str(tmp_path), last=3)
     assert h["encoder"]["starved_at"] == 4 and h["decoder"]["starved_at"] is None
     assert h["encoder"]["profile"] == pytest.approx([0.5, 0.5, 1.0]) and h["encoder"]["last"] == 3
@@ -147,17 +166,25 @@ def test_mean_sd_and_loss_rise_hand_computed():
     # 10-step means 5, 5, 6 (rise 1 above the minimum 5), then 4: the largest rise is 1
     losses = [5.0] * 10 + [5.0, 15.0, -35.0]
     assert study.max_loss_rise(losses) == pytest.approx(1.0)
-    assert study.plan([("a", []), ("b", ["x=1"])], [1, 2]) == [("a", [], 1), ("b", ["x=1"], 1), ("a", [], 2), ("b", ["x=1"], 2)]
+    assert study.plan([("a", []), ("b", ["x=1"])], [1, 2]) == [
+        ("a", [], 1),
+        ("b", ["x=1"], 1),
+        ("a", [], 2),
+        ("b", ["x=1"], 2),
+    ]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--variant", "bad name"], "the name must be letters"),
-    (["--variant", "a:model.residual"], "is not KEY=VALUE"),
-    (["--variant", "a", "--variant", "a"], "names must differ"),
-    (["--variant", "a", "--seeds", "1,x"], "expected comma-separated integers"),
-    ([], "give at least one"),
-    (["--variant", "a:model.residual=postln"], "model.residual='postln' is invalid"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variant", "bad name"], "the name must be letters"),
+        (["--variant", "a:model.residual"], "is not KEY=VALUE"),
+        (["--variant", "a", "--variant", "a"], "names must differ"),
+        (["--variant", "a", "--seeds", "1,x"], "expected comma-separated integers"),
+        ([], "give at least one"),
+        (["--variant", "a:model.residual=postln"], "model.residual='postln' is invalid"),
+    ],
+)
 def test_study_user_errors_are_one_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         study.main(argv + ["--out", str(tmp_path), "--dry-run"])

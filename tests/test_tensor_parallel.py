@@ -63,8 +63,12 @@ def _check_model_equivalence(grid, case):
     from megabranch.parallel.tensor_parallel import vocab_parallel_label_smoothed_nll_loss
 
     residual, share_all, tie_out, vocab, tgt_vocab, step = case
-    cfg = tiny_model_cfg(residual=residual, share_all_embeddings=share_all, share_decoder_input_output_embed=tie_out,
-                         alpha_warmup_steps=10)
+    cfg = tiny_model_cfg(
+        residual=residual,
+        share_all_embeddings=share_all,
+        share_decoder_input_output_embed=tie_out,
+        alpha_warmup_steps=10,
+    )
     model = build_model(cfg, vocab, tgt_vocab, seed=5)
     if step is not None:
         set_step(model, step)

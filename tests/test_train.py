@@ -32,12 +32,27 @@ ENV = subprocess_env()
 # one tiny run: a YAML file for the command line, --set overrides for the in-process runs
 RUN = {
     "seed": 3,
-    "model": {"residual": "branchnorm", "encoder_layers": 2, "decoder_layers": 2, "d_model": 32, "n_heads": 4,
-              "ffn_dim": 64, "dropout": 0.1, "max_positions": 128, "alpha_warmup_steps": 12},
+    "model": {
+        "residual": "branchnorm",
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "d_model": 32,
+        "n_heads": 4,
+        "ffn_dim": 64,
+        "dropout": 0.1,
+        "max_positions": 128,
+        "alpha_warmup_steps": 12,
+    },
     "optim": {"warmup_updates": 4, "lr": 0.001, "clip_norm": 1.0},
     "data": {"max_tokens": 200},
-    "log": {"log_interval": 1, "valid_interval": 4, "bleu_sentences": 0, "keep_last": 2, "tensorboard": False,
-            "progress": "none"},
+    "log": {
+        "log_interval": 1,
+        "valid_interval": 4,
+        "bleu_sentences": 0,
+        "keep_last": 2,
+        "tensorboard": False,
+        "progress": "none",
+    },
 }
 
 
@@ -82,8 +97,9 @@ def uninterrupted(data, tmp_path_factory):
 
 def _kill_when(cfg, save_dir, ready, deadline_s=120) -> bool:
     """Start a run, SIGKILL it as soon as ready() holds -> whether it was still running then."""
-    proc = subprocess.Popen(_train_cmd(cfg, save_dir), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(cfg, save_dir), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + deadline_s
     while proc.poll() is None and time.time() < deadline and not ready():
         time.sleep(0.001)
@@ -108,8 +124,10 @@ def _check_resume(cfg, ref_dir, save_dir, what: str) -> None:
     got, want = _records(save_dir), _records(ref_dir)
     assert sorted(got) == sorted(want) == list(range(1, 41))
     bad = [s for s in want if got[s] != want[s]]
-    assert not bad, (f"{what}, killed after step {killed_at}, resumed from {latest}: steps {bad[:3]} "
-                     f"differ, e.g. {got[bad[0]]} vs {want[bad[0]]}")
+    assert not bad, (
+        f"{what}, killed after step {killed_at}, resumed from {latest}: steps {bad[:3]} "
+        f"differ, e.g. {got[bad[0]]} vs {want[bad[0]]}"
+    )
     assert _records(save_dir, "valid") == _records(ref_dir, "valid")
     # the alpha of the step after the resume is the uninterrupted run's (alpha warmup 12 steps: still moving)
     resumed = int(os.path.basename(latest).split("_")[1])
@@ -130,8 +148,12 @@ def test_kill_9_at_a_random_moment_then_resume_is_bit_for_bit(uninterrupted, tmp
     state = {"since": None}
 
     def ready() -> bool:
-        if state["since"] is None and os.path.exists(log) and os.path.exists(os.path.join(save_dir, "latest")) \
-                and len(_records(save_dir)) >= target:
+        if (
+            state["since"] is None
+            and os.path.exists(log)
+            and os.path.exists(os.path.join(save_dir, "latest"))
+            and len(_records(save_dir)) >= target
+        ):
             state["since"] = time.time()
         return state["since"] is not None and time.time() - state["since"] >= delay
 
@@ -149,7 +171,8 @@ def test_kill_9_during_a_background_write_then_resume_is_bit_for_bit(uninterrupt
 
         def writing() -> bool:
             return os.path.exists(os.path.join(save_dir, "latest")) and bool(
-                [d for d in os.listdir(save_dir) if ".tmp-" in d and d.startswith("step_")])
+                [d for d in os.listdir(save_dir) if ".tmp-" in d and d.startswith("step_")]
+            )
 
         assert _kill_when(cfg, save_dir, writing), "the run ended before a background save began"
         if any(".tmp-" in d and d.startswith("step_") for d in os.listdir(save_dir)):
@@ -182,7 +205,8 @@ def _two_rank_body(rank, world, data_dir, root):
         got, want = _records(b), _records(a)
         assert sorted(got) == list(range(1, 9)) and got == want, (got, want)
         assert sorted(os.listdir(os.path.join(b, "step_8"))) == sorted(
-            ["meta.json"] + checkpoint.shard_files("shard_tp0_pp0") + checkpoint.shard_files("shard_tp0_pp1"))
+            ["meta.json"] + checkpoint.shard_files("shard_tp0_pp0") + checkpoint.shard_files("shard_tp0_pp1")
+        )
     # the pipeline checkpoint resumed by a tensor-parallel run: resharded on load, continues from step 4
     run(cfg(c, 6, tp=2), resume=os.path.join(b, "step_4"))
     if rank == 0:
@@ -272,11 +296,17 @@ def test_checkpoint_errors_never_touch_existing_checkpoints(uninterrupted, tmp_p
     # another vocabulary
     other = _preprocess(tmp_path / "other", 48, seed=7)
     capsys.readouterr()
-    _fails(capsys, ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--set", f"data.data_dir={other}",
-                    "--resume"], "vocabulary")
+    _fails(
+        capsys,
+        ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--set", f"data.data_dir={other}", "--resume"],
+        "vocabulary",
+    )
     # another model
-    _fails(capsys, ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--set", "model.ffn_dim=32", "--resume"],
-           "model.ffn_dim=32")
+    _fails(
+        capsys,
+        ["--config", cfg, "--set", f"log.save_dir={save_dir}", "--set", "model.ffn_dim=32", "--resume"],
+        "model.ffn_dim=32",
+    )
     assert _digest(save_dir) == before
     # a corrupt (truncated) shard: one line naming the file, for train and generate alike
     step_dir = checkpoint.resolve(save_dir)
@@ -300,8 +330,12 @@ def test_generate_reads_a_save_directory(uninterrupted, capsys):
     assert generate_main(["--checkpoint", ref_dir, "--split", "valid", "--beam", "2", "--limit", "4"]) == 0
     out = capsys.readouterr().out
     assert "BLEU =" in out and "references: the reference file as written" in out
-    assert generate_main(["--checkpoint", ref_dir, "--split", "valid", "--beam", "2", "--limit", "4",
-                          "--references", "ids"]) == 0
+    assert (
+        generate_main(
+            ["--checkpoint", ref_dir, "--split", "valid", "--beam", "2", "--limit", "4", "--references", "ids"]
+        )
+        == 0
+    )
     assert "references: the target token ids decoded" in capsys.readouterr().out
 
 
@@ -331,8 +365,26 @@ def test_generate_device_precision_and_token_batches(uninterrupted, tmp_path, ca
 
     def hyps(*extra):
         out = tmp_path / "hyps.txt"
-        assert generate_main(["--checkpoint", ref_dir, "--split", "valid", "--beam", "1", "--limit", "12",
-                              "--output", str(out), "--device", "cpu", *extra]) == 0
+        assert (
+            generate_main(
+                [
+                    "--checkpoint",
+                    ref_dir,
+                    "--split",
+                    "valid",
+                    "--beam",
+                    "1",
+                    "--limit",
+                    "12",
+                    "--output",
+                    str(out),
+                    "--device",
+                    "cpu",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         return out.read_text().splitlines()
 
     token_batched = hyps("--max-tokens", "64")

@@ -44,8 +44,9 @@ def _body(rank, world, data_dir, save_dir):
     if rank == 0:
         state = checkpoint.load_checkpoint(save_dir)
         assert state["step"] == tr.step == 3
-        ref = build_model_from(Config.from_dict(state["config"]).model, state["vocab_size"], None, state["model"],
-                               state["step"], save_dir)
+        ref = build_model_from(
+            Config.from_dict(state["config"]).model, state["vocab_size"], None, state["model"], state["step"], save_dir
+        )
         ours = dict(gathered.named_parameters())
         for name, p in ref.named_parameters():
             assert torch.equal(ours[name], p), name

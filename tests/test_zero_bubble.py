@@ -27,8 +27,14 @@ from megabranch.parallel.schedules import (
 from megabranch.parallel.weight_grad import WeightGradStore, defer_weight_grads
 from tests.helpers.configs import VOCAB, make_cfg
 from tests.helpers.dist import run_workers
-from tests.helpers.reference import AlphaAudit, assert_matches, parallel_losses, reference_run, single_trainer
-from tests.helpers.reference import synthetic_batches
+from tests.helpers.reference import (
+    AlphaAudit,
+    assert_matches,
+    parallel_losses,
+    reference_run,
+    single_trainer,
+    synthetic_batches,
+)
 
 # --- the V placement ---------------------------------------------------------------------------------------
 
@@ -50,9 +56,18 @@ def test_v_placement_puts_the_first_and_last_chunk_on_rank_zero():
 
 # --- the action lists --------------------------------------------------------------------------------------
 
+
 def _torch_order(cls, ns, rank, v_of):
-    names = {"FORWARD": "F", "F": "F", "BACKWARD_INPUT": "B", "I": "B", "BACKWARD_WEIGHT": "W", "W": "W",
-             "FULL_BACKWARD": "B", "B": "B"}
+    names = {
+        "FORWARD": "F",
+        "F": "F",
+        "BACKWARD_INPUT": "B",
+        "I": "B",
+        "BACKWARD_WEIGHT": "W",
+        "W": "W",
+        "FULL_BACKWARD": "B",
+        "B": "B",
+    }
     out = []
     for a in cls._calculate_single_rank_operations(ns, rank):
         if a is not None:
@@ -98,8 +113,9 @@ def test_interleaved_runs_any_micro_batch_count_in_torchs_rounds():
                 assert sum(interleaved_rounds(pp, m)) == m and len(interleaved_rounds(pp, m)) == rounds
                 if m % rounds:
                     continue
-                ns = SimpleNamespace(n_local_stages=vpp, microbatches_per_round=m // rounds, pp_group_size=pp,
-                                     _n_microbatches=m)
+                ns = SimpleNamespace(
+                    n_local_stages=vpp, microbatches_per_round=m // rounds, pp_group_size=pp, _n_microbatches=m
+                )
                 for r in range(pp):
                     theirs = _torch_order(sched.ScheduleInterleaved1F1B, ns, r, lambda s, pp=pp: s // pp)
                     assert theirs == schedule_actions("interleaved", pp, vpp, m, r), (pp, vpp, m, r)
@@ -146,13 +162,16 @@ def test_zero_bubble_makespans_match_theory():
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("kind, pp, vpp, m, needle", [
-    ("zb-h1", 2, 2, 4, "parallel.schedule=zb-h1 runs one chunk per rank: set parallel.vpp=1"),
-    ("zb-v", 2, 1, 4, "parallel.schedule=zb-v runs exactly two chunks per rank in a V: set parallel.vpp=2"),
-    ("zb-v", 2, 3, 4, "set parallel.vpp=2 (got 3)"),
-    ("zb-x", 2, 1, 4, "parallel.schedule='zb-x' is invalid: must be one of gpipe, 1f1b, interleaved, zb-h1, zb-v"),
-    ("zb-h1", 2, 1, 0, "optim.update_freq=0: a step needs at least one micro-batch"),
-])
+@pytest.mark.parametrize(
+    "kind, pp, vpp, m, needle",
+    [
+        ("zb-h1", 2, 2, 4, "parallel.schedule=zb-h1 runs one chunk per rank: set parallel.vpp=1"),
+        ("zb-v", 2, 1, 4, "parallel.schedule=zb-v runs exactly two chunks per rank in a V: set parallel.vpp=2"),
+        ("zb-v", 2, 3, 4, "set parallel.vpp=2 (got 3)"),
+        ("zb-x", 2, 1, 4, "parallel.schedule='zb-x' is invalid: must be one of gpipe, 1f1b, interleaved, zb-h1, zb-v"),
+        ("zb-h1", 2, 1, 0, "optim.update_freq=0: a step needs at least one micro-batch"),
+    ],
+)
 def test_schedule_errors_name_the_setting(kind, pp, vpp, m, needle):
     with pytest.raises(UserError) as e:
         check_schedule(kind, pp, vpp, m)
@@ -161,10 +180,19 @@ def test_schedule_errors_name_the_setting(kind, pp, vpp, m, needle):
 
 # --- the B/W split ---------------------------------------------------------------------------------------------
 
+
 def _decoder_chunk(recompute: int) -> Transformer:
     """A middle decoder slice with the (tied) output projection: receives (memory, y), returns logits."""
-    cfg = ModelConfig(encoder_layers=2, decoder_layers=3, d_model=32, n_heads=4, ffn_dim=64, dropout=0.1,
-                      max_positions=64, share_all_embeddings=False)
+    cfg = ModelConfig(
+        encoder_layers=2,
+        decoder_layers=3,
+        d_model=32,
+        n_heads=4,
+        ffn_dim=64,
+        dropout=0.1,
+        max_positions=64,
+        share_all_embeddings=False,
+    )
     m = Transformer(cfg, VOCAB, span=Span.of_layers(3, 5, 2, 3), seed=3)
     m.decoder.recompute = recompute
     return m
@@ -279,6 +307,7 @@ def _train_and_compare(name: str, m: int, parallel: dict, ref) -> None:
         def counting(finish=finish, reducer=reducer):
             launched.append((sum(b.launched for b in reducer.buckets), len(reducer.buckets)))
             finish()
+
         reducer.finish = counting
     audit = AlphaAudit(tr)
     losses = []

@@ -2,7 +2,7 @@
 """The GPU check: everything megabranch can only show on a GPU, in one run of at most 8 minutes, into one
 Markdown report.
 
-    python3 tools/gpu_check.py                   # on a one-GPU machine: writes $OUT/gpu_check.md (default ./gpu_check_out)
+    python3 tools/gpu_check.py                   # on a one-GPU machine: $OUT/gpu_check.md (default ./gpu_check_out)
     python3 tools/gpu_check.py --cpu-smoke       # every part at toy size on the CPU (make test runs this)
     python3 tools/gpu_check.py --parts env,decode --out /some/dir
 
@@ -59,6 +59,7 @@ TOTAL_BUDGET_S = 480
 
 # --- the parts (each runs in a child process: `gpu_check.py --part NAME`) -----------------------------------
 
+
 class Part:
     """What a part writes: Markdown lines (flushed as they come, so a killed part keeps what it had) and data."""
 
@@ -97,24 +98,28 @@ def part_env(p: Part) -> None:
 
     from megabranch.model.norm import apex_fused_layer_norm
 
-    p.w(f"- date: {datetime.date.today().isoformat()}, host python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs")
-    p.w(f"- torch {torch.__version__}, built with CUDA {torch.version.cuda}, cuDNN "
-        f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else '-'}")
+    p.w(f"- date: {datetime.date.today().isoformat()}, host python {platform.python_version()}, {os.cpu_count()} CPUs")
+    p.w(
+        f"- torch {torch.__version__}, built with CUDA {torch.version.cuda}, cuDNN "
+        f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else '-'}"
+    )
     p.data["torch"] = torch.__version__
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         p.data["gpu"] = props.name
-        p.w(f"- GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs, "
-            f"compute capability {props.major}.{props.minor}, {torch.cuda.device_count()} visible")
+        p.w(
+            f"- GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs, "
+            f"compute capability {props.major}.{props.minor}, {torch.cuda.device_count()} visible"
+        )
         p.w(f"- bf16 supported: {torch.cuda.is_bf16_supported()}")
     else:
         p.data["gpu"] = None
         p.w("- GPU: none visible to torch" + (" (--cpu-smoke)" if p.smoke else ""))
     smi = shutil.which("nvidia-smi")
     if smi:
-        q = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True,
-                           text=True)
+        q = subprocess.run(
+            [smi, "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
         p.w(f"- nvidia-smi: {q.stdout.strip() or q.stderr.strip()}")
     nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
     if nvcc:
@@ -125,10 +130,13 @@ def part_env(p: Part) -> None:
     for mod in ("triton", "sentencepiece", "sacrebleu", "safetensors", "deepspeed"):
         try:
             version = getattr(__import__(mod), "__version__", "?")
-        except Exception:  # noqa: BLE001 - absent or broken: reported as such
+        except Exception:  # absent or broken: reported as such
             version = "not importable"
         p.w(f"- {mod}: {version}")
-    p.w(f"- apex FusedLayerNorm: {'in use' if apex_fused_layer_norm() is not None else 'not importable (torch LayerNorm)'}")
+    p.w(
+        "- apex FusedLayerNorm: "
+        + ("in use" if apex_fused_layer_norm() is not None else "not importable (torch LayerNorm)")
+    )
 
 
 def part_build(p: Part) -> None:
@@ -141,21 +149,33 @@ def part_build(p: Part) -> None:
         t0 = time.perf_counter()
         name = backend(dev)
         p.data.setdefault("backend", name)
-        p.w(f"- fused residual LayerNorm on {dev.type}: **{name}** (loaded or built in "
-            f"{time.perf_counter() - t0:.1f} s, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '-')})")
+        p.w(
+            f"- fused residual LayerNorm on {dev.type}: **{name}** (loaded or built in "
+            f"{time.perf_counter() - t0:.1f} s, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '-')})"
+        )
         if name == "eager":
             p.w(f"- why the eager fallback on {dev.type}: {fallback_reason(dev)}")
 
 
 def part_kernel_tests(p: Part) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/test_kernels.py",
-           "-k", "cuda and not compile"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rA",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_kernels.py",
+        "-k",
+        "cuda and not compile",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     results = [ln for ln in lines if ln.split(" ", 1)[0] in ("PASSED", "FAILED", "SKIPPED", "ERROR")]
     p.data["summary"] = lines[-1] if lines else ""
     p.data["rc"] = out.returncode
-    p.w(f"`pytest tests/test_kernels.py -k \"cuda and not compile\"`: **{p.data['summary']}**")
+    p.w(f'`pytest tests/test_kernels.py -k "cuda and not compile"`: **{p.data["summary"]}**')
     p.w()
     p.w("```")
     p.w("\n".join(results[:80]))
@@ -168,25 +188,92 @@ def part_bench_kernels(p: Part) -> None:
     if p.smoke:
         args = ["--device", "cpu", "--hidden", "64", "--rows", "256", "--min-time", "0.01", "--copy-reference"]
     else:
-        args = ["--device", "cuda", "--hidden", "1024", "4096", "--rows", "16384", "65536", "--dtype", "float32",
-                "bfloat16", "--copy-reference"]
+        args = [
+            "--device",
+            "cuda",
+            "--hidden",
+            "1024",
+            "4096",
+            "--rows",
+            "16384",
+            "65536",
+            "--dtype",
+            "float32",
+            "bfloat16",
+            "--copy-reference",
+        ]
     p.data["rc"] = _run_tool(p, ["tools.bench.kernels", *args])
 
 
 def _bench_train(p: Part, d: int) -> None:
     if p.smoke:
-        args = ["--device", "cpu", "--precision", "bf16", "--d-model", "32", "--heads", "2", "--layers", "1",
-                "--tokens", "64", "--seq-len", "8", "--vocab", "64", "--rounds", "1", "--steps", "1", "--warmup", "1",
-                "--compile-backend", "aot_eager"]
+        args = [
+            "--device",
+            "cpu",
+            "--precision",
+            "bf16",
+            "--d-model",
+            "32",
+            "--heads",
+            "2",
+            "--layers",
+            "1",
+            "--tokens",
+            "64",
+            "--seq-len",
+            "8",
+            "--vocab",
+            "64",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--compile-backend",
+            "aot_eager",
+        ]
     else:
-        args = ["--device", "cuda", "--precision", "bf16", "--d-model", str(d), "--heads", str(d // 64), "--layers",
-                "6", "--tokens", "16384", "--seq-len", "64", "--rounds", "3", "--steps", "5", "--warmup", "2"]
+        args = [
+            "--device",
+            "cuda",
+            "--precision",
+            "bf16",
+            "--d-model",
+            str(d),
+            "--heads",
+            str(d // 64),
+            "--layers",
+            "6",
+            "--tokens",
+            "16384",
+            "--seq-len",
+            "64",
+            "--rounds",
+            "3",
+            "--steps",
+            "5",
+            "--warmup",
+            "2",
+        ]
     js = str(p.path) + ".bench.json"
-    p.data["rc"] = _run_tool(p, ["tools.bench.train", *args, "--no-memory", "--json", js,
-                                 "--impls", "megabranch-eager,megabranch-fused,megabranch-compiled"])
+    p.data["rc"] = _run_tool(
+        p,
+        [
+            "tools.bench.train",
+            *args,
+            "--no-memory",
+            "--json",
+            js,
+            "--impls",
+            "megabranch-eager,megabranch-fused,megabranch-compiled",
+        ],
+    )
     if os.path.exists(js):
         with open(js) as fh:
-            p.data["rows"] = {k: {"tokens_per_s": v["tokens_per_s"], "mfu": v["mfu"]} for k, v in json.load(fh)["rows"].items()}
+            p.data["rows"] = {
+                k: {"tokens_per_s": v["tokens_per_s"], "mfu": v["mfu"]} for k, v in json.load(fh)["rows"].items()
+            }
 
 
 def part_bench_train_512(p: Part) -> None:
@@ -218,15 +305,30 @@ def part_deep(p: Part) -> None:
 
     dev = torch.device(_device(p.smoke))
     layers, d, steps, tokens, seq, vocab = (2, 32, 5, 64, 8, 64) if p.smoke else (100, 512, 50, 4096, 32, 8000)
-    cfg = load_config(None, [
-        "model.residual=branchnorm", f"model.encoder_layers={layers}", f"model.decoder_layers={layers}",
-        f"model.d_model={d}", f"model.n_heads={max(1, d // 64)}", f"model.ffn_dim={4 * d}", "model.dropout=0.1",
-        "model.fused_kernels=true", f"model.alpha_warmup_steps={steps}", "optim.precision=bf16", "optim.lr=0.0005",
-        "optim.warmup_updates=10", "optim.clip_norm=1.0", f"optim.max_updates={steps}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.residual=branchnorm",
+            f"model.encoder_layers={layers}",
+            f"model.decoder_layers={layers}",
+            f"model.d_model={d}",
+            f"model.n_heads={max(1, d // 64)}",
+            f"model.ffn_dim={4 * d}",
+            "model.dropout=0.1",
+            "model.fused_kernels=true",
+            f"model.alpha_warmup_steps={steps}",
+            "optim.precision=bf16",
+            "optim.lr=0.0005",
+            "optim.warmup_updates=10",
+            "optim.clip_norm=1.0",
+            f"optim.max_updates={steps}",
+        ],
+    )
     tr = Trainer(cfg, vocab, device=dev, init_seed=1)
-    p.w(f"{tr.describe()}; copy task (target = source), {tokens} target tokens per step ({tokens // seq} x {seq}), "
-        f"bf16 autocast, fused residual LayerNorm, {steps} steps")
+    p.w(
+        f"{tr.describe()}; copy task (target = source), {tokens} target tokens per step ({tokens // seq} x {seq}), "
+        f"bf16 autocast, fused residual LayerNorm, {steps} steps"
+    )
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, t0 = [], time.perf_counter()
@@ -245,18 +347,22 @@ def part_deep(p: Part) -> None:
     p.w("|---|" + "---|" * len(shown))
     p.w("| loss | " + " | ".join(f"{losses[s]:.3f}" for s in shown) + " |")
     p.w()
-    p.w(f"- first step {t_first:.2f} s, then {(wall - t_first) / max(1, steps - 1):.3f} s/step; loss "
-        f"{losses[0]:.3f} -> {losses[-1]:.3f}")
+    p.w(
+        f"- first step {t_first:.2f} s, then {(wall - t_first) / max(1, steps - 1):.3f} s/step; loss "
+        f"{losses[0]:.3f} -> {losses[-1]:.3f}"
+    )
     _, rows, _ = plan(cfg, vocab, tokens, seq, seq, "time", 1, False, 1)
     predicted = rows[0].peak
     p.data["plan_peak_bytes"] = predicted
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
         p.data["peak_bytes"] = peak
-        p.w(f"- peak CUDA memory allocated {peak / 2**30:.2f} GiB; memory plan {predicted / 2**30:.2f} GiB "
+        p.w(
+            f"- peak CUDA memory allocated {peak / 2**30:.2f} GiB; memory plan {predicted / 2**30:.2f} GiB "
             f"(weights {rows[0].weights / 2**30:.2f} + grads {rows[0].grads / 2**30:.2f} + Adam "
             f"{rows[0].optim / 2**30:.2f} + activations {rows[0].act / 2**30:.2f}); measured / planned = "
-            f"{peak / predicted:.3f}")
+            f"{peak / predicted:.3f}"
+        )
     else:
         p.w(f"- memory plan {predicted / 2**20:.1f} MiB (no CUDA allocator to compare with on the CPU)")
 
@@ -274,8 +380,10 @@ def part_decode(p: Part) -> None:
     d, layers, bsz, src_len, out_len, vocab = (32, 1, 4, 6, 6, 64) if p.smoke else (512, 6, 64, 24, 32, 8000)
     cfg = ModelConfig(encoder_layers=layers, decoder_layers=layers, d_model=d, n_heads=max(1, d // 64), ffn_dim=4 * d)
     src = torch.randint(4, vocab, (bsz, src_len), generator=torch.Generator().manual_seed(0)).to(dev)
-    p.w(f"{layers}L-{layers}L d={d}, vocabulary {vocab}, random weights; {bsz} sentences of {src_len} tokens, beam 4, "
-        f"up to {out_len} tokens each")
+    p.w(
+        f"{layers}L-{layers}L d={d}, vocabulary {vocab}, random weights; {bsz} sentences of {src_len} tokens, beam 4, "
+        f"up to {out_len} tokens each"
+    )
     p.w()
     p.w("| weights | s | sentences/s | output tokens/s | same hypotheses as fp32 |")
     p.w("|---|---|---|---|---|")
@@ -302,32 +410,46 @@ def part_fp16(p: Part) -> None:
 
     from megabranch.config import load_config
     from megabranch.model import build_model, draw_init_seed, label_smoothed_nll_loss
+    from megabranch.residual import set_step
     from megabranch.training.engine import Trainer
     from megabranch.training.loss_scaler import DynamicLossScaler
-    from megabranch.residual import set_step
     from megabranch.training.lr_schedule import inverse_sqrt_lr
 
     dev = torch.device(_device(p.smoke))
     precision = "fp32" if p.smoke else "fp16"  # fp16 needs CUDA; the smoke run checks the scaler over fp32
     steps, overflow_at, vocab = 10, 5, 512
-    cfg = load_config(None, ["model.encoder_layers=2", "model.decoder_layers=2", "model.d_model=64", "model.n_heads=4",
-                             "model.ffn_dim=256", "model.dropout=0.0", f"optim.precision={precision}",
-                             "optim.warmup_updates=4", "optim.lr=0.001"])
+    cfg = load_config(
+        None,
+        [
+            "model.encoder_layers=2",
+            "model.decoder_layers=2",
+            "model.d_model=64",
+            "model.n_heads=4",
+            "model.ffn_dim=256",
+            "model.dropout=0.0",
+            f"optim.precision={precision}",
+            "optim.warmup_updates=4",
+            "optim.lr=0.001",
+        ],
+    )
     engine = Trainer(cfg, vocab, device=dev)
     if engine.precision.scaler is None:  # the CPU smoke run: the scaler's rules over fp32
         engine.precision.scaler = DynamicLossScaler()
     # the reference: the same initial weights in a plain torch loop with torch.amp.GradScaler
     model = build_model(cfg.model, vocab, seed=draw_init_seed(cfg.seed)).to(dev)
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
-                            weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay
+    )
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     name = "decoder.layers.1.ffn.block.fc2.weight"
     ref_step = [0]
     engine.named_params()[name].register_hook(
-        lambda g: torch.full_like(g, float("inf")) if engine.step == overflow_at else g)
+        lambda g: torch.full_like(g, float("inf")) if engine.step == overflow_at else g
+    )
     dict(model.named_parameters())[name].register_hook(
-        lambda g: torch.full_like(g, float("inf")) if ref_step[0] == overflow_at else g)
+        lambda g: torch.full_like(g, float("inf")) if ref_step[0] == overflow_at else g
+    )
 
     def reference_step(batch) -> tuple[float, bool]:
         set_step(model, ref_step[0])  # BranchNorm's alpha_t
@@ -354,9 +476,11 @@ def part_fp16(p: Part) -> None:
         a = engine.train_step([batch])
         loss_b, skipped_b = reference_step(batch)
         rows.append((s, scale, a["loss"], loss_b, a["skipped"], int(skipped_b)))
-    p.w(f"{precision} autocast on {dev.type}; the engine's DynamicLossScaler against a plain torch loop with "
+    p.w(
+        f"{precision} autocast on {dev.type}; the engine's DynamicLossScaler against a plain torch loop with "
         f"{'torch.amp.GradScaler' if scaler.is_enabled() else 'no scaler (fp32: skip on a non-finite gradient)'}; "
-        f"an inf injected into {name}'s gradient at step {overflow_at}")
+        f"an inf injected into {name}'s gradient at step {overflow_at}"
+    )
     p.w()
     p.w("| step | scale | engine loss | reference loss | skipped (engine, reference) |")
     p.w("|---|---|---|---|---|")
@@ -366,12 +490,15 @@ def part_fp16(p: Part) -> None:
     skips = [s for s, *_, sa, sb in rows if sa and sb]
     p.data.update(max_rel_loss_diff=err, skipped_both=skips)
     p.w()
-    p.w(f"- largest relative loss difference {err:.2e}; steps both skipped: {skips}; scale after: "
-        f"{engine.precision.loss_scale:g} (engine)" + (f", {scaler.get_scale():g} (GradScaler)"
-                                                       if scaler.is_enabled() else ""))
+    p.w(
+        f"- largest relative loss difference {err:.2e}; steps both skipped: {skips}; scale after: "
+        f"{engine.precision.loss_scale:g} (engine)"
+        + (f", {scaler.get_scale():g} (GradScaler)" if scaler.is_enabled() else "")
+    )
 
 
 # --- the driver -----------------------------------------------------------------------------------------------
+
 
 def _child_env(smoke: bool, extra: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -399,8 +526,15 @@ def run_part(name: str, budget: float, smoke: bool, work: Path, extra_env: dict)
     if smoke:
         cmd.append("--cpu-smoke")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(smoke, extra_env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_child_env(smoke, extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=budget)
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
@@ -413,19 +547,29 @@ def run_part(name: str, budget: float, smoke: bool, work: Path, extra_env: dict)
     if os.path.exists(str(path) + ".json"):
         with open(str(path) + ".json") as fh:
             data = json.load(fh)
-    return {"status": status, "seconds": time.perf_counter() - t0, "budget": budget, "text": text, "data": data,
-            "log_tail": "\n".join((out or "").strip().splitlines()[-20:])}
+    return {
+        "status": status,
+        "seconds": time.perf_counter() - t0,
+        "budget": budget,
+        "text": text,
+        "data": data,
+        "log_tail": "\n".join((out or "").strip().splitlines()[-20:]),
+    }
 
 
 def write_report(results: dict, smoke: bool, out_dir: Path, started: float) -> Path:
     env = results.get("env", {}).get("data", {})
     gpu = env.get("gpu") or ("no GPU (--cpu-smoke)" if smoke else "no GPU visible")
-    lines = [f"# megabranch GPU check: {gpu}, {datetime.date.today().isoformat()}", "",
-             f"`python3 tools/gpu_check.py{' --cpu-smoke' if smoke else ''}`, torch {env.get('torch', '?')}, "
-             f"{time.perf_counter() - started:.0f} s in all (budget {TOTAL_BUDGET_S} s)."
-             + (" A smoke run: every part at toy size on the CPU; the titles name the GPU sizes." if smoke else ""),
-             "",
-             "| part | status | s | budget s |", "|---|---|---|---|"]
+    lines = [
+        f"# megabranch GPU check: {gpu}, {datetime.date.today().isoformat()}",
+        "",
+        f"`python3 tools/gpu_check.py{' --cpu-smoke' if smoke else ''}`, torch {env.get('torch', '?')}, "
+        f"{time.perf_counter() - started:.0f} s in all (budget {TOTAL_BUDGET_S} s)."
+        + (" A smoke run: every part at toy size on the CPU; the titles name the GPU sizes." if smoke else ""),
+        "",
+        "| part | status | s | budget s |",
+        "|---|---|---|---|",
+    ]
     titles = {n: t for n, t, *_ in PARTS}
     for name, r in results.items():
         lines.append(f"| {name} | {r['status']} | {r['seconds']:.1f} | {r['budget']:.0f} |")
@@ -446,8 +590,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="report folder (default $OUT)")
     ap.add_argument("--cpu-smoke", action="store_true", help="every part at toy size on the CPU")
     ap.add_argument("--parts", default=",".join(n for n, *_ in PARTS), help="comma-separated subset, in order")
-    ap.add_argument("--part-budget", action="append", default=[], metavar="NAME=SECONDS",
-                    help="override a part's time budget")
+    ap.add_argument(
+        "--part-budget", action="append", default=[], metavar="NAME=SECONDS", help="override a part's time budget"
+    )
     ap.add_argument("--part", help=argparse.SUPPRESS)  # the child process: run this part
     ap.add_argument("--part-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -480,8 +625,14 @@ def main(argv=None) -> int:
             left = deadline - time.perf_counter()
             budget = min(budgets[name], left)
             if left < 3:
-                results[name] = {"status": "not run (the 8 minutes were spent)", "seconds": 0.0, "budget": 0,
-                                 "text": "", "data": {}, "log_tail": ""}
+                results[name] = {
+                    "status": "not run (the 8 minutes were spent)",
+                    "seconds": 0.0,
+                    "budget": 0,
+                    "text": "",
+                    "data": {},
+                    "log_tail": "",
+                }
                 continue
             results[name] = r = run_part(name, budget, args.cpu_smoke, Path(tmp), extra_env)
             print(f"gpu_check: {name}: {r['status']} ({r['seconds']:.1f} s)", file=sys.stderr, flush=True)

@@ -64,7 +64,9 @@ class AsyncSaver:
         self._group = None
         self._made_group = False
 
-    def save(self, save_dir: str, step: int, files: dict, meta: dict, is_best: bool = False, keep_last: int = 0) -> None:
+    def save(
+        self, save_dir: str, step: int, files: dict, meta: dict, is_best: bool = False, keep_last: int = 0
+    ) -> None:
         """Collective. Wait for the previous save, then publish `files` (already a host snapshot) in the background."""
         self.wait()
         if torch.cuda.is_available():
@@ -75,7 +77,7 @@ class AsyncSaver:
         def run():
             try:
                 save_step(save_dir, step, files, meta, is_best, keep_last, group=self._group)
-            except BaseException as e:  # noqa: BLE001 - raised in the main thread by wait()
+            except BaseException as e:  # raised in the main thread by wait()
                 self._error = e
 
         self._thread = threading.Thread(target=run, name=f"megabranch-save-{step}", daemon=True)

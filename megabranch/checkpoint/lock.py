@@ -67,14 +67,18 @@ class SaveDirLock:
         except BlockingIOError:
             holder = _read(fd) or "a process that has not written its name yet"
             os.close(fd)
-            raise UserError(f"{self.save_dir} is in use by another run ({holder}); one run writes a save directory "
-                            "at a time: wait for it to end or set log.save_dir elsewhere") from None
+            raise UserError(
+                f"{self.save_dir} is in use by another run ({holder}); one run writes a save directory "
+                "at a time: wait for it to end or set log.save_dir elsewhere"
+            ) from None
         except OSError as e:
             os.close(fd)
             if e.errno not in _UNSUPPORTED:
                 raise
-            return (f"warning: {self.path}: this filesystem does not support flock ({e.strerror}); nothing stops "
-                    "a second run from writing the same save directory")
+            return (
+                f"warning: {self.path}: this filesystem does not support flock ({e.strerror}); nothing stops "
+                "a second run from writing the same save directory"
+            )
         previous = _read(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, _holder_line().encode(), 0)

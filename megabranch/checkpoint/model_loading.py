@@ -13,8 +13,15 @@ from ..model import Transformer, build_model_from
 from .resharding import load_checkpoint
 
 
-def model_from_weights(mc: ModelConfig, vocab_size: int, tgt_vocab_size: int | None, params: dict, step: int,
-                       where: str, fused_kernels: bool | None = None) -> Transformer:
+def model_from_weights(
+    mc: ModelConfig,
+    vocab_size: int,
+    tgt_vocab_size: int | None,
+    params: dict,
+    step: int,
+    where: str,
+    fused_kernels: bool | None = None,
+) -> Transformer:
     """The single-process model holding `params` (by single-process name) at the alpha of `step`, in eval mode.
     fused_kernels, when given, overrides the config's (False: the eager residual LayerNorm, which forward hooks
     can read and which matches another implementation exactly). Weights that do not fit the config are a
@@ -48,6 +55,7 @@ def load_model(path: str, prefer: str = "latest", fused_kernels: bool | None = N
     cfg = Config.from_dict(state["config"], where=path)
     if fused_kernels is not None:
         cfg.model.fused_kernels = fused_kernels
-    model = model_from_weights(cfg.model, state["vocab_size"], state["tgt_vocab_size"], state["model"],
-                               state["step"], state["step_dir"])
+    model = model_from_weights(
+        cfg.model, state["vocab_size"], state["tgt_vocab_size"], state["model"], state["step"], state["step_dir"]
+    )
     return LoadedModel(model, cfg, state["step"], state["step_dir"], state["vocab_sha256"])

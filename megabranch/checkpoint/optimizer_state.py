@@ -48,7 +48,9 @@ def load_optimizer(optimizer, names: list[str], state: dict) -> bool:
         if canon is None:
             raise UserError("checkpoint holds no optimizer state for this rank")
         step = int(float(next(iter(canon["step"].values())))) if canon["step"] else 0
-        moments = {k: [canon[k][n].float() if n in canon[k] else None for n in names] for k in ("exp_avg", "exp_avg_sq")}
+        moments = {
+            k: [canon[k][n].float() if n in canon[k] else None for n in names] for k in ("exp_avg", "exp_avg_sq")
+        }
         optimizer.load_param_state(step, canon["hyper"], moments["exp_avg"], moments["exp_avg_sq"])
         return True
     if canon is None:

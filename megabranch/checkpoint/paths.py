@@ -21,6 +21,7 @@ def contained(root: str, name: str, named_by: str | None = None) -> str:
     base, real = os.path.realpath(root), os.path.realpath(path)
     if real == base or os.path.commonpath([base, real]) != base:
         what = f"{named_by} names {name!r}, which" if named_by else path
-        raise UserError(f"{what} resolves to {real}, outside {root}: refused (a checkpoint's files must stay "
-                        "inside its directory)")
+        raise UserError(
+            f"{what} resolves to {real}, outside {root}: refused (a checkpoint's files must stay inside its directory)"
+        )
     return path

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -101,8 +101,9 @@ def write_step_dir(final: str, files: dict, meta: dict) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     written = _write_or_fail(tmp, files)
-    error = written["error"] or _publish_or_fail(parent, tmp, final, dict(meta, files=written["files"],
-                                                                         holds=written["holds"]), pointers=())
+    error = written["error"] or _publish_or_fail(
+        parent, tmp, final, dict(meta, files=written["files"], holds=written["holds"]), pointers=()
+    )
     if error:  # a full disk, a read-only filesystem: one line, nothing left behind (as save_step)
         shutil.rmtree(tmp, ignore_errors=True)
         raise SaveFailed(error, space.WRITE_ADVICE)
@@ -141,8 +142,9 @@ def _publish(tmp: str, final: str, meta: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_step(save_dir: str, step: int, files: dict, meta: dict, is_best: bool = False, keep_last: int = 0,
-              group=None) -> str:
+def save_step(
+    save_dir: str, step: int, files: dict, meta: dict, is_best: bool = False, keep_last: int = 0, group=None
+) -> str:
     """Collective over `group` (default: the whole job) when torch.distributed is initialised: every rank
     passes its own shards (name -> shard object, possibly none). Returns the published step directory."""
     tmp = _open_step(save_dir, step, group)
@@ -159,7 +161,9 @@ def _open_step(save_dir: str, step: int, group=None) -> str:
         try:
             os.makedirs(save_dir, exist_ok=True)
             pointed = {read_pointer(save_dir, "latest"), read_pointer(save_dir, "best")}
-            for stale in glob.glob(os.path.join(save_dir, "step_*.tmp-*")) + glob.glob(os.path.join(save_dir, "step_*.old-*")):
+            for stale in glob.glob(os.path.join(save_dir, "step_*.tmp-*")) + glob.glob(
+                os.path.join(save_dir, "step_*.old-*")
+            ):
                 # a killed save's leftovers (never what a pointer names, never a live writer's)
                 if os.path.basename(stale) not in pointed and not _writer_alive(stale):
                     shutil.rmtree(stale, ignore_errors=True)
@@ -178,8 +182,9 @@ def _global_rank0(group) -> int:
     return 0 if group is None else dist.get_global_rank(group, 0)
 
 
-def _finish_step(save_dir: str, step: int, tmp: str, mine: dict, meta: dict, is_best: bool, keep_last: int,
-                 group=None) -> str:
+def _finish_step(
+    save_dir: str, step: int, tmp: str, mine: dict, meta: dict, is_best: bool, keep_last: int, group=None
+) -> str:
     """Collective: the sha exchange (the barrier: nobody gets past it before every rank has written), then rank 0
     publishes the directory and moves the pointers; a last barrier so no rank starts the next save early."""
     rank, world = _dist_world(group)
@@ -200,8 +205,15 @@ def _finish_step(save_dir: str, step: int, tmp: str, mine: dict, meta: dict, is_
         for part in gathered:
             shas.update(part["files"])
             holds.update(part["holds"])
-        outcome = [_publish_or_fail(save_dir, tmp, final, dict(meta, step=step, files=shas, holds=holds),
-                                    ("latest", "best") if is_best else ("latest",))]
+        outcome = [
+            _publish_or_fail(
+                save_dir,
+                tmp,
+                final,
+                dict(meta, step=step, files=shas, holds=holds),
+                ("latest", "best") if is_best else ("latest",),
+            )
+        ]
         if outcome[0]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif keep_last > 0:
@@ -222,7 +234,7 @@ def _write_or_fail(tmp: str, files: dict) -> dict:
     if short is None:
         try:
             return dict(_write_files(tmp, files), error=None)
-        except Exception as e:  # noqa: BLE001 - safetensors reports ENOSPC as its own error type
+        except Exception as e:  # safetensors reports ENOSPC as its own error type
             short = space.write_failure(tmp, e, need)
             if short is None:
                 raise
@@ -236,7 +248,7 @@ def _publish_or_fail(save_dir: str, tmp: str, final: str, meta: dict, pointers: 
         _publish(tmp, final, meta)
         for name in pointers:
             _set_pointer(save_dir, name, os.path.basename(final))
-    except Exception as e:  # noqa: BLE001 - see _write_or_fail
+    except Exception as e:  # see _write_or_fail
         reason = space.write_failure(save_dir, e)
         if reason is None:
             raise

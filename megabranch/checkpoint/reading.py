@@ -62,8 +62,13 @@ def read_pointer(save_dir: str, name: str) -> str | None:
 
 
 def has_checkpoints(save_dir: str) -> bool:
-    return bool(step_dirs(save_dir)) or read_pointer(save_dir, "latest") is not None or bool(
-        glob.glob(os.path.join(save_dir, "checkpoint_*.pt")) + glob.glob(os.path.join(save_dir, "rank*", "checkpoint_*.pt"))
+    return (
+        bool(step_dirs(save_dir))
+        or read_pointer(save_dir, "latest") is not None
+        or bool(
+            glob.glob(os.path.join(save_dir, "checkpoint_*.pt"))
+            + glob.glob(os.path.join(save_dir, "rank*", "checkpoint_*.pt"))
+        )
     )
 
 
@@ -85,11 +90,15 @@ def resolve(path: str, prefer: str = "latest") -> str:
         if complete:  # a kill between the first save's rename and its pointer: the newest complete one
             return complete[-1]
         if glob.glob(os.path.join(path, "checkpoint_*.pt")):
-            raise UserError(f"{path} holds old single-file checkpoints (checkpoint_*.pt); this megabranch reads "
-                            "step_<N>/ directories only")
+            raise UserError(
+                f"{path} holds old single-file checkpoints (checkpoint_*.pt); this megabranch reads "
+                "step_<N>/ directories only"
+            )
         raise UserError(f"no checkpoint in {path} (no latest/best pointer and no meta.json)")
     if path.endswith(".pt") and os.path.isfile(path):
-        raise UserError(f"{path} is a single file; pass the step directory that holds it (step_<N>/) or the save directory")
+        raise UserError(
+            f"{path} is a single file; pass the step directory that holds it (step_<N>/) or the save directory"
+        )
     raise UserError(f"checkpoint not found: {path}")
 
 
@@ -110,9 +119,14 @@ def read_meta(step_dir: str) -> dict:
             meta = json.load(fh)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS or not isinstance(meta.get("files"), dict):
-        raise UserError(f"{path} is not a megabranch checkpoint description (format "
-                        f"{' or '.join(map(str, READABLE_FORMATS))})")
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") not in READABLE_FORMATS
+        or not isinstance(meta.get("files"), dict)
+    ):
+        raise UserError(
+            f"{path} is not a megabranch checkpoint description (format {' or '.join(map(str, READABLE_FORMATS))})"
+        )
     return meta
 
 
@@ -151,18 +165,21 @@ def safe_load(path: str, mmap: bool = False, allowed: tuple = ()) -> dict:
     try:
         with torch.serialization.safe_globals(list(allowed)):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, bit rot: all the file's fault
+    except Exception as e:  # truncated zip, pickle with code, bit rot: all the file's fault
         if "Weights only load failed" in str(e):
             found = _GLOBAL_RE.search(str(e))
             what = f" ({found.group(1)})" if found else ""
-            raise UserError(f"refusing to load {path}: it holds pickled objects other than tensors and plain data"
-                            f"{what}, and code could run on loading; megabranch loads only tensors, numbers, "
-                            "strings, lists and dicts") from None
+            raise UserError(
+                f"refusing to load {path}: it holds pickled objects other than tensors and plain data"
+                f"{what}, and code could run on loading; megabranch loads only tensors, numbers, "
+                "strings, lists and dicts"
+            ) from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"cannot load checkpoint file {path} (corrupt or truncated): {first}") from None
     if not isinstance(obj, dict):
-        raise UserError(f"cannot use {path}: it holds a {type(obj).__name__}, not a dict of tensors (a state dict "
-                        "or a checkpoint)")
+        raise UserError(
+            f"cannot use {path}: it holds a {type(obj).__name__}, not a dict of tensors (a state dict or a checkpoint)"
+        )
     return obj
 
 
@@ -176,7 +193,9 @@ def verify(step_dir: str) -> dict:
         if meta["format"] < 3:
             load_file(step_dir, name, meta)
         elif sha256_file(path) != meta["files"][name]:
-            raise UserError(f"checkpoint shard {path} is corrupt: its sha256 differs from {META} (truncated or modified)")
+            raise UserError(
+                f"checkpoint shard {path} is corrupt: its sha256 differs from {META} (truncated or modified)"
+            )
         elif name.endswith(INDEX):
             check_data_file(step_dir, name[: -len(INDEX)], meta)
     return meta

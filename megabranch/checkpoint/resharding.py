@@ -16,8 +16,9 @@ from .reading import read_meta, resolve, shard_name
 from .slice_reader import MOMENTS, StepReader, want_of
 
 
-def consolidate(step_dir: str, meta: dict | None = None, optimizer: bool = True,
-                reader: StepReader | None = None) -> tuple[dict, dict | None]:
+def consolidate(
+    step_dir: str, meta: dict | None = None, optimizer: bool = True, reader: StepReader | None = None
+) -> tuple[dict, dict | None]:
     """-> (full single-process parameters by name, full canonical optimizer state or None): the whole model in
     memory, for single-process consumers."""
     meta = meta if meta is not None else read_meta(step_dir)
@@ -55,8 +56,12 @@ def cut_optimizer(opt: dict | None, params: dict) -> dict | None:
     if opt is None:
         return None
     held = {n: q for n, q in params.items() if n in opt["exp_avg"]}
-    return {"step": {n: opt["step"][n] for n in held}, "exp_avg": cut(opt["exp_avg"], held),
-            "exp_avg_sq": cut(opt["exp_avg_sq"], held), "hyper": opt["hyper"]}
+    return {
+        "step": {n: opt["step"][n] for n in held},
+        "exp_avg": cut(opt["exp_avg"], held),
+        "exp_avg_sq": cut(opt["exp_avg_sq"], held),
+        "hyper": opt["hyper"],
+    }
 
 
 def _same_layout(lay: dict, pos: dict) -> bool:
@@ -113,15 +118,30 @@ def load_for_rank(step_dir: str, meta: dict, position: dict, params: dict, reade
             opt = own.get("optimizer") if zero is None and not position.get("zero") else None
             if zero is None and opt is None:  # ZeRO-1 state under another dp size, or to or from ZeRO-1
                 opt = _sliced_optimizer(reader, position, params)
-            return {"model": {n: own.get("model", n) for n in params}, "optimizer": opt, "zero": zero,
-                    "rng": mine.get("rank", "rng") if same_dp else None, "data": mine.get("rank", "data"),
-                    "step": int(own.get("step")), "scaler": own.get("scaler") or None, "resharded": False,
-                    "bytes_read": reader.bytes_read}
+            return {
+                "model": {n: own.get("model", n) for n in params},
+                "optimizer": opt,
+                "zero": zero,
+                "rng": mine.get("rank", "rng") if same_dp else None,
+                "data": mine.get("rank", "data"),
+                "step": int(own.get("step")),
+                "scaler": own.get("scaler") or None,
+                "resharded": False,
+                "bytes_read": reader.bytes_read,
+            }
     model = {name: reader.region("model", name, want_of(q), full_shape(q)) for name, q in params.items()}
     first = reader.shard(0, 0)
-    return {"model": model, "optimizer": _sliced_optimizer(reader, position, params), "zero": None, "rng": None,
-            "data": first.get("rank", "data"), "step": int(first.get("step")), "scaler": first.get("scaler") or None,
-            "resharded": True, "bytes_read": reader.bytes_read}
+    return {
+        "model": model,
+        "optimizer": _sliced_optimizer(reader, position, params),
+        "zero": None,
+        "rng": None,
+        "data": first.get("rank", "data"),
+        "step": int(first.get("step")),
+        "scaler": first.get("scaler") or None,
+        "resharded": True,
+        "bytes_read": reader.bytes_read,
+    }
 
 
 # --- single-process view (generation, analysis, conversion) --------------------------------------------
@@ -135,16 +155,24 @@ def load_checkpoint(path: str, prefer: str = "latest") -> dict:
     model, _ = consolidate(step_dir, meta, optimizer=False)
     if meta["config"].get("model", {}).get("share_all_embeddings") and "encoder.embed.table.weight" in model:
         model.setdefault("decoder.embed.table.weight", model["encoder.embed.table.weight"])  # build_model's alias
-    return {"model": model, "config": meta["config"], "vocab_size": meta["vocab_size"],
-            "tgt_vocab_size": meta.get("tgt_vocab_size"), "vocab_sha256": meta.get("vocab_sha256"),
-            "step": int(meta["step"]), "meta": meta, "step_dir": step_dir}
+    return {
+        "model": model,
+        "config": meta["config"],
+        "vocab_size": meta["vocab_size"],
+        "tgt_vocab_size": meta.get("tgt_vocab_size"),
+        "vocab_sha256": meta.get("vocab_sha256"),
+        "step": int(meta["step"]),
+        "meta": meta,
+        "step_dir": step_dir,
+    }
 
 
 def single_process_files(model: dict, step: int, optimizer: dict | None = None, rank: dict | None = None) -> dict:
     """The files of a (tp, pp) = (1, 1) checkpoint holding full tensors."""
     split = {n: [-1, *[int(s) for s in t.shape]] for n, t in model.items()}
-    return {shard_name(0, 0): {"model": model, "split": split, "optimizer": optimizer, "step": step,
-                               "rank": rank or {}}}
+    return {
+        shard_name(0, 0): {"model": model, "split": split, "optimizer": optimizer, "step": step, "rank": rank or {}}
+    }
 
 
 def single_layout() -> dict:

@@ -29,9 +29,18 @@ from .paths import contained
 
 BLOCK_BYTES = 1 << 16
 DATA, INDEX = ".safetensors", ".json"
-_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 _TORCH = {v: k for k, v in _DTYPES.items()}
 
 
@@ -108,11 +117,20 @@ def write_shard(directory: str, base: str, obj: dict) -> dict:
         rows = s.shape[0] if s.dim() else 1
         per = max(1, BLOCK_BYTES // max(row, 1))
         raw = _raw(s)
-        blocks = [hashlib.sha256(raw[i * row: min(i + per, rows) * row]).hexdigest() for i in range(0, rows, per)] \
-            if s.numel() else []
+        blocks = (
+            [hashlib.sha256(raw[i * row : min(i + per, rows) * row]).hexdigest() for i in range(0, rows, per)]
+            if s.numel()
+            else []
+        )
         stored[key] = s
-        entries[key] = {"dtype": _DTYPES[s.dtype], "shape": list(t.shape), "lead": lead, "row_bytes": row,
-                        "block_rows": per, "blocks": blocks}
+        entries[key] = {
+            "dtype": _DTYPES[s.dtype],
+            "shape": list(t.shape),
+            "lead": lead,
+            "row_bytes": row,
+            "block_rows": per,
+            "blocks": blocks,
+        }
     data_path = os.path.join(directory, base + DATA)
     save_file(stored, data_path)
     _fsynced(data_path)
@@ -144,11 +162,15 @@ def _entry_ok(e) -> bool:
             return False
         if not (lead < len(shape) or (not shape and lead == 0)):
             return False
-        stored = [shape[lead]] + shape[:lead] + shape[lead + 1:] if shape else []
+        stored = [shape[lead]] + shape[:lead] + shape[lead + 1 :] if shape else []
         n, row = (stored[0] if stored else 1), _TORCH[e["dtype"]].itemsize * math.prod(stored[1:])
         blocks = math.ceil(n / per) if n * row else 0
-        return e["row_bytes"] == row and b - a == n * row and len(e["blocks"]) == blocks and \
-            all(isinstance(h, str) for h in e["blocks"])
+        return (
+            e["row_bytes"] == row
+            and b - a == n * row
+            and len(e["blocks"]) == blocks
+            and all(isinstance(h, str) for h in e["blocks"])
+        )
     except (KeyError, TypeError, ValueError, IndexError):
         return False
 
@@ -165,15 +187,17 @@ def _parsed_index(blob: bytes, path: str) -> dict:
         raise UserError(f"checkpoint shard index {path} is malformed: it needs a tree, a data file name and tensors")
     bad = next((k for k, e in tensors.items() if not _entry_ok(e)), None)
     if bad is not None:
-        raise UserError(f"checkpoint shard index {path} is malformed: the entry of {bad!r} does not describe a "
-                        "tensor as megabranch writes it (dtype, shape, rows, blocks and byte range agree)")
+        raise UserError(
+            f"checkpoint shard index {path} is malformed: the entry of {bad!r} does not describe a "
+            "tensor as megabranch writes it (dtype, shape, rows, blocks and byte range agree)"
+        )
     return index
 
 
 class ShardFile:
     """One format-3 shard: its index (checked against meta.json's sha256 of it) and its data file, opened on
-    first use. `counter["bytes"]` grows by every byte read (index and data blocks), counter["metadata"] by the
-index's."""
+        first use. `counter["bytes"]` grows by every byte read (index and data blocks), counter["metadata"] by the
+    index's."""
 
     def __init__(self, step_dir: str, base: str, meta: dict, counter: dict):
         self.path_index = os.path.join(step_dir, base + INDEX)
@@ -188,8 +212,10 @@ index's."""
         counter["bytes"] += len(blob)
         counter["metadata"] = counter.get("metadata", 0) + len(blob)
         if hashlib.sha256(blob).hexdigest() != want:
-            raise UserError(f"checkpoint shard {self.path_index} is corrupt: its sha256 differs from meta.json "
-                            "(truncated or modified)")
+            raise UserError(
+                f"checkpoint shard {self.path_index} is corrupt: its sha256 differs from meta.json "
+                "(truncated or modified)"
+            )
         index = _parsed_index(blob, self.path_index)
         self.tree, self.entries = index["tree"], index["tensors"]
         self.path_data = contained(step_dir, index["data"], self.path_index)
@@ -202,13 +228,15 @@ index's."""
         if self._fh is None:
             if not os.path.isfile(self.path_data):
                 raise UserError(f"checkpoint shard missing: {self.path_data}")
-            fh = open(self.path_data, "rb")  # noqa: SIM115 - kept open while the reader lives
+            fh = open(self.path_data, "rb")  # kept open while the reader lives
             size, want = os.fstat(fh.fileno()).st_size, data_size(self.entries)
             if want is not None and size != want:
                 fh.close()
                 how = "truncated" if size < want else "longer than its index says (appended to or replaced)"
-                raise UserError(f"checkpoint shard {self.path_data} is {how}: {size:,} bytes, its index "
-                                f"{os.path.basename(self.path_index)} describes {want:,}")
+                raise UserError(
+                    f"checkpoint shard {self.path_data} is {how}: {size:,} bytes, its index "
+                    f"{os.path.basename(self.path_index)} describes {want:,}"
+                )
             self._fh, self._size = fh, size
         return self._fh
 
@@ -219,7 +247,7 @@ index's."""
         e = self._entry(key)
         shape = list(e["shape"])
         lead = e["lead"]
-        stored = [shape[lead]] + shape[:lead] + shape[lead + 1:] if shape else []
+        stored = [shape[lead]] + shape[:lead] + shape[lead + 1 :] if shape else []
         n = stored[0] if stored else 1
         lo, hi = 0 if lo is None else lo, n if hi is None else hi
         dtype = _TORCH[e["dtype"]]
@@ -233,15 +261,23 @@ index's."""
         at = a - a % mmap.ALLOCATIONGRANULARITY
         with mmap.mmap(fh.fileno(), b - at, offset=at, access=mmap.ACCESS_READ) as window:
             with memoryview(window) as view:
-                chunk = view[a - at:]
-                bad = [i for i in range(first, last + 1) if hashlib.sha256(
-                    chunk[(i - first) * per * row: (min((i + 1) * per, n) - first * per) * row]).hexdigest() != e["blocks"][i]]
+                chunk = view[a - at :]
+                bad = [
+                    i
+                    for i in range(first, last + 1)
+                    if hashlib.sha256(
+                        chunk[(i - first) * per * row : (min((i + 1) * per, n) - first * per) * row]
+                    ).hexdigest()
+                    != e["blocks"][i]
+                ]
                 skip = (lo - first * per) * row
-                data = None if bad else bytearray(chunk[skip: skip + (hi - lo) * row])
+                data = None if bad else bytearray(chunk[skip : skip + (hi - lo) * row])
                 chunk.release()
         if bad:
-            raise UserError(f"checkpoint shard {self.path_data} is corrupt: block {bad[0]} of {key} differs from its "
-                            f"sha256 in {os.path.basename(self.path_index)} (truncated or modified)")
+            raise UserError(
+                f"checkpoint shard {self.path_data} is corrupt: block {bad[0]} of {key} differs from its "
+                f"sha256 in {os.path.basename(self.path_index)} (truncated or modified)"
+            )
         self.counter["bytes"] += b - a
         return torch.frombuffer(data, dtype=dtype).reshape([hi - lo] + stored[1:])
 

@@ -119,16 +119,18 @@ class _V3(_Shard):
             return None
         key = tensor_key(node[name])
         lead = self.f.lead(key)
-        return _Piece(split, start, self.f.shape(key), lead,
-                      lambda a, b: self.f.rows(key, a, b).movedim(0, lead))
+        return _Piece(split, start, self.f.shape(key), lead, lambda a, b: self.f.rows(key, a, b).movedim(0, lead))
 
     def zero(self) -> dict | None:
         """The ZeRO-1 state of this file's data-parallel rank without its tensors (layout, step, hyper)."""
         z = (self.tree.get("rank") or {}).get("zero")
         if not z:
             return None
-        return {"shard": self.f.materialize(z["shard"]), "step": z["state"]["step"],
-                "param_groups": self.f.materialize(z["param_groups"])}
+        return {
+            "shard": self.f.materialize(z["shard"]),
+            "step": z["state"]["step"],
+            "param_groups": self.f.materialize(z["param_groups"]),
+        }
 
     def flat(self, kind: str, a: int, b: int) -> torch.Tensor:
         """Elements [a, b) of this rank's flat ZeRO-1 vector `kind`."""
@@ -241,7 +243,9 @@ class StepReader:
         p = self.holder(name)
         split, *full = self.split(name)
         if full_shape is not None and tuple(full) != tuple(full_shape):
-            raise UserError(f"checkpoint parameter {name} has shape {tuple(full)}, this model needs {tuple(full_shape)}")
+            raise UserError(
+                f"checkpoint parameter {name} has shape {tuple(full)}, this model needs {tuple(full_shape)}"
+            )
         pieces = []
         for t in self._tp_ranks(split, full, want):
             sh = self.shard(t, p)

@@ -56,8 +56,10 @@ def _chain(e: BaseException | None):
 
 def is_disk_full(e: BaseException | None) -> bool:
     """Whether `e`, or what it was raised while handling, is a full disk or an exceeded quota."""
-    return any((isinstance(x, OSError) and x.errno in DISK_FULL) or any(t in str(x) for t in _DISK_FULL_TEXT)
-               for x in _chain(e))
+    return any(
+        (isinstance(x, OSError) and x.errno in DISK_FULL) or any(t in str(x) for t in _DISK_FULL_TEXT)
+        for x in _chain(e)
+    )
 
 
 def _mb(n: int) -> str:
@@ -72,8 +74,9 @@ WRITE_ADVICE = "nothing was written: free some space or write elsewhere"
 def disk_full_reason(path: str, need: int | None) -> str:
     """need: the bytes this rank's files take (None: only small metadata was left to write)."""
     free = free_bytes(path)
-    parts = ([f"this rank's files need about {_mb(need)}"] if need is not None else []) + \
-        ([f"{_mb(free)} free"] if free is not None else [])
+    parts = ([f"this rank's files need about {_mb(need)}"] if need is not None else []) + (
+        [f"{_mb(free)} free"] if free is not None else []
+    )
     return f"no space left on the device of {path} while saving a checkpoint ({', '.join(parts)})"
 
 

@@ -27,6 +27,19 @@ from .safetensors_io import load_safetensors, save_safetensors
 from .torchscale_names import export_torchscale, import_torchscale, torchscale_name
 
 __all__ = [
-    "SOURCE_TOLERANCE", "TOLERANCE", "build_single", "check", "check_against_source", "export_torchscale", "fixed_batch", "import_torchscale",
-    "load_safetensors", "logits_of", "main", "rank_params", "save_safetensors", "torchscale_name", "write_layout",
+    "SOURCE_TOLERANCE",
+    "TOLERANCE",
+    "build_single",
+    "check",
+    "check_against_source",
+    "export_torchscale",
+    "fixed_batch",
+    "import_torchscale",
+    "load_safetensors",
+    "logits_of",
+    "main",
+    "rank_params",
+    "save_safetensors",
+    "torchscale_name",
+    "write_layout",
 ]

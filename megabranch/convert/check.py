@@ -38,22 +38,33 @@ def logits_of(mc: ModelConfig, vocab: int, tgt_vocab: int | None, params: dict, 
     return model(src, prev).float()
 
 
-def check(what: str, mc: ModelConfig, vocab: int, tgt_vocab: int | None, source: dict, converted: dict,
-          step: int) -> float:
+def check(
+    what: str, mc: ModelConfig, vocab: int, tgt_vocab: int | None, source: dict, converted: dict, step: int
+) -> float:
     """Logits of the source and the converted weights on a fixed batch; prints and enforces the tolerance."""
     a = logits_of(mc, vocab, tgt_vocab, source, step)
     b = logits_of(mc, vocab, tgt_vocab, converted, step)
     rel = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
     ok = rel < TOLERANCE
-    print(f"check ({what}): logits on a fixed batch of {a.shape[0]} sentences, fp32: max relative difference "
-          f"{rel:.3g} {'<' if ok else '>='} {TOLERANCE:g}: {'OK' if ok else 'FAILED'}")
+    print(
+        f"check ({what}): logits on a fixed batch of {a.shape[0]} sentences, fp32: max relative difference "
+        f"{rel:.3g} {'<' if ok else '>='} {TOLERANCE:g}: {'OK' if ok else 'FAILED'}"
+    )
     if not ok:
         raise UserError(f"conversion check failed for {what}: outputs differ by {rel:.3g} (relative)")
     return rel
 
 
-def check_against_source(what: str, mc: ModelConfig, vocab: int, tgt_vocab: int | None, params: dict, step: int,
-                         source_logits, to_source: list[int] | None = None) -> float:
+def check_against_source(
+    what: str,
+    mc: ModelConfig,
+    vocab: int,
+    tgt_vocab: int | None,
+    params: dict,
+    step: int,
+    source_logits,
+    to_source: list[int] | None = None,
+) -> float:
     """The converted weights' logits on the fixed batch (some rows padded) against the real source model's:
     source_logits(src, prev) runs it on the batch in its own token ids (`to_source`: megabranch id -> source id,
     also used to put its logit columns in megabranch's order). Compared at every position that is not padding
@@ -69,10 +80,14 @@ def check_against_source(what: str, mc: ModelConfig, vocab: int, tgt_vocab: int 
     a, b = theirs[keep], ours[keep]
     rel = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
     ok = rel < SOURCE_TOLERANCE
-    print(f"check ({what}): logits against the source model's own forward on a fixed batch of {src.shape[0]} "
-          f"sentences ({int(src.eq(PAD).sum() + prev.eq(PAD).sum())} padded positions), fp32: max relative "
-          f"difference {rel:.3g} {'<' if ok else '>='} {SOURCE_TOLERANCE:g}: {'OK' if ok else 'FAILED'}")
+    print(
+        f"check ({what}): logits against the source model's own forward on a fixed batch of {src.shape[0]} "
+        f"sentences ({int(src.eq(PAD).sum() + prev.eq(PAD).sum())} padded positions), fp32: max relative "
+        f"difference {rel:.3g} {'<' if ok else '>='} {SOURCE_TOLERANCE:g}: {'OK' if ok else 'FAILED'}"
+    )
     if not ok:
-        raise UserError(f"conversion check failed for {what}: the converted model's logits differ from the source "
-                        f"model's by {rel:.3g} (relative)")
+        raise UserError(
+            f"conversion check failed for {what}: the converted model's logits differ from the source "
+            f"model's by {rel:.3g} (relative)"
+        )
     return rel

@@ -48,8 +48,11 @@ def _detect(path: str) -> str:
     if path.endswith(".safetensors"):
         return "safetensors"
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, checkpoint.META)) or os.path.isfile(os.path.join(path, "best")) or \
-                checkpoint.step_dirs(path):
+        if (
+            os.path.isfile(os.path.join(path, checkpoint.META))
+            or os.path.isfile(os.path.join(path, "best"))
+            or checkpoint.step_dirs(path)
+        ):
             return "megabranch"
         if any(f.startswith("layer_") for f in os.listdir(path)) or os.path.isfile(os.path.join(path, "latest")):
             return "deepspeed"
@@ -70,8 +73,10 @@ def _load_source(args) -> tuple[Config, dict, dict, dict | None]:
         cfg = Config.from_dict(meta["config"], where=step_dir)
         data = checkpoint.StepReader(step_dir, meta).shard(0, 0).get("rank", "data")
         meta = dict(meta, _data=data)
-        print(f"read {step_dir}: step {meta['step']}, layout tp {meta['layout']['tp']} pp {meta['layout']['pp']} "
-              f"vpp {meta['layout']['vpp']}, {len(model)} tensors{', optimizer state' if opt else ''}")
+        print(
+            f"read {step_dir}: step {meta['step']}, layout tp {meta['layout']['tp']} pp {meta['layout']['pp']} "
+            f"vpp {meta['layout']['vpp']}, {len(model)} tensors{', optimizer state' if opt else ''}"
+        )
         return cfg, meta, model, opt
     if kind == "safetensors":
         tensors, st_meta = load_safetensors(args.src)
@@ -96,8 +101,9 @@ def _load_source(args) -> tuple[Config, dict, dict, dict | None]:
         cfg, params, against = load_torchscale(args.src, cfg, _source_args(args.source_args))
     elif kind == "fairseq":
         if not args.fairseq_dict or not args.spm:
-            raise UserError("--from fairseq needs --fairseq-dict (its dict.txt) and --spm (the sentencepiece model "
-                            "to map it onto)")
+            raise UserError(
+                "--from fairseq needs --fairseq-dict (its dict.txt) and --spm (the sentencepiece model to map it onto)"
+            )
         cfg, params, against = load_fairseq(args.src, cfg, args.fairseq_dict, args.spm, args.fairseq_tgt_dict)
     else:
         raise UserError(f"--from {kind}: unknown source format")
@@ -106,30 +112,39 @@ def _load_source(args) -> tuple[Config, dict, dict, dict | None]:
     return cfg, dict(_meta_for(cfg, vocab, tgt), _against=against), params, None
 
 
-
 def _source_args(text: str | None) -> dict | None:
     if not text:
         return None
     try:
         value = json.loads(open(text).read() if os.path.isfile(text) else text)
     except (OSError, ValueError) as e:
-        raise UserError(f"--source-args {text[:80]}: not JSON (or a JSON file): {str(e).splitlines()[0][:120]}") from None
+        raise UserError(
+            f"--source-args {text[:80]}: not JSON (or a JSON file): {str(e).splitlines()[0][:120]}"
+        ) from None
     if not isinstance(value, dict):
         raise UserError("--source-args: must be a JSON object of the source's EncoderDecoderConfig arguments")
     return value
 
 
 def _meta_for(cfg: Config, vocab: int, tgt: int) -> dict:
-    return {"config": cfg.to_dict(), "vocab_size": vocab, "tgt_vocab_size": tgt, "step": 0, "vocab_sha256": None,
-            "_data": None}
+    return {
+        "config": cfg.to_dict(),
+        "vocab_size": vocab,
+        "tgt_vocab_size": tgt,
+        "step": 0,
+        "vocab_sha256": None,
+        "_data": None,
+    }
 
 
 def _user_config(args) -> Config:
     if args.source_format == "fairseq" and not args.config and not args.set:
         return Config()  # its own arguments say what the model is
     if not args.config and not args.set:
-        raise UserError(f"--from {args.source_format or _detect(args.src)} needs --config CFG (the model's "
-                        "megabranch config) or --set model.key=value overrides")
+        raise UserError(
+            f"--from {args.source_format or _detect(args.src)} needs --config CFG (the model's "
+            "megabranch config) or --set model.key=value overrides"
+        )
     return load_config(args.config, args.set)
 
 
@@ -162,8 +177,10 @@ def convert(args) -> None:
             print(f"check (optimizer state): {'identical after resharding: OK' if same else 'DIFFERS: FAILED'}")
             if not same:
                 raise UserError("conversion check failed: optimizer state changed")
-        print(f"wrote {out} (resume with --set parallel.tp={args.tp} --set parallel.pp={args.pp} "
-              f"--set parallel.vpp={args.vpp} --resume {out})")
+        print(
+            f"wrote {out} (resume with --set parallel.tp={args.tp} --set parallel.pp={args.pp} "
+            f"--set parallel.vpp={args.vpp} --resume {out})"
+        )
     elif to == "deepspeed":
         ds.export_deepspeed(model, cfg, args.out, vocab=vocab, tgt_vocab=tgt, tp=args.tp)
         back = ds.import_deepspeed(args.out, cfg, vocab=vocab, tgt_vocab=tgt)
@@ -185,9 +202,11 @@ def average_command(args) -> None:
     if not steps:
         raise UserError(f"no step_<N> checkpoints in {args.save_dir}")
     if len(steps) < args.last:
-        raise UserError(f"--last {args.last}: {args.save_dir} holds only {len(steps)} checkpoints "
-                        f"({', '.join(os.path.basename(p) for _, p in steps)}); raise log.keep_last when training")
-    chosen = [p for _, p in steps[-args.last:]]
+        raise UserError(
+            f"--last {args.last}: {args.save_dir} holds only {len(steps)} checkpoints "
+            f"({', '.join(os.path.basename(p) for _, p in steps)}); raise log.keep_last when training"
+        )
+    chosen = [p for _, p in steps[-args.last :]]
     avg, meta = checkpoint.average(chosen)
     cfg = Config.from_dict(meta["config"], where=chosen[-1])
     clean = {k: v for k, v in meta.items() if k not in ("files", "format", "versions")}
@@ -195,8 +214,15 @@ def average_command(args) -> None:
     out = write_layout(args.out, cfg, clean, avg, None, 1, 1, 1)
     # the check: the written file against an independent mean of the sources' logits-producing weights
     back, _ = checkpoint.consolidate(out, optimizer=False)
-    check(f"average of {len(chosen)}", cfg.model, meta["vocab_size"], meta.get("tgt_vocab_size"), avg, back,
-          int(meta["step"]))
+    check(
+        f"average of {len(chosen)}",
+        cfg.model,
+        meta["vocab_size"],
+        meta.get("tgt_vocab_size"),
+        avg,
+        back,
+        int(meta["step"]),
+    )
     print(f"averaged {', '.join(clean['averaged'])} -> {out}")
 
 
@@ -222,8 +248,10 @@ def _refuse_existing(out: str) -> None:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["average"]:
-        ap = argparse.ArgumentParser(prog="megabranch-convert average",
-                                     description="Average the parameters of the last K checkpoints (fairseq style).")
+        ap = argparse.ArgumentParser(
+            prog="megabranch-convert average",
+            description="Average the parameters of the last K checkpoints (fairseq style).",
+        )
         ap.add_argument("save_dir")
         ap.add_argument("--last", type=int, required=True, help="how many of the newest step_<N> directories")
         ap.add_argument("--out", required=True, help="the step directory to write (a (1, 1) layout, no optimizer)")
@@ -231,29 +259,51 @@ def main(argv=None):
         _refuse_existing(args.out)
         average_command(args)
         return 0
-    ap = argparse.ArgumentParser(prog="megabranch-convert", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(
+        prog="megabranch-convert",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1],
+    )
     ap.add_argument("src", help="source checkpoint (save dir, step dir, pointer, .safetensors, DeepSpeed dir, .pt)")
     ap.add_argument("out", help="destination (a step directory, a .safetensors file, or a DeepSpeed folder)")
-    ap.add_argument("--from", dest="source_format",
-                    choices=("megabranch", "safetensors", "deepspeed", "torchscale", "fairseq"),
-                    help="source format (default: guessed from SRC)")
-    ap.add_argument("--to", help=f"destination format: {', '.join(DESTINATIONS)} (default: safetensors for "
-                    "*.safetensors, else megabranch)")
-    ap.add_argument("--quantization", help="--to ctranslate2: ctranslate2's weight type (int8, int8_float32, "
-                    "float16, bfloat16, ...; default: float32)")
-    ap.add_argument("--data-dir", help="--to ctranslate2/hf/fairseq: the preprocessed directory whose sentencepiece "
-                    "model(s) go with the export (default: the one the model was trained on)")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the step directory, or with --to "
-                    "deepspeed of the DeepSpeed layer files")
+    ap.add_argument(
+        "--from",
+        dest="source_format",
+        choices=("megabranch", "safetensors", "deepspeed", "torchscale", "fairseq"),
+        help="source format (default: guessed from SRC)",
+    )
+    ap.add_argument(
+        "--to",
+        help=f"destination format: {', '.join(DESTINATIONS)} (default: safetensors for *.safetensors, else megabranch)",
+    )
+    ap.add_argument(
+        "--quantization",
+        help="--to ctranslate2: ctranslate2's weight type (int8, int8_float32, "
+        "float16, bfloat16, ...; default: float32)",
+    )
+    ap.add_argument(
+        "--data-dir",
+        help="--to ctranslate2/hf/fairseq: the preprocessed directory whose sentencepiece "
+        "model(s) go with the export (default: the one the model was trained on)",
+    )
+    ap.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size of the step directory, or with --to deepspeed of the DeepSpeed layer files",
+    )
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--vpp", type=int, default=1)
     ap.add_argument("--layout", default="", help="explicit stage layout (parallel.layout syntax)")
     ap.add_argument("--config", help="--from deepspeed/torchscale: the model's megabranch config")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--no-optimizer", action="store_true", help="drop the optimizer state (smaller, not resumable)")
-    ap.add_argument("--source-args", help="--from torchscale: the EncoderDecoderConfig arguments the source was "
-                    "built with (JSON or a JSON file), e.g. '{\"no_scale_embedding\": false}'")
+    ap.add_argument(
+        "--source-args",
+        help="--from torchscale: the EncoderDecoderConfig arguments the source was "
+        "built with (JSON or a JSON file), e.g. '{\"no_scale_embedding\": false}'",
+    )
     ap.add_argument("--fairseq-dict", help="--from fairseq: the (joint or source) dict.txt it was trained with")
     ap.add_argument("--fairseq-tgt-dict", help="--from fairseq: the target dict.txt, if not joint")
     ap.add_argument("--spm", help="--from fairseq: the sentencepiece model whose ids megabranch will use")

@@ -31,8 +31,9 @@ def ctranslate2():
         from ctranslate2.converters.converter import Converter
         from ctranslate2.specs import common_spec, transformer_spec
     except ImportError:
-        raise UserError("--to ctranslate2 needs ctranslate2: pip install --no-deps ctranslate2==4.8.5 (see "
-                        "requirements-peers.txt)") from None
+        raise UserError(
+            "--to ctranslate2 needs ctranslate2: pip install --no-deps ctranslate2==4.8.5 (see requirements-peers.txt)"
+        ) from None
     return ct2, utils, Converter, common_spec, transformer_spec
 
 
@@ -41,15 +42,15 @@ def _np(t) -> np.ndarray:
     return t.detach().float().numpy().copy()
 
 
-def build_spec(folded: Folded, mc, positions: dict, scale: float, source_vocab: list[str],
-               target_vocab: list[str]):
+def build_spec(folded: Folded, mc, positions: dict, scale: float, source_vocab: list[str], target_vocab: list[str]):
     """The TransformerSpec of the folded weights (`positions`: stack -> its (max_positions, d) table)."""
     _, utils, _, common_spec, transformer_spec = ctranslate2()
     p = folded.params
     pre = mc.residual == "pre_ln"
     act = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU}[mc.activation]
-    spec = transformer_spec.TransformerSpec.from_config((mc.encoder_layers, mc.decoder_layers), mc.n_heads,
-                                                        pre_norm=pre, activation=act)
+    spec = transformer_spec.TransformerSpec.from_config(
+        (mc.encoder_layers, mc.decoder_layers), mc.n_heads, pre_norm=pre, activation=act
+    )
 
     def linear(ls, name):
         ls.weight = _np(p[name + ".weight"])
@@ -140,8 +141,14 @@ def logits(tr, pieces: tuple[list[str], list[str]], src, prev):
     src_p, tgt_p = pieces
     sources = [_pieces(row[row.ne(PAD)][:-1], src_p) for row in src]  # ctranslate2 appends </s> itself
     prefixes = [_pieces(row[row.ne(PAD)][1:], tgt_p) for row in prev]
-    res = tr.translate_batch(sources, target_prefix=prefixes, beam_size=1, min_decoding_length=0,
-                             max_decoding_length=prev.shape[1], return_logits_vocab=True)
+    res = tr.translate_batch(
+        sources,
+        target_prefix=prefixes,
+        beam_size=1,
+        min_decoding_length=0,
+        max_decoding_length=prev.shape[1],
+        return_logits_vocab=True,
+    )
     out = torch.zeros(prev.shape[0], prev.shape[1], len(tgt_p))
     for i, r in enumerate(res):
         steps = torch.tensor(np.asarray([np.asarray(s) for s in r.logits[0]]))
@@ -156,8 +163,9 @@ def decode_pieces(tr, sources: list[list[str]], beam: int, lenpen: float, max_le
     before its softmax, megabranch after its log-softmax (<s> and <pad>), so suppressing would shift every score
     by log(1 - p(<s>) - p(<pad>)); a trained model never ranks those two near the top, and unsuppressed the
     scores are megabranch's."""
-    res = tr.translate_batch(sources, beam_size=beam, length_penalty=lenpen, max_decoding_length=max_len - 1,
-                             min_decoding_length=0, **kw)
+    res = tr.translate_batch(
+        sources, beam_size=beam, length_penalty=lenpen, max_decoding_length=max_len - 1, min_decoding_length=0, **kw
+    )
     return [r.hypotheses[0] for r in res]
 
 

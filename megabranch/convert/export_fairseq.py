@@ -44,10 +44,17 @@ def fairseq():
         from fairseq.models.transformer import TransformerModel
         from omegaconf import OmegaConf
     except ImportError:
-        raise UserError("--to fairseq needs fairseq 0.12: pip install --no-deps fairseq-fixed==0.12.3.1 (see "
-                        "requirements-peers.txt)") from None
-    return types.SimpleNamespace(fairseq=fs, options=options, to_cfg=convert_namespace_to_omegaconf,
-                                 TransformerModel=TransformerModel, OmegaConf=OmegaConf)
+        raise UserError(
+            "--to fairseq needs fairseq 0.12: pip install --no-deps fairseq-fixed==0.12.3.1 (see "
+            "requirements-peers.txt)"
+        ) from None
+    return types.SimpleNamespace(
+        fairseq=fs,
+        options=options,
+        to_cfg=convert_namespace_to_omegaconf,
+        TransformerModel=TransformerModel,
+        OmegaConf=OmegaConf,
+    )
 
 
 def to_fairseq(vocab: int) -> torch.Tensor:
@@ -77,15 +84,50 @@ def refuse(ex: Export) -> None:
 
 def _arguments(ex: Export, src: str, tgt: str) -> list[str]:
     mc = ex.mc
-    args = ["--task", "translation", "--arch", "transformer", "--source-lang", src, "--target-lang", tgt,
-            "--encoder-embed-dim", mc.d_model, "--decoder-embed-dim", mc.d_model,
-            "--encoder-ffn-embed-dim", mc.ffn_dim, "--decoder-ffn-embed-dim", mc.ffn_dim,
-            "--encoder-layers", mc.encoder_layers, "--decoder-layers", mc.decoder_layers,
-            "--encoder-attention-heads", mc.n_heads, "--decoder-attention-heads", mc.n_heads,
-            "--activation-fn", mc.activation, "--dropout", 0.0, "--attention-dropout", 0.0,
-            "--activation-dropout", 0.0, "--encoder-learned-pos", "--decoder-learned-pos",
-            "--max-source-positions", mc.max_positions, "--max-target-positions", mc.max_positions,
-            "--bpe", "sentencepiece", "--sentencepiece-model", SPM]
+    args = [
+        "--task",
+        "translation",
+        "--arch",
+        "transformer",
+        "--source-lang",
+        src,
+        "--target-lang",
+        tgt,
+        "--encoder-embed-dim",
+        mc.d_model,
+        "--decoder-embed-dim",
+        mc.d_model,
+        "--encoder-ffn-embed-dim",
+        mc.ffn_dim,
+        "--decoder-ffn-embed-dim",
+        mc.ffn_dim,
+        "--encoder-layers",
+        mc.encoder_layers,
+        "--decoder-layers",
+        mc.decoder_layers,
+        "--encoder-attention-heads",
+        mc.n_heads,
+        "--decoder-attention-heads",
+        mc.n_heads,
+        "--activation-fn",
+        mc.activation,
+        "--dropout",
+        0.0,
+        "--attention-dropout",
+        0.0,
+        "--activation-dropout",
+        0.0,
+        "--encoder-learned-pos",
+        "--decoder-learned-pos",
+        "--max-source-positions",
+        mc.max_positions,
+        "--max-target-positions",
+        mc.max_positions,
+        "--bpe",
+        "sentencepiece",
+        "--sentencepiece-model",
+        SPM,
+    ]
     if mc.residual == "pre_ln":
         args += ["--encoder-normalize-before", "--decoder-normalize-before"]
     if ex.scale == 1.0:
@@ -101,11 +143,14 @@ def _state(ex: Export) -> dict:
     output = tgt_table if mc.share_decoder_input_output_embed else p["decoder.output.weight"]
     dec_in = _rows(tgt_table)
     dec_in[SPECIALS[EOS]] = tgt_table[BOS]  # fairseq feeds </s> where megabranch feeds <s>
-    out = {"encoder.embed_tokens.weight": _rows(src_table), "decoder.embed_tokens.weight": dec_in,
-           "decoder.output_projection.weight": _rows(output)}
+    out = {
+        "encoder.embed_tokens.weight": _rows(src_table),
+        "decoder.embed_tokens.weight": dec_in,
+        "decoder.output_projection.weight": _rows(output),
+    }
     for stack in ("encoder", "decoder"):
         table = torch.zeros(mc.max_positions + FAIRSEQ_PAD + 1, mc.d_model)
-        table[FAIRSEQ_PAD + 1:] = ex.positions(stack)
+        table[FAIRSEQ_PAD + 1 :] = ex.positions(stack)
         out[f"{stack}.embed_positions.weight"] = table
         out[f"{stack}.version"] = torch.tensor([3.0])
     out.update(fairseq_layers(p))
@@ -123,22 +168,35 @@ def write(ex: Export, out: str) -> None:
     src, tgt = languages(ex)
     os.makedirs(out)
     for lang, side in ((src, "source"), (tgt, "target")):
-        pieces = ex.pieces(side)[len(SPECIALS):]
+        pieces = ex.pieces(side)[len(SPECIALS) :]
         with open(os.path.join(out, f"dict.{lang}.txt"), "w", encoding="utf-8") as fh:
             fh.writelines(f"{piece} 1\n" for piece in pieces)
     spm = ex.spm_files()
     if spm["source"] != spm["target"]:
-        raise UserError("the model has separate source and target sentencepiece models: fairseq's --bpe "
-                        "sentencepiece takes one; export a joint-vocabulary model")
+        raise UserError(
+            "the model has separate source and target sentencepiece models: fairseq's --bpe "
+            "sentencepiece takes one; export a joint-vocabulary model"
+        )
     shutil.copyfile(spm["source"], os.path.join(out, SPM))
     parser = fs.options.get_training_parser()
     # the data directory is the checkpoint's own ("."): from_pretrained and fairseq-generate are given it
     args = fs.options.parse_args_and_arch(parser, ["."] + _arguments(ex, src, tgt))
     cfg = _plain(fs.OmegaConf.to_container(fs.to_cfg(args), resolve=True))
-    state = {"cfg": cfg, "model": _state(ex), "args": None, "extra_state": {"train_iterator": {"epoch": 1}},
-             "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "megabranch",
-                                    "lr_scheduler_state": {}, "num_updates": ex.step}],
-             "last_optimizer_state": None}
+    state = {
+        "cfg": cfg,
+        "model": _state(ex),
+        "args": None,
+        "extra_state": {"train_iterator": {"epoch": 1}},
+        "optimizer_history": [
+            {
+                "criterion_name": "CrossEntropyCriterion",
+                "optimizer_name": "megabranch",
+                "lr_scheduler_state": {},
+                "num_updates": ex.step,
+            }
+        ],
+        "last_optimizer_state": None,
+    }
     torch.save(state, os.path.join(out, CHECKPOINT))
 
 
@@ -157,8 +215,13 @@ def load(path: str):
     """fairseq's hub interface over the directory, as a user loads it (its model in eval mode on the CPU)."""
     fs = fairseq()
     logging.getLogger("fairseq").setLevel(logging.WARNING)  # it logs its whole config at INFO
-    return fs.TransformerModel.from_pretrained(path, checkpoint_file=CHECKPOINT, data_name_or_path=path,
-                                               bpe="sentencepiece", sentencepiece_model=os.path.join(path, SPM)).eval()
+    return fs.TransformerModel.from_pretrained(
+        path,
+        checkpoint_file=CHECKPOINT,
+        data_name_or_path=path,
+        bpe="sentencepiece",
+        sentencepiece_model=os.path.join(path, SPM),
+    ).eval()
 
 
 @torch.no_grad()

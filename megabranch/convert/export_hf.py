@@ -37,8 +37,10 @@ def transformers():
         import transformers as tf
         from transformers import GenerationConfig, MarianConfig, MarianMTModel, MarianTokenizer
     except ImportError:
-        raise UserError("--to hf needs transformers: pip install --no-deps transformers==5.23.0 tokenizers "
-                        "huggingface-hub (see requirements-peers.txt)") from None
+        raise UserError(
+            "--to hf needs transformers: pip install --no-deps transformers==5.23.0 tokenizers "
+            "huggingface-hub (see requirements-peers.txt)"
+        ) from None
     return tf, MarianConfig, MarianMTModel, MarianTokenizer, GenerationConfig
 
 
@@ -46,8 +48,9 @@ def refuse(ex: Export) -> None:
     """What MarianMT cannot hold, in one line naming the field."""
     mc = ex.mc
     if mc.residual == "pre_ln":
-        raise UserError("model.residual=pre_ln: MarianMT has the post-norm form only (export pre_ln to ctranslate2 "
-                        "or fairseq)")
+        raise UserError(
+            "model.residual=pre_ln: MarianMT has the post-norm form only (export pre_ln to ctranslate2 or fairseq)"
+        )
     if ex.scale not in (1.0, mc.d_model**0.5):
         raise UserError(f"model.embed_scale={mc.embed_scale:g}: MarianMT scales embeddings by sqrt(d_model) or 1 only")
     if mc.activation not in ("relu", "gelu"):
@@ -83,18 +86,41 @@ def write(ex: Export, out: str) -> None:
     mc = ex.mc
     os.makedirs(out)
     config = MarianConfig(
-        vocab_size=ex.vocab, decoder_vocab_size=ex.tgt_vocab, max_position_embeddings=mc.max_positions,
-        encoder_layers=mc.encoder_layers, decoder_layers=mc.decoder_layers, encoder_ffn_dim=mc.ffn_dim,
-        decoder_ffn_dim=mc.ffn_dim, encoder_attention_heads=mc.n_heads, decoder_attention_heads=mc.n_heads,
-        d_model=mc.d_model, activation_function=mc.activation, dropout=0.0, attention_dropout=0.0,
-        activation_dropout=0.0, scale_embedding=ex.scale != 1.0, pad_token_id=PAD, eos_token_id=EOS,
-        bos_token_id=BOS, decoder_start_token_id=BOS, forced_eos_token_id=EOS,
+        vocab_size=ex.vocab,
+        decoder_vocab_size=ex.tgt_vocab,
+        max_position_embeddings=mc.max_positions,
+        encoder_layers=mc.encoder_layers,
+        decoder_layers=mc.decoder_layers,
+        encoder_ffn_dim=mc.ffn_dim,
+        decoder_ffn_dim=mc.ffn_dim,
+        encoder_attention_heads=mc.n_heads,
+        decoder_attention_heads=mc.n_heads,
+        d_model=mc.d_model,
+        activation_function=mc.activation,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        scale_embedding=ex.scale != 1.0,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=BOS,
+        decoder_start_token_id=BOS,
+        forced_eos_token_id=EOS,
         share_encoder_decoder_embeddings=mc.share_all_embeddings,
-        tie_word_embeddings=mc.share_decoder_input_output_embed)
+        tie_word_embeddings=mc.share_decoder_input_output_embed,
+    )
     config.save_pretrained(out)
-    GenerationConfig(decoder_start_token_id=BOS, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-                     forced_eos_token_id=EOS, bad_words_ids=[[PAD], [BOS]], num_beams=4, length_penalty=0.6,
-                     early_stopping=True).save_pretrained(out)
+    GenerationConfig(
+        decoder_start_token_id=BOS,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        forced_eos_token_id=EOS,
+        bad_words_ids=[[PAD], [BOS]],
+        num_beams=4,
+        length_penalty=0.6,
+        early_stopping=True,
+    ).save_pretrained(out)
     save_safetensors(_state(ex), os.path.join(out, "model.safetensors"), {"format": "pt"})
     spm = ex.spm_files()
     joint = spm["source"] == spm["target"]
@@ -107,10 +133,16 @@ def write(ex: Export, out: str) -> None:
         with open(os.path.join(out, "target_vocab.json"), "w") as fh:
             json.dump(_vocab_json(ex.pieces("target")), fh, ensure_ascii=False)
         kw = dict(target_vocab_file=os.path.join(out, "target_vocab.json"), separate_vocabs=True)
-    tok = MarianTokenizer(os.path.join(out, "source.spm"), os.path.join(out, "target.spm"),
-                          os.path.join(out, "vocab.json"), unk_token=ex.pieces("source")[UNK],
-                          eos_token=ex.pieces("source")[EOS], pad_token="<pad>", model_max_length=mc.max_positions,
-                          **kw)
+    tok = MarianTokenizer(
+        os.path.join(out, "source.spm"),
+        os.path.join(out, "target.spm"),
+        os.path.join(out, "vocab.json"),
+        unk_token=ex.pieces("source")[UNK],
+        eos_token=ex.pieces("source")[EOS],
+        pad_token="<pad>",
+        model_max_length=mc.max_positions,
+        **kw,
+    )
     tok.save_pretrained(out)
 
 
@@ -130,8 +162,12 @@ def load(path: str):
 @torch.no_grad()
 def logits(model, src: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """The real forward on megabranch's token ids (padded with PAD: the attention masks say so)."""
-    out = model(input_ids=src, attention_mask=src.ne(PAD).long(), decoder_input_ids=prev,
-                decoder_attention_mask=prev.ne(PAD).long())
+    out = model(
+        input_ids=src,
+        attention_mask=src.ne(PAD).long(),
+        decoder_input_ids=prev,
+        decoder_attention_mask=prev.ne(PAD).long(),
+    )
     return out.logits.float()
 
 
@@ -140,10 +176,11 @@ def decode(model, src: torch.Tensor, beam: int, lenpen: float, max_len: int) -> 
     """transformers' generate (greedy or beam) on a padded batch -> token lists without <s> / </s> / padding.
     max_len counts </s>, as megabranch's decoding.max_length does."""
     search = dict(num_beams=beam, length_penalty=lenpen, early_stopping=True) if beam > 1 else dict(num_beams=1)
-    out = model.generate(input_ids=src, attention_mask=src.ne(PAD).long(), max_new_tokens=max_len, do_sample=False,
-                         **search)
+    out = model.generate(
+        input_ids=src, attention_mask=src.ne(PAD).long(), max_new_tokens=max_len, do_sample=False, **search
+    )
     hyps = []
     for row in out.tolist():
         toks = row[1:]
-        hyps.append(toks[:toks.index(EOS)] if EOS in toks else [t for t in toks if t != PAD])
+        hyps.append(toks[: toks.index(EOS)] if EOS in toks else [t for t in toks if t != PAD])
     return hyps

@@ -56,8 +56,10 @@ def coefficients(mc: ModelConfig, step: int) -> dict:
 
 def check_foldable(mc: ModelConfig) -> None:
     if mc.residual not in FOLDABLE:
-        raise UserError(f"model.residual={mc.residual}: the export rewrites {', '.join(FOLDABLE)} into a plain "
-                        "Transformer; this scheme has no such form")
+        raise UserError(
+            f"model.residual={mc.residual}: the export rewrites {', '.join(FOLDABLE)} into a plain "
+            "Transformer; this scheme has no such form"
+        )
 
 
 def fold(params: dict, mc: ModelConfig, step: int) -> Folded:

@@ -22,16 +22,20 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..model.embeddings import embed_scale
 
-TORCHSCALE_RESIDUALS = {"deepnorm": dict(deepnorm=True, subln=False), "post_ln": dict(deepnorm=False, subln=False),
-                        "pre_ln": dict(deepnorm=False, subln=False, normalize_before=True),
-                        "subln": dict(deepnorm=False, subln=True, normalize_before=True)}
+TORCHSCALE_RESIDUALS = {
+    "deepnorm": dict(deepnorm=True, subln=False),
+    "post_ln": dict(deepnorm=False, subln=False),
+    "pre_ln": dict(deepnorm=False, subln=False, normalize_before=True),
+    "subln": dict(deepnorm=False, subln=True, normalize_before=True),
+}
 
 
 def check_torchscale_scheme(mc: ModelConfig) -> None:
     """One line naming the scheme when torchscale's EncoderDecoder cannot hold it."""
     if mc.residual not in TORCHSCALE_RESIDUALS:
-        raise UserError(f"model.residual={mc.residual}: torchscale has no counterpart (valid: "
-                        f"{', '.join(TORCHSCALE_RESIDUALS)})")
+        raise UserError(
+            f"model.residual={mc.residual}: torchscale has no counterpart (valid: {', '.join(TORCHSCALE_RESIDUALS)})"
+        )
 
 
 def _timm_drop_path() -> None:
@@ -40,8 +44,14 @@ def _timm_drop_path() -> None:
     if spec is None or spec.origin is None:
         raise UserError("torchscale needs timm's drop_path: pip install --no-deps timm==0.6.13")
     root = os.path.dirname(spec.origin)
-    path = next((p for p in (os.path.join(root, "models", "layers", "drop.py"), os.path.join(root, "layers", "drop.py"))
-                 if os.path.isfile(p)), None)
+    path = next(
+        (
+            p
+            for p in (os.path.join(root, "models", "layers", "drop.py"), os.path.join(root, "layers", "drop.py"))
+            if os.path.isfile(p)
+        ),
+        None,
+    )
     if path is None:
         raise UserError(f"timm at {root} has no layers/drop.py (torchscale needs its drop_path)")
     drop_spec = importlib.util.spec_from_file_location("timm.models.layers.drop", path)
@@ -58,8 +68,10 @@ def torchscale():
         import torchscale.component.droppath  # noqa: F401
     except ImportError as e:
         if "torchscale" in str(e) and "timm" not in str(e):
-            raise UserError("the torchscale check needs torchscale 0.3.0: pip install --no-deps torchscale==0.3.0 "
-                            "fairscale==0.4.0 timm==0.6.13") from None
+            raise UserError(
+                "the torchscale check needs torchscale 0.3.0: pip install --no-deps torchscale==0.3.0 "
+                "fairscale==0.4.0 timm==0.6.13"
+            ) from None
         _timm_drop_path()
     from torchscale.architecture.config import EncoderDecoderConfig
     from torchscale.architecture.encoder_decoder import EncoderDecoder
@@ -72,13 +84,16 @@ def fairseq_sinusoidal(dim: int, pad: int, rows: int):
     try:
         from fairseq.modules import SinusoidalPositionalEmbedding
     except ImportError:
-        raise UserError("fairseq-style sinusoidal positions need fairseq to check against: pip install "
-                        "--no-deps fairseq-fixed==0.12.3.1 (see requirements-dev.txt)") from None
+        raise UserError(
+            "fairseq-style sinusoidal positions need fairseq to check against: pip install "
+            "--no-deps fairseq-fixed==0.12.3.1 (see requirements-dev.txt)"
+        ) from None
     return SinusoidalPositionalEmbedding(dim, pad, init_size=rows)
 
 
-def torchscale_model(mc: ModelConfig, vocab: int, tgt_vocab: int, state: dict, pad: int,
-                     source_args: dict | None = None) -> torch.nn.Module:
+def torchscale_model(
+    mc: ModelConfig, vocab: int, tgt_vocab: int, state: dict, pad: int, source_args: dict | None = None
+) -> torch.nn.Module:
     """torchscale's EncoderDecoder of the same shape as `mc` (`source_args`, the EncoderDecoderConfig arguments
     the source was built with, override what `mc` says), holding the torchscale-named `state`, in eval mode."""
     EncoderDecoder, EncoderDecoderConfig, TextEmbedding, PositionalEmbedding = torchscale()
@@ -89,12 +104,24 @@ def torchscale_model(mc: ModelConfig, vocab: int, tgt_vocab: int, state: dict, p
     flags = dict(TORCHSCALE_RESIDUALS[mc.residual])
     before = flags.pop("normalize_before", False)
     kw = dict(
-        encoder_embed_dim=mc.d_model, decoder_embed_dim=mc.d_model, encoder_attention_heads=mc.n_heads,
-        decoder_attention_heads=mc.n_heads, encoder_ffn_embed_dim=mc.ffn_dim, decoder_ffn_embed_dim=mc.ffn_dim,
-        encoder_layers=mc.encoder_layers, decoder_layers=mc.decoder_layers, activation_fn=mc.activation,
-        no_scale_embedding=scale == 1.0, share_all_embeddings=mc.share_all_embeddings,
-        share_decoder_input_output_embed=mc.share_decoder_input_output_embed, vocab_size=vocab,
-        layernorm_eps=mc.ln_eps, encoder_normalize_before=before, decoder_normalize_before=before, **flags)
+        encoder_embed_dim=mc.d_model,
+        decoder_embed_dim=mc.d_model,
+        encoder_attention_heads=mc.n_heads,
+        decoder_attention_heads=mc.n_heads,
+        encoder_ffn_embed_dim=mc.ffn_dim,
+        decoder_ffn_embed_dim=mc.ffn_dim,
+        encoder_layers=mc.encoder_layers,
+        decoder_layers=mc.decoder_layers,
+        activation_fn=mc.activation,
+        no_scale_embedding=scale == 1.0,
+        share_all_embeddings=mc.share_all_embeddings,
+        share_decoder_input_output_embed=mc.share_decoder_input_output_embed,
+        vocab_size=vocab,
+        layernorm_eps=mc.ln_eps,
+        encoder_normalize_before=before,
+        decoder_normalize_before=before,
+        **flags,
+    )
     kw.update(source_args or {})
     kw.update(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, drop_path_rate=0.0)  # eval: off
     args = EncoderDecoderConfig(**kw)
@@ -113,8 +140,10 @@ def torchscale_model(mc: ModelConfig, vocab: int, tgt_vocab: int, state: dict, p
     missing = [k for k in missing if not k.endswith("_float_tensor")]
     unexpected = [k for k in unexpected if not k.endswith("_float_tensor")]
     if missing or unexpected:
-        raise UserError(f"the torchscale weights do not fit a torchscale EncoderDecoder of this config (missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"the torchscale weights do not fit a torchscale EncoderDecoder of this config (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.eval()
 
 
@@ -135,8 +164,10 @@ def _fairseq():
         from fairseq.data import Dictionary
         from fairseq.models.transformer import TransformerModel
     except ImportError:
-        raise UserError("--from fairseq needs fairseq 0.12: pip install --no-deps fairseq-fixed==0.12.3.1 "
-                        "(see requirements-dev.txt)") from None
+        raise UserError(
+            "--from fairseq needs fairseq 0.12: pip install --no-deps fairseq-fixed==0.12.3.1 "
+            "(see requirements-dev.txt)"
+        ) from None
     return Dictionary, TransformerModel
 
 
@@ -153,8 +184,11 @@ def fairseq_checkpoint(path: str) -> tuple[dict, argparse.Namespace]:
     _fairseq()
     from fairseq.logging import meters
 
-    allowed = [argparse.Namespace] + [getattr(meters, n) for n in dir(meters)
-                                     if isinstance(getattr(meters, n), type) and n.endswith(("Meter", "MetersDict"))]
+    allowed = [argparse.Namespace] + [
+        getattr(meters, n)
+        for n in dir(meters)
+        if isinstance(getattr(meters, n), type) and n.endswith(("Meter", "MetersDict"))
+    ]
     if not os.path.isfile(path):
         raise UserError(f"fairseq checkpoint not found: {path}")
     state = safe_load(path, allowed=tuple(allowed))
@@ -177,8 +211,9 @@ def fairseq_model(args: argparse.Namespace, src_dict, tgt_dict, state: dict):
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-        raise UserError(f"the fairseq checkpoint does not fit its own arguments and dictionary: "
-                        f"{(lines[1:] or lines)[0][:200]}") from None
+        raise UserError(
+            f"the fairseq checkpoint does not fit its own arguments and dictionary: {(lines[1:] or lines)[0][:200]}"
+        ) from None
     return model.eval()
 
 

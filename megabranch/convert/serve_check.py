@@ -44,8 +44,9 @@ def source_model(ex: Export):
 
 
 @torch.no_grad()
-def check_export(what: str, package: str, ex: Export, logits_fn, decode_fn, enforce: bool = True,
-                 limit_differs: bool = False) -> dict:
+def check_export(
+    what: str, package: str, ex: Export, logits_fn, decode_fn, enforce: bool = True, limit_differs: bool = False
+) -> dict:
     """Runs the comparisons, prints what was compared, raises UserError on a difference when `enforce`
     (a quantized export prints its differences only); -> the numbers, for megabranch.json."""
     model = source_model(ex)
@@ -55,9 +56,11 @@ def check_export(what: str, package: str, ex: Export, logits_fn, decode_fn, enfo
     rel = relative_difference(ours[keep], logits_fn(src, prev)[keep])
     ok = rel < EXPORT_TOLERANCE
     padded = int(src.eq(PAD).sum() + prev.eq(PAD).sum())
-    print(f"check ({what}): logits against {package} own forward on a fixed batch of {src.shape[0]} "
-          f"sentences ({padded} padded positions), fp32: max relative difference {rel:.3g} "
-          f"{'<' if ok else '>='} {EXPORT_TOLERANCE:g}: {'OK' if ok else 'FAILED' if enforce else 'not enforced'}")
+    print(
+        f"check ({what}): logits against {package} own forward on a fixed batch of {src.shape[0]} "
+        f"sentences ({padded} padded positions), fp32: max relative difference {rel:.3g} "
+        f"{'<' if ok else '>='} {EXPORT_TOLERANCE:g}: {'OK' if ok else 'FAILED' if enforce else 'not enforced'}"
+    )
     if enforce and not ok:
         raise UserError(f"export check failed for {what}: logits differ by {rel:.3g} (relative); nothing written")
     length = max_length(model, src, 1.2, 10)
@@ -70,10 +73,18 @@ def check_export(what: str, package: str, ex: Export, logits_fn, decode_fn, enfo
         at_limit += sum(a != b and length - 1 in (len(a), len(b)) for a, b in zip(theirs, mine)) if limit_differs else 0
     agree = sum(same.values()) + at_limit == 2 * n
     limit = f" ({at_limit} differing where the search reached the length limit)" if at_limit else ""
-    print(f"check ({what}): greedy and beam-{BEAM} (lenpen {LENPEN}) hypotheses of the {n} sentences against "
-          f"megabranch's: " + ", ".join(f"{k} {v}/{n} identical" for k, v in same.items()) +
-          f"{limit}: {'OK' if agree else 'FAILED' if enforce else 'not enforced'}")
+    print(
+        f"check ({what}): greedy and beam-{BEAM} (lenpen {LENPEN}) hypotheses of the {n} sentences against "
+        f"megabranch's: "
+        + ", ".join(f"{k} {v}/{n} identical" for k, v in same.items())
+        + f"{limit}: {'OK' if agree else 'FAILED' if enforce else 'not enforced'}"
+    )
     if enforce and not agree:
         raise UserError(f"export check failed for {what}: hypotheses differ from megabranch's; nothing written")
-    return {"logits_max_relative_difference": rel, "tolerance": EXPORT_TOLERANCE, "sentences": n,
-            **{f"{k}_identical": v for k, v in same.items()}, "differing_at_the_length_limit": at_limit}
+    return {
+        "logits_max_relative_difference": rel,
+        "tolerance": EXPORT_TOLERANCE,
+        "sentences": n,
+        **{f"{k}_identical": v for k, v in same.items()},
+        "differing_at_the_length_limit": at_limit,
+    }

@@ -27,9 +27,15 @@ from .folding import Folded, fold
 
 SIDECAR = "megabranch.json"
 # megabranch's sub-layer names -> fairseq's transformer layers' (which MarianMT's layers share)
-FAIRSEQ_LAYER_NAMES = {"self_attn.block.": "self_attn.", "self_attn.norm.": "self_attn_layer_norm.",
-                       "cross_attn.block.": "encoder_attn.", "cross_attn.norm.": "encoder_attn_layer_norm.",
-                       "ffn.block.fc1.": "fc1.", "ffn.block.fc2.": "fc2.", "ffn.norm.": "final_layer_norm."}
+FAIRSEQ_LAYER_NAMES = {
+    "self_attn.block.": "self_attn.",
+    "self_attn.norm.": "self_attn_layer_norm.",
+    "cross_attn.block.": "encoder_attn.",
+    "cross_attn.norm.": "encoder_attn_layer_norm.",
+    "ffn.block.fc1.": "fc1.",
+    "ffn.block.fc2.": "fc2.",
+    "ffn.norm.": "final_layer_norm.",
+}
 
 
 @dataclasses.dataclass
@@ -61,7 +67,7 @@ class Export:
         lo = mc.position_offset
         learned = self.params.get(f"{stack}.embed.learned_positions.weight")
         if mc.positions == "learned":
-            return learned[lo:lo + mc.max_positions].float()
+            return learned[lo : lo + mc.max_positions].float()
         return sinusoidal_table(lo + mc.max_positions, mc.d_model)[lo:]
 
     def pieces(self, side: str, pad: str = "<pad>") -> list[str]:
@@ -76,9 +82,15 @@ class Export:
         return {"source": str(self.src_tok.path), "target": str(self.tgt_tok.path)}
 
     def sidecar(self, target: str, compared: dict) -> dict:
-        return {"format": f"megabranch export to {target}", "step": self.step, "residual": self.mc.residual,
-                "folded_branch_scale": self.folded.scale, "layer_norm_eps": self.folded.eps,
-                "source_prefix": self.directions, "compared": compared}
+        return {
+            "format": f"megabranch export to {target}",
+            "step": self.step,
+            "residual": self.mc.residual,
+            "folded_branch_scale": self.folded.scale,
+            "layer_norm_eps": self.folded.eps,
+            "source_prefix": self.directions,
+            "compared": compared,
+        }
 
 
 def fairseq_layers(params: dict, prefix: str = "") -> dict:
@@ -90,7 +102,7 @@ def fairseq_layers(params: dict, prefix: str = "") -> dict:
         if len(parts) == 4 and parts[1] == "layers":
             for ours, theirs in FAIRSEQ_LAYER_NAMES.items():
                 if parts[3].startswith(ours):
-                    out[f"{prefix}{parts[0]}.layers.{parts[2]}.{theirs}{parts[3][len(ours):]}"] = t
+                    out[f"{prefix}{parts[0]}.layers.{parts[2]}.{theirs}{parts[3][len(ours) :]}"] = t
                     break
     return out
 
@@ -101,25 +113,33 @@ def prepare(cfg: Config, meta: dict, params: dict, data_dir: str | None) -> Expo
     data_dir = data_dir or cfg.data.data_dir
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
-        raise UserError(f"{meta_path} not found: an export takes the sentencepiece model(s) from the model's data "
-                        "directory; pass --data-dir DIR (the megabranch-preprocess output it was trained on)")
+        raise UserError(
+            f"{meta_path} not found: an export takes the sentencepiece model(s) from the model's data "
+            "directory; pass --data-dir DIR (the megabranch-preprocess output it was trained on)"
+        )
     try:
         with open(meta_path) as fh:
             data = json.load(fh)
-        directions = data.get("directions") or [{"source_lang": data["source_lang"], "target_lang": data["target_lang"]}]
+        directions = data.get("directions") or [
+            {"source_lang": data["source_lang"], "target_lang": data["target_lang"]}
+        ]
         spm = data["spm"]
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path}: unreadable or incomplete ({e!s})") from None
     if meta.get("vocab_sha256") and meta["vocab_sha256"] != meta_vocab_hash(data):
-        raise UserError(f"the vocabulary of {data_dir} differs from the one the checkpoint was trained with; pass "
-                        "--data-dir with the directory it was trained on")
+        raise UserError(
+            f"the vocabulary of {data_dir} differs from the one the checkpoint was trained with; pass "
+            "--data-dir with the directory it was trained on"
+        )
     first = directions[0]
     src_tok = Tokenizer(os.path.join(data_dir, spm[first["source_lang"]]))
     tgt_tok = Tokenizer(os.path.join(data_dir, spm[first["target_lang"]]))
     vocab, tgt = meta["vocab_size"], meta.get("tgt_vocab_size") or meta["vocab_size"]
     if (src_tok.vocab_size, tgt_tok.vocab_size) != (vocab, tgt):
-        raise UserError(f"the sentencepiece models of {data_dir} have {src_tok.vocab_size} / {tgt_tok.vocab_size} "
-                        f"pieces but the model {vocab} / {tgt}")
+        raise UserError(
+            f"the sentencepiece models of {data_dir} have {src_tok.vocab_size} / {tgt_tok.vocab_size} "
+            f"pieces but the model {vocab} / {tgt}"
+        )
     step = int(meta.get("step", 0))
     names = {f"{d['source_lang']}-{d['target_lang']}": d.get("tag") for d in directions}
     return Export(cfg, params, fold(params, cfg.model, step), vocab, tgt, step, src_tok, tgt_tok, names)

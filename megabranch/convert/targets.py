@@ -50,13 +50,19 @@ def _ctranslate2(ex: Export, out: str, quantization: str | None) -> dict:
     pieces = (ex.pieces("source", ct2.PAD_PIECE), ex.pieces("target", ct2.PAD_PIECE))
 
     def spec():
-        return ct2.build_spec(ex.folded, ex.mc, {s: ex.positions(s) for s in ("encoder", "decoder")}, ex.scale,
-                              *pieces)
+        return ct2.build_spec(ex.folded, ex.mc, {s: ex.positions(s) for s in ("encoder", "decoder")}, ex.scale, *pieces)
 
     def checked(path: str, what: str, enforce: bool) -> dict:
         tr = ct2.translator(path, compute_type="float32" if enforce else "default")
-        return check_export(what, "ctranslate2's", ex, lambda s, p: ct2.logits(tr, pieces, s, p),
-                            lambda s, b, lp, n: ct2.decode(tr, pieces, s, b, lp, n), enforce, limit_differs=True)
+        return check_export(
+            what,
+            "ctranslate2's",
+            ex,
+            lambda s, p: ct2.logits(tr, pieces, s, p),
+            lambda s, b, lp, n: ct2.decode(tr, pieces, s, b, lp, n),
+            enforce,
+            limit_differs=True,
+        )
 
     if quantization in (None, "float32"):
         ct2.write(spec(), out, None, files)
@@ -75,12 +81,23 @@ def _ctranslate2(ex: Export, out: str, quantization: str | None) -> dict:
 def _hf(ex: Export, out: str, quantization: str | None) -> dict:
     export_hf.write(ex, out)
     model, _ = export_hf.load(out)
-    return check_export("export -> transformers", "transformers'", ex, lambda s, p: export_hf.logits(model, s, p),
-                        lambda s, b, lp, n: export_hf.decode(model, s, b, lp, n), limit_differs=True)
+    return check_export(
+        "export -> transformers",
+        "transformers'",
+        ex,
+        lambda s, p: export_hf.logits(model, s, p),
+        lambda s, b, lp, n: export_hf.decode(model, s, b, lp, n),
+        limit_differs=True,
+    )
 
 
 def _fairseq(ex: Export, out: str, quantization: str | None) -> dict:
     export_fairseq.write(ex, out)
     hub = export_fairseq.load(out)
-    return check_export("export -> fairseq", "fairseq's", ex, lambda s, p: export_fairseq.logits(hub, s, p),
-                        lambda s, b, lp, n: export_fairseq.decode(hub, s, b, lp, n))
+    return check_export(
+        "export -> fairseq",
+        "fairseq's",
+        ex,
+        lambda s, p: export_fairseq.logits(hub, s, p),
+        lambda s, b, lp, n: export_fairseq.decode(hub, s, b, lp, n),
+    )

@@ -20,8 +20,18 @@ from .shards import UNSHARDED
 
 
 class MultiheadAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float, cross: bool = False, *, head_scale: bool = False,
-                 inner_norm: bool = False, output_norm: bool = False, eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float,
+        cross: bool = False,
+        *,
+        head_scale: bool = False,
+        inner_norm: bool = False,
+        output_norm: bool = False,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.head_dim = d_model // n_heads
         self.cross = cross

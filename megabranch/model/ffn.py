@@ -15,8 +15,17 @@ from .shards import UNSHARDED
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d_model: int, ffn_dim: int, activation: str = "relu", activation_dropout: float = 0.0, *,
-                 hidden_norm: bool = False, scalar_biases: bool = False, eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        ffn_dim: int,
+        activation: str = "relu",
+        activation_dropout: float = 0.0,
+        *,
+        hidden_norm: bool = False,
+        scalar_biases: bool = False,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.fc1 = nn.Linear(d_model, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, d_model)

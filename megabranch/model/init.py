@@ -60,7 +60,8 @@ def initial_value(name: str, shape: tuple, cfg: ModelConfig, seed: int) -> torch
     zero biases, unit LayerNorm, N(0, d^-1/2) embeddings with a zero pad row (learned positions: N(0, d^-1/2)
     too); with DeepNorm init (default for deepnorm and branchnorm) v/out/fc1/fc2 are scaled by the stack's beta
     (model.deepnorm_beta: the paper's encoder beta or torchscale's). It is not fairseq 0.12's (nor torchscale's):
-    they leave fc1/fc2 at nn.Linear's default and every bias but out_proj's non-zero (docs/design.md). The schemes with their own init
+    they leave fc1/fc2 at nn.Linear's default and every bias but out_proj's non-zero (docs/design.md). The schemes
+    with their own init
     scale the linear weights as their papers say (`_scheme_gain`); T-Fixup also scales the token tables, R-Fixup
     zeroes an untied output projection. The schemes' scalars: ReZero's a_l 0, R-Fixup's biases 0 and scales 1,
     Admin's omega 1 (its profiling pass sets it), NormFormer's head scales 1, DLCL's combination rows their mean.

@@ -90,8 +90,17 @@ class Residual(nn.Module):
                 self.admin_profile.visit(self.omega, x, f)
             return self.norm(torch.addcmul(F.dropout(f, self.dropout_p, self.training), self.omega, x))
         if self.fused:
-            return residual_layernorm(x, f, self.norm.weight, self.norm.bias, r, s, self.norm.eps,
-                                      dropout_p=self.dropout_p, training=self.training)
+            return residual_layernorm(
+                x,
+                f,
+                self.norm.weight,
+                self.norm.bias,
+                r,
+                s,
+                self.norm.eps,
+                dropout_p=self.dropout_p,
+                training=self.training,
+            )
         f = F.dropout(f, self.dropout_p, self.training)
         # The scale that is 1 by construction is skipped, so post_ln costs one add and branchnorm with
         # alpha = 1 is bit-identical to post_ln (1.0 * f == f exactly).
@@ -106,14 +115,28 @@ class Residual(nn.Module):
 
 def _attention(cfg, cross: bool = False) -> MultiheadAttention:
     res = cfg.residual
-    return MultiheadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, cross=cross, eps=cfg.ln_eps,
-                              head_scale=res == "normformer" and not cross, output_norm=res == "normformer" and not cross,
-                              inner_norm=res == "subln" and not cross)
+    return MultiheadAttention(
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.attention_dropout,
+        cross=cross,
+        eps=cfg.ln_eps,
+        head_scale=res == "normformer" and not cross,
+        output_norm=res == "normformer" and not cross,
+        inner_norm=res == "subln" and not cross,
+    )
 
 
 def _ffn(cfg) -> FeedForward:
-    return FeedForward(cfg.d_model, cfg.ffn_dim, cfg.activation, cfg.activation_dropout, eps=cfg.ln_eps,
-                       hidden_norm=cfg.residual in ("normformer", "subln"), scalar_biases=cfg.residual == "r_fixup")
+    return FeedForward(
+        cfg.d_model,
+        cfg.ffn_dim,
+        cfg.activation,
+        cfg.activation_dropout,
+        eps=cfg.ln_eps,
+        hidden_norm=cfg.residual in ("normformer", "subln"),
+        scalar_biases=cfg.residual == "r_fixup",
+    )
 
 
 class _Layer(nn.Module):

@@ -24,10 +24,10 @@ def apex_fused_layer_norm():
     try:
         cls = importlib.import_module("apex.normalization").FusedLayerNorm
         importlib.import_module("fused_layer_norm_cuda")  # apex built without its CUDA extensions fails here
-    except Exception:  # noqa: BLE001 - not installed, the unrelated PyPI "apex", or a broken build: torch's LN
+    except Exception:  # not installed, the unrelated PyPI "apex", or a broken build: torch's LN
         return None
     return cls
 
 
-def LayerNorm(d_model: int, eps: float) -> nn.Module:  # noqa: N802 - a drop-in for nn.LayerNorm
+def LayerNorm(d_model: int, eps: float) -> nn.Module:  # a drop-in for nn.LayerNorm
     return (apex_fused_layer_norm() or nn.LayerNorm)(d_model, eps=eps)

@@ -48,17 +48,26 @@ class Span:
     output: bool = False
 
     @classmethod
-    def full(cls, n_enc: int, n_dec: int) -> "Span":
+    def full(cls, n_enc: int, n_dec: int) -> Span:
         return cls(n_enc, n_dec, 0, n_enc, 0, n_dec, True, True, True)
 
     @classmethod
-    def of_layers(cls, lo: int, hi: int, n_enc: int, n_dec: int) -> "Span":
+    def of_layers(cls, lo: int, hi: int, n_enc: int, n_dec: int) -> Span:
         """Layers [lo, hi) of the sequence E0..E(N-1) D0..D(M-1), with the embeddings riding with E0 and D0 and
         the output projection with D(M-1) (the native pipeline's chunks)."""
         enc_lo, enc_hi = min(lo, n_enc), min(hi, n_enc)
         dec_lo, dec_hi = max(lo - n_enc, 0), max(hi - n_enc, 0)
-        return cls(n_enc, n_dec, enc_lo, enc_hi, dec_lo, dec_hi, src_embed=enc_lo == 0 and enc_hi > 0,
-                   tgt_embed=dec_lo == 0 and dec_hi > 0, output=dec_hi == n_dec and dec_hi > dec_lo)
+        return cls(
+            n_enc,
+            n_dec,
+            enc_lo,
+            enc_hi,
+            dec_lo,
+            dec_hi,
+            src_embed=enc_lo == 0 and enc_hi > 0,
+            tgt_embed=dec_lo == 0 and dec_hi > 0,
+            output=dec_hi == n_dec and dec_hi > dec_lo,
+        )
 
     @property
     def has_encoder(self) -> bool:
@@ -113,8 +122,9 @@ class Span:
                 continue
             encoder = what is Carried.ENCODER_HIDDEN
             shape = (b, s, d) if encoder else (b, t, d)
-            layers_before = (self.enc_lo if incoming else self.enc_hi) if encoder else (
-                self.dec_lo if incoming else self.dec_hi)
+            layers_before = (
+                (self.enc_lo if incoming else self.enc_hi) if encoder else (self.dec_lo if incoming else self.dec_hi)
+            )
             out.append((layers_before + 1, *shape) if history else shape)
         return out
 

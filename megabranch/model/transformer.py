@@ -100,8 +100,9 @@ class _Stack(nn.Module):
             if not recompute:
                 return state + list(_dense_segment(layers, call, len(state), *state, *extra))
             for start in range(0, len(layers), k):
-                state = state + list(self.checkpoint(_dense_segment, layers[start:start + k], call, len(state),
-                                                     *state, *extra))
+                state = state + list(
+                    self.checkpoint(_dense_segment, layers[start : start + k], call, len(state), *state, *extra)
+                )
             return state
         if not recompute:
             return _segment(layers, call, state, *extra)
@@ -163,8 +164,9 @@ class Decoder(_Stack):
             # last, where the parameter order of older checkpoints has it) under its single-process name
             self.embed = Embedder(table, cfg, with_positions=False)
 
-    def forward(self, prev_tokens, memory, memory_mask, y=None, cache: list | None = None, offset: int = 0,
-                project: bool = True):
+    def forward(
+        self, prev_tokens, memory, memory_mask, y=None, cache: list | None = None, offset: int = 0, project: bool = True
+    ):
         """-> logits (B, T, V), or what travels on (the hidden (B, T, d); DLCL: the stacked history) on a slice
         that does not end the decoder, or the final hidden with project=False. y=None: embed prev_tokens first,
         else continue from what the previous slice sent. With `cache` (a list of per-layer dicts), only the new
@@ -173,8 +175,9 @@ class Decoder(_Stack):
         r, s = self.coeffs.shortcut_scale, self.coeffs.branch_scale
         if cache is not None:
             caches = {id(layer): per_layer for layer, per_layer in zip(self.layers, cache)}
-            state = self.run_layers(state, lambda layer, h, mem: layer(h, r, s, mem, memory_mask,
-                                                                        cache=caches[id(layer)]), memory)
+            state = self.run_layers(
+                state, lambda layer, h, mem: layer(h, r, s, mem, memory_mask, cache=caches[id(layer)]), memory
+            )
         else:
             state = self.run_layers(state, lambda layer, h, mem: layer(h, r, s, mem, memory_mask), memory)
         y = self.finish(state, self.ends)
@@ -203,8 +206,16 @@ class OutputProjection(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None, seed: int | None = None,
-                 span: Span | None = None, init: bool = True, tables: dict | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        tgt_vocab_size: int | None = None,
+        seed: int | None = None,
+        span: Span | None = None,
+        init: bool = True,
+        tables: dict | None = None,
+    ):
         """span: the slice to build (default: the whole model). init=False leaves the parameters uninitialised
         (a meta-device skeleton, or a slice its builder fills itself). tables: embedding tables by stack
         ("encoder" / "decoder"), reused and filled in, so several slices on one process share one copy."""
@@ -259,8 +270,13 @@ class Transformer(nn.Module):
     # --- Admin's profiling pass (model.residual=admin) ----------------------------------------------------------
     def needs_admin_profile(self) -> bool:
         """Admin, training, about to take step 0, and not profiled yet in this process."""
-        return (self.cfg.residual == "admin" and self.training and torch.is_grad_enabled()
-                and not self.admin_profiled and self.encoder.coeffs.step == 0)
+        return (
+            self.cfg.residual == "admin"
+            and self.training
+            and torch.is_grad_enabled()
+            and not self.admin_profiled
+            and self.encoder.coeffs.step == 0
+        )
 
     @torch.no_grad()
     def profile_admin(self, src_tokens, prev_output_tokens, *carry, ratios: tuple = (1.0, 1.0)) -> tuple:
@@ -319,20 +335,25 @@ def canonical_parameters(modules, cfg: ModelConfig) -> dict:
     return out
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None, seed: int | None = None) -> Transformer:
+def build_model(
+    cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None, seed: int | None = None
+) -> Transformer:
     """seed=None draws the init seed from torch's RNG, so torch.manual_seed still makes runs reproducible."""
     return Transformer(cfg, vocab_size, tgt_vocab_size, seed)
 
 
-def meta_model(cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None, span: Span | None = None) -> Transformer:
+def meta_model(
+    cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None = None, span: Span | None = None
+) -> Transformer:
     """The model's (or a slice's) structure on the meta device (parameter names, shapes and counts), allocating
     and initialising nothing: what planners and converters read for a 1000-layer model."""
     with torch.device("meta"):
         return Transformer(cfg, vocab_size, tgt_vocab_size, span=span, init=False)
 
 
-def build_model_from(cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None, params: dict, step: int,
-                     where: str) -> Transformer:
+def build_model_from(
+    cfg: ModelConfig, vocab_size: int, tgt_vocab_size: int | None, params: dict, step: int, where: str
+) -> Transformer:
     """The single-process model holding `params` (single-process names, e.g. a consolidated checkpoint) at the
     alpha of `step`. A table shared by encoder and decoder may come under its encoder name only; any other missing
     or unexpected name is a UserError naming `where`."""

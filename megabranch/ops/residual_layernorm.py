@@ -31,8 +31,6 @@ The eager fallback uses F.dropout instead (a different, equally valid mask).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,17 +43,34 @@ __all__ = ["residual_layernorm", "eager_residual_layernorm", "backend", "fallbac
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def eager_residual_layernorm(x: Tensor, f: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                             r, s, eps: float = 1e-5, dropout_p: float = 0.0,
-                             training: bool = False) -> Tensor:
+def eager_residual_layernorm(
+    x: Tensor,
+    f: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    r,
+    s,
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
     """The plain PyTorch composition ``F.layer_norm(r * x + s * F.dropout(f))``: the fallback and
     the reference the fused kernels are tested against."""
     z = r * x + s * F.dropout(f, p=dropout_p, training=training)
     return F.layer_norm(z, (x.shape[-1],), weight, bias, eps)
 
 
-def residual_layernorm(x: Tensor, f: Tensor, weight: Tensor, bias: Tensor, r, s,
-                       eps: float = 1e-5, dropout_p: float = 0.0, training: bool = False) -> Tensor:
+def residual_layernorm(
+    x: Tensor,
+    f: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    r,
+    s,
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
     """``LayerNorm(r * x + s * dropout(f))`` with affine ``weight``/``bias``, fused.
 
     x, f: same shape (..., H), float32, bfloat16 or float16 (float64 for checks; mixed dtypes
@@ -64,8 +79,13 @@ def residual_layernorm(x: Tensor, f: Tensor, weight: Tensor, bias: Tensor, r, s,
     r, s: 0-dim float32 tensors on x's device (floats accepted); statistics in float32.
     Differentiable w.r.t. x, f, weight and bias.
     """
-    if (isinstance(x, Tensor) and isinstance(f, Tensor) and x.dtype != f.dtype
-            and x.dtype in _FUSED_DTYPES and f.dtype in _FUSED_DTYPES):
+    if (
+        isinstance(x, Tensor)
+        and isinstance(f, Tensor)
+        and x.dtype != f.dtype
+        and x.dtype in _FUSED_DTYPES
+        and f.dtype in _FUSED_DTYPES
+    ):
         # e.g. an fp32 residual stream and a bf16 branch output: compute in the promoted dtype,
         # as r * x + s * f would.
         common = torch.promote_types(x.dtype, f.dtype)
@@ -84,8 +104,17 @@ def residual_layernorm(x: Tensor, f: Tensor, weight: Tensor, bias: Tensor, r, s,
         weight = weight.to(x.dtype)
     if bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    args = (x.contiguous(), f.contiguous(), weight.contiguous(), bias.contiguous(),
-            scalar_tensor(r, x), scalar_tensor(s, x), seed, float(eps), p)
+    args = (
+        x.contiguous(),
+        f.contiguous(),
+        weight.contiguous(),
+        bias.contiguous(),
+        scalar_tensor(r, x),
+        scalar_tensor(s, x),
+        seed,
+        float(eps),
+        p,
+    )
     if torch.compiler.is_compiling() or type(x) is not Tensor:
         # the custom op: traceable, with fake implementations; also what a tensor without plain storage takes
         # (the fake tensors of megabranch-train --rehearse): it dispatches to that tensor's implementation
@@ -104,7 +133,7 @@ def backend(device=None) -> str:
     return f"{dev_type}-ext" if loader.is_available(dev_type) else "eager"
 
 
-def fallback_reason(device=None) -> Optional[str]:
+def fallback_reason(device=None) -> str | None:
     """Why `backend(device)` is "eager" (None when an extension is in use)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,7 +20,6 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -48,7 +47,7 @@ def loaded(device_type: str):
     return _exts.get(device_type)
 
 
-def reason(device_type: str) -> Optional[str]:
+def reason(device_type: str) -> str | None:
     """Why the extension for `device_type` is not in use, once loading was tried (None otherwise)."""
     return _reasons.get(device_type)
 
@@ -93,14 +92,16 @@ def _load(device_type: str) -> bool:
         else:
             try:
                 module = build_or_import(device_type)
-            except Exception as exc:  # noqa: BLE001 - any failure means: use the eager path
+            except Exception as exc:  # any failure means: use the eager path
                 why = one_line(exc)
                 if device_type not in _warned:
                     _warned.add(device_type)
                     warnings.warn(
                         f"megabranch: fused residual LayerNorm {device_type} extension unavailable "
-                        f"({why}); using the eager PyTorch composition", RuntimeWarning,
-                        stacklevel=_user_stacklevel())
+                        f"({why}); using the eager PyTorch composition",
+                        RuntimeWarning,
+                        stacklevel=_user_stacklevel(),
+                    )
         if module is not None:
             _exts[device_type] = module
             if device_type == "cuda":
@@ -128,8 +129,9 @@ def _user_stacklevel() -> int:
 def _load_build_helpers():
     path = _KERNELS_DIR / "build.py"
     if not path.is_file():
-        raise FileNotFoundError("no prebuilt extension installed and no kernels/ sources next to "
-                                "the megabranch package to JIT-build one")
+        raise FileNotFoundError(
+            "no prebuilt extension installed and no kernels/ sources next to the megabranch package to JIT-build one"
+        )
     name = "megabranch_kernels_build"
     if name in sys.modules:
         return sys.modules[name]
@@ -152,8 +154,7 @@ def build_or_import(device_type: str):
             prebuilt_error = f"{prebuilt} has another ABI version"
         elif not (_KERNELS_DIR / "build.py").is_file():
             return module  # an installed package: the prebuilt module is all there is
-        elif getattr(module, "source_hash", lambda: -1)() == _load_build_helpers().source_hash(
-                device_type):
+        elif getattr(module, "source_hash", lambda: -1)() == _load_build_helpers().source_hash(device_type):
             return module
         else:
             prebuilt_error = f"{prebuilt} is older than the sources in kernels/"
@@ -176,6 +177,5 @@ def build_or_import(device_type: str):
     verbose = os.environ.get("MEGABRANCH_EXT_VERBOSE", "") not in ("", "0")
     module = cpp_extension.load(verbose=verbose, **kwargs)
     if module.abi_version() != _ABI_VERSION:
-        raise RuntimeError(f"JIT-built extension has ABI {module.abi_version()}, "
-                           f"expected {_ABI_VERSION}")
+        raise RuntimeError(f"JIT-built extension has ABI {module.abi_version()}, expected {_ABI_VERSION}")
     return module

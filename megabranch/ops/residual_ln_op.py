@@ -12,8 +12,6 @@ inputs). The normalised input is recomputed from x and f; the dropout mask is re
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -31,8 +29,17 @@ def scalar_tensor(v, x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("megabranch::residual_layernorm_fwd", mutates_args=())
-def _fwd_op(x: Tensor, f: Tensor, weight: Tensor, bias: Tensor, r: Tensor, s: Tensor,
-            seed: Optional[Tensor], eps: float, p: float) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd_op(
+    x: Tensor,
+    f: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    r: Tensor,
+    s: Tensor,
+    seed: Tensor | None,
+    eps: float,
+    p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     ext = loader.loaded(x.device.type)
     if ext is None:
         return torch_forward(x, f, weight, bias, r, s, seed, eps, p)
@@ -48,9 +55,18 @@ def _fwd_fake(x, f, weight, bias, r, s, seed, eps, p):
 
 
 @torch.library.custom_op("megabranch::residual_layernorm_bwd", mutates_args=())
-def _bwd_op(dy: Tensor, x: Tensor, f: Tensor, weight: Tensor, r: Tensor, s: Tensor,
-            seed: Optional[Tensor], mean: Tensor, rstd: Tensor,
-            p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _bwd_op(
+    dy: Tensor,
+    x: Tensor,
+    f: Tensor,
+    weight: Tensor,
+    r: Tensor,
+    s: Tensor,
+    seed: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ext = loader.loaded(x.device.type)
     if ext is None:
         return torch_backward(dy, x, f, weight, r, s, seed, mean, rstd, p)
@@ -60,8 +76,7 @@ def _bwd_op(dy: Tensor, x: Tensor, f: Tensor, weight: Tensor, r: Tensor, s: Tens
 
 @_bwd_op.register_fake
 def _bwd_fake(dy, x, f, weight, r, s, seed, mean, rstd, p):
-    return (x.new_empty(x.shape), x.new_empty(x.shape), weight.new_empty(weight.shape),
-            weight.new_empty(weight.shape))
+    return (x.new_empty(x.shape), x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -74,12 +89,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, f, weight, r, s, seed, mean, rstd = ctx.saved_tensors
     dx, df, dgamma, dbeta = torch.ops.megabranch.residual_layernorm_bwd(
-        dy.contiguous(), x, f, weight, r, s, seed, mean, rstd, ctx.p)
+        dy.contiguous(), x, f, weight, r, s, seed, mean, rstd, ctx.p
+    )
     return dx, df, dgamma, dbeta, None, None, None, None, None
 
 
-torch.library.register_autograd("megabranch::residual_layernorm_fwd", _backward,
-                                setup_context=_setup_context)
+torch.library.register_autograd("megabranch::residual_layernorm_fwd", _backward, setup_context=_setup_context)
 
 
 class EagerFused(torch.autograd.Function):
@@ -97,18 +112,29 @@ class EagerFused(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, f, weight, r, s, seed, mean, rstd = ctx.saved_tensors
-        dx, df, dgamma, dbeta = loader.loaded(x.device.type).backward(dy.contiguous(), x, f, weight, r, s, seed,
-                                                                      mean, rstd, ctx.p)
+        dx, df, dgamma, dbeta = loader.loaded(x.device.type).backward(
+            dy.contiguous(), x, f, weight, r, s, seed, mean, rstd, ctx.p
+        )
         return dx, df, dgamma, dbeta, None, None, None, None, None
 
 
-def residual_layernorm_with_seed(x, f, weight, bias, r, s, seed: Optional[Tensor],
-                                 eps: float = 1e-5, p: float = 0.0, via: str = "op") -> Tensor:
+def residual_layernorm_with_seed(
+    x, f, weight, bias, r, s, seed: Tensor | None, eps: float = 1e-5, p: float = 0.0, via: str = "op"
+) -> Tensor:
     """The fused op with an explicit int64 seed tensor (deterministic dropout, gradcheck), through the custom
     op (`via="op"`, what torch.compile traces) or the eager autograd.Function (`via="function"`, which needs
     the extension loaded for x's device)."""
-    args = (x.contiguous(), f.contiguous(), weight, bias, scalar_tensor(r, x), scalar_tensor(s, x), seed,
-            float(eps), float(p))
+    args = (
+        x.contiguous(),
+        f.contiguous(),
+        weight,
+        bias,
+        scalar_tensor(r, x),
+        scalar_tensor(s, x),
+        seed,
+        float(eps),
+        float(p),
+    )
     if via == "function":
         return EagerFused.apply(*args)
     return torch.ops.megabranch.residual_layernorm_fwd(*args)[0]

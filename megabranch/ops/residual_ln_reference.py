@@ -83,8 +83,7 @@ def torch_backward(dy, x, f, weight, r, s, seed, mean, rstd, p):
     xhat = (z - mean.to(acc).unsqueeze(-1)) * rstd.to(acc).unsqueeze(-1)
     dya = dy.to(acc)
     g = dya * weight.to(acc)
-    dz = rstd.to(acc).unsqueeze(-1) * (g - g.mean(-1, keepdim=True)
-                                       - xhat * (g * xhat).mean(-1, keepdim=True))
+    dz = rstd.to(acc).unsqueeze(-1) * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
     ds = dz
     if seed is not None and p > 0.0:
         keep = philox_keep_multiplier(int(seed), x.numel() // H, H, p, x.device)

@@ -218,5 +218,7 @@ class GradReducer:
         self._hooks = []
 
     def __repr__(self) -> str:
-        return (f"GradReducer({len(self.params)} params in {len(self.buckets)} buckets, dp={self.size}, "
-                f"overlap={self.overlap})")
+        return (
+            f"GradReducer({len(self.params)} params in {len(self.buckets)} buckets, dp={self.size}, "
+            f"overlap={self.overlap})"
+        )

@@ -26,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,6 @@ from .layout import Layout
 from .schedules import schedule_actions, splits_backward
 from .tensor_parallel import vocab_parallel_label_smoothed_nll_loss
 from .weight_grad import WeightGradStore, defer_weight_grads
-
 
 # what a point-to-point message carries (part of its tag): a chunk's output forward, the gradient of a chunk's
 # input backward, or Admin's profiling pass (its output and the running ratios)
@@ -62,11 +62,12 @@ class MicroBatch:
         self.key_mask = self.src_tokens.ne(PAD)
 
     @classmethod
-    def from_batch(cls, i: int, batch: dict, device, seq_split: int = 1) -> "MicroBatch":
+    def from_batch(cls, i: int, batch: dict, device, seq_split: int = 1) -> MicroBatch:
         """seq_split > 1: source and target padded to a multiple of it with padding tokens, which change nothing
         (masked keys, positions after every real one under causal attention, targets the loss ignores)."""
-        src, prev, target = (_pad_to(batch[k].to(device), seq_split)
-                             for k in ("src_tokens", "prev_output_tokens", "target"))
+        src, prev, target = (
+            _pad_to(batch[k].to(device), seq_split) for k in ("src_tokens", "prev_output_tokens", "target")
+        )
         return cls(i, src, prev, target, int(batch["ntokens"]), seq_split)
 
     def shapes(self, span, incoming: bool, d: int, history: bool) -> list[tuple]:
@@ -106,7 +107,7 @@ class _SendReaper:
                 if t is not None:  # drop the data; autograd keeps the metadata, all backward(outputs) needs
                     self.stats["freed_bytes"] += t.untyped_storage().nbytes()
                     t.untyped_storage().resize_(0)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread by drain()
+            except BaseException as e:  # re-raised on the main thread by drain()
                 self.error = self.error or e
             finally:
                 del work, t
@@ -123,8 +124,16 @@ class _SendReaper:
 class PipelineExecutor:
     """Runs this rank's chunks over the micro-batches of one step with point-to-point messages."""
 
-    def __init__(self, chunks: nn.ModuleList, layout: Layout, grid, kind: str, d_model: int,
-                 dtype: torch.dtype = torch.float32, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        chunks: nn.ModuleList,
+        layout: Layout,
+        grid,
+        kind: str,
+        d_model: int,
+        dtype: torch.dtype = torch.float32,
+        label_smoothing: float = 0.0,
+    ):
         self.chunks, self.layout, self.grid, self.kind = chunks, layout, grid, kind
         self.specs = layout.chunks_of_rank(grid.pp_rank)  # the layout's Chunk of each local slice
         self.d, self.dtype = d_model, dtype
@@ -154,12 +163,12 @@ class PipelineExecutor:
         self._unreaped: list = []  # (work, tensor) of the other sends
 
     # --- one chunk: the model's slice, plus what only a pipeline needs -----------------------------------------
-    def _forward(self, v: int, mb: "MicroBatch", inputs: tuple) -> tuple:
+    def _forward(self, v: int, mb: MicroBatch, inputs: tuple) -> tuple:
         """Chunk v's forward: -> what it sends on, or (loss_sum, nll_sum) on the last chunk."""
         out = self.chunks[v](mb.src_tokens, mb.prev_tokens, *inputs)
         return self.loss_fn(out, mb) if self.specs[v].output else out
 
-    def token_loss(self, logits: torch.Tensor, mb: "MicroBatch") -> tuple:
+    def token_loss(self, logits: torch.Tensor, mb: MicroBatch) -> tuple:
         """Label-smoothed loss and nll sums over the micro-batch's target tokens (vocabulary-parallel logits when
         the output is sharded over the tensor-parallel group)."""
         if self.loss_group is not None:
@@ -215,8 +224,9 @@ class PipelineExecutor:
             inputs, ratios = [], (1.0, 1.0)
             if c.index > 0:
                 shapes = mb.shapes(c, True, self.d, self.history)
-                *inputs, carried = self._recv(shapes + [(2,)], c.index - 1, PROFILE, 0, 1,
-                                              dtypes=[self.dtype] * len(shapes) + [torch.float64])
+                *inputs, carried = self._recv(
+                    shapes + [(2,)], c.index - 1, PROFILE, 0, 1, dtypes=[self.dtype] * len(shapes) + [torch.float64]
+                )
                 ratios = tuple(carried.tolist())
             out, ratios = self.chunks[v].profile_admin(mb.src_tokens, mb.prev_tokens, *inputs, ratios=ratios)
             if not c.output:
@@ -237,7 +247,8 @@ class PipelineExecutor:
         if not forward_only and any(ch.needs_admin_profile() for ch in self.chunks):
             self.profile_admin(mbs[0])
         actions = (
-            [("F", v, i) for i in range(m) for v in range(self.vpp)] if forward_only
+            [("F", v, i) for i in range(m) for v in range(self.vpp)]
+            if forward_only
             else schedule_actions(self.kind, self.pp, self.vpp, m, self.grid.pp_rank)
         )
         saved: dict = {}

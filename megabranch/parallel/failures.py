@@ -22,8 +22,18 @@ import torch.distributed as dist
 from ..errors import EXIT_FAILED, RunEnded
 
 # what gloo, NCCL and the TCP store put in the errors they raise as plain RuntimeError (compared in lower case)
-_MARKERS = ("gloo", "nccl", "processgroup", "connection reset", "connection closed", "connection refused",
-            "broken pipe", "timed out", "timeout", "pair closure")
+_MARKERS = (
+    "gloo",
+    "nccl",
+    "processgroup",
+    "connection reset",
+    "connection closed",
+    "connection refused",
+    "broken pipe",
+    "timed out",
+    "timeout",
+    "pair closure",
+)
 
 
 class PeerFailure(RuntimeError):
@@ -81,7 +91,7 @@ def _default_store():
     get = getattr(dist.distributed_c10d, "_get_default_store", None)
     try:
         return get() if get is not None else None
-    except Exception:  # noqa: BLE001 - no store: the line goes without the first failure's
+    except Exception:  # no store: the line goes without the first failure's
         return None
 
 
@@ -92,7 +102,7 @@ def _bounded(fn, limit_s: float):
     def run():
         try:
             out.append(fn())
-        except Exception:  # noqa: BLE001 - a store that is gone is expected here
+        except Exception:  # a store that is gone is expected here
             pass
 
     worker = threading.Thread(target=run, daemon=True)
@@ -138,7 +148,8 @@ def comm_failure_ended(e: BaseException, where: str, timeout_s: float) -> RunEnd
     else:
         cause = first_failure(store)
         what = f"lost the connection to {peer} " + (
-            f"after the job's first failure ({cause})" if cause else "(it died or closed its process group)")
+            f"after the job's first failure ({cause})" if cause else "(it died or closed its process group)"
+        )
     detail = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     if "] " in detail:  # gloo's "[.../pair.cc:537] Read error ...": keep the error, drop the source location
         detail = detail.split("] ", 1)[1]

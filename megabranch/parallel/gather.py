@@ -57,8 +57,11 @@ def gather_to_rank0(params: dict, grid, device: torch.device) -> dict | None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     mine = None
     if grid.dp_rank == 0:
-        mine = {"split": split_info(params), "shapes": [(n, tuple(p.shape)) for n, p in params.items()],
-                "dtype": str(next(iter(params.values())).dtype).replace("torch.", "")}
+        mine = {
+            "split": split_info(params),
+            "shapes": [(n, tuple(p.shape)) for n, p in params.items()],
+            "dtype": str(next(iter(params.values())).dtype).replace("torch.", ""),
+        }
     if world == 1:
         metas = [mine]
     else:

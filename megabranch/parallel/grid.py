@@ -115,8 +115,17 @@ def build_grid(tp: int = 1, pp: int = 1, vpp: int = 1, timeout_s: float | None =
     if vpp > 1 and pp == 1:
         raise UserError(f"parallel.vpp={vpp} needs parallel.pp > 1")
     tp_rank, dp_rank, pp_rank = coords(rank, tp, dp)
-    grid = Grid(tp=tp, pp=pp, dp=dp, vpp=vpp, rank=rank, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
-                timeout=process_group_timeout(timeout_s))
+    grid = Grid(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        vpp=vpp,
+        rank=rank,
+        tp_rank=tp_rank,
+        pp_rank=pp_rank,
+        dp_rank=dp_rank,
+        timeout=process_group_timeout(timeout_s),
+    )
 
     def make(groups_of_ranks):
         mine_group, mine_ranks = None, None

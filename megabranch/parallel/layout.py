@@ -64,8 +64,9 @@ class Chunk(Span):
     placement: str = "interleaved"  # how chunks map to ranks (PLACEMENTS)
 
     @classmethod
-    def of_layers(cls, lo: int, hi: int, n_enc: int, n_dec: int, index: int = 0, pp: int = 1,
-                  placement: str = "interleaved") -> "Chunk":
+    def of_layers(
+        cls, lo: int, hi: int, n_enc: int, n_dec: int, index: int = 0, pp: int = 1, placement: str = "interleaved"
+    ) -> Chunk:
         return cls(**vars(Span.of_layers(lo, hi, n_enc, n_dec)), index=index, pp=pp, placement=placement)
 
     @property
@@ -107,16 +108,21 @@ class Layout:
         return sorted({c.rank for c in self.chunks if getattr(c, what)})
 
     @classmethod
-    def from_bounds(cls, bounds: list[int], pp: int, vpp: int, n_enc: int, n_dec: int,
-                    placement: str = "interleaved") -> "Layout":
+    def from_bounds(
+        cls, bounds: list[int], pp: int, vpp: int, n_enc: int, n_dec: int, placement: str = "interleaved"
+    ) -> Layout:
         """Chunk c holds layers [bounds[c], bounds[c+1]) of the sequence E0..E(N-1) D0..D(M-1)."""
         if placement not in PLACEMENTS:
             raise ValueError(f"placement {placement!r}: must be one of {PLACEMENTS}")
         if placement == "v" and vpp != 2:
-            raise UserError(f"parallel.vpp={vpp}: the V placement (schedule zb-v) runs exactly 2 chunks per rank; "
-                            f"set parallel.vpp=2")
-        chunks = tuple(Chunk.of_layers(bounds[c], bounds[c + 1], n_enc, n_dec, index=c, pp=pp, placement=placement)
-                       for c in range(len(bounds) - 1))
+            raise UserError(
+                f"parallel.vpp={vpp}: the V placement (schedule zb-v) runs exactly 2 chunks per rank; "
+                f"set parallel.vpp=2"
+            )
+        chunks = tuple(
+            Chunk.of_layers(bounds[c], bounds[c + 1], n_enc, n_dec, index=c, pp=pp, placement=placement)
+            for c in range(len(bounds) - 1)
+        )
         return cls(chunks, pp, vpp, n_enc, n_dec, placement)
 
     def bounds(self) -> list[int]:

@@ -41,7 +41,6 @@ from ..model.attention import MultiheadAttention
 from ..model.embeddings import Embedder
 from ..model.ffn import FeedForward
 from ..model.transformer import OutputProjection
-from .tensor_parallel.mappings import copy_to_tp, gather_from_tp, scatter_to_tp
 from .tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -50,6 +49,7 @@ from .tensor_parallel import (
     install_rng_fork,
     mark_shard,
 )
+from .tensor_parallel.mappings import copy_to_tp, gather_from_tp, scatter_to_tp
 
 _REPLACEMENT = "_megabranch_tp_replacement"
 
@@ -107,8 +107,10 @@ def validate_tensor_parallel(module: nn.Module, tp: int) -> None:
             )
     for f in sorted(ffns):
         if f % tp:
-            raise UserError(f"model.ffn_dim={f} is not divisible by parallel.tp={tp}: use a multiple of {tp}, "
-                            f"e.g. {_next_multiple(f, tp)}")
+            raise UserError(
+                f"model.ffn_dim={f} is not divisible by parallel.tp={tp}: use a multiple of {tp}, "
+                f"e.g. {_next_multiple(f, tp)}"
+            )
     for v in sorted(vocabs):
         if v % tp:
             raise UserError(
@@ -128,8 +130,13 @@ def full_shape(p: torch.Tensor) -> tuple:
 def split_info(params: dict) -> dict:
     """name -> [split dim (-1: not split), *full shape] for parameters that may carry tp_split_dim: the split
     table a checkpoint shard records and the gathered model is assembled by."""
-    return {n: [getattr(p, "tp_split_dim", None) if getattr(p, "tp_split_dim", None) is not None else -1,
-                *[int(s) for s in full_shape(p)]] for n, p in params.items()}
+    return {
+        n: [
+            getattr(p, "tp_split_dim", None) if getattr(p, "tp_split_dim", None) is not None else -1,
+            *[int(s) for s in full_shape(p)],
+        ]
+        for n, p in params.items()
+    }
 
 
 def shard_of(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -160,8 +167,16 @@ def _fill(new: nn.Parameter, old: torch.Tensor) -> None:
 
 def _column(lin: nn.Linear, grid) -> ColumnParallelLinear:
     w = lin.weight
-    new = ColumnParallelLinear(lin.in_features, lin.out_features, lin.bias is not None, group=grid.tp_group,
-                               tp_size=grid.tp, tp_rank=grid.tp_rank, device=w.device, dtype=w.dtype)
+    new = ColumnParallelLinear(
+        lin.in_features,
+        lin.out_features,
+        lin.bias is not None,
+        group=grid.tp_group,
+        tp_size=grid.tp,
+        tp_rank=grid.tp_rank,
+        device=w.device,
+        dtype=w.dtype,
+    )
     _fill(new.weight, w)
     if lin.bias is not None:
         _fill(new.bias, lin.bias)
@@ -170,8 +185,16 @@ def _column(lin: nn.Linear, grid) -> ColumnParallelLinear:
 
 def _row(lin: nn.Linear, grid) -> RowParallelLinear:
     w = lin.weight
-    new = RowParallelLinear(lin.in_features, lin.out_features, lin.bias is not None, group=grid.tp_group,
-                            tp_size=grid.tp, tp_rank=grid.tp_rank, device=w.device, dtype=w.dtype)
+    new = RowParallelLinear(
+        lin.in_features,
+        lin.out_features,
+        lin.bias is not None,
+        group=grid.tp_group,
+        tp_size=grid.tp,
+        tp_rank=grid.tp_rank,
+        device=w.device,
+        dtype=w.dtype,
+    )
     _fill(new.weight, w)
     if lin.bias is not None:
         _fill(new.bias, lin.bias)  # full bias, added after the all-reduce
@@ -185,8 +208,16 @@ def _table(emb: nn.Embedding, grid) -> VocabParallelEmbedding:
     if emb.max_norm is not None or emb.sparse or emb.scale_grad_by_freq:
         raise UserError("tensor parallelism needs plain embedding tables (no max_norm / sparse / scale_grad_by_freq)")
     w = emb.weight
-    new = VocabParallelEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group=grid.tp_group,
-                                 tp_size=grid.tp, tp_rank=grid.tp_rank, device=w.device, dtype=w.dtype)
+    new = VocabParallelEmbedding(
+        emb.num_embeddings,
+        emb.embedding_dim,
+        emb.padding_idx,
+        group=grid.tp_group,
+        tp_size=grid.tp,
+        tp_rank=grid.tp_rank,
+        device=w.device,
+        dtype=w.dtype,
+    )
     _fill(new.weight, w)
     # remembered on the old table, so every tie to it (also one converted in a later call) gets this object
     object.__setattr__(emb, _REPLACEMENT, new)
@@ -197,11 +228,24 @@ def _output(out: OutputProjection, grid) -> VocabParallelOutput:
     if out.tied_to is not None:
         old = out.tied_to
         table = old if isinstance(old, VocabParallelEmbedding) else _table(old, grid)
-        return VocabParallelOutput(table.embedding_dim, table.num_embeddings, group=grid.tp_group, tp_size=grid.tp,
-                                   tp_rank=grid.tp_rank, tied_to=table)
+        return VocabParallelOutput(
+            table.embedding_dim,
+            table.num_embeddings,
+            group=grid.tp_group,
+            tp_size=grid.tp,
+            tp_rank=grid.tp_rank,
+            tied_to=table,
+        )
     w = out.weight
-    new = VocabParallelOutput(w.shape[1], w.shape[0], group=grid.tp_group, tp_size=grid.tp, tp_rank=grid.tp_rank,
-                              device=w.device, dtype=w.dtype)
+    new = VocabParallelOutput(
+        w.shape[1],
+        w.shape[0],
+        group=grid.tp_group,
+        tp_size=grid.tp,
+        tp_rank=grid.tp_rank,
+        device=w.device,
+        dtype=w.dtype,
+    )
     _fill(new.weight, w)
     return new
 

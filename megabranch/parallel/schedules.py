@@ -49,11 +49,14 @@ def check_schedule(kind: str, pp: int, vpp: int, m: int) -> None:
             f"chunk per rank"
         )
     if kind == "zb-h1" and vpp != 1:
-        raise UserError(f"parallel.schedule=zb-h1 runs one chunk per rank: set parallel.vpp=1 (got {vpp}), or use "
-                        f"zb-v for two chunks per rank")
+        raise UserError(
+            f"parallel.schedule=zb-h1 runs one chunk per rank: set parallel.vpp=1 (got {vpp}), or use "
+            f"zb-v for two chunks per rank"
+        )
     if kind == "zb-v" and vpp != 2:
-        raise UserError(f"parallel.schedule=zb-v runs exactly two chunks per rank in a V: set parallel.vpp=2 "
-                        f"(got {vpp})")
+        raise UserError(
+            f"parallel.schedule=zb-v runs exactly two chunks per rank in a V: set parallel.vpp=2 (got {vpp})"
+        )
 
 
 def interleaved_rounds(pp: int, m: int) -> list[int]:
@@ -78,7 +81,7 @@ def _interleaved(pp: int, vpp: int, m: int, rank: int) -> list[tuple[str, int, i
     acts = fwd[:warm]
     for j in range(total - warm):
         acts += [fwd[warm + j], bwd[j]]
-    return acts + bwd[total - warm:]
+    return acts + bwd[total - warm :]
 
 
 def _zb_h1(pp: int, m: int, rank: int) -> list[tuple[str, int, int]]:

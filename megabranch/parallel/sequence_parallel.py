@@ -24,7 +24,8 @@ What changes here, module by module (the model's code knows nothing of it):
                                                rank its own positions), as the split attention / FFN regions do
 
 Every replicated parameter used on split activations (the LayerNorms of the sub-layers, the final norms,
-row-parallel biases, NormFormer's norm after out_proj, learned positions, Admin's omegas, ReZero's / Fixup's scalars, DLCL's
+row-parallel biases, NormFormer's norm after out_proj, learned positions, Admin's omegas, ReZero's / Fixup's scalars,
+DLCL's
 combination weights) then gets only this rank's positions' share of its gradient: it carries
 `sequence_parallel = True`, and `reduce_sequence_parallel_grads` sums those over the tp group after the backward.
 Parameters inside the tensor-parallel regions (Sub-LN's and NormFormer's norms over split features, R-Fixup's FFN
@@ -71,10 +72,12 @@ def _embedding_draws(m: Embedder) -> bool:
 def _split_embedding(embedder: Embedder, tp_rank: int):
     """Embedder.forward on this rank's slice of the sequence: the table's lookup arrives reduce-scattered (L / tp
     positions, VocabParallelEmbedding.sequence_parallel), placed at this slice's positions."""
+
     def forward(tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         embedder.check_length(offset + tokens.shape[1])
         looked_up = embedder.table(tokens)
         return embedder.place(looked_up, offset + tp_rank * looked_up.shape[SEQUENCE_DIM])
+
     return forward
 
 
@@ -128,5 +131,5 @@ def reduce_sequence_parallel_grads(params, group) -> None:
         dist.all_reduce(flat, group=group)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()

@@ -16,8 +16,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..model import Transformer, canonical_parameters
 from ..model.init import fill_initial_values
-from .parallelize import apply_tensor_parallel, full_shape, shard_of
 from .layout import Layout
+from .parallelize import apply_tensor_parallel, full_shape, shard_of
 from .sequence_parallel import apply_sequence_parallel
 from .tensor_parallel import checkpoint as tp_checkpoint
 
@@ -59,17 +59,27 @@ def _mark_duplicate_tables(chunks: nn.ModuleList, cfg: ModelConfig, layout: Layo
                     stack.embed.table.weight.pp_duplicate = True
 
 
-def build_stage(cfg: ModelConfig, layout: Layout, grid, vocab: int, tgt_vocab: int | None = None,
-                seed: int | None = 0, device: str | torch.device = "cpu", recompute: int = 0,
-                sequence_parallel: bool = False) -> nn.ModuleList:
+def build_stage(
+    cfg: ModelConfig,
+    layout: Layout,
+    grid,
+    vocab: int,
+    tgt_vocab: int | None = None,
+    seed: int | None = 0,
+    device: str | torch.device = "cpu",
+    recompute: int = 0,
+    sequence_parallel: bool = False,
+) -> nn.ModuleList:
     """This rank's chunks (Transformer slices, in virtual order) as a ModuleList, tensor-parallel sharded for
     grid.tp (sequence-parallel too with `sequence_parallel`). device="meta" stops before allocating (memory
     planning, converters)."""
     tgt_vocab = tgt_vocab or vocab
     tables: dict = {}
     with torch.device("meta"):
-        chunks = nn.ModuleList(Transformer(cfg, vocab, tgt_vocab, span=c.span, init=False, tables=tables)
-                               for c in layout.chunks_of_rank(grid.pp_rank))
+        chunks = nn.ModuleList(
+            Transformer(cfg, vocab, tgt_vocab, span=c.span, init=False, tables=tables)
+            for c in layout.chunks_of_rank(grid.pp_rank)
+        )
     _mark_duplicate_tables(chunks, cfg, layout, grid.pp_rank)
     chunks = apply_tensor_parallel(chunks, grid)
     if sequence_parallel:
@@ -80,8 +90,9 @@ def build_stage(cfg: ModelConfig, layout: Layout, grid, vocab: int, tgt_vocab: i
             stack.checkpoint = tp_checkpoint  # replays the tensor-parallel dropout streams too
     if str(device) != "meta":
         _materialize(chunks, device)
-        fill_initial_values(canonical_parameters(chunks, cfg), cfg, 0 if seed is None else seed,
-                            full_shape=full_shape, shard=shard_of)
+        fill_initial_values(
+            canonical_parameters(chunks, cfg), cfg, 0 if seed is None else seed, full_shape=full_shape, shard=shard_of
+        )
         for ch in chunks:
             ch.reset_buffers()
     return chunks

@@ -186,4 +186,5 @@ def _routed(forward, store: WeightGradStore):
     def routed(*args, **kwargs):
         with _RouteLinear(store):
             return forward(*args, **kwargs)
+
     return routed

@@ -33,8 +33,9 @@ def flat_range(numel: int, dp_size: int, dp_rank: int) -> tuple[int, int]:
 
 
 class ShardedAdamW(torch.optim.Optimizer):
-    def __init__(self, params, dp_group=None, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+    def __init__(
+        self, params, dp_group=None, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2
+    ):
         seen, plist = set(), []
         for p in params:
             if isinstance(p, dict):
@@ -98,8 +99,10 @@ class ShardedAdamW(torch.optim.Optimizer):
                 skipped.append((so, n))
             else:
                 grad[so : so + n] = p.grad.reshape(-1)[po : po + n]
-        keep = [(so, n, work[so : so + n].clone(), self.exp_avg[so : so + n].clone(),
-                 self.exp_avg_sq[so : so + n].clone()) for so, n in skipped]
+        keep = [
+            (so, n, work[so : so + n].clone(), self.exp_avg[so : so + n].clone(), self.exp_avg_sq[so : so + n].clone())
+            for so, n in skipped
+        ]
         # torch.optim.AdamW's (single-tensor) arithmetic, on the flat slice
         work.mul_(1 - lr * wd)
         self.exp_avg.lerp_(grad, 1 - beta1)
@@ -132,8 +135,13 @@ class ShardedAdamW(torch.optim.Optimizer):
 
     def shard_layout(self) -> dict:
         """This rank's place in the flat vector: a checkpointed shard loads only into the same layout."""
-        return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "numel": self.numel, "start": self.start,
-                "end": self.end}
+        return {
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "numel": self.numel,
+            "start": self.start,
+            "end": self.end,
+        }
 
     def _hyper(self) -> list:
         return [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
@@ -141,8 +149,12 @@ class ShardedAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """This rank's shard of the state (tensors cloned), with its layout and the hyperparameters."""
         return {
-            "state": {"step": self.step_count, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
-                      "master": None if self.master is None else self.master.clone()},
+            "state": {
+                "step": self.step_count,
+                "exp_avg": self.exp_avg.clone(),
+                "exp_avg_sq": self.exp_avg_sq.clone(),
+                "master": None if self.master is None else self.master.clone(),
+            },
             "param_groups": self._hyper(),
             "shard": self.shard_layout(),
         }

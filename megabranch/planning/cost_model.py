@@ -34,11 +34,19 @@ class Cost:
     linear_params: float = 0.0  # parameters used by matrix products (what autocast keeps a low-precision copy of)
     f_flops: float = 0.0  # the forward's share of `flops` (what recomputation runs again)
 
-    def __add__(self, o: "Cost") -> "Cost":
-        return Cost(self.flops + o.flops, self.traffic + o.traffic, self.params + o.params,
-                    self.act_bytes + o.act_bytes, self.boundary_bytes + o.boundary_bytes,
-                    self.kept_bytes + o.kept_bytes, self.w_flops + o.w_flops, self.w_bytes + o.w_bytes,
-                    self.linear_params + o.linear_params, self.f_flops + o.f_flops)
+    def __add__(self, o: Cost) -> Cost:
+        return Cost(
+            self.flops + o.flops,
+            self.traffic + o.traffic,
+            self.params + o.params,
+            self.act_bytes + o.act_bytes,
+            self.boundary_bytes + o.boundary_bytes,
+            self.kept_bytes + o.kept_bytes,
+            self.w_flops + o.w_flops,
+            self.w_bytes + o.w_bytes,
+            self.linear_params + o.linear_params,
+            self.f_flops + o.f_flops,
+        )
 
     @property
     def time(self) -> float:
@@ -71,9 +79,20 @@ class CostModel:
     embeddings' masks, the encoder output and what crosses a stage.
     """
 
-    def __init__(self, cfg, vocab: int, tgt_vocab: int | None = None, tp: int = 1, tokens: int = 4096,
-                 src_len: int = 64, tgt_len: int = 64, act_size: int = 4, recompute: int = 0,
-                 state_bytes_per_param: float = 16.0, sequence_parallel: bool = False):
+    def __init__(
+        self,
+        cfg,
+        vocab: int,
+        tgt_vocab: int | None = None,
+        tp: int = 1,
+        tokens: int = 4096,
+        src_len: int = 64,
+        tgt_len: int = 64,
+        act_size: int = 4,
+        recompute: int = 0,
+        state_bytes_per_param: float = 16.0,
+        sequence_parallel: bool = False,
+    ):
         self.cfg, self.tp, self.act = cfg, tp, act_size
         self.sp = tp if sequence_parallel else 1  # what the replicated regions' (B, L, d) tensors are divided by
         self.recompute = recompute
@@ -104,8 +123,15 @@ class CostModel:
         mask = tokens * d if cfg.dropout > 0 else 0.0
         return mask + tokens * d * STREAM_BYTES + tokens * STATS_BYTES
 
-    def _attn(self, q_tokens: float, kv_tokens: float, kv_len: float, causal: bool, cross: bool = False,
-              local_memory: bool = False) -> Cost:
+    def _attn(
+        self,
+        q_tokens: float,
+        kv_tokens: float,
+        kv_len: float,
+        causal: bool,
+        cross: bool = False,
+        local_memory: bool = False,
+    ) -> Cost:
         """Self-attention, or cross-attention over the encoder output (`local_memory`: produced on this chunk, so
         float32 and cast by both k and v; otherwise a received tensor the chunk keeps once: chunk_*_bytes)."""
         d, tp, h, c = self.cfg.d_model, self.tp, self.cfg.n_heads, self.act
@@ -124,8 +150,15 @@ class CostModel:
         w = ins + q_tokens * d / tp * c + (q_tokens + 2 * kv_tokens) * d / tp * c + q_tokens * d * c
         # backward: twice the projections, and the attention kernel's five products over the scores (it
         # recomputes QK^T) where the forward has two
-        return Cost(flops=3 * proj + 3.5 * scores, params=params, act_bytes=act, w_flops=proj, w_bytes=w,
-                    linear_params=(4 * d * d + 3 * d) / tp, f_flops=proj + scores)
+        return Cost(
+            flops=3 * proj + 3.5 * scores,
+            params=params,
+            act_bytes=act,
+            w_flops=proj,
+            w_bytes=w,
+            linear_params=(4 * d * d + 3 * d) / tp,
+            f_flops=proj + scores,
+        )
 
     def _ffn(self, tokens: float) -> Cost:
         cfg, c = self.cfg, self.act
@@ -135,9 +168,15 @@ class CostModel:
             hidden += tokens * f / tp * (1 + c)  # its mask, and the dropped hidden fc2 reads
         ins = self._reads(tokens, 1)
         w = ins + tokens * f / tp * c + tokens * f / tp * c + tokens * d * c  # fc1, fc2 inputs; their output grads
-        return Cost(flops=3 * 2 * 2 * d * f / tp * tokens, params=(2 * d * f + f) / tp + d + 2 * d,
-                    act_bytes=ins + hidden + self._residual(tokens), w_flops=2 * 2 * d * f / tp * tokens,
-                    w_bytes=w, linear_params=(2 * d * f + f) / tp, f_flops=2 * 2 * d * f / tp * tokens)
+        return Cost(
+            flops=3 * 2 * 2 * d * f / tp * tokens,
+            params=(2 * d * f + f) / tp + d + 2 * d,
+            act_bytes=ins + hidden + self._residual(tokens),
+            w_flops=2 * 2 * d * f / tp * tokens,
+            w_bytes=w,
+            linear_params=(2 * d * f + f) / tp,
+            f_flops=2 * 2 * d * f / tp * tokens,
+        )
 
     def encoder_layer(self) -> Cost:
         if "enc" in self._cache:
@@ -154,8 +193,11 @@ class CostModel:
         if key in self._cache:
             return self._cache[key]
         n = self.tokens
-        c = (self._attn(n, n, self.T, True) + self._attn(n, self.src_tokens, self.S, False, True, local_memory)
-             + self._ffn(n))
+        c = (
+            self._attn(n, n, self.T, True)
+            + self._attn(n, self.src_tokens, self.S, False, True, local_memory)
+            + self._ffn(n)
+        )
         c.boundary_bytes = self.hidden_bytes(n)
         self._cache[key] = c
         return c
@@ -181,14 +223,21 @@ class CostModel:
         tied = self.cfg.share_decoder_input_output_embed
         ins = self._reads(n, 1)
         # the loss keeps float32 log-probabilities (softmax under tensor parallelism) and the target indices
-        return Cost(flops=3 * 2 * n * d * rows, traffic=6 * 4 * n * rows, params=0 if tied else rows * d,
-                    kept_bytes=ins + n * rows * 4 + 2 * n * 8, w_flops=2 * n * d * rows,
-                    w_bytes=ins + n * rows * c, linear_params=rows * d)  # W: the input, the logits' gradient
+        return Cost(
+            flops=3 * 2 * n * d * rows,
+            traffic=6 * 4 * n * rows,
+            params=0 if tied else rows * d,
+            kept_bytes=ins + n * rows * 4 + 2 * n * 8,
+            w_flops=2 * n * d * rows,
+            w_bytes=ins + n * rows * c,
+            linear_params=rows * d,
+        )  # W: the input, the logits' gradient
 
     def final_norm(self, tokens: float) -> Cost:
         d = self.cfg.d_model
-        return Cost(traffic=4 * 4 * tokens * d, params=2 * d,
-                    kept_bytes=tokens / self.sp * (d * STREAM_BYTES + STATS_BYTES))
+        return Cost(
+            traffic=4 * 4 * tokens * d, params=2 * d, kept_bytes=tokens / self.sp * (d * STREAM_BYTES + STATS_BYTES)
+        )
 
     def units(self) -> list[Cost]:
         """The cost of each layer of the sequence E0..E(N-1) D0..D(M-1), extras folded into their layer."""
@@ -214,8 +263,10 @@ class CostModel:
     def _runs(self, chunk: Chunk) -> list[tuple[int, Cost]]:
         """(layers, cost of one) of the chunk's encoder and decoder layers."""
         local = chunk.ends_encoder and chunk.has_decoder
-        return [(chunk.enc_hi - chunk.enc_lo, self.encoder_layer()),
-                (chunk.dec_hi - chunk.dec_lo, self.decoder_layer(local))]
+        return [
+            (chunk.enc_hi - chunk.enc_lo, self.encoder_layer()),
+            (chunk.dec_hi - chunk.dec_lo, self.decoder_layer(local)),
+        ]
 
     def _messages(self, chunk: Chunk) -> float:
         """Bytes of the tensors a chunk keeps from its forward to its backward besides its layers': what it
@@ -225,7 +276,8 @@ class CostModel:
         d, c = self.cfg.d_model / self.sp, self.act
         n_src, n = self.src_tokens, self.tokens
         got = self.received_bytes(chunk) - {HIDDEN: self._reads(n_src, 3), MEMORY_AND_HIDDEN: self._reads(n, 3)}.get(
-            chunk.receives, 0.0)
+            chunk.receives, 0.0
+        )
         if chunk.ends_encoder and chunk.has_decoder:  # the encoder output is made here
             if not self._casts or self.recompute > 0:  # read as is (float32), or kept for the recomputations
                 got += n_src * d * STREAM_BYTES
@@ -251,8 +303,11 @@ class CostModel:
         without the group a recomputation rebuilds inside the backward (chunk_transients counts that)."""
         k = self.recompute if recompute is None else recompute
         extras = sum(x.kept_bytes for x in self._extras(chunk))
-        layers = sum(n * cost.act_bytes if k <= 0 else math.ceil(n / k) * cost.boundary_bytes
-                     for n, cost in self._runs(chunk) if n)
+        layers = sum(
+            n * cost.act_bytes if k <= 0 else math.ceil(n / k) * cost.boundary_bytes
+            for n, cost in self._runs(chunk)
+            if n
+        )
         return layers + extras + self._messages(chunk) + self.history_bytes(chunk)
 
     def _recomputed(self, chunk: Chunk, recompute: int | None = None) -> float:
@@ -269,8 +324,9 @@ class CostModel:
         if self.cfg.residual != "dlcl":
             return 0.0
         d = self.cfg.d_model
-        received = (chunk.enc_lo if chunk.has_encoder and not chunk.src_embed else 0) * self.src_tokens + \
-            (chunk.dec_lo if chunk.has_decoder and not chunk.tgt_embed else 0) * self.tokens
+        received = (chunk.enc_lo if chunk.has_encoder and not chunk.src_embed else 0) * self.src_tokens + (
+            chunk.dec_lo if chunk.has_decoder and not chunk.tgt_embed else 0
+        ) * self.tokens
         own = 2 * ((chunk.enc_hi - chunk.enc_lo) * self.src_tokens + (chunk.dec_hi - chunk.dec_lo) * self.tokens)
         return (received + own) * d * self.act / self.sp
 
@@ -346,8 +402,9 @@ class CostModel:
 
     def chunk_linear_params(self, chunk: Chunk) -> float:
         """Parameters the chunk's matrix products use (its layers', and the output projection's table)."""
-        return sum(n * cost.linear_params for n, cost in self._runs(chunk)) + \
-            (self.output().linear_params if chunk.output else 0.0)
+        return sum(n * cost.linear_params for n, cost in self._runs(chunk)) + (
+            self.output().linear_params if chunk.output else 0.0
+        )
 
     def chunk_phase_times(self, layout: Layout) -> list[tuple[float, float, float]]:
         """(forward, B, W) time of one micro-batch on each chunk, in Cost.time units: the forward a third of the
@@ -356,8 +413,10 @@ class CostModel:
         out = []
         for chunk, cost in zip(layout.chunks, self.chunk_costs(layout)):
             fwd = cost.time / 3
-            layers = ((chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().time
-                      + (chunk.dec_hi - chunk.dec_lo) * self.decoder_layer().time) / 3
+            layers = (
+                (chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().time
+                + (chunk.dec_hi - chunk.dec_lo) * self.decoder_layer().time
+            ) / 3
             recompute = layers if self.recompute > 0 else 0.0
             out.append((fwd, cost.time - fwd - cost.w_flops + recompute, cost.w_flops))
         return out
@@ -379,8 +438,9 @@ class CostModel:
         cfg, d = self.cfg, self.cfg.d_model
         n, tables = 0.0, set()
         for chunk in chunks:
-            n += ((chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().params
-                  + (chunk.dec_hi - chunk.dec_lo) * self.decoder_layer().params)
+            n += (chunk.enc_hi - chunk.enc_lo) * self.encoder_layer().params + (
+                chunk.dec_hi - chunk.dec_lo
+            ) * self.decoder_layer().params
             if chunk.src_embed:
                 tables.add("src")
             if chunk.tgt_embed:
@@ -398,8 +458,12 @@ class CostModel:
         holding a tied table only for its output projection has one too), and each chunk's two stacks' residual
         coefficients (r and s, float32 scalars)."""
         cfg = self.cfg
-        embedders = sum(int(c.src_embed) + int(c.tgt_embed) +
-                        int(c.output and cfg.share_decoder_input_output_embed and not c.tgt_embed) for c in chunks)
+        embedders = sum(
+            int(c.src_embed)
+            + int(c.tgt_embed)
+            + int(c.output and cfg.share_decoder_input_output_embed and not c.tgt_embed)
+            for c in chunks
+        )
         return embedders * (cfg.position_offset + cfg.max_positions) * cfg.d_model * 4 + len(chunks) * 2 * 2 * 4
 
     def chunk_memory(self, chunk: Chunk) -> float:

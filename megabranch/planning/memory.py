@@ -30,17 +30,25 @@ from types import SimpleNamespace
 
 from ..parallel.data_parallel import gradient_bytes
 from ..parallel.grid import Grid
-from .cost_model import CostModel
-from .partition import plan_layout
 from ..parallel.schedules import check_schedule, placement_of, schedule_actions, splits_backward
 from ..parallel.stage import build_stage
+from .cost_model import CostModel
+from .partition import plan_layout
 
 MB = 2**20
 
 
-def peak_in_flight(kind: str, pp: int, vpp: int, m: int, rank: int, act: list[float],
-                   w_act: list[float] | None = None, during: list | None = None,
-                   sent: list[float] | None = None) -> float:
+def peak_in_flight(
+    kind: str,
+    pp: int,
+    vpp: int,
+    m: int,
+    rank: int,
+    act: list[float],
+    w_act: list[float] | None = None,
+    during: list | None = None,
+    sent: list[float] | None = None,
+) -> float:
     """Most activation bytes rank `rank` holds at once under the schedule (act[v]: one micro-batch of chunk v from
     its forward to its backward; w_act[v]: from a split backward's B to its W, default act[v]; during[v]: the
     (F, B, W) bytes one action of chunk v reaches above what was held before it, cost_model.chunk_transients;
@@ -71,8 +79,7 @@ def stage_peak(cm: CostModel, layout, kind: str, m: int, rank: int, static: floa
     act = [cm.chunk_held_bytes(c) for c in chunks]
     w_act = [cm.chunk_weight_grad_bytes(c) for c in chunks]
     during = [cm.chunk_transients(c, splits_backward(kind)) for c in chunks]
-    sent = [cm.received_bytes(c) if c.index > 0 and layout.chunks[c.index - 1].rank != rank else 0.0
-            for c in chunks]
+    sent = [cm.received_bytes(c) if c.index > 0 and layout.chunks[c.index - 1].rank != rank else 0.0 for c in chunks]
     cached = 0.0 if splits_backward(kind) or cm.act >= 4 else cm.act * sum(cm.chunk_linear_params(c) for c in chunks)
     schedule = cached + peak_in_flight(kind, layout.pp, layout.vpp, m, rank, act, w_act, during, sent)
     return static + max(schedule, 4.0 * cm.params_of(chunks))
@@ -96,17 +103,34 @@ def stage_statics(mc, layout, vocab: int, tp: int, dp: int, zero: bool, recomput
         weights, grads = 4.0 * params, float(gradient_bytes(unique))
         optim = 8.0 * params / (dp if zero else 1)
         buffers = float(sum(b.numel() * b.element_size() for b in stage.buffers()))
-        out.append(SimpleNamespace(params=params, weights=weights, grads=grads, optim=optim, buffers=buffers,
-                                   static=weights + grads + optim + buffers))
+        out.append(
+            SimpleNamespace(
+                params=params,
+                weights=weights,
+                grads=grads,
+                optim=optim,
+                buffers=buffers,
+                static=weights + grads + optim + buffers,
+            )
+        )
     return out
 
 
 def cost_model(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, dp: int, zero: bool) -> CostModel:
     p = cfg.parallel
     act_size = 2 if cfg.optim.precision in ("bf16", "fp16") else 4
-    return CostModel(cfg.model, vocab, tp=p.tp, tokens=tokens, src_len=src_len, tgt_len=tgt_len, act_size=act_size,
-                     recompute=p.recompute, state_bytes_per_param=4 + 4 + 8 / (dp if zero else 1),
-                     sequence_parallel=p.sequence_parallel)
+    return CostModel(
+        cfg.model,
+        vocab,
+        tp=p.tp,
+        tokens=tokens,
+        src_len=src_len,
+        tgt_len=tgt_len,
+        act_size=act_size,
+        recompute=p.recompute,
+        state_bytes_per_param=4 + 4 + 8 / (dp if zero else 1),
+        sequence_parallel=p.sequence_parallel,
+    )
 
 
 def plan(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, balance: str, dp: int, zero: bool, m: int):
@@ -115,8 +139,18 @@ def plan(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, balance: str,
     cm = cost_model(cfg, vocab, tokens, src_len, tgt_len, dp, zero)
     kind = schedule_kind(cfg)
     check_schedule(kind, pp, vpp, m)
-    layout = plan_layout(mc, pp, vpp, vocab, tp=tp, layout=p.layout, cost_model=cm, by=balance, max_imbalance=1e9,
-                         placement=placement_of(kind))
+    layout = plan_layout(
+        mc,
+        pp,
+        vpp,
+        vocab,
+        tp=tp,
+        layout=p.layout,
+        cost_model=cm,
+        by=balance,
+        max_imbalance=1e9,
+        placement=placement_of(kind),
+    )
     statics = stage_statics(mc, layout, vocab, tp, dp, zero, p.recompute)
     times = cm.chunk_costs(layout)
     rows = []
@@ -124,14 +158,23 @@ def plan(cfg, vocab: int, tokens: int, src_len: int, tgt_len: int, balance: str,
         chunks = layout.chunks_of_rank(r)
         act = [cm.chunk_activation_bytes(c) for c in chunks]
         act_full = [cm.chunk_activation_bytes(c, recompute=0) for c in chunks]
-        rows.append(SimpleNamespace(
-            rank=r, layers="|".join(c.describe() for c in chunks), params=st.params, weights=st.weights,
-            grads=st.grads, optim=st.optim, buffers=st.buffers, act=sum(act), act_full=sum(act_full),
-            total=st.static + sum(act),
-            sent=sum(cm.message_bytes(c) for c in chunks),
-            peak=stage_peak(cm, layout, kind, m, r, st.static),
-            time=sum(times[c.index].time for c in chunks),
-        ))
+        rows.append(
+            SimpleNamespace(
+                rank=r,
+                layers="|".join(c.describe() for c in chunks),
+                params=st.params,
+                weights=st.weights,
+                grads=st.grads,
+                optim=st.optim,
+                buffers=st.buffers,
+                act=sum(act),
+                act_full=sum(act_full),
+                total=st.static + sum(act),
+                sent=sum(cm.message_bytes(c) for c in chunks),
+                peak=stage_peak(cm, layout, kind, m, r, st.static),
+                time=sum(times[c.index].time for c in chunks),
+            )
+        )
     return layout, rows, kind
 
 
@@ -141,15 +184,42 @@ def fmt_mb(b: float) -> str:
 
 def print_table(rows, out=None) -> None:
     out = out or sys.stdout
-    head = ["stage", "layers", "params (M)", "weights MB", "grads MB", "optim MB", "act/mb MB", "act/mb no-rc MB",
-            "total MB", "peak MB", "sent/mb MB"]
-    body = [[str(r.rank), r.layers if len(r.layers) <= 28 else r.layers[:25] + "...", f"{r.params / 1e6:,.2f}",
-             fmt_mb(r.weights), fmt_mb(r.grads), fmt_mb(r.optim), fmt_mb(r.act), fmt_mb(r.act_full), fmt_mb(r.total),
-             fmt_mb(r.peak), fmt_mb(r.sent)] for r in rows]
+    head = [
+        "stage",
+        "layers",
+        "params (M)",
+        "weights MB",
+        "grads MB",
+        "optim MB",
+        "act/mb MB",
+        "act/mb no-rc MB",
+        "total MB",
+        "peak MB",
+        "sent/mb MB",
+    ]
+    body = [
+        [
+            str(r.rank),
+            r.layers if len(r.layers) <= 28 else r.layers[:25] + "...",
+            f"{r.params / 1e6:,.2f}",
+            fmt_mb(r.weights),
+            fmt_mb(r.grads),
+            fmt_mb(r.optim),
+            fmt_mb(r.act),
+            fmt_mb(r.act_full),
+            fmt_mb(r.total),
+            fmt_mb(r.peak),
+            fmt_mb(r.sent),
+        ]
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
 
     def line(cells):
-        return "| " + " | ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| " + " | ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        )
+
     print(line(head), file=out)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
     for b in body:

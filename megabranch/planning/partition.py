@@ -15,8 +15,8 @@ import math
 import numpy as np
 
 from ..errors import UserError
-from .cost_model import CostModel
 from ..parallel.layout import Layout, parse_layout
+from .cost_model import CostModel
 
 MAX_IMBALANCE = 1.5  # heaviest / lightest chunk above which an automatic split is refused
 
@@ -220,10 +220,21 @@ def unit_weights(cm: CostModel, by: str = "time") -> np.ndarray:
     return np.array(col)[:, None]
 
 
-def plan_layout(cfg, pp: int, vpp: int = 1, vocab: int = 32000, tgt_vocab: int | None = None, tp: int = 1,
-                layout: str = "", cost_model: CostModel | None = None, by: str = "time",
-                max_imbalance: float = MAX_IMBALANCE, recompute: int = 0, placement: str = "interleaved",
-                sequence_parallel: bool = False) -> Layout:
+def plan_layout(
+    cfg,
+    pp: int,
+    vpp: int = 1,
+    vocab: int = 32000,
+    tgt_vocab: int | None = None,
+    tp: int = 1,
+    layout: str = "",
+    cost_model: CostModel | None = None,
+    by: str = "time",
+    max_imbalance: float = MAX_IMBALANCE,
+    recompute: int = 0,
+    placement: str = "interleaved",
+    sequence_parallel: bool = False,
+) -> Layout:
     """The layout for `parallel.layout` when given, else the balanced split of the cost model's units; chunks
     are placed on ranks by `placement` (layout.PLACEMENTS; the schedule decides it).
 

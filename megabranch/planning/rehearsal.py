@@ -151,8 +151,10 @@ class SyncLog:
         return sum(n for (_, _, inside), n in self.counts.items() if not inside)
 
     def lines(self) -> list[str]:
-        return [f"{n} x {what} at {where}{' (in the micro-batch loop)' if inside else ''}"
-                for (what, where, inside), n in sorted(self.counts.items(), key=lambda kv: (not kv[0][2], kv[0][1]))]
+        return [
+            f"{n} x {what} at {where}{' (in the micro-batch loop)' if inside else ''}"
+            for (what, where, inside), n in sorted(self.counts.items(), key=lambda kv: (not kv[0][2], kv[0][1]))
+        ]
 
 
 def _caller() -> str:
@@ -161,7 +163,7 @@ def _caller() -> str:
     while frame is not None:
         name = frame.f_code.co_filename.replace("\\", "/")
         if "/megabranch/" in name and not name.endswith("/planning/rehearsal.py"):
-            return f"{name[name.rindex('/megabranch/') + 1:]}:{frame.f_lineno} ({frame.f_code.co_name})"
+            return f"{name[name.rindex('/megabranch/') + 1 :]}:{frame.f_lineno} ({frame.f_code.co_name})"
         frame = frame.f_back
     return "torch"
 
@@ -174,16 +176,16 @@ def _flat(data) -> list:
 
 class HostReads:
     """Device-to-host reads (a tensor's value read into Python: .item(), .tolist(), float(t), bool(t) and Python
-    branching on a tensor, .cpu(), .numpy()) counted in `log` by source line and by whether they fall inside the
-    micro-batch loop; on fake tensors, answered so the step goes on.
+        branching on a tensor, .cpu(), .numpy()) counted in `log` by source line and by whether they fall inside the
+        micro-batch loop; on fake tensors, answered so the step goes on.
 
-    The answer is the data a tensor was made from with torch.tensor (the engine's step counter, token counts,
-    skip decision) until an op changes it in place (a collective over the fake world changes nothing: every rank
-    sees its own values); 1 for any other (a finite norm, a loss). `host_tensor` marks a tensor a GPU run keeps
-    in host memory (AdamW's step counters): its reads are answered, not counted. A tolist() counts once (its
-    first element). MemoryTimeline calls `read` and `changed` for every op; as a context, this patches
-    torch.tensor (to learn the data), Tensor.cpu, .numpy and .tolist (which a CPU tensor answers without an op;
-a fake one's tolist() reads each element, counted once)."""
+        The answer is the data a tensor was made from with torch.tensor (the engine's step counter, token counts,
+        skip decision) until an op changes it in place (a collective over the fake world changes nothing: every rank
+        sees its own values); 1 for any other (a finite norm, a loss). `host_tensor` marks a tensor a GPU run keeps
+        in host memory (AdamW's step counters): its reads are answered, not counted. A tolist() counts once (its
+        first element). MemoryTimeline calls `read` and `changed` for every op; as a context, this patches
+        torch.tensor (to learn the data), Tensor.cpu, .numpy and .tolist (which a CPU tensor answers without an op;
+    a fake one's tolist() reads each element, counted once)."""
 
     def __init__(self, log: SyncLog, answer: bool = True):
         self.log, self.answer = log, answer
@@ -242,12 +244,21 @@ a fake one's tolist() reads each element, counted once)."""
                     return method(t, *args, **kwargs)
                 finally:
                     reads._counting = before
+
             return read
 
-        self._patched = [(torch, "tensor", tensor), (torch.Tensor, "cpu", cpu), (torch.Tensor, "numpy", numpy),
-                         (torch.Tensor, "tolist", tolist)]
-        torch.tensor, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist = \
-            made, copied("cpu()", cpu), copied("numpy()", numpy), copied("tolist()", tolist)
+        self._patched = [
+            (torch, "tensor", tensor),
+            (torch.Tensor, "cpu", cpu),
+            (torch.Tensor, "numpy", numpy),
+            (torch.Tensor, "tolist", tolist),
+        ]
+        torch.tensor, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist = (
+            made,
+            copied("cpu()", cpu),
+            copied("numpy()", numpy),
+            copied("tolist()", tolist),
+        )
         return self
 
     def __exit__(self, *exc):
@@ -262,10 +273,22 @@ GRANULE = 512  # bytes: the CUDA caching allocator's smallest block, every alloc
 
 _aten = torch.ops.aten
 # metadata queries: nothing allocated, nothing computed
-_PASS = {_aten.sym_size.default, _aten.sym_stride.default, _aten.sym_numel.default, _aten.sym_storage_offset.default,
-         _aten.is_contiguous.default, _aten.is_contiguous.memory_format, _aten.dim.default, _aten.numel.default,
-         _aten.size.default, _aten.stride.default, torch.ops.prim.device.default, torch.ops.prim.layout.default,
-         _aten.is_strides_like_format.default, _aten.is_non_overlapping_and_dense.default}
+_PASS = {
+    _aten.sym_size.default,
+    _aten.sym_stride.default,
+    _aten.sym_numel.default,
+    _aten.sym_storage_offset.default,
+    _aten.is_contiguous.default,
+    _aten.is_contiguous.memory_format,
+    _aten.dim.default,
+    _aten.numel.default,
+    _aten.size.default,
+    _aten.stride.default,
+    torch.ops.prim.device.default,
+    torch.ops.prim.layout.default,
+    _aten.is_strides_like_format.default,
+    _aten.is_non_overlapping_and_dense.default,
+}
 _DEVICE = torch.ops.prim.device.default
 _FLOPS = dict(flop_registry)
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from ..config import POSITIVE
 from ..errors import UserError
+from ..parallel.schedules import check_schedule, placement_of, simulated_bubble
 from .memory import cost_model, stage_peak
 from .partition import plan_layout
-from ..parallel.schedules import check_schedule, placement_of, simulated_bubble
 
 GiB = 2**30
 DEFAULT_GPU_GB = 80.0
@@ -53,8 +53,10 @@ class Option:
 
     def describe(self) -> str:
         vpp = f" vpp {self.vpp}" if self.vpp > 1 else ""
-        return (f"{self.schedule}{vpp} with {self.m} micro-batches of {self.max_tokens} tokens "
-                f"({self.bubble * 100:.1f}% bubble, peak {self.peak / GiB:.1f} GiB)")
+        return (
+            f"{self.schedule}{vpp} with {self.m} micro-batches of {self.max_tokens} tokens "
+            f"({self.bubble * 100:.1f}% bubble, peak {self.peak / GiB:.1f} GiB)"
+        )
 
 
 def micro_batch_counts(max_tokens: int, update_freq: int) -> list[int]:
@@ -80,9 +82,19 @@ def options(cfg, vocab: int, tgt_vocab: int | None, dp: int) -> list[Option]:
     out = []
     for kind, vpp in cands:
         try:
-            layout = plan_layout(mc, p.pp, vpp, vocab, tgt_vocab, p.tp, layout=p.layout if vpp == p.vpp else "",
-                                 by=p.balance, recompute=p.recompute, placement=placement_of(kind),
-                                 sequence_parallel=p.sequence_parallel)
+            layout = plan_layout(
+                mc,
+                p.pp,
+                vpp,
+                vocab,
+                tgt_vocab,
+                p.tp,
+                layout=p.layout if vpp == p.vpp else "",
+                by=p.balance,
+                recompute=p.recompute,
+                placement=placement_of(kind),
+                sequence_parallel=p.sequence_parallel,
+            )
         except UserError:  # too many stages for the layers, or too uneven a split
             continue
         for m in micro_batch_counts(cfg.data.max_tokens, o.update_freq):
@@ -114,8 +126,15 @@ def choose(opts: list[Option], budget: float) -> Option | None:
     fitting = [o for o in opts if o.peak <= budget]
     if not fitting:
         return None
-    return min(fitting, key=lambda o: (round(o.bubble, 9), o.m, o.peak, CANDIDATES.index((o.schedule, o.vpp))
-                                       if (o.schedule, o.vpp) in CANDIDATES else len(CANDIDATES)))
+    return min(
+        fitting,
+        key=lambda o: (
+            round(o.bubble, 9),
+            o.m,
+            o.peak,
+            CANDIDATES.index((o.schedule, o.vpp)) if (o.schedule, o.vpp) in CANDIDATES else len(CANDIDATES),
+        ),
+    )
 
 
 def budget_bytes(gpu_memory_gb: float) -> float:
@@ -148,8 +167,10 @@ def resolve(cfg, vocab: int, tgt_vocab: int | None, dp: int, gpu_memory_gb: floa
         if best is None:
             least = min(opts, key=lambda x: x.peak) if opts else None
             need = f"; the least memory is {least.describe()}" if least else ""
-            raise UserError(f"parallel.schedule=auto: no schedule of this pipeline fits {where}{need}; set "
-                            f"parallel.recompute=1, raise parallel.pp or parallel.zero=true")
+            raise UserError(
+                f"parallel.schedule=auto: no schedule of this pipeline fits {where}{need}; set "
+                f"parallel.recompute=1, raise parallel.pp or parallel.zero=true"
+            )
         planned = copy.deepcopy(cfg)
         planned.parallel.schedule, planned.parallel.vpp = best.schedule, best.vpp
         planned.optim.update_freq, planned.data.max_tokens = best.m, best.max_tokens
@@ -157,8 +178,13 @@ def resolve(cfg, vocab: int, tgt_vocab: int | None, dp: int, gpu_memory_gb: floa
     mine = next((x for x in opts if (x.schedule, x.vpp, x.m) == (p.schedule, p.vpp, o.update_freq)), None)
     if gpu_memory_gb is not None and mine is not None and mine.peak > budget:
         stage = mine.peaks.index(mine.peak)
-        alt = f"; {best.describe()} fits (parallel.schedule=auto picks it)" if best else \
-            "; nothing fits: set parallel.recompute=1 or raise parallel.pp"
-        raise UserError(f"parallel.schedule={p.schedule} with optim.update_freq={o.update_freq} needs "
-                        f"{mine.peak / GiB:.1f} GiB on stage {stage}, over {where}{alt}")
+        alt = (
+            f"; {best.describe()} fits (parallel.schedule=auto picks it)"
+            if best
+            else "; nothing fits: set parallel.recompute=1 or raise parallel.pp"
+        )
+        raise UserError(
+            f"parallel.schedule={p.schedule} with optim.update_freq={o.update_freq} needs "
+            f"{mine.peak / GiB:.1f} GiB on stage {stage}, over {where}{alt}"
+        )
     return Plan(cfg, opts, mine, gb, budget)

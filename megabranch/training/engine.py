@@ -50,11 +50,11 @@ from ..parallel.executor import MicroBatch, PipelineExecutor
 from ..parallel.gather import fits_on_rank0, free_memory_bytes, full_model_bytes, gather_to_rank0
 from ..parallel.grid import Grid, build_grid, rank_of
 from ..parallel.layout import Layout
-from ..planning.partition import plan_layout
 from ..parallel.schedules import check_schedule, placement_of
 from ..parallel.sequence_parallel import reduce_sequence_parallel_grads
 from ..parallel.stage import build_stage
 from ..parallel.tensor_parallel import model_parallel_seed
+from ..planning.partition import plan_layout
 from ..residual import current_alpha, set_step
 from .health import HealthMonitor
 from .native_checkpoint import NativeCheckpoints
@@ -71,9 +71,16 @@ class Trainer:
     grid: the process grid (default: built from cfg.parallel over the initialised process group, or 1 x 1 x 1
     without one). init_seed: the weights' seed (default: drawn from cfg.seed, the same for every layout)."""
 
-    def __init__(self, cfg: Config, vocab_size: int, tgt_vocab_size: int | None = None,
-                 device: torch.device | str = "cpu", grid: Grid | None = None, init_seed: int | None = None,
-                 vocab_sha256: str | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        vocab_size: int,
+        tgt_vocab_size: int | None = None,
+        device: torch.device | str = "cpu",
+        grid: Grid | None = None,
+        init_seed: int | None = None,
+        vocab_sha256: str | None = None,
+    ):
         p, o = cfg.parallel, cfg.optim
         self.cfg, self.device = cfg, torch.device(device)
         self.precision = Precision(o.precision, self.device)
@@ -83,13 +90,32 @@ class Trainer:
         vocab, tgt_vocab = vocab_size, tgt_vocab_size or vocab_size
         self.vocab_sizes = (vocab, tgt_vocab)
         self.rank, self.data_shards, self.data_shard = g.rank, g.dp, g.dp_rank
-        self.layout: Layout = plan_layout(cfg.model, g.pp, g.vpp, vocab, tgt_vocab, g.tp, layout=p.layout,
-                                          by=p.balance, recompute=p.recompute, placement=placement_of(p.schedule),
-                                          sequence_parallel=p.sequence_parallel)
+        self.layout: Layout = plan_layout(
+            cfg.model,
+            g.pp,
+            g.vpp,
+            vocab,
+            tgt_vocab,
+            g.tp,
+            layout=p.layout,
+            by=p.balance,
+            recompute=p.recompute,
+            placement=placement_of(p.schedule),
+            sequence_parallel=p.sequence_parallel,
+        )
         if init_seed is None:
             init_seed = draw_init_seed(cfg.seed)
-        self.model = build_stage(cfg.model, self.layout, g, vocab, tgt_vocab, seed=init_seed, device=self.device,
-                                 recompute=p.recompute, sequence_parallel=p.sequence_parallel)
+        self.model = build_stage(
+            cfg.model,
+            self.layout,
+            g,
+            vocab,
+            tgt_vocab,
+            seed=init_seed,
+            device=self.device,
+            recompute=p.recompute,
+            sequence_parallel=p.sequence_parallel,
+        )
         self.seq_split = g.tp if p.sequence_parallel else 1  # the hiddens hold 1/seq_split of each sequence
         model_parallel_seed(cfg.seed, g)  # dropout streams: same on a tp group, distinct per stage / replica
         if cfg.model.compile:
@@ -99,15 +125,26 @@ class Trainer:
         self.embedding_groups = self._embedding_groups()
         self._build_reducers()
         self.optimizer = build_optimizer(self.params, o, g.dp_group, zero=p.zero)
-        self.executor = PipelineExecutor(self.model, self.layout, g, p.schedule, cfg.model.d_model,
-                                         dtype=self.precision.activation_dtype, label_smoothing=o.label_smoothing)
+        self.executor = PipelineExecutor(
+            self.model,
+            self.layout,
+            g,
+            p.schedule,
+            cfg.model.d_model,
+            dtype=self.precision.activation_dtype,
+            label_smoothing=o.label_smoothing,
+        )
         self.executor.on_last_backward = lambda v, ready: self.reducers[v].arm(ready)
         m = cfg.model
         quiet = None if self.rank == 0 else (lambda line: None)  # rank 0 says it
-        self.health = (HealthMonitor(list(self.named_params()), m.encoder_layers, m.decoder_layers, g, self.device,
-                                     quiet) if cfg.log.health else None)
-        self.checkpoints = NativeCheckpoints(cfg, self.model, self.optimizer, self.precision, self.position(),
-                                             self.vocab_sizes, vocab_sha256, self.rank)
+        self.health = (
+            HealthMonitor(list(self.named_params()), m.encoder_layers, m.decoder_layers, g, self.device, quiet)
+            if cfg.log.health
+            else None
+        )
+        self.checkpoints = NativeCheckpoints(
+            cfg, self.model, self.optimizer, self.precision, self.position(), self.vocab_sizes, vocab_sha256, self.rank
+        )
         self.step = 0
         self._model_bytes: int | None = None
         self._whole_model_skip_said = False
@@ -281,8 +318,11 @@ class Trainer:
     # --- the rest of the protocol ----------------------------------------------------------------------------------
     def describe(self) -> str:
         m = self.cfg.model
-        where = (f"{count_parameters(self.model) / 1e6:.2f}M parameters" if self.grid.world == 1
-                 else f"{self.grid.describe()}, stages {self.layout}")
+        where = (
+            f"{count_parameters(self.model) / 1e6:.2f}M parameters"
+            if self.grid.world == 1
+            else f"{self.grid.describe()}, stages {self.layout}"
+        )
         return f"{m.residual} {m.encoder_layers}L-{m.decoder_layers}L d={m.d_model}, {where}, device {self.device}"
 
     def alpha(self) -> float:
@@ -302,9 +342,12 @@ class Trainer:
         if not fits:
             if self.rank == 0 and not self._whole_model_skip_said:
                 self._whole_model_skip_said = True
-                print(f"validation BLEU off: the whole model ({self._model_bytes / 2**30:.2f} GiB fp32) does not fit "
-                      f"twice into rank 0's free {free / 2**30:.2f} GiB; decode a saved step directory with "
-                      "megabranch-generate", file=sys.stderr)
+                print(
+                    f"validation BLEU off: the whole model ({self._model_bytes / 2**30:.2f} GiB fp32) does not fit "
+                    f"twice into rank 0's free {free / 2**30:.2f} GiB; decode a saved step directory with "
+                    "megabranch-generate",
+                    file=sys.stderr,
+                )
             return None
         full = gather_to_rank0(self.named_params(), self.grid, self.device)
         if full is None:
@@ -325,8 +368,17 @@ class Trainer:
         g = self.grid
         if g.world == 1:
             return dict(checkpoint.single_layout(), tp_rank=0, pp_rank=0, dp_rank=0)
-        return {"tp": g.tp, "pp": g.pp, "dp": g.dp, "vpp": g.vpp, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank,
-                "dp_rank": g.dp_rank, "layout": str(self.layout), "zero": bool(self.cfg.parallel.zero)}
+        return {
+            "tp": g.tp,
+            "pp": g.pp,
+            "dp": g.dp,
+            "vpp": g.vpp,
+            "tp_rank": g.tp_rank,
+            "pp_rank": g.pp_rank,
+            "dp_rank": g.dp_rank,
+            "layout": str(self.layout),
+            "zero": bool(self.cfg.parallel.zero),
+        }
 
     def save(self, save_dir: str, loop_state: dict, valid_loss: float | None, best: float, is_best: bool) -> None:
         self.checkpoints.save(save_dir, self.step, self.alpha(), loop_state, valid_loss, best, is_best)

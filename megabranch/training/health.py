@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -74,8 +74,15 @@ class HealthMonitor:
     names: this rank's parameters' single-process names, in the order of the engine's parameter list; grid:
     the engine's (its tp and pp groups). Collective over tp and pp once, to learn which groups exist anywhere."""
 
-    def __init__(self, names: list[str], encoder_layers: int, decoder_layers: int, grid=None,
-                 device: torch.device | str = "cpu", warn: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        names: list[str],
+        encoder_layers: int,
+        decoder_layers: int,
+        grid=None,
+        device: torch.device | str = "cpu",
+        warn: Callable[[str], None] | None = None,
+    ):
         self.grid = grid
         self.warn = warn or _to_stderr  # where a warning goes (rank 0's stderr; the engine silences the others)
         self.groups = group_names(encoder_layers, decoder_layers)
@@ -86,8 +93,11 @@ class HealthMonitor:
         self._reduce(held)
         self.held = (held > 0).cpu()  # groups some rank holds (the others are left out of the records)
         self.measure_next = False  # set by the run loop: measure the update of the next step (a logged one)
-        self.layers = {stack: [index[f"{stack}.{i}"] for i in range(n)]
-                       for stack, n in zip(STACKS, (encoder_layers, decoder_layers)) if n > 0}
+        self.layers = {
+            stack: [index[f"{stack}.{i}"] for i in range(n)]
+            for stack, n in zip(STACKS, (encoder_layers, decoder_layers))
+            if n > 0
+        }
         self._grad_sum: torch.Tensor | None = None  # the interval's sum of per-group gradient norms
         self._steps = 0
         self._snapshot: list[torch.Tensor] | None = None
@@ -180,12 +190,13 @@ def _to_stderr(line: str) -> None:
 
 def stack_warning(stack: str, layers: int, bottom: float, top: float, intervals: int, step: int) -> str:
     ratio = top / bottom if bottom > 0 else math.inf
-    return (f"warning: step {step}: {stack} layer 0 gets {ratio:.3g}x less gradient than {stack} layer {layers - 1} "
-            f"(norms {bottom:.3g} vs {top:.3g}) for {intervals} log intervals in a row: the lower {stack} has "
-            "stopped learning; try a longer warmup (optim.warmup_updates), a lower learning rate (optim.lr) or "
-            "gradient clipping (optim.clip_norm)")
+    return (
+        f"warning: step {step}: {stack} layer 0 gets {ratio:.3g}x less gradient than {stack} layer {layers - 1} "
+        f"(norms {bottom:.3g} vs {top:.3g}) for {intervals} log intervals in a row: the lower {stack} has "
+        "stopped learning; try a longer warmup (optim.warmup_updates), a lower learning rate (optim.lr) or "
+        "gradient clipping (optim.clip_norm)"
+    )
 
 
 def _round(x: float) -> float:
     return float(f"{x:.4g}") if math.isfinite(x) else x
-

@@ -5,7 +5,8 @@
 Data order (token batches, sharded over the data-parallel replicas, resumable), logging (log.jsonl, TensorBoard,
 progress), validation every log.valid_interval steps with the sacreBLEU of a greedy/beam decode where the engine
 has a whole model (per direction and averaged for a multilingual set; the native engine gathers one on rank 0
-when the layout splits it and it fits: parallel/gather.py), a checkpoint after each validation, and stopping at optim.max_updates (or when
+when the layout splits it and it fits: parallel/gather.py), a checkpoint after each validation, and stopping at
+optim.max_updates (or when
 `on_step` says so). Nothing here knows how an engine steps or saves.
 
 Ending early (training/stopping.py): after every step the ranks agree whether any of them got SIGTERM / SIGUSR1
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..data import EpochBatchIterator, pair_batches
-from ..errors import EXIT_REQUEUE, RunEnded
 from ..decoding import validation_bleu
+from ..errors import EXIT_REQUEUE, RunEnded
 from ..metrics import MetricsLogger, SilentLogger
 from ..model.regional_compile import eager
 from ..parallel.failures import comm_failure_ended, is_comm_failure
@@ -47,8 +48,14 @@ def _mean(xs: list[float]) -> float:
 
 
 def _interval_record(step: int, epoch: int, interval: dict, stats: dict, elapsed: float) -> dict:
-    record = {"step": step, "epoch": epoch, "loss": _mean(interval["loss"]), "nll_loss": _mean(interval["nll_loss"]),
-              "lr": stats["lr"], "alpha": stats["alpha"]}
+    record = {
+        "step": step,
+        "epoch": epoch,
+        "loss": _mean(interval["loss"]),
+        "nll_loss": _mean(interval["nll_loss"]),
+        "lr": stats["lr"],
+        "alpha": stats["alpha"],
+    }
     if interval["gnorm"]:  # every step of the interval was skipped (fp16 overflow): no norm to report
         record.update(gnorm=_mean(interval["gnorm"]), gnorm_max=max(interval["gnorm"]))
     record.update(skipped=interval["skipped"], tokens_per_s=round(interval["ntokens"] / max(elapsed, 1e-9), 1))
@@ -67,12 +74,23 @@ def _new_interval() -> dict:
 def _log_compile(logger, step: int, stats: dict) -> None:
     logger.log({"step": step, "compile_s": stats["compile_s"], "graphs": stats["graphs"]}, tag="compile")
     if stats["graphs"] == 0:
-        print("warning: model.compile=true, but the first step compiled no graph (torch.compile told to run eagerly, "
-              "e.g. a force_eager stance?): the layers ran eagerly", file=sys.stderr)
+        print(
+            "warning: model.compile=true, but the first step compiled no graph (torch.compile told to run eagerly, "
+            "e.g. a force_eager stance?): the layers ran eagerly",
+            file=sys.stderr,
+        )
 
 
-def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, valid_batches: list | None = None,
-          on_step=None, save: bool = True, stop: StopRequest | None = None) -> dict:
+def train(
+    engine,
+    cfg: Config,
+    data: RunData,
+    loop_state: dict | None = None,
+    valid_batches: list | None = None,
+    on_step=None,
+    save: bool = True,
+    stop: StopRequest | None = None,
+) -> dict:
     """Train `engine` until optim.max_updates -> the last validation stats ({} if it stopped before any).
 
     loop_state: what engine.resume() returned (data position, best validation loss). valid_batches: this rank's
@@ -81,21 +99,30 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
     (default: on SIGTERM / SIGUSR1), by raising RunEnded after saving; SIGTERM and SIGUSR1 then stay ignored in
     this process, which is expected to exit."""
     o, lg = cfg.optim, cfg.log
-    itr = EpochBatchIterator(data.train_set, cfg.data.max_tokens, seed=cfg.seed,
-                             max_sentences=cfg.data.max_sentences or None, shuffle=cfg.data.shuffle,
-                             num_shards=engine.data_shards, shard_id=engine.data_shard)
+    itr = EpochBatchIterator(
+        data.train_set,
+        cfg.data.max_tokens,
+        seed=cfg.seed,
+        max_sentences=cfg.data.max_sentences or None,
+        shuffle=cfg.data.shuffle,
+        num_shards=engine.data_shards,
+        shard_id=engine.data_shard,
+    )
     best = math.inf
     if loop_state is not None:
         if loop_state.get("data") is not None:
             itr.load_state_dict(loop_state["data"])
         if loop_state.get("best_valid_loss") is not None:
             best = float(loop_state["best_valid_loss"])
-    logger = MetricsLogger(lg.save_dir, o.max_updates, lg.tensorboard, lg.progress) if engine.rank == 0 else SilentLogger()
+    logger = (
+        MetricsLogger(lg.save_dir, o.max_updates, lg.tensorboard, lg.progress) if engine.rank == 0 else SilentLogger()
+    )
     if loop_state is None and engine.rank == 0:
         print(f"model: {engine.describe()}, {len(data.train_set)} training pairs", file=sys.stderr)
     if valid_batches is None:
-        valid_batches = pair_batches(data.valid_set, cfg.data.max_tokens, shards=engine.data_shards,
-                                     shard=engine.data_shard)
+        valid_batches = pair_batches(
+            data.valid_set, cfg.data.max_tokens, shards=engine.data_shards, shard=engine.data_shard
+        )
     groups = itr.update_groups(o.update_freq)
     interval = _new_interval()
     t0 = time.time()
@@ -136,8 +163,16 @@ def train(engine, cfg: Config, data: RunData, loop_state: dict | None = None, va
                 model = engine.whole_model() if lg.bleu_sentences > 0 else None  # collective
                 if model is not None:
                     with eager():  # compiled layers: the decoder's shapes change every token
-                        valid_stats.update(validation_bleu(model, data.valid_set, data.tgt_tokenizer, lg.bleu_beam,
-                                                           lg.bleu_sentences, next(model.parameters()).device))
+                        valid_stats.update(
+                            validation_bleu(
+                                model,
+                                data.valid_set,
+                                data.tgt_tokenizer,
+                                lg.bleu_beam,
+                                lg.bleu_sentences,
+                                next(model.parameters()).device,
+                            )
+                        )
                     del model
                 logger.log({"step": step, **valid_stats}, tag="valid")
                 is_best = valid_stats["loss"] < best
@@ -176,7 +211,7 @@ def _publish_in_flight(engine) -> None:
     directory, and a daemon writer dies with the process); its own failure is said, not raised over the first."""
     try:
         engine.finish_saves()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         print(f"warning: the checkpoint being written when the run failed was not published: {err}", file=sys.stderr)
 
 
@@ -186,5 +221,7 @@ def _stopped(engine, cfg: Config, step: int, reason: str, saved: bool, logger) -
     if engine.rank != 0:
         return RunEnded("", EXIT_REQUEUE)
     where = f"saved a checkpoint of it in {cfg.log.save_dir}" if saved else "no checkpoint (saving is off)"
-    return RunEnded(f"stopped after step {step} {reason}: {where}; run the same command with --resume auto to "
-                    "continue", EXIT_REQUEUE)
+    return RunEnded(
+        f"stopped after step {step} {reason}: {where}; run the same command with --resume auto to continue",
+        EXIT_REQUEUE,
+    )

@@ -24,9 +24,9 @@ import sys
 import torch
 
 from .. import checkpoint
-from ..config import Config
 from ..checkpoint import space
 from ..checkpoint.async_save import AsyncSaver, host_copy, snapshot
+from ..config import Config
 from ..errors import UserError
 from ..model import canonical_parameters
 from ..parallel.parallelize import natural_split_dims, split_info
@@ -34,8 +34,14 @@ from ..parallel.tensor_parallel import get_rng_tracker
 from .precision import Precision
 
 # model keys that may change across a resume: regularisation, kernel choice and compilation
-_RESUMABLE_CHANGES = ("dropout", "attention_dropout", "activation_dropout", "fused_kernels", "compile",
-                      "compile_backend")
+_RESUMABLE_CHANGES = (
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "fused_kernels",
+    "compile",
+    "compile_backend",
+)
 
 
 def rng_state() -> dict:
@@ -70,8 +76,17 @@ class NativeCheckpoints:
     megabranch.checkpoint.load_for_rank reads it); vocab_sizes: (source, target); vocab_sha256: of the data the
     run trains on (None when unknown)."""
 
-    def __init__(self, cfg: Config, model, optimizer, precision: Precision, position: dict,
-                 vocab_sizes: tuple[int, int], vocab_sha256: str | None, rank: int = 0):
+    def __init__(
+        self,
+        cfg: Config,
+        model,
+        optimizer,
+        precision: Precision,
+        position: dict,
+        vocab_sizes: tuple[int, int],
+        vocab_sha256: str | None,
+        rank: int = 0,
+    ):
         self.cfg, self.model, self.optimizer, self.precision = cfg, model, optimizer, precision
         self.position, self.vocab_sizes, self.vocab_sha256, self.rank = position, vocab_sizes, vocab_sha256, rank
         self._saver: AsyncSaver | None = None
@@ -97,16 +112,18 @@ class NativeCheckpoints:
             return {checkpoint.shard_name(t, p, d): {"rank": mine, "step": step}}
         params = self.named_params()
         dims = natural_split_dims(self.model)
-        return {checkpoint.shard_name(t, p): {
-            "model": {k: host_copy(v) for k, v in params.items()},
-            "split": split_info(params),
-            "lead": {k: dims.get(id(v), 0) for k, v in params.items()},  # stored leading: any tp slice contiguous
-            "optimizer": checkpoint.optimizer_to_canonical(self.optimizer, list(params)),
-            "scaler": self.precision.state_dict(),
-            "step": step,
-            "alpha": alpha,
-            "rank": mine,
-        }}
+        return {
+            checkpoint.shard_name(t, p): {
+                "model": {k: host_copy(v) for k, v in params.items()},
+                "split": split_info(params),
+                "lead": {k: dims.get(id(v), 0) for k, v in params.items()},  # stored leading: any tp slice contiguous
+                "optimizer": checkpoint.optimizer_to_canonical(self.optimizer, list(params)),
+                "scaler": self.precision.state_dict(),
+                "step": step,
+                "alpha": alpha,
+                "rank": mine,
+            }
+        }
 
     def meta(self, step: int, alpha: float, valid_loss: float | None, best: float) -> dict:
         """meta.json of a step directory (megabranch.checkpoint adds the files, their sha256 and the versions).
@@ -115,16 +132,30 @@ class NativeCheckpoints:
         cfg, pos = self.cfg, self.position
         return {
             "layout": {k: pos[k] for k in ("tp", "pp", "vpp", "dp", "layout", "zero")},
-            "config": cfg.to_dict(), "vocab_sha256": self.vocab_sha256, "vocab_size": self.vocab_sizes[0],
+            "config": cfg.to_dict(),
+            "vocab_sha256": self.vocab_sha256,
+            "vocab_size": self.vocab_sizes[0],
             "tgt_vocab_size": self.vocab_sizes[1],
             "valid_loss": valid_loss if valid_loss is not None and math.isfinite(valid_loss) else None,
             "best_valid_loss": best if math.isfinite(best) else None,
-            "alpha": {"value": alpha, "schedule": cfg.model.alpha_schedule,
-                      "warmup_steps": cfg.model.alpha_warmup_steps, "step": step},
+            "alpha": {
+                "value": alpha,
+                "schedule": cfg.model.alpha_schedule,
+                "warmup_steps": cfg.model.alpha_warmup_steps,
+                "step": step,
+            },
         }
 
-    def save(self, save_dir: str, step: int, alpha: float, data_state: dict, valid_loss: float | None,
-             best: float, is_best: bool) -> str:
+    def save(
+        self,
+        save_dir: str,
+        step: int,
+        alpha: float,
+        data_state: dict,
+        valid_loss: float | None,
+        best: float,
+        is_best: bool,
+    ) -> str:
         """Collective: publish step_<step>/ (megabranch.checkpoint.save_step); with log.async_save, snapshot this
         rank's state and publish it in the background."""
         files, meta = self.files(step, alpha, data_state), self.meta(step, alpha, valid_loss, best)
@@ -152,8 +183,9 @@ class NativeCheckpoints:
         if self._failure is not None:
             failure, self._failure = self._failure, None  # said once, also when an error path calls finish() again
             save_dir = in_flight[0] if in_flight else self.cfg.log.save_dir
-            raise UserError(f"the last checkpoint was not saved, {failure}; {self._kept(save_dir)}; "
-                            f"{space.RESUME_ADVICE}")
+            raise UserError(
+                f"the last checkpoint was not saved, {failure}; {self._kept(save_dir)}; {space.RESUME_ADVICE}"
+            )
 
     def _wait(self, last: bool = False) -> None:
         """Collective: the background save in flight (if any) published, or its failure counted."""
@@ -178,13 +210,19 @@ class NativeCheckpoints:
         limit = self.cfg.log.max_failed_saves
         if self._failed >= limit:  # (said here: finish() on the way out has nothing left to say)
             failure, self._failure = self._failure, None
-            raise UserError(f"{self._failed} checkpoint saves in a row failed (log.max_failed_saves={limit}), the "
-                            f"last of {failure}; stopping; {self._kept(save_dir)}; {space.RESUME_ADVICE}")
+            raise UserError(
+                f"{self._failed} checkpoint saves in a row failed (log.max_failed_saves={limit}), the "
+                f"last of {failure}; stopping; {self._kept(save_dir)}; {space.RESUME_ADVICE}"
+            )
         if not last:  # (the last one is finish()'s error)
             who = f"rank {self.rank}: " if self.position["tp"] * self.position["pp"] * self.position["dp"] > 1 else ""
-            print(f"warning: {who}checkpoint not saved, {self._failure}; {self._kept(save_dir)}; training goes on "
-                  f"and the next save tries again ({self._failed} of log.max_failed_saves={limit} failures in a "
-                  "row)", file=sys.stderr, flush=True)
+            print(
+                f"warning: {who}checkpoint not saved, {self._failure}; {self._kept(save_dir)}; training goes on "
+                f"and the next save tries again ({self._failed} of log.max_failed_saves={limit} failures in a "
+                "row)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _kept(self, save_dir: str) -> str:
         """What `latest` names after a failed save (never read from the failing filesystem)."""
@@ -214,19 +252,25 @@ class NativeCheckpoints:
             set_rng_state(state["rng"])
         if self.rank == 0:
             if state["optimizer"] is None and state["zero"] is None:
-                print(f"{step_dir} holds no optimizer state (averaged, imported or converted without it): "
-                      "Adam starts fresh", file=sys.stderr)
+                print(
+                    f"{step_dir} holds no optimizer state (averaged, imported or converted without it): "
+                    "Adam starts fresh",
+                    file=sys.stderr,
+                )
             if state["resharded"]:
-                print(f"resumed from {step_dir} (layout {meta['layout']}), resharded for this layout",
-                      file=sys.stderr)
+                print(f"resumed from {step_dir} (layout {meta['layout']}), resharded for this layout", file=sys.stderr)
         return step, {"data": state["data"], "best_valid_loss": meta.get("best_valid_loss")}
 
     def _check_vocabulary(self, meta: dict, step_dir: str) -> None:
         data_dir, vocab_size = self.cfg.data.data_dir, self.vocab_sizes[0]
         if meta.get("vocab_sha256") is None:  # imported (torchscale, DeepSpeed): only the sizes are known
             if meta.get("vocab_size") != vocab_size:
-                raise UserError(f"--resume: {step_dir} has a vocabulary of {meta.get('vocab_size')} entries, "
-                                f"{data_dir} one of {vocab_size}")
+                raise UserError(
+                    f"--resume: {step_dir} has a vocabulary of {meta.get('vocab_size')} entries, "
+                    f"{data_dir} one of {vocab_size}"
+                )
         elif self.vocab_sha256 is not None and meta.get("vocab_sha256") != self.vocab_sha256:
-            raise UserError(f"--resume: the vocabulary of {data_dir} differs from the one {step_dir} was "
-                            "trained with; use the data it was trained on")
+            raise UserError(
+                f"--resume: the vocabulary of {data_dir} differs from the one {step_dir} was "
+                "trained with; use the data it was trained on"
+            )

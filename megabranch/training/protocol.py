@@ -56,8 +56,16 @@ class Engine(Protocol):
         or None, "best_valid_loss": float or None}."""
 
 
-def step_stats(loss_sum: float, nll_sum: float, ntokens: int, lr: float, alpha: float, gnorm: float,
-               skipped: bool) -> dict:
+def step_stats(
+    loss_sum: float, nll_sum: float, ntokens: int, lr: float, alpha: float, gnorm: float, skipped: bool
+) -> dict:
     """What Engine.train_step returns, from the step's sums over every micro-batch and replica."""
-    return {"loss": loss_sum / ntokens, "nll_loss": nll_sum / ntokens, "lr": lr, "alpha": alpha, "gnorm": gnorm,
-            "ntokens": ntokens, "skipped": int(skipped)}
+    return {
+        "loss": loss_sum / ntokens,
+        "nll_loss": nll_sum / ntokens,
+        "lr": lr,
+        "alpha": alpha,
+        "gnorm": gnorm,
+        "ntokens": ntokens,
+        "skipped": int(skipped),
+    }

@@ -2,7 +2,8 @@
 and a wall-clock limit (--exit-duration-mins, Megatron's name).
 
 A signal only sets a flag; the run loop asks after every step whether any rank has one (one all-reduce of a
-reason code, so a signal that reached a single rank stops them all at the same step), then every rank saves one coordinated
+reason code, so a signal that reached a single rank stops them all at the same step), then every rank saves one
+coordinated
 checkpoint and the run ends with exit code 75 (errors.EXIT_REQUEUE): run the same command with --resume auto
 to continue. A rank blocked in a wait notices the flag when the wait returns (every wait is bounded by
 parallel.timeout_s).
@@ -38,7 +39,7 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signal = self.signal or signal.Signals(signum).name
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         """Catch the stop signals (only the main thread may: elsewhere the deadline alone applies)."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:

@@ -29,13 +29,23 @@ def ckpt_cfg(tp=1, pp=1, vpp=1, layout="", zero=False):
 
 def step_meta(cfg, tr) -> dict:
     pos = tr.position()
-    return {"layout": {k: pos[k] for k in ("tp", "pp", "vpp", "dp", "layout", "zero")}, "config": cfg.to_dict(),
-            "vocab_size": VOCAB, "tgt_vocab_size": VOCAB, "vocab_sha256": "test"}
+    return {
+        "layout": {k: pos[k] for k in ("tp", "pp", "vpp", "dp", "layout", "zero")},
+        "config": cfg.to_dict(),
+        "vocab_size": VOCAB,
+        "tgt_vocab_size": VOCAB,
+        "vocab_sha256": "test",
+    }
 
 
 def save_trainer(tr, cfg, save_dir: str, keep_last: int = 0) -> str:
-    return checkpoint.save_step(save_dir, tr.step, tr.checkpoints.files(tr.step, tr.alpha(), Position().state_dict()), step_meta(cfg, tr),
-                                keep_last=keep_last)
+    return checkpoint.save_step(
+        save_dir,
+        tr.step,
+        tr.checkpoints.files(tr.step, tr.alpha(), Position().state_dict()),
+        step_meta(cfg, tr),
+        keep_last=keep_last,
+    )
 
 
 def tiny_single(tmp_path, steps=(2, 4, 6), keep_last=0) -> str:

@@ -17,8 +17,13 @@ def tiny_model_cfg(**kw) -> ModelConfig:
 def make_cfg(enc: int = 4, dec: int = 4, m: int = 2, **parallel) -> Config:
     """A tiny deep BranchNorm model whose alpha moves every step (warmup 10), dropout off, clipping on."""
     cfg = Config()
-    cfg.model = tiny_model_cfg(encoder_layers=enc, decoder_layers=dec, residual=parallel.pop("residual", "branchnorm"),
-                               alpha_warmup_steps=10, **parallel.pop("model", {}))
+    cfg.model = tiny_model_cfg(
+        encoder_layers=enc,
+        decoder_layers=dec,
+        residual=parallel.pop("residual", "branchnorm"),
+        alpha_warmup_steps=10,
+        **parallel.pop("model", {}),
+    )
     o = cfg.optim
     o.lr, o.warmup_updates, o.update_freq, o.clip_norm, o.label_smoothing = 1e-3, 5, m, 1.0, 0.1
     for k, v in parallel.items():
@@ -26,8 +31,10 @@ def make_cfg(enc: int = 4, dec: int = 4, m: int = 2, **parallel) -> Config:
     return cfg
 
 
-_PP2_MODEL = ("model: {encoder_layers: 2, decoder_layers: 2, d_model: 16, n_heads: 2, ffn_dim: 32, dropout: 0.0,"
-              " alpha_warmup_steps: 4, max_positions: 64}\nparallel: {pp: 2, layout: 'E0-1|D0-1'}\n")
+_PP2_MODEL = (
+    "model: {encoder_layers: 2, decoder_layers: 2, d_model: 16, n_heads: 2, ffn_dim: 32, dropout: 0.0,"
+    " alpha_warmup_steps: 4, max_positions: 64}\nparallel: {pp: 2, layout: 'E0-1|D0-1'}\n"
+)
 
 
 def tiny_pp2_yaml(data_dir: str, save_dir: str | None = None, **optim) -> str:
@@ -36,6 +43,8 @@ def tiny_pp2_yaml(data_dir: str, save_dir: str | None = None, **optim) -> str:
     text = _PP2_MODEL + "optim: {" + ", ".join(f"{k}: {v}" for k, v in optim.items()) + "}\n"
     text += f"data: {{data_dir: '{data_dir}', max_tokens: 200}}\n"
     if save_dir is not None:
-        text += (f"log: {{save_dir: '{save_dir}', log_interval: 1, valid_interval: 2, bleu_sentences: 0,"
-                 " tensorboard: false, progress: none}\n")
+        text += (
+            f"log: {{save_dir: '{save_dir}', log_interval: 1, valid_interval: 2, bleu_sentences: 0,"
+            " tensorboard: false, progress: none}\n"
+        )
     return text

@@ -38,8 +38,12 @@ def _entry(rank, world, port, env, fn, args, errors):
     os.environ.clear()  # the test's environment as it is now, not the forkserver's from its start
     os.environ.update(env)
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     try:
@@ -56,8 +60,13 @@ def _entry(rank, world, port, env, fn, args, errors):
 def run_workers(fn, world: int, *args) -> None:
     errors = _CTX.SimpleQueue()
     try:
-        mp.start_processes(_entry, args=(world, free_port(), dict(os.environ), fn, args, errors), nprocs=world,
-                           join=True, start_method="forkserver")
+        mp.start_processes(
+            _entry,
+            args=(world, free_port(), dict(os.environ), fn, args, errors),
+            nprocs=world,
+            join=True,
+            start_method="forkserver",
+        )
     except Exception as e:
         msgs = []
         while not errors.empty():

@@ -36,7 +36,7 @@ LOCAL_IMPORT_ALLOWED = {
     "torchscale": "optional (test extras); only to check a conversion against the real model",
     "fairseq": "optional (test extras); only to read and check a fairseq checkpoint; about 3.5 s to import",
     "torch.distributed.pipelining": "torch's own B/W split (a private module some torch versions lack): only what "
-                                    "tools.bench.backward_split times against ours",
+    "tools.bench.backward_split times against ours",
     "omegaconf": "fairseq's config library; only with fairseq",
     "ctranslate2": "optional (requirements-peers.txt); only to export to and check against CTranslate2",
     "transformers": "optional (requirements-peers.txt); only to export to and check against MarianMT; about 2 s",
@@ -44,7 +44,7 @@ LOCAL_IMPORT_ALLOWED = {
 # Modules whose every function may import anything locally, and why.
 LOCAL_IMPORT_MODULES = {
     "tools.gpu_check": "its parts run in child processes, each under a time budget; the driver imports neither "
-                       "torch nor megabranch, so a broken or hanging import is one part's failure, not the report's",
+    "torch nor megabranch, so a broken or hanging import is one part's failure, not the report's",
 }
 PATH_CHANGES = {"sys.path.insert", "sys.path.append", "sys.path.extend", "site.addsitedir"}
 
@@ -84,9 +84,11 @@ class Report:
         return not (self.cycles or self.private or self.local or self.path_changes or self.bare)
 
     def message(self, title: str = "import rules broken") -> str:
-        out = [f"{title}: {len(self.cycles)} import cycle(s), {len(self.private)} private name(s) used across "
-               f"modules, {len(self.local)} function-local import(s) outside the allowlist, "
-               f"{len(self.path_changes)} change(s) of sys.path, {len(self.bare)} module(s) imported by a bare name"]
+        out = [
+            f"{title}: {len(self.cycles)} import cycle(s), {len(self.private)} private name(s) used across "
+            f"modules, {len(self.local)} function-local import(s) outside the allowlist, "
+            f"{len(self.path_changes)} change(s) of sys.path, {len(self.bare)} module(s) imported by a bare name"
+        ]
         if self.cycles:
             out.append("import cycles (the shortest through each of their edges):")
             out += ["  " + " -> ".join(c) for c in self.cycles]
@@ -220,8 +222,13 @@ def _check_imports(module, is_package, rel, imports, modules, report) -> None:
 
     for node, function in imports:
         site = Site(rel, node.lineno, function)
-        absolute = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if node.level == 0 else []
+        absolute = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if node.level == 0
+            else []
+        )
         for name in absolute:  # a stdlib name is the stdlib's, whatever lies beside the module
             first = name.split(".")[0]
             if own and f"{own}.{first}" in modules and first not in sys.stdlib_module_names:
@@ -287,8 +294,10 @@ def folder_cycles(report: Report) -> list[list[str]]:
     """Cycles between the package's folders (its subpackages, and the top-level modules each as its own): an
     import of parallel/ from training/ and one of training/ from parallel/ make one even when no two modules import
     each other."""
+
     def folder(module: str) -> str:
         return ".".join(module.split(".")[:2])
+
     return _cycles({(folder(a), folder(b)) for a, b in report.edges if folder(a) != folder(b)})
 
 

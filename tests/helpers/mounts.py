@@ -17,7 +17,7 @@ def with_tmpfs(where: str, options: str, argv: list[str]) -> list[str]:
     return ["unshare", "-rm", "sh", "-c", _SCRIPT, options, where, *argv]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tmpfs_unavailable() -> str | None:
     """Why with_tmpfs cannot work here (no unshare, user or mount namespaces refused), or None when it can."""
     if shutil.which("unshare") is None:

@@ -14,8 +14,8 @@ from megabranch.model import canonical_parameters, draw_init_seed
 from megabranch.parallel.grid import Grid
 from megabranch.parallel.parallelize import shard_of
 from megabranch.residual import alpha_at
-from megabranch.training.lr_schedule import inverse_sqrt_lr
 from megabranch.training.engine import Trainer
+from megabranch.training.lr_schedule import inverse_sqrt_lr
 
 from .configs import VOCAB
 from .env import one_thread
@@ -30,8 +30,8 @@ def synthetic_batches(step: int, n: int, vocab: int = VOCAB) -> list[dict]:
         src = torch.randint(4, vocab, (b, s), generator=g)
         tgt = torch.randint(4, vocab, (b, t), generator=g)
         for row in range(b):
-            src[row, int(torch.randint(1, s + 1, (1,), generator=g)):] = 0
-            tgt[row, int(torch.randint(1, t + 1, (1,), generator=g)):] = 0
+            src[row, int(torch.randint(1, s + 1, (1,), generator=g)) :] = 0
+            tgt[row, int(torch.randint(1, t + 1, (1,), generator=g)) :] = 0
         prev = torch.cat([torch.full((b, 1), 2), tgt[:, :-1]], 1)
         out.append({"src_tokens": src, "prev_output_tokens": prev, "target": tgt, "ntokens": int(tgt.ne(0).sum())})
     return out
@@ -122,11 +122,15 @@ class AlphaAudit:
             last = out if torch.is_tensor(out) else out[-1]
             if torch.is_grad_enabled() and last.requires_grad:
                 last.register_hook(lambda g: self._record("B", v, chunk))
+
         return hook
 
     def errors(self, step: int) -> list[str]:
         """Every record since the last clear() must show alpha_at(step)."""
         mc = self.cfg.model
         want = alpha_at(step, mc.alpha_warmup_steps, mc.alpha_schedule) if mc.residual == "branchnorm" else 1.0
-        return [f"chunk {c} {stack} {phase}: alpha {alpha} at step {step} (want {want})"
-                for phase, c, stack, alpha in self.records if abs(alpha - want) > 1e-7]
+        return [
+            f"chunk {c} {stack} {phase}: alpha {alpha} at step {step} (want {want})"
+            for phase, c, stack, alpha in self.records
+            if abs(alpha - want) > 1e-7
+        ]

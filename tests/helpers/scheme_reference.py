@@ -131,18 +131,33 @@ def reference_logits(params: dict, cfg, src: torch.Tensor, prev: torch.Tensor, a
         return _sublayer(x, block, p, name, cfg, stack, layer, alpha_t)
 
     def enc_layer(x, layer):
-        x = sub(x, f"{layer}.self_attn", "encoder", layer,
-                lambda h: _attention(h, h, p, f"{layer}.self_attn.block", heads, key_mask, False, cfg, True))
+        x = sub(
+            x,
+            f"{layer}.self_attn",
+            "encoder",
+            layer,
+            lambda h: _attention(h, h, p, f"{layer}.self_attn.block", heads, key_mask, False, cfg, True),
+        )
         return sub(x, f"{layer}.ffn", "encoder", layer, lambda h: _ffn(h, p, f"{layer}.ffn.block", cfg))
 
     x = table[src] * math.sqrt(d) + _positions(src.shape[1], d)
     memory = _stack(x, p, cfg, "encoder", enc_layer)
 
     def dec_layer(y, layer):
-        y = sub(y, f"{layer}.self_attn", "decoder", layer,
-                lambda h: _attention(h, h, p, f"{layer}.self_attn.block", heads, None, True, cfg, True))
-        y = sub(y, f"{layer}.cross_attn", "decoder", layer,
-                lambda h: _attention(h, memory, p, f"{layer}.cross_attn.block", heads, key_mask, False, cfg, False))
+        y = sub(
+            y,
+            f"{layer}.self_attn",
+            "decoder",
+            layer,
+            lambda h: _attention(h, h, p, f"{layer}.self_attn.block", heads, None, True, cfg, True),
+        )
+        y = sub(
+            y,
+            f"{layer}.cross_attn",
+            "decoder",
+            layer,
+            lambda h: _attention(h, memory, p, f"{layer}.cross_attn.block", heads, key_mask, False, cfg, False),
+        )
         return sub(y, f"{layer}.ffn", "decoder", layer, lambda h: _ffn(h, p, f"{layer}.ffn.block", cfg))
 
     y = tgt_table[prev] * math.sqrt(d) + _positions(prev.shape[1], d)
@@ -175,12 +190,22 @@ def admin_omegas(params: dict, cfg, src: torch.Tensor, prev: torch.Tensor) -> di
 
     table = p["encoder.embed.table.weight"]
     x = table[src] * math.sqrt(d) + _positions(src.shape[1], d)
-    memory = run_stack(x, "encoder", [
-        ("self_attn", lambda h, n: _attention(h, h, p, n, heads, key_mask, False, cfg, True)),
-        ("ffn", lambda h, n: _ffn(h, p, n, cfg))])
+    memory = run_stack(
+        x,
+        "encoder",
+        [
+            ("self_attn", lambda h, n: _attention(h, h, p, n, heads, key_mask, False, cfg, True)),
+            ("ffn", lambda h, n: _ffn(h, p, n, cfg)),
+        ],
+    )
     y = p.get("decoder.embed.table.weight", table)[prev] * math.sqrt(d) + _positions(prev.shape[1], d)
-    run_stack(y, "decoder", [
-        ("self_attn", lambda h, n: _attention(h, h, p, n, heads, None, True, cfg, True)),
-        ("cross_attn", lambda h, n: _attention(h, memory, p, n, heads, key_mask, False, cfg, False)),
-        ("ffn", lambda h, n: _ffn(h, p, n, cfg))])
+    run_stack(
+        y,
+        "decoder",
+        [
+            ("self_attn", lambda h, n: _attention(h, h, p, n, heads, None, True, cfg, True)),
+            ("cross_attn", lambda h, n: _attention(h, memory, p, n, heads, key_mask, False, cfg, False)),
+            ("ffn", lambda h, n: _ffn(h, p, n, cfg)),
+        ],
+    )
     return found

@@ -30,8 +30,9 @@ VOCAB, B, S, T = 40, 4, 8, 8
 
 def _chunk(layers: int, recompute: int, d: int) -> Transformer:
     n = layers + 1
-    cfg = ModelConfig(encoder_layers=1, decoder_layers=n, d_model=d, n_heads=4, ffn_dim=2 * d, dropout=0.0,
-                      max_positions=64)
+    cfg = ModelConfig(
+        encoder_layers=1, decoder_layers=n, d_model=d, n_heads=4, ffn_dim=2 * d, dropout=0.0, max_positions=64
+    )
     model = Transformer(cfg, VOCAB, span=Span.of_layers(2, n + 1, 1, n), seed=0)  # D1..D(n-1) and the output
     model.decoder.recompute = recompute
     return model
@@ -70,8 +71,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"# backward split: decoder chunk d={args.d_model}, {B} x {T} tokens, recompute {args.recompute}, "
-          f"median of {args.repeats}; torch {torch.__version__}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"# backward split: decoder chunk d={args.d_model}, {B} x {T} tokens, recompute {args.recompute}, "
+        f"median of {args.repeats}; torch {torch.__version__}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+    )
     print("| layers | plain backward (s) | megabranch B (s) | megabranch W (s) | torch B (s) | torch W (s) |")
     print("|---|---|---|---|---|---|")
     for n in args.layers:
@@ -83,8 +86,10 @@ def main(argv=None) -> int:
                 defer_weight_grads(model, store)
             runs = [_one(model, mode, store) for _ in range(args.repeats + 1)][1:]  # the first warms up
             row[mode] = [statistics.median(r[i] for r in runs) for i in (0, 1)]
-        print(f"| {n} | {row['plain'][0]:.4f} | {row['megabranch'][0]:.4f} | {row['megabranch'][1]:.4f} | "
-              f"{row['torch'][0]:.4f} | {row['torch'][1]:.4f} |")
+        print(
+            f"| {n} | {row['plain'][0]:.4f} | {row['megabranch'][0]:.4f} | {row['megabranch'][1]:.4f} | "
+            f"{row['torch'][0]:.4f} | {row['torch'][1]:.4f} |"
+        )
     return 0
 
 

@@ -91,9 +91,12 @@ def _write_source(cfg: Config, vocab: int, out: str) -> int:
     g = torch.Generator().manual_seed(0)
     names = {n: tuple(p.shape) for n, p in meta_model(cfg.model, vocab).named_parameters()}
     model = {n: torch.randn(s, generator=g) * 0.02 for n, s in names.items()}
-    opt = {"step": {n: torch.tensor(100.0) for n in names}, "exp_avg": {n: torch.randn(s, generator=g) * 1e-3 for n, s in names.items()},
-           "exp_avg_sq": {n: torch.rand(s, generator=g) * 1e-6 for n, s in names.items()},
-           "hyper": {"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0}}
+    opt = {
+        "step": {n: torch.tensor(100.0) for n in names},
+        "exp_avg": {n: torch.randn(s, generator=g) * 1e-3 for n, s in names.items()},
+        "exp_avg_sq": {n: torch.rand(s, generator=g) * 1e-6 for n, s in names.items()},
+        "hyper": {"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.0},
+    }
     meta = {"config": cfg.to_dict(), "vocab_size": vocab, "tgt_vocab_size": vocab, "step": 100, "vocab_sha256": None}
     write_layout(out, cfg, meta, model, opt, 1, 1, 1)
     return sum(t.numel() for t in model.values())
@@ -129,9 +132,17 @@ def _hop(rank, world, port, cfg_dict, vocab, src, dst, tp, pp, results):
     (merged, nbytes), wall, grew = _measure(full_merge)
     row["full"] = {"read": nbytes, "rss": grew, "wall": wall}
     del merged
-    files = {checkpoint.shard_name(t, p): {"model": state["model"], "split": split_info(params),
-                                           "lead": leads[(t, p)], "optimizer": state["optimizer"], "scaler": {},
-                                           "step": state["step"], "rank": {"data": None, "rng": None, "zero": None}}}
+    files = {
+        checkpoint.shard_name(t, p): {
+            "model": state["model"],
+            "split": split_info(params),
+            "lead": leads[(t, p)],
+            "optimizer": state["optimizer"],
+            "scaler": {},
+            "step": state["step"],
+            "rank": {"data": None, "rng": None, "zero": None},
+        }
+    }
     c = cfg.to_dict()
     c["parallel"].update(tp=tp, pp=pp, layout=str(lay) if pp > 1 else "")
     meta_out = {k: v for k, v in meta.items() if k not in ("files", "format", "versions", "layout", "config", "holds")}
@@ -153,8 +164,12 @@ def _stall(rank, world, port, cfg_dict, vocab, root, results):
     tr = Trainer(cfg, vocab)
     g = torch.Generator().manual_seed(1)
     src, tgt = torch.randint(4, vocab, (2, 8), generator=g), torch.randint(4, vocab, (2, 8), generator=g)
-    batch = {"src_tokens": src, "prev_output_tokens": torch.cat([torch.full((2, 1), 2), tgt[:, :-1]], 1),
-             "target": tgt, "ntokens": int(tgt.numel())}
+    batch = {
+        "src_tokens": src,
+        "prev_output_tokens": torch.cat([torch.full((2, 1), 2), tgt[:, :-1]], 1),
+        "target": tgt,
+        "ntokens": int(tgt.numel()),
+    }
     tr.train_step([batch, batch])  # Adam has state now
     row = {"rank": rank}
     for mode in (False, True, False, True):
@@ -199,18 +214,24 @@ def main() -> None:
     cfg = _config(args)
     src = os.path.join(root, "tp1pp1", "step_100")
     n = _write_source(cfg, args.vocab, src)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"{args.layers}L-{args.layers}L d={args.d_model} ffn {args.ffn} vocab {args.vocab}: {n / 1e6:.1f}M parameters, "
-          f"{3 * 4 * n / 2**20:.0f} MiB with Adam moments")
-    print("| hop | rank | owns (MiB) | slice: read / owned | full merge: read / owned | slice: RSS growth / owned "
-          "| full merge: RSS growth / owned | slice wall (s) | full merge wall (s) | save (s) |")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"{args.layers}L-{args.layers}L d={args.d_model} ffn {args.ffn} vocab {args.vocab}: {n / 1e6:.1f}M parameters, "
+        f"{3 * 4 * n / 2**20:.0f} MiB with Adam moments"
+    )
+    print(
+        "| hop | rank | owns (MiB) | slice: read / owned | full merge: read / owned | slice: RSS growth / owned "
+        "| full merge: RSS growth / owned | slice wall (s) | full merge wall (s) | save (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for (a, b) in HOPS:
+    for a, b in HOPS:
         dst = os.path.join(root, f"tp{b[0]}pp{b[1]}", "step_100")
         for r in _spawn(_hop, cfg.to_dict(), args.vocab, src, dst, b[0], b[1]):
             s, f, own = r["slice"], r["full"], r["own"]
-            print(f"| {a} -> {b} | {r['rank']} | {own / 2**20:.1f} | {s['read'] / own:.3f} | {f['read'] / own:.2f} "
-                  f"| {s['rss'] / own:.2f} | {f['rss'] / own:.2f} | {s['wall']:.2f} | {f['wall']:.2f} | {r['save']:.2f} |")
+            print(
+                f"| {a} -> {b} | {r['rank']} | {own / 2**20:.1f} | {s['read'] / own:.3f} | {f['read'] / own:.2f} "
+                f"| {s['rss'] / own:.2f} | {f['rss'] / own:.2f} | {s['wall']:.2f} | {f['wall']:.2f} | {r['save']:.2f} |"
+            )
         src = dst
     rows = _spawn(_stall, cfg.to_dict(), args.vocab, root)
     print("\n| save (tp 2, pp 2) | training stall (s), max over ranks | until published (s) |")

@@ -43,10 +43,6 @@ ENGINES = ("megabranch", "ctranslate2", "ctranslate2-int8", "hf", "fairseq")
 BEAM, LENPEN = 4, 0.6
 
 
-
-
-
-
 def _decoders(names, ex, tmp: str, threads: int) -> dict:
     """engine name -> decode(src batch, max_len) -> token lists, each built once (exports written into tmp; their
     checks print on stderr, the table alone goes to stdout)."""
@@ -109,8 +105,10 @@ def main(argv=None) -> int:
     split = load_split(args.data_dir or cfg.data.data_dir, args.split)
     dataset, tok = split.dataset, split.tgt_tok
     n = min(args.limit or len(dataset), len(dataset))
-    batches = [(idx, dataset.collater([dataset[i] for i in idx])["src_tokens"])
-               for idx in sentence_batches(dataset.src_sizes, n, args.max_tokens, args.max_sentences)]
+    batches = [
+        (idx, dataset.collater([dataset[i] for i in idx])["src_tokens"])
+        for idx in sentence_batches(dataset.src_sizes, n, args.max_tokens, args.max_sentences)
+    ]
     refs, _ = references(dataset, tok, n)
     length_model = build_single(ex.mc, ex.vocab, ex.tgt_vocab, ex.params, ex.step)
     mc = ex.mc
@@ -129,15 +127,23 @@ def main(argv=None) -> int:
                 same = "" if ref_hyps is None else f"{100 * sum(hyps[i] == ref_hyps[i] for i in hyps) / n:.1f}%"
                 score = bleu([tok.decode(hyps[i]) for i in range(n)], refs)[0].score
                 rows.append((name, threads, secs, tokens / secs, score, same))
-                print(f"{name} threads {threads}: {secs:.1f} s, {tokens / secs:.0f} target tokens/s, BLEU {score:.2f}",
-                      file=sys.stderr)
+                print(
+                    f"{name} threads {threads}: {secs:.1f} s, {tokens / secs:.0f} target tokens/s, BLEU {score:.2f}",
+                    file=sys.stderr,
+                )
     speed = {(r[0], r[1]): r[3] for r in rows}
-    print(f"{mc.residual} {mc.encoder_layers}L-{mc.decoder_layers}L d={mc.d_model} (step {ex.step}), {args.split} "
-          f"split, {n} sentences, beam {BEAM}, lenpen {LENPEN}, batches of <= {args.max_sentences} sentences / "
-          f"{args.max_tokens} source tokens")
-    print(f"{cpu_name()}, torch {torch.__version__}, {datetime.date.today()}, load average {load_before} before, "
-          f"{load_average()} after\n")
-    print("| engine | threads | seconds | target tokens/s | vs ctranslate2 fp32 | BLEU | same hypothesis as megabranch |")
+    print(
+        f"{mc.residual} {mc.encoder_layers}L-{mc.decoder_layers}L d={mc.d_model} (step {ex.step}), {args.split} "
+        f"split, {n} sentences, beam {BEAM}, lenpen {LENPEN}, batches of <= {args.max_sentences} sentences / "
+        f"{args.max_tokens} source tokens"
+    )
+    print(
+        f"{cpu_name()}, torch {torch.__version__}, {datetime.date.today()}, load average {load_before} before, "
+        f"{load_average()} after\n"
+    )
+    print(
+        "| engine | threads | seconds | target tokens/s | vs ctranslate2 fp32 | BLEU | same hypothesis as megabranch |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, threads, secs, tps, score, same in rows:
         base = speed.get(("ctranslate2", threads))

@@ -15,7 +15,8 @@ clipping, AdamW, zero_grad. Variants:
 Each variant runs --rounds times, the order alternating between rounds. Reported per variant: the step time
 (rank 0's median over the steps after --warmup, then the median over the rounds), the peak RSS (max over ranks
 and rounds, whole process: libraries, weights, AdamW state, activations and gradients) and the gradient bytes
-held when the optimizer steps (every distinct .grad storage and bucket buffer, counted once); the last step's loss shows that
+held when the optimizer steps (every distinct .grad storage and bucket buffer, counted once); the last step's loss
+shows that
 both train the same.
 A benchmark, not a test.
 """
@@ -131,8 +132,15 @@ def _worker(rank, world, port, variant, args, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        mc = ModelConfig(encoder_layers=args.layers, decoder_layers=args.layers, d_model=args.d_model,
-                         n_heads=8, ffn_dim=4 * args.d_model, dropout=0.0, max_positions=args.length + 2)
+        mc = ModelConfig(
+            encoder_layers=args.layers,
+            decoder_layers=args.layers,
+            d_model=args.d_model,
+            n_heads=8,
+            ffn_dim=4 * args.d_model,
+            dropout=0.0,
+            max_positions=args.length + 2,
+        )
         model = build_model(mc, args.vocab, seed=1)
         params = list({id(p): p for p in model.parameters()}.values())
         group = dist.new_group(list(range(world)))
@@ -174,8 +182,13 @@ def run_variant(variant: str, args) -> dict:
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_worker, args=(2, port, variant, args, queue), nprocs=2, join=True, start_method="spawn")
     rows = dict((r[0], r[1:]) for r in (queue.get() for _ in range(2)))
-    return {"step_s": rows[0][0], "peak_rss_mb": max(r[1] for r in rows.values()), "grad_mb": rows[0][2] / 2**20,
-            "params": rows[0][3], "loss": rows[0][4]}
+    return {
+        "step_s": rows[0][0],
+        "peak_rss_mb": max(r[1] for r in rows.values()),
+        "grad_mb": rows[0][2] / 2**20,
+        "params": rows[0][3],
+        "loss": rows[0][4],
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,21 +212,28 @@ def main(argv=None) -> int:
     for r in range(args.rounds):  # alternating order, so a load that drifts on a shared machine hits both alike
         for v in ("copy", "view") if r % 2 == 0 else ("view", "copy"):
             runs[v].append(run_variant(v, args))
-    results = {v: dict(rs[0], step_s=statistics.median(x["step_s"] for x in rs),
-                       peak_rss_mb=max(x["peak_rss_mb"] for x in rs)) for v, rs in runs.items()}
+    results = {
+        v: dict(rs[0], step_s=statistics.median(x["step_s"] for x in rs), peak_rss_mb=max(x["peak_rss_mb"] for x in rs))
+        for v, rs in runs.items()
+    }
     n = results["view"]["params"]
-    print(f"# data-parallel gradient reducer: 2 gloo CPU processes, d={args.d_model} {args.layers}L-{args.layers}L "
-          f"vocab {args.vocab} ({n / 1e6:.1f}M parameters, {4 * n / 2**20:.0f} MB of fp32 gradients), "
-          f"{args.micro_batches} micro-batches of {args.batch}x{args.length} tokens, buckets {args.bucket_mb:g} MB; "
-          f"median of {args.steps} steps after {args.warmup}, median over {args.rounds} alternating runs; {platform.node() or 'host'}: {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"# data-parallel gradient reducer: 2 gloo CPU processes, d={args.d_model} {args.layers}L-{args.layers}L "
+        f"vocab {args.vocab} ({n / 1e6:.1f}M parameters, {4 * n / 2**20:.0f} MB of fp32 gradients), "
+        f"{args.micro_batches} micro-batches of {args.batch}x{args.length} tokens, buckets {args.bucket_mb:g} MB; "
+        f"median of {args.steps} steps after {args.warmup}, median over {args.rounds} alternating runs; "
+        f"{platform.node() or 'host'}: {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
     print("| reducer | step (s) | peak RSS (MB) | gradient bytes held (MB) | last step's loss (rank 0) |")
     print("|---|---|---|---|---|")
     for v, r in results.items():
         print(f"| {v} | {r['step_s']:.3f} | {r['peak_rss_mb']:,.0f} | {r['grad_mb']:,.0f} | {r['loss']:.6f} |")
     c, w = results["copy"], results["view"]
-    print(f"\nview - copy: peak RSS {w['peak_rss_mb'] - c['peak_rss_mb']:+,.0f} MB, gradient bytes "
-          f"{w['grad_mb'] - c['grad_mb']:+,.0f} MB, step time {100 * (w['step_s'] / c['step_s'] - 1):+.1f}%")
+    print(
+        f"\nview - copy: peak RSS {w['peak_rss_mb'] - c['peak_rss_mb']:+,.0f} MB, gradient bytes "
+        f"{w['grad_mb'] - c['grad_mb']:+,.0f} MB, step time {100 * (w['step_s'] / c['step_s'] - 1):+.1f}%"
+    )
     for v, rs in runs.items():
         print(f"{v}: step time per run (s) " + ", ".join(f"{x['step_s']:.3f}" for x in rs))
     return 0

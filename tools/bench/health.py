@@ -38,15 +38,24 @@ def main(argv=None) -> int:
     ap.add_argument("--log-interval", type=int, default=10)
     args = ap.parse_args(argv)
     d = args.d_model
-    sets = [f"model.encoder_layers={args.layers}", f"model.decoder_layers={args.layers}", f"model.d_model={d}",
-            f"model.n_heads={max(1, d // 16)}", f"model.ffn_dim={4 * d}", "model.dropout=0.1", "optim.clip_norm=1.0"]
-    engines = {on: Trainer(load_config(None, sets + [f"log.health={str(on).lower()}"]), args.vocab, init_seed=1)
-               for on in (False, True)}
+    sets = [
+        f"model.encoder_layers={args.layers}",
+        f"model.decoder_layers={args.layers}",
+        f"model.d_model={d}",
+        f"model.n_heads={max(1, d // 16)}",
+        f"model.ffn_dim={4 * d}",
+        "model.dropout=0.1",
+        "optim.clip_norm=1.0",
+    ]
+    engines = {
+        on: Trainer(load_config(None, sets + [f"log.health={str(on).lower()}"]), args.vocab, init_seed=1)
+        for on in (False, True)
+    }
     times: dict = {False: [], True: []}
     length = 32
     for step in range(args.steps):
         batch = _batch(step, args.vocab, max(1, args.tokens // length), length)
-        for on in ((False, True) if step % 2 == 0 else (True, False)):
+        for on in (False, True) if step % 2 == 0 else (True, False):
             engine = engines[on]
             if on:
                 engine.health.measure_next = (step + 1) % args.log_interval == 0
@@ -58,8 +67,10 @@ def main(argv=None) -> int:
                 times[on].append(time.process_time() - t0)
     off, on = statistics.median(times[False]), statistics.median(times[True])
     mean_off, mean_on = statistics.fmean(times[False]), statistics.fmean(times[True])
-    print(f"{args.layers}L-{args.layers}L d={d}, {args.tokens} target tokens per step, {torch.get_num_threads()} "
-          f"thread(s), {len(times[True])} steps each, update ratios every {args.log_interval} steps")
+    print(
+        f"{args.layers}L-{args.layers}L d={d}, {args.tokens} target tokens per step, {torch.get_num_threads()} "
+        f"thread(s), {len(times[True])} steps each, update ratios every {args.log_interval} steps"
+    )
     print("| monitor | median step (CPU s) | mean step (CPU s) |")
     print("|---|---|---|")
     print(f"| off | {off:.4f} | {mean_off:.4f} |")

@@ -47,11 +47,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _apex_layer_norm():
     try:
         from apex.normalization import FusedLayerNorm  # type: ignore
-    except Exception:  # noqa: BLE001 - any import problem means: no apex column
+    except Exception:  # any import problem means: no apex column
         return None
     return FusedLayerNorm
-
-
 
 
 def device_description(device: torch.device) -> str:
@@ -164,15 +162,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--hidden", type=int, nargs="+", help="hidden sizes (default 512 1024 4096)")
-    parser.add_argument("--rows", type=int, nargs="+",
-                        help="row counts (default: CPU 8192 16384; CUDA 8192 16384 32768 65536)")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", help="row counts (default: CPU 8192 16384; CUDA 8192 16384 32768 65536)"
+    )
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout p (default 0)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--copy-reference", action="store_true",
-                        help="also measure a device copy's GB/s and give each fused row as a share of it")
-    parser.add_argument("--min-time", type=float, default=1.0,
-                        help="CPU: seconds of repetitions per measurement (at least 5 reps)")
+    parser.add_argument(
+        "--copy-reference",
+        action="store_true",
+        help="also measure a device copy's GB/s and give each fused row as a share of it",
+    )
+    parser.add_argument(
+        "--min-time", type=float, default=1.0, help="CPU: seconds of repetitions per measurement (at least 5 reps)"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -185,19 +188,35 @@ def main(argv=None) -> int:
 
     print(f"- date: {datetime.date.today().isoformat()}")
     print(f"- device: {device_description(device)}")
-    print(f"- torch {torch.__version__}, threads: {torch.get_num_threads()}, "
-          f"fused backend: {impl}, dropout p = {args.dropout}")
+    print(
+        f"- torch {torch.__version__}, threads: {torch.get_num_threads()}, "
+        f"fused backend: {impl}, dropout p = {args.dropout}"
+    )
     if impl == "eager":
         print("- WARNING: the extension is not in use, 'fused' below is the eager fallback")
     print(f"- apex FusedLayerNorm: {'yes' if apex_ln is not None else 'not available'}")
-    print("- byte model: forward 3*N*H*e (x, f in; y out), backward 5*N*H*e "
-          "(dy, x, f in; dx, df out); GB/s = 8*N*H*e / (fwd + bwd time)")
+    print(
+        "- byte model: forward 3*N*H*e (x, f in; y out), backward 5*N*H*e "
+        "(dy, x, f in; dx, df out); GB/s = 8*N*H*e / (fwd + bwd time)"
+    )
     copy_gbs = copy_bandwidth(device) if args.copy_reference else None
     if copy_gbs:
         print(f"- device copy (y.copy_(x), read + write): {copy_gbs:.1f} GB/s")
     print()
-    head = ["hidden", "rows", "dtype", "fused fwd", "fused bwd", "fused fwd+bwd", "fused GB/s",
-            "eager fwd", "eager bwd", "eager fwd+bwd", "eager GB/s", "speedup"]
+    head = [
+        "hidden",
+        "rows",
+        "dtype",
+        "fused fwd",
+        "fused bwd",
+        "fused fwd+bwd",
+        "fused GB/s",
+        "eager fwd",
+        "eager bwd",
+        "eager fwd+bwd",
+        "eager GB/s",
+        "speedup",
+    ]
     if copy_gbs:
         head += ["fused / copy GB/s"]
     if apex_ln is not None:
@@ -210,10 +229,20 @@ def main(argv=None) -> int:
                 res = bench_one(n, h, DTYPES[dt], device, args.dropout, apex_ln, args.min_time)
                 ff, fb, fgb = res["fused"]
                 ef, eb, egb = res["eager"]
-                cells = [str(h), str(n), dt, f"{ff * 1e3:.2f}", f"{fb * 1e3:.2f}",
-                         f"{(ff + fb) * 1e3:.2f}", f"{fgb:.1f}", f"{ef * 1e3:.2f}",
-                         f"{eb * 1e3:.2f}", f"{(ef + eb) * 1e3:.2f}", f"{egb:.1f}",
-                         f"{(ef + eb) / (ff + fb):.2f}x"]
+                cells = [
+                    str(h),
+                    str(n),
+                    dt,
+                    f"{ff * 1e3:.2f}",
+                    f"{fb * 1e3:.2f}",
+                    f"{(ff + fb) * 1e3:.2f}",
+                    f"{fgb:.1f}",
+                    f"{ef * 1e3:.2f}",
+                    f"{eb * 1e3:.2f}",
+                    f"{(ef + eb) * 1e3:.2f}",
+                    f"{egb:.1f}",
+                    f"{(ef + eb) / (ff + fb):.2f}x",
+                ]
                 if copy_gbs:
                     cells.append(f"{100 * fgb / copy_gbs:.0f}%")
                 if "apex" in res:

@@ -63,6 +63,7 @@ class _Work(torch.autograd.Function):
         def weight_gradient():  # W
             _busy(seconds, mode, clock)
             return [(w, torch.zeros_like(w))]
+
         ctx.store.defer([w], weight_gradient)
         return g, None, None, None, None, None
 
@@ -108,10 +109,16 @@ def _zero_loss(out, mb):
 def _spec(index: int, k: int, pp: int, placement: str) -> SimpleNamespace:
     """What the executor reads of a layout Chunk: one (B, S, D) hidden in, one out."""
     hidden = (Carried.ENCODER_HIDDEN,)
-    return SimpleNamespace(index=index, rank=chunk_rank(index, pp, placement), virtual=chunk_virtual(index, pp),
-                           output=index == k - 1, receives=() if index == 0 else hidden,
-                           sends=() if index == k - 1 else hidden, runs_decoder=False,
-                           message_shapes=lambda incoming, b, s, t, d, history=False: [(b, s, d)])
+    return SimpleNamespace(
+        index=index,
+        rank=chunk_rank(index, pp, placement),
+        virtual=chunk_virtual(index, pp),
+        output=index == k - 1,
+        receives=() if index == 0 else hidden,
+        sends=() if index == k - 1 else hidden,
+        runs_decoder=False,
+        message_shapes=lambda incoming, b, s, t, d, history=False: [(b, s, d)],
+    )
 
 
 SCHEDULES = (("1f1b", 1), ("interleaved", None), ("zb-h1", 1), ("zb-v", 2))  # None: --vpp
@@ -140,8 +147,15 @@ def _worker(rank, world, port, args, queue):
                 clock = [0.0]
                 chunks = nn.ModuleList(UniformChunk(args.fwd_ms / 1000 / vpp, args.compute, clock) for _ in range(vpp))
                 specs = [_spec(c, k, world, placement_of(kind)) for c in range(k)]
-                layout = SimpleNamespace(pp=world, vpp=vpp, num_chunks=k, chunks=specs, chunks_of_rank=lambda r, specs=specs:
-                                         sorted((c for c in specs if c.rank == r), key=lambda c: c.virtual))
+                layout = SimpleNamespace(
+                    pp=world,
+                    vpp=vpp,
+                    num_chunks=k,
+                    chunks=specs,
+                    chunks_of_rank=lambda r, specs=specs: sorted(
+                        (c for c in specs if c.rank == r), key=lambda c: c.virtual
+                    ),
+                )
                 ex = PipelineExecutor(chunks, layout, grid, kind, D)
                 ex.loss_fn = _zero_loss
                 for ch in chunks:
@@ -183,10 +197,12 @@ def main(argv=None) -> int:
     mp.start_processes(_worker, args=(args.pp, port, args, queue), nprocs=args.pp, join=True, start_method="spawn")
     per_rank = dict(queue.get() for _ in range(args.pp))
     p = args.pp
-    print(f"# pipeline bubble: p={p} gloo CPU processes, uniform stages (forward {args.fwd_ms:g} ms + backward "
-          f"{2 * args.fwd_ms:g} ms per rank per micro-batch, {args.compute}; zero-bubble: B and W {args.fwd_ms:g} ms "
-          f"each), {args.steps} steps after {args.warmup} warm-up; {platform.node() or 'host'}: {os.cpu_count()} "
-          f"cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"# pipeline bubble: p={p} gloo CPU processes, uniform stages (forward {args.fwd_ms:g} ms + backward "
+        f"{2 * args.fwd_ms:g} ms per rank per micro-batch, {args.compute}; zero-bubble: B and W {args.fwd_ms:g} ms "
+        f"each), {args.steps} steps after {args.warmup} warm-up; {platform.node() or 'host'}: {os.cpu_count()} "
+        f"cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
     print("| schedule | vpp | m | step wall (s) | measured bubble | theory | ideal-machine simulation |")
     print("|---|---|---|---|---|---|---|")
     for idx, (kind, vpp, m, _, _) in enumerate(per_rank[0]):

@@ -32,12 +32,26 @@ class FairseqStyleMHA(nn.Module):
     def forward(self, query, key, value, key_padding_mask=None, attn_mask=None):
         # fairseq's fast path: torch's fused multi-head attention with separate projection weights
         out, _ = F.multi_head_attention_forward(
-            query, key, value, self.d, self.heads,
-            in_proj_weight=torch.empty([0], device=query.device), in_proj_bias=torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)),
-            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=self.dropout,
-            out_proj_weight=self.out_proj.weight, out_proj_bias=self.out_proj.bias, training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=False, attn_mask=attn_mask,
-            use_separate_proj_weight=True, q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
+            query,
+            key,
+            value,
+            self.d,
+            self.heads,
+            in_proj_weight=torch.empty([0], device=query.device),
+            in_proj_bias=torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)),
+            bias_k=None,
+            bias_v=None,
+            add_zero_attn=False,
+            dropout_p=self.dropout,
+            out_proj_weight=self.out_proj.weight,
+            out_proj_bias=self.out_proj.bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=False,
+            attn_mask=attn_mask,
+            use_separate_proj_weight=True,
+            q_proj_weight=self.q_proj.weight,
+            k_proj_weight=self.k_proj.weight,
             v_proj_weight=self.v_proj.weight,
         )
         return out
@@ -96,8 +110,17 @@ def sinusoidal(num: int, dim: int) -> torch.Tensor:
 class ReferenceTransformer(nn.Module):
     """fairseq `transformer` (Post-LN) with share_all_embeddings, sized like megabranch's model."""
 
-    def __init__(self, vocab: int, d: int, heads: int, ffn: int, enc_layers: int, dec_layers: int,
-                 dropout: float = 0.1, max_positions: int = 1024):
+    def __init__(
+        self,
+        vocab: int,
+        d: int,
+        heads: int,
+        ffn: int,
+        enc_layers: int,
+        dec_layers: int,
+        dropout: float = 0.1,
+        max_positions: int = 1024,
+    ):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, d, padding_idx=PAD)
         nn.init.normal_(self.embed_tokens.weight, 0, d**-0.5)

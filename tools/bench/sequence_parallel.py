@@ -36,9 +36,16 @@ VOCAB = 8000
 
 def _cfg(args, sequence_parallel: bool) -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(residual=args.residual, encoder_layers=args.layers, decoder_layers=args.layers,
-                            d_model=args.d_model, n_heads=8, ffn_dim=4 * args.d_model, dropout=0.0,
-                            max_positions=1024)
+    cfg.model = ModelConfig(
+        residual=args.residual,
+        encoder_layers=args.layers,
+        decoder_layers=args.layers,
+        d_model=args.d_model,
+        n_heads=8,
+        ffn_dim=4 * args.d_model,
+        dropout=0.0,
+        max_positions=1024,
+    )
     cfg.parallel.tp, cfg.parallel.sequence_parallel = args.tp, sequence_parallel
     cfg.optim.update_freq, cfg.optim.clip_norm, cfg.log.health = 1, 1.0, False
     return cfg
@@ -96,8 +103,9 @@ def _run(args, sequence_parallel: bool) -> tuple[int, float, float]:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(args.tp, port, args, sequence_parallel, results), nprocs=args.tp,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(args.tp, port, args, sequence_parallel, results), nprocs=args.tp, start_method="spawn"
+    )
     return results.get()
 
 
@@ -105,8 +113,15 @@ def planned_bytes(args, sequence_parallel: bool) -> float:
     """The memory plan's activation bytes of one micro-batch on the whole model's chunk, tp rank 0."""
     cfg = _cfg(args, sequence_parallel)
     tokens = args.batch * args.length
-    cm = CostModel(cfg.model, VOCAB, tp=args.tp, tokens=tokens, src_len=args.length, tgt_len=args.length,
-                   sequence_parallel=sequence_parallel)
+    cm = CostModel(
+        cfg.model,
+        VOCAB,
+        tp=args.tp,
+        tokens=tokens,
+        src_len=args.length,
+        tgt_len=args.length,
+        sequence_parallel=sequence_parallel,
+    )
     return cm.chunk_activation_bytes(Chunk.of_layers(0, 2 * args.layers, args.layers, args.layers))
 
 
@@ -125,21 +140,27 @@ def main(argv=None) -> int:
     for _ in range(args.runs):
         for sp in (False, True):
             rows[sp].append(_run(args, sp))
-    print(f"# sequence parallelism: tp {args.tp}, {args.residual} {args.layers}L-{args.layers}L d={args.d_model} "
-          f"ffn={4 * args.d_model}, {args.batch} x {args.length} tokens per micro-batch, vocab {VOCAB}; "
-          f"{args.runs} runs x {args.steps} steps; torch {torch.__version__}, gloo, {os.cpu_count()} cores, "
-          f"{time.strftime('%Y-%m-%d')}")
+    print(
+        f"# sequence parallelism: tp {args.tp}, {args.residual} {args.layers}L-{args.layers}L d={args.d_model} "
+        f"ffn={4 * args.d_model}, {args.batch} x {args.length} tokens per micro-batch, vocab {VOCAB}; "
+        f"{args.runs} runs x {args.steps} steps; torch {torch.__version__}, gloo, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
     print("| sequence parallel | activations per rank, measured (MB) | planned (MB) | step (s) | loss after |")
     print("|---|---|---|---|---|")
     for sp in (False, True):
         act = rows[sp][0][0]
         step = statistics.median(r[1] for r in rows[sp])
-        print(f"| {'yes' if sp else 'no'} | {act / 2**20:,.1f} | {planned_bytes(args, sp) / 2**20:,.1f} | "
-              f"{step:.3f} | {rows[sp][-1][2]:.6f} |")
+        print(
+            f"| {'yes' if sp else 'no'} | {act / 2**20:,.1f} | {planned_bytes(args, sp) / 2**20:,.1f} | "
+            f"{step:.3f} | {rows[sp][-1][2]:.6f} |"
+        )
     ratio = rows[True][0][0] / rows[False][0][0]
     times = statistics.median(r[1] for r in rows[True]) / statistics.median(r[1] for r in rows[False])
-    print(f"sequence parallel / plain: activations x{ratio:.3f}, step time x{times:.3f}; step times per run: "
-          + "; ".join(f"{'sp' if sp else 'plain'} " + " ".join(f"{r[1]:.3f}" for r in rows[sp]) for sp in rows))
+    print(
+        f"sequence parallel / plain: activations x{ratio:.3f}, step time x{times:.3f}; step times per run: "
+        + "; ".join(f"{'sp' if sp else 'plain'} " + " ".join(f"{r[1]:.3f}" for r in rows[sp]) for sp in rows)
+    )
     return 0
 
 

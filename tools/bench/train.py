@@ -66,20 +66,32 @@ def make_batch(tokens: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
 
 
 # Dense peak TFLOP/s by (device-name fragment, precision): the vendors' datasheet numbers without sparsity.
-PEAK_TFLOPS = {("H100", "bf16"): 989.4, ("H200", "bf16"): 989.4, ("A100", "bf16"): 312.0,
-               ("H100", "fp32"): 66.9, ("H200", "fp32"): 66.9, ("A100", "fp32"): 19.5}
+PEAK_TFLOPS = {
+    ("H100", "bf16"): 989.4,
+    ("H200", "bf16"): 989.4,
+    ("A100", "bf16"): 312.0,
+    ("H100", "fp32"): 66.9,
+    ("H200", "fp32"): 66.9,
+    ("A100", "fp32"): 19.5,
+}
 
 
-def train_flops(bsz: int, src_len: int, tgt_len: int, d: int, ffn: int, vocab: int, enc_layers: int,
-                dec_layers: int) -> int:
+def train_flops(
+    bsz: int, src_len: int, tgt_len: int, d: int, ffn: int, vocab: int, enc_layers: int, dec_layers: int
+) -> int:
     """FLOPs of one training step (forward + backward = 3x forward) of the encoder-decoder: all matrix products
     (projections, FFN, attention scores and values over the full length, the output projection); 2 per
     multiply-add. Embeddings, LayerNorm, softmax and the optimizer are not counted (MFU convention)."""
     B, S, T = bsz, src_len, tgt_len
     enc = 2 * B * S * (4 * d * d + 2 * d * ffn) + 4 * B * S * S * d
-    dec = (2 * B * T * 4 * d * d + 4 * B * T * T * d  # self-attention
-           + 2 * B * T * 2 * d * d + 2 * B * S * 2 * d * d + 4 * B * T * S * d  # cross-attention
-           + 2 * B * T * 2 * d * ffn)  # FFN
+    dec = (
+        2 * B * T * 4 * d * d
+        + 4 * B * T * T * d  # self-attention
+        + 2 * B * T * 2 * d * d
+        + 2 * B * S * 2 * d * d
+        + 4 * B * T * S * d  # cross-attention
+        + 2 * B * T * 2 * d * ffn
+    )  # FFN
     return 3 * (enc_layers * enc + dec_layers * dec + 2 * B * T * d * vocab)
 
 
@@ -96,13 +108,23 @@ def build_step(impl: str, args):
     """-> (step function running one training step, parameter count)."""
     device = torch.device(args.device)
     if impl.startswith("megabranch"):
-        cfg = load_config(None, [
-            "model.residual=post_ln", f"model.d_model={args.d_model}", f"model.n_heads={args.heads}",
-            f"model.ffn_dim={4 * args.d_model}", f"model.encoder_layers={args.layers}", f"model.decoder_layers={args.layers}",
-            f"model.fused_kernels={'true' if impl.endswith('fused') else 'false'}", "optim.warmup_updates=100",
-            f"model.compile={'true' if 'compiled' in impl else 'false'}", f"model.compile_backend={args.compile_backend}",
-            "optim.lr=0.0005", f"optim.precision={args.precision}",
-        ])
+        cfg = load_config(
+            None,
+            [
+                "model.residual=post_ln",
+                f"model.d_model={args.d_model}",
+                f"model.n_heads={args.heads}",
+                f"model.ffn_dim={4 * args.d_model}",
+                f"model.encoder_layers={args.layers}",
+                f"model.decoder_layers={args.layers}",
+                f"model.fused_kernels={'true' if impl.endswith('fused') else 'false'}",
+                "optim.warmup_updates=100",
+                f"model.compile={'true' if 'compiled' in impl else 'false'}",
+                f"model.compile_backend={args.compile_backend}",
+                "optim.lr=0.0005",
+                f"optim.precision={args.precision}",
+            ],
+        )
         trainer = Trainer(cfg, args.vocab, device=device, init_seed=1)
         return (lambda batch: trainer.train_step([batch])), count_parameters(trainer.model)
 
@@ -182,10 +204,30 @@ def measure_memory(impl: str, args) -> dict:
 
 
 def _shared_argv(args) -> list[str]:
-    return ["--d-model", str(args.d_model), "--heads", str(args.heads), "--layers", str(args.layers),
-            "--tokens", str(args.tokens), "--seq-len", str(args.seq_len), "--vocab", str(args.vocab),
-            "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device,
-            "--precision", args.precision, "--compile-backend", args.compile_backend]
+    return [
+        "--d-model",
+        str(args.d_model),
+        "--heads",
+        str(args.heads),
+        "--layers",
+        str(args.layers),
+        "--tokens",
+        str(args.tokens),
+        "--seq-len",
+        str(args.seq_len),
+        "--vocab",
+        str(args.vocab),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+        "--compile-backend",
+        args.compile_backend,
+    ]
 
 
 def run_bench(args) -> dict:
@@ -224,21 +266,39 @@ def run_bench(args) -> dict:
     for i in impls:
         med = statistics.median(times[i])
         tflops = flops / med / 1e12
-        rows[i] = {"params": params[i], "s_per_step": med, "tokens_per_s": batch["ntokens"] / med,
-                   "tflops": tflops, "mfu": tflops / peak if peak else None, "first_step_s": first.get(i),
-                   "all_s_per_step": [round(t, 4) for t in times[i]]}
+        rows[i] = {
+            "params": params[i],
+            "s_per_step": med,
+            "tokens_per_s": batch["ntokens"] / med,
+            "tflops": tflops,
+            "mfu": tflops / peak if peak else None,
+            "first_step_s": first.get(i),
+            "all_s_per_step": [round(t, 4) for t in times[i]],
+        }
         if args.memory:
             rows[i].update(measure_memory(i, args))
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    return {"rows": rows, "ntokens": batch["ntokens"], "batch_shape": list(batch["src_tokens"].shape),
-            "flops_per_step": flops, "peak_tflops": peak, "device": device, **extra}
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    )
+    return {
+        "rows": rows,
+        "ntokens": batch["ntokens"],
+        "batch_shape": list(batch["src_tokens"].shape),
+        "flops_per_step": flops,
+        "peak_tflops": peak,
+        "device": device,
+        **extra,
+    }
 
 
 def format_result(res: dict, args) -> str:
     rows = res["rows"]
     lines = [
-        f"d_model={args.d_model}, heads={args.heads}, ffn={4 * args.d_model}, {args.layers}L-{args.layers}L, vocab {args.vocab}, "
-        f"batch {res['batch_shape'][0]}x{res['batch_shape'][1]} ({res['ntokens']} target tokens), threads {args.threads}, "
+        f"d_model={args.d_model}, heads={args.heads}, ffn={4 * args.d_model}, {args.layers}L-{args.layers}L, "
+        f"vocab {args.vocab}, batch {res['batch_shape'][0]}x{res['batch_shape'][1]} ({res['ntokens']} target tokens), "
+        f"threads {args.threads}, "
         f"{args.rounds} rounds x {args.steps} steps, {args.precision}; torch {torch.__version__}, {res['device']}, "
         f"{datetime.date.today()}; {res['flops_per_step'] / 1e9:.2f} GFLOP per step"
         + (f", peak {res['peak_tflops']} TFLOP/s" if res["peak_tflops"] else ""),
@@ -246,13 +306,19 @@ def format_result(res: dict, args) -> str:
     if "fused_backend" in res:
         lines[0] += f"; fused backend: {res['fused_backend']}"
     mem = "peak CUDA memory (MB)" if args.device == "cuda" else "peak RSS (MB)"
-    lines += ["", f"| implementation | params | s/step (median) | tokens/s | TFLOP/s | MFU | first step (s) | {mem} | "
-              "step growth (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"| implementation | params | s/step (median) | tokens/s | TFLOP/s | MFU | first step (s) | {mem} | "
+        "step growth (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, r in rows.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         first = f"{r['first_step_s']:.2f}" if r.get("first_step_s") is not None else "-"
-        lines.append(f"| {i} | {r['params'] / 1e6:.2f}M | {r['s_per_step']:.4f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tflops']:.3f} | {mfu} | {first} | {r.get('rss_peak_mb', '-')} | {r.get('step_growth_mb', '-')} |")
+        lines.append(
+            f"| {i} | {r['params'] / 1e6:.2f}M | {r['s_per_step']:.4f} | {r['tokens_per_s']:.0f} | "
+            f"{r['tflops']:.3f} | {mfu} | {first} | {r.get('rss_peak_mb', '-')} | {r.get('step_growth_mb', '-')} |"
+        )
     if "reference" in rows:
         ref = rows["reference"]["tokens_per_s"]
         ratios = [f"{i} / reference = {r['tokens_per_s'] / ref:.3f}" for i, r in rows.items() if i != "reference"]
@@ -260,8 +326,11 @@ def format_result(res: dict, args) -> str:
             lines += ["", "throughput ratios: " + "; ".join(ratios)]
     if "megabranch-eager" in rows:
         eager = rows["megabranch-eager"]["tokens_per_s"]
-        lines += [f"{i.removeprefix('megabranch-')} / eager = {rows[i]['tokens_per_s'] / eager:.3f}"
-                  for i in IMPLS[1:4] if i in rows]
+        lines += [
+            f"{i.removeprefix('megabranch-')} / eager = {rows[i]['tokens_per_s'] / eager:.3f}"
+            for i in IMPLS[1:4]
+            if i in rows
+        ]
     return "\n".join(lines)
 
 
@@ -278,10 +347,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                    help="bf16: autocast for all implementations (megabranch: optim.precision=bf16)")
-    ap.add_argument("--peak-tflops", type=float,
-                    help="the device's dense peak for --precision, for MFU (default: known GPUs, else no MFU)")
+    ap.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: autocast for all implementations (megabranch: optim.precision=bf16)",
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's dense peak for --precision, for MFU (default: known GPUs, else no MFU)",
+    )
     ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated, of: {', '.join(IMPLS)}")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the child-process memory runs")

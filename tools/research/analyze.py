@@ -45,9 +45,11 @@ def run_analysis(models: dict, batches: list[dict], out: str) -> dict:
         results[label] = stats
         rows += analysis.analysis_rows(stats, label)
         enc, dec = stats["encoder"], stats["decoder"]
-        print(f"{label}: mean adjacent cosine enc {mean(enc['cosine']):.4f} dec {mean(dec['cosine']):.4f}; "
-              f"FFN non-zero enc {mean(enc['ffn_nonzero']):.4f} dec {mean(dec['ffn_nonzero']):.4f}; "
-              f"grad norm {stats['grad_total']:.4g}")
+        print(
+            f"{label}: mean adjacent cosine enc {mean(enc['cosine']):.4f} dec {mean(dec['cosine']):.4f}; "
+            f"FFN non-zero enc {mean(enc['ffn_nonzero']):.4f} dec {mean(dec['ffn_nonzero']):.4f}; "
+            f"grad norm {stats['grad_total']:.4g}"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     analysis.write_csv(rows, out + ".csv")
     analysis.plot_analysis(results, out + ".png")

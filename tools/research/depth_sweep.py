@@ -29,8 +29,8 @@ from megabranch.analysis import analyze_model
 from megabranch.checkpoint import atomic_write_bytes
 from megabranch.config import load_config
 from megabranch.data import load_split, pair_batches
-from megabranch.errors import UserError, cli_main
 from megabranch.decoding import quick_bleu
+from megabranch.errors import UserError, cli_main
 from megabranch.generate import meta_vocab_hash
 from megabranch.train import build_engine
 from megabranch.training.loop import RunData, train
@@ -66,8 +66,10 @@ class Watch:
             if self.worst_rise > 2 * self.blowup:
                 return True
         if self.every and self.steps % self.every == 0:
-            self.log(f"    step {self.steps}/{self.total} loss {smooth:.3f} gnorm {st['gnorm']:.3g} alpha {st['alpha']:.3f} "
-                     f"({time.time() - self.t0:.0f}s)")
+            self.log(
+                f"    step {self.steps}/{self.total} loss {smooth:.3f} gnorm {st['gnorm']:.3g} alpha {st['alpha']:.3f} "
+                f"({time.time() - self.t0:.0f}s)"
+            )
         return False
 
 
@@ -76,8 +78,13 @@ def train_one(spec: RunSpec, args, log=print) -> dict:
     return its result record (also what is written to its JSON)."""
     log_dir = os.path.join(args.out, "logs", spec.name)
     shutil.rmtree(log_dir, ignore_errors=True)  # a run stopped half-way starts again from scratch
-    sets = overrides(spec, args) + [f"log.save_dir={log_dir}", f"log.valid_interval={spec.steps}",
-                                    "log.bleu_sentences=0", "log.tensorboard=false", "log.progress=none"]
+    sets = overrides(spec, args) + [
+        f"log.save_dir={log_dir}",
+        f"log.valid_interval={spec.steps}",
+        "log.bleu_sentences=0",
+        "log.tensorboard=false",
+        "log.progress=none",
+    ]
     cfg = load_config(None, sets)
     data = load_split(cfg.data.data_dir, "train")
     train_set, src_tok, tgt_tok = data.dataset, data.src_tok, data.tgt_tok
@@ -90,8 +97,12 @@ def train_one(spec: RunSpec, args, log=print) -> dict:
     train_s = time.time() - t0
     losses, gnorms, status = watch.losses, watch.gnorms, watch.status
     result = {
-        "name": spec.name, "spec": asdict(spec), "config": cfg.to_dict(), "status": status,
-        "steps_done": engine.step, "train_seconds": round(train_s, 1),
+        "name": spec.name,
+        "spec": asdict(spec),
+        "config": cfg.to_dict(),
+        "status": status,
+        "steps_done": engine.step,
+        "train_seconds": round(train_s, 1),
         "s_per_step": round(train_s / max(engine.step, 1), 4),
         "losses": [round(x, 5) if math.isfinite(x) else None for x in losses],
         "gnorms": [float(f"{x:.5g}") if math.isfinite(x) else None for x in gnorms],
@@ -171,8 +182,13 @@ def add_arguments(ap) -> None:
     a("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP spin-wait collapse on a shared CPU)")
     a("--report-only", action="store_true", help="only rebuild the table and plots from the finished runs")
     a("--dry-run", action="store_true", help="print the plan and exit")
-    a("--set", action="append", default=[], metavar="KEY=VALUE",
-      help="a megabranch-train config override applied to every run (repeatable), e.g. model.deepnorm_init=false")
+    a(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a megabranch-train config override applied to every run (repeatable), e.g. model.deepnorm_init=false",
+    )
 
 
 def parse_lists(args) -> None:

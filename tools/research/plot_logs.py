@@ -7,7 +7,8 @@
 Each metric (default: loss and gnorm) gets a panel; each file is a line labelled by its run directory name
 (or --labels). --health draws the training health monitor's records instead: per run, log10 of every layer's
 gradient norm and update-to-weight ratio over time (rows: the layers, encoder bottom first; a line between the
-encoder and the decoder), so a stack whose lower layers stop learning shows as a dark band at the foot. A run that produced NaN/inf (null in log.jsonl) shows where it diverged with an x marker. A run
+encoder and the decoder), so a stack whose lower layers stop learning shows as a dark band at the foot. A run that
+produced NaN/inf (null in log.jsonl) shows where it diverged with an x marker. A run
 resumed from a checkpoint logs a "start" record at the step it resumed from; the steps after it that the
 interrupted run had already logged are dropped, so a resumed run is one curve (megabranch.metrics.read_log).
 """
@@ -74,8 +75,14 @@ def plot_health(paths, labels, out, keys=("grad_norm", "update_ratio")):
             if not steps:
                 ax.set_axis_off()
                 continue
-            image = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis", interpolation="nearest",
-                              extent=(steps[0], steps[-1], -0.5, len(names) - 0.5))
+            image = ax.imshow(
+                values,
+                origin="lower",
+                aspect="auto",
+                cmap="viridis",
+                interpolation="nearest",
+                extent=(steps[0], steps[-1], -0.5, len(names) - 0.5),
+            )
             encoder = sum(1 for n in names if n.startswith("encoder."))
             if 0 < encoder < len(names):
                 ax.axhline(encoder - 0.5, color="white", linewidth=1)
@@ -96,8 +103,11 @@ def main(argv=None):
     ap.add_argument("--labels", nargs="*", help="one label per file (default: the run directory name)")
     ap.add_argument("--metrics", nargs="+", default=["loss", "gnorm"])
     ap.add_argument("--tag", default="train", help="train or valid records")
-    ap.add_argument("--health", action="store_true",
-                    help="draw the per-layer gradient norms and update ratios (the health records) as heatmaps")
+    ap.add_argument(
+        "--health",
+        action="store_true",
+        help="draw the per-layer gradient norms and update ratios (the health records) as heatmaps",
+    )
     ap.add_argument("--out", default="curves.png")
     args = ap.parse_args(argv)
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.logs]

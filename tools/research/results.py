@@ -19,8 +19,12 @@ def gnorm_stats(gnorms: list[float], first: int) -> dict:
         return {"n": 0}
     lg = np.log(np.maximum(g, 1e-30))
     return {
-        "n": int(g.size), "mean": float(g.mean()), "std": float(g.std()), "max": float(g.max()),
-        "min": float(g.min()), "max_over_median": float(g.max() / max(np.median(g), 1e-30)),
+        "n": int(g.size),
+        "mean": float(g.mean()),
+        "std": float(g.std()),
+        "max": float(g.max()),
+        "min": float(g.min()),
+        "max_over_median": float(g.max() / max(np.median(g), 1e-30)),
         # mean |log g_t - log g_{t-1}|: 0 for a flat curve, large for a spiky one
         "mean_abs_dlog": float(np.abs(np.diff(lg)).mean()) if g.size > 1 else 0.0,
     }

@@ -50,7 +50,9 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     """'name' or 'name:a.b=c,d.e=f' -> (name, ['a.b=c', 'd.e=f'])."""
     name, _, sets = text.partition(":")
     if not NAME.match(name):
-        raise UserError(f"--variant {text!r}: the name must be letters, digits or _.+- (e.g. deepnorm:model.residual=deepnorm)")
+        raise UserError(
+            f"--variant {text!r}: the name must be letters, digits or _.+- (e.g. deepnorm:model.residual=deepnorm)"
+        )
     items = [s.strip() for s in sets.split(",") if s.strip()]
     for s in items:
         if "=" not in s:
@@ -81,6 +83,7 @@ def read_log(save_dir: str) -> tuple[dict, dict]:
 
     def by_step(tag: str) -> dict:
         return {r["step"]: {k: math.nan if v is None else v for k, v in r.items()} for r in metrics.read_log(path, tag)}
+
     return by_step("train"), by_step("valid")
 
 
@@ -104,8 +107,13 @@ def health_profile(save_dir: str, last: int = 100) -> dict:
             if run >= monitor.WARN_INTERVALS:
                 starved_at = step
                 break
-        out[stack] = {"profile": profile, "bottom_over_top": profile[0] / profile[-1] if profile[-1] > 0 else None,
-                      "starved_at": starved_at, "records": len(series), "last": min(last, len(series))}
+        out[stack] = {
+            "profile": profile,
+            "bottom_over_top": profile[0] / profile[-1] if profile[-1] > 0 else None,
+            "starved_at": starved_at,
+            "records": len(series),
+            "last": min(last, len(series)),
+        }
     return out
 
 
@@ -115,8 +123,11 @@ def test_scores(model, dataset, tokenizer, beam: int, lenpen: float) -> dict:
     for name, part in gen.directions_of(dataset):
         hyps = gen.translate(model, part, tokenizer, beam, lenpen)
         refs, _ = gen.references(part, tokenizer, len(hyps))
-        out[name] = {"bleu": gen.bleu(hyps, refs)[0].score,
-                     "chrf": sacrebleu.metrics.CHRF().corpus_score(hyps, [refs]).score, "hyps": hyps}
+        out[name] = {
+            "bleu": gen.bleu(hyps, refs)[0].score,
+            "chrf": sacrebleu.metrics.CHRF().corpus_score(hyps, [refs]).score,
+            "hyps": hyps,
+        }
     return out
 
 
@@ -143,13 +154,21 @@ def train_and_evaluate(args, variant: str, sets: list[str], seed: int, log) -> d
         status = "nan"
     walls = np.diff([train_log[s]["wall"] for s in steps])
     result = {
-        "name": name, "variant": variant, "seed": seed, "overrides": sets, "status": status,
-        "config": cfg.to_dict(), "steps_done": steps[-1] if steps else 0, "resumed_from": resumed_from,
+        "name": name,
+        "variant": variant,
+        "seed": seed,
+        "overrides": sets,
+        "status": status,
+        "config": cfg.to_dict(),
+        "steps_done": steps[-1] if steps else 0,
+        "resumed_from": resumed_from,
         "seconds_this_invocation": round(time.time() - t0, 1),
         "s_per_step": float(np.median(walls[walls > 0])) if (walls > 0).any() else None,
         "gnorm_stats": gnorm_stats(gnorms, args.gnorm_steps),
         "max_loss_rise": max_loss_rise(losses),
-        "valid": {str(s): {k: v for k, v in r.items() if k not in ("tag", "step", "wall")} for s, r in valid_log.items()},
+        "valid": {
+            str(s): {k: v for k, v in r.items() if k not in ("tag", "step", "wall")} for s, r in valid_log.items()
+        },
         "health": health_profile(save_dir),
     }
     if status == "ok":
@@ -173,9 +192,14 @@ def evaluate_test(args, model, mcfg, save_dir: str) -> dict:
         suffix = "" if direction == "all" else f".{direction}"
         with open(os.path.join(save_dir, f"{args.test_split}{suffix}.hyp"), "w") as fh:
             fh.writelines(h + "\n" for h in sc.pop("hyps"))
-    return {"split": args.test_split, "beam": args.beam, "lenpen": args.lenpen,
-            "bleu": statistics.mean(s["bleu"] for s in scores.values()),
-            "chrf": statistics.mean(s["chrf"] for s in scores.values()), "directions": scores}
+    return {
+        "split": args.test_split,
+        "beam": args.beam,
+        "lenpen": args.lenpen,
+        "bleu": statistics.mean(s["bleu"] for s in scores.values()),
+        "chrf": statistics.mean(s["chrf"] for s in scores.values()),
+        "directions": scores,
+    }
 
 
 def max_loss_rise(losses: list[float], window: int = 10) -> float | None:
@@ -202,12 +226,15 @@ def run_study(args, log) -> list[dict]:
         res = train_and_evaluate(args, variant, sets, seed, log)
         checkpoint.atomic_write_bytes(json.dumps(res).encode(), path)
         test = res.get("test", {})
-        log(f"    -> {res['status']} at step {res['steps_done']}, test BLEU {test.get('bleu', float('nan')):.2f} "
-            f"chrF {test.get('chrf', float('nan')):.2f}, {res['seconds_this_invocation']:.0f}s")
+        log(
+            f"    -> {res['status']} at step {res['steps_done']}, test BLEU {test.get('bleu', float('nan')):.2f} "
+            f"chrF {test.get('chrf', float('nan')):.2f}, {res['seconds_this_invocation']:.0f}s"
+        )
     return load_results(args.out, "results", "study")
 
 
 # --- the report ----------------------------------------------------------------------------------------------
+
 
 def mean_sd(xs: list[float]) -> str:
     """'m ± sd' (sample standard deviation, n - 1) of the finite values, 'm' for one, '—' for none."""
@@ -236,17 +263,22 @@ def report(results: list[dict], out: str, img_dir: str | None = None, order: lis
     """Write <out>/report.md and the PNGs (into img_dir, default <out>); return the Markdown."""
     groups = _by_variant(results)
     names = [n for n in (order or []) if n in groups] + sorted(n for n in groups if n not in (order or []))
-    md = ["| variant | seeds | diverged | valid loss | test BLEU | test chrF | BLEU per seed | early gnorm max | s/update |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        "| variant | seeds | diverged | valid loss | test BLEU | test chrF | BLEU per seed | early gnorm max "
+        "| s/update |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for n in names:
         rs = groups[n]
         bleus = [r.get("test", {}).get("bleu") for r in rs]
-        md.append(f"| {n} | {','.join(str(r['seed']) for r in rs)} | {sum(r['status'] != 'ok' for r in rs)} | "
-                  f"{mean_sd([_final_valid(r) for r in rs])} | {mean_sd(bleus)} | "
-                  f"{mean_sd([r.get('test', {}).get('chrf') for r in rs])} | "
-                  f"{' / '.join('—' if b is None else f'{b:.2f}' for b in bleus)} | "
-                  f"{mean_sd([r['gnorm_stats'].get('max') for r in rs])} | "
-                  f"{mean_sd([r['s_per_step'] for r in rs])} |")
+        md.append(
+            f"| {n} | {','.join(str(r['seed']) for r in rs)} | {sum(r['status'] != 'ok' for r in rs)} | "
+            f"{mean_sd([_final_valid(r) for r in rs])} | {mean_sd(bleus)} | "
+            f"{mean_sd([r.get('test', {}).get('chrf') for r in rs])} | "
+            f"{' / '.join('—' if b is None else f'{b:.2f}' for b in bleus)} | "
+            f"{mean_sd([r['gnorm_stats'].get('max') for r in rs])} | "
+            f"{mean_sd([r['s_per_step'] for r in rs])} |"
+        )
     md.append("")
     steps = sorted({int(s) for r in results for s in r["valid"]})
     if len(steps) > 1:
@@ -263,26 +295,38 @@ def report(results: list[dict], out: str, img_dir: str | None = None, order: lis
         md.append("| variant | " + " | ".join(dirs) + " |")
         md.append("|---|" + "---|" * len(dirs))
         for n in names:
-            cells = [mean_sd([r.get("test", {}).get("directions", {}).get(d, {}).get("bleu") for r in groups[n]])
-                     for d in dirs]
+            cells = [
+                mean_sd([r.get("test", {}).get("directions", {}).get(d, {}).get("bleu") for r in groups[n]])
+                for d in dirs
+            ]
             md.append(f"| {n} | " + " | ".join(cells) + " |")
         md.append("")
     means = layer_means(groups)
     if means:
-        md.append("Trained checkpoints, Figures 8-9 style (means over layers, then mean ± sd over seeds); gradient "
-                  "norms of layer 1 (the bottom) and of the top layer on one valid batch:\n")
-        md.append("| variant | enc adjacent cos | dec adjacent cos | enc FFN non-zero | dec FFN non-zero | "
-                  "enc L1 grad | enc top grad | dec L1 grad | dec top grad |")
+        md.append(
+            "Trained checkpoints, Figures 8-9 style (means over layers, then mean ± sd over seeds); gradient "
+            "norms of layer 1 (the bottom) and of the top layer on one valid batch:\n"
+        )
+        md.append(
+            "| variant | enc adjacent cos | dec adjacent cos | enc FFN non-zero | dec FFN non-zero | "
+            "enc L1 grad | enc top grad | dec L1 grad | dec top grad |"
+        )
         md.append("|---|---|---|---|---|---|---|---|---|")
         for n in names:
             rs = [r for r in groups[n] if r.get("analysis")]
             if not rs:
                 continue
             a = [r["analysis"] for r in rs]
-            cells = [mean_sd([float(np.mean(x[st][k])) for x in a]) for k in ("cosine", "ffn_nonzero")
-                     for st in ("encoder", "decoder")]  # the header's order: cos enc, dec; FFN enc, dec
-            cells += [f"{statistics.mean(x[st]['grad_norm'][i] for x in a):.2e}" for st in ("encoder", "decoder")
-                      for i in (0, -1)]
+            cells = [
+                mean_sd([float(np.mean(x[st][k])) for x in a])
+                for k in ("cosine", "ffn_nonzero")
+                for st in ("encoder", "decoder")
+            ]  # the header's order: cos enc, dec; FFN enc, dec
+            cells += [
+                f"{statistics.mean(x[st]['grad_norm'][i] for x in a):.2e}"
+                for st in ("encoder", "decoder")
+                for i in (0, -1)
+            ]
             md.append(f"| {n} | " + " | ".join(cells) + " |")
         md.append("")
     md += health_table(groups, names)
@@ -291,8 +335,11 @@ def report(results: list[dict], out: str, img_dir: str | None = None, order: lis
     _plot_curves(groups, names, out, os.path.join(img_dir, "study_gnorm_loss.png"))
     _plot_health_profiles(groups, names, os.path.join(img_dir, "study_health.png"))
     if means:
-        analysis.plot_analysis({n: means[n] for n in names if n in means}, os.path.join(img_dir, "study_layers.png"),
-                               "trained checkpoints, per-layer means over seeds (Figs. 8-9 style)")
+        analysis.plot_analysis(
+            {n: means[n] for n in names if n in means},
+            os.path.join(img_dir, "study_layers.png"),
+            "trained checkpoints, per-layer means over seeds (Figs. 8-9 style)",
+        )
     text = "\n".join(md)
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write(text + "\n")
@@ -311,18 +358,25 @@ def health_table(groups: dict[str, list[dict]], names: list[str]) -> list[str]:
         for stack in monitor.STACKS:
             ratios = [h[stack]["bottom_over_top"] for h in hs if h.get(stack, {}).get("bottom_over_top")]
             cells.append(f"{math.exp(statistics.mean(math.log(x) for x in ratios)):.1e}" if ratios else "—")
-            starved = [f"{r['seed']}@{r['health'][stack]['starved_at']}" for r, h in zip(groups[n], hs)
-                       if h.get(stack, {}).get("starved_at") is not None]
+            starved = [
+                f"{r['seed']}@{r['health'][stack]['starved_at']}"
+                for r, h in zip(groups[n], hs)
+                if h.get(stack, {}).get("starved_at") is not None
+            ]
             cells.append(", ".join(starved) or "none")
         rows.append(f"| {n} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     last = max(h[stack]["last"] for rs in groups.values() for r in rs for h in [r.get("health", {})] for stack in h)
-    return [f"Health monitor, training gradients (median of the last {last} records per layer; geometric mean over "
-            f"seeds of bottom layer / top layer) and the seeds on which its warning rule held (bottom more than "
-            f"{monitor.WARN_RATIO:.0e} below the top for {monitor.WARN_INTERVALS} records in a row: seed@first step):\n",
-            "| variant | enc bottom/top | enc warned | dec bottom/top | dec warned |", "|---|---|---|---|---|",
-            *rows, ""]
+    return [
+        f"Health monitor, training gradients (median of the last {last} records per layer; geometric mean over "
+        f"seeds of bottom layer / top layer) and the seeds on which its warning rule held (bottom more than "
+        f"{monitor.WARN_RATIO:.0e} below the top for {monitor.WARN_INTERVALS} records in a row: seed@first step):\n",
+        "| variant | enc bottom/top | enc warned | dec bottom/top | dec warned |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def layer_means(groups: dict[str, list[dict]]) -> dict[str, dict]:
@@ -331,8 +385,10 @@ def layer_means(groups: dict[str, list[dict]]) -> dict[str, dict]:
     for n, rs in groups.items():
         a = [r["analysis"] for r in rs if r.get("analysis")]
         if a:
-            out[n] = {st: {k: list(np.mean([x[st][k] for x in a], axis=0)) for k in ("cosine", "ffn_nonzero", "grad_norm")}
-                      for st in ("encoder", "decoder")}
+            out[n] = {
+                st: {k: list(np.mean([x[st][k] for x in a], axis=0)) for k in ("cosine", "ffn_nonzero", "grad_norm")}
+                for st in ("encoder", "decoder")
+            }
     return out
 
 
@@ -355,7 +411,7 @@ def _plot_curves(groups, names, out, path, early: int = 400, window: int = 25) -
             loss = np.array([train_log[s]["loss"] for s in steps], dtype=float)
             if len(loss) >= window:
                 sm = np.convolve(loss, np.ones(window) / window, mode="valid")
-                axes[1].plot(steps[window - 1:], sm, lw=1, color=c, alpha=0.8, label=label)
+                axes[1].plot(steps[window - 1 :], sm, lw=1, color=c, alpha=0.8, label=label)
     axes[0].set_yscale("log")
     axes[0].set_title(f"gradient norm, first {early} updates (Fig. 3 style; one line per seed)", fontsize=9)
     axes[1].set_title(f"training loss ({window}-update mean)", fontsize=9)
@@ -383,8 +439,11 @@ def _plot_health_profiles(groups, names, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for n in have:
         for ax, stack in zip(axes, monitor.STACKS):
-            profiles = [np.log10(np.maximum(r["health"][stack]["profile"], 1e-45)) for r in groups[n]
-                        if stack in r.get("health", {})]
+            profiles = [
+                np.log10(np.maximum(r["health"][stack]["profile"], 1e-45))
+                for r in groups[n]
+                if stack in r.get("health", {})
+            ]
             if profiles:
                 m = np.mean(profiles, axis=0)
                 ax.plot(np.arange(1, len(m) + 1), m, marker=".", label=n)
@@ -400,13 +459,19 @@ def _plot_health_profiles(groups, names, path) -> None:
 
 # --- the command ---------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="study", description=__doc__.split("\n\n")[0])
     a = ap.add_argument
     a("--config", help="the megabranch-train config every run starts from (YAML or JSON)")
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every run (repeatable)")
-    a("--variant", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
-      help="a configuration to compare (repeatable, in report order)")
+    a(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME[:KEY=VALUE,...]",
+        help="a configuration to compare (repeatable, in report order)",
+    )
     a("--seeds", default="1,2,3", help="comma list of config seeds (init, data order, dropout)")
     a("--out", default="runs/study")
     a("--img-dir", help="where the PNGs go (default: --out)")
@@ -421,7 +486,9 @@ def parse_args(argv=None):
     a("--dry-run", action="store_true", help="print the runs and exit")
     args = ap.parse_args(argv)
     if not args.variant:
-        raise UserError("--variant: give at least one, e.g. --variant branchnorm --variant deepnorm:model.residual=deepnorm")
+        raise UserError(
+            "--variant: give at least one, e.g. --variant branchnorm --variant deepnorm:model.residual=deepnorm"
+        )
     args.variants = [parse_variant(v) for v in args.variant]
     names = [n for n, _ in args.variants]
     if len(set(names)) != len(names):

@@ -66,13 +66,21 @@ def overrides(spec: RunSpec, args) -> list[str]:
     residual, schedule = SCHEMES[spec.scheme]
     return [
         f"seed={args.seed}",
-        f"model.residual={residual}", f"model.alpha_schedule={schedule}", f"model.alpha_warmup_steps={spec.T}",
-        f"model.encoder_layers={spec.layers}", f"model.decoder_layers={spec.layers}",
-        f"model.d_model={args.d_model}", f"model.n_heads={args.n_heads}", f"model.ffn_dim={4 * args.d_model}",
+        f"model.residual={residual}",
+        f"model.alpha_schedule={schedule}",
+        f"model.alpha_warmup_steps={spec.T}",
+        f"model.encoder_layers={spec.layers}",
+        f"model.decoder_layers={spec.layers}",
+        f"model.d_model={args.d_model}",
+        f"model.n_heads={args.n_heads}",
+        f"model.ffn_dim={4 * args.d_model}",
         f"model.dropout={args.dropout}",
-        f"optim.lr={spec.lr}", f"optim.warmup_updates={spec.warmup}", f"optim.max_updates={spec.steps}",
+        f"optim.lr={spec.lr}",
+        f"optim.warmup_updates={spec.warmup}",
+        f"optim.max_updates={spec.steps}",
         f"optim.clip_norm={args.clip_norm}",
-        f"data.data_dir={args.data}", f"data.max_tokens={args.max_tokens}",
+        f"data.data_dir={args.data}",
+        f"data.max_tokens={args.max_tokens}",
         *spec.extra,
         *getattr(args, "set", []),  # the user's own overrides last, e.g. model.deepnorm_init=false
     ]

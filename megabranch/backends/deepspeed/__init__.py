@@ -17,6 +17,17 @@ from .partition import PARTITIONS, ds_parts
 from .trainer import DeepSpeedTrainer, TokenLoss, build_pipeline_module, canonical_state, init_distributed, local_layers
 
 __all__ = [
-    "PARTITIONS", "DeepSpeedTrainer", "PipeUnit", "TokenLoss", "build_pipeline_module", "canonical_state", "ds_parts",
-    "export_deepspeed", "import_deepspeed", "init_distributed", "layer_plan", "load_ds_config", "local_layers",
+    "PARTITIONS",
+    "DeepSpeedTrainer",
+    "PipeUnit",
+    "TokenLoss",
+    "build_pipeline_module",
+    "canonical_state",
+    "ds_parts",
+    "export_deepspeed",
+    "import_deepspeed",
+    "init_distributed",
+    "layer_plan",
+    "load_ds_config",
+    "local_layers",
 ]

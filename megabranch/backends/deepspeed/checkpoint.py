@@ -73,8 +73,15 @@ def _vocabs(model_state: dict, vocab, tgt_vocab):
     return vocab, tgt_vocab or vocab
 
 
-def export_deepspeed(model_state: dict, cfg, out_dir: str, vocab: int | None = None,
-                     tgt_vocab: int | None = None, tag: str = EXPORT_TAG, tp: int = 1) -> list[str]:
+def export_deepspeed(
+    model_state: dict,
+    cfg,
+    out_dir: str,
+    vocab: int | None = None,
+    tgt_vocab: int | None = None,
+    tag: str = EXPORT_TAG,
+    tp: int = 1,
+) -> list[str]:
     """Write the single-process state dict (canonical names) as a DeepSpeed pipeline checkpoint:
     out_dir/<tag>/layer_XX-model_states.pt, one per layer index (what PipelineModule.save_state_dict writes with
     pipeline x data parallelism; a tied table is written by every index that uses it), or with tp > 1
@@ -94,8 +101,10 @@ def export_deepspeed(model_state: dict, cfg, out_dir: str, vocab: int | None = N
             for key, meta in shapes.items():
                 name = aliases.get(key, key)
                 if name not in model_state:
-                    raise UserError(f"export_deepspeed: the state dict has no {name} (needed by DeepSpeed layer "
-                                    f"{idx}); is it a build_model state dict for this model config?")
+                    raise UserError(
+                        f"export_deepspeed: the state dict has no {name} (needed by DeepSpeed layer "
+                        f"{idx}); is it a build_model state dict for this model config?"
+                    )
                 layer[key] = shard_of(model_state[name].detach(), meta).clone().contiguous()
                 used.add(name)
             files.append(_layer_file(tag_dir, idx, rank if tp > 1 else None))
@@ -105,13 +114,26 @@ def export_deepspeed(model_state: dict, cfg, out_dir: str, vocab: int | None = N
             raise UserError(f"export_deepspeed: {alias} differs from {name}, but model.share_all_embeddings ties them")
     extra = sorted(set(model_state) - used - set(aliases))
     if extra:
-        raise UserError(f"export_deepspeed: {len(extra)} tensors of the state dict have no DeepSpeed layer "
-                        f"(first: {extra[0]}); the model config does not match the state dict")
+        raise UserError(
+            f"export_deepspeed: {len(extra)} tensors of the state dict have no DeepSpeed layer "
+            f"(first: {extra[0]}); the model config does not match the state dict"
+        )
     # what engine.load_checkpoint reads before the layer files: module None (-> the layer files), no optimizer
     files.append(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
-    torch.save({"module": None, "optimizer": None, "lr_scheduler": None, "global_steps": 0, "global_samples": 0,
-                "skipped_steps": 0, "dp_world_size": 1, "mp_world_size": 1,
-                "megabranch": {"model": dict(vars(mc)), "exported_by": "megabranch.backends.deepspeed"}}, files[-1])
+    torch.save(
+        {
+            "module": None,
+            "optimizer": None,
+            "lr_scheduler": None,
+            "global_steps": 0,
+            "global_samples": 0,
+            "skipped_steps": 0,
+            "dp_world_size": 1,
+            "mp_world_size": 1,
+            "megabranch": {"model": dict(vars(mc)), "exported_by": "megabranch.backends.deepspeed"},
+        },
+        files[-1],
+    )
     files.append(os.path.join(out_dir, "latest"))
     with open(files[-1], "w") as fh:
         fh.write(tag)
@@ -129,8 +151,10 @@ def import_deepspeed(in_dir: str, cfg, vocab: int | None = None, tgt_vocab: int 
     in_dir = _tag_dir(in_dir)
     tp = _tensor_parallel_size(in_dir)
     if tp == 0:
-        raise UserError(f"import_deepspeed: {_layer_file(in_dir, 0)} not found; pass a DeepSpeed pipeline checkpoint "
-                        f"folder (holding `latest`, or layer_XX-model_states.pt / layer_XX-model_RR-model_states.pt)")
+        raise UserError(
+            f"import_deepspeed: {_layer_file(in_dir, 0)} not found; pass a DeepSpeed pipeline checkpoint "
+            f"folder (holding `latest`, or layer_XX-model_states.pt / layer_XX-model_RR-model_states.pt)"
+        )
     plan = layer_plan(mc)
 
     def size(idx: int, key: str) -> int:  # the full vocabulary of a table: its rows over the tp files
@@ -154,8 +178,9 @@ def import_deepspeed(in_dir: str, cfg, vocab: int | None = None, tgt_vocab: int 
     return {k: state[k] for k in order}
 
 
-def _read_layer(in_dir: str, idx: int, mc: ModelConfig, entry, vocab: int, tgt_vocab: int, tp: int,
-                n_layers: int) -> dict:
+def _read_layer(
+    in_dir: str, idx: int, mc: ModelConfig, entry, vocab: int, tgt_vocab: int, tp: int, n_layers: int
+) -> dict:
     """Layer index `idx`'s state (full tensors by unit key): its one file, or its tp files' shards joined along
     the dimension each is split on (a replicated tensor must be the same in every file)."""
     shards = unit_shards(mc, entry, vocab, tgt_vocab, tp)
@@ -163,14 +188,18 @@ def _read_layer(in_dir: str, idx: int, mc: ModelConfig, entry, vocab: int, tgt_v
     for rank in range(tp):
         path = _layer_file(in_dir, idx, rank if tp > 1 else None)
         if not os.path.isfile(path):
-            raise UserError(f"import_deepspeed: {path} not found; the checkpoint does not hold a "
-                            f"{mc.encoder_layers}L-{mc.decoder_layers}L model over tp {tp} ({n_layers} layer "
-                            f"indices expected)")
+            raise UserError(
+                f"import_deepspeed: {path} not found; the checkpoint does not hold a "
+                f"{mc.encoder_layers}L-{mc.decoder_layers}L model over tp {tp} ({n_layers} layer "
+                f"indices expected)"
+            )
         layer = _layer(path)
         if set(layer) != set(shards[rank]):
             missing, unexpected = sorted(set(shards[rank]) - set(layer)), sorted(set(layer) - set(shards[rank]))
-            raise UserError(f"import_deepspeed: {path} does not match the model config (missing {missing[:2]}, "
-                            f"unexpected {unexpected[:2]})")
+            raise UserError(
+                f"import_deepspeed: {path} does not match the model config (missing {missing[:2]}, "
+                f"unexpected {unexpected[:2]})"
+            )
         parts.append(layer)
     out = {}
     for key in parts[0]:
@@ -179,7 +208,9 @@ def _read_layer(in_dir: str, idx: int, mc: ModelConfig, entry, vocab: int, tgt_v
             out[key] = torch.cat([p[key] for p in parts], dim=dim)
             continue
         if any(not torch.equal(p[key], parts[0][key]) for p in parts[1:]):
-            raise UserError(f"import_deepspeed: {key} differs between the tensor-parallel files of layer {idx}, "
-                            f"though tensor parallelism replicates it")
+            raise UserError(
+                f"import_deepspeed: {key} differs between the tensor-parallel files of layer {idx}, "
+                f"though tensor parallelism replicates it"
+            )
         out[key] = parts[0][key]
     return out

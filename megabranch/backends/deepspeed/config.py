@@ -25,8 +25,10 @@ def load_ds_config(path: str | None, cfg: Config) -> dict:
     o = cfg.optim
     gas = ds.get("gradient_accumulation_steps", o.update_freq)
     if gas != o.update_freq:
-        raise UserError(f"{path}: gradient_accumulation_steps={gas} but optim.update_freq={o.update_freq}; they are "
-                        f"the same thing (micro-batches per step): make them equal or drop one")
+        raise UserError(
+            f"{path}: gradient_accumulation_steps={gas} but optim.update_freq={o.update_freq}; they are "
+            f"the same thing (micro-batches per step): make them equal or drop one"
+        )
     ds["gradient_accumulation_steps"] = gas
     ds.setdefault("train_micro_batch_size_per_gpu", 1)
     ds.setdefault("gradient_clipping", float(o.clip_norm))

@@ -44,21 +44,22 @@ from ...model.span import Carried
 from ...parallel.grid import Grid
 from ...parallel.parallelize import apply_tensor_parallel
 
-
 # schemes DeepSpeed's pipeline cannot run as this layer list, and why (one line each, refused before building)
 UNSUPPORTED_SCHEMES = {
     "dlcl": "every DLCL layer reads all earlier layers' outputs, which DeepSpeed's fixed tuple of one hidden "
-            "per layer does not carry (the native pipeline carries the history: --backend native)",
+    "per layer does not carry (the native pipeline carries the history: --backend native)",
     "admin": "Admin's profiling pass runs stage by stage before the first step in the native pipeline only "
-             "(--backend native)",
+    "(--backend native)",
 }
 
 
 def check_scheme(cfg: ModelConfig) -> None:
     """A UserError naming the scheme when --backend deepspeed cannot run it."""
     if cfg.residual in UNSUPPORTED_SCHEMES:
-        raise UserError(f"model.residual={cfg.residual} is not supported by --backend deepspeed: "
-                        f"{UNSUPPORTED_SCHEMES[cfg.residual]}")
+        raise UserError(
+            f"model.residual={cfg.residual} is not supported by --backend deepspeed: "
+            f"{UNSUPPORTED_SCHEMES[cfg.residual]}"
+        )
 
 
 def check_layout(cfg, world: int) -> int:
@@ -66,14 +67,20 @@ def check_layout(cfg, world: int) -> int:
     world size that parallel.tp * parallel.pp does not divide."""
     p = cfg.parallel
     if p.vpp != 1:
-        raise UserError(f"--backend deepspeed runs one pipeline chunk per stage (DeepSpeed's own 1F1B): set "
-                        f"parallel.vpp=1 (got {p.vpp})")
+        raise UserError(
+            f"--backend deepspeed runs one pipeline chunk per stage (DeepSpeed's own 1F1B): set "
+            f"parallel.vpp=1 (got {p.vpp})"
+        )
     if p.sequence_parallel:
-        raise UserError("parallel.sequence_parallel is the native engine's (--backend native): DeepSpeed's pipeline "
-                        "sends each stage's output whole; set it false for --backend deepspeed")
+        raise UserError(
+            "parallel.sequence_parallel is the native engine's (--backend native): DeepSpeed's pipeline "
+            "sends each stage's output whole; set it false for --backend deepspeed"
+        )
     if world % (p.tp * p.pp):
-        raise UserError(f"--backend deepspeed: world size {world} is not a multiple of parallel.tp * parallel.pp = "
-                        f"{p.tp} * {p.pp} = {p.tp * p.pp} (tp x pp x dp processes)")
+        raise UserError(
+            f"--backend deepspeed: world size {world} is not a multiple of parallel.tp * parallel.pp = "
+            f"{p.tp} * {p.pp} = {p.tp * p.pp} (tp x pp x dp processes)"
+        )
     return world // (p.tp * p.pp)
 
 
@@ -90,8 +97,12 @@ class Entry:
 
 def _union(roles: tuple) -> Span:
     first = roles[0]
-    return replace(first, src_embed=any(r.src_embed for r in roles), tgt_embed=any(r.tgt_embed for r in roles),
-                   output=any(r.output for r in roles))
+    return replace(
+        first,
+        src_embed=any(r.src_embed for r in roles),
+        tgt_embed=any(r.tgt_embed for r in roles),
+        output=any(r.output for r in roles),
+    )
 
 
 class PipeUnit(Transformer):
@@ -151,8 +162,11 @@ def layer_plan(cfg: ModelConfig) -> list[Entry]:
     roles += [("tgt_embed", Span(n, m, tgt_embed=True))]
     roles += [("decoder", Span(n, m, dec_lo=j, dec_hi=j + 1)) for j in range(m)]
     roles += [("output", Span(n, m, output=True))]
-    keys = {"src_embed": "src_table", "tgt_embed": "tgt_table",
-            "output": "tgt_table" if cfg.share_decoder_input_output_embed else None}
+    keys = {
+        "src_embed": "src_table",
+        "tgt_embed": "tgt_table",
+        "output": "tgt_table" if cfg.share_decoder_input_output_embed else None,
+    }
     if cfg.share_all_embeddings:
         keys = {k: "src_table" if v else None for k, v in keys.items()}
     members: dict = {}

@@ -88,8 +88,10 @@ def init_distributed(timeout_s: float | None = None) -> None:
         for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
             if isinstance(getattr(c10d, name, None), type(timeout)):
                 setattr(c10d, name, timeout)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               **({"timeout": timeout} if timeout is not None else {}))
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        **({"timeout": timeout} if timeout is not None else {}),
+    )
 
 
 class TokenLoss:
@@ -124,9 +126,17 @@ def canonical_state(module) -> dict:
     return {canonical_name(k, layer.cfg): v for _, layer in local_layers(module) for k, v in layer.state_dict().items()}
 
 
-def build_pipeline_module(cfg: Config, vocab: int, tgt_vocab: int | None = None, num_stages: int | None = None,
-                          partition: str = "megabranch", seed: int | None = None, loss_fn=None,
-                          activation_checkpoint_interval: int | None = None, grid: Grid | None = None):
+def build_pipeline_module(
+    cfg: Config,
+    vocab: int,
+    tgt_vocab: int | None = None,
+    num_stages: int | None = None,
+    partition: str = "megabranch",
+    seed: int | None = None,
+    loss_fn=None,
+    activation_checkpoint_interval: int | None = None,
+    grid: Grid | None = None,
+):
     """The PipelineModule for this process (init_distributed must have run). seed: the init seed (build_model's);
     None draws it from cfg.seed like every engine. partition: 'megabranch' (the cost-model layout, or
     parallel.layout), or a DeepSpeed partition_method ('parameters', 'uniform', 'type:<regex>'). grid: the
@@ -146,8 +156,7 @@ def build_pipeline_module(cfg: Config, vocab: int, tgt_vocab: int | None = None,
     for e in layer_plan(mc):
         if e.tie:
             table = "encoder.embed.table.weight" if mc.share_all_embeddings else "decoder.embed.table.weight"
-            specs.append(TiedLayerSpec(e.tie, PipeUnit, mc, vocab, tgt_vocab, e.unit, grid,
-                                       tied_weight_attr=[table]))
+            specs.append(TiedLayerSpec(e.tie, PipeUnit, mc, vocab, tgt_vocab, e.unit, grid, tied_weight_attr=[table]))
         else:
             specs.append(LayerSpec(PipeUnit, mc, vocab, tgt_vocab, e.unit, grid))
     parts = None
@@ -170,18 +179,28 @@ def build_pipeline_module(cfg: Config, vocab: int, tgt_vocab: int | None = None,
 
     interval = cfg.parallel.recompute if activation_checkpoint_interval is None else activation_checkpoint_interval
     # the same rank order as megabranch's grid: model (tp) fastest, then data, then pipe
-    where = dict(topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)) if tp > 1 else \
-        dict(num_stages=pp)
+    where = (
+        dict(topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)) if tp > 1 else dict(num_stages=pp)
+    )
     loss_fn = loss_fn or TokenLoss(cfg.optim.label_smoothing, grid.tp_group if tp > 1 else None)
     try:
-        module = MegabranchPipe(layers=specs, loss_fn=loss_fn, partition_method=method,
-                                activation_checkpoint_interval=interval, dynamic_shape=True, **where)
+        module = MegabranchPipe(
+            layers=specs,
+            loss_fn=loss_fn,
+            partition_method=method,
+            activation_checkpoint_interval=interval,
+            dynamic_shape=True,
+            **where,
+        )
     except NotImplementedError as e:
-        raise UserError(f"deepspeed pipeline partition {partition!r}: {e} (use one of {', '.join(PARTITIONS)})") from None
+        raise UserError(
+            f"deepspeed pipeline partition {partition!r}: {e} (use one of {', '.join(PARTITIONS)})"
+        ) from None
     if seed is None:
         seed = draw_init_seed(cfg.seed)
-    fill_initial_values(canonical_parameters([f for _, f in local_layers(module)], mc), mc, seed,
-                        full_shape=full_shape, shard=shard_of)
+    fill_initial_values(
+        canonical_parameters([f for _, f in local_layers(module)], mc), mc, seed, full_shape=full_shape, shard=shard_of
+    )
     for p in module.parameters():  # see the module docstring: the gradient norm
         p.model_parallel = not getattr(p, "tp_replicated", False)
         if getattr(p, "ds_pipe_replicated", False):
@@ -192,15 +211,24 @@ def build_pipeline_module(cfg: Config, vocab: int, tgt_vocab: int | None = None,
 class DeepSpeedTrainer:
     """The engine protocol (training.protocol.Engine) over a DeepSpeed PipelineEngine."""
 
-    def __init__(self, cfg: Config, vocab_size: int, tgt_vocab_size: int | None = None, ds_config: dict | None = None,
-                 partition: str | None = None, init_seed: int | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        vocab_size: int,
+        tgt_vocab_size: int | None = None,
+        ds_config: dict | None = None,
+        partition: str | None = None,
+        init_seed: int | None = None,
+    ):
         check_scheme(cfg.model)
         deepspeed = import_deepspeed_package()
         self.cfg, self.dist = cfg, dist
         ds = load_ds_config(None, cfg) if ds_config is None else ds_config
         if (ds.get("fp16") or {}).get("enabled") and not torch.cuda.is_available():
-            raise UserError("the DeepSpeed config enables fp16, which needs CUDA devices; use a bf16 or fp32 "
-                            "DeepSpeed config on the CPU")
+            raise UserError(
+                "the DeepSpeed config enables fp16, which needs CUDA devices; use a bf16 or fp32 "
+                "DeepSpeed config on the CPU"
+            )
         partition = partition or ds.get("pipeline", {}).get("partition", "megabranch")
         p = cfg.parallel
         check_layout(cfg, dist.get_world_size())
@@ -208,8 +236,9 @@ class DeepSpeedTrainer:
         if p.tp > 1:
             model_parallel_seed(cfg.seed, self.grid)  # dropout streams of the tensor-parallel regions
         self.loss_fn = TokenLoss(cfg.optim.label_smoothing, self.grid.tp_group)
-        self.module = build_pipeline_module(cfg, vocab_size, tgt_vocab_size, p.pp, partition, init_seed, self.loss_fn,
-                                            grid=self.grid)
+        self.module = build_pipeline_module(
+            cfg, vocab_size, tgt_vocab_size, p.pp, partition, init_seed, self.loss_fn, grid=self.grid
+        )
         o = cfg.optim
         optimizer = None if "optimizer" in ds else build_optimizer(self.module.parameters(), o)
         self.own_lr = "scheduler" not in ds
@@ -232,8 +261,10 @@ class DeepSpeedTrainer:
 
     def describe(self) -> str:
         m = self.cfg.model
-        return (f"{m.residual} {m.encoder_layers}L-{m.decoder_layers}L d={m.d_model}; deepspeed pipeline "
-                f"tp={self.cfg.parallel.tp} pp={self.cfg.parallel.pp} dp={self.dp}, layer parts {self.parts}")
+        return (
+            f"{m.residual} {m.encoder_layers}L-{m.decoder_layers}L d={m.d_model}; deepspeed pipeline "
+            f"tp={self.cfg.parallel.tp} pp={self.cfg.parallel.pp} dp={self.dp}, layer parts {self.parts}"
+        )
 
     def _broadcast_step(self) -> int:
         t = torch.tensor([float(self.engine.global_steps)], dtype=torch.float64)
@@ -268,7 +299,9 @@ class DeepSpeedTrainer:
 
     def train_step(self, batches: list[dict]) -> dict:
         if len(batches) != self.gas:
-            raise ValueError(f"train_step needs gradient_accumulation_steps={self.gas} micro-batches, got {len(batches)}")
+            raise ValueError(
+                f"train_step needs gradient_accumulation_steps={self.gas} micro-batches, got {len(batches)}"
+            )
         o = self.cfg.optim
         step = self._broadcast_step()
         set_step(self.module, step)
@@ -279,9 +312,13 @@ class DeepSpeedTrainer:
         _, nll_sum = self._world_sums()
         gnorm = self.engine.get_global_grad_norm()
         return {
-            "loss": loss, "nll_loss": nll_sum / max(ntokens, 1),
-            "lr": lr, "alpha": alpha, "gnorm": float(gnorm) if gnorm is not None else float("nan"),
-            "ntokens": ntokens, "skipped": 0,
+            "loss": loss,
+            "nll_loss": nll_sum / max(ntokens, 1),
+            "lr": lr,
+            "alpha": alpha,
+            "gnorm": float(gnorm) if gnorm is not None else float("nan"),
+            "ntokens": ntokens,
+            "skipped": 0,
         }
 
     @torch.no_grad()
@@ -296,7 +333,7 @@ class DeepSpeedTrainer:
         batches = batches[: int(count.item())]
         total, ntok = [0.0, 0.0], 0
         for i in range(0, len(batches), self.gas):
-            group = batches[i:i + self.gas]
+            group = batches[i : i + self.gas]
             ntok += self._set_scale(group)
             self.engine.eval_batch(data_iter=iter(self._items(group)), num_micro_batches=len(group))
             sums = self._world_sums()
@@ -318,8 +355,9 @@ class DeepSpeedTrainer:
         return os.path.exists(os.path.join(save_dir, "latest"))
 
     def save(self, save_dir: str, loop_state: dict, valid_loss: float, best: float, is_best: bool) -> None:
-        self.engine.save_checkpoint(save_dir, client_state={"config": self.cfg.to_dict(), "data": loop_state,
-                                                            "best_valid_loss": best})
+        self.engine.save_checkpoint(
+            save_dir, client_state={"config": self.cfg.to_dict(), "data": loop_state, "best_valid_loss": best}
+        )
 
     def finish_saves(self) -> None:
         """DeepSpeed's save_checkpoint is synchronous: nothing in flight (log.async_save does not apply)."""

@@ -23,8 +23,22 @@ from .mappings import (
 from .random import RNGTracker, checkpoint, get_rng_tracker, install_rng_fork, model_parallel_seed
 
 __all__ = [
-    "ColumnParallelLinear", "RNGTracker", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelOutput",
-    "checkpoint", "copy_to_tp", "gather_from_sequence", "gather_from_tp", "get_rng_tracker", "install_rng_fork",
-    "mark_shard", "model_parallel_seed", "reduce_from_tp", "reduce_scatter_to_sequence", "scatter_to_sequence", "scatter_to_tp",
+    "ColumnParallelLinear",
+    "RNGTracker",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "VocabParallelOutput",
+    "checkpoint",
+    "copy_to_tp",
+    "gather_from_sequence",
+    "gather_from_tp",
+    "get_rng_tracker",
+    "install_rng_fork",
+    "mark_shard",
+    "model_parallel_seed",
+    "reduce_from_tp",
+    "reduce_scatter_to_sequence",
+    "scatter_to_sequence",
+    "scatter_to_tp",
     "vocab_parallel_label_smoothed_nll_loss",
 ]

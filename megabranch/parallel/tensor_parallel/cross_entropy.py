@@ -61,8 +61,9 @@ class _VocabParallelLSLoss(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None, None, None
 
 
-def vocab_parallel_label_smoothed_nll_loss(logits_shard: torch.Tensor, target: torch.Tensor, epsilon: float,
-                                           ignore_index: int = 0, group=None):
+def vocab_parallel_label_smoothed_nll_loss(
+    logits_shard: torch.Tensor, target: torch.Tensor, epsilon: float, ignore_index: int = 0, group=None
+):
     """-> (loss_sum, nll_sum), equal to megabranch.model.label_smoothed_nll_loss on the gathered logits.
 
     logits_shard (..., V / tp) is this rank's contiguous block of the vocabulary (as VocabParallelOutput makes);

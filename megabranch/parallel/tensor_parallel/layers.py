@@ -19,8 +19,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .mappings import all_gather_along, copy_to_tp, gather_from_tp, reduce_from_tp, reduce_scatter_along, \
-    reduce_scatter_to_sequence, scatter_to_tp
+from .mappings import (
+    all_gather_along,
+    copy_to_tp,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_along,
+    reduce_scatter_to_sequence,
+    scatter_to_tp,
+)
 
 
 def _resolve(group, tp_size, tp_rank) -> tuple[int, int]:
@@ -106,8 +113,9 @@ class _SequenceGatheredLinear(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
-def sequence_gathered_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group,
-                             dim: int = 1, store=None) -> torch.Tensor:
+def sequence_gathered_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group, dim: int = 1, store=None
+) -> torch.Tensor:
     """A column-parallel linear whose input is split along the sequence (dimension `dim`): all-gather, linear;
     backward: reduce-scatter the input gradient, the weight gradient from the input gathered again."""
     return _SequenceGatheredLinear.apply(x, weight, bias, group, dim % x.dim(), store)
@@ -121,8 +129,19 @@ class ColumnParallelLinear(nn.Module):
     all-reduced (copy_to_tp). gather_output=True all-gathers the output (rarely wanted: it defeats the split).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group=None, tp_size=None,
-                 tp_rank=None, gather_output: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group=None,
+        tp_size=None,
+        tp_rank=None,
+        gather_output: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.group = group
         self.tp_size, self.tp_rank = _resolve(group, tp_size, tp_rank)
@@ -132,12 +151,18 @@ class ColumnParallelLinear(nn.Module):
         self.sequence_parallel = False  # input split along the sequence (parallel/sequence_parallel.py)
         self.weight_grad_store = None  # a zero-bubble schedule's (parallel/weight_grad.py)
         kw = dict(device=device, dtype=dtype)
-        self.weight = mark_shard(nn.Parameter(torch.empty(self.out_features, in_features, **kw)), 0,
-                                  self.tp_size, self.tp_rank, (out_features, in_features))
+        self.weight = mark_shard(
+            nn.Parameter(torch.empty(self.out_features, in_features, **kw)),
+            0,
+            self.tp_size,
+            self.tp_rank,
+            (out_features, in_features),
+        )
         self.bias = None
         if bias:
-            self.bias = mark_shard(nn.Parameter(torch.empty(self.out_features, **kw)), 0, self.tp_size,
-                                    self.tp_rank, (out_features,))
+            self.bias = mark_shard(
+                nn.Parameter(torch.empty(self.out_features, **kw)), 0, self.tp_size, self.tp_rank, (out_features,)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -147,8 +172,10 @@ class ColumnParallelLinear(nn.Module):
         return gather_from_tp(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features} (of {self.full_out_features}), "
-                f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} (of {self.full_out_features}), "
+            f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}"
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -158,8 +185,19 @@ class RowParallelLinear(nn.Module):
     input_is_parallel=False splits a replicated input first (scatter_to_tp).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group=None, tp_size=None,
-                 tp_rank=None, input_is_parallel: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group=None,
+        tp_size=None,
+        tp_rank=None,
+        input_is_parallel: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.group = group
         self.tp_size, self.tp_rank = _resolve(group, tp_size, tp_rank)
@@ -168,8 +206,13 @@ class RowParallelLinear(nn.Module):
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = False  # output reduce-scattered along the sequence (parallel/sequence_parallel.py)
         kw = dict(device=device, dtype=dtype)
-        self.weight = mark_shard(nn.Parameter(torch.empty(out_features, self.in_features, **kw)), 1,
-                                  self.tp_size, self.tp_rank, (out_features, in_features))
+        self.weight = mark_shard(
+            nn.Parameter(torch.empty(out_features, self.in_features, **kw)),
+            1,
+            self.tp_size,
+            self.tp_rank,
+            (out_features, in_features),
+        )
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **kw))
@@ -183,8 +226,10 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} (of {self.full_in_features}), out_features={self.out_features}, "
-                f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}")
+        return (
+            f"in_features={self.in_features} (of {self.full_in_features}), out_features={self.out_features}, "
+            f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}"
+        )
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -195,8 +240,18 @@ class VocabParallelEmbedding(nn.Module):
     keeps its nn.Embedding meaning (that row gets no gradient from the lookup) on the rank that owns it.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, group=None,
-                 tp_size=None, tp_rank=None, device=None, dtype=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        group=None,
+        tp_size=None,
+        tp_rank=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.group = group
         self.tp_size, self.tp_rank = _resolve(group, tp_size, tp_rank)
@@ -206,8 +261,13 @@ class VocabParallelEmbedding(nn.Module):
         self.local_padding_idx = None
         if padding_idx is not None and self.vocab_start <= padding_idx < self.vocab_end:
             self.local_padding_idx = padding_idx - self.vocab_start
-        self.weight = mark_shard(nn.Parameter(torch.empty(per, embedding_dim, device=device, dtype=dtype)), 0,
-                                  self.tp_size, self.tp_rank, (num_embeddings, embedding_dim))
+        self.weight = mark_shard(
+            nn.Parameter(torch.empty(per, embedding_dim, device=device, dtype=dtype)),
+            0,
+            self.tp_size,
+            self.tp_rank,
+            (num_embeddings, embedding_dim),
+        )
         self.sequence_parallel = False  # reduce-scatter the lookup along the sequence (parallel/sequence_parallel)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -222,8 +282,10 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out, self.group)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, {self.vocab_end}), "
-                f"padding_idx={self.padding_idx}, tp={self.tp_rank}/{self.tp_size}")
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, {self.vocab_end}), "
+            f"padding_idx={self.padding_idx}, tp={self.tp_rank}/{self.tp_size}"
+        )
 
 
 class VocabParallelOutput(nn.Module):
@@ -234,8 +296,19 @@ class VocabParallelOutput(nn.Module):
     vocab_parallel_label_smoothed_nll_loss; set gather_output=True (e.g. for decoding) to get full logits.
     """
 
-    def __init__(self, d_model: int, vocab_size: int, *, group=None, tp_size=None, tp_rank=None,
-                 tied_to: VocabParallelEmbedding | None = None, gather_output: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        vocab_size: int,
+        *,
+        group=None,
+        tp_size=None,
+        tp_rank=None,
+        tied_to: VocabParallelEmbedding | None = None,
+        gather_output: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.group = group
         self.tp_size, self.tp_rank = _resolve(group, tp_size, tp_rank)
@@ -248,12 +321,19 @@ class VocabParallelOutput(nn.Module):
         self.weight = None
         if tied_to is not None:
             if tuple(tied_to.weight.shape) != (per, d_model) or tied_to.tp_rank != self.tp_rank:
-                raise ValueError(f"cannot tie a ({per}, {d_model}) output shard of rank {self.tp_rank} to "
-                                 f"{tuple(tied_to.weight.shape)} of rank {tied_to.tp_rank}")
+                raise ValueError(
+                    f"cannot tie a ({per}, {d_model}) output shard of rank {self.tp_rank} to "
+                    f"{tuple(tied_to.weight.shape)} of rank {tied_to.tp_rank}"
+                )
             self._tied_table = [tied_to]
         else:
-            self.weight = mark_shard(nn.Parameter(torch.empty(per, d_model, device=device, dtype=dtype)), 0,
-                                      self.tp_size, self.tp_rank, (vocab_size, d_model))
+            self.weight = mark_shard(
+                nn.Parameter(torch.empty(per, d_model, device=device, dtype=dtype)),
+                0,
+                self.tp_size,
+                self.tp_rank,
+                (vocab_size, d_model),
+            )
 
     @property
     def tied_to(self) -> VocabParallelEmbedding | None:

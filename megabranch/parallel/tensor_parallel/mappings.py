@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
 # torch 2.13 renamed the single-tensor collectives (the old names warn); older torch (2.11 on the GPU image) has
 # only the old ones
 _ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
