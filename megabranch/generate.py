@@ -19,18 +19,7 @@ from .inference import add_device_arguments, prepare
 def _report_directions(model, dataset, src_tok, tgt_tok, args, device="cpu") -> None:
     """megabranch-generate on a multilingual split: BLEU per direction and their average."""
     all_hyps, scores, sig = [], {}, ""
-    for d in score_directions(
-        model,
-        dataset,
-        tgt_tok,
-        args.beam,
-        args.lenpen,
-        args.max_sentences,
-        args.limit,
-        device,
-        args.max_tokens,
-        args.references,
-    ):
+    for d in _scored(model, dataset, tgt_tok, args, device):
         scores[d.name] = d.score.score
         all_hyps += d.hyps
         sig = d.signature
@@ -43,6 +32,22 @@ def _report_directions(model, dataset, src_tok, tgt_tok, args, device="cpu") -> 
     print(f"average BLEU over {len(scores)} directions = {sum(scores.values()) / len(scores):.2f}")
     print(f"signature: {sig}")
     _write_hypotheses(args.output, all_hyps)
+
+
+def _scored(model, dataset, tgt_tok, args, device):
+    """Every direction of `dataset` decoded and scored with the command's settings, one at a time."""
+    return score_directions(
+        model,
+        dataset,
+        tgt_tok,
+        args.beam,
+        args.lenpen,
+        args.max_sentences,
+        args.limit,
+        device,
+        args.max_tokens,
+        args.references,
+    )
 
 
 def _describe(used: str, wanted: str) -> str:
@@ -99,20 +104,7 @@ def main(argv=None):
     if getattr(dataset, "directions", None):
         _report_directions(model, dataset, src_tok, tgt_tok, args, device)
         return 0
-    d = next(
-        score_directions(
-            model,
-            dataset,
-            tgt_tok,
-            args.beam,
-            args.lenpen,
-            args.max_sentences,
-            args.limit,
-            device,
-            args.max_tokens,
-            args.references,
-        )
-    )
+    d = next(_scored(model, dataset, tgt_tok, args, device))
     _write_hypotheses(args.output, d.hyps)
     print(
         f"{args.split}: {len(d.hyps)} sentences, beam {args.beam}, lenpen {args.lenpen}, {device.type} {args.precision}"
