@@ -62,7 +62,12 @@ demo-multilingual: $(EN_ES_MULTI)/meta.json
 	$(DEMO_ENV) $(VENV)/bin/megabranch-generate --checkpoint $(MULTI_DIR)/best --split test --beam 4 --copy-baseline
 
 # DeepSpeed's CPU communication op is JIT-built once (about 40 s) into .cache/ and reused by later runs.
-PYTEST := TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(PY) -m pytest -q
+# The suite runs in TEST_JOBS pytest-xdist workers (default: the CPU count, at most 4), one torch thread each
+# (tests/conftest.py); --dist worksteal: an idle worker takes tests queued on another, so the slowest test file
+# does not decide when the run ends. TEST_JOBS=0 runs it in this process, as plain pytest does.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(PY) -m pytest -q \
+	$(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist worksteal)
 test: lint
 	$(PYTEST) tests
 

@@ -1,9 +1,16 @@
+import os
+
 import pytest
 import torch
 
 from tests.helpers.corpus import preprocessed
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread per test process when pytest-xdist runs several: OpenMP threads spin-wait for a core another worker
+# holds, and a step gets 10-20x slower (README, "Quick start"); alone, two threads at most.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 KINDS = ("unit", "distributed")  # every test is exactly one of these (markers in pytest.ini)
 
