@@ -97,8 +97,8 @@ def beam_search(
 
     fairseq's search: at each step the 2 * beam best continuations of a sentence's beams; an </s> among the first
     `beam` of them finishes a hypothesis, scored sum of log-probs / length ** lenpen; a sentence is done when it
-    has `beam` finished ones, and leaves the batch then. Each row's log-probabilities are its logits less their
-    logsumexp (<pad> and <s> included, then never chosen), and only each row's 2 * beam best are ever formed."""
+    has `beam` finished ones, and leaves the batch then. Each row's log-probabilities are the log_softmax of its
+    logits (<pad> and <s> included, then never chosen); only each row's 2 * beam best are ever searched."""
     model.eval()
     device = src_tokens.device
     bsz = src_tokens.shape[0]
@@ -114,16 +114,16 @@ def beam_search(
 
     for step in range(max_len):
         n = len(active)
-        logits = model.decoder(tokens[:, -1:], memory, mask, cache=cache, offset=step)[:, -1].float()
-        lse = torch.logsumexp(logits, -1, keepdim=True)
-        logits[:, PAD] = logits[:, bos] = -float("inf")
+        logits = model.decoder(tokens[:, -1:], memory, mask, cache=cache, offset=step)[:, -1]
+        lprobs = logits.float().log_softmax(-1)  # one pass over the vocabulary (logsumexp takes four)
+        lprobs[:, PAD] = lprobs[:, bos] = -float("inf")
         if step == max_len - 1:  # out of room: only eos may follow
-            eos_col = logits[:, eos].clone()
-            logits.fill_(-float("inf"))
-            logits[:, eos] = eos_col
-        k = min(2 * beam, logits.shape[-1])
-        row_best, row_tok = _top_k(logits, k)
-        cand = (scores.view(-1, 1) + (row_best - lse)).view(n, beam * k)
+            eos_col = lprobs[:, eos].clone()
+            lprobs.fill_(-float("inf"))
+            lprobs[:, eos] = eos_col
+        k = min(2 * beam, lprobs.shape[-1])
+        row_best, row_tok = _top_k(lprobs, k)
+        cand = (scores.view(-1, 1) + row_best).view(n, beam * k)
         top_scores, top_pos = cand.topk(min(2 * beam, beam * k), dim=1)
         top_beam, top_tok = top_pos // k, row_tok.view(n, beam * k).gather(1, top_pos)
 
