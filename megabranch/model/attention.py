@@ -107,5 +107,7 @@ class MultiheadAttention(nn.Module):
         scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(2, 3))
         if self.cross and key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, None, :], -float("inf"))
-        out = torch.matmul(scores.softmax(-1), v)
+        # the softmax in float32 also for bf16/fp16 weights, as scaled_dot_product_attention's kernels do (a no-op
+        # for float32)
+        out = torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
         return out.transpose(1, 2).reshape(b, -1, 1, self.head_dim) if self.cross else out
