@@ -91,6 +91,8 @@ class MultiheadAttention(nn.Module):
         hold each sentence once for a group of consecutive rows (its beams): (B / group, S, d), (B / group, S).
         The rows of a group then attend as one block of queries to their sentence's keys, held once."""
         b = query.shape[0]
+        if query.shape[1] != 1:
+            raise ValueError(f"incremental decoding runs one new token per row, not {query.shape[1]}")
         q = self._heads(self.q_proj(query))
         if self.cross:
             if "k" not in cache:
