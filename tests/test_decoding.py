@@ -42,6 +42,73 @@ def test_incremental_decoding_equals_full_recomputation(residual, embeddings):
     assert cache[0]["self"]["k"].shape[2] == prev.shape[1]  # the prefix was cached, not recomputed
 
 
+def test_cross_attention_of_a_sentence_held_once_for_its_beams_equals_it_repeated():
+    """Incremental decoding with the encoder output once per sentence for a group of consecutive rows (its beams)
+    gives each row what the output repeated for every row gives."""
+    model = _model(decoder_layers=3)
+    g = torch.Generator().manual_seed(4)
+    src = torch.randint(4, 40, (3, 6), generator=g)
+    src[1, 3:] = 0
+    beams = 4
+    prev = torch.cat([torch.full((3 * beams, 1), BOS), torch.randint(4, 40, (3 * beams, 5), generator=g)], 1)
+    with torch.no_grad():
+        memory, mask = model.encoder(src)
+        wide = [memory.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)]
+        once, repeated = [{} for _ in model.decoder.layers], [{} for _ in model.decoder.layers]
+        for t in range(prev.shape[1]):
+            a = model.decoder(prev[:, t : t + 1], memory, mask, cache=once, offset=t)
+            b = model.decoder(prev[:, t : t + 1], *wide, cache=repeated, offset=t)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert once[0]["cross"]["k"].shape[0] == 3 and repeated[0]["cross"]["k"].shape[0] == 3 * beams
+
+
+def _reference_beam_search(model, src, beam, lenpen, max_len):
+    """fairseq's beam search written out plainly: one sentence at a time, the whole prefix recomputed by the
+    model's training forward at every step (no cache, no batch), every continuation of every beam ranked."""
+    out = []
+    for i in range(src.shape[0]):
+        beams, finished = [(0.0, [BOS])], []
+        for step in range(max_len):
+            prefixes = torch.tensor([tokens for _, tokens in beams])
+            with torch.no_grad():
+                lprobs = model(src[i : i + 1].expand(len(beams), -1), prefixes)[:, -1].float().log_softmax(-1)
+            lprobs[:, 0] = lprobs[:, BOS] = -float("inf")
+            if step == max_len - 1:
+                lprobs[:, [t for t in range(lprobs.shape[1]) if t != EOS]] = -float("inf")
+            cands = sorted(
+                ((score + float(lprobs[j, t]), j, t) for j, (score, _) in enumerate(beams) for t in range(40)),
+                reverse=True,
+            )[: 2 * beam]
+            kept = []
+            for rank, (score, j, t) in enumerate(cands):
+                if t == EOS:
+                    if rank < beam and len(finished) < beam and score > -float("inf"):
+                        finished.append((score / (step + 1) ** lenpen, beams[j][1][1:]))
+                elif len(kept) < beam:
+                    kept.append((score, beams[j][1] + [t]))
+            if len(finished) >= beam:
+                break
+            beams = kept
+        out.append(max(finished, key=lambda f: f[0])[1])
+    return out
+
+
+@pytest.mark.parametrize("beam", [2, 4])
+def test_beam_search_equals_a_plain_search_that_recomputes_every_prefix(beam):
+    """The batched search (the key/value caches reordered, the encoder's keys held once per sentence, sentences
+    leaving the batch as they finish) finds what the plain search above finds, on sentences of several lengths."""
+    model = _model(decoder_layers=3)
+    with torch.no_grad():
+        model.decoder.embed.table.weight[EOS] *= 2  # </s> likelier: sentences finish at different steps
+    g = torch.Generator().manual_seed(5)
+    src = torch.randint(4, 40, (6, 9), generator=g)
+    for i, n in enumerate([9, 4, 7, 2, 9, 5]):
+        src[i, n:] = 0
+    found = beam_search(model, src, BOS, EOS, beam=beam, lenpen=0.6, max_len_a=0, max_len_b=10)
+    assert found == _reference_beam_search(model, src, beam, 0.6, 10)
+    assert len({len(h) for h in found}) > 1  # the sentences really ended at different steps
+
+
 def test_beam_one_equals_greedy():
     model = _model()
     g = torch.Generator().manual_seed(2)

@@ -169,8 +169,10 @@ class Decoder(_Stack):
     ):
         """-> logits (B, T, V), or what travels on (the hidden (B, T, d); DLCL: the stacked history) on a slice
         that does not end the decoder, or the final hidden with project=False. y=None: embed prev_tokens first,
-        else continue from what the previous slice sent. With `cache` (a list of per-layer dicts), only the new
-        tokens are run (incremental decoding, `offset` = tokens already done)."""
+        else continue from what the previous slice sent. With `cache` (a list of per-layer dicts), only the one
+        new token of each row is run (incremental decoding, `offset` = tokens already done), and memory /
+        memory_mask may hold each sentence once for a group of consecutive rows, its beams
+        (attention.MultiheadAttention.step)."""
         state = self.start(self.embed(prev_tokens, offset)) if y is None else self.received(y)
         r, s = self.coeffs.shortcut_scale, self.coeffs.branch_scale
         if cache is not None:

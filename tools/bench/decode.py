@@ -6,7 +6,8 @@ shared machine).
     python -m tools.bench.decode --checkpoint runs/deep18 --engines megabranch ctranslate2 --limit 200
 
 For each engine and thread count: the split decoded at beam 4 (lenpen 0.6), target tokens per second (the
-hypotheses' sentencepiece pieces plus </s>), sacreBLEU, and the share of sentences whose hypothesis equals
+hypotheses' sentencepiece pieces plus </s>) by the wall clock and by this process's CPU time (which other jobs on
+the machine disturb far less), sacreBLEU, and the share of sentences whose hypothesis equals
 megabranch's. Engines: megabranch (megabranch.decoding.translate, what megabranch-generate runs), ctranslate2
 (fp32 and int8, `megabranch-convert --to ctranslate2`), hf (MarianMTModel.generate, `--to hf`), fairseq (its
 SequenceGenerator through the hub interface, `--to fairseq`). The exports are written into a temporary
@@ -78,12 +79,14 @@ def _build(names, ex, tmp: str, threads: int) -> dict:
     return out
 
 
-def run_engine(decode, batches, length_model) -> tuple[dict, float]:
-    hyps, start = {}, time.perf_counter()
+def run_engine(decode, batches, length_model) -> tuple[dict, float, float]:
+    """-> (hypotheses by sentence, wall-clock seconds, this process's CPU seconds: what the decoding computed, also
+    while other jobs hold the cores, where the wall clock counts the waits too)"""
+    hyps, start, cpu = {}, time.perf_counter(), time.process_time()
     for idx, src in batches:
         for i, h in zip(idx, decode(src, max_length(length_model, src, 1.2, 10))):
             hyps[i] = h
-    return hyps, time.perf_counter() - start
+    return hyps, time.perf_counter() - start, time.process_time() - cpu
 
 
 def main(argv=None) -> int:
@@ -120,18 +123,19 @@ def main(argv=None) -> int:
             decoders = _decoders(args.engines, ex, os.path.join(tmp, f"t{threads}"), threads)
             ref_hyps = None
             for name in args.engines:
-                hyps, secs = run_engine(decoders[name], batches, length_model)
+                hyps, secs, cpu = run_engine(decoders[name], batches, length_model)
                 tokens = sum(len(h) + 1 for h in hyps.values())
                 if name == "megabranch":
                     ref_hyps = hyps
                 same = "" if ref_hyps is None else f"{100 * sum(hyps[i] == ref_hyps[i] for i in hyps) / n:.1f}%"
                 score = bleu([tok.decode(hyps[i]) for i in range(n)], refs)[0].score
-                rows.append((name, threads, secs, tokens / secs, score, same))
+                rows.append((name, threads, secs, tokens / secs, cpu, tokens / cpu, score, same))
                 print(
-                    f"{name} threads {threads}: {secs:.1f} s, {tokens / secs:.0f} target tokens/s, BLEU {score:.2f}",
+                    f"{name} threads {threads}: {secs:.1f} s ({cpu:.1f} s CPU), {tokens / secs:.0f} target tokens/s, "
+                    f"BLEU {score:.2f}",
                     file=sys.stderr,
                 )
-    speed = {(r[0], r[1]): r[3] for r in rows}
+    speed = {(r[0], r[1]): (r[3], r[5]) for r in rows}
     print(
         f"{mc.residual} {mc.encoder_layers}L-{mc.decoder_layers}L d={mc.d_model} (step {ex.step}), {args.split} "
         f"split, {n} sentences, beam {BEAM}, lenpen {LENPEN}, batches of <= {args.max_sentences} sentences / "
@@ -142,13 +146,15 @@ def main(argv=None) -> int:
         f"{load_average()} after\n"
     )
     print(
-        "| engine | threads | seconds | target tokens/s | vs ctranslate2 fp32 | BLEU | same hypothesis as megabranch |"
+        "| engine | threads | seconds | target tokens/s | vs ctranslate2 fp32 | CPU seconds | vs ctranslate2 fp32 by "
+        "CPU time | BLEU | same hypothesis as megabranch |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for name, threads, secs, tps, score, same in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, threads, secs, tps, cpu, tpc, score, same in rows:
         base = speed.get(("ctranslate2", threads))
-        ratio = f"{tps / base:.2f}x" if base else ""
-        print(f"| {name} | {threads} | {secs:.1f} | {tps:.0f} | {ratio} | {score:.2f} | {same} |")
+        ratio, cpu_ratio = (f"{tps / base[0]:.2f}x", f"{tpc / base[1]:.2f}x") if base else ("", "")
+        cells = (name, threads, f"{secs:.1f}", f"{tps:.0f}", ratio, f"{cpu:.1f}", cpu_ratio, f"{score:.2f}", same)
+        print("| " + " | ".join(map(str, cells)) + " |")
     return 0
 
 
