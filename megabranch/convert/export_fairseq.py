@@ -17,6 +17,7 @@ containers, so torch.load(weights_only=True) reads it.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import shutil
@@ -246,9 +247,21 @@ def decode(hub, src: torch.Tensor, beam: int, lenpen: float, max_len: int) -> li
     back = torch.empty_like(m)
     back[m] = torch.arange(vocab)
     rows = [m[r[r.ne(PAD)]] for r in src]
-    hyps = hub.generate(rows, beam=beam, lenpen=lenpen, max_len_a=0, max_len_b=max_len - 1, min_len=0)
-    out = []
-    for h in hyps:
+    # what hub.generate does, as one batch: the generation config with these settings, fairseq's own dataset
+    # collater (left-padded sources, sorted by length) and its SequenceGenerator. Not hub.generate itself: its
+    # batching (data_utils.batch_by_size) needs fairseq's compiled Cython helpers, which the install skips
+    # (requirements-peers.txt); the search is the same.
+    from omegaconf import open_dict
+
+    args = copy.deepcopy(hub.cfg.generation)
+    with open_dict(args):
+        args.beam, args.lenpen, args.max_len_a, args.max_len_b, args.min_len = beam, lenpen, 0, max_len - 1, 0
+    generator = hub.task.build_generator(hub.models, args)
+    data = hub.task.build_dataset_for_inference(rows, torch.tensor([len(r) for r in rows]))
+    batch = data.collater([data[i] for i in range(len(rows))])
+    hyps = hub.task.inference_step(generator, hub.models, batch)
+    out: list[list[int]] = [[] for _ in rows]
+    for i, h in zip(batch["id"].tolist(), hyps):
         toks = back[h[0]["tokens"]].tolist()
-        out.append(toks[:-1] if toks and toks[-1] == EOS else toks)
+        out[i] = toks[:-1] if toks and toks[-1] == EOS else toks
     return out
