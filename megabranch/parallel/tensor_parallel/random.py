@@ -143,27 +143,34 @@ def model_parallel_seed(seed: int, grid=None, distinct_dp: bool = True) -> None:
 def install_rng_fork(module: nn.Module, draws_random, name: str = "tp") -> None:
     """Run `module`'s forward under tracker.fork(name) whenever it is training and draws_random(module) is True.
 
-    Installed from outside with forward hooks (the model code stays ignorant of tensor parallelism). Idempotent.
+    Installed from outside (the model code stays ignorant of tensor parallelism) by giving `module` a subclass of
+    its class whose forward forks: one subclass per class, so every layer of a kind runs the same code and
+    torch.compile traces one graph per kind. Per-module forward hooks did the same job, but each registration has
+    its own hook id, which Dynamo guards on: every layer compiled a graph of its own. Idempotent.
     """
     if getattr(module, "_megabranch_rng_fork", None) is not None:
         return
-    stack: list = []
-    module._megabranch_rng_fork = stack
+    module._megabranch_rng_fork = (name, draws_random)
+    module.__class__ = _forking_class(type(module))
 
-    def pre(mod, args):
-        cm = _TRACKER.fork(name) if mod.training and draws_random(mod) else None
-        if cm is not None:
-            cm.__enter__()
-        stack.append(cm)
 
-    def post(mod, args, out):
-        if stack:
-            cm = stack.pop()
-            if cm is not None:
-                cm.__exit__(None, None, None)
+_FORKING: dict[type, type] = {}  # a module class -> its subclass whose forward runs under the tracker's fork
 
-    module.register_forward_pre_hook(pre)
-    module.register_forward_hook(post, always_call=True)
+
+def _forking_class(cls: type) -> type:
+    if cls not in _FORKING:
+
+        def forward(self, *args, **kwargs):
+            name, draws_random = self._megabranch_rng_fork
+            if self.training and draws_random(self):
+                with _TRACKER.fork(name):
+                    return cls.forward(self, *args, **kwargs)
+            return cls.forward(self, *args, **kwargs)
+
+        forked = type(f"RngForked{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+        globals()[forked.__name__] = forked  # importable by name, so a module holding it still pickles
+        _FORKING[cls] = forked
+    return _FORKING[cls]
 
 
 def checkpoint(function, *args, **kwargs):
