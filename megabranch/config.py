@@ -240,6 +240,10 @@ class ModelConfig:
     """torch.compile each encoder / decoder layer (model/regional_compile.py)."""
     compile_backend: str = setting("inductor", Text("a torch.compile backend's name"))
     """The torch.compile backend: inductor, aot_eager (debugging), ..."""
+    compile_dynamic: bool = setting(True, FLAG)
+    """Compile each layer kind with symbolic batch and sequence dimensions from the first step: token batches vary
+    in both, so torch's default (a static graph for the first shape, a symbolic one at the second) compiles every
+    kind twice. false: torch's default, for batches of one fixed shape."""
 
 
 @dataclass

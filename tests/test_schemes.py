@@ -536,7 +536,9 @@ def test_regional_compile_runs_the_new_layer_code_in_one_graph_per_layer_kind():
         torch._dynamo.reset()  # one scheme per process in a real run: no recompile limit across schemes
         cfg = tiny_model_cfg(residual=residual)
         eager, compiled = build_model(cfg, V, seed=0).train(), build_model(cfg, V, seed=0).train()
-        assert compile_layers(compiled, "aot_eager", torch.device("cpu"), False) == 4
+        # static shapes: one batch, and each scheme's layer code in a graph is the point (symbolic shapes trace
+        # 5-7x longer; they are checked on varying batches in test_compile.py and test_sequence_parallel.py)
+        assert compile_layers(compiled, "aot_eager", torch.device("cpu"), False, dynamic=False) == 4
         src, prev = _batch(4)
         a, b = eager(src, prev), compiled(src, prev)
         (a.square().mean()).backward()

@@ -5,8 +5,10 @@ A stack is hundreds of layers of two kinds, so compiling the layer (not the mode
 of depth: Dynamo traces a kind's forward once and every layer of that kind reuses the graph, because the layers'
 parameters are graph inputs (inlined nn.Modules), not constants baked into the graph. The residual coefficients
 (r, s; BranchNorm's alpha_t) reach each layer as 0-dim tensors (megabranch.residual), so a changing alpha is a new
-input value, never a recompilation. A batch of a new shape compiles a kind once more, with the dimensions that
-changed made symbolic (Dynamo's automatic dynamic shapes), after which token batches of any shape reuse it.
+input value, never a recompilation. The batch and sequence dimensions are symbolic from the first step
+(`model.compile_dynamic`, on by default), so token batches of any shape reuse a kind's one graph; with it off, a
+batch of a new shape compiles a kind once more with the changed dimensions made symbolic (Dynamo's automatic
+dynamic shapes), after which any shape reuses that.
 `fullgraph=True`: a graph break is an error, not a silent eager fallback.
 Embeddings, the output projection, the loss and the optimizer stay eager. The compiled module is the same
 nn.Module (nn.Module.compile), so parameter names, state dicts and checkpoints do not change.
@@ -36,10 +38,11 @@ def check_backend(name: str) -> None:
         raise UserError(f"model.compile_backend={name!r} is invalid: must be one of {', '.join(sorted(known))}")
 
 
-def compile_layers(modules, backend: str = "inductor", device=None, fused: bool = False) -> int:
+def compile_layers(modules, backend: str = "inductor", device=None, fused: bool = False, dynamic: bool = True) -> int:
     """torch.compile (in place) every EncoderLayer / DecoderLayer of `modules` (a module or a list of them, e.g. a
     pipeline rank's chunks) -> how many layers were wrapped. fused: the layers call the fused residual LayerNorm,
-    whose extension is loaded here, before tracing (loading or building it cannot be traced)."""
+    whose extension is loaded here, before tracing (loading or building it cannot be traced). dynamic: symbolic
+    shapes from the first graph (False: torch's automatic dynamic shapes, static until a second shape)."""
     check_backend(backend)
     if fused:
         fused_backend(device)
@@ -47,7 +50,7 @@ def compile_layers(modules, backend: str = "inductor", device=None, fused: bool 
     for module in modules if isinstance(modules, (list, tuple, nn.ModuleList)) else [modules]:
         for m in module.modules():
             if isinstance(m, LAYER_KINDS):
-                m.compile(backend=backend, fullgraph=True)
+                m.compile(backend=backend, fullgraph=True, dynamic=True if dynamic else None)
                 count += 1
     return count
 

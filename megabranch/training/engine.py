@@ -119,7 +119,9 @@ class Trainer:
         self.seq_split = g.tp if p.sequence_parallel else 1  # the hiddens hold 1/seq_split of each sequence
         model_parallel_seed(cfg.seed, g)  # dropout streams: same on a tp group, distinct per stage / replica
         if cfg.model.compile:
-            compile_layers(self.model, cfg.model.compile_backend, self.device, cfg.model.fused_kernels)
+            compile_layers(
+                self.model, cfg.model.compile_backend, self.device, cfg.model.fused_kernels, cfg.model.compile_dynamic
+            )
         self.first_step = FirstStepTimer(cfg.model.compile)
         self.params = list(canonical_parameters(self.model, cfg.model).values())
         self.embedding_groups = self._embedding_groups()

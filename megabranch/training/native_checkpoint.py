@@ -41,6 +41,7 @@ _RESUMABLE_CHANGES = (
     "fused_kernels",
     "compile",
     "compile_backend",
+    "compile_dynamic",
 )
 
 
