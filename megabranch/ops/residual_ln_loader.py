@@ -39,7 +39,9 @@ def is_available(device_type: str) -> bool:
     """Whether the extension for `device_type` is in use; loads (or JIT-builds) it on the first call."""
     if device_type in _available:
         return _available[device_type]
-    return _load(device_type)
+    # never traced: loading or building cannot be part of a graph. Wrapped here, not by a decorator at import
+    # time, because torch.compiler.disable imports Dynamo (about a second of every process's start-up)
+    return torch.compiler.disable(_load)(device_type)
 
 
 def loaded(device_type: str):
@@ -79,7 +81,6 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
-@torch.compiler.disable
 def _load(device_type: str) -> bool:
     with _lock:
         if device_type in _available:
