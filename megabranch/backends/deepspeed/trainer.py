@@ -88,6 +88,12 @@ def init_distributed(timeout_s: float | None = None) -> None:
         for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
             if isinstance(getattr(c10d, name, None), type(timeout)):
                 setattr(c10d, name, timeout)
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator JIT-builds its shared-memory all-reduce (deepspeed_shm_comm, about a CPU
+        # minute of C++ the first time) inside init_distributed. Only its inference all-reduce calls it; training
+        # reduces through the gloo process groups. Its op table marks ops this machine cannot build, and an op
+        # marked so is skipped: mark this one.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(
         dist_backend="nccl" if torch.cuda.is_available() else "gloo",
         **({"timeout": timeout} if timeout is not None else {}),
