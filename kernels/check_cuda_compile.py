@@ -1,6 +1,6 @@
 """Compile-only check of the CUDA sources of the fused residual LayerNorm, no GPU needed.
 
-Compiles kernels/residual_ln_cuda.cu with nvcc for each architecture (sm_80 and sm_90 by
+Compiles kernels/residual_ln_cuda.cu with one nvcc for all the architectures (sm_80 and sm_90 by
 default) and the torch binding kernels/residual_ln_cuda_binding.cpp (nvcc as the host-compiler
 driver), against the installed torch's headers (torch.utils.cpp_extension.include_paths()), with
 the flags torch's own CUDA extension build uses.  Object files go to a temporary folder and
@@ -122,13 +122,14 @@ def check_cuda_compile(archs=("8.0", "9.0"), sources: list[str] | None = None,
 
     with tempfile.TemporaryDirectory(prefix="rln_nvcc_check_") as tmp:
         commands = []
+        nums = [arch.replace(".", "") for arch in archs]
         for src in cu_sources:
-            for arch in archs:
-                num = arch.replace(".", "")
-                out = Path(tmp) / f"{Path(src).stem}_sm{num}.o"
-                commands.append((f"{Path(src).name} [sm_{num}]",
-                                 [nvcc, "-c", str(src), "-o", str(out),
-                                  f"-gencode=arch=compute_{num},code=sm_{num}", *flags]))
+            # one nvcc per source, every architecture in it (as a TORCH_CUDA_ARCH_LIST build does): the host
+            # side is compiled once, not once per architecture
+            out = Path(tmp) / f"{Path(src).stem}.o"
+            commands.append((f"{Path(src).name} [{', '.join(f'sm_{n}' for n in nums)}]",
+                             [nvcc, "-c", str(src), "-o", str(out),
+                              *(f"-gencode=arch=compute_{n},code=sm_{n}" for n in nums), *flags]))
         for src in cpp_sources:
             out = Path(tmp) / f"{Path(src).stem}.o"
             commands.append((f"{Path(src).name} [host]",

@@ -1,9 +1,9 @@
 """Tests of the fused residual-scale LayerNorm (issue 4): C++/CUDA extensions vs the eager
 PyTorch composition, autograd, dropout reproducibility, torch.compile, fallback, nvcc check.
 
-The first run JIT-builds the CPU extension (about 30 s, cached under TORCH_EXTENSIONS_DIR,
-default ~/.cache/torch_extensions) and, where nvcc exists, compiles the CUDA sources for
-sm_80/sm_90 once (about a minute on 2 cores; a success is cached by source hash).
+The CPU extension is the one `pip install -e .` built (else a JIT build of about 30 s, cached under
+TORCH_EXTENSIONS_DIR); where nvcc exists, the CUDA sources are compiled for sm_80 and sm_90 in one
+nvcc and the binding in another (about 30 s on 2 cores; a success is cached by source hash).
 """
 
 from __future__ import annotations
@@ -591,7 +591,7 @@ def cuda_check():
     return check
 
 
-# not marked slow: nvcc takes about 35 s once, then the check reuses its cached success
+# not marked slow: nvcc takes about 30 s once, then the check reuses its cached success
 def test_cuda_sources_compile_with_nvcc(cuda_check):
     res = cuda_check.check_cuda_compile(archs=("8.0", "9.0"))
     assert res.ok, res.message + "\n" + "\n".join(res.logs)[-6000:]
