@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+REQ_STAMP := $(VENV)/.installed-requirements
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 DATA_BIN := data-bin/kjv_web
@@ -15,13 +16,17 @@ DEMO_ENV := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 MULTI_DIR := runs/demo-multilingual-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo demo-multilingual test test-unit test-fast lint venv preprocess
+.PHONY: demo demo-multilingual test test-unit test-fast lint venv dev-env preprocess
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt setup.py
+$(REQ_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	touch $(REQ_STAMP)
+
+# The package itself; setup.py compiles its fused C++ kernels here (about 40 s on one core).
+$(STAMP): $(REQ_STAMP) setup.py
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
@@ -29,10 +34,14 @@ $(STAMP): requirements.txt setup.py
 # (requirements-peers.txt: without their dependency resolver, so the project's torch stays); the demo needs none.
 # READTHEDOCS=1 is fairseq's own switch to skip its C++/Cython extensions (a 2-minute build on 2 cores that
 # nothing here uses: megabranch calls fairseq's models and SequenceGenerator, not its compiled helpers).
-$(DEV_STAMP): $(STAMP) requirements-dev.txt requirements-peers.txt
+$(DEV_STAMP): $(REQ_STAMP) requirements-dev.txt requirements-peers.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	READTHEDOCS=1 $(PY) -m pip install -q --no-deps --no-build-isolation -r requirements-peers.txt
 	touch $(DEV_STAMP)
+
+# Everything the tests need: the kernels compile on one core while pip installs the test tools on the other.
+dev-env: $(REQ_STAMP)
+	$(MAKE) --no-print-directory -j2 $(STAMP) $(DEV_STAMP)
 
 $(DATA_BIN)/meta.json: $(STAMP)
 	$(VENV)/bin/megabranch-preprocess --source-lang kjv --target-lang web \
@@ -63,7 +72,6 @@ demo-multilingual: $(EN_ES_MULTI)/meta.json
 	$(DEMO_ENV) $(VENV)/bin/megabranch-train --config configs/multilingual_demo.yaml --set log.save_dir=$(MULTI_DIR)
 	$(DEMO_ENV) $(VENV)/bin/megabranch-generate --checkpoint $(MULTI_DIR)/best --split test --beam 4 --copy-baseline
 
-# DeepSpeed's CPU communication op is JIT-built once (about 40 s) into .cache/ and reused by later runs.
 # The suite runs in TEST_JOBS pytest-xdist workers (default: the CPU count, at most 4), one torch thread each
 # (tests/conftest.py); --dist worksteal: an idle worker takes tests queued on another, so the slowest test file
 # does not decide when the run ends. TEST_JOBS=0 runs it in this process, as plain pytest does.
@@ -77,16 +85,16 @@ test: lint
 	$(PYTEST) tests
 
 # ruff (lint and format) and mypy over the typed core, as configured in pyproject.toml; `make test` runs it first.
-lint: $(DEV_STAMP)
+lint: dev-env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 # For developers: the in-process tests under about 10 s each (no gloo workers, torchrun or deepspeed launcher),
 # or everything but the slow ones (markers in pytest.ini).
-test-unit: $(DEV_STAMP)
+test-unit: dev-env
 	$(PYTEST) -m "unit and not slow" tests
 
-test-fast: $(DEV_STAMP)
+test-fast: dev-env
 	$(PYTEST) -m "not slow" tests
 
