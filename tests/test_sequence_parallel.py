@@ -212,6 +212,27 @@ def test_sequence_parallelism_all_reduces_no_activation():
     run_workers(_collectives_body, 2)
 
 
+def _dropout_body(rank, world):
+    from megabranch.parallel.tensor_parallel import get_rng_tracker
+    from megabranch.training.engine import Trainer
+
+    cfg = _cfg(2, dict(tp=2))
+    cfg.model.dropout = cfg.model.attention_dropout = cfg.model.activation_dropout = 0.1
+    tr = Trainer(cfg, VOCAB)
+    before, tp_before = torch.get_rng_state(), get_rng_tracker().get_states()["tp"]["cpu"].clone()
+    tr.train_step(synthetic_batches(0, 2))
+    assert torch.equal(torch.get_rng_state(), before), "a split-region dropout drew from the default generator"
+    assert not torch.equal(get_rng_tracker().get_states()["tp"]["cpu"], tp_before)
+
+
+@pytest.mark.distributed
+def test_every_dropout_of_a_split_sequence_draws_from_the_tracker():
+    """tp 2 with sequence parallelism: every activation is split (heads, FFN columns, or the sequence), so the
+    embedding, residual, attention and activation dropouts all draw this rank's masks from the tracker's tp stream
+    and leave the default generator, shared by the tensor-parallel group, where it was."""
+    run_workers(_dropout_body, 2)
+
+
 # --- the twelve schemes, recomputation, regional compile --------------------------------------------------------
 
 SCHEME_STEPS = 3

@@ -151,7 +151,19 @@ def install_rng_fork(module: nn.Module, draws_random, name: str = "tp") -> None:
     if getattr(module, "_megabranch_rng_fork", None) is not None:
         return
     module._megabranch_rng_fork = (name, draws_random)
-    module.__class__ = _forking_class(type(module))
+    own = module.__dict__.get("forward")
+    if own is not None:  # an instance's own forward (sequence parallelism's embedding split) shadows the class's
+        module.forward = lambda *args, **kwargs: _forked(module, own, *args, **kwargs)
+    else:
+        module.__class__ = _forking_class(type(module))
+
+
+def _forked(module: nn.Module, forward, *args, **kwargs):
+    name, draws_random = module._megabranch_rng_fork
+    if module.training and draws_random(module):
+        with _TRACKER.fork(name):
+            return forward(*args, **kwargs)
+    return forward(*args, **kwargs)
 
 
 _FORKING: dict[type, type] = {}  # a module class -> its subclass whose forward runs under the tracker's fork
