@@ -261,7 +261,9 @@ def _schemes_body(rank, world, refs):
     cfg = _scheme_cfg("branchnorm", model=dict(compile=True, compile_backend="aot_eager"))
     tr = Trainer(cfg, VOCAB)
     first = tr.train_step(synthetic_batches(0, 2))
-    assert first["graphs"] >= 2, first
+    # one symbolic graph per layer kind: step 0's first micro-batch has batch size = length (3), which duck sizing
+    # would have guarded on, compiling each kind again at the second
+    assert first["graphs"] == 2, first
     losses = [first["loss"]] + parallel_losses(tr, SCHEME_STEPS, start=1)
     assert_matches(tr, losses, torch.load(refs["branchnorm"]), "compiled, tp2 sequence-parallel")
 

@@ -44,6 +44,10 @@ def compile_layers(modules, backend: str = "inductor", device=None, fused: bool 
     whose extension is loaded here, before tracing (loading or building it cannot be traced). dynamic: symbolic
     shapes from the first graph (False: torch's automatic dynamic shapes, static until a second shape)."""
     check_backend(backend)
+    if dynamic:
+        # no "duck sizing": a first batch whose size equals its length would otherwise guard on that equality and
+        # compile the kind again at the first batch where they differ (the message torch logs suggests this switch)
+        torch.fx.experimental._config.use_duck_shape = False
     if fused:
         fused_backend(device)
     count = 0
