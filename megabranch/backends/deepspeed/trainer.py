@@ -92,8 +92,10 @@ def init_distributed(timeout_s: float | None = None) -> None:
         # DeepSpeed's CPU accelerator JIT-builds its shared-memory all-reduce (deepspeed_shm_comm, about a CPU
         # minute of C++ the first time) inside init_distributed. Only its inference all-reduce calls it; training
         # reduces through the gloo process groups. Its op table marks ops this machine cannot build, and an op
-        # marked so is skipped: mark this one.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # marked so is skipped: mark this one (where this DeepSpeed has that table).
+        ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(ops, dict):
+            ops["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(
         dist_backend="nccl" if torch.cuda.is_available() else "gloo",
         **({"timeout": timeout} if timeout is not None else {}),

@@ -173,11 +173,7 @@ def _forking_class(cls: type) -> type:
     if cls not in _FORKING:
 
         def forward(self, *args, **kwargs):
-            name, draws_random = self._megabranch_rng_fork
-            if self.training and draws_random(self):
-                with _TRACKER.fork(name):
-                    return cls.forward(self, *args, **kwargs)
-            return cls.forward(self, *args, **kwargs)
+            return _forked(self, lambda *a, **k: cls.forward(self, *a, **k), *args, **kwargs)
 
         forked = type(f"RngForked{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
         globals()[forked.__name__] = forked  # importable by name, so a module holding it still pickles
