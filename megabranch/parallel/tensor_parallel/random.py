@@ -153,17 +153,22 @@ def install_rng_fork(module: nn.Module, draws_random, name: str = "tp") -> None:
     module._megabranch_rng_fork = (name, draws_random)
     own = module.__dict__.get("forward")
     if own is not None:  # an instance's own forward (sequence parallelism's embedding split) shadows the class's
-        module.forward = lambda *args, **kwargs: _forked(module, own, *args, **kwargs)
+
+        def run(_module, *args, **kwargs):
+            return own(*args, **kwargs)
+
+        module.forward = lambda *args, **kwargs: _forked(module, run, *args, **kwargs)
     else:
         module.__class__ = _forking_class(type(module))
 
 
 def _forked(module: nn.Module, forward, *args, **kwargs):
+    """forward(module, *args, **kwargs), under the tracker's fork when `module` draws random numbers."""
     name, draws_random = module._megabranch_rng_fork
     if module.training and draws_random(module):
         with _TRACKER.fork(name):
-            return forward(*args, **kwargs)
-    return forward(*args, **kwargs)
+            return forward(module, *args, **kwargs)
+    return forward(module, *args, **kwargs)
 
 
 _FORKING: dict[type, type] = {}  # a module class -> its subclass whose forward runs under the tracker's fork
@@ -173,7 +178,7 @@ def _forking_class(cls: type) -> type:
     if cls not in _FORKING:
 
         def forward(self, *args, **kwargs):
-            return _forked(self, lambda *a, **k: cls.forward(self, *a, **k), *args, **kwargs)
+            return _forked(self, cls.forward, *args, **kwargs)
 
         forked = type(f"RngForked{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
         globals()[forked.__name__] = forked  # importable by name, so a module holding it still pickles
