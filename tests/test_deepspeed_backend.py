@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -22,11 +21,6 @@ from tests.helpers.env import ROOT, subprocess_env
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# one ninja for every build of the op (the venv's pinned one): ninja 1.11 and 1.13 hash build commands differently,
-# so a system ninja in some processes and the venv's in others would rebuild the cached op every time
-_BIN = os.path.dirname(sys.executable)
-if os.path.exists(os.path.join(_BIN, "ninja")) and not os.environ.get("PATH", "").startswith(_BIN + os.pathsep):
-    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 try:
     import deepspeed
 except Exception as e:  # any import failure means: no DeepSpeed here
