@@ -7,8 +7,11 @@ Each worker gets the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT, L
 own, and an initialised gloo process group; an exception in any worker fails the test with that worker's traceback.
 
 Workers fork from a forkserver that imported torch and megabranch once: a fresh interpreter per worker (spawn)
-spends seconds importing torch, the largest part of a small multi-process test on two cores. The forkserver has
-run nothing but imports (no thread pool, no process group), so forking it is as clean as a spawn.
+spends seconds importing torch, the largest part of a small multi-process test on two cores. The forkserver also
+imports torch._dynamo: every worker builds its stage on the meta device, whose normal_ and arange are Python
+references behind torch.compiler.disable, and the first of them imports Dynamo (about 1 CPU-s per worker, 40% of
+a small two-process test). The forkserver has run nothing but imports (no thread pool, no process group), so
+forking it is as clean as a spawn.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import torch.multiprocessing as mp
 # descriptors to a child, fewer than a reference model's parameters
 mp.set_sharing_strategy("file_system")
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch", "torch.distributed", "megabranch.training.engine", "tests.helpers.dist"])
+_CTX.set_forkserver_preload(
+    ["torch", "torch.distributed", "torch._dynamo", "megabranch.training.engine", "tests.helpers.dist"]
+)
 
 
 def free_port() -> int:
