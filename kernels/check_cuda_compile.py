@@ -1,7 +1,8 @@
 """Compile-only check of the CUDA sources of the fused residual LayerNorm, no GPU needed.
 
 Compiles kernels/residual_ln_cuda.cu with one nvcc for all the architectures (sm_80 and sm_90 by
-default) and the torch binding kernels/residual_ln_cuda_binding.cpp (nvcc as the host-compiler
+default; one device front end for all of them while the device code never tests __CUDA_ARCH__,
+_gencodes) and the torch binding kernels/residual_ln_cuda_binding.cpp (nvcc as the host-compiler
 driver), against the installed torch's headers (torch.utils.cpp_extension.include_paths()), with
 the flags torch's own CUDA extension build uses.  Object files go to a temporary folder and
 nothing is linked.  Works with a CPU-only torch install: its c10/cuda headers lack the generated
@@ -96,11 +97,25 @@ def _cache_key(nvcc: str, archs, files: list[str], flags: list[str]) -> str:
     return h.hexdigest()[:32]
 
 
+def _gencodes(source: str, nums: list[str]) -> list[str]:
+    """nvcc's -gencode flags for `source`. Device code that never tests __CUDA_ARCH__ (the source
+    and the kernels' own headers) reads the same for every architecture, so its device front end
+    (cicc, about 10 s of the check's ~35 s) runs once, for the lowest architecture, and ptxas
+    assembles that PTX for each one. A source that branches on __CUDA_ARCH__ gets a front end per
+    architecture, as the real build does."""
+    texts = [Path(source).read_text(errors="replace")]
+    texts += [p.read_text(errors="replace") for p in _HERE.glob("*.h")]
+    if any("__CUDA_ARCH__" in t for t in texts):
+        return [f"-gencode=arch=compute_{n},code=sm_{n}" for n in nums]
+    lowest = min(nums, key=int)
+    return [f"-gencode=arch=compute_{lowest},code=[{','.join(f'sm_{n}' for n in nums)}]"]
+
+
 def check_cuda_compile(archs=("8.0", "9.0"), sources: list[str] | None = None,
                        binding: bool = True, jobs: int | None = None,
                        verbose: bool = False, cache: bool = True) -> CheckResult:
-    """Compile `sources` (default: the fused residual LayerNorm .cu) once per architecture, and
-    the binding .cpp once, with nvcc -c.  Returns a CheckResult; `skipped` when nvcc is absent.
+    """Compile `sources` (default: the fused residual LayerNorm .cu) for every architecture (one
+    nvcc each, _gencodes), and the binding .cpp once, with nvcc -c.  Returns a CheckResult; `skipped` when nvcc is absent.
     With `cache`, a previous success for identical inputs is reused (see the module doc)."""
     helpers = _build_helpers()
     nvcc = helpers.find_nvcc()
@@ -128,8 +143,7 @@ def check_cuda_compile(archs=("8.0", "9.0"), sources: list[str] | None = None,
             # side is compiled once, not once per architecture
             out = Path(tmp) / f"{Path(src).stem}.o"
             commands.append((f"{Path(src).name} [{', '.join(f'sm_{n}' for n in nums)}]",
-                             [nvcc, "-c", str(src), "-o", str(out),
-                              *(f"-gencode=arch=compute_{n},code=sm_{n}" for n in nums), *flags]))
+                             [nvcc, "-c", str(src), "-o", str(out), *_gencodes(src, nums), *flags]))
         for src in cpp_sources:
             out = Path(tmp) / f"{Path(src).stem}.o"
             commands.append((f"{Path(src).name} [host]",

@@ -599,6 +599,21 @@ def test_cuda_sources_compile_with_nvcc(cuda_check):
     assert res.ok, res.message + "\n" + "\n".join(res.logs)[-6000:]
 
 
+def test_device_code_that_branches_on_the_architecture_gets_a_front_end_per_architecture(cuda_check, tmp_path):
+    plain = tmp_path / "plain.cu"
+    plain.write_text("__global__ void k(float* x) { x[0] = 1.f; }\n")
+    branching = tmp_path / "branching.cu"
+    branching.write_text("__global__ void k(float* x) {\n#if __CUDA_ARCH__ >= 900\n x[0] = 2.f;\n#endif\n}\n")
+    assert cuda_check._gencodes(str(plain), ["90", "80"]) == ["-gencode=arch=compute_80,code=[sm_90,sm_80]"]
+    # the shipped kernels: one front end, a cubin for each architecture
+    shipped = cuda_check._gencodes(str(KERNELS / "residual_ln_cuda.cu"), ["80", "90"])
+    assert shipped == ["-gencode=arch=compute_80,code=[sm_80,sm_90]"]
+    assert cuda_check._gencodes(str(branching), ["80", "90"]) == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+    ]
+
+
 def test_cuda_compile_check_catches_errors(cuda_check, tmp_path):
     source = (KERNELS / "residual_ln_cuda.cu").read_text()
     anchor = "const float r = *p.r;"
