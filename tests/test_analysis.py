@@ -279,6 +279,7 @@ def test_bench_train_one_tiny_iteration(capsys):
             "--no-memory",
             "--compile-backend",
             "aot_eager",
+            "--compile-static",
         ]
     )  # inductor's compile is the slow part of a tiny run
     assert set(res["rows"]) == {"megabranch-eager", "megabranch-fused", "megabranch-compiled", "reference"}

@@ -43,10 +43,10 @@ def test_every_part_runs_at_toy_size(tmp_path):
     assert res["build"]["data"]["backend"] in ("cpu-ext", "eager")
     assert res["kernel_tests"]["data"]["rc"] in (0, 5)  # the CUDA tests skip without a GPU
     assert "device copy (y.copy_(x), read + write)" in report
-    for name in ("bench_train_512", "bench_train_1024"):
-        rows = res[name]["data"]["rows"]
-        assert set(rows) == {"megabranch-eager", "megabranch-fused", "megabranch-compiled"}
-        assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    rows_512, rows_1024 = (res[name]["data"]["rows"] for name in ("bench_train_512", "bench_train_1024"))
+    assert set(rows_512) == {"megabranch-eager", "megabranch-fused", "megabranch-compiled"}
+    assert set(rows_1024) == {"megabranch-eager"}  # the same toy model: the smoke run measures it once
+    assert all(r["tokens_per_s"] > 0 for r in [*rows_512.values(), *rows_1024.values()])
     deep = res["deep"]["data"]
     assert len(deep["losses"]) == 5 and deep["plan_peak_bytes"] > 0
     assert res["decode"]["data"]["bf16"]["tokens_per_s"] > 0

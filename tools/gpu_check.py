@@ -17,7 +17,7 @@ so, and the next part starts. The parts:
     kernel_tests     tests/test_kernels.py's CUDA tests (model.fused_kernels on CUDA and the fallback rules)
     bench_kernels    tools.bench.kernels on the GPU, GB/s against a measured device-to-device copy
     bench_train_512  tools.bench.train MFU at d=512, bf16: eager, fused, compiled
-    bench_train_1024 the same at d=1024
+    bench_train_1024 the same at d=1024 (--cpu-smoke: the eager row only, the toy model is the same)
     deep             a 100L-100L BranchNorm model trained 50 steps in bf16: loss curve, peak memory against the
                      memory plan (megabranch.planning.memory)
     decode           beam-4 decoding speed, fp32 and bf16 weights (megabranch.inference.prepare)
@@ -232,6 +232,7 @@ def _bench_train(p: Part, d: int) -> None:
             "1",
             "--compile-backend",
             "aot_eager",
+            "--compile-static",
         ]
     else:
         args = [
@@ -256,19 +257,11 @@ def _bench_train(p: Part, d: int) -> None:
             "--warmup",
             "2",
         ]
+    impls = "megabranch-eager,megabranch-fused,megabranch-compiled"
+    if p.smoke and d != 512:  # at toy size every d is the same model: the first part has run all three
+        impls = "megabranch-eager"
     js = str(p.path) + ".bench.json"
-    p.data["rc"] = _run_tool(
-        p,
-        [
-            "tools.bench.train",
-            *args,
-            "--no-memory",
-            "--json",
-            js,
-            "--impls",
-            "megabranch-eager,megabranch-fused,megabranch-compiled",
-        ],
-    )
+    p.data["rc"] = _run_tool(p, ["tools.bench.train", *args, "--no-memory", "--json", js, "--impls", impls])
     if os.path.exists(js):
         with open(js) as fh:
             p.data["rows"] = {

@@ -121,6 +121,7 @@ def build_step(impl: str, args):
                 "optim.warmup_updates=100",
                 f"model.compile={'true' if 'compiled' in impl else 'false'}",
                 f"model.compile_backend={args.compile_backend}",
+                f"model.compile_dynamic={'false' if args.compile_static else 'true'}",
                 "optim.lr=0.0005",
                 f"optim.precision={args.precision}",
             ],
@@ -227,6 +228,7 @@ def _shared_argv(args) -> list[str]:
         args.precision,
         "--compile-backend",
         args.compile_backend,
+        *(["--compile-static"] if args.compile_static else []),
     ]
 
 
@@ -360,6 +362,12 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated, of: {', '.join(IMPLS)}")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
+    ap.add_argument(
+        "--compile-static",
+        action="store_true",
+        help="compile for the one batch shape (model.compile_dynamic=false; default: as training does, symbolic "
+        "in batch and length, which at toy size makes a compile several times slower)",
+    )
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the child-process memory runs")
     ap.add_argument("--json", help="also write the raw result here")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
