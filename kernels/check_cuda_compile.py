@@ -115,7 +115,8 @@ def check_cuda_compile(archs=("8.0", "9.0"), sources: list[str] | None = None,
                        binding: bool = True, jobs: int | None = None,
                        verbose: bool = False, cache: bool = True) -> CheckResult:
     """Compile `sources` (default: the fused residual LayerNorm .cu) for every architecture (one
-    nvcc each, _gencodes), and the binding .cpp once, with nvcc -c.  Returns a CheckResult; `skipped` when nvcc is absent.
+    nvcc each, _gencodes), and the binding .cpp once, with nvcc -c.  Returns a CheckResult;
+    `skipped` when nvcc is absent.
     With `cache`, a previous success for identical inputs is reused (see the module doc)."""
     helpers = _build_helpers()
     nvcc = helpers.find_nvcc()

@@ -9,8 +9,8 @@ own, and an initialised gloo process group; an exception in any worker fails the
 Workers fork from a forkserver that imported torch and megabranch once: a fresh interpreter per worker (spawn)
 spends seconds importing torch, the largest part of a small multi-process test on two cores. The forkserver also
 imports torch._dynamo: every worker builds its stage on the meta device, whose normal_ and arange are Python
-references behind torch.compiler.disable, and the first of them imports Dynamo (about 1 CPU-s per worker, 40% of
-a small two-process test). The forkserver has run nothing but imports (no thread pool, no process group), so
+references behind torch.compiler.disable, and the first of them imports Dynamo (about 1 CPU-s per worker, a third
+of a small two-process test). The forkserver has run nothing but imports (no thread pool, no process group), so
 forking it is as clean as a spawn.
 """
 
